@@ -1,0 +1,87 @@
+//! The HTTP API (poem-openapi): one API struct per resource, one response enum per operation,
+//! errors mapped in [`error`]. Swagger UI is served at `/docs`, the spec at `/openapi.json`.
+
+pub mod error;
+pub mod events;
+pub mod health;
+pub mod model;
+pub mod tasks;
+
+use poem::middleware::Tracing;
+use poem::{Endpoint, EndpointExt, Route};
+use poem_openapi::OpenApiService;
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use std::time::Duration;
+
+use crate::queue::Keys;
+
+/// What the operations need.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    pub keys: Keys,
+    pub health_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+type Apis = (tasks::TasksApi, events::EventsApi, health::HealthApi);
+
+fn service<T: poem_openapi::OpenApi>(apis: T) -> OpenApiService<T, ()> {
+    OpenApiService::new(apis, "Arnela task processor", env!("CARGO_PKG_VERSION"))
+        .description(
+            "Event-sourced task processor with a persistent outbox: enqueue e-mail, SMS, \
+             WhatsApp and calendar tasks, and audit every step each task took.",
+        )
+        .server("/")
+}
+
+/// The OpenAPI document the code produces (JSON, pretty-printed); `openapi/openapi.json` holds
+/// the committed copy.
+pub fn spec_json() -> String {
+    service(SpecOnly).spec()
+}
+
+/// The served APIs' description without their handlers: the spec depends on the types only,
+/// so it can be produced without connecting to anything.
+struct SpecOnly;
+
+impl poem_openapi::OpenApi for SpecOnly {
+    fn meta() -> Vec<poem_openapi::registry::MetaApi> {
+        <Apis as poem_openapi::OpenApi>::meta()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        <Apis as poem_openapi::OpenApi>::register(registry);
+    }
+
+    fn add_routes(
+        self,
+        _route_table: &mut std::collections::HashMap<
+            String,
+            std::collections::HashMap<poem::http::Method, poem::endpoint::BoxEndpoint<'static>>,
+        >,
+    ) {
+    }
+}
+
+/// The whole HTTP application.
+pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
+    let max_body = ctx.max_body_bytes;
+    let apis = (
+        tasks::TasksApi { ctx: ctx.clone() },
+        events::EventsApi { ctx: ctx.clone() },
+        health::HealthApi { ctx },
+    );
+    let api = service(apis);
+    let docs = api.swagger_ui();
+    let spec = api.spec_endpoint();
+    Route::new()
+        .nest("/", api)
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .around(move |ep, req| error::limit_body(ep, req, max_body))
+        .around(error::json_errors)
+        .with(Tracing)
+}

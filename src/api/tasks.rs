@@ -1,0 +1,308 @@
+//! `/tasks`: enqueue (one or a batch), current state, history and the filtered listing.
+
+use chrono::{DateTime, Utc};
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi, Tags};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::model::{BatchRequest, BatchResult, EnqueueRequest, EventView, TaskPage, TaskView};
+use super::ApiContext;
+use crate::domain::event::db_time;
+use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use crate::domain::{validate_payload, FieldError, NewTask, TaskStatus, TaskType};
+use crate::store::tasks::{self, Enqueued, TaskFilter};
+use crate::store::{events, Tx};
+
+/// Most tasks in one batch.
+pub const MAX_BATCH: usize = 1000;
+/// Largest page of the listing.
+pub const MAX_PAGE: u32 = 500;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Enqueue tasks and read their state and history.
+    Tasks,
+}
+
+#[derive(ApiResponse)]
+pub enum EnqueueResponse {
+    /// The task was created.
+    #[oai(status = 201)]
+    Created(Json<TaskView>),
+    /// The idempotency key was already used for this same request: the existing task.
+    #[oai(status = 200)]
+    Existing(Json<TaskView>),
+}
+
+#[derive(ApiResponse)]
+pub enum BatchResponse {
+    /// At least one task was created.
+    #[oai(status = 201)]
+    Created(Json<BatchResult>),
+    /// Every task already existed under its idempotency key.
+    #[oai(status = 200)]
+    AllExisting(Json<BatchResult>),
+}
+
+#[derive(ApiResponse)]
+pub enum TaskResponse {
+    /// The task's current state.
+    #[oai(status = 200)]
+    Ok(Json<TaskView>),
+}
+
+#[derive(ApiResponse)]
+pub enum HistoryResponse {
+    /// Every event of the task, in order.
+    #[oai(status = 200)]
+    Ok(Json<Vec<EventView>>),
+}
+
+#[derive(ApiResponse)]
+pub enum ListResponse {
+    /// A page of tasks, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<TaskPage>),
+}
+
+pub struct TasksApi {
+    pub ctx: ApiContext,
+}
+
+#[OpenApi(tag = "ApiTags::Tasks")]
+impl TasksApi {
+    /// Enqueue a task
+    ///
+    /// Writes the `enqueued` event, the task and its outbox row in one transaction. With an
+    /// `idempotency_key` already used for the same request, returns that task with 200; used for
+    /// a different request, 409.
+    #[oai(path = "/tasks", method = "post", operation_id = "enqueue_task")]
+    async fn enqueue(&self, body: Json<EnqueueRequest>) -> Result<EnqueueResponse, ApiError> {
+        let new = parse_request(body.0, Utc::now())?;
+        let mut tx = Tx::begin(&self.ctx.pool).await?;
+        let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
+        tx.commit().await?;
+        match result.into_iter().next() {
+            Some(Enqueued::Created(row)) => Ok(EnqueueResponse::Created(Json(row.into()))),
+            Some(Enqueued::Existing(row)) => Ok(EnqueueResponse::Existing(Json(row.into()))),
+            None => Err(ApiError::internal(&"enqueue returned no task")),
+        }
+    }
+
+    /// Enqueue up to 1000 tasks at once
+    ///
+    /// All or nothing: if any task is invalid (the error names it, e.g. `tasks[3].payload.to`) or
+    /// conflicts, none is written.
+    #[oai(path = "/tasks/batch", method = "post", operation_id = "enqueue_batch")]
+    async fn enqueue_batch(&self, body: Json<BatchRequest>) -> Result<BatchResponse, ApiError> {
+        let requests = body.0.tasks;
+        if requests.is_empty() || requests.len() > MAX_BATCH {
+            return Err(ApiError::field(FieldError::new(
+                "tasks",
+                "invalid_length",
+                format!("must hold 1 to {MAX_BATCH} tasks, not {}", requests.len()),
+            )));
+        }
+        let now = Utc::now();
+        let mut news = Vec::with_capacity(requests.len());
+        for (i, r) in requests.into_iter().enumerate() {
+            news.push(parse_request(r, now).map_err(|e| e.within(&format!("tasks[{i}].")))?);
+        }
+        let mut tx = Tx::begin(&self.ctx.pool).await?;
+        let results = tasks::enqueue(&mut tx, news, Utc::now()).await?;
+        tx.commit().await?;
+        let created = results
+            .iter()
+            .filter(|r| matches!(r, Enqueued::Created(_)))
+            .count() as u32;
+        let existing = results.len() as u32 - created;
+        let tasks = results
+            .into_iter()
+            .map(|r| r.row().clone().into())
+            .collect();
+        let result = Json(BatchResult {
+            tasks,
+            created,
+            existing,
+        });
+        Ok(if created > 0 {
+            BatchResponse::Created(result)
+        } else {
+            BatchResponse::AllExisting(result)
+        })
+    }
+
+    /// A task's current state
+    #[oai(path = "/tasks/:id", method = "get", operation_id = "get_task")]
+    async fn get(&self, id: Path<Uuid>) -> Result<TaskResponse, ApiError> {
+        match tasks::get(&self.ctx.pool, id.0).await? {
+            Some(row) => Ok(TaskResponse::Ok(Json(row.into()))),
+            None => Err(ApiError::not_found(format!("task {} not found", id.0))),
+        }
+    }
+
+    /// A task's full history
+    ///
+    /// Every event, in order, with its hash-chain links.
+    #[oai(
+        path = "/tasks/:id/events",
+        method = "get",
+        operation_id = "get_task_events"
+    )]
+    async fn history(&self, id: Path<Uuid>) -> Result<HistoryResponse, ApiError> {
+        let events = events::history(&self.ctx.pool, id.0).await?;
+        if events.is_empty() {
+            return Err(ApiError::not_found(format!("task {} not found", id.0)));
+        }
+        Ok(HistoryResponse::Ok(Json(
+            events.into_iter().map(EventView::from).collect(),
+        )))
+    }
+
+    /// List tasks
+    ///
+    /// Oldest first, filtered by type, status and creation time, paged by the `next_after`
+    /// cursor. Paging never skips a task whose enqueue committed late; a task appears once every
+    /// transaction that started before its own has ended.
+    #[oai(path = "/tasks", method = "get", operation_id = "list_tasks")]
+    async fn list(
+        &self,
+        /// Only tasks of this type.
+        #[oai(name = "type")]
+        task_type: Query<Option<String>>,
+        /// Only tasks in this status.
+        status: Query<Option<String>>,
+        /// Only tasks created at or after this time (RFC 3339).
+        created_from: Query<Option<DateTime<Utc>>>,
+        /// Only tasks created before this time (RFC 3339).
+        created_to: Query<Option<DateTime<Utc>>>,
+        /// The `next_after` of the previous page.
+        after: Query<Option<i64>>,
+        /// Page size, 1 to 500 (default 50).
+        limit: Query<Option<u32>>,
+    ) -> Result<ListResponse, ApiError> {
+        let filter = TaskFilter {
+            task_type: task_type
+                .0
+                .map(|t| {
+                    t.parse::<TaskType>()
+                        .map_err(|e| FieldError::new("type", "invalid_value", e.to_string()))
+                })
+                .transpose()?,
+            status: status
+                .0
+                .map(|s| {
+                    s.parse::<TaskStatus>()
+                        .map_err(|e| FieldError::new("status", "invalid_value", e))
+                })
+                .transpose()?,
+            created_from: created_from.0,
+            created_to: created_to.0,
+        };
+        let limit = page_limit(limit.0, 50, MAX_PAGE)?;
+        let after = cursor(after.0)?;
+        let rows = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
+        let next_after = (rows.len() == limit as usize)
+            .then(|| rows.last().map(|r| r.enqueued_position))
+            .flatten();
+        Ok(ListResponse::Ok(Json(TaskPage {
+            items: rows.into_iter().map(TaskView::from).collect(),
+            next_after,
+        })))
+    }
+}
+
+/// Checks a page size.
+pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::field(FieldError::new(
+            "limit",
+            "out_of_range",
+            format!("must be 1 to {max}, not {n}"),
+        ))),
+    }
+}
+
+/// Checks a position cursor.
+pub(crate) fn cursor(after: Option<i64>) -> Result<i64, ApiError> {
+    match after {
+        None => Ok(0),
+        Some(n) if n >= 0 => Ok(n),
+        Some(n) => Err(ApiError::field(FieldError::new(
+            "after",
+            "out_of_range",
+            format!("must not be negative, not {n}"),
+        ))),
+    }
+}
+
+/// Turns a request into a validated [`NewTask`], naming the first bad field.
+pub fn parse_request(r: EnqueueRequest, now: DateTime<Utc>) -> Result<NewTask, ApiError> {
+    let task_type = r.task_type.parse::<TaskType>().map_err(|_| {
+        FieldError::new(
+            "type",
+            "invalid_value",
+            format!(
+                "{:?} is not a task type (expected send_email, send_sms, send_whatsapp or sync_calendar)",
+                r.task_type
+            ),
+        )
+    })?;
+    let payload = validate_payload(task_type, r.payload)?;
+    let max_attempts = r.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+    if !(1..=MAX_MAX_ATTEMPTS).contains(&max_attempts) {
+        return Err(FieldError::new(
+            "max_attempts",
+            "out_of_range",
+            format!("must be 1 to {MAX_MAX_ATTEMPTS}"),
+        )
+        .into());
+    }
+    let run_at = match r.run_at.as_deref() {
+        None => now,
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map_err(|_| {
+                FieldError::new(
+                    "run_at",
+                    "invalid_format",
+                    "must be an RFC 3339 time like 2026-01-15T09:30:00+01:00",
+                )
+            })?
+            .with_timezone(&Utc),
+    };
+    if run_at > now + chrono::Duration::days(366) {
+        return Err(
+            FieldError::new("run_at", "out_of_range", "must be within a year from now").into(),
+        );
+    }
+    let idempotency_key = match r.idempotency_key {
+        Some(k) if k.is_empty() || k.chars().count() > 255 => {
+            return Err(FieldError::new(
+                "idempotency_key",
+                "invalid_length",
+                "must be 1 to 255 characters",
+            )
+            .into())
+        }
+        Some(k) if k.chars().any(char::is_control) => {
+            return Err(FieldError::new(
+                "idempotency_key",
+                "invalid_format",
+                "must not contain control characters",
+            )
+            .into())
+        }
+        other => other,
+    };
+    Ok(NewTask {
+        task_type,
+        payload,
+        max_attempts,
+        run_at: db_time(run_at),
+        idempotency_key,
+    })
+}

@@ -1,0 +1,128 @@
+//! Builds the application without starting it: settings → pools → roles. Owns the shutdown
+//! token. Tests build it against their own database and key prefix and bind port 0.
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpListener};
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiContext};
+use crate::config::Settings;
+use crate::queue::{self, Keys};
+use crate::store;
+
+/// A built, not yet running, application.
+pub struct App {
+    pub settings: Settings,
+    pub pool: PgPool,
+    pub redis: ConnectionManager,
+    pub keys: Keys,
+    pub shutdown: CancellationToken,
+}
+
+impl App {
+    /// Connects to Postgres and Redis and applies migrations.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let pg = settings.database.connect_options()?;
+        let pool = store::connect(pg, settings.database.max_connections)
+            .await
+            .context("cannot connect to Postgres (check DB_* or DATABASE_URL)")?;
+        store::migrate(&pool)
+            .await
+            .context("cannot apply database migrations")?;
+        let redis = queue::connect(settings.redis.connection_info()?)
+            .await
+            .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
+        Ok(App::from_parts(settings, pool, redis))
+    }
+
+    /// An application over existing connections (tests bring their own database).
+    pub fn from_parts(settings: Settings, pool: PgPool, redis: ConnectionManager) -> App {
+        let keys = Keys::new(settings.redis.key_prefix.clone());
+        App {
+            settings,
+            pool,
+            redis,
+            keys,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn api_context(&self) -> ApiContext {
+        ApiContext {
+            pool: self.pool.clone(),
+            redis: self.redis.clone(),
+            keys: self.keys.clone(),
+            health_timeout: self.settings.health_timeout,
+            max_body_bytes: self.settings.max_body_bytes,
+        }
+    }
+
+    /// Serves the HTTP API on `addr` until the shutdown token is cancelled. Returns the bound
+    /// address through `bound` as soon as it listens (port 0 picks a free one).
+    pub async fn serve_api(
+        &self,
+        addr: SocketAddr,
+        bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    ) -> anyhow::Result<()> {
+        let acceptor = TcpListener::bind(addr)
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .unwrap_or(addr);
+        tracing::info!(addr = %local, "HTTP API listening; Swagger UI at /docs");
+        if let Some(tx) = bound {
+            // The receiver may have gone away; the server runs regardless.
+            tx.send(local).ok();
+        }
+        let shutdown = self.shutdown.clone();
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                api::endpoint(self.api_context()),
+                async move { shutdown.cancelled().await },
+                Some(Duration::from_secs(10)),
+            )
+            .await
+            .context("HTTP server failed")
+    }
+
+    /// Closes the pools (after every role has stopped).
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+}
+
+/// Resolves when SIGTERM or ctrl-c arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c received; shutting down"),
+        _ = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}

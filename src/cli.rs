@@ -1,0 +1,53 @@
+//! The command line: one binary, one subcommand per role or operator task.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "arnela",
+    version,
+    about = "Arnela event-sourced task processor"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything in one process: the HTTP API (and, as they are added, the relay and workers).
+    Serve,
+    /// Run the HTTP API only.
+    Api,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the OpenAPI document (or write it to a file).
+    Openapi {
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Auditor tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Exit 0 if the local API answers /health/live (for container health checks).
+    Healthcheck {
+        /// The URL to check; default http://127.0.0.1:$APP_PORT/health/live.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Re-check every task's hash chain (or one task's) and name the first broken link.
+    Verify {
+        /// Only this task.
+        #[arg(long)]
+        task: Option<Uuid>,
+    },
+}

@@ -1,0 +1,383 @@
+//! Typed settings from the environment (and a `.env` file), validated once at start-up.
+//!
+//! The variable names are the ones the clinic's deployments already set (`APP_*`, `DB_*`,
+//! `REDIS_*`, `JWT_SECRET`); `DATABASE_URL` and `REDIS_URL` override the parts. Anything missing
+//! or malformed stops start-up with one message naming the variable. Secrets are held in
+//! [`Secret`], whose `Debug` and `Display` never show the value.
+
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A value that must never be printed.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A setting that is missing or wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration error in {var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// Which kind of deployment this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppEnv {
+    Development,
+    Test,
+    Production,
+}
+
+impl FromStr for AppEnv {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "development" | "dev" => Ok(AppEnv::Development),
+            "test" => Ok(AppEnv::Test),
+            "production" | "prod" => Ok(AppEnv::Production),
+            other => Err(format!(
+                "{other:?} is not one of development, test, production"
+            )),
+        }
+    }
+}
+
+/// Postgres connection settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Secret,
+    pub name: String,
+    pub ssl_mode: PgSslMode,
+    /// `DATABASE_URL`, when set, replaces the parts above.
+    pub url: Option<Secret>,
+    pub max_connections: u32,
+}
+
+impl DatabaseSettings {
+    pub fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
+        let options = match &self.url {
+            Some(url) => PgConnectOptions::from_str(url.expose())
+                .map_err(|_| err("DATABASE_URL", "is not a valid postgres:// URL"))?,
+            None => {
+                let o = PgConnectOptions::new()
+                    .host(&self.host)
+                    .port(self.port)
+                    .username(&self.user)
+                    .database(&self.name)
+                    .ssl_mode(self.ssl_mode);
+                if self.password.is_empty() {
+                    o
+                } else {
+                    o.password(self.password.expose())
+                }
+            }
+        };
+        Ok(options.application_name("arnela"))
+    }
+}
+
+/// Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub host: String,
+    pub port: u16,
+    pub password: Secret,
+    pub db: i64,
+    /// `REDIS_URL`, when set, replaces the parts above.
+    pub url: Option<Secret>,
+    /// Prefix of every key (`arnela` gives `arnela:tasks`); lets tests and tenants share a server.
+    pub key_prefix: String,
+}
+
+impl RedisSettings {
+    pub fn connection_info(&self) -> Result<redis::ConnectionInfo, ConfigError> {
+        use redis::IntoConnectionInfo;
+        match &self.url {
+            Some(url) => url
+                .expose()
+                .into_connection_info()
+                .map_err(|_| err("REDIS_URL", "is not a valid redis:// URL")),
+            None => Ok(redis::ConnectionInfo {
+                addr: redis::ConnectionAddr::Tcp(self.host.clone(), self.port),
+                redis: redis::RedisConnectionInfo {
+                    db: self.db,
+                    username: None,
+                    password: (!self.password.is_empty())
+                        .then(|| self.password.expose().to_owned()),
+                    protocol: redis::ProtocolVersion::RESP2,
+                },
+            }),
+        }
+    }
+}
+
+/// All settings of the service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub app_env: AppEnv,
+    pub port: u16,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub jwt_secret: Secret,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long `/health` waits for each dependency.
+    pub health_timeout: Duration,
+}
+
+/// Secrets published in the seed document or examples: never acceptable in production.
+const KNOWN_DEFAULT_SECRETS: &[&str] = &[
+    "arnela_secure_pass_2024",
+    "arnela_redis_pass_2024",
+    "your_jwt_secret_key_change_in_production",
+    "secret",
+    "password",
+    "changeme",
+];
+
+impl Settings {
+    /// Reads `.env` (if present) and then the process environment.
+    pub fn from_env() -> Result<Settings, ConfigError> {
+        // A missing .env is normal; a malformed one is an error worth stopping for.
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(err(".env", e.to_string())),
+        }
+        Settings::from_vars(&std::env::vars().collect())
+    }
+
+    /// Builds settings from a map of variables (the environment, in tests a literal map).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let app_env = match get("APP_ENV") {
+            Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
+            None => AppEnv::Development,
+        };
+        let production = app_env == AppEnv::Production;
+
+        let port = parse_or(get("APP_PORT"), "APP_PORT", 8080u16)?;
+        let ssl_mode = match get("DB_SSLMODE") {
+            Some(v) => PgSslMode::from_str(v).map_err(|_| {
+                err(
+                    "DB_SSLMODE",
+                    "must be one of disable, allow, prefer, require, verify-ca, verify-full",
+                )
+            })?,
+            None => PgSslMode::Prefer,
+        };
+        let database = DatabaseSettings {
+            host: get("DB_HOST").unwrap_or("localhost").to_owned(),
+            port: parse_or(get("DB_PORT"), "DB_PORT", 5432u16)?,
+            user: get("DB_USER").unwrap_or("postgres").to_owned(),
+            password: Secret::new(get("DB_PASSWORD").unwrap_or_default()),
+            name: get("DB_NAME").unwrap_or("arnela_db").to_owned(),
+            ssl_mode,
+            url: get("DATABASE_URL").map(Secret::new),
+            max_connections: parse_or(get("DB_MAX_CONNECTIONS"), "DB_MAX_CONNECTIONS", 20u32)?,
+        };
+        if database.max_connections == 0 {
+            return Err(err("DB_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        database.connect_options()?;
+
+        let redis = RedisSettings {
+            host: get("REDIS_HOST").unwrap_or("localhost").to_owned(),
+            port: parse_or(get("REDIS_PORT"), "REDIS_PORT", 6379u16)?,
+            password: Secret::new(get("REDIS_PASSWORD").unwrap_or_default()),
+            db: parse_or(get("REDIS_DB"), "REDIS_DB", 0i64)?,
+            url: get("REDIS_URL").map(Secret::new),
+            key_prefix: get("ARNELA_KEY_PREFIX").unwrap_or("arnela").to_owned(),
+        };
+        if !(0..=15).contains(&redis.db) {
+            return Err(err("REDIS_DB", "must be between 0 and 15"));
+        }
+        if redis.key_prefix.contains(char::is_whitespace) {
+            return Err(err("ARNELA_KEY_PREFIX", "must not contain white space"));
+        }
+        redis.connection_info()?;
+
+        let jwt_secret = Secret::new(get("JWT_SECRET").unwrap_or_default());
+        if production {
+            check_production_secret("JWT_SECRET", &jwt_secret, 32)?;
+            if database.url.is_none() {
+                check_production_secret("DB_PASSWORD", &database.password, 12)?;
+            }
+            if redis.url.is_none() {
+                check_production_secret("REDIS_PASSWORD", &redis.password, 12)?;
+            }
+        }
+
+        let max_body_bytes = parse_or(
+            get("MAX_BODY_BYTES"),
+            "MAX_BODY_BYTES",
+            8 * 1024 * 1024usize,
+        )?;
+        let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
+        Ok(Settings {
+            app_env,
+            port,
+            database,
+            redis,
+            jwt_secret,
+            max_body_bytes,
+            health_timeout: Duration::from_millis(health_timeout_ms),
+        })
+    }
+}
+
+fn parse_or<T: FromStr>(
+    value: Option<&str>,
+    var: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v.parse().map_err(|_| {
+            err(
+                var,
+                format!("{v:?} is not a valid {}", std::any::type_name::<T>()),
+            )
+        }),
+    }
+}
+
+fn check_production_secret(
+    var: &'static str,
+    secret: &Secret,
+    min_len: usize,
+) -> Result<(), ConfigError> {
+    if secret.is_empty() {
+        return Err(err(var, "is required when APP_ENV=production"));
+    }
+    let lower = secret.expose().to_ascii_lowercase();
+    if KNOWN_DEFAULT_SECRETS.contains(&lower.as_str()) || lower.starts_with("change-me") {
+        return Err(err(var, "is a published default; set a real secret"));
+    }
+    if secret.expose().len() < min_len {
+        return Err(err(
+            var,
+            format!("must be at least {min_len} characters in production"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_enough_for_development() {
+        let s = Settings::from_vars(&vars(&[])).unwrap();
+        assert_eq!(s.app_env, AppEnv::Development);
+        assert_eq!((s.port, s.database.port, s.redis.port), (8080, 5432, 6379));
+        assert_eq!(s.redis.key_prefix, "arnela");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (var, value) in [
+            ("APP_PORT", "eighty"),
+            ("DB_PORT", "99999"),
+            ("REDIS_DB", "42"),
+            ("APP_ENV", "staging"),
+            ("DB_SSLMODE", "sometimes"),
+            ("DATABASE_URL", "mysql://x"),
+            ("REDIS_URL", "http://x"),
+        ] {
+            let e = Settings::from_vars(&vars(&[(var, value)])).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+        }
+    }
+
+    #[test]
+    fn production_refuses_missing_and_default_secrets() {
+        let strong = "k3y-0f-at-least-thirty-two-characters!!";
+        let base = [
+            ("APP_ENV", "production"),
+            ("DB_PASSWORD", "a-strong-db-password"),
+            ("REDIS_PASSWORD", "a-strong-redis-password"),
+            ("JWT_SECRET", strong),
+        ];
+        assert!(Settings::from_vars(&vars(&base)).is_ok());
+        let missing = Settings::from_vars(&vars(&base[..3])).unwrap_err();
+        assert_eq!(missing.var, "JWT_SECRET");
+        let mut seeded = vars(&base);
+        seeded.insert("REDIS_PASSWORD".into(), "arnela_redis_pass_2024".into());
+        assert_eq!(
+            Settings::from_vars(&seeded).unwrap_err().var,
+            "REDIS_PASSWORD"
+        );
+        let mut short = vars(&base);
+        short.insert("JWT_SECRET".into(), "short".into());
+        assert_eq!(Settings::from_vars(&short).unwrap_err().var, "JWT_SECRET");
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let s = Settings::from_vars(&vars(&[
+            ("DB_PASSWORD", "hunter2-db"),
+            ("REDIS_PASSWORD", "hunter2-redis"),
+            ("JWT_SECRET", "hunter2-jwt"),
+            ("DATABASE_URL", "postgres://u:hunter2-url@h/db"),
+        ]))
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn urls_override_the_parts() {
+        let s = Settings::from_vars(&vars(&[
+            ("DATABASE_URL", "postgres://u@db.internal:6543/x"),
+            ("REDIS_URL", "redis://:pw@cache.internal:6380/2"),
+        ]))
+        .unwrap();
+        let pg = s.database.connect_options().unwrap();
+        assert_eq!((pg.get_host(), pg.get_port()), ("db.internal", 6543));
+        let r = s.redis.connection_info().unwrap();
+        assert_eq!(r.redis.db, 2);
+    }
+}

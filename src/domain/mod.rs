@@ -1,0 +1,12 @@
+//! The pure core: task types and payloads, events, the task state machine and the retry policy.
+//! No I/O happens here; every other module depends on this one and not the other way round.
+
+pub mod event;
+pub mod payload;
+pub mod retry;
+pub mod task;
+
+pub use event::{FailureKind, TaskEvent};
+pub use payload::{validate_payload, FieldError, TaskType, ValidPayload};
+pub use retry::RetryPolicy;
+pub use task::{NewTask, RetryDecision, Task, TaskStatus};

@@ -1,0 +1,443 @@
+//! Task types and their payloads, validated at the boundary.
+//!
+//! A [`TaskType`] names one of the four kinds of work the clinic sends; [`validate_payload`] turns
+//! an arbitrary JSON document into a [`ValidPayload`] or says exactly which field is wrong.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+use std::str::FromStr;
+
+/// The largest serialized payload accepted for one task.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The longest SMS / WhatsApp message accepted (Twilio's own limit).
+pub const MAX_MESSAGE_CHARS: usize = 1600;
+/// The longest e-mail subject accepted (RFC 5322 line limit).
+pub const MAX_SUBJECT_CHARS: usize = 998;
+
+/// The kinds of task Arnela runs. The wire names are the ones users already rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskType {
+    SendEmail,
+    SendSms,
+    SendWhatsapp,
+    SyncCalendar,
+}
+
+impl TaskType {
+    pub const ALL: [TaskType; 4] = [
+        TaskType::SendEmail,
+        TaskType::SendSms,
+        TaskType::SendWhatsapp,
+        TaskType::SyncCalendar,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskType::SendEmail => "send_email",
+            TaskType::SendSms => "send_sms",
+            TaskType::SendWhatsapp => "send_whatsapp",
+            TaskType::SyncCalendar => "sync_calendar",
+        }
+    }
+}
+
+impl fmt::Display for TaskType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskType {
+    type Err = UnknownTaskType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownTaskType(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown task type {0:?}")]
+pub struct UnknownTaskType(pub String);
+
+/// One field of the input that is not acceptable, with a stable machine-readable code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Dotted path of the offending field, e.g. `payload.to`.
+    pub field: String,
+    /// Stable code: `required`, `invalid_type`, `invalid_format`, `too_long`, `unknown_field`, ...
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A payload that has passed the checks of its task type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPayload(Value);
+
+impl ValidPayload {
+    pub fn as_json(&self) -> &Value {
+        &self.0
+    }
+
+    pub fn into_json(self) -> Value {
+        self.0
+    }
+}
+
+/// Calendar sync actions.
+pub const CALENDAR_ACTIONS: [&str; 3] = ["create", "update", "delete"];
+
+/// Checks `payload` against the schema of `task_type`.
+///
+/// Unknown fields are refused (a typo must not silently drop data), strings may not contain NUL
+/// (Postgres cannot store it), and the serialized payload must fit [`MAX_PAYLOAD_BYTES`].
+pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayload, FieldError> {
+    let Value::Object(map) = &payload else {
+        return Err(FieldError::new(
+            "payload",
+            "invalid_type",
+            "payload must be a JSON object",
+        ));
+    };
+    check_no_nul("payload", &payload)?;
+    let size = serde_json::to_vec(&payload).map(|v| v.len()).unwrap_or(0);
+    if size > MAX_PAYLOAD_BYTES {
+        return Err(FieldError::new(
+            "payload",
+            "too_large",
+            format!("payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}"),
+        ));
+    }
+    match task_type {
+        TaskType::SendEmail => {
+            only_fields(map, &["to", "subject", "body"])?;
+            let to = required_str(map, "to")?;
+            if !is_email(to) {
+                return Err(FieldError::new(
+                    "payload.to",
+                    "invalid_format",
+                    "must be an e-mail address like name@example.com",
+                ));
+            }
+            let subject = required_str(map, "subject")?;
+            max_chars("payload.subject", subject, MAX_SUBJECT_CHARS)?;
+            if subject.contains(['\r', '\n']) {
+                return Err(FieldError::new(
+                    "payload.subject",
+                    "invalid_format",
+                    "must be a single line",
+                ));
+            }
+            required_str(map, "body")?;
+        }
+        TaskType::SendSms | TaskType::SendWhatsapp => {
+            only_fields(map, &["phone", "message"])?;
+            let phone = required_str(map, "phone")?;
+            if !is_e164(phone) {
+                return Err(FieldError::new(
+                    "payload.phone",
+                    "invalid_format",
+                    "must be an E.164 number like +34123456789",
+                ));
+            }
+            let message = required_str(map, "message")?;
+            max_chars("payload.message", message, MAX_MESSAGE_CHARS)?;
+        }
+        TaskType::SyncCalendar => {
+            only_fields(map, &["event_id", "action", "appointment_data"])?;
+            let event_id = required_str(map, "event_id")?;
+            max_chars("payload.event_id", event_id, 1024)?;
+            let action = required_str(map, "action")?;
+            if !CALENDAR_ACTIONS.contains(&action) {
+                return Err(FieldError::new(
+                    "payload.action",
+                    "invalid_value",
+                    "must be one of create, update, delete",
+                ));
+            }
+            match map.get("appointment_data") {
+                Some(Value::Object(_)) => {}
+                None | Some(Value::Null) if action == "delete" => {}
+                None => {
+                    return Err(FieldError::new(
+                        "payload.appointment_data",
+                        "required",
+                        "is required for create and update",
+                    ))
+                }
+                Some(_) => {
+                    return Err(FieldError::new(
+                        "payload.appointment_data",
+                        "invalid_type",
+                        "must be a JSON object",
+                    ))
+                }
+            }
+        }
+    }
+    Ok(ValidPayload(payload))
+}
+
+fn only_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), FieldError> {
+    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(FieldError::new(
+            format!("payload.{k}"),
+            "unknown_field",
+            format!(
+                "is not a field of this task type (expected {})",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn required_str<'a>(map: &'a Map<String, Value>, name: &str) -> Result<&'a str, FieldError> {
+    let field = format!("payload.{name}");
+    match map.get(name) {
+        None | Some(Value::Null) => Err(FieldError::new(field, "required", "is required")),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(FieldError::new(field, "required", "must not be empty"))
+        }
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(FieldError::new(field, "invalid_type", "must be a string")),
+    }
+}
+
+fn max_chars(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
+    let n = value.chars().count();
+    if n > max {
+        return Err(FieldError::new(
+            field,
+            "too_long",
+            format!("is {n} characters; the limit is {max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_no_nul(path: &str, value: &Value) -> Result<(), FieldError> {
+    match value {
+        Value::String(s) if s.contains('\0') => Err(FieldError::new(
+            path,
+            "invalid_format",
+            "must not contain NUL characters",
+        )),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| check_no_nul(&format!("{path}[{i}]"), v)),
+        Value::Object(map) => map.iter().try_for_each(|(k, v)| {
+            let child = format!("{path}.{k}");
+            if k.contains('\0') {
+                return Err(FieldError::new(
+                    child,
+                    "invalid_format",
+                    "keys must not contain NUL characters",
+                ));
+            }
+            check_no_nul(&child, v)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A pragmatic address check: one `@`, a non-empty local part of at most 64 bytes, a dotted
+/// domain of letters, digits and hyphens, no white space, 254 bytes at most.
+pub fn is_email(s: &str) -> bool {
+    if s.len() > 254 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    if local.is_empty() || local.len() > 64 || domain.contains('@') {
+        return false;
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return false;
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+}
+
+/// E.164: a `+`, a country code that does not start with 0, 8 to 15 digits in all.
+pub fn is_e164(s: &str) -> bool {
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    (8..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn task_type_names_round_trip() {
+        for t in TaskType::ALL {
+            assert_eq!(t.as_str().parse::<TaskType>().unwrap(), t);
+            assert_eq!(serde_json::to_value(t).unwrap(), json!(t.as_str()));
+        }
+        assert!("send_fax".parse::<TaskType>().is_err());
+    }
+
+    #[test]
+    fn a_complete_email_is_accepted() {
+        let p = json!({"to": "ana@clinic.es", "subject": "Cita", "body": "<p>Hola</p>"});
+        assert!(validate_payload(TaskType::SendEmail, p).is_ok());
+    }
+
+    #[test]
+    fn each_bad_email_field_is_named() {
+        let cases = [
+            (
+                json!({"subject": "s", "body": "b"}),
+                "payload.to",
+                "required",
+            ),
+            (
+                json!({"to": "not-an-address", "subject": "s", "body": "b"}),
+                "payload.to",
+                "invalid_format",
+            ),
+            (
+                json!({"to": "a@b.es", "subject": 3, "body": "b"}),
+                "payload.subject",
+                "invalid_type",
+            ),
+            (
+                json!({"to": "a@b.es", "subject": "s", "body": ""}),
+                "payload.body",
+                "required",
+            ),
+            (
+                json!({"to": "a@b.es", "subject": "s", "body": "b", "cc": "x"}),
+                "payload.cc",
+                "unknown_field",
+            ),
+            (
+                json!({"to": "a@b.es", "subject": "a\nb", "body": "b"}),
+                "payload.subject",
+                "invalid_format",
+            ),
+        ];
+        for (payload, field, code) in cases {
+            let err = validate_payload(TaskType::SendEmail, payload.clone()).unwrap_err();
+            assert_eq!((err.field.as_str(), err.code), (field, code), "{payload}");
+        }
+    }
+
+    #[test]
+    fn phones_must_be_e164() {
+        for good in ["+34123456789", "+12025550123", "+4915112345678"] {
+            assert!(is_e164(good), "{good}");
+        }
+        for bad in [
+            "34123456789",
+            "+0123456789",
+            "+34 123 456",
+            "+1234",
+            "+1234567890123456",
+        ] {
+            assert!(!is_e164(bad), "{bad}");
+        }
+        let err = validate_payload(
+            TaskType::SendWhatsapp,
+            json!({"phone": "612345678", "message": "hola"}),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "payload.phone");
+    }
+
+    #[test]
+    fn sms_longer_than_the_provider_limit_is_refused() {
+        let long = "x".repeat(MAX_MESSAGE_CHARS + 1);
+        let err = validate_payload(
+            TaskType::SendSms,
+            json!({"phone": "+34123456789", "message": long}),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.code),
+            ("payload.message", "too_long")
+        );
+    }
+
+    #[test]
+    fn calendar_actions_and_data_are_checked() {
+        let ok = json!({"event_id": "a1", "action": "create", "appointment_data": {"at": "x"}});
+        assert!(validate_payload(TaskType::SyncCalendar, ok).is_ok());
+        let delete = json!({"event_id": "a1", "action": "delete"});
+        assert!(validate_payload(TaskType::SyncCalendar, delete).is_ok());
+        let bad_action = json!({"event_id": "a1", "action": "move", "appointment_data": {}});
+        assert_eq!(
+            validate_payload(TaskType::SyncCalendar, bad_action)
+                .unwrap_err()
+                .field,
+            "payload.action"
+        );
+        let missing = json!({"event_id": "a1", "action": "update"});
+        assert_eq!(
+            validate_payload(TaskType::SyncCalendar, missing)
+                .unwrap_err()
+                .code,
+            "required"
+        );
+    }
+
+    #[test]
+    fn nul_characters_and_oversized_payloads_are_refused() {
+        let nul =
+            json!({"event_id": "a", "action": "create", "appointment_data": {"n": ["\u{0}"]}});
+        let err = validate_payload(TaskType::SyncCalendar, nul).unwrap_err();
+        assert_eq!(err.field, "payload.appointment_data.n[0]");
+        let big = json!({"to": "a@b.es", "subject": "s", "body": "x".repeat(MAX_PAYLOAD_BYTES)});
+        assert_eq!(
+            validate_payload(TaskType::SendEmail, big).unwrap_err().code,
+            "too_large"
+        );
+        assert!(validate_payload(TaskType::SendEmail, json!([1])).is_err());
+    }
+
+    #[test]
+    fn email_addresses() {
+        for good in [
+            "a@b.es",
+            "first.last+tag@sub.example.com",
+            "josé@clínica.es",
+        ] {
+            assert!(is_email(good), "{good}");
+        }
+        for bad in [
+            "", "a", "a@b", "@b.es", "a@@b.es", "a b@c.es", "a@-b.es", ".a@b.es", "a@b..es",
+        ] {
+            assert!(!is_email(bad), "{bad}");
+        }
+    }
+}

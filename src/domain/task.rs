@@ -1,0 +1,561 @@
+//! The task lifecycle as a pure state machine: commands are decided into events, events are
+//! applied to state. Nothing here touches a database, a clock or a random source; callers pass
+//! the time and the backoff delay in.
+//!
+//! ```text
+//!  enqueued ──▶ queued ──dispatched──▶ queued ──attempt_started──▶ running
+//!                 ▲                                                   │
+//!                 │ retry_scheduled ◀── attempt_failed (retryable) ◀──┤
+//!   retrying ◀────┘                                                   ├─▶ succeeded
+//!                                     attempt_failed (last/permanent) ┴─▶ dead ──requeued──▶ queued
+//!  queued | retrying ──cancelled──▶ cancelled
+//! ```
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+use super::event::{FailureKind, TaskEvent};
+use super::payload::{TaskType, ValidPayload};
+
+/// Default number of attempts a task gets.
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+/// The most attempts a task may ask for.
+pub const MAX_MAX_ATTEMPTS: i32 = 25;
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Waiting to be delivered to a worker (possibly not yet due).
+    Queued,
+    /// A worker holds the current attempt.
+    Running,
+    /// An attempt failed; the next one is scheduled.
+    Retrying,
+    Succeeded,
+    /// Out of attempts, or failed permanently.
+    Dead,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Retrying,
+        TaskStatus::Succeeded,
+        TaskStatus::Dead,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Retrying => "retrying",
+            TaskStatus::Succeeded => "succeeded",
+            TaskStatus::Dead => "dead",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// No further event happens to a task in this status without an operator.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Succeeded | TaskStatus::Dead | TaskStatus::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskStatus::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown task status {s:?}"))
+    }
+}
+
+/// A command that does not fit the task's current state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a task that is {status}")]
+pub struct InvalidTransition {
+    pub action: &'static str,
+    pub status: TaskStatus,
+}
+
+/// The current state of one task, folded from its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: Uuid,
+    pub task_type: TaskType,
+    pub payload: Value,
+    pub status: TaskStatus,
+    /// Attempts started so far.
+    pub attempts: i32,
+    pub max_attempts: i32,
+    /// When the next delivery is due.
+    pub run_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub last_error: Option<String>,
+    pub lease_owner: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Sequence number of the last applied event.
+    pub version: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a producer asks for.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub task_type: TaskType,
+    pub payload: ValidPayload,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+}
+
+/// What the retry policy decided for a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryDecision {
+    /// Deliver the next attempt after this many milliseconds.
+    RetryAfterMs(i64),
+    /// Give up.
+    DeadLetter,
+}
+
+impl Task {
+    /// The first event of every task.
+    pub fn enqueue(new: NewTask) -> TaskEvent {
+        TaskEvent::Enqueued {
+            task_type: new.task_type,
+            payload: new.payload.into_json(),
+            max_attempts: new.max_attempts,
+            run_at: new.run_at,
+            idempotency_key: new.idempotency_key,
+        }
+    }
+
+    /// Builds the state from the first event. Panics if it is not `Enqueued`: a stream that
+    /// starts otherwise is corrupt and must not be silently folded.
+    pub fn from_first(id: Uuid, first: &TaskEvent, at: DateTime<Utc>) -> Task {
+        let TaskEvent::Enqueued {
+            task_type,
+            payload,
+            max_attempts,
+            run_at,
+            idempotency_key,
+        } = first
+        else {
+            panic!(
+                "a task stream must start with enqueued, not {}",
+                first.type_name()
+            );
+        };
+        Task {
+            id,
+            task_type: *task_type,
+            payload: payload.clone(),
+            status: TaskStatus::Queued,
+            attempts: 0,
+            max_attempts: *max_attempts,
+            run_at: *run_at,
+            idempotency_key: idempotency_key.clone(),
+            last_error: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            version: 1,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    /// Folds one more event into the state.
+    pub fn apply(&mut self, event: &TaskEvent, at: DateTime<Utc>) {
+        match event {
+            TaskEvent::Enqueued { .. } => {
+                panic!("enqueued can only be the first event of a task")
+            }
+            TaskEvent::Dispatched { .. } => {}
+            TaskEvent::AttemptStarted {
+                attempt,
+                worker_id,
+                lease_expires_at,
+            } => {
+                self.status = TaskStatus::Running;
+                self.attempts = *attempt;
+                self.lease_owner = Some(*worker_id);
+                self.lease_expires_at = Some(*lease_expires_at);
+            }
+            TaskEvent::AttemptSucceeded { .. } => {
+                self.status = TaskStatus::Succeeded;
+                self.last_error = None;
+                self.clear_lease();
+            }
+            TaskEvent::AttemptFailed { error, .. } => {
+                self.last_error = Some(error.clone());
+                self.clear_lease();
+            }
+            TaskEvent::RetryScheduled { available_at, .. } => {
+                self.status = TaskStatus::Retrying;
+                self.run_at = *available_at;
+            }
+            TaskEvent::DeadLettered { reason } => {
+                self.status = TaskStatus::Dead;
+                self.last_error = Some(reason.clone());
+                self.clear_lease();
+            }
+            TaskEvent::Requeued { max_attempts, .. } => {
+                self.status = TaskStatus::Queued;
+                self.max_attempts = *max_attempts;
+                self.run_at = at;
+            }
+            TaskEvent::Cancelled { .. } => {
+                self.status = TaskStatus::Cancelled;
+                self.clear_lease();
+            }
+        }
+        self.version += 1;
+        self.updated_at = at;
+    }
+
+    fn clear_lease(&mut self) {
+        self.lease_owner = None;
+        self.lease_expires_at = None;
+    }
+
+    /// The attempt number the next delivery is for.
+    pub fn next_attempt(&self) -> i32 {
+        self.attempts + 1
+    }
+
+    /// The relay published a delivery.
+    pub fn dispatch(&self, attempt: i32) -> Result<TaskEvent, InvalidTransition> {
+        match self.status {
+            TaskStatus::Queued | TaskStatus::Retrying => Ok(TaskEvent::Dispatched { attempt }),
+            status => Err(InvalidTransition {
+                action: "dispatch",
+                status,
+            }),
+        }
+    }
+
+    /// A worker asks to run the next attempt. Only a due, waiting task can be claimed, so a
+    /// second delivery of the same attempt is refused.
+    pub fn start_attempt(
+        &self,
+        worker_id: Uuid,
+        now: DateTime<Utc>,
+        lease_expires_at: DateTime<Utc>,
+    ) -> Result<TaskEvent, InvalidTransition> {
+        let waiting = matches!(self.status, TaskStatus::Queued | TaskStatus::Retrying);
+        if !waiting || self.run_at > now || self.attempts >= self.max_attempts {
+            return Err(InvalidTransition {
+                action: "start an attempt of",
+                status: self.status,
+            });
+        }
+        Ok(TaskEvent::AttemptStarted {
+            attempt: self.next_attempt(),
+            worker_id,
+            lease_expires_at,
+        })
+    }
+
+    /// The lease holder reports success.
+    pub fn succeed(&self, result: Value, duration_ms: i64) -> Result<TaskEvent, InvalidTransition> {
+        self.require_running("record the success of")?;
+        Ok(TaskEvent::AttemptSucceeded {
+            attempt: self.attempts,
+            result,
+            duration_ms,
+        })
+    }
+
+    /// The running attempt failed. `decide` is the retry policy's answer for this attempt; a
+    /// permanent failure or an exhausted budget is dead-lettered whatever it says.
+    pub fn fail(
+        &self,
+        kind: FailureKind,
+        error: String,
+        duration_ms: i64,
+        now: DateTime<Utc>,
+        decide: RetryDecision,
+    ) -> Result<Vec<TaskEvent>, InvalidTransition> {
+        self.require_running("record the failure of")?;
+        let attempt = self.attempts;
+        let mut events = vec![TaskEvent::AttemptFailed {
+            attempt,
+            kind,
+            error: error.clone(),
+            duration_ms,
+        }];
+        let exhausted = attempt >= self.max_attempts;
+        match decide {
+            RetryDecision::RetryAfterMs(delay_ms)
+                if kind != FailureKind::Permanent && !exhausted =>
+            {
+                events.push(TaskEvent::RetryScheduled {
+                    next_attempt: attempt + 1,
+                    delay_ms,
+                    available_at: now + chrono::Duration::milliseconds(delay_ms),
+                });
+            }
+            _ => {
+                let reason = if kind == FailureKind::Permanent {
+                    format!("permanent failure on attempt {attempt}: {error}")
+                } else if exhausted {
+                    format!(
+                        "{attempt} of {} attempts failed; last: {error}",
+                        self.max_attempts
+                    )
+                } else {
+                    format!("not retried after attempt {attempt}: {error}")
+                };
+                events.push(TaskEvent::DeadLettered { reason });
+            }
+        }
+        Ok(events)
+    }
+
+    /// A delivery that can never run (unknown type, undecodable) goes to dead letters at once.
+    pub fn dead_letter(&self, reason: String) -> Result<TaskEvent, InvalidTransition> {
+        if self.status.is_terminal() {
+            return Err(InvalidTransition {
+                action: "dead-letter",
+                status: self.status,
+            });
+        }
+        Ok(TaskEvent::DeadLettered { reason })
+    }
+
+    /// An operator gives a dead task `extra_attempts` more attempts.
+    pub fn requeue(&self, extra_attempts: i32, by: String) -> Result<TaskEvent, InvalidTransition> {
+        if self.status != TaskStatus::Dead {
+            return Err(InvalidTransition {
+                action: "requeue",
+                status: self.status,
+            });
+        }
+        Ok(TaskEvent::Requeued {
+            max_attempts: self.attempts + extra_attempts,
+            by,
+        })
+    }
+
+    /// An operator cancels a waiting task; a running one is cancelled too and its outcome, when
+    /// it arrives, is not retried.
+    pub fn cancel(&self, reason: String, by: String) -> Result<TaskEvent, InvalidTransition> {
+        if self.status.is_terminal() {
+            return Err(InvalidTransition {
+                action: "cancel",
+                status: self.status,
+            });
+        }
+        Ok(TaskEvent::Cancelled { reason, by })
+    }
+
+    fn require_running(&self, action: &'static str) -> Result<(), InvalidTransition> {
+        if self.status != TaskStatus::Running {
+            return Err(InvalidTransition {
+                action,
+                status: self.status,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::payload::validate_payload;
+    use serde_json::json;
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn new_task(max_attempts: i32) -> Task {
+        let payload = validate_payload(
+            TaskType::SendSms,
+            json!({"phone": "+34123456789", "message": "hola"}),
+        )
+        .unwrap();
+        let first = Task::enqueue(NewTask {
+            task_type: TaskType::SendSms,
+            payload,
+            max_attempts,
+            run_at: t0(),
+            idempotency_key: None,
+        });
+        Task::from_first(Uuid::nil(), &first, t0())
+    }
+
+    fn start(task: &mut Task) {
+        let e = task
+            .start_attempt(
+                Uuid::from_u128(7),
+                t0(),
+                t0() + chrono::Duration::seconds(30),
+            )
+            .unwrap();
+        task.apply(&e, t0());
+    }
+
+    #[test]
+    fn a_task_runs_and_succeeds() {
+        let mut task = new_task(3);
+        assert_eq!(task.status, TaskStatus::Queued);
+        task.apply(&task.dispatch(1).unwrap(), t0());
+        start(&mut task);
+        assert_eq!((task.status, task.attempts), (TaskStatus::Running, 1));
+        assert_eq!(task.lease_owner, Some(Uuid::from_u128(7)));
+        task.apply(&task.succeed(json!({"sid": "SM1"}), 12).unwrap(), t0());
+        assert_eq!(task.status, TaskStatus::Succeeded);
+        assert_eq!(task.lease_owner, None);
+        assert_eq!(task.version, 4);
+    }
+
+    #[test]
+    fn a_second_claim_of_the_same_attempt_is_refused() {
+        let mut task = new_task(3);
+        start(&mut task);
+        assert!(task.start_attempt(Uuid::from_u128(8), t0(), t0()).is_err());
+    }
+
+    #[test]
+    fn a_task_is_not_started_before_it_is_due() {
+        let task = new_task(3);
+        let early = t0() - chrono::Duration::seconds(1);
+        assert!(task.start_attempt(Uuid::nil(), early, early).is_err());
+    }
+
+    #[test]
+    fn a_retryable_failure_schedules_the_next_attempt() {
+        let mut task = new_task(3);
+        start(&mut task);
+        let events = task
+            .fail(
+                FailureKind::Retryable,
+                "503".into(),
+                5,
+                t0(),
+                RetryDecision::RetryAfterMs(2000),
+            )
+            .unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[1],
+            TaskEvent::RetryScheduled {
+                next_attempt: 2,
+                delay_ms: 2000,
+                available_at: t0() + chrono::Duration::seconds(2),
+            }
+        );
+        for e in &events {
+            task.apply(e, t0());
+        }
+        assert_eq!(task.status, TaskStatus::Retrying);
+        assert_eq!(task.run_at, t0() + chrono::Duration::seconds(2));
+        assert_eq!(task.last_error.as_deref(), Some("503"));
+    }
+
+    #[test]
+    fn the_last_attempt_and_permanent_errors_dead_letter() {
+        let mut task = new_task(1);
+        start(&mut task);
+        let events = task
+            .fail(
+                FailureKind::Retryable,
+                "503".into(),
+                5,
+                t0(),
+                RetryDecision::RetryAfterMs(10),
+            )
+            .unwrap();
+        assert!(matches!(events[1], TaskEvent::DeadLettered { .. }));
+
+        let mut task = new_task(5);
+        start(&mut task);
+        let events = task
+            .fail(
+                FailureKind::Permanent,
+                "400 bad number".into(),
+                5,
+                t0(),
+                RetryDecision::RetryAfterMs(10),
+            )
+            .unwrap();
+        let TaskEvent::DeadLettered { reason } = &events[1] else {
+            panic!("expected a dead letter")
+        };
+        assert!(reason.contains("permanent"), "{reason}");
+    }
+
+    #[test]
+    fn only_a_running_attempt_records_outcomes() {
+        let task = new_task(3);
+        assert!(task.succeed(json!({}), 1).is_err());
+        assert!(task
+            .fail(
+                FailureKind::Retryable,
+                "x".into(),
+                1,
+                t0(),
+                RetryDecision::DeadLetter
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn dead_tasks_can_be_requeued_and_waiting_tasks_cancelled() {
+        let mut task = new_task(1);
+        assert!(task.requeue(3, "ops".into()).is_err());
+        start(&mut task);
+        for e in task
+            .fail(
+                FailureKind::Permanent,
+                "x".into(),
+                1,
+                t0(),
+                RetryDecision::DeadLetter,
+            )
+            .unwrap()
+        {
+            task.apply(&e, t0());
+        }
+        assert_eq!(task.status, TaskStatus::Dead);
+        let later = t0() + chrono::Duration::hours(1);
+        task.apply(&task.requeue(3, "ops".into()).unwrap(), later);
+        assert_eq!(
+            (task.status, task.max_attempts, task.run_at),
+            (TaskStatus::Queued, 4, later)
+        );
+        assert!(task.start_attempt(Uuid::nil(), later, later).is_ok());
+
+        task.apply(
+            &task.cancel("duplicate".into(), "ops".into()).unwrap(),
+            later,
+        );
+        assert_eq!(task.status, TaskStatus::Cancelled);
+        assert!(task.cancel("again".into(), "ops".into()).is_err());
+        assert!(task.start_attempt(Uuid::nil(), later, later).is_err());
+    }
+}

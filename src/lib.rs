@@ -1,0 +1,31 @@
+//! Arnela: the event-sourced task processor with a persistent outbox behind a clinic's
+//! appointment system.
+//!
+//! `POST /tasks` appends an `enqueued` event, writes the task's projection row and an outbox row
+//! in one Postgres transaction. Postgres is the system of record; Redis is transport and cache.
+//!
+//! # Layout
+//!
+//! Dependencies point one way: [`domain`] (pure) ← [`store`] (the only SQL) ← [`api`]; Redis
+//! lives in [`queue`]. Everything is wired in [`app`].
+//!
+//! - [`domain`]: task types and payload validation, events and their hash chain, the task state
+//!   machine, the retry policy. No I/O.
+//! - [`store`]: Postgres: transactional enqueue, event appends with expected versions, the
+//!   commit-safe global log, audit verification, migrations.
+//! - [`queue`]: Redis key names and connections.
+//! - [`api`]: the poem-openapi HTTP service, its documents and error mapping.
+//! - [`config`]: typed settings from the environment, validated once.
+//! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
+//! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod healthcheck;
+pub mod queue;
+pub mod store;

@@ -1,0 +1,106 @@
+//! The `arnela` binary: parse the command line, start telemetry, load settings, run.
+
+use anyhow::Context;
+use arnela::app::{shutdown_signal, App};
+use arnela::cli::{AuditCommand, Cli, Command};
+use arnela::config::Settings;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("arnela: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Openapi { output } => {
+            let spec = arnela::api::spec_json();
+            match output {
+                Some(path) => std::fs::write(&path, spec + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => println!("{spec}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Healthcheck { url } => {
+            let url = match url {
+                Some(u) => u,
+                None => {
+                    let port = std::env::var("APP_PORT").unwrap_or_else(|_| "8080".into());
+                    format!("http://127.0.0.1:{port}/health/live")
+                }
+            };
+            arnela::healthcheck::check(&url).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let settings = Settings::from_env()?;
+            let pool = arnela::store::connect(settings.database.connect_options()?, 2).await?;
+            arnela::store::migrate(&pool).await?;
+            tracing::info!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Verify { task },
+        } => {
+            let settings = Settings::from_env()?;
+            let pool = arnela::store::connect(settings.database.connect_options()?, 2).await?;
+            let report = arnela::store::audit::verify(&pool, task).await?;
+            match report.broken {
+                None => {
+                    println!(
+                        "ok: {} tasks, {} events, every hash chain verifies",
+                        report.tasks, report.events
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(b) => {
+                    println!(
+                        "BROKEN: task {} event {}: {}",
+                        b.task_id, b.sequence, b.reason
+                    );
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Serve | Command::Api => {
+            let settings = Settings::from_env()?;
+            let addr = SocketAddr::from(([0, 0, 0, 0], settings.port));
+            let app = App::build(settings).await?;
+            let token = app.shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                token.cancel();
+            });
+            let result = app.serve_api(addr, None).await;
+            app.close().await;
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

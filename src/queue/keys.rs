@@ -1,0 +1,59 @@
+//! Every Redis key Arnela uses, built from one configurable prefix.
+//!
+//! With the default prefix `arnela` the names are the ones operators already know:
+//! `arnela:tasks` (waiting deliveries, FIFO: pushed on the left, taken from the right),
+//! `arnela:tasks:processing` (deliveries a worker has taken and not yet acknowledged) and
+//! `arnela:tasks:failed` (copies of dead-lettered tasks, newest first, capped).
+
+/// The key names under one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Keys {
+        Keys {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Deliveries waiting for a worker.
+    pub fn tasks(&self) -> String {
+        format!("{}:tasks", self.prefix)
+    }
+
+    /// Deliveries taken by a worker and not yet acknowledged.
+    pub fn processing(&self) -> String {
+        format!("{}:tasks:processing", self.prefix)
+    }
+
+    /// Copies of dead-lettered tasks for operators.
+    pub fn failed(&self) -> String {
+        format!("{}:tasks:failed", self.prefix)
+    }
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::new("arnela")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_are_the_ones_operators_know() {
+        let k = Keys::default();
+        assert_eq!(k.tasks(), "arnela:tasks");
+        assert_eq!(k.processing(), "arnela:tasks:processing");
+        assert_eq!(k.failed(), "arnela:tasks:failed");
+        assert_eq!(Keys::new("t1").tasks(), "t1:tasks");
+    }
+}

@@ -1,0 +1,221 @@
+//! The event log: appends with an expected version and the hash chain, the per-task history and
+//! the global log in commit-safe order.
+//!
+//! **Ordering.** Within a task, events are numbered by `sequence` (1, 2, ...; unique with the
+//! task id, so two writers can never both append sequence `n`). Globally, `position` is
+//! `(transaction id << 20) + n` with `n` counted by [`Tx`]. [`global_log`] returns only
+//! positions below the *horizon* `pg_snapshot_xmin(snapshot) << 20`: every transaction older than
+//! the oldest one still running has ended, and any transaction that is still running or has not
+//! started has an id at least that large. A reader that resumes after the last position it saw
+//! therefore never skips an event whose transaction committed late; a long transaction only
+//! delays the log until it ends.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::{Result, StoreError, Tx};
+use crate::domain::event::{canonical_bytes, chain_hash, db_time};
+use crate::domain::{Task, TaskEvent};
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub task_id: Uuid,
+    pub sequence: i32,
+    pub event_type: String,
+    pub event_version: i16,
+    pub data: Value,
+    pub occurred_at: DateTime<Utc>,
+    pub recorded_at: DateTime<Utc>,
+    pub prev_hash: Option<Vec<u8>>,
+    pub hash: Vec<u8>,
+}
+
+impl StoredEvent {
+    /// The domain event, if the stored type is known.
+    pub fn event(&self) -> Result<TaskEvent> {
+        TaskEvent::from_stored(&self.event_type, &self.data).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "event {} of task {}: {e}",
+                self.sequence, self.task_id
+            ))
+        })
+    }
+}
+
+/// Events ready to insert: numbered, timed and hashed.
+#[derive(Debug, Default)]
+pub(crate) struct EventRows {
+    pub task_ids: Vec<Uuid>,
+    pub sequences: Vec<i32>,
+    pub types: Vec<&'static str>,
+    pub versions: Vec<i16>,
+    pub data: Vec<Value>,
+    pub occurred_at: Vec<DateTime<Utc>>,
+    pub prev_hashes: Vec<Option<Vec<u8>>>,
+    pub hashes: Vec<Vec<u8>>,
+    /// Offset of each event within the transaction (the low bits of its position).
+    pub slots: Vec<i64>,
+}
+
+impl EventRows {
+    /// Adds `events` of one task, the first numbered `first_sequence` and chained to
+    /// `prev_hash`; returns the hash of the last one.
+    pub fn push_stream(
+        &mut self,
+        tx: &mut Tx,
+        task_id: Uuid,
+        first_sequence: i32,
+        prev_hash: Option<&[u8]>,
+        events: &[TaskEvent],
+        at: DateTime<Utc>,
+    ) -> Vec<u8> {
+        let at = db_time(at);
+        let mut prev = prev_hash.map(<[u8]>::to_vec);
+        let first_slot = tx.reserve(events.len());
+        for (i, event) in events.iter().enumerate() {
+            let sequence = first_sequence + i as i32;
+            let data = event.data();
+            let canonical = canonical_bytes(
+                task_id,
+                sequence,
+                event.type_name(),
+                event.version(),
+                &data,
+                at,
+            );
+            let hash = chain_hash(prev.as_deref(), &canonical).to_vec();
+            self.task_ids.push(task_id);
+            self.sequences.push(sequence);
+            self.types.push(event.type_name());
+            self.versions.push(event.version());
+            self.data.push(data);
+            self.occurred_at.push(at);
+            self.prev_hashes.push(prev.take());
+            self.hashes.push(hash.clone());
+            self.slots.push(first_slot + i as i64);
+            prev = Some(hash);
+        }
+        prev.unwrap_or_default()
+    }
+}
+
+/// Records `events` for a task read at `before`: appends them (checked against the version read)
+/// and updates the projection row, in `tx`. Returns the new state.
+pub async fn record(
+    tx: &mut Tx,
+    before: &Task,
+    last_hash: &[u8],
+    events: &[TaskEvent],
+    at: DateTime<Utc>,
+) -> Result<Task> {
+    let at = db_time(at);
+    let mut after = before.clone();
+    for e in events {
+        after.apply(e, at);
+    }
+    let mut rows = EventRows::default();
+    let new_hash = rows.push_stream(
+        tx,
+        before.id,
+        before.version + 1,
+        Some(last_hash),
+        events,
+        at,
+    );
+
+    // The conditional update is the optimistic lock: it matches only if nobody appended since
+    // `before` was read, and it holds the row lock until commit.
+    let updated = sqlx::query(
+        "UPDATE tasks SET status = $3, attempts = $4, max_attempts = $5, run_at = $6, \
+         last_error = $7, lease_owner = $8, lease_expires_at = $9, version = $10, \
+         last_hash = $11, updated_at = $12 \
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(before.id)
+    .bind(before.version)
+    .bind(after.status.as_str())
+    .bind(after.attempts)
+    .bind(after.max_attempts)
+    .bind(after.run_at)
+    .bind(&after.last_error)
+    .bind(after.lease_owner)
+    .bind(after.lease_expires_at)
+    .bind(after.version)
+    .bind(&new_hash)
+    .bind(after.updated_at)
+    .execute(tx.conn())
+    .await?;
+    if updated.rows_affected() != 1 {
+        return Err(StoreError::VersionConflict {
+            task_id: before.id,
+            expected: before.version,
+        });
+    }
+    insert(tx, &rows).await?;
+    Ok(after)
+}
+
+/// Inserts prepared event rows in one statement.
+pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
+    let sql = "INSERT INTO task_events \
+           (position, task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash) \
+         SELECT event_position(e.slot), e.task_id, e.sequence, e.event_type, e.event_version, \
+                e.data, e.occurred_at, e.prev_hash, e.hash \
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int2[], $5::jsonb[], \
+                     $6::timestamptz[], $7::bytea[], $8::bytea[], $9::int8[]) \
+           AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash, slot)";
+    let result = sqlx::query(sql)
+        .bind(&rows.task_ids)
+        .bind(&rows.sequences)
+        .bind(&rows.types)
+        .bind(&rows.versions)
+        .bind(&rows.data)
+        .bind(&rows.occurred_at)
+        .bind(&rows.prev_hashes)
+        .bind(&rows.hashes)
+        .bind(&rows.slots)
+        .execute(tx.conn())
+        .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(db))
+            if db.constraint() == Some("task_events_task_id_sequence_key") =>
+        {
+            Err(StoreError::VersionConflict {
+                task_id: rows.task_ids.first().copied().unwrap_or_default(),
+                expected: rows.sequences.first().copied().unwrap_or(1) - 1,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+const EVENT_COLUMNS: &str = "position, task_id, sequence, event_type, event_version, data, \
+                             occurred_at, recorded_at, prev_hash, hash";
+
+/// A task's full history, in order.
+pub async fn history(pool: &sqlx::PgPool, task_id: Uuid) -> Result<Vec<StoredEvent>> {
+    let sql =
+        format!("SELECT {EVENT_COLUMNS} FROM task_events WHERE task_id = $1 ORDER BY sequence");
+    Ok(sqlx::query_as(&sql).bind(task_id).fetch_all(pool).await?)
+}
+
+/// Up to `limit` events of the global log after `after`, in commit-safe order (see the module
+/// docs). An empty page means "nothing committed past `after` yet", not "the end".
+pub async fn global_log(pool: &sqlx::PgPool, after: i64, limit: i64) -> Result<Vec<StoredEvent>> {
+    let sql = format!(
+        "SELECT {EVENT_COLUMNS} FROM task_events \
+         WHERE position > $1 \
+           AND position < event_log_horizon() \
+         ORDER BY position LIMIT $2"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}

@@ -1,0 +1,101 @@
+//! Postgres persistence: the only module that speaks SQL.
+//!
+//! - [`events`]: appends to `task_events` with an expected version and the hash chain, and reads
+//!   the per-task history and the commit-safe global log;
+//! - [`tasks`]: the transactional enqueue (event + projection + outbox in one statement), the
+//!   current-state queries and keyset listing;
+//! - [`audit`]: re-checks the hash chains.
+//!
+//! Writers take a [`Tx`] so that every event, the projection row it changes and the outbox row
+//! that carries the task commit together or not at all.
+
+pub mod audit;
+pub mod events;
+pub mod tasks;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::domain::task::InvalidTransition;
+
+/// Migrations embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Everything that can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("task {0} not found")]
+    NotFound(Uuid),
+    /// Another writer appended to the task since it was read.
+    #[error("task {task_id} changed concurrently (expected version {expected})")]
+    VersionConflict { task_id: Uuid, expected: i32 },
+    /// The idempotency key is already used by a task with a different request.
+    #[error("idempotency key {key:?} is already used by task {existing} with a different request")]
+    IdempotencyConflict { key: String, existing: Uuid },
+    #[error(transparent)]
+    Transition(#[from] InvalidTransition),
+    /// A stored row that cannot be read back (an unknown event type, a bad status).
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A transaction that also counts the events appended in it: each event's global position is
+/// `(transaction id << 20) + n` (see the first migration), so a transaction may append at most
+/// [`MAX_EVENTS_PER_TX`] events.
+pub struct Tx {
+    inner: Transaction<'static, Postgres>,
+    appended: i64,
+}
+
+/// Events one transaction may append (the low 20 bits of a position).
+pub const MAX_EVENTS_PER_TX: i64 = 1 << 20;
+
+impl Tx {
+    pub async fn begin(pool: &PgPool) -> Result<Tx> {
+        Ok(Tx {
+            inner: pool.begin().await?,
+            appended: 0,
+        })
+    }
+
+    pub async fn commit(self) -> Result<()> {
+        self.inner.commit().await?;
+        Ok(())
+    }
+
+    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.inner
+    }
+
+    /// Reserves `n` position slots and returns the first.
+    pub(crate) fn reserve(&mut self, n: usize) -> i64 {
+        let first = self.appended;
+        self.appended += n as i64;
+        assert!(
+            self.appended <= MAX_EVENTS_PER_TX,
+            "one transaction appended more than {MAX_EVENTS_PER_TX} events"
+        );
+        first
+    }
+}
+
+/// Connects to Postgres with a pool of `max_connections`.
+pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies the embedded migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

@@ -1,0 +1,315 @@
+//! The `tasks` projection and the transactional enqueue.
+//!
+//! [`enqueue`] writes, for every new task, the `enqueued` event, the projection row and the
+//! outbox row in a single statement inside the caller's transaction: there is no moment at which
+//! one of the three exists without the others. Idempotency keys are unique in `tasks`; a second
+//! request with a key in use (even one racing the first) inserts nothing and gets the existing
+//! task back, or a conflict if it asked for something else.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{FromRow, PgPool, QueryBuilder};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+use super::events::EventRows;
+use super::{Result, StoreError, Tx};
+use crate::domain::event::db_time;
+use crate::domain::{NewTask, Task, TaskStatus, TaskType};
+
+/// A row of the `tasks` projection.
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct TaskRow {
+    pub id: Uuid,
+    pub task_type: String,
+    pub payload: Value,
+    pub status: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub last_error: Option<String>,
+    pub version: i32,
+    pub last_hash: Vec<u8>,
+    pub enqueued_position: i64,
+    pub lease_owner: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub(crate) const TASK_COLUMNS: &str = "id, task_type, payload, status, attempts, max_attempts, \
+    run_at, idempotency_key, last_error, version, last_hash, enqueued_position, lease_owner, \
+    lease_expires_at, created_at, updated_at";
+
+impl TaskRow {
+    /// The domain state held by this row.
+    pub fn to_task(&self) -> Result<Task> {
+        let corrupt = |what: String| StoreError::Corrupt(format!("task {}: {what}", self.id));
+        Ok(Task {
+            id: self.id,
+            task_type: self
+                .task_type
+                .parse::<TaskType>()
+                .map_err(|e| corrupt(e.to_string()))?,
+            payload: self.payload.clone(),
+            status: self.status.parse::<TaskStatus>().map_err(corrupt)?,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            idempotency_key: self.idempotency_key.clone(),
+            last_error: self.last_error.clone(),
+            lease_owner: self.lease_owner,
+            lease_expires_at: self.lease_expires_at,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// What happened to one requested task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    /// A new task was written.
+    Created(TaskRow),
+    /// The idempotency key was already used for the same request: the existing task.
+    Existing(TaskRow),
+}
+
+impl Enqueued {
+    pub fn row(&self) -> &TaskRow {
+        match self {
+            Enqueued::Created(r) | Enqueued::Existing(r) => r,
+        }
+    }
+}
+
+/// Writes the tasks, their `enqueued` events and their outbox rows in `tx`.
+///
+/// Results come back in request order. A key repeated within `requests` must carry the same
+/// request each time (the later ones get the first's task); a key already held by a different
+/// request fails the whole call with [`StoreError::IdempotencyConflict`], so the caller's
+/// transaction can be rolled back and a batch stays all-or-nothing.
+pub async fn enqueue(
+    tx: &mut Tx,
+    requests: Vec<NewTask>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Enqueued>> {
+    let now = db_time(now);
+    let mut rows = EventRows::default();
+    let mut ids = Vec::with_capacity(requests.len());
+    let mut types = Vec::with_capacity(requests.len());
+    let mut payloads = Vec::with_capacity(requests.len());
+    let mut max_attempts = Vec::with_capacity(requests.len());
+    let mut run_ats = Vec::with_capacity(requests.len());
+    let mut keys = Vec::with_capacity(requests.len());
+    let mut by_key: HashMap<&str, usize> = HashMap::new();
+    let mut first_of_key: Vec<Option<usize>> = Vec::with_capacity(requests.len());
+
+    for (i, req) in requests.iter().enumerate() {
+        if let Some(key) = req.idempotency_key.as_deref() {
+            if let Some(&first) = by_key.get(key) {
+                let a = &requests[first];
+                if a.task_type != req.task_type || a.payload != req.payload {
+                    return Err(StoreError::IdempotencyConflict {
+                        key: key.to_owned(),
+                        existing: ids[first],
+                    });
+                }
+                first_of_key.push(Some(first));
+                ids.push(ids[first]);
+                continue;
+            }
+            by_key.insert(key, i);
+        }
+        first_of_key.push(None);
+        let id = Uuid::now_v7();
+        ids.push(id);
+        let event = Task::enqueue(req.clone());
+        rows.push_stream(tx, id, 1, None, std::slice::from_ref(&event), now);
+        types.push(req.task_type.as_str());
+        payloads.push(req.payload.as_json().clone());
+        max_attempts.push(req.max_attempts);
+        run_ats.push(db_time(req.run_at));
+        keys.push(req.idempotency_key.clone());
+    }
+
+    // One statement: the projection rows (skipping keys already in use), then the events and
+    // outbox rows of exactly the tasks that were inserted, and a wake-up for the relays.
+    let inserted: Vec<TaskRow> = sqlx::query_as(&format!(
+        "WITH input AS ( \
+           SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
+                                $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[]) \
+             AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, hash, slot, \
+                  event_version, data) \
+         ), task AS ( \
+           INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at, \
+                              idempotency_key, version, last_hash, enqueued_position, \
+                              created_at, updated_at) \
+           SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1, \
+                  hash, event_position(slot), $11, $11 \
+           FROM input ORDER BY slot \
+           ON CONFLICT (idempotency_key) DO NOTHING \
+           RETURNING {cols} \
+         ), event AS ( \
+           INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
+                                    occurred_at, prev_hash, hash) \
+           SELECT task.enqueued_position, task.id, 1, 'enqueued', i.event_version, i.data, $11, \
+                  NULL, i.hash \
+           FROM task JOIN input i USING (id) \
+         ), outbox_row AS ( \
+           INSERT INTO outbox (task_id, attempt, available_at) \
+           SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot \
+         ), wake AS ( \
+           SELECT pg_notify('arnela_outbox', '') WHERE EXISTS (SELECT 1 FROM task) \
+         ) \
+         SELECT task.* FROM task LEFT JOIN wake ON true",
+        cols = TASK_COLUMNS
+    ))
+    .bind(&ids_unique(&ids, &first_of_key))
+    .bind(&types)
+    .bind(&payloads)
+    .bind(&max_attempts)
+    .bind(&run_ats)
+    .bind(&keys)
+    .bind(&rows.hashes)
+    .bind(&rows.slots)
+    .bind(&rows.versions)
+    .bind(&rows.data)
+    .bind(now)
+    .fetch_all(tx.conn())
+    .await?;
+
+    let mut created: HashMap<Uuid, TaskRow> = inserted.into_iter().map(|r| (r.id, r)).collect();
+
+    // Requests whose key was taken before this call: fetch the holders and compare.
+    let taken: Vec<String> = requests
+        .iter()
+        .zip(&first_of_key)
+        .zip(&ids)
+        .filter(|((_, first), id)| first.is_none() && !created.contains_key(id))
+        .filter_map(|((r, _), _)| r.idempotency_key.clone())
+        .collect();
+    let mut holders: HashMap<String, TaskRow> = HashMap::new();
+    if !taken.is_empty() {
+        let existing: Vec<TaskRow> = sqlx::query_as(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = ANY($1)"
+        ))
+        .bind(&taken)
+        .fetch_all(tx.conn())
+        .await?;
+        for row in existing {
+            if let Some(key) = row.idempotency_key.clone() {
+                holders.insert(key, row);
+            }
+        }
+    }
+
+    let mut out: Vec<Enqueued> = Vec::with_capacity(requests.len());
+    for (i, req) in requests.iter().enumerate() {
+        if let Some(first) = first_of_key[i] {
+            let again = match &out[first] {
+                Enqueued::Created(r) | Enqueued::Existing(r) => Enqueued::Existing(r.clone()),
+            };
+            out.push(again);
+            continue;
+        }
+        if let Some(row) = created.remove(&ids[i]) {
+            out.push(Enqueued::Created(row));
+            continue;
+        }
+        let key = req
+            .idempotency_key
+            .clone()
+            .ok_or_else(|| StoreError::Corrupt(format!("task {} was not inserted", ids[i])))?;
+        let holder = holders.remove(&key).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "idempotency key {key:?} conflicted but has no holder"
+            ))
+        })?;
+        let same =
+            holder.task_type == req.task_type.as_str() && &holder.payload == req.payload.as_json();
+        if !same {
+            return Err(StoreError::IdempotencyConflict {
+                key,
+                existing: holder.id,
+            });
+        }
+        holders.insert(key, holder.clone());
+        out.push(Enqueued::Existing(holder));
+    }
+    Ok(out)
+}
+
+/// The ids of the rows to insert: the requests that are not repeats within the call.
+fn ids_unique(ids: &[Uuid], first_of_key: &[Option<usize>]) -> Vec<Uuid> {
+    ids.iter()
+        .zip(first_of_key)
+        .filter(|(_, f)| f.is_none())
+        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// The current state of one task.
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<TaskRow>> {
+    Ok(
+        sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// Reads a task for update in `tx` (locks the row until the transaction ends).
+pub async fn get_for_update(tx: &mut Tx, id: Uuid) -> Result<TaskRow> {
+    sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(tx.conn())
+    .await?
+    .ok_or(StoreError::NotFound(id))
+}
+
+/// Filters of the task listing; `None` means "any".
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub task_type: Option<TaskType>,
+    pub status: Option<TaskStatus>,
+    pub created_from: Option<DateTime<Utc>>,
+    pub created_to: Option<DateTime<Utc>>,
+}
+
+/// Up to `limit` tasks after the cursor `after` (an `enqueued_position`), oldest first.
+///
+/// The cursor is the position of the task's `enqueued` event and only tasks below the log
+/// horizon are listed (see [`super::events`]), so paging never skips a task whose enqueue
+/// committed late.
+pub async fn list(
+    pool: &PgPool,
+    filter: &TaskFilter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<TaskRow>> {
+    let mut q = QueryBuilder::new(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE enqueued_position > "
+    ));
+    q.push_bind(after);
+    q.push(" AND enqueued_position < event_log_horizon()");
+    if let Some(t) = filter.task_type {
+        q.push(" AND task_type = ").push_bind(t.as_str());
+    }
+    if let Some(s) = filter.status {
+        q.push(" AND status = ").push_bind(s.as_str());
+    }
+    if let Some(from) = filter.created_from {
+        q.push(" AND created_at >= ").push_bind(from);
+    }
+    if let Some(to) = filter.created_to {
+        q.push(" AND created_at < ").push_bind(to);
+    }
+    q.push(" ORDER BY enqueued_position LIMIT ")
+        .push_bind(limit);
+    Ok(q.build_query_as().fetch_all(pool).await?)
+}
