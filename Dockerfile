@@ -33,10 +33,12 @@ RUN mkdir src \
     && rm -rf src
 
 # 2. The application. `migrations/` is embedded into the binary at compile time by
-#    `sqlx::migrate!`, and `openapi/` holds the committed spec, so both must be present here.
+#    `sqlx::migrate!`, so it must be present here. (`openapi/` is not copied: the spec is
+#    generated from the code, and the committed copy is only compared against it by the tests.
+#    Should the code ever `include_str!` it, add `COPY openapi ./openapi` and allow it in
+#    .dockerignore.)
 COPY src ./src
 COPY migrations ./migrations
-COPY openapi ./openapi
 RUN cargo build --release --locked --bin arnela
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,393 @@
+//! The enqueue path: atomic writes, idempotency, validation, batches.
+
+mod common;
+
+use common::{client, counts, post, sms};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+#[sqlx::test]
+async fn enqueue_writes_event_projection_and_outbox_together(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let (status, task) = post(&c, "/tasks", &sms("hola")).await;
+    assert_eq!(status, 201, "{task}");
+    assert_eq!(task["status"], "queued");
+    assert_eq!(task["attempts"], 0);
+    assert_eq!(task["max_attempts"], 3);
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+
+    let id: uuid::Uuid = task["id"].as_str().unwrap().parse().unwrap();
+    let (event_type, sequence): (String, i32) =
+        sqlx::query_as("SELECT event_type, sequence FROM task_events WHERE task_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((event_type.as_str(), sequence), ("enqueued", 1));
+    let (attempt, published): (i32, Option<chrono::DateTime<chrono::Utc>>) =
+        sqlx::query_as("SELECT attempt, published_at FROM outbox WHERE task_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((attempt, published), (1, None));
+}
+
+/// A failure injected in the middle of the enqueue (a trigger that refuses the outbox row, or
+/// the event row) leaves none of the three rows behind.
+#[sqlx::test]
+async fn a_failure_between_the_writes_leaves_nothing(pool: PgPool) {
+    sqlx::query(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'injected failure'; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let c = client(pool.clone()).await;
+    for table in ["outbox", "task_events"] {
+        sqlx::query(&format!(
+            "CREATE TRIGGER injected BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION refuse()"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let (status, body) = post(&c, "/tasks", &sms("hola")).await;
+        assert_eq!(status, 500, "{body}");
+        assert_eq!(body["code"], "internal");
+        assert!(
+            !body.to_string().contains("injected"),
+            "the cause of a 500 is logged, not returned: {body}"
+        );
+        assert_eq!(counts(&pool).await, (0, 0, 0), "after a failure in {table}");
+        sqlx::query(&format!("DROP TRIGGER injected ON {table}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let (status, _) = post(&c, "/tasks", &sms("hola")).await;
+    assert_eq!(status, 201);
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+}
+
+#[sqlx::test]
+async fn twenty_concurrent_requests_with_one_key_create_one_task(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let mut body = sms("recordatorio");
+    body["idempotency_key"] = json!("appointment-42-reminder");
+    let results = futures::future::join_all((0..20).map(|_| post(&c, "/tasks", &body))).await;
+    let created = results.iter().filter(|(s, _)| *s == 201).count();
+    let existing = results.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!((created, existing), (1, 19), "{results:?}");
+    let ids: std::collections::HashSet<&str> = results
+        .iter()
+        .map(|(_, b)| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+}
+
+#[sqlx::test]
+async fn concurrent_requests_on_separate_connections_create_one_task(pool: PgPool) {
+    // The same race across independent pools, as two API processes would see it.
+    let mut body = sms("hola");
+    body["idempotency_key"] = json!("k-cross-process");
+    let opts = pool.connect_options().as_ref().clone();
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let opts = opts.clone();
+        let body = body.clone();
+        handles.push(tokio::spawn(async move {
+            let own = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await
+                .unwrap();
+            let c = client(own).await;
+            post(&c, "/tasks", &body).await.0
+        }));
+    }
+    let mut statuses = Vec::new();
+    for h in handles {
+        statuses.push(h.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 200, 201]);
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+}
+
+#[sqlx::test]
+async fn a_reused_key_with_a_different_request_is_a_conflict(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let mut first = sms("hola");
+    first["idempotency_key"] = json!("k1");
+    assert_eq!(post(&c, "/tasks", &first).await.0, 201);
+    let mut other = sms("adiós");
+    other["idempotency_key"] = json!("k1");
+    let (status, body) = post(&c, "/tasks", &other).await;
+    assert_eq!(status, 409);
+    assert_eq!(body["code"], "idempotency_conflict");
+    assert_eq!(body["field"], "idempotency_key");
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+}
+
+/// Every kind of bad input: its status, its code, the field it names, and nothing written.
+#[sqlx::test]
+async fn bad_input_gets_a_clear_error_and_writes_nothing(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let long_sms = "x".repeat(1601);
+    let cases: Vec<(Value, u16, &str, Option<&str>)> = vec![
+        (
+            json!({"type": "send_fax", "payload": {}}),
+            422,
+            "validation_failed",
+            Some("type"),
+        ),
+        (
+            json!({"type": "send_email", "payload": {"subject": "s", "body": "b"}}),
+            422,
+            "validation_failed",
+            Some("payload.to"),
+        ),
+        (
+            json!({"type": "send_email", "payload": {"to": "nobody", "subject": "s", "body": "b"}}),
+            422,
+            "validation_failed",
+            Some("payload.to"),
+        ),
+        (
+            json!({"type": "send_email", "payload": {"to": "a@b.es", "subject": "s"}}),
+            422,
+            "validation_failed",
+            Some("payload.body"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "612345678", "message": "m"}}),
+            422,
+            "validation_failed",
+            Some("payload.phone"),
+        ),
+        (
+            json!({"type": "send_whatsapp", "payload": {"phone": "+34123456789"}}),
+            422,
+            "validation_failed",
+            Some("payload.message"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": long_sms}}),
+            422,
+            "validation_failed",
+            Some("payload.message"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m", "cc": 1}}),
+            422,
+            "validation_failed",
+            Some("payload.cc"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "a\u{0}b"}}),
+            422,
+            "validation_failed",
+            Some("payload.message"),
+        ),
+        (
+            json!({"type": "sync_calendar", "payload": {"event_id": "e1", "action": "move", "appointment_data": {}}}),
+            422,
+            "validation_failed",
+            Some("payload.action"),
+        ),
+        (
+            json!({"type": "sync_calendar", "payload": {"event_id": "e1", "action": "create"}}),
+            422,
+            "validation_failed",
+            Some("payload.appointment_data"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": "text"}),
+            422,
+            "validation_failed",
+            Some("payload"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "max_attempts": 0}),
+            422,
+            "validation_failed",
+            Some("max_attempts"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "max_attempts": 26}),
+            422,
+            "validation_failed",
+            Some("max_attempts"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "run_at": "tomorrow"}),
+            422,
+            "validation_failed",
+            Some("run_at"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "run_at": "2999-01-01T00:00:00Z"}),
+            422,
+            "validation_failed",
+            Some("run_at"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "idempotency_key": ""}),
+            422,
+            "validation_failed",
+            Some("idempotency_key"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "idempotency_key": "a\u{0}"}),
+            422,
+            "validation_failed",
+            Some("idempotency_key"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "surprise": true}),
+            400,
+            "malformed_request",
+            None,
+        ),
+        (
+            json!({"type": 7, "payload": {}}),
+            422,
+            "validation_failed",
+            Some("type"),
+        ),
+        (json!({"payload": {}}), 400, "malformed_request", None),
+        (json!([1, 2]), 400, "malformed_request", None),
+    ];
+    for (body, status, code, field) in cases {
+        let (got, err) = post(&c, "/tasks", &body).await;
+        assert_eq!(got, status, "{body} -> {err}");
+        assert_eq!(err["code"], code, "{body} -> {err}");
+        assert_eq!(err["field"].as_str(), field, "{body} -> {err}");
+        assert!(!err["message"].as_str().unwrap().is_empty());
+    }
+
+    // Malformed JSON, a wrong content type, an oversized body.
+    let raw =
+        |body: &'static str, ct: &'static str| c.post("/tasks").content_type(ct).body(body).send();
+    let resp = raw("{\"type\": \"send_sms\",", "application/json").await;
+    assert_eq!(resp.0.status().as_u16(), 400);
+    let err: Value = resp.0.into_body().into_json().await.unwrap();
+    assert_eq!(err["code"], "malformed_request");
+    let resp = raw("type=send_sms", "application/x-www-form-urlencoded").await;
+    assert!(resp.0.status().is_client_error());
+    let err: Value = resp.0.into_body().into_json().await.unwrap();
+    assert!(err["code"].is_string());
+    let huge = json!({"type": "send_email", "payload": {"to": "a@b.es", "subject": "s", "body": "x".repeat(2 * 1024 * 1024)}});
+    let resp = c
+        .post("/tasks")
+        .content_type("application/json")
+        .header("content-length", (huge.to_string().len()).to_string())
+        .body(huge.to_string())
+        .send()
+        .await;
+    assert_eq!(resp.0.status().as_u16(), 413);
+    let err: Value = resp.0.into_body().into_json().await.unwrap();
+    assert_eq!(err["code"], "payload_too_large");
+
+    assert_eq!(counts(&pool).await, (0, 0, 0));
+}
+
+#[sqlx::test]
+async fn each_task_type_is_accepted_with_its_payload(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let bodies = [
+        json!({"type": "send_email", "payload": {"to": "ana@clinic.es", "subject": "Confirmación de cita", "body": "<p>Su cita…</p>"}}),
+        json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "Texto del SMS"}}),
+        json!({"type": "send_whatsapp", "payload": {"phone": "+34123456789", "message": "Mensaje"}, "max_attempts": 5}),
+        json!({"type": "sync_calendar", "payload": {"event_id": "123", "action": "create", "appointment_data": {"start": "2026-12-01T10:00:00+01:00"}}, "run_at": "2026-12-01T09:00:00+01:00"}),
+    ];
+    for body in bodies {
+        let (status, task) = post(&c, "/tasks", &body).await;
+        assert_eq!(status, 201, "{task}");
+        assert_eq!(task["type"], body["type"]);
+        assert_eq!(task["payload"], body["payload"]);
+    }
+    let (_, task) = post(&c, "/tasks", &json!({"type": "sync_calendar", "payload": {"event_id": "9", "action": "delete"}, "run_at": "2026-12-01T09:00:00+01:00"})).await;
+    assert_eq!(task["run_at"], "2026-12-01T08:00:00+00:00");
+    assert_eq!(counts(&pool).await, (5, 5, 5));
+}
+
+#[sqlx::test]
+async fn a_batch_is_all_or_nothing(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let mut tasks: Vec<Value> = (0..5).map(|i| sms(&format!("m{i}"))).collect();
+    tasks[3]["payload"]["phone"] = json!("bad");
+    let (status, err) = post(&c, "/tasks/batch", &json!({"tasks": tasks})).await;
+    assert_eq!(status, 422);
+    assert_eq!(err["field"], "tasks[3].payload.phone");
+    assert_eq!(counts(&pool).await, (0, 0, 0));
+
+    // A conflicting idempotency key in the middle fails the whole batch too.
+    let mut held = sms("held");
+    held["idempotency_key"] = json!("held");
+    assert_eq!(post(&c, "/tasks", &held).await.0, 201);
+    let mut tasks: Vec<Value> = (0..5).map(|i| sms(&format!("m{i}"))).collect();
+    tasks[2]["idempotency_key"] = json!("held");
+    let (status, err) = post(&c, "/tasks/batch", &json!({"tasks": tasks})).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+
+    for n in [0usize, 1001] {
+        let tasks: Vec<Value> = (0..n).map(|i| sms(&format!("m{i}"))).collect();
+        let (status, err) = post(&c, "/tasks/batch", &json!({"tasks": tasks})).await;
+        assert_eq!((status, err["field"].as_str()), (422, Some("tasks")));
+    }
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+}
+
+#[sqlx::test]
+async fn a_batch_of_a_thousand_is_written_in_order(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    let mut tasks: Vec<Value> = (0..1000).map(|i| sms(&format!("m{i}"))).collect();
+    // a key repeated within the batch and one already held both return the existing task
+    let mut held = sms("held");
+    held["idempotency_key"] = json!("held");
+    let (_, held_task) = post(&c, "/tasks", &held).await;
+    tasks[10] = held.clone();
+    tasks[20]["idempotency_key"] = json!("twice");
+    tasks[21] = tasks[20].clone();
+    let (status, result) = post(&c, "/tasks/batch", &json!({"tasks": tasks})).await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        (result["created"].as_u64(), result["existing"].as_u64()),
+        (Some(998), Some(2))
+    );
+    let out = result["tasks"].as_array().unwrap();
+    assert_eq!(out.len(), 1000);
+    assert_eq!(out[10]["id"], held_task["id"]);
+    assert_eq!(out[20]["id"], out[21]["id"]);
+    assert_eq!(out[999]["payload"]["message"], "m999");
+    assert_eq!(counts(&pool).await, (999, 999, 999));
+
+    // the outbox serves them in request order
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT task_id FROM outbox ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let expected: Vec<uuid::Uuid> =
+        std::iter::once(held_task["id"].as_str().unwrap().parse().unwrap())
+            .chain(
+                out.iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != 10 && *i != 21)
+                    .map(|(_, t)| t["id"].as_str().unwrap().parse().unwrap()),
+            )
+            .collect();
+    assert_eq!(ids, expected);
+
+    // the same batch again creates nothing
+    let mut again: Vec<Value> = vec![held];
+    again.push(tasks[20].clone());
+    let (status, result) = post(&c, "/tasks/batch", &json!({"tasks": again})).await;
+    assert_eq!((status, result["created"].as_u64()), (200, Some(0)));
+}
