@@ -11,8 +11,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiContext};
 use crate::config::Settings;
+use crate::domain::{RetryPolicy, TaskType};
 use crate::queue::{self, Keys};
+use crate::relay::{Relay, RelayConfig};
+use crate::rescuer::{Rescuer, RescuerConfig};
 use crate::store;
+use crate::worker::handler::Registry;
+use crate::worker::log_channel::LogChannel;
+use crate::worker::{WorkerConfig, WorkerPool};
+
+/// Which parts of the system this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub relay: bool,
+    /// The worker pool and a rescuer.
+    pub workers: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        api: true,
+        relay: true,
+        workers: true,
+    };
+}
 
 /// A built, not yet running, application.
 pub struct App {
@@ -91,6 +114,124 @@ impl App {
             )
             .await
             .context("HTTP server failed")
+    }
+
+    /// The handlers of this build: every type delivers to the log channel (real providers are
+    /// configured per channel as they are added).
+    pub fn registry(&self) -> Registry {
+        let e = &self.settings.engine;
+        let log = std::sync::Arc::new(LogChannel {
+            delay: e.log_channel_delay,
+        });
+        let mut registry = Registry::new().with_default_timeout(e.handler_timeout);
+        for t in TaskType::ALL {
+            registry = registry.register(t, log.clone());
+        }
+        for (t, timeout) in &e.handler_timeouts {
+            registry = registry.with_timeout(*t, *timeout);
+        }
+        registry
+    }
+
+    pub fn worker_config(&self) -> WorkerConfig {
+        let e = &self.settings.engine;
+        WorkerConfig {
+            lease: e.lease,
+            retry: RetryPolicy {
+                base_ms: e.retry_base_ms,
+                cap_ms: e.retry_cap_ms,
+            },
+            ..WorkerConfig::default()
+        }
+    }
+
+    pub fn relay(&self) -> Relay {
+        let e = &self.settings.engine;
+        Relay::new(
+            self.pool.clone(),
+            self.redis.clone(),
+            self.keys.clone(),
+            RelayConfig {
+                batch: e.relay_batch,
+                poll: e.relay_poll,
+            },
+        )
+    }
+
+    pub fn rescuer(&self) -> Rescuer {
+        let e = &self.settings.engine;
+        Rescuer::new(
+            self.pool.clone(),
+            self.redis.clone(),
+            self.keys.clone(),
+            RescuerConfig {
+                interval: e.rescuer_interval,
+                grace: e.orphan_grace,
+                republish_after: e.republish_after,
+                worker: self.worker_config(),
+                ..RescuerConfig::default()
+            },
+        )
+    }
+
+    /// Runs the given roles until the shutdown token is cancelled, then stops them in order:
+    /// the API stops taking requests, the relay stops, workers drain (up to the drain
+    /// deadline). Returns when all have stopped.
+    pub async fn run(&self, roles: Roles, addr: SocketAddr) -> anyhow::Result<()> {
+        let mut set = tokio::task::JoinSet::new();
+        if roles.workers {
+            let e = &self.settings.engine;
+            let pool = WorkerPool::build(
+                e.workers,
+                self.pool.clone(),
+                self.settings.redis.connection_info()?,
+                self.keys.clone(),
+                self.registry(),
+                self.worker_config(),
+            )
+            .await
+            .context("cannot start the workers")?;
+            tracing::info!(workers = e.workers, "workers started");
+            let shutdown = self.shutdown.clone();
+            let drain = e.drain;
+            set.spawn(async move {
+                pool.run(shutdown, drain).await;
+                Ok::<(), anyhow::Error>(())
+            });
+            let rescuer = self.rescuer();
+            let shutdown = self.shutdown.clone();
+            set.spawn(async move {
+                rescuer.run(shutdown).await;
+                Ok(())
+            });
+        }
+        if roles.relay {
+            let relay = self.relay();
+            let shutdown = self.shutdown.clone();
+            set.spawn(async move {
+                relay.run(shutdown).await;
+                Ok(())
+            });
+        }
+        let api = async {
+            if roles.api {
+                self.serve_api(addr, None).await
+            } else {
+                self.shutdown.cancelled().await;
+                Ok(())
+            }
+        };
+        let api_result = api.await;
+        // The API returns on shutdown (or on failure: stop everything else then).
+        self.shutdown.cancel();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "a role failed"),
+                Err(e) => tracing::error!(error = %e, "a role panicked"),
+            }
+        }
+        api_result
     }
 
     /// Closes the pools (after every role has stopped).

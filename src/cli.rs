@@ -17,10 +17,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run everything in one process: the HTTP API (and, as they are added, the relay and workers).
+    /// Run everything in one process: the HTTP API, the outbox relay, the workers and the rescuer.
     Serve,
     /// Run the HTTP API only.
     Api,
+    /// Run the outbox relay only.
+    Relay,
+    /// Run the worker pool (and a rescuer) only.
+    Worker,
     /// Apply the database migrations and exit.
     Migrate,
     /// Print the OpenAPI document (or write it to a file).

@@ -90,8 +90,14 @@ pub struct DatabaseSettings {
 impl DatabaseSettings {
     pub fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
         let options = match &self.url {
-            Some(url) => PgConnectOptions::from_str(url.expose())
-                .map_err(|_| err("DATABASE_URL", "is not a valid postgres:// URL"))?,
+            Some(url) => {
+                let u = url.expose();
+                if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                    return Err(err("DATABASE_URL", "must be a postgres:// URL"));
+                }
+                PgConnectOptions::from_str(u)
+                    .map_err(|_| err("DATABASE_URL", "is not a valid postgres:// URL"))?
+            }
             None => {
                 let o = PgConnectOptions::new()
                     .host(&self.host)
@@ -145,6 +151,35 @@ impl RedisSettings {
     }
 }
 
+/// Settings of the relay, the workers and the rescuer.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Workers in this process (`WORKERS`, default 5).
+    pub workers: usize,
+    /// How long a claimed attempt is held without a heartbeat (`WORKER_LEASE_SECS`, 30).
+    pub lease: Duration,
+    /// Default handler time limit (`HANDLER_TIMEOUT_SECS`, 30); per type with
+    /// `HANDLER_TIMEOUT_SEND_EMAIL_SECS` and the like.
+    pub handler_timeout: Duration,
+    pub handler_timeouts: Vec<(crate::domain::TaskType, Duration)>,
+    /// How long running handlers may finish after SIGTERM (`DRAIN_TIMEOUT_SECS`, 25).
+    pub drain: Duration,
+    /// Backoff ceiling of the first retry (`RETRY_BASE_MS`, 1000) and cap (`RETRY_CAP_MS`, 600000).
+    pub retry_base_ms: i64,
+    pub retry_cap_ms: i64,
+    /// Outbox rows per relay batch (`RELAY_BATCH`, 500) and the polling fallback (`RELAY_POLL_MS`, 500).
+    pub relay_batch: i64,
+    pub relay_poll: Duration,
+    /// Rescuer pass interval (`RESCUER_INTERVAL_MS`, 1000), grace before a processing entry is
+    /// judged (`ORPHAN_GRACE_SECS`, 30) and the safety-net re-publish age
+    /// (`REPUBLISH_AFTER_SECS`, 900).
+    pub rescuer_interval: Duration,
+    pub orphan_grace: Duration,
+    pub republish_after: Duration,
+    /// Simulated provider latency of the log channel (`LOG_CHANNEL_DELAY_MS`, 0).
+    pub log_channel_delay: Duration,
+}
+
 /// All settings of the service.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -157,6 +192,7 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// How long `/health` waits for each dependency.
     pub health_timeout: Duration,
+    pub engine: EngineSettings,
 }
 
 /// Secrets published in the seed document or examples: never acceptable in production.
@@ -248,6 +284,7 @@ impl Settings {
             8 * 1024 * 1024usize,
         )?;
         let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
+        let engine = engine_settings(&get)?;
         Ok(Settings {
             app_env,
             port,
@@ -256,8 +293,82 @@ impl Settings {
             jwt_secret,
             max_body_bytes,
             health_timeout: Duration::from_millis(health_timeout_ms),
+            engine,
         })
     }
+}
+
+fn engine_settings<'a>(
+    get: &dyn Fn(&str) -> Option<&'a str>,
+) -> Result<EngineSettings, ConfigError> {
+    let secs = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
+        let v = parse_or(get(var), var, default)?;
+        if v == 0 {
+            return Err(err(var, "must be at least 1"));
+        }
+        Ok(Duration::from_secs(v))
+    };
+    let millis = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(parse_or(get(var), var, default)?))
+    };
+    let workers = parse_or(get("WORKERS"), "WORKERS", 5usize)?;
+    if !(1..=1000).contains(&workers) {
+        return Err(err("WORKERS", "must be 1 to 1000"));
+    }
+    let mut handler_timeouts = Vec::new();
+    for (t, var) in [
+        (
+            crate::domain::TaskType::SendEmail,
+            "HANDLER_TIMEOUT_SEND_EMAIL_SECS",
+        ),
+        (
+            crate::domain::TaskType::SendSms,
+            "HANDLER_TIMEOUT_SEND_SMS_SECS",
+        ),
+        (
+            crate::domain::TaskType::SendWhatsapp,
+            "HANDLER_TIMEOUT_SEND_WHATSAPP_SECS",
+        ),
+        (
+            crate::domain::TaskType::SyncCalendar,
+            "HANDLER_TIMEOUT_SYNC_CALENDAR_SECS",
+        ),
+    ] {
+        if get(var).is_some() {
+            handler_timeouts.push((t, secs(var, 30)?));
+        }
+    }
+    let retry_base_ms = parse_or(get("RETRY_BASE_MS"), "RETRY_BASE_MS", 1000i64)?;
+    let retry_cap_ms = parse_or(get("RETRY_CAP_MS"), "RETRY_CAP_MS", 600_000i64)?;
+    if retry_base_ms < 0 || retry_cap_ms < retry_base_ms {
+        return Err(err(
+            "RETRY_CAP_MS",
+            "must be at least RETRY_BASE_MS, both non-negative",
+        ));
+    }
+    let relay_batch = parse_or(get("RELAY_BATCH"), "RELAY_BATCH", 500i64)?;
+    if !(1..=10_000).contains(&relay_batch) {
+        return Err(err("RELAY_BATCH", "must be 1 to 10000"));
+    }
+    let lease = secs("WORKER_LEASE_SECS", 30)?;
+    if lease < Duration::from_secs(2) {
+        return Err(err("WORKER_LEASE_SECS", "must be at least 2"));
+    }
+    Ok(EngineSettings {
+        workers,
+        lease,
+        handler_timeout: secs("HANDLER_TIMEOUT_SECS", 30)?,
+        handler_timeouts,
+        drain: secs("DRAIN_TIMEOUT_SECS", 25)?,
+        retry_base_ms,
+        retry_cap_ms,
+        relay_batch,
+        relay_poll: millis("RELAY_POLL_MS", 500)?.max(Duration::from_millis(10)),
+        rescuer_interval: millis("RESCUER_INTERVAL_MS", 1000)?.max(Duration::from_millis(50)),
+        orphan_grace: secs("ORPHAN_GRACE_SECS", 30)?,
+        republish_after: secs("REPUBLISH_AFTER_SECS", 900)?,
+        log_channel_delay: millis("LOG_CHANNEL_DELAY_MS", 0)?,
+    })
 }
 
 fn parse_or<T: FromStr>(

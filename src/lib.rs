@@ -28,4 +28,7 @@ pub mod config;
 pub mod domain;
 pub mod healthcheck;
 pub mod queue;
+pub mod relay;
+pub mod rescuer;
 pub mod store;
+pub mod worker;

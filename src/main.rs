@@ -1,7 +1,7 @@
 //! The `arnela` binary: parse the command line, start telemetry, load settings, run.
 
 use anyhow::Context;
-use arnela::app::{shutdown_signal, App};
+use arnela::app::{shutdown_signal, App, Roles};
 use arnela::cli::{AuditCommand, Cli, Command};
 use arnela::config::Settings;
 use clap::Parser;
@@ -88,7 +88,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Serve | Command::Api => {
+        Command::Serve | Command::Api | Command::Relay | Command::Worker => {
+            let roles = match cli.command {
+                Command::Serve => Roles::ALL,
+                Command::Api => Roles {
+                    api: true,
+                    relay: false,
+                    workers: false,
+                },
+                Command::Relay => Roles {
+                    api: false,
+                    relay: true,
+                    workers: false,
+                },
+                _ => Roles {
+                    api: false,
+                    relay: false,
+                    workers: true,
+                },
+            };
             let settings = Settings::from_env()?;
             let addr = SocketAddr::from(([0, 0, 0, 0], settings.port));
             let app = App::build(settings).await?;
@@ -97,7 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_signal().await;
                 token.cancel();
             });
-            let result = app.serve_api(addr, None).await;
+            let result = app.run(roles, addr).await;
             app.close().await;
             result?;
             Ok(ExitCode::SUCCESS)

@@ -50,12 +50,18 @@ pub struct TaskView {
     pub max_attempts: i32,
     /// When the next attempt is due.
     pub run_at: DateTime<Utc>,
+    /// The key the task was enqueued with; absent when none was given.
+    #[oai(skip_serializing_if_is_none)]
     pub idempotency_key: Option<String>,
-    /// The error of the last failed attempt, or why the task was dead-lettered.
+    /// The error of the last failed attempt, or why the task was dead-lettered; absent when
+    /// no attempt has failed.
+    #[oai(skip_serializing_if_is_none)]
     pub last_error: Option<String>,
     /// Number of events in the task's history.
     pub version: i32,
-    /// Until when the worker running the current attempt holds it.
+    /// Until when the worker running the current attempt holds it; absent when no attempt
+    /// is running.
+    #[oai(skip_serializing_if_is_none)]
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -97,6 +103,7 @@ pub struct BatchResult {
 pub struct TaskPage {
     pub items: Vec<TaskView>,
     /// Pass as `after` to get the next page; absent when this page was not full.
+    #[oai(skip_serializing_if_is_none)]
     pub next_after: Option<i64>,
 }
 
@@ -121,6 +128,7 @@ pub struct EventView {
     /// SHA-256 (hex) over this event's canonical content and `prev_hash`.
     pub hash: String,
     /// The hash of the previous event of the same task (absent for the first).
+    #[oai(skip_serializing_if_is_none)]
     pub prev_hash: Option<String>,
 }
 

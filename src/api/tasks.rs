@@ -6,7 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::model::{BatchRequest, BatchResult, EnqueueRequest, EventView, TaskPage, TaskView};
 use super::ApiContext;
 use crate::domain::event::db_time;
@@ -34,6 +34,9 @@ pub enum EnqueueResponse {
     /// The idempotency key was already used for this same request: the existing task.
     #[oai(status = 200)]
     Existing(Json<TaskView>),
+    /// The body is not JSON: `Content-Type` is missing or not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
 }
 
 #[derive(ApiResponse)]
@@ -44,6 +47,9 @@ pub enum BatchResponse {
     /// Every task already existed under its idempotency key.
     #[oai(status = 200)]
     AllExisting(Json<BatchResult>),
+    /// The body is not JSON: `Content-Type` is missing or not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
 }
 
 #[derive(ApiResponse)]

@@ -67,6 +67,9 @@ pub enum TaskEvent {
         delay_ms: i64,
         available_at: DateTime<Utc>,
     },
+    /// The worker gave the attempt back unfinished (it is shutting down): the task is queued
+    /// again and the same attempt number runs again, with the same idempotency key.
+    AttemptReleased { attempt: i32, reason: String },
     /// The task will not run again by itself.
     DeadLettered { reason: String },
     /// An operator gave a dead task a new attempt budget.
@@ -85,6 +88,7 @@ impl TaskEvent {
             TaskEvent::AttemptSucceeded { .. } => "attempt_succeeded",
             TaskEvent::AttemptFailed { .. } => "attempt_failed",
             TaskEvent::RetryScheduled { .. } => "retry_scheduled",
+            TaskEvent::AttemptReleased { .. } => "attempt_released",
             TaskEvent::DeadLettered { .. } => "dead_lettered",
             TaskEvent::Requeued { .. } => "requeued",
             TaskEvent::Cancelled { .. } => "cancelled",

@@ -202,8 +202,12 @@ impl Task {
                 self.lease_expires_at = Some(*lease_expires_at);
             }
             TaskEvent::AttemptSucceeded { .. } => {
-                self.status = TaskStatus::Succeeded;
-                self.last_error = None;
+                // the outcome of an attempt that was cancelled while it ran is recorded, but
+                // the task stays cancelled
+                if self.status == TaskStatus::Running {
+                    self.status = TaskStatus::Succeeded;
+                    self.last_error = None;
+                }
                 self.clear_lease();
             }
             TaskEvent::AttemptFailed { error, .. } => {
@@ -213,6 +217,12 @@ impl Task {
             TaskEvent::RetryScheduled { available_at, .. } => {
                 self.status = TaskStatus::Retrying;
                 self.run_at = *available_at;
+            }
+            TaskEvent::AttemptReleased { attempt, .. } => {
+                self.status = TaskStatus::Queued;
+                self.attempts = attempt - 1;
+                self.run_at = at;
+                self.clear_lease();
             }
             TaskEvent::DeadLettered { reason } => {
                 self.status = TaskStatus::Dead;
@@ -225,8 +235,8 @@ impl Task {
                 self.run_at = at;
             }
             TaskEvent::Cancelled { .. } => {
+                // a running attempt keeps its lease so that its outcome can still be recorded
                 self.status = TaskStatus::Cancelled;
-                self.clear_lease();
             }
         }
         self.version += 1;
@@ -278,7 +288,7 @@ impl Task {
 
     /// The lease holder reports success.
     pub fn succeed(&self, result: Value, duration_ms: i64) -> Result<TaskEvent, InvalidTransition> {
-        self.require_running("record the success of")?;
+        self.require_attempt_in_flight("record the success of")?;
         Ok(TaskEvent::AttemptSucceeded {
             attempt: self.attempts,
             result,
@@ -296,7 +306,7 @@ impl Task {
         now: DateTime<Utc>,
         decide: RetryDecision,
     ) -> Result<Vec<TaskEvent>, InvalidTransition> {
-        self.require_running("record the failure of")?;
+        self.require_attempt_in_flight("record the failure of")?;
         let attempt = self.attempts;
         let mut events = vec![TaskEvent::AttemptFailed {
             attempt,
@@ -304,6 +314,10 @@ impl Task {
             error: error.clone(),
             duration_ms,
         }];
+        if self.status == TaskStatus::Cancelled {
+            // cancelled while running: never retried
+            return Ok(events);
+        }
         let exhausted = attempt >= self.max_attempts;
         match decide {
             RetryDecision::RetryAfterMs(delay_ms)
@@ -332,7 +346,7 @@ impl Task {
         Ok(events)
     }
 
-    /// A delivery that can never run (unknown type, undecodable) goes to dead letters at once.
+    /// A delivery that can never run (no handler for its type) goes to dead letters at once.
     pub fn dead_letter(&self, reason: String) -> Result<TaskEvent, InvalidTransition> {
         if self.status.is_terminal() {
             return Err(InvalidTransition {
@@ -369,8 +383,31 @@ impl Task {
         Ok(TaskEvent::Cancelled { reason, by })
     }
 
-    fn require_running(&self, action: &'static str) -> Result<(), InvalidTransition> {
+    /// The worker gives the running attempt back unfinished.
+    pub fn release(&self, reason: String) -> Result<TaskEvent, InvalidTransition> {
         if self.status != TaskStatus::Running {
+            return Err(InvalidTransition {
+                action: "release",
+                status: self.status,
+            });
+        }
+        Ok(TaskEvent::AttemptReleased {
+            attempt: self.attempts,
+            reason,
+        })
+    }
+
+    /// Whether `worker` holds the lease of `attempt` (fencing: only the holder records outcomes).
+    pub fn is_held_by(&self, worker: Uuid, attempt: i32) -> bool {
+        self.lease_owner == Some(worker)
+            && self.attempts == attempt
+            && matches!(self.status, TaskStatus::Running | TaskStatus::Cancelled)
+    }
+
+    fn require_attempt_in_flight(&self, action: &'static str) -> Result<(), InvalidTransition> {
+        let in_flight = self.status == TaskStatus::Running
+            || (self.status == TaskStatus::Cancelled && self.lease_owner.is_some());
+        if !in_flight {
             return Err(InvalidTransition {
                 action,
                 status: self.status,
@@ -507,6 +544,58 @@ mod tests {
             panic!("expected a dead letter")
         };
         assert!(reason.contains("permanent"), "{reason}");
+    }
+
+    #[test]
+    fn a_released_attempt_runs_again_with_the_same_number() {
+        let mut task = new_task(1);
+        start(&mut task);
+        task.apply(&task.release("shutting down".into()).unwrap(), t0());
+        assert_eq!(
+            (task.status, task.attempts, task.lease_owner),
+            (TaskStatus::Queued, 0, None)
+        );
+        let again = task.start_attempt(Uuid::nil(), t0(), t0()).unwrap();
+        assert!(matches!(
+            again,
+            TaskEvent::AttemptStarted { attempt: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn an_attempt_cancelled_while_running_is_recorded_but_not_retried() {
+        let mut task = new_task(3);
+        start(&mut task);
+        task.apply(
+            &task
+                .cancel("no longer needed".into(), "ops".into())
+                .unwrap(),
+            t0(),
+        );
+        assert!(task.is_held_by(Uuid::from_u128(7), 1));
+        let events = task
+            .fail(
+                FailureKind::Retryable,
+                "503".into(),
+                1,
+                t0(),
+                RetryDecision::RetryAfterMs(5),
+            )
+            .unwrap();
+        assert_eq!(events.len(), 1, "no retry after a cancel: {events:?}");
+        for e in &events {
+            task.apply(e, t0());
+        }
+        assert_eq!(
+            (task.status, task.lease_owner),
+            (TaskStatus::Cancelled, None)
+        );
+
+        let mut task = new_task(3);
+        start(&mut task);
+        task.apply(&task.cancel("x".into(), "ops".into()).unwrap(), t0());
+        task.apply(&task.succeed(json!({}), 1).unwrap(), t0());
+        assert_eq!(task.status, TaskStatus::Cancelled);
     }
 
     #[test]

@@ -36,6 +36,27 @@ impl Keys {
     pub fn failed(&self) -> String {
         format!("{}:tasks:failed", self.prefix)
     }
+
+    /// Marker set once Redis holds every delivery Postgres says it should; its absence means
+    /// Redis lost its data.
+    pub fn seeded(&self) -> String {
+        format!("{}:tasks:seeded", self.prefix)
+    }
+
+    /// When the rescuer first saw each processing entry (hash: entry → epoch ms).
+    pub fn processing_seen(&self) -> String {
+        format!("{}:tasks:processing:seen", self.prefix)
+    }
+
+    /// Live worker processes (sorted set: process id → heartbeat expiry, epoch ms).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    /// Workers per live process (hash: process id → worker count).
+    pub fn worker_counts(&self) -> String {
+        format!("{}:workers:count", self.prefix)
+    }
 }
 
 impl Default for Keys {

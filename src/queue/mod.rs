@@ -1,27 +1,327 @@
-//! Redis as transport: the queue's key names in one place, and the connection.
+//! Redis as transport: the queue's key names, the delivery message, and the list operations.
 //!
-//! Redis never holds the only copy of a task (Postgres does); the lists are how deliveries travel
-//! from the relay to the workers. Every Redis error is returned to the caller.
+//! Redis never holds the only copy of a task (Postgres does); the lists are how deliveries
+//! travel from the relay to the workers:
+//!
+//! - the relay `LPUSH`es deliveries on `{prefix}:tasks` (pipelined, in outbox order);
+//! - a worker takes the oldest with `BLMOVE {prefix}:tasks {prefix}:tasks:processing RIGHT LEFT`,
+//!   so a delivery is never only in a worker's memory (FIFO: pushed left, taken right);
+//! - once the outcome is committed in Postgres the worker acknowledges with `LREM`;
+//! - dead-lettered tasks get a copy on `{prefix}:tasks:failed` (newest first, capped at
+//!   [`FAILED_LIST_CAP`] entries by `LTRIM` in the same `MULTI`).
+//!
+//! Every Redis error is returned to the caller.
 
 pub mod keys;
 
 pub use keys::Keys;
 
-use redis::aio::ConnectionManager;
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The most entries kept on the failed list (older copies are trimmed; Postgres keeps all).
+pub const FAILED_LIST_CAP: isize = 10_000;
 
 /// Errors of the Redis transport.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("undecodable delivery: {0}")]
-    Decode(String),
 }
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
-/// Opens a managed (auto-reconnecting) connection.
-pub async fn connect(info: redis::ConnectionInfo) -> Result<ConnectionManager> {
+/// Opens a managed (auto-reconnecting) connection whose commands time out after `timeout`
+/// (plus any blocking time they ask for).
+pub async fn connect_with_timeout(
+    info: redis::ConnectionInfo,
+    timeout: Duration,
+) -> Result<ConnectionManager> {
     let client = redis::Client::open(info)?;
-    Ok(ConnectionManager::new(client).await?)
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(3))
+        .set_response_timeout(timeout)
+        .set_number_of_retries(2);
+    Ok(ConnectionManager::new_with_config(client, config).await?)
+}
+
+/// Opens a managed connection with a 5 s command timeout.
+pub async fn connect(info: redis::ConnectionInfo) -> Result<ConnectionManager> {
+    connect_with_timeout(info, Duration::from_secs(5)).await
+}
+
+/// What travels on the queue: which attempt of which task to run. The payload stays in
+/// Postgres, so nothing secret or personal is copied to Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    #[serde(rename = "type")]
+    pub task_type: String,
+}
+
+impl Delivery {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("deliveries serialize")
+    }
+
+    pub fn decode(raw: &str) -> Option<Delivery> {
+        serde_json::from_str(raw).ok()
+    }
+}
+
+/// The operator's copy of a dead-lettered task on the failed list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedCopy {
+    pub task_id: Uuid,
+    #[serde(rename = "type")]
+    pub task_type: String,
+    pub attempts: i32,
+    pub reason: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+/// Pushes deliveries in one round trip, first one first out.
+pub async fn publish(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    deliveries: &[Delivery],
+) -> Result<()> {
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    let encoded: Vec<String> = deliveries.iter().map(Delivery::encode).collect();
+    // One LPUSH with many values pushes them left one after the other, so the first ends
+    // nearest the right end, where workers take from.
+    redis::cmd("LPUSH")
+        .arg(keys.tasks())
+        .arg(&encoded)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Waits up to `block` for the oldest delivery and moves it atomically onto the processing
+/// list. Returns the raw entry (needed to acknowledge it) or `None` on time-out.
+pub async fn take(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    block: Duration,
+) -> Result<Option<String>> {
+    Ok(redis::cmd("BLMOVE")
+        .arg(keys.tasks())
+        .arg(keys.processing())
+        .arg("RIGHT")
+        .arg("LEFT")
+        .arg(block.as_secs_f64())
+        .query_async::<Option<String>>(conn)
+        .await?)
+}
+
+/// Removes one copy of `raw` from the processing list (the delivery is done with).
+pub async fn ack(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<bool> {
+    let removed: i64 = redis::cmd("LREM")
+        .arg(keys.processing())
+        .arg(1)
+        .arg(raw)
+        .query_async(conn)
+        .await?;
+    Ok(removed > 0)
+}
+
+/// Puts a copy of a dead-lettered task on the failed list and trims it, atomically.
+pub async fn push_failed(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    copy: &FailedCopy,
+) -> Result<()> {
+    let entry = serde_json::to_string(copy).expect("failed copies serialize");
+    redis::pipe()
+        .atomic()
+        .lpush(keys.failed(), entry)
+        .ignore()
+        .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Up to `limit` entries of the processing list.
+pub async fn processing(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    limit: isize,
+) -> Result<Vec<String>> {
+    Ok(redis::cmd("LRANGE")
+        .arg(keys.processing())
+        .arg(0)
+        .arg(limit - 1)
+        .query_async(conn)
+        .await?)
+}
+
+/// Sets the marker that says "this Redis has been seeded from Postgres". Returns `true` when the
+/// marker was missing: Redis is new, was restarted without its data, or was emptied, and every
+/// delivery it held must be published again.
+pub async fn mark_seeded(conn: &mut ConnectionManager, keys: &Keys) -> Result<bool> {
+    let set: Option<String> = redis::cmd("SET")
+        .arg(keys.seeded())
+        .arg(Utc::now().to_rfc3339())
+        .arg("NX")
+        .query_async(conn)
+        .await?;
+    Ok(set.is_some())
+}
+
+/// Records when an entry of the processing list was first seen by a rescuer; returns that time
+/// (milliseconds since the epoch).
+pub async fn first_seen(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    raw: &str,
+    now_ms: i64,
+) -> Result<i64> {
+    let (seen,): (Option<i64>,) = redis::pipe()
+        .cmd("HSETNX")
+        .arg(keys.processing_seen())
+        .arg(raw)
+        .arg(now_ms)
+        .ignore()
+        .cmd("HGET")
+        .arg(keys.processing_seen())
+        .arg(raw)
+        .query_async(conn)
+        .await?;
+    Ok(seen.unwrap_or(now_ms))
+}
+
+/// Forgets first-seen times of entries no longer on the processing list.
+pub async fn forget_seen(conn: &mut ConnectionManager, keys: &Keys, raws: &[String]) -> Result<()> {
+    if raws.is_empty() {
+        return Ok(());
+    }
+    redis::cmd("HDEL")
+        .arg(keys.processing_seen())
+        .arg(raws)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Every field of the first-seen hash.
+pub async fn seen_entries(conn: &mut ConnectionManager, keys: &Keys) -> Result<Vec<String>> {
+    Ok(redis::cmd("HKEYS")
+        .arg(keys.processing_seen())
+        .query_async(conn)
+        .await?)
+}
+
+/// Lengths of the three lists: waiting, processing, failed.
+pub async fn depths(conn: &mut ConnectionManager, keys: &Keys) -> Result<(i64, i64, i64)> {
+    Ok(redis::pipe()
+        .llen(keys.tasks())
+        .llen(keys.processing())
+        .llen(keys.failed())
+        .query_async(conn)
+        .await?)
+}
+
+/// Puts an entry that could not be decoded on the failed list, with the reason.
+pub async fn push_failed_raw(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    raw: &str,
+    reason: &str,
+) -> Result<()> {
+    let entry =
+        serde_json::json!({"raw": raw, "reason": reason, "failed_at": Utc::now()}).to_string();
+    redis::pipe()
+        .atomic()
+        .lpush(keys.failed(), entry)
+        .ignore()
+        .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Moves a delivery that was taken but not started back to the right end of the queue, so it
+/// is the next one taken.
+pub async fn return_unstarted(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<()> {
+    redis::pipe()
+        .atomic()
+        .lrem(keys.processing(), 1, raw)
+        .ignore()
+        .rpush(keys.tasks(), raw)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Announces that `process` runs `workers` workers, for `ttl`.
+pub async fn worker_heartbeat(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    process: Uuid,
+    workers: usize,
+    ttl: Duration,
+) -> Result<()> {
+    let expires = Utc::now().timestamp_millis() + ttl.as_millis() as i64;
+    redis::pipe()
+        .atomic()
+        .zadd(keys.workers(), process.to_string(), expires)
+        .ignore()
+        .hset(keys.worker_counts(), process.to_string(), workers)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Withdraws a process's heartbeat (clean stop).
+pub async fn worker_heartbeat_stop(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    process: Uuid,
+) -> Result<()> {
+    redis::pipe()
+        .atomic()
+        .zrem(keys.workers(), process.to_string())
+        .ignore()
+        .hdel(keys.worker_counts(), process.to_string())
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
+/// Workers of every process whose heartbeat has not expired (expired ones are pruned).
+pub async fn live_workers(conn: &mut ConnectionManager, keys: &Keys) -> Result<i64> {
+    let now = Utc::now().timestamp_millis();
+    let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(keys.workers())
+        .arg("-inf")
+        .arg(now)
+        .query_async(conn)
+        .await?;
+    if !expired.is_empty() {
+        redis::pipe()
+            .zrem(keys.workers(), &expired)
+            .ignore()
+            .hdel(keys.worker_counts(), &expired)
+            .ignore()
+            .query_async::<()>(conn)
+            .await?;
+    }
+    let counts: Vec<i64> = redis::cmd("HVALS")
+        .arg(keys.worker_counts())
+        .query_async(conn)
+        .await?;
+    Ok(counts.iter().sum())
 }

@@ -112,51 +112,85 @@ pub async fn record(
     events: &[TaskEvent],
     at: DateTime<Utc>,
 ) -> Result<Task> {
-    let at = db_time(at);
-    let mut after = before.clone();
-    for e in events {
-        after.apply(e, at);
-    }
-    let mut rows = EventRows::default();
-    let new_hash = rows.push_stream(
-        tx,
-        before.id,
-        before.version + 1,
-        Some(last_hash),
-        events,
-        at,
-    );
+    let mut after = record_batch(tx, &[(before, last_hash, events)], at).await?;
+    Ok(after.remove(0))
+}
 
-    // The conditional update is the optimistic lock: it matches only if nobody appended since
-    // `before` was read, and it holds the row lock until commit.
+/// [`record`] for many tasks in three statements. Fails with [`StoreError::VersionConflict`] if
+/// any task changed since it was read (the caller's transaction must then be rolled back).
+pub async fn record_batch(
+    tx: &mut Tx,
+    items: &[(&Task, &[u8], &[TaskEvent])],
+    at: DateTime<Utc>,
+) -> Result<Vec<Task>> {
+    let at = db_time(at);
+    let mut rows = EventRows::default();
+    let mut afters = Vec::with_capacity(items.len());
+    let mut hashes = Vec::with_capacity(items.len());
+    for (before, last_hash, events) in items {
+        let mut after = (*before).clone();
+        for e in events.iter() {
+            after.apply(e, at);
+        }
+        let hash = rows.push_stream(
+            tx,
+            before.id,
+            before.version + 1,
+            Some(last_hash),
+            events,
+            at,
+        );
+        afters.push(after);
+        hashes.push(hash);
+    }
+
+    // The conditional update is the optimistic lock: a row matches only if nobody appended
+    // since it was read, and it stays locked until commit.
     let updated = sqlx::query(
-        "UPDATE tasks SET status = $3, attempts = $4, max_attempts = $5, run_at = $6, \
-         last_error = $7, lease_owner = $8, lease_expires_at = $9, version = $10, \
-         last_hash = $11, updated_at = $12 \
-         WHERE id = $1 AND version = $2",
+        "UPDATE tasks t SET status = v.status, attempts = v.attempts, \
+           max_attempts = v.max_attempts, run_at = v.run_at, last_error = v.last_error, \
+           lease_owner = v.lease_owner, lease_expires_at = v.lease_expires_at, \
+           version = v.version, last_hash = v.last_hash, updated_at = $12 \
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::int4[], \
+                     $6::timestamptz[], $7::text[], $8::uuid[], $9::timestamptz[], $10::int4[], \
+                     $11::bytea[]) \
+           AS v(id, expected, status, attempts, max_attempts, run_at, last_error, lease_owner, \
+                lease_expires_at, version, last_hash) \
+         WHERE t.id = v.id AND t.version = v.expected",
     )
-    .bind(before.id)
-    .bind(before.version)
-    .bind(after.status.as_str())
-    .bind(after.attempts)
-    .bind(after.max_attempts)
-    .bind(after.run_at)
-    .bind(&after.last_error)
-    .bind(after.lease_owner)
-    .bind(after.lease_expires_at)
-    .bind(after.version)
-    .bind(&new_hash)
-    .bind(after.updated_at)
+    .bind(afters.iter().map(|t| t.id).collect::<Vec<_>>())
+    .bind(items.iter().map(|(b, _, _)| b.version).collect::<Vec<_>>())
+    .bind(afters.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
+    .bind(afters.iter().map(|t| t.attempts).collect::<Vec<_>>())
+    .bind(afters.iter().map(|t| t.max_attempts).collect::<Vec<_>>())
+    .bind(afters.iter().map(|t| t.run_at).collect::<Vec<_>>())
+    .bind(
+        afters
+            .iter()
+            .map(|t| t.last_error.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(afters.iter().map(|t| t.lease_owner).collect::<Vec<_>>())
+    .bind(
+        afters
+            .iter()
+            .map(|t| t.lease_expires_at)
+            .collect::<Vec<_>>(),
+    )
+    .bind(afters.iter().map(|t| t.version).collect::<Vec<_>>())
+    .bind(&hashes)
+    .bind(at)
     .execute(tx.conn())
     .await?;
-    if updated.rows_affected() != 1 {
+    if updated.rows_affected() != items.len() as u64 {
+        let (first, _, _) = items[0];
         return Err(StoreError::VersionConflict {
-            task_id: before.id,
-            expected: before.version,
+            task_id: first.id,
+            expected: first.version,
         });
     }
     insert(tx, &rows).await?;
-    Ok(after)
+    Ok(afters)
 }
 
 /// Inserts prepared event rows in one statement.

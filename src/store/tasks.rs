@@ -313,3 +313,79 @@ pub async fn list(
         .push_bind(limit);
     Ok(q.build_query_as().fetch_all(pool).await?)
 }
+
+/// Reads and locks a task in `tx`, with the database's clock: every time a decision depends on
+/// is Postgres's, whatever the clocks of the processes say.
+pub async fn lock_with_now(tx: &mut Tx, id: Uuid) -> Result<Option<(TaskRow, DateTime<Utc>)>> {
+    #[derive(FromRow)]
+    struct WithNow {
+        #[sqlx(flatten)]
+        row: TaskRow,
+        db_now: DateTime<Utc>,
+    }
+    let found: Option<WithNow> = sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS}, now() AS db_now FROM tasks WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(tx.conn())
+    .await?;
+    Ok(found.map(|f| (f.row, f.db_now)))
+}
+
+/// Reads and locks several tasks in `tx`, in id order (a fixed order avoids deadlocks).
+pub async fn lock_many(tx: &mut Tx, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    ))
+    .bind(ids)
+    .fetch_all(tx.conn())
+    .await?)
+}
+
+/// Reads several tasks without locking them.
+pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Extends the lease of `worker` on `task` to now + `lease`. Returns `false` when the worker no
+/// longer holds it (a rescuer took the attempt over, or it ended): the worker must stop. A lease
+/// that ran out but was not yet taken over is still the worker's.
+pub async fn renew_lease(
+    pool: &PgPool,
+    task: Uuid,
+    worker: Uuid,
+    lease: std::time::Duration,
+) -> Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE tasks SET lease_expires_at = now() + $3 \
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(task)
+    .bind(worker)
+    .bind(lease)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Locks up to `limit` tasks whose lease ran out (skipping ones another rescuer holds), with the
+/// database's clock.
+pub async fn lock_expired_leases(tx: &mut Tx, limit: i64) -> Result<(Vec<TaskRow>, DateTime<Utc>)> {
+    let rows: Vec<TaskRow> = sqlx::query_as(&format!(
+        "SELECT {TASK_COLUMNS} FROM tasks \
+         WHERE lease_owner IS NOT NULL AND lease_expires_at < now() \
+         ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(limit)
+    .fetch_all(tx.conn())
+    .await?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(tx.conn())
+        .await?;
+    Ok((rows, now))
+}

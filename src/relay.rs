@@ -1,0 +1,243 @@
+//! The outbox relay: moves due outbox rows to the Redis queue and records that each task was
+//! dispatched. [`Relay::run_once`] does one batch; [`Relay::run`] loops around it.
+//!
+//! One batch is one transaction: lock up to `batch` due rows (`FOR UPDATE SKIP LOCKED`, so any
+//! number of relays share the work), lock their tasks, append a `dispatched` event to each task
+//! still waiting for that attempt, push the deliveries to Redis in one command (in outbox order),
+//! mark the rows published, commit. Rows whose task moved on (cancelled, already claimed) are
+//! deleted instead.
+//!
+//! The push happens before the commit. If the relay dies between the two, the rows stay
+//! unpublished and are pushed again: the second delivery of the same attempt is refused by the
+//! worker's claim, so the duplicate is harmless. The reverse order could lose a delivery.
+//!
+//! Wake-ups: `LISTEN arnela_outbox` (every enqueue notifies), the due time of the next scheduled
+//! row, and a polling interval as the fallback for missed notifications or a pooler that drops
+//! them.
+
+use chrono::Utc;
+use redis::aio::ConnectionManager;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::TaskStatus;
+use crate::queue::{self, Delivery, Keys, QueueError};
+use crate::store::{events, outbox, tasks, StoreError, Tx};
+
+/// The shortest sleep between batches when nothing was claimed (rows another relay holds must
+/// not make this one spin).
+const MIN_WAIT: Duration = Duration::from_millis(10);
+
+/// The channel enqueues notify.
+pub const CHANNEL: &str = "arnela_outbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+impl From<sqlx::Error> for RelayError {
+    fn from(e: sqlx::Error) -> Self {
+        RelayError::Store(e.into())
+    }
+}
+
+pub type Result<T, E = RelayError> = std::result::Result<T, E>;
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows per batch.
+    pub batch: i64,
+    /// Longest sleep without a notification.
+    pub poll: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch: 500,
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Deliveries pushed to Redis.
+    pub published: usize,
+    /// Rows dropped because their task no longer waits for that attempt.
+    pub dropped: usize,
+}
+
+pub struct Relay {
+    pool: PgPool,
+    redis: ConnectionManager,
+    keys: Keys,
+    config: RelayConfig,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, redis: ConnectionManager, keys: Keys, config: RelayConfig) -> Relay {
+        Relay {
+            pool,
+            redis,
+            keys,
+            config,
+        }
+    }
+
+    /// Publishes one batch of due rows.
+    pub async fn run_once(&self) -> Result<Batch> {
+        let mut tx = Tx::begin(&self.pool).await?;
+        let due = outbox::claim_due(&mut tx, self.config.batch).await?;
+        if due.is_empty() {
+            return Ok(Batch::default());
+        }
+        let mut ids: Vec<uuid::Uuid> = due.iter().map(|d| d.task_id).collect();
+        ids.sort();
+        ids.dedup();
+        let rows = tasks::lock_many(&mut tx, &ids).await?;
+        let by_id: std::collections::HashMap<uuid::Uuid, &tasks::TaskRow> =
+            rows.iter().map(|r| (r.id, r)).collect();
+
+        let now = Utc::now();
+        let mut seen = HashSet::new();
+        let mut publish_ids = Vec::new();
+        let mut drop_ids = Vec::new();
+        let mut deliveries = Vec::new();
+        let mut items = Vec::new();
+        for d in &due {
+            let Some(row) = by_id.get(&d.task_id) else {
+                drop_ids.push(d.id);
+                continue;
+            };
+            let task = row.to_task()?;
+            let waiting = matches!(task.status, TaskStatus::Queued | TaskStatus::Retrying)
+                && d.attempt == task.next_attempt();
+            // one delivery per task and batch: a second row for the same attempt is a duplicate
+            if !waiting || !seen.insert(d.task_id) {
+                drop_ids.push(d.id);
+                continue;
+            }
+            let event = task.dispatch(d.attempt).map_err(StoreError::from)?;
+            publish_ids.push(d.id);
+            deliveries.push(Delivery {
+                task_id: d.task_id,
+                attempt: d.attempt,
+                task_type: d.task_type.clone(),
+            });
+            items.push((task, row.last_hash.clone(), vec![event]));
+        }
+        let refs: Vec<(&crate::domain::Task, &[u8], &[crate::domain::TaskEvent])> = items
+            .iter()
+            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
+            .collect();
+        if !refs.is_empty() {
+            events::record_batch(&mut tx, &refs, now).await?;
+            outbox::mark_published(&mut tx, &publish_ids, now).await?;
+        }
+        if !drop_ids.is_empty() {
+            outbox::delete(&mut tx, &drop_ids).await?;
+        }
+        // Push before commit: a crash in between re-publishes (harmless), never loses.
+        let mut conn = self.redis.clone();
+        queue::publish(&mut conn, &self.keys, &deliveries).await?;
+        tx.commit().await?;
+        Ok(Batch {
+            claimed: due.len(),
+            published: deliveries.len(),
+            dropped: drop_ids.len(),
+        })
+    }
+
+    /// Publishes until `shutdown`, waking on notifications, due times and the poll interval.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut listener = match self.listen().await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN; relying on polling");
+                None
+            }
+        };
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let full = match self.run_once().await {
+                Ok(b) => {
+                    failures = 0;
+                    if b.published > 0 {
+                        tracing::debug!(
+                            published = b.published,
+                            dropped = b.dropped,
+                            "relay batch"
+                        );
+                    }
+                    b.claimed as i64 >= self.config.batch
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "relay batch failed");
+                    false
+                }
+            };
+            if full {
+                continue;
+            }
+            let wait = if failures > 0 {
+                Duration::from_millis(100 * u64::from(failures.min(50)))
+            } else {
+                self.until_next_due().await
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(wait) => {}
+                notified = wait_notification(&mut listener) => {
+                    if let Err(e) = notified {
+                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                        listener = self.listen().await.ok();
+                    }
+                }
+            }
+        }
+        tracing::info!("relay stopped");
+    }
+
+    async fn listen(&self) -> Result<PgListener> {
+        let mut l = PgListener::connect_with(&self.pool).await?;
+        l.listen(CHANNEL).await?;
+        Ok(l)
+    }
+
+    /// The poll interval, or less if a scheduled row falls due sooner.
+    async fn until_next_due(&self) -> Duration {
+        match outbox::next_due(&self.pool).await {
+            Ok(Some(at)) => (at - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .clamp(MIN_WAIT, self.config.poll.max(MIN_WAIT)),
+            Ok(None) => self.config.poll,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the next due time");
+                self.config.poll
+            }
+        }
+    }
+}
+
+async fn wait_notification(
+    listener: &mut Option<PgListener>,
+) -> std::result::Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,139 @@
+//! The outbox: deliveries waiting to be published to Redis, or in transit.
+//!
+//! **Claiming.** [`claim_due`] selects due, unpublished rows in FIFO order (`available_at`, then
+//! id) with `FOR UPDATE SKIP LOCKED`, so any number of relays can run: each row is taken by one
+//! transaction, and a relay that dies mid-batch releases its rows when its transaction aborts.
+//!
+//! **Invariant.** A task has outbox rows only while a delivery is pending or in transit: claiming
+//! an attempt and every terminal transition delete them ([`delete_for_task`]). Published rows
+//! are thus exactly what Redis should hold, which is what [`republish_all`] relies on.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use super::{Result, Tx};
+
+/// A due delivery claimed by a relay.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct DueRow {
+    pub id: i64,
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub task_type: String,
+}
+
+/// Locks up to `limit` due, unpublished rows for this transaction, oldest first.
+pub async fn claim_due(tx: &mut Tx, limit: i64) -> Result<Vec<DueRow>> {
+    Ok(sqlx::query_as(
+        "SELECT o.id, o.task_id, o.attempt, t.task_type \
+         FROM outbox o JOIN tasks t ON t.id = o.task_id \
+         WHERE o.published_at IS NULL AND o.available_at <= now() \
+         ORDER BY o.available_at, o.id \
+         LIMIT $1 \
+         FOR UPDATE OF o SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(tx.conn())
+    .await?)
+}
+
+/// Marks rows published.
+pub async fn mark_published(tx: &mut Tx, ids: &[i64], at: DateTime<Utc>) -> Result<()> {
+    sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = ANY($1)")
+        .bind(ids)
+        .bind(at)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Removes rows that will never be delivered (the task was cancelled or moved on).
+pub async fn delete(tx: &mut Tx, ids: &[i64]) -> Result<()> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Adds a delivery of `attempt`, due at `available_at`.
+pub async fn insert(
+    tx: &mut Tx,
+    task_id: Uuid,
+    attempt: i32,
+    available_at: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query("INSERT INTO outbox (task_id, attempt, available_at) VALUES ($1, $2, $3)")
+        .bind(task_id)
+        .bind(attempt)
+        .bind(available_at)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Removes every row of a task (its attempt was claimed, or it reached a terminal state).
+pub async fn delete_for_task(tx: &mut Tx, task_id: Uuid) -> Result<()> {
+    sqlx::query("DELETE FROM outbox WHERE task_id = $1")
+        .bind(task_id)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+/// Marks every published row unpublished, so the relays publish them again (after Redis lost its
+/// data). Returns how many. Duplicates this may create are dropped by the claim.
+pub async fn republish_all(pool: &PgPool) -> Result<u64> {
+    Ok(
+        sqlx::query("UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL")
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
+}
+
+/// Marks one task's published delivery of `attempt` unpublished (it was lost in transit).
+pub async fn republish(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET published_at = NULL \
+         WHERE task_id = $1 AND attempt = $2 AND published_at IS NOT NULL",
+    )
+    .bind(task_id)
+    .bind(attempt)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Marks rows published before `before` unpublished: a safety net for deliveries lost in a way
+/// nothing else noticed. Returns how many.
+pub async fn republish_older_than(pool: &PgPool, before: DateTime<Utc>) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET published_at = NULL \
+         WHERE published_at IS NOT NULL AND published_at < $1",
+    )
+    .bind(before)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// When the next unpublished row falls due, if any.
+pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
+    Ok(
+        sqlx::query_scalar("SELECT min(available_at) FROM outbox WHERE published_at IS NULL")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// Unpublished rows that are due, and the age in seconds of the oldest.
+pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(available_at))::float8, 0) \
+         FROM outbox WHERE published_at IS NULL AND available_at <= now()",
+    )
+    .fetch_one(pool)
+    .await?)
+}

@@ -1,0 +1,151 @@
+//! `/health`: 200 with the seed's shape when both dependencies answer, 503 when one does not,
+//! and back to 200 when it returns.
+
+mod common;
+
+use arnela::api::{self, ApiContext};
+use arnela::queue::Keys;
+use common::{context, eventually, get};
+use poem::test::TestClient;
+use sqlx::PgPool;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+#[sqlx::test]
+async fn health_is_200_with_the_known_shape_when_both_answer(pool: PgPool) {
+    let c = TestClient::new(api::endpoint(context(pool).await));
+    let (status, body) = get(&c, "/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["database"], "connected");
+    assert_eq!(body["redis"], "connected");
+    for k in ["tasks_processed", "tasks_failed", "active_workers"] {
+        assert!(body["workers"][k].is_i64(), "workers.{k} in {body}");
+    }
+    assert_eq!(get(&c, "/health/ready").await.0, 200);
+    assert_eq!(get(&c, "/health/live").await.0, 200);
+}
+
+#[sqlx::test]
+async fn health_is_503_when_postgres_is_unreachable(pool: PgPool) {
+    let mut ctx = context(pool).await;
+    // nothing listens on port 1
+    let unreachable = pool_options_for_port(1);
+    ctx.pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_lazy_with(unreachable);
+    let c = TestClient::new(api::endpoint(ctx));
+    let (status, body) = get(&c, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "unhealthy");
+    assert_eq!(body["database"], "disconnected");
+    assert_eq!(body["redis"], "connected");
+    assert_eq!(
+        get(&c, "/health/live").await.0,
+        200,
+        "liveness does not depend on Postgres"
+    );
+
+    // The API itself answers 503 rather than 500 while the database is away.
+    let (status, err) = get(&c, "/tasks").await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (503, Some("database_unavailable"))
+    );
+}
+
+fn pool_options_for_port(port: u16) -> sqlx::postgres::PgConnectOptions {
+    sqlx::postgres::PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(port)
+        .username("postgres")
+}
+
+/// A Redis server of the test's own, so it can be stopped.
+struct OwnRedis {
+    port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        OwnRedis { port, child }
+    }
+
+    fn stop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn connect_when_up(port: u16) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "own redis to accept connections",
+        || {
+            let client = client.clone();
+            async move { redis::aio::ConnectionManager::new(client).await.ok() }
+        },
+    )
+    .await
+}
+
+#[sqlx::test]
+async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
+    let port = free_port();
+    let mut own = OwnRedis::start(port);
+    let redis = connect_when_up(port).await;
+    let ctx = ApiContext {
+        pool,
+        redis,
+        keys: Keys::new(common::unique_prefix()),
+        health_timeout: Duration::from_millis(500),
+        max_body_bytes: 1024,
+    };
+    let c = TestClient::new(api::endpoint(ctx));
+    assert_eq!(get(&c, "/health").await.0, 200);
+
+    own.stop();
+    let (status, body) = get(&c, "/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        (body["database"].as_str(), body["redis"].as_str()),
+        (Some("connected"), Some("disconnected"))
+    );
+
+    let _again = OwnRedis::start(own.port);
+    eventually(Duration::from_secs(20), "health to recover", || {
+        let c = &c;
+        async move { (get(c, "/health").await.0 == 200).then_some(()) }
+    })
+    .await;
+}
