@@ -8,7 +8,7 @@
 #
 # Tunables (environment): ST_MAX_EXAMPLES (per operation, default 200), ST_SEED (default 42),
 # ST_WORKERS (default 2), ST_TIME_LIMIT (hard cap on the Schemathesis run in seconds,
-# default 170), PGHOST/PGPORT/PGUSER, REDIS_URL.
+# default 170), ST_CHECKS (comma-separated Schemathesis checks), PGHOST/PGPORT/PGUSER, REDIS_URL.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -171,7 +171,7 @@ TOML
 } >"$CONFIG"
 
 # 3. Schemathesis. `timeout` bounds the whole run; its exit code (124) counts as a failure.
-CHECKS="not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance"
+CHECKS="${ST_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance}"
 cmd=(
     "$VENV/bin/schemathesis" --config-file "$CONFIG" run "$BASE/openapi.json"
     --checks "$CHECKS"

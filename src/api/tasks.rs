@@ -13,7 +13,7 @@ use crate::domain::event::db_time;
 use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use crate::domain::{validate_payload, FieldError, NewTask, TaskStatus, TaskType};
 use crate::store::tasks::{self, Enqueued, TaskFilter};
-use crate::store::{events, Tx};
+use crate::store::{events, operator, Tx};
 
 /// Most tasks in one batch.
 pub const MAX_BATCH: usize = 1000;
@@ -55,6 +55,13 @@ pub enum BatchResponse {
 #[derive(ApiResponse)]
 pub enum TaskResponse {
     /// The task's current state.
+    #[oai(status = 200)]
+    Ok(Json<TaskView>),
+}
+
+#[derive(ApiResponse)]
+pub enum OperatorResponse {
+    /// The task after the operation.
     #[oai(status = 200)]
     Ok(Json<TaskView>),
 }
@@ -147,6 +154,65 @@ impl TasksApi {
             Some(row) => Ok(TaskResponse::Ok(Json(row.into()))),
             None => Err(ApiError::not_found(format!("task {} not found", id.0))),
         }
+    }
+
+    /// Requeue a dead task
+    ///
+    /// Gives a dead-lettered task a new budget of attempts (`attempts`, default the task's
+    /// original budget) and queues it now; recorded as a `requeued` event. 409 unless the task
+    /// is dead.
+    #[oai(
+        path = "/tasks/:id/retry",
+        method = "post",
+        operation_id = "retry_task"
+    )]
+    async fn retry(
+        &self,
+        id: Path<Uuid>,
+        /// New attempts to allow, 1 to 25 (default 3).
+        attempts: Query<Option<i32>>,
+    ) -> Result<OperatorResponse, ApiError> {
+        let extra = attempts.0.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if !(1..=MAX_MAX_ATTEMPTS).contains(&extra) {
+            return Err(FieldError::new(
+                "attempts",
+                "out_of_range",
+                format!("must be 1 to {MAX_MAX_ATTEMPTS}"),
+            )
+            .into());
+        }
+        let row = operator::requeue(&self.ctx.pool, id.0, extra, "api").await?;
+        Ok(OperatorResponse::Ok(Json(row.into())))
+    }
+
+    /// Cancel a task
+    ///
+    /// A queued or scheduled task never runs; a running attempt is allowed to end but its
+    /// outcome is not retried. Recorded as a `cancelled` event. 409 if the task already ended.
+    #[oai(
+        path = "/tasks/:id/cancel",
+        method = "post",
+        operation_id = "cancel_task"
+    )]
+    async fn cancel(
+        &self,
+        id: Path<Uuid>,
+        /// Why, for the audit trail (at most 500 characters).
+        reason: Query<Option<String>>,
+    ) -> Result<OperatorResponse, ApiError> {
+        let reason = reason
+            .0
+            .unwrap_or_else(|| "cancelled by an operator".into());
+        if reason.chars().count() > 500 || reason.contains('\0') {
+            return Err(FieldError::new(
+                "reason",
+                "invalid_length",
+                "must be at most 500 characters, without NUL",
+            )
+            .into());
+        }
+        let row = operator::cancel(&self.ctx.pool, id.0, reason, "api").await?;
+        Ok(OperatorResponse::Ok(Json(row.into())))
     }
 
     /// A task's full history

@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod events;
+pub mod operator;
 pub mod outbox;
 pub mod tasks;
 

@@ -132,3 +132,211 @@ pub fn database_url(pool: &PgPool) -> String {
         o.get_database().expect("test database name")
     )
 }
+
+pub mod engine {
+    //! The delivery engine assembled from its one-step parts, with a scripted handler.
+
+    use arnela::domain::{RetryPolicy, TaskType};
+    use arnela::queue::{self, Keys};
+    use arnela::relay::{Relay, RelayConfig};
+    use arnela::rescuer::{Rescuer, RescuerConfig};
+    use arnela::worker::handler::{Handler, HandlerResult, Registry, TaskContext};
+    use arnela::worker::{Processed, Worker, WorkerConfig, WorkerStats};
+    use futures::future::BoxFuture;
+    use redis::aio::ConnectionManager;
+    use sqlx::PgPool;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+    use uuid::Uuid;
+
+    /// Answers from a script (then succeeds), remembering every call; optionally waits for a
+    /// gate to open before answering.
+    #[derive(Default)]
+    pub struct Script {
+        pub outcomes: Mutex<VecDeque<HandlerResult>>,
+        pub calls: Mutex<Vec<(Uuid, i32, String)>>,
+        pub gate: Option<Arc<tokio::sync::Semaphore>>,
+        pub delay: Option<Duration>,
+    }
+
+    impl Script {
+        pub fn answering(outcomes: Vec<HandlerResult>) -> Arc<Script> {
+            Arc::new(Script {
+                outcomes: Mutex::new(outcomes.into()),
+                ..Script::default()
+            })
+        }
+
+        pub fn calls(&self) -> Vec<(Uuid, i32, String)> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Handler for Script {
+        fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult> {
+            Box::pin(async move {
+                self.calls.lock().unwrap().push((
+                    task.task_id,
+                    task.attempt,
+                    task.idempotency_key.clone(),
+                ));
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.expect("gate open").forget();
+                }
+                if let Some(d) = self.delay {
+                    tokio::time::sleep(d).await;
+                }
+                let next = self.outcomes.lock().unwrap().pop_front();
+                next.unwrap_or_else(|| Ok(serde_json::json!({"provider_id": "ok"})))
+            })
+        }
+    }
+
+    pub struct Engine {
+        pub pool: PgPool,
+        pub keys: Keys,
+        pub redis: ConnectionManager,
+        pub relay: Relay,
+        pub rescuer: Rescuer,
+        pub worker: Worker,
+        pub stats: Arc<WorkerStats>,
+        pub shutdown: CancellationToken,
+        pub hard_stop: CancellationToken,
+    }
+
+    pub fn config(jitter: f64) -> WorkerConfig {
+        WorkerConfig {
+            lease: Duration::from_secs(30),
+            block: Duration::from_millis(200),
+            retry: RetryPolicy {
+                base_ms: 1000,
+                cap_ms: 60_000,
+            },
+            jitter: Arc::new(move || jitter),
+        }
+    }
+
+    pub async fn engine(pool: PgPool, script: Arc<Script>, config: WorkerConfig) -> Engine {
+        engine_with(pool, registry(script), config).await
+    }
+
+    pub fn registry(script: Arc<Script>) -> Registry {
+        let mut r = Registry::new().with_default_timeout(Duration::from_secs(5));
+        for t in TaskType::ALL {
+            r = r.register(t, script.clone());
+        }
+        r
+    }
+
+    pub async fn engine_with(pool: PgPool, registry: Registry, config: WorkerConfig) -> Engine {
+        let keys = Keys::new(super::unique_prefix());
+        let redis = super::redis().await;
+        let stats = Arc::new(WorkerStats::default());
+        let blocking = queue::connect_with_timeout(
+            redis::IntoConnectionInfo::into_connection_info(super::redis_url()).unwrap(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let worker = Worker::new(
+            pool.clone(),
+            blocking,
+            keys.clone(),
+            Arc::new(registry),
+            config.clone(),
+            stats.clone(),
+        );
+        Engine {
+            relay: Relay::new(
+                pool.clone(),
+                redis.clone(),
+                keys.clone(),
+                RelayConfig {
+                    batch: 100,
+                    poll: Duration::from_millis(50),
+                },
+            ),
+            rescuer: Rescuer::new(
+                pool.clone(),
+                redis.clone(),
+                keys.clone(),
+                RescuerConfig {
+                    grace: Duration::ZERO,
+                    worker: config,
+                    ..RescuerConfig::default()
+                },
+            ),
+            pool,
+            keys,
+            redis,
+            worker,
+            stats,
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        }
+    }
+
+    impl Engine {
+        pub async fn step(&self) -> Processed {
+            self.worker
+                .process_next(&self.shutdown, &self.hard_stop)
+                .await
+                .expect("worker step")
+        }
+
+        pub async fn relay_once(&self) -> usize {
+            self.relay.run_once().await.expect("relay batch").published
+        }
+
+        pub async fn len(&self, key: String) -> i64 {
+            let mut c = self.redis.clone();
+            redis::cmd("LLEN")
+                .arg(key)
+                .query_async(&mut c)
+                .await
+                .unwrap()
+        }
+
+        pub async fn range(&self, key: String) -> Vec<String> {
+            let mut c = self.redis.clone();
+            redis::cmd("LRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+                .unwrap()
+        }
+
+        /// Event types of a task's history, in order.
+        pub async fn history(&self, id: Uuid) -> Vec<String> {
+            sqlx::query_scalar(
+                "SELECT event_type FROM task_events WHERE task_id = $1 ORDER BY sequence",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+        }
+
+        pub async fn events(&self, id: Uuid) -> Vec<(String, serde_json::Value)> {
+            sqlx::query_as(
+                "SELECT event_type, data FROM task_events WHERE task_id = $1 ORDER BY sequence",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+        }
+
+        pub async fn status(&self, id: Uuid) -> String {
+            sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap()
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The delivery engine driven step by step: relay → worker → outcome, retries, dead letters,
+//! duplicates, fencing, time limits, recovery, operator actions and graceful shutdown.
+
+mod common;
+
+use arnela::domain::{validate_payload, NewTask, TaskType};
+use arnela::queue::{self, Delivery};
+use arnela::store::{tasks, Tx};
+use arnela::worker::handler::HandlerError;
+use arnela::worker::Processed;
+use chrono::Utc;
+use common::engine::{config, engine, engine_with, registry, Script};
+use common::{client, post};
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+async fn enqueue(pool: &PgPool, n: usize, max_attempts: i32) -> Vec<Uuid> {
+    let mut tx = Tx::begin(pool).await.unwrap();
+    let news = (0..n)
+        .map(|i| NewTask {
+            task_type: TaskType::SendSms,
+            payload: validate_payload(
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "message": format!("m{i}")}),
+            )
+            .unwrap(),
+            max_attempts,
+            run_at: Utc::now(),
+            idempotency_key: None,
+        })
+        .collect();
+    let made = tasks::enqueue(&mut tx, news, Utc::now()).await.unwrap();
+    tx.commit().await.unwrap();
+    made.iter().map(|m| m.row().id).collect()
+}
+
+#[sqlx::test]
+async fn a_task_is_published_claimed_and_succeeds_with_its_history_in_order(pool: PgPool) {
+    let script = Script::answering(vec![]);
+    let e = engine(pool.clone(), script.clone(), config(0.0)).await;
+    let ids = enqueue(&pool, 5, 3).await;
+
+    assert_eq!(e.relay_once().await, 5);
+    assert_eq!(
+        e.relay_once().await,
+        0,
+        "published rows are not published again"
+    );
+    assert_eq!(e.len(e.keys.tasks()).await, 5);
+    for id in &ids {
+        assert_eq!(e.step().await, Processed::Succeeded(*id), "FIFO order");
+    }
+    assert_eq!(e.step().await, Processed::Idle);
+    assert_eq!(e.len(e.keys.processing()).await, 0, "acknowledged");
+
+    let calls = script.calls();
+    assert_eq!(calls.iter().map(|c| c.0).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        calls[0].2,
+        format!("{}:1", ids[0]),
+        "idempotency key is task:attempt"
+    );
+
+    let events = e.events(ids[0]).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_succeeded"
+        ]
+    );
+    assert_eq!(events[3].1["result"], json!({"provider_id": "ok"}));
+    assert_eq!(e.status(ids[0]).await, "succeeded");
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outbox, 0, "claimed deliveries leave the outbox");
+    assert_eq!(e.stats.succeeded.load(Ordering::Relaxed), 5);
+}
+
+#[sqlx::test]
+async fn a_retryable_failure_is_retried_after_its_backoff_and_then_succeeds(pool: PgPool) {
+    // jitter 0.5 of a 1 s ceiling: the retry waits 500 ms
+    let script = Script::answering(vec![Err(HandlerError::retryable("provider said 503"))]);
+    let e = engine(pool.clone(), script.clone(), config(0.5)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::Retrying(id));
+    assert_eq!(e.status(id).await, "retrying");
+    let events = e.events(id).await;
+    let (kind, scheduled) = (&events[3].1, &events[4].1);
+    assert_eq!(
+        (events[3].0.as_str(), kind["kind"].as_str()),
+        ("attempt_failed", Some("retryable"))
+    );
+    assert_eq!(kind["error"], "provider said 503");
+    assert_eq!(events[4].0, "retry_scheduled");
+    assert_eq!(
+        (
+            scheduled["delay_ms"].as_i64(),
+            scheduled["next_attempt"].as_i64()
+        ),
+        (Some(500), Some(2))
+    );
+
+    // The next attempt waits in Postgres (an outbox row due later), not in memory.
+    let (attempt, due_in_ms): (i32, f64) = sqlx::query_as(
+        "SELECT attempt, (extract(epoch FROM available_at - now()) * 1000)::float8 FROM outbox WHERE task_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(attempt, 2);
+    assert!(due_in_ms > 0.0 && due_in_ms <= 500.0, "{due_in_ms}");
+    assert_eq!(e.relay_once().await, 0, "not published before it is due");
+
+    common::eventually(Duration::from_secs(10), "the retry to fall due", || async {
+        (e.relay_once().await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(e.step().await, Processed::Succeeded(id));
+    assert_eq!(
+        e.history(id).await,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_failed",
+            "retry_scheduled",
+            "dispatched",
+            "attempt_started",
+            "attempt_succeeded"
+        ]
+    );
+    let attempts: Vec<i32> = script.calls().iter().map(|c| c.1).collect();
+    assert_eq!(attempts, [1, 2]);
+}
+
+#[sqlx::test]
+async fn exhausted_retries_dead_letter_with_every_error_in_the_history(pool: PgPool) {
+    let script = Script::answering(vec![
+        Err(HandlerError::retryable("timeout talking to provider")),
+        Err(HandlerError::retryable("502 bad gateway")),
+        Err(HandlerError::retryable("503 unavailable")),
+    ]);
+    // jitter 0: retries are due at once
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    for expected in [
+        Processed::Retrying(id),
+        Processed::Retrying(id),
+        Processed::DeadLettered(id),
+    ] {
+        assert_eq!(e.relay_once().await, 1);
+        assert_eq!(e.step().await, expected);
+    }
+    assert_eq!(e.status(id).await, "dead");
+    let errors: Vec<String> = e
+        .events(id)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "attempt_failed")
+        .map(|(_, d)| d["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            "timeout talking to provider",
+            "502 bad gateway",
+            "503 unavailable"
+        ]
+    );
+    assert_eq!(e.history(id).await.last().unwrap(), "dead_lettered");
+
+    let failed = e.range(e.keys.failed()).await;
+    assert_eq!(failed.len(), 1);
+    let copy: serde_json::Value = serde_json::from_str(&failed[0]).unwrap();
+    assert_eq!(copy["task_id"], json!(id));
+    assert_eq!(copy["attempts"], 3);
+    assert!(copy["reason"].as_str().unwrap().contains("503 unavailable"));
+    assert!(copy["failed_at"].is_string());
+    assert_eq!(e.relay_once().await, 0, "nothing left to deliver");
+}
+
+#[sqlx::test]
+async fn a_permanent_error_dead_letters_at_once(pool: PgPool) {
+    let script = Script::answering(vec![Err(HandlerError::permanent(
+        "21211 invalid 'To' number",
+    ))]);
+    let e = engine(pool.clone(), script.clone(), config(0.0)).await;
+    let id = enqueue(&pool, 1, 5).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(id));
+    assert_eq!(script.calls().len(), 1);
+    let events = e.events(id).await;
+    assert_eq!(events[3].1["kind"], "permanent");
+    assert_eq!(events[4].0, "dead_lettered");
+}
+
+#[sqlx::test]
+async fn a_provider_retry_after_is_honoured(pool: PgPool) {
+    let script = Script::answering(vec![Err(HandlerError::Retryable {
+        message: "429".into(),
+        retry_after: Some(Duration::from_secs(42)),
+    })]);
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    e.step().await;
+    let events = e.events(id).await;
+    assert_eq!(events[4].1["delay_ms"], 42_000);
+}
+
+#[sqlx::test]
+async fn a_duplicate_delivery_runs_once_and_is_counted(pool: PgPool) {
+    let script = Script::answering(vec![]);
+    let e = engine(pool.clone(), script.clone(), config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    // a relay that died after pushing but before marking: the same delivery again
+    let mut conn = e.redis.clone();
+    let again = Delivery {
+        task_id: id,
+        attempt: 1,
+        task_type: "send_sms".into(),
+    };
+    queue::publish(&mut conn, &e.keys, &[again.clone(), again])
+        .await
+        .unwrap();
+
+    assert_eq!(e.step().await, Processed::Succeeded(id));
+    assert_eq!(e.step().await, Processed::Duplicate(id));
+    assert_eq!(e.step().await, Processed::Duplicate(id));
+    assert_eq!(script.calls().len(), 1);
+    assert_eq!(e.stats.duplicates.load(Ordering::Relaxed), 2);
+    assert_eq!(e.len(e.keys.processing()).await, 0);
+    let started = e
+        .history(id)
+        .await
+        .iter()
+        .filter(|t| *t == "attempt_started")
+        .count();
+    assert_eq!(started, 1);
+}
+
+#[sqlx::test]
+async fn a_worker_whose_lease_was_taken_over_cannot_record_its_outcome(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+
+    let worker = async { e.step().await };
+    let takeover = async {
+        common::eventually(Duration::from_secs(10), "the attempt to start", || async {
+            (e.status(id).await == "running").then_some(())
+        })
+        .await;
+        // the worker stalls past its lease; a rescuer takes the attempt over
+        sqlx::query(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let rescued = e.rescuer.run_once().await.unwrap();
+        assert_eq!(rescued.leases_expired, 1);
+        gate.add_permits(1);
+    };
+    let (processed, ()) = tokio::join!(worker, takeover);
+    assert_eq!(processed, Processed::Fenced(id));
+    let events = e.events(id).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_failed",
+            "retry_scheduled"
+        ],
+        "the stale worker's success was not recorded"
+    );
+    assert_eq!(events[3].1["kind"], "lease_expired");
+    assert_eq!(e.status(id).await, "retrying");
+}
+
+#[sqlx::test]
+async fn a_handler_over_its_time_limit_fails_retryably(pool: PgPool) {
+    let script = Arc::new(Script {
+        delay: Some(Duration::from_secs(30)),
+        ..Script::default()
+    });
+    let registry = registry(script).with_timeout(TaskType::SendSms, Duration::from_millis(200));
+    let e = engine_with(pool.clone(), registry, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::Retrying(id));
+    let events = e.events(id).await;
+    assert_eq!(events[3].1["kind"], "timeout");
+}
+
+#[sqlx::test]
+async fn a_task_type_without_a_handler_is_dead_lettered_at_once(pool: PgPool) {
+    let e = engine_with(
+        pool.clone(),
+        arnela::worker::handler::Registry::new(),
+        config(0.0),
+    )
+    .await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(id));
+    assert_eq!(e.history(id).await.last().unwrap(), "dead_lettered");
+    assert_eq!(e.len(e.keys.failed()).await, 1);
+}
+
+#[sqlx::test]
+async fn an_undecodable_delivery_goes_to_the_failed_list(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let mut conn = e.redis.clone();
+    let _: () = redis::cmd("LPUSH")
+        .arg(e.keys.tasks())
+        .arg("{not json")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(e.step().await, Processed::Undecodable);
+    assert_eq!(e.len(e.keys.processing()).await, 0);
+    let failed = e.range(e.keys.failed()).await;
+    assert!(failed[0].contains("undecodable"), "{failed:?}");
+}
+
+#[sqlx::test]
+async fn redis_losing_its_data_is_noticed_and_deliveries_are_published_again(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let ids = enqueue(&pool, 3, 3).await;
+    assert_eq!(
+        e.rescuer.run_once().await.unwrap().republished_after_loss,
+        0,
+        "first pass seeds"
+    );
+    e.relay_once().await;
+    // Redis loses everything under our prefix (as a restart without persistence would)
+    let mut conn = e.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(e.keys.tasks())
+        .arg(e.keys.seeded())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(e.step().await, Processed::Idle);
+    assert_eq!(
+        e.rescuer.run_once().await.unwrap().republished_after_loss,
+        3
+    );
+    assert_eq!(e.relay_once().await, 3);
+    for id in ids {
+        assert_eq!(e.step().await, Processed::Succeeded(id));
+    }
+}
+
+#[sqlx::test]
+async fn a_delivery_taken_by_a_worker_that_died_before_claiming_is_published_again(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    // a worker took it and died at once
+    let mut conn = e.redis.clone();
+    let taken = queue::take(&mut conn, &e.keys, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(taken.is_some());
+    let first = e.rescuer.run_once().await.unwrap(); // records first sight (grace 0)
+    let second = e.rescuer.run_once().await.unwrap();
+    assert_eq!(first.orphans + second.orphans, 1);
+    assert_eq!(e.len(e.keys.processing()).await, 0);
+    assert_eq!(e.relay_once().await, 1);
+    assert_eq!(e.step().await, Processed::Succeeded(id));
+}
+
+#[sqlx::test]
+async fn operators_cancel_waiting_tasks_and_requeue_dead_ones_through_the_api(pool: PgPool) {
+    let script = Script::answering(vec![Err(HandlerError::permanent("bad number"))]);
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let c = client(pool.clone()).await;
+    let (_, a) = post(&c, "/tasks", &common::sms("to cancel")).await;
+    let (_, b) = post(&c, "/tasks", &common::sms("to requeue")).await;
+    let (a, b): (Uuid, Uuid) = (
+        a["id"].as_str().unwrap().parse().unwrap(),
+        b["id"].as_str().unwrap().parse().unwrap(),
+    );
+
+    let (status, cancelled) = post(
+        &c,
+        &format!("/tasks/{a}/cancel?reason=patient%20called"),
+        &json!(null),
+    )
+    .await;
+    assert_eq!(
+        (status, cancelled["status"].as_str()),
+        (200, Some("cancelled")),
+        "{cancelled}"
+    );
+    assert_eq!(e.relay_once().await, 1, "only the other task is delivered");
+    assert_eq!(e.step().await, Processed::DeadLettered(b));
+    let (status, err) = post(&c, &format!("/tasks/{a}/cancel"), &json!(null)).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("invalid_transition"))
+    );
+    let (status, err) = post(&c, &format!("/tasks/{a}/retry"), &json!(null)).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("invalid_transition"))
+    );
+
+    // dead letters are listed through the audit API
+    // (the listing shows a task once every older transaction on the server has ended)
+    let dead = common::eventually(
+        Duration::from_secs(30),
+        "the dead letter to be listed",
+        || async {
+            let (_, dead) = common::get(&c, "/tasks?status=dead").await;
+            (!dead["items"].as_array().unwrap().is_empty()).then_some(dead)
+        },
+    )
+    .await;
+    assert_eq!(dead["items"][0]["id"], json!(b));
+    assert!(dead["items"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("bad number"));
+
+    let (status, requeued) = post(&c, &format!("/tasks/{b}/retry?attempts=2"), &json!(null)).await;
+    assert_eq!(
+        (status, requeued["status"].as_str()),
+        (200, Some("queued")),
+        "{requeued}"
+    );
+    assert_eq!(requeued["max_attempts"], 3);
+    assert_eq!(e.relay_once().await, 1);
+    assert_eq!(e.step().await, Processed::Succeeded(b));
+    assert_eq!(
+        e.history(b).await,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_failed",
+            "dead_lettered",
+            "requeued",
+            "dispatched",
+            "attempt_started",
+            "attempt_succeeded"
+        ]
+    );
+    assert_eq!(e.history(a).await, ["enqueued", "cancelled"]);
+    let (status, _) = post(
+        &c,
+        &format!("/tasks/{}/cancel", Uuid::new_v4()),
+        &json!(null),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = post(&c, &format!("/tasks/{b}/retry?attempts=0"), &json!(null)).await;
+    assert_eq!(status, 422);
+}
+
+#[sqlx::test]
+async fn a_task_cancelled_while_running_is_not_retried(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        outcomes: std::sync::Mutex::new(vec![Err(HandlerError::retryable("503"))].into()),
+        ..Script::default()
+    });
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    let (processed, ()) = tokio::join!(e.step(), async {
+        common::eventually(Duration::from_secs(10), "running", || async {
+            (e.status(id).await == "running").then_some(())
+        })
+        .await;
+        arnela::store::operator::cancel(&pool, id, "no longer needed".into(), "test")
+            .await
+            .unwrap();
+        gate.add_permits(1);
+    });
+    assert_eq!(processed, Processed::CancelledWhileRunning(id));
+    assert_eq!(e.status(id).await, "cancelled");
+    assert_eq!(
+        e.history(id).await,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "cancelled",
+            "attempt_failed"
+        ]
+    );
+    assert_eq!(e.relay_once().await, 0);
+    let lease: Option<Uuid> = sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lease, None);
+}
