@@ -340,3 +340,98 @@ pub mod engine {
         }
     }
 }
+
+pub mod process {
+    //! Real `arnela` processes and a Redis server of the test's own.
+
+    use std::process::{Child, Command, Stdio};
+
+    /// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
+    pub struct Proc {
+        pub child: Child,
+        pub name: String,
+    }
+
+    impl Proc {
+        pub fn kill9(&mut self) {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+
+        /// Sends SIGTERM and waits for the exit status.
+        pub fn terminate(&mut self) -> std::process::ExitStatus {
+            Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status()
+                .expect("kill runs");
+            self.child.wait().expect("child exits")
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            self.kill9();
+        }
+    }
+
+    /// Starts `arnela <role>` against the given database, Redis and key prefix.
+    pub fn arnela(
+        role: &str,
+        database_url: &str,
+        redis_url: &str,
+        prefix: &str,
+        extra: &[(&str, &str)],
+    ) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arnela"));
+        cmd.arg(role)
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", redis_url)
+            .env("ARNELA_KEY_PREFIX", prefix)
+            .env("APP_ENV", "test")
+            .env("RUST_LOG", "warn")
+            .env("DB_MAX_CONNECTIONS", "8")
+            .env("RELAY_POLL_MS", "50")
+            .env("RESCUER_INTERVAL_MS", "200")
+            .env("RETRY_BASE_MS", "50")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("the arnela binary starts");
+        Proc {
+            child,
+            name: role.to_owned(),
+        }
+    }
+
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A Redis server of the test's own (it may be flushed or stopped).
+    pub fn redis_server(port: u16) -> Proc {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        Proc {
+            child,
+            name: "redis-server".into(),
+        }
+    }
+}
