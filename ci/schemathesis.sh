@@ -30,6 +30,12 @@ REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 
 log() { printf 'schemathesis.sh: %s\n' "$*" >&2; }
 
+for tool in python3 createdb dropdb curl jq timeout; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        log "$tool is required but not installed"
+        exit 2
+    fi
+done
 if [[ ! -x "$BIN" ]]; then
     log "$BIN is missing; run cargo build first"
     exit 2
@@ -50,11 +56,17 @@ PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.
 WORK="$(mktemp -d)"
 SERVER_LOG="$WORK/arnela.log"
 SERVER_PID=""
+ST_PID=""
 DB_CREATED=""
 
+# shellcheck disable=SC2317 # invoked by the EXIT trap
 cleanup() {
     local rc=$?
     set +e
+    if [[ -n "$ST_PID" ]]; then
+        kill -TERM "$ST_PID" 2>/dev/null
+        wait "$ST_PID" 2>/dev/null
+    fi
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null
         for _ in $(seq 1 50); do
@@ -172,6 +184,7 @@ TOML
 
 # 3. Schemathesis. `timeout` bounds the whole run; its exit code (124) counts as a failure.
 CHECKS="${ST_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance}"
+# shellcheck disable=SC2054 # the commas are Schemathesis list syntax
 cmd=(
     "$VENV/bin/schemathesis" --config-file "$CONFIG" run "$BASE/openapi.json"
     --checks "$CHECKS"
@@ -190,7 +203,11 @@ start=$(date +%s)
 st_rc=0
 # From the report directory, so Schemathesis keeps its crash cache (.schemathesis/) under target/.
 mkdir -p "$REPORT_DIR"
-(cd "$REPORT_DIR" && timeout --signal=TERM --kill-after=10 "$TIME_LIMIT" "${cmd[@]}") || st_rc=$?
+# In the background and waited for, so a TERM or INT to this script is handled at once.
+(cd "$REPORT_DIR" && exec timeout --signal=TERM --kill-after=10 "$TIME_LIMIT" "${cmd[@]}") &
+ST_PID=$!
+wait "$ST_PID" || st_rc=$?
+ST_PID=""
 log "schemathesis finished in $(($(date +%s) - start)) s with exit code $st_rc"
 if [[ $st_rc -eq 124 ]]; then
     log "schemathesis did not finish within ${TIME_LIMIT} s"

@@ -167,7 +167,7 @@ pub async fn enqueue(
          SELECT task.* FROM task LEFT JOIN wake ON true",
         cols = TASK_COLUMNS
     ))
-    .bind(&ids_unique(&ids, &first_of_key))
+    .bind(ids_unique(&ids, &first_of_key))
     .bind(&types)
     .bind(&payloads)
     .bind(&max_attempts)
