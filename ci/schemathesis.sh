@@ -76,11 +76,12 @@ cleanup() {
         kill -KILL "$SERVER_PID" 2>/dev/null
         wait "$SERVER_PID" 2>/dev/null
     fi
-    if [[ -s "$SERVER_LOG" ]]; then
+    if [[ -f "$SERVER_LOG" ]]; then
         mkdir -p "$REPORT_DIR" && cp "$SERVER_LOG" "$REPORT_DIR/arnela.log"
         if [[ $rc -ne 0 ]]; then
-            log "server warnings and errors (full log: $REPORT_DIR/arnela.log):"
-            grep -E 'WARN|ERROR|panicked' "$SERVER_LOG" | tail -n 40 >&2
+            log "server warnings and errors, else its last lines (full log: $REPORT_DIR/arnela.log):"
+            { grep -E 'WARN|ERROR|panicked' "$SERVER_LOG" || tail -n 20 "$SERVER_LOG"; } | tail -n 40 >&2
+            [[ -s "$SERVER_LOG" ]] || log "(the server wrote nothing)"
         fi
     fi
     if [[ -n "$DB_CREATED" ]]; then
@@ -119,7 +120,7 @@ SERVER_PID=$!
 
 BASE="http://127.0.0.1:$PORT"
 ready=""
-for _ in $(seq 1 120); do # up to ~60 s: migrations run at start-up
+for _ in $(seq 1 90); do # up to ~45 s (more with slow connects): migrations run at start-up
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
         log "the server exited before it became live"
         exit 1
