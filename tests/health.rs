@@ -149,3 +149,53 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     })
     .await;
 }
+
+#[sqlx::test]
+async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
+    let ctx = context(pool.clone()).await;
+    let keys = ctx.keys.clone();
+    let c = TestClient::new(api::endpoint(ctx));
+    let (_, body) = get(&c, "/health").await;
+    assert_eq!(body["workers"]["active_workers"], 0);
+
+    let info = redis::IntoConnectionInfo::into_connection_info(common::redis_url()).unwrap();
+    let registry = arnela::worker::handler::Registry::new();
+    let mut handles = Vec::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    for n in [3, 4] {
+        let workers = arnela::worker::WorkerPool::build(
+            n,
+            pool.clone(),
+            info.clone(),
+            keys.clone(),
+            registry.clone(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        handles.push(tokio::spawn(
+            workers.run(shutdown.clone(), Duration::from_secs(1)),
+        ));
+    }
+    eventually(
+        Duration::from_secs(20),
+        "two processes' workers to be counted",
+        || {
+            let c = &c;
+            async move {
+                let (_, body) = get(c, "/health").await;
+                (body["workers"]["active_workers"] == 7).then_some(())
+            }
+        },
+    )
+    .await;
+    shutdown.cancel();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let (_, body) = get(&c, "/health").await;
+    assert_eq!(
+        body["workers"]["active_workers"], 0,
+        "a clean stop withdraws the heartbeat"
+    );
+}
