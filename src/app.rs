@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiContext};
 use crate::config::Settings;
-use crate::domain::{RetryPolicy, TaskType};
+use crate::domain::RetryPolicy;
 use crate::queue::{self, Keys};
 use crate::relay::{Relay, RelayConfig};
 use crate::rescuer::{Rescuer, RescuerConfig};
@@ -116,16 +116,21 @@ impl App {
             .context("HTTP server failed")
     }
 
-    /// The handlers of this build: every type delivers to the log channel (real providers are
-    /// configured per channel as they are added).
+    /// The handlers of this build: each task type's configured delivery channel, or the log
+    /// channel where none is configured. Says at start-up which channel each type uses.
     pub fn registry(&self) -> Registry {
         let e = &self.settings.engine;
-        let log = std::sync::Arc::new(LogChannel {
+        let log = LogChannel {
             delay: e.log_channel_delay,
-        });
+        };
         let mut registry = Registry::new().with_default_timeout(e.handler_timeout);
-        for t in TaskType::ALL {
-            registry = registry.register(t, log.clone());
+        for c in crate::channel::build(&self.settings.channels, log) {
+            if c.name == "log" {
+                tracing::warn!(task.r#type = %c.task_type, channel = c.name, "delivery channel: not configured, messages are logged and not sent");
+            } else {
+                tracing::info!(task.r#type = %c.task_type, channel = c.name, "delivery channel");
+            }
+            registry = registry.register(c.task_type, c.handler);
         }
         for (t, timeout) in &e.handler_timeouts {
             registry = registry.with_timeout(*t, *timeout);

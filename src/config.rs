@@ -193,6 +193,8 @@ pub struct Settings {
     /// How long `/health` waits for each dependency.
     pub health_timeout: Duration,
     pub engine: EngineSettings,
+    /// The delivery channels (`EMAIL_*`, `SMTP_*`, `SENDGRID_*`, `TWILIO_*`, `GOOGLE_*`).
+    pub channels: crate::channel::ChannelSettings,
 }
 
 /// Secrets published in the seed document or examples: never acceptable in production.
@@ -285,6 +287,7 @@ impl Settings {
         )?;
         let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
         let engine = engine_settings(&get)?;
+        let channels = crate::channel::ChannelSettings::from_vars(vars, app_env)?;
         Ok(Settings {
             app_env,
             port,
@@ -294,6 +297,7 @@ impl Settings {
             max_body_bytes,
             health_timeout: Duration::from_millis(health_timeout_ms),
             engine,
+            channels,
         })
     }
 }
@@ -451,6 +455,7 @@ mod tests {
             ("DB_PASSWORD", "a-strong-db-password"),
             ("REDIS_PASSWORD", "a-strong-redis-password"),
             ("JWT_SECRET", strong),
+            ("ALLOW_LOG_CHANNEL", "true"),
         ];
         assert!(Settings::from_vars(&vars(&base)).is_ok());
         let missing = Settings::from_vars(&vars(&base[..3])).unwrap_err();

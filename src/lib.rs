@@ -15,6 +15,8 @@
 //!   commit-safe global log, audit verification, migrations.
 //! - [`queue`]: Redis key names and connections.
 //! - [`api`]: the poem-openapi HTTP service, its documents and error mapping.
+//! - [`channel`]: the delivery channels (SMTP / SendGrid e-mail, Twilio SMS and WhatsApp, Google
+//!   Calendar), their message templates, error classification and rate limits.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
 //! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe.
@@ -23,6 +25,7 @@
 
 pub mod api;
 pub mod app;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod domain;

@@ -102,10 +102,20 @@ impl ValidPayload {
 /// Calendar sync actions.
 pub const CALENDAR_ACTIONS: [&str; 3] = ["create", "update", "delete"];
 
+/// The clinic's message templates a task may name instead of literal text.
+pub const TEMPLATE_NAMES: [&str; 4] = ["confirmation", "reminder", "cancellation", "change"];
+/// The languages of the templates; the first is the default.
+pub const TEMPLATE_LOCALES: [&str; 2] = ["es", "en"];
+
 /// Checks `payload` against the schema of `task_type`.
 ///
 /// Unknown fields are refused (a typo must not silently drop data), strings may not contain NUL
 /// (Postgres cannot store it), and the serialized payload must fit [`MAX_PAYLOAD_BYTES`].
+///
+/// Messages (e-mail, SMS, WhatsApp) carry either literal text (`subject` + `body`, or `message`)
+/// or a `template` from [`TEMPLATE_NAMES`] with its `data` object and an optional `locale` from
+/// [`TEMPLATE_LOCALES`]; the channel renders the template when it sends. Whether `data` holds
+/// what the template needs is found out then (a permanent failure), not here.
 pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayload, FieldError> {
     let Value::Object(map) = &payload else {
         return Err(FieldError::new(
@@ -125,7 +135,10 @@ pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayl
     }
     match task_type {
         TaskType::SendEmail => {
-            only_fields(map, &["to", "subject", "body"])?;
+            only_fields(
+                map,
+                &["to", "subject", "body", "template", "data", "locale"],
+            )?;
             let to = required_str(map, "to")?;
             if !is_email(to) {
                 return Err(FieldError::new(
@@ -133,6 +146,9 @@ pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayl
                     "invalid_format",
                     "must be an e-mail address like name@example.com",
                 ));
+            }
+            if template_fields(map, &["subject", "body"])? {
+                return Ok(ValidPayload(payload));
             }
             let subject = required_str(map, "subject")?;
             max_chars("payload.subject", subject, MAX_SUBJECT_CHARS)?;
@@ -146,7 +162,7 @@ pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayl
             required_str(map, "body")?;
         }
         TaskType::SendSms | TaskType::SendWhatsapp => {
-            only_fields(map, &["phone", "message"])?;
+            only_fields(map, &["phone", "message", "template", "data", "locale"])?;
             let phone = required_str(map, "phone")?;
             if !is_e164(phone) {
                 return Err(FieldError::new(
@@ -154,6 +170,9 @@ pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayl
                     "invalid_format",
                     "must be an E.164 number like +34123456789",
                 ));
+            }
+            if template_fields(map, &["message"])? {
+                return Ok(ValidPayload(payload));
             }
             let message = required_str(map, "message")?;
             max_chars("payload.message", message, MAX_MESSAGE_CHARS)?;
@@ -191,6 +210,71 @@ pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayl
         }
     }
     Ok(ValidPayload(payload))
+}
+
+/// Checks the template fields of a message. `Ok(true)`: the message is a valid template
+/// (`template`, `data`, optional `locale`, none of the `literal` fields); `Ok(false)`: it has no
+/// template field at all and its literal fields are to be checked.
+fn template_fields(map: &Map<String, Value>, literal: &[&str]) -> Result<bool, FieldError> {
+    if !map.contains_key("template") {
+        if let Some(k) = ["data", "locale"]
+            .into_iter()
+            .find(|k| map.contains_key(*k))
+        {
+            return Err(FieldError::new(
+                format!("payload.{k}"),
+                "invalid_combination",
+                "is only used with template",
+            ));
+        }
+        return Ok(false);
+    }
+    if let Some(k) = literal.iter().find(|k| map.contains_key(**k)) {
+        return Err(FieldError::new(
+            format!("payload.{k}"),
+            "invalid_combination",
+            format!(
+                "must not be given with template (give either template and data, or {})",
+                literal.join(" and ")
+            ),
+        ));
+    }
+    let template = required_str(map, "template")?;
+    if !TEMPLATE_NAMES.contains(&template) {
+        return Err(FieldError::new(
+            "payload.template",
+            "invalid_value",
+            format!("must be one of {}", TEMPLATE_NAMES.join(", ")),
+        ));
+    }
+    match map.get("data") {
+        Some(Value::Object(_)) => {}
+        None | Some(Value::Null) => {
+            return Err(FieldError::new(
+                "payload.data",
+                "required",
+                "is required with template",
+            ))
+        }
+        Some(_) => {
+            return Err(FieldError::new(
+                "payload.data",
+                "invalid_type",
+                "must be a JSON object",
+            ))
+        }
+    }
+    if map.contains_key("locale") {
+        let locale = required_str(map, "locale")?;
+        if !TEMPLATE_LOCALES.contains(&locale) {
+            return Err(FieldError::new(
+                "payload.locale",
+                "invalid_value",
+                format!("must be one of {}", TEMPLATE_LOCALES.join(", ")),
+            ));
+        }
+    }
+    Ok(true)
 }
 
 fn only_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), FieldError> {
@@ -423,6 +507,82 @@ mod tests {
             "too_large"
         );
         assert!(validate_payload(TaskType::SendEmail, json!([1])).is_err());
+    }
+
+    #[test]
+    fn a_message_may_name_a_template_instead_of_literal_text() {
+        let data = json!({"patient_name": "Ana", "starts_at": "2026-12-01T10:00:00+01:00"});
+        let email = json!({"to": "ana@clinic.es", "template": "confirmation", "data": data});
+        assert!(validate_payload(TaskType::SendEmail, email).is_ok());
+        let sms =
+            json!({"phone": "+34123456789", "template": "reminder", "data": data, "locale": "en"});
+        assert!(validate_payload(TaskType::SendSms, sms).is_ok());
+        let whatsapp = json!({"phone": "+34123456789", "template": "change", "data": {}});
+        assert!(validate_payload(TaskType::SendWhatsapp, whatsapp).is_ok());
+    }
+
+    #[test]
+    fn each_bad_template_field_is_named() {
+        let cases = [
+            (
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "template": "reminder", "data": {}, "message": "m"}),
+                "payload.message",
+                "invalid_combination",
+            ),
+            (
+                TaskType::SendEmail,
+                json!({"to": "a@b.es", "template": "reminder", "data": {}, "subject": "s"}),
+                "payload.subject",
+                "invalid_combination",
+            ),
+            (
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "message": "m", "data": {}}),
+                "payload.data",
+                "invalid_combination",
+            ),
+            (
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "template": "birthday", "data": {}}),
+                "payload.template",
+                "invalid_value",
+            ),
+            (
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "template": "reminder"}),
+                "payload.data",
+                "required",
+            ),
+            (
+                TaskType::SendWhatsapp,
+                json!({"phone": "+34123456789", "template": "reminder", "data": [1]}),
+                "payload.data",
+                "invalid_type",
+            ),
+            (
+                TaskType::SendEmail,
+                json!({"to": "a@b.es", "template": "reminder", "data": {}, "locale": "fr"}),
+                "payload.locale",
+                "invalid_value",
+            ),
+            (
+                TaskType::SendEmail,
+                json!({"to": "nope", "template": "reminder", "data": {}}),
+                "payload.to",
+                "invalid_format",
+            ),
+            (
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "template": "reminder", "data": {}, "extra": 1}),
+                "payload.extra",
+                "unknown_field",
+            ),
+        ];
+        for (t, payload, field, code) in cases {
+            let err = validate_payload(t, payload.clone()).unwrap_err();
+            assert_eq!((err.field.as_str(), err.code), (field, code), "{payload}");
+        }
     }
 
     #[test]

@@ -1,0 +1,741 @@
+//! Delivery channel settings, read from the same variables as [`crate::config::Settings`] and
+//! validated once at start-up.
+//!
+//! A channel whose credentials are all absent uses the `log` channel. A channel that is half
+//! configured (a Twilio sender without an account, a Google key without a calendar) stops
+//! start-up with the variable to fix: a typo must not silently turn real deliveries into log
+//! lines. In production a task type without a real channel is refused unless
+//! `ALLOW_LOG_CHANNEL=true`. Credentials are [`Secret`]s and never appear in `Debug` output.
+
+use reqwest::Url;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::config::{AppEnv, ConfigError, Secret};
+use crate::domain::payload::{is_e164, is_email};
+use crate::domain::TaskType;
+
+pub const SENDGRID_BASE_URL: &str = "https://api.sendgrid.com";
+pub const TWILIO_BASE_URL: &str = "https://api.twilio.com";
+pub const GOOGLE_CALENDAR_BASE_URL: &str = "https://www.googleapis.com/calendar/v3";
+pub const GOOGLE_TOKEN_URL: &str = "https://oauth2.googleapis.com/token";
+
+/// The settings of every channel.
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    /// `send_email`; `None`: the log channel.
+    pub email: Option<EmailSettings>,
+    /// `send_sms`; `None`: the log channel.
+    pub sms: Option<TwilioSettings>,
+    /// `send_whatsapp`; `None`: the log channel.
+    pub whatsapp: Option<TwilioSettings>,
+    /// `sync_calendar`; `None`: the log channel.
+    pub calendar: Option<GoogleSettings>,
+    /// Requests per second to Twilio, shared by SMS and WhatsApp (`TWILIO_RATE_LIMIT_PER_SEC`).
+    pub twilio_rate_limit: f64,
+    /// The clinic's name in the message templates (`CLINIC_NAME`), unless a task's data names it.
+    pub clinic_name: String,
+    /// `ALLOW_LOG_CHANNEL`: production may run with log channels.
+    pub allow_log_channel: bool,
+}
+
+/// `send_email`: the sender and one transport.
+#[derive(Debug, Clone)]
+pub struct EmailSettings {
+    /// `EMAIL_FROM`.
+    pub from: String,
+    /// `EMAIL_FROM_NAME`.
+    pub from_name: Option<String>,
+    pub transport: EmailTransport,
+    /// `EMAIL_TIMEOUT_MS` (10000): one request or SMTP command.
+    pub timeout: Duration,
+    /// `EMAIL_RATE_LIMIT_PER_SEC` (10).
+    pub rate_limit: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum EmailTransport {
+    Smtp(SmtpSettings),
+    SendGrid(SendGridSettings),
+}
+
+/// How the SMTP connection is secured (`SMTP_TLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS, which is required (default; port 587).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// No encryption (a local relay or a test sink; port 25).
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct SendGridSettings {
+    pub base_url: Url,
+    pub api_key: Secret,
+}
+
+/// One Twilio channel (SMS or WhatsApp): the account, its credentials and this channel's sender.
+#[derive(Debug, Clone)]
+pub struct TwilioSettings {
+    pub base_url: Url,
+    pub account_sid: String,
+    /// Basic-auth user: the account SID, or an API key SID (`SK…`).
+    pub auth_user: String,
+    /// The auth token or the API key secret.
+    pub auth_secret: Secret,
+    pub sender: TwilioSender,
+    /// `TWILIO_TIMEOUT_MS` (10000).
+    pub timeout: Duration,
+}
+
+/// Who a Twilio message is sent from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TwilioSender {
+    /// A number in E.164 (without the `whatsapp:` prefix).
+    From(String),
+    /// A messaging service SID (`MG…`); Twilio picks the number.
+    MessagingService(String),
+}
+
+/// `sync_calendar`: a service account writing to one calendar.
+#[derive(Debug, Clone)]
+pub struct GoogleSettings {
+    pub calendar_base_url: Url,
+    pub token_url: Url,
+    /// `GOOGLE_CALENDAR_ID`.
+    pub calendar_id: String,
+    pub client_email: String,
+    pub private_key_id: Option<String>,
+    /// PEM of the service account's RSA key.
+    pub private_key: Secret,
+    /// `GOOGLE_IMPERSONATE_USER`: the user the service account acts for (domain-wide delegation).
+    pub subject: Option<String>,
+    /// `GOOGLE_CALENDAR_TIME_ZONE` (`Europe/Madrid`): for appointments that name none.
+    pub time_zone: String,
+    /// `GOOGLE_CALENDAR_SEND_UPDATES` (`none`): `all`, `externalOnly` or `none`.
+    pub send_updates: String,
+    /// `GOOGLE_APPOINTMENT_MINUTES` (30): length of an appointment with no end.
+    pub appointment_minutes: u32,
+    /// `GOOGLE_TIMEOUT_MS` (10000).
+    pub timeout: Duration,
+    /// `GOOGLE_RATE_LIMIT_PER_SEC` (5).
+    pub rate_limit: f64,
+}
+
+/// The fields of a service account key file that are used.
+#[derive(Deserialize)]
+struct ServiceAccountKey {
+    client_email: String,
+    private_key: String,
+    #[serde(default)]
+    private_key_id: Option<String>,
+    #[serde(default)]
+    token_uri: Option<String>,
+}
+
+fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// Variable lookup: trimmed, empty counts as unset.
+struct Vars<'a>(&'a HashMap<String, String>);
+
+impl<'a> Vars<'a> {
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn parse_or<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| err(var, format!("{v:?} is not a valid number"))),
+        }
+    }
+
+    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        let ms: u64 = self.parse_or(var, default)?;
+        if ms == 0 {
+            return Err(err(var, "must be at least 1"));
+        }
+        Ok(Duration::from_millis(ms))
+    }
+
+    fn rate(&self, var: &'static str, default: f64) -> Result<f64, ConfigError> {
+        let r: f64 = self.parse_or(var, default)?;
+        if !r.is_finite() || r < 0.0 {
+            return Err(err(
+                var,
+                "must be a number of requests per second ≥ 0 (0: no limit)",
+            ));
+        }
+        Ok(r)
+    }
+
+    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+            Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+            Some(_) => Err(err(var, "must be true or false")),
+        }
+    }
+
+    /// A provider URL: http(s), and https in production.
+    fn url(&self, var: &'static str, default: &str, production: bool) -> Result<Url, ConfigError> {
+        parse_url(var, self.get(var).unwrap_or(default), production)
+    }
+}
+
+fn parse_url(var: &'static str, value: &str, production: bool) -> Result<Url, ConfigError> {
+    let url = Url::parse(value).map_err(|_| err(var, "is not a valid URL"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if !production => Ok(url),
+        "http" => Err(err(var, "must be an https:// URL in production")),
+        _ => Err(err(var, "must be an http:// or https:// URL")),
+    }
+}
+
+impl ChannelSettings {
+    /// Reads the channel variables; `app_env` decides whether log channels are acceptable.
+    pub fn from_vars(
+        vars: &HashMap<String, String>,
+        app_env: AppEnv,
+    ) -> Result<ChannelSettings, ConfigError> {
+        let v = Vars(vars);
+        let production = app_env == AppEnv::Production;
+        let (sms, whatsapp) = twilio(&v, production)?;
+        let settings = ChannelSettings {
+            email: email(&v, production)?,
+            sms,
+            whatsapp,
+            calendar: google(&v, production)?,
+            twilio_rate_limit: v.rate("TWILIO_RATE_LIMIT_PER_SEC", 10.0)?,
+            clinic_name: v.get("CLINIC_NAME").unwrap_or("Arnela").to_owned(),
+            allow_log_channel: v.bool("ALLOW_LOG_CHANNEL")?,
+        };
+        if production && !settings.allow_log_channel {
+            for t in TaskType::ALL {
+                if settings.channel_name(t) == "log" {
+                    let var = match t {
+                        TaskType::SendEmail => "EMAIL_TRANSPORT",
+                        TaskType::SendSms => "TWILIO_SMS_FROM",
+                        TaskType::SendWhatsapp => "TWILIO_WHATSAPP_FROM",
+                        TaskType::SyncCalendar => "GOOGLE_SERVICE_ACCOUNT_FILE",
+                    };
+                    return Err(err(
+                        var,
+                        format!(
+                            "{t} has no delivery channel configured; in production configure \
+                             it (see the README) or set ALLOW_LOG_CHANNEL=true to record its \
+                             messages in the log instead of sending them"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(settings)
+    }
+
+    /// The name of the channel that delivers `task_type`: `smtp`, `sendgrid`, `twilio_sms`,
+    /// `twilio_whatsapp`, `google_calendar` or `log`.
+    pub fn channel_name(&self, task_type: TaskType) -> &'static str {
+        match task_type {
+            TaskType::SendEmail => match &self.email {
+                Some(EmailSettings {
+                    transport: EmailTransport::Smtp(_),
+                    ..
+                }) => "smtp",
+                Some(EmailSettings {
+                    transport: EmailTransport::SendGrid(_),
+                    ..
+                }) => "sendgrid",
+                None => "log",
+            },
+            TaskType::SendSms if self.sms.is_some() => "twilio_sms",
+            TaskType::SendWhatsapp if self.whatsapp.is_some() => "twilio_whatsapp",
+            TaskType::SyncCalendar if self.calendar.is_some() => "google_calendar",
+            _ => "log",
+        }
+    }
+
+    /// Settings with every channel on the log channel (development defaults).
+    pub fn all_log() -> ChannelSettings {
+        ChannelSettings {
+            email: None,
+            sms: None,
+            whatsapp: None,
+            calendar: None,
+            twilio_rate_limit: 10.0,
+            clinic_name: "Arnela".into(),
+            allow_log_channel: true,
+        }
+    }
+}
+
+fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigError> {
+    let sendgrid_key = v.get("SENDGRID_API_KEY");
+    let smtp_host = v.get("SMTP_HOST");
+    let transport = match v.get("EMAIL_TRANSPORT") {
+        Some("log") => return Ok(None),
+        Some("smtp") => "smtp",
+        Some("sendgrid") => "sendgrid",
+        Some(_) => {
+            return Err(err(
+                "EMAIL_TRANSPORT",
+                "must be one of smtp, sendgrid, log",
+            ))
+        }
+        None => match (sendgrid_key, smtp_host) {
+            (None, None) => return Ok(None),
+            (Some(_), None) => "sendgrid",
+            (None, Some(_)) => "smtp",
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "EMAIL_TRANSPORT",
+                    "both SENDGRID_API_KEY and SMTP_HOST are set; choose with EMAIL_TRANSPORT=smtp or sendgrid",
+                ))
+            }
+        },
+    };
+    let from = v
+        .get("EMAIL_FROM")
+        .ok_or_else(|| err("EMAIL_FROM", "is required to send e-mail"))?;
+    if !is_email(from) {
+        return Err(err("EMAIL_FROM", "must be an e-mail address"));
+    }
+    let transport = if transport == "smtp" {
+        let host =
+            smtp_host.ok_or_else(|| err("SMTP_HOST", "is required for EMAIL_TRANSPORT=smtp"))?;
+        let tls = match v.get("SMTP_TLS").unwrap_or("starttls") {
+            "starttls" => SmtpTls::StartTls,
+            "tls" => SmtpTls::Tls,
+            "none" if !production => SmtpTls::None,
+            "none" => {
+                return Err(err(
+                    "SMTP_TLS",
+                    "none is refused in production (use starttls or tls)",
+                ))
+            }
+            _ => return Err(err("SMTP_TLS", "must be one of starttls, tls, none")),
+        };
+        let default_port = match tls {
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        };
+        let username = v.get("SMTP_USERNAME").map(str::to_owned);
+        let password = Secret::new(v.get("SMTP_PASSWORD").unwrap_or_default());
+        let has_password = !password.is_empty();
+        if username.is_some() != has_password {
+            return Err(err(
+                "SMTP_PASSWORD",
+                "SMTP_USERNAME and SMTP_PASSWORD go together",
+            ));
+        }
+        if tls != SmtpTls::None {
+            // The TLS parameters are built here so that a bad host name stops start-up.
+            lettre::transport::smtp::client::TlsParameters::new(host.to_owned())
+                .map_err(|e| err("SMTP_HOST", format!("cannot be used for TLS: {e}")))?;
+        }
+        EmailTransport::Smtp(SmtpSettings {
+            host: host.to_owned(),
+            port: v.parse_or("SMTP_PORT", default_port)?,
+            tls,
+            username,
+            password,
+        })
+    } else {
+        let api_key = sendgrid_key.ok_or_else(|| {
+            err(
+                "SENDGRID_API_KEY",
+                "is required for EMAIL_TRANSPORT=sendgrid",
+            )
+        })?;
+        EmailTransport::SendGrid(SendGridSettings {
+            base_url: v.url("SENDGRID_BASE_URL", SENDGRID_BASE_URL, production)?,
+            api_key: Secret::new(api_key),
+        })
+    };
+    Ok(Some(EmailSettings {
+        from: from.to_owned(),
+        from_name: v.get("EMAIL_FROM_NAME").map(str::to_owned),
+        transport,
+        timeout: v.millis("EMAIL_TIMEOUT_MS", 10_000)?,
+        rate_limit: v.rate("EMAIL_RATE_LIMIT_PER_SEC", 10.0)?,
+    }))
+}
+
+type TwilioPair = (Option<TwilioSettings>, Option<TwilioSettings>);
+
+fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
+    let sender = |from_var: &'static str, service_var: &'static str| match (
+        v.get(from_var),
+        v.get(service_var),
+    ) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(err(
+            service_var,
+            format!("set either {from_var} or {service_var}, not both"),
+        )),
+        (Some(from), None) => {
+            let number = from.strip_prefix("whatsapp:").unwrap_or(from);
+            if !is_e164(number) {
+                return Err(err(from_var, "must be an E.164 number like +34123456789"));
+            }
+            Ok(Some(TwilioSender::From(number.to_owned())))
+        }
+        (None, Some(sid)) => {
+            if !sid.starts_with("MG") {
+                return Err(err(service_var, "must be a messaging service SID (MG…)"));
+            }
+            Ok(Some(TwilioSender::MessagingService(sid.to_owned())))
+        }
+    };
+    let sms = sender("TWILIO_SMS_FROM", "TWILIO_SMS_MESSAGING_SERVICE_SID")?;
+    let whatsapp = sender(
+        "TWILIO_WHATSAPP_FROM",
+        "TWILIO_WHATSAPP_MESSAGING_SERVICE_SID",
+    )?;
+    let Some(account_sid) = v.get("TWILIO_ACCOUNT_SID") else {
+        if sms.is_some() || whatsapp.is_some() {
+            return Err(err(
+                "TWILIO_ACCOUNT_SID",
+                "is required when a Twilio sender is configured",
+            ));
+        }
+        return Ok((None, None));
+    };
+    if !account_sid.starts_with("AC") {
+        return Err(err("TWILIO_ACCOUNT_SID", "must be an account SID (AC…)"));
+    }
+    let (auth_user, auth_secret) = match (
+        v.get("TWILIO_AUTH_TOKEN"),
+        v.get("TWILIO_API_KEY_SID"),
+        v.get("TWILIO_API_KEY_SECRET"),
+    ) {
+        (_, Some(key), Some(secret)) => {
+            if !key.starts_with("SK") {
+                return Err(err("TWILIO_API_KEY_SID", "must be an API key SID (SK…)"));
+            }
+            (key.to_owned(), Secret::new(secret))
+        }
+        (_, Some(_), None) => {
+            return Err(err(
+                "TWILIO_API_KEY_SECRET",
+                "is required with TWILIO_API_KEY_SID",
+            ))
+        }
+        (_, None, Some(_)) => {
+            return Err(err(
+                "TWILIO_API_KEY_SID",
+                "is required with TWILIO_API_KEY_SECRET",
+            ))
+        }
+        (Some(token), None, None) => (account_sid.to_owned(), Secret::new(token)),
+        (None, None, None) => return Err(err(
+            "TWILIO_AUTH_TOKEN",
+            "is required with TWILIO_ACCOUNT_SID (or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET)",
+        )),
+    };
+    let base_url = v.url("TWILIO_BASE_URL", TWILIO_BASE_URL, production)?;
+    let timeout = v.millis("TWILIO_TIMEOUT_MS", 10_000)?;
+    let make = |sender: TwilioSender| TwilioSettings {
+        base_url: base_url.clone(),
+        account_sid: account_sid.to_owned(),
+        auth_user: auth_user.clone(),
+        auth_secret: auth_secret.clone(),
+        sender,
+        timeout,
+    };
+    Ok((sms.map(make), whatsapp.map(make)))
+}
+
+fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigError> {
+    let (key_var, key_json) =
+        match (
+            v.get("GOOGLE_SERVICE_ACCOUNT_JSON"),
+            v.get("GOOGLE_SERVICE_ACCOUNT_FILE"),
+        ) {
+            (Some(_), Some(_)) => return Err(err(
+                "GOOGLE_SERVICE_ACCOUNT_FILE",
+                "set either GOOGLE_SERVICE_ACCOUNT_JSON or GOOGLE_SERVICE_ACCOUNT_FILE, not both",
+            )),
+            (Some(json), None) => ("GOOGLE_SERVICE_ACCOUNT_JSON", json.to_owned()),
+            (None, Some(path)) => (
+                "GOOGLE_SERVICE_ACCOUNT_FILE",
+                std::fs::read_to_string(path).map_err(|e| {
+                    err(
+                        "GOOGLE_SERVICE_ACCOUNT_FILE",
+                        format!("cannot read {path}: {e}"),
+                    )
+                })?,
+            ),
+            (None, None) => {
+                if v.get("GOOGLE_CALENDAR_ID").is_some() {
+                    return Err(err(
+                        "GOOGLE_SERVICE_ACCOUNT_FILE",
+                        "is required with GOOGLE_CALENDAR_ID (or GOOGLE_SERVICE_ACCOUNT_JSON)",
+                    ));
+                }
+                return Ok(None);
+            }
+        };
+    // serde's message could quote the key; say only what is wrong.
+    let key: ServiceAccountKey = serde_json::from_str(&key_json).map_err(|_| {
+        err(
+            key_var,
+            "is not a service account key (JSON with client_email and private_key)",
+        )
+    })?;
+    jsonwebtoken::EncodingKey::from_rsa_pem(key.private_key.as_bytes())
+        .map_err(|_| err(key_var, "private_key is not an RSA key in PEM format"))?;
+    let calendar_id = v.get("GOOGLE_CALENDAR_ID").ok_or_else(|| {
+        err(
+            "GOOGLE_CALENDAR_ID",
+            "is required with a Google service account",
+        )
+    })?;
+    let token_url = match v.get("GOOGLE_TOKEN_URL") {
+        Some(u) => parse_url("GOOGLE_TOKEN_URL", u, production)?,
+        None => parse_url(
+            key_var,
+            key.token_uri.as_deref().unwrap_or(GOOGLE_TOKEN_URL),
+            production,
+        )?,
+    };
+    let send_updates = v.get("GOOGLE_CALENDAR_SEND_UPDATES").unwrap_or("none");
+    if !["all", "externalOnly", "none"].contains(&send_updates) {
+        return Err(err(
+            "GOOGLE_CALENDAR_SEND_UPDATES",
+            "must be one of all, externalOnly, none",
+        ));
+    }
+    let appointment_minutes: u32 = v.parse_or("GOOGLE_APPOINTMENT_MINUTES", 30)?;
+    if !(1..=24 * 60).contains(&appointment_minutes) {
+        return Err(err("GOOGLE_APPOINTMENT_MINUTES", "must be 1 to 1440"));
+    }
+    Ok(Some(GoogleSettings {
+        calendar_base_url: v.url(
+            "GOOGLE_CALENDAR_BASE_URL",
+            GOOGLE_CALENDAR_BASE_URL,
+            production,
+        )?,
+        token_url,
+        calendar_id: calendar_id.to_owned(),
+        client_email: key.client_email,
+        private_key_id: key.private_key_id,
+        private_key: Secret::new(key.private_key),
+        subject: v.get("GOOGLE_IMPERSONATE_USER").map(str::to_owned),
+        time_zone: v
+            .get("GOOGLE_CALENDAR_TIME_ZONE")
+            .unwrap_or("Europe/Madrid")
+            .to_owned(),
+        send_updates: send_updates.to_owned(),
+        appointment_minutes,
+        timeout: v.millis("GOOGLE_TIMEOUT_MS", 10_000)?,
+        rate_limit: v.rate("GOOGLE_RATE_LIMIT_PER_SEC", 5.0)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn key_json() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/google-service-account.test.json"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn nothing_configured_means_log_channels_outside_production() {
+        let s = ChannelSettings::from_vars(&vars(&[]), AppEnv::Development).unwrap();
+        for t in TaskType::ALL {
+            assert_eq!(s.channel_name(t), "log");
+        }
+    }
+
+    #[test]
+    fn production_refuses_a_log_channel_unless_allowed() {
+        let e = ChannelSettings::from_vars(&vars(&[]), AppEnv::Production).unwrap_err();
+        assert_eq!(e.var, "EMAIL_TRANSPORT");
+        assert!(e.message.contains("ALLOW_LOG_CHANNEL"), "{e}");
+        let allowed = vars(&[("ALLOW_LOG_CHANNEL", "true")]);
+        assert!(ChannelSettings::from_vars(&allowed, AppEnv::Production).is_ok());
+
+        let only_email = vars(&[
+            ("SENDGRID_API_KEY", "SG.key"),
+            ("EMAIL_FROM", "citas@clinica.es"),
+        ]);
+        let e = ChannelSettings::from_vars(&only_email, AppEnv::Production).unwrap_err();
+        assert_eq!(e.var, "TWILIO_SMS_FROM");
+    }
+
+    #[test]
+    fn every_channel_configured() {
+        let json = key_json();
+        let s = ChannelSettings::from_vars(
+            &vars(&[
+                ("EMAIL_TRANSPORT", "smtp"),
+                ("SMTP_HOST", "smtp.example.com"),
+                ("SMTP_USERNAME", "user"),
+                ("SMTP_PASSWORD", "pw"),
+                ("EMAIL_FROM", "citas@clinica.es"),
+                ("TWILIO_ACCOUNT_SID", "AC123"),
+                ("TWILIO_AUTH_TOKEN", "tok"),
+                ("TWILIO_SMS_FROM", "+34600000000"),
+                ("TWILIO_WHATSAPP_MESSAGING_SERVICE_SID", "MG123"),
+                ("GOOGLE_SERVICE_ACCOUNT_JSON", &json),
+                ("GOOGLE_CALENDAR_ID", "clinic@group.calendar.google.com"),
+            ]),
+            AppEnv::Production,
+        )
+        .unwrap();
+        let names: Vec<&str> = TaskType::ALL.iter().map(|t| s.channel_name(*t)).collect();
+        assert_eq!(
+            names,
+            ["smtp", "twilio_sms", "twilio_whatsapp", "google_calendar"]
+        );
+        let smtp = match &s.email.as_ref().unwrap().transport {
+            EmailTransport::Smtp(smtp) => smtp.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((smtp.port, smtp.tls), (587, SmtpTls::StartTls));
+        let google = s.calendar.as_ref().unwrap();
+        assert_eq!(google.token_url.as_str(), GOOGLE_TOKEN_URL);
+        assert_eq!(google.time_zone, "Europe/Madrid");
+    }
+
+    #[test]
+    fn half_configured_channels_name_the_missing_variable() {
+        for (pairs, var) in [
+            (
+                vec![("TWILIO_SMS_FROM", "+34600000000")],
+                "TWILIO_ACCOUNT_SID",
+            ),
+            (
+                vec![
+                    ("TWILIO_ACCOUNT_SID", "AC1"),
+                    ("TWILIO_SMS_FROM", "+34600000000"),
+                ],
+                "TWILIO_AUTH_TOKEN",
+            ),
+            (
+                vec![
+                    ("TWILIO_ACCOUNT_SID", "AC1"),
+                    ("TWILIO_AUTH_TOKEN", "t"),
+                    ("TWILIO_SMS_FROM", "600000000"),
+                ],
+                "TWILIO_SMS_FROM",
+            ),
+            (vec![("SENDGRID_API_KEY", "k")], "EMAIL_FROM"),
+            (
+                vec![("SMTP_HOST", "h"), ("SENDGRID_API_KEY", "k")],
+                "EMAIL_TRANSPORT",
+            ),
+            (
+                vec![
+                    ("SMTP_HOST", "h.example.com"),
+                    ("EMAIL_FROM", "a@b.es"),
+                    ("SMTP_USERNAME", "u"),
+                ],
+                "SMTP_PASSWORD",
+            ),
+            (
+                vec![("GOOGLE_CALENDAR_ID", "c")],
+                "GOOGLE_SERVICE_ACCOUNT_FILE",
+            ),
+            (
+                vec![("GOOGLE_SERVICE_ACCOUNT_JSON", "{\"private_key\": \"x\"}")],
+                "GOOGLE_SERVICE_ACCOUNT_JSON",
+            ),
+            (
+                vec![
+                    ("SENDGRID_API_KEY", "k"),
+                    ("EMAIL_FROM", "a@b.es"),
+                    ("SENDGRID_BASE_URL", "ftp://x"),
+                ],
+                "SENDGRID_BASE_URL",
+            ),
+            (
+                vec![("TWILIO_RATE_LIMIT_PER_SEC", "-1")],
+                "TWILIO_RATE_LIMIT_PER_SEC",
+            ),
+        ] {
+            let e = ChannelSettings::from_vars(&vars(&pairs), AppEnv::Development).unwrap_err();
+            assert_eq!(e.var, var, "{pairs:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn production_wants_https_and_smtp_encryption() {
+        let base = [
+            ("ALLOW_LOG_CHANNEL", "true"),
+            ("SENDGRID_API_KEY", "k"),
+            ("EMAIL_FROM", "a@b.es"),
+            ("SENDGRID_BASE_URL", "http://127.0.0.1:9"),
+        ];
+        assert!(ChannelSettings::from_vars(&vars(&base), AppEnv::Development).is_ok());
+        let e = ChannelSettings::from_vars(&vars(&base), AppEnv::Production).unwrap_err();
+        assert_eq!(e.var, "SENDGRID_BASE_URL");
+        let smtp = [
+            ("ALLOW_LOG_CHANNEL", "true"),
+            ("SMTP_HOST", "127.0.0.1"),
+            ("SMTP_TLS", "none"),
+            ("EMAIL_FROM", "a@b.es"),
+        ];
+        let e = ChannelSettings::from_vars(&vars(&smtp), AppEnv::Production).unwrap_err();
+        assert_eq!(e.var, "SMTP_TLS");
+    }
+
+    #[test]
+    fn credentials_do_not_show_in_debug_output() {
+        let json = key_json();
+        let s = ChannelSettings::from_vars(
+            &vars(&[
+                ("SENDGRID_API_KEY", "hunter2-sendgrid"),
+                ("EMAIL_FROM", "a@b.es"),
+                ("TWILIO_ACCOUNT_SID", "AC1"),
+                ("TWILIO_API_KEY_SID", "SK1"),
+                ("TWILIO_API_KEY_SECRET", "hunter2-twilio"),
+                ("TWILIO_SMS_FROM", "+34600000000"),
+                ("GOOGLE_SERVICE_ACCOUNT_JSON", &json),
+                ("GOOGLE_CALENDAR_ID", "c"),
+            ]),
+            AppEnv::Development,
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert_eq!(s.sms.as_ref().unwrap().auth_user, "SK1");
+    }
+}

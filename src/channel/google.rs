@@ -1,0 +1,562 @@
+//! Google Calendar (`sync_calendar`): the Calendar v3 events API with a service account.
+//!
+//! **Token.** The service account signs a JWT (RS256; `iss` = the account, `scope` =
+//! `calendar.events`, `aud` = the token URL, one hour) and trades it at the token endpoint for an
+//! access token (`grant_type=urn:ietf:params:oauth:grant-type:jwt-bearer`). The token is cached
+//! and shared by every worker of the process until [`TOKEN_REFRESH_MARGIN`] before it expires;
+//! one worker fetches while the others wait for it. A 401 from the Calendar API drops the cached
+//! token and the request is made once more with a new one.
+//!
+//! **Idempotence.** The Google event id is derived from the task's `event_id` (the clinic's
+//! appointment id): `hex(sha256("arnela:" + event_id))`, which uses only characters Google allows
+//! in event ids. So every action on one appointment addresses the same Google event:
+//! - `create` inserts the event with that id; `409 Conflict` means an earlier attempt (or a
+//!   create whose answer timed out) already made it, and the event is then overwritten with the
+//!   requested content, so a retried create leaves one event, as requested.
+//! - `update` replaces the event (PUT); if it does not exist it is inserted.
+//! - `delete` deletes it; `404` or `410 Gone` means it is already gone: success.
+//!
+//! **Time zones.** `appointment_data.starts_at` (and `ends_at`) are RFC 3339 with an offset, or
+//! a local date-time without one; either way the event carries `time_zone` (or
+//! `GOOGLE_CALENDAR_TIME_ZONE`), which Google uses for local times and for display.
+
+use chrono::{DateTime, Duration as ChronoDuration, NaiveDateTime, Utc};
+use futures::future::BoxFuture;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::{Method, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::classify::{self, ProviderDetail};
+use super::config::GoogleSettings;
+use super::ratelimit::RateLimiter;
+use super::{http_client, ChannelError};
+use crate::config::Secret;
+use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};
+
+/// The OAuth scope asked for: events of calendars the account can write to.
+pub const SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
+/// A cached token is replaced this long before it expires.
+pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// Lifetime asked for in the JWT assertion (Google's maximum).
+const ASSERTION_LIFETIME_SECS: i64 = 3600;
+
+/// The wall clock of the token cache (injected in tests).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The Google event id of a clinic appointment id.
+pub fn calendar_event_id(event_id: &str) -> String {
+    hex::encode(Sha256::digest(format!("arnela:{event_id}").as_bytes()))
+}
+
+struct CachedToken {
+    token: Secret,
+    expires_at: DateTime<Utc>,
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    scope: &'a str,
+    aud: &'a str,
+    iat: i64,
+    exp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct OAuthError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ApiErrorBody {
+    error: ApiError,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    message: Option<String>,
+    status: Option<String>,
+    #[serde(default)]
+    errors: Vec<ApiErrorItem>,
+}
+
+#[derive(Deserialize)]
+struct ApiErrorItem {
+    reason: Option<String>,
+}
+
+/// Keeps one calendar in step with the clinic's appointments.
+pub struct GoogleCalendarChannel {
+    client: reqwest::Client,
+    settings: GoogleSettings,
+    key: EncodingKey,
+    events_url: Url,
+    token: tokio::sync::Mutex<Option<CachedToken>>,
+    clock: Clock,
+    limiter: RateLimiter,
+}
+
+/// What a Calendar API call answered.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Value,
+}
+
+impl GoogleCalendarChannel {
+    pub fn new(settings: GoogleSettings) -> Result<GoogleCalendarChannel, ChannelError> {
+        let key = EncodingKey::from_rsa_pem(settings.private_key.expose().as_bytes())
+            .map_err(|_| ChannelError::Key)?;
+        let mut events_url = settings.calendar_base_url.clone();
+        events_url
+            .path_segments_mut()
+            .map_err(|()| ChannelError::BaseUrl("GOOGLE_CALENDAR_BASE_URL"))?
+            .pop_if_empty()
+            .extend(["calendars", &settings.calendar_id, "events"]);
+        Ok(GoogleCalendarChannel {
+            client: http_client(settings.timeout)?,
+            limiter: RateLimiter::new(settings.rate_limit),
+            settings,
+            key,
+            events_url,
+            token: tokio::sync::Mutex::new(None),
+            clock: Arc::new(Utc::now),
+        })
+    }
+
+    /// Replaces the clock of the token cache.
+    pub fn with_clock(mut self, clock: Clock) -> GoogleCalendarChannel {
+        self.clock = clock;
+        self
+    }
+
+    async fn sync(&self, task: &TaskContext) -> HandlerResult {
+        let p = &task.payload;
+        let event_id = p
+            .get("event_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| HandlerError::permanent("payload has no event_id"))?;
+        let action = p.get("action").and_then(Value::as_str).unwrap_or_default();
+        let google_id = calendar_event_id(event_id);
+        let outcome = match action {
+            "create" => {
+                let event = self.event(event_id, &google_id, p.get("appointment_data"))?;
+                self.create(&google_id, &event).await
+            }
+            "update" => {
+                let event = self.event(event_id, &google_id, p.get("appointment_data"))?;
+                self.update(&google_id, &event).await
+            }
+            "delete" => self.delete(&google_id).await,
+            other => Err(HandlerError::permanent(format!(
+                "unknown calendar action {other:?}"
+            ))),
+        };
+        match &outcome {
+            Ok((what, _)) => tracing::info!(
+                channel = "google_calendar",
+                action,
+                calendar_event_id = %google_id,
+                outcome = what,
+                "calendar synchronised"
+            ),
+            Err(e) => tracing::warn!(
+                channel = "google_calendar",
+                action,
+                calendar_event_id = %google_id,
+                error = classify::message_of(e),
+                "calendar not synchronised"
+            ),
+        }
+        let (what, body) = outcome?;
+        Ok(json!({
+            "channel": "google_calendar",
+            "action": action,
+            "calendar_event_id": google_id,
+            "outcome": what,
+            "html_link": body.get("htmlLink"),
+        }))
+    }
+
+    async fn create(&self, id: &str, event: &Value) -> Result<(&'static str, Value), HandlerError> {
+        let a = self
+            .call(Method::POST, self.events_url.clone(), Some(event))
+            .await?;
+        match a.status {
+            s if s.is_success() => Ok(("created", a.body)),
+            // Made by an earlier attempt whose answer was lost, or deleted earlier (Google keeps
+            // cancelled events): bring it to the requested state.
+            StatusCode::CONFLICT => {
+                let b = self
+                    .call(Method::PUT, self.event_url(id), Some(event))
+                    .await?;
+                if b.status.is_success() {
+                    Ok(("already_existed", b.body))
+                } else {
+                    Err(api_failure(&b))
+                }
+            }
+            _ => Err(api_failure(&a)),
+        }
+    }
+
+    async fn update(&self, id: &str, event: &Value) -> Result<(&'static str, Value), HandlerError> {
+        let a = self
+            .call(Method::PUT, self.event_url(id), Some(event))
+            .await?;
+        match a.status {
+            s if s.is_success() => Ok(("updated", a.body)),
+            StatusCode::NOT_FOUND => {
+                let b = self
+                    .call(Method::POST, self.events_url.clone(), Some(event))
+                    .await?;
+                if b.status.is_success() {
+                    Ok(("created", b.body))
+                } else {
+                    Err(api_failure(&b))
+                }
+            }
+            _ => Err(api_failure(&a)),
+        }
+    }
+
+    async fn delete(&self, id: &str) -> Result<(&'static str, Value), HandlerError> {
+        let a = self.call(Method::DELETE, self.event_url(id), None).await?;
+        match a.status {
+            s if s.is_success() => Ok(("deleted", Value::Null)),
+            StatusCode::NOT_FOUND | StatusCode::GONE => Ok(("already_deleted", Value::Null)),
+            _ => Err(api_failure(&a)),
+        }
+    }
+
+    fn event_url(&self, id: &str) -> Url {
+        let mut url = self.events_url.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.push(id);
+        }
+        url
+    }
+
+    /// One Calendar API request (rate limited, authorised; once more with a new token on 401).
+    async fn call(
+        &self,
+        method: Method,
+        mut url: Url,
+        body: Option<&Value>,
+    ) -> Result<Answer, HandlerError> {
+        url.query_pairs_mut()
+            .append_pair("sendUpdates", &self.settings.send_updates);
+        let mut response = self.send(&method, &url, body).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // Revoked or expired early: the cached token is no good.
+            *self.token.lock().await = None;
+            response = self.send(&method, &url, body).await?;
+        }
+        let status = response.status();
+        let retry_after = classify::retry_after(response.headers(), Utc::now());
+        let bytes = response.bytes().await.unwrap_or_default();
+        Ok(Answer {
+            status,
+            retry_after,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: &Method,
+        url: &Url,
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response, HandlerError> {
+        let token = self.access_token().await?;
+        self.limiter.acquire().await;
+        let mut request = self
+            .client
+            .request(method.clone(), url.clone())
+            .bearer_auth(token.expose());
+        if let Some(b) = body {
+            request = request.json(b);
+        }
+        request
+            .send()
+            .await
+            .map_err(|e| classify::transport_failure("google calendar", &e))
+    }
+
+    /// The cached access token, or a new one.
+    async fn access_token(&self) -> Result<Secret, HandlerError> {
+        let mut cached = self.token.lock().await;
+        let now = (self.clock)();
+        if let Some(t) = cached.as_ref() {
+            if now + margin() < t.expires_at {
+                return Ok(t.token.clone());
+            }
+        }
+        let fresh = self.fetch_token(now).await?;
+        let token = fresh.token.clone();
+        *cached = Some(fresh);
+        Ok(token)
+    }
+
+    async fn fetch_token(&self, now: DateTime<Utc>) -> Result<CachedToken, HandlerError> {
+        let s = &self.settings;
+        let claims = Claims {
+            iss: &s.client_email,
+            scope: SCOPE,
+            aud: s.token_url.as_str(),
+            iat: now.timestamp(),
+            exp: now.timestamp() + ASSERTION_LIFETIME_SECS,
+            sub: s.subject.as_deref(),
+        };
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = s.private_key_id.clone();
+        let assertion = jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|_| HandlerError::permanent("google oauth: cannot sign the assertion"))?;
+        let response = self
+            .client
+            .post(s.token_url.clone())
+            .form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", assertion.as_str()),
+            ])
+            .send()
+            .await
+            .map_err(|e| classify::transport_failure("google oauth", &e))?;
+        let status = response.status();
+        let retry_after = classify::retry_after(response.headers(), Utc::now());
+        let bytes = response.bytes().await.unwrap_or_default();
+        if status.is_success() {
+            let token: TokenResponse = serde_json::from_slice(&bytes).map_err(|_| {
+                HandlerError::retryable("google oauth: the token answer has no access_token")
+            })?;
+            tracing::debug!(channel = "google_calendar", "access token fetched");
+            return Ok(CachedToken {
+                token: Secret::new(token.access_token),
+                expires_at: now + ChronoDuration::seconds(token.expires_in.unwrap_or(3600)),
+            });
+        }
+        let detail = serde_json::from_slice::<OAuthError>(&bytes)
+            .map(|e| ProviderDetail {
+                code: e.error,
+                message: e.error_description,
+            })
+            .unwrap_or_default();
+        Err(classify::http_failure(
+            "google oauth",
+            status,
+            retry_after,
+            &detail,
+        ))
+    }
+
+    /// The Calendar event of an appointment.
+    fn event(
+        &self,
+        event_id: &str,
+        google_id: &str,
+        data: Option<&Value>,
+    ) -> Result<Value, HandlerError> {
+        let bad = |m: &str| HandlerError::permanent(format!("appointment_data.{m}"));
+        let data = data
+            .and_then(Value::as_object)
+            .ok_or_else(|| HandlerError::permanent("appointment_data is required"))?;
+        let text = |k: &str| -> Result<Option<&str>, HandlerError> {
+            match data.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => Ok(Some(s.as_str())),
+                Some(_) => Err(bad(&format!("{k}: must be a string"))),
+            }
+        };
+        let time_zone = text("time_zone")?.unwrap_or(&self.settings.time_zone);
+        let start = text("starts_at")?
+            .ok_or_else(|| bad("starts_at: is required"))
+            .and_then(|s| {
+                EventTime::parse(s).ok_or_else(|| {
+                    bad("starts_at: must be a date-time like 2026-12-01T10:00:00+01:00")
+                })
+            })?;
+        let end = match text("ends_at")? {
+            Some(s) => EventTime::parse(s).ok_or_else(|| {
+                bad("ends_at: must be a date-time like 2026-12-01T10:30:00+01:00")
+            })?,
+            None => {
+                let minutes = match data.get("duration_minutes") {
+                    None | Some(Value::Null) => i64::from(self.settings.appointment_minutes),
+                    Some(v) => v
+                        .as_i64()
+                        .filter(|m| (1..=24 * 60).contains(m))
+                        .ok_or_else(|| bad("duration_minutes: must be 1 to 1440"))?,
+                };
+                start.plus_minutes(minutes)
+            }
+        };
+        if !end.is_after(&start) {
+            return Err(bad("ends_at: must be after starts_at"));
+        }
+        let mut event = json!({
+            "id": google_id,
+            "summary": text("summary")?.unwrap_or("Cita"),
+            "start": {"dateTime": start.to_string(), "timeZone": time_zone},
+            "end": {"dateTime": end.to_string(), "timeZone": time_zone},
+            "status": "confirmed",
+            "extendedProperties": {"private": {"arnela_event_id": event_id}},
+        });
+        for k in ["description", "location"] {
+            if let Some(v) = text(k)? {
+                event[k] = json!(v);
+            }
+        }
+        match data.get("attendees") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) => {
+                let emails: Option<Vec<Value>> = list
+                    .iter()
+                    .map(|a| a.as_str().map(|e| json!({"email": e})))
+                    .collect();
+                event["attendees"] =
+                    Value::Array(emails.ok_or_else(|| bad("attendees: must be e-mail addresses"))?);
+            }
+            Some(_) => return Err(bad("attendees: must be a list of e-mail addresses")),
+        }
+        Ok(event)
+    }
+}
+
+fn margin() -> ChronoDuration {
+    ChronoDuration::from_std(TOKEN_REFRESH_MARGIN).unwrap_or_else(|_| ChronoDuration::seconds(60))
+}
+
+/// The failure of a Calendar API answer. Google signals rate limits with 403 and a reason.
+fn api_failure(a: &Answer) -> HandlerError {
+    let parsed = serde_json::from_value::<ApiErrorBody>(a.body.clone()).ok();
+    let reason = parsed
+        .as_ref()
+        .and_then(|b| b.error.errors.iter().find_map(|e| e.reason.clone()));
+    let detail = ProviderDetail {
+        code: reason
+            .clone()
+            .or_else(|| parsed.as_ref().and_then(|b| b.error.status.clone())),
+        message: parsed.and_then(|b| b.error.message),
+    };
+    let throttled = a.status == StatusCode::FORBIDDEN
+        && matches!(
+            reason.as_deref(),
+            Some("rateLimitExceeded" | "userRateLimitExceeded" | "quotaExceeded")
+        );
+    let failure = classify::http_failure("google calendar", a.status, a.retry_after, &detail);
+    if throttled {
+        return HandlerError::Retryable {
+            message: classify::message_of(&failure).to_owned(),
+            retry_after: a.retry_after,
+        };
+    }
+    failure
+}
+
+/// A start or end as Google takes it: with its offset, or local to the event's time zone.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum EventTime {
+    Offset(DateTime<chrono::FixedOffset>),
+    Local(NaiveDateTime),
+}
+
+impl EventTime {
+    fn parse(s: &str) -> Option<EventTime> {
+        DateTime::parse_from_rfc3339(s)
+            .map(EventTime::Offset)
+            .or_else(|_| {
+                NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S").map(EventTime::Local)
+            })
+            .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M").map(EventTime::Local))
+            .ok()
+    }
+
+    fn plus_minutes(self, m: i64) -> EventTime {
+        let d = ChronoDuration::minutes(m);
+        match self {
+            EventTime::Offset(t) => EventTime::Offset(t + d),
+            EventTime::Local(t) => EventTime::Local(t + d),
+        }
+    }
+
+    fn is_after(&self, other: &EventTime) -> bool {
+        match (self, other) {
+            (EventTime::Offset(a), EventTime::Offset(b)) => a > b,
+            (EventTime::Local(a), EventTime::Local(b)) => a > b,
+            // Mixed forms: compare wall-clock times (both are in the event's time zone).
+            (EventTime::Offset(a), EventTime::Local(b)) => a.naive_local() > *b,
+            (EventTime::Local(a), EventTime::Offset(b)) => *a > b.naive_local(),
+        }
+    }
+}
+
+impl std::fmt::Display for EventTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EventTime::Offset(t) => write!(f, "{}", t.to_rfc3339()),
+            EventTime::Local(t) => write!(f, "{}", t.format("%Y-%m-%dT%H:%M:%S")),
+        }
+    }
+}
+
+impl Handler for GoogleCalendarChannel {
+    fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult> {
+        Box::pin(self.sync(task))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_stable_and_use_only_characters_google_allows() {
+        let id = calendar_event_id("appointment-42");
+        assert_eq!(id, calendar_event_id("appointment-42"));
+        assert_ne!(id, calendar_event_id("appointment-43"));
+        assert_eq!(id.len(), 64);
+        assert!(id.chars().all(|c| matches!(c, '0'..='9' | 'a'..='v')));
+    }
+
+    #[test]
+    fn times_keep_their_offset_or_stay_local() {
+        let t = EventTime::parse("2026-03-29T01:30:00+01:00").unwrap();
+        assert_eq!(t.plus_minutes(45).to_string(), "2026-03-29T02:15:00+01:00");
+        let local = EventTime::parse("2026-12-01T10:00").unwrap();
+        assert_eq!(local.to_string(), "2026-12-01T10:00:00");
+        assert!(local.plus_minutes(30).is_after(&local));
+        assert!(EventTime::parse("tomorrow").is_none());
+    }
+
+    #[test]
+    fn google_rate_limits_on_403_are_retryable() {
+        let answer = |status: u16, reason: &str| Answer {
+            status: StatusCode::from_u16(status).unwrap(),
+            retry_after: None,
+            body: json!({"error": {"code": status, "message": "m", "errors": [{"reason": reason}]}}),
+        };
+        assert!(matches!(
+            api_failure(&answer(403, "rateLimitExceeded")),
+            HandlerError::Retryable { .. }
+        ));
+        assert_eq!(
+            api_failure(&answer(403, "forbiddenForServiceAccounts")),
+            HandlerError::permanent(
+                "google calendar: HTTP 403, code forbiddenForServiceAccounts: m"
+            )
+        );
+    }
+}
