@@ -41,9 +41,13 @@ pub async fn connect_with_timeout(
     timeout: Duration,
 ) -> Result<ConnectionManager> {
     let client = redis::Client::open(info)?;
+    // Retry delays: 1 s, then doubling, at most 2 s apart (the crate's default factor would
+    // wait 100 s before the second retry).
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Duration::from_secs(3))
         .set_response_timeout(timeout)
+        .set_factor(2)
+        .set_max_delay(2000)
         .set_number_of_retries(2);
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
