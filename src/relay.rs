@@ -98,6 +98,18 @@ impl Relay {
 
     /// Publishes one batch of due rows.
     pub async fn run_once(&self) -> Result<Batch> {
+        // Before anything reaches this Redis, make sure it holds what Postgres says is in
+        // transit (the rescuer checks the same marker; whoever sets it re-publishes).
+        let mut conn = self.redis.clone();
+        if queue::mark_seeded(&mut conn, &self.keys).await? {
+            let n = outbox::republish_all(&self.pool).await?;
+            if n > 0 {
+                tracing::warn!(
+                    deliveries = n,
+                    "Redis had lost its queue; re-publishing from Postgres"
+                );
+            }
+        }
         let mut tx = Tx::begin(&self.pool).await?;
         let due = outbox::claim_due(&mut tx, self.config.batch).await?;
         if due.is_empty() {
@@ -150,7 +162,6 @@ impl Relay {
             outbox::delete(&mut tx, &drop_ids).await?;
         }
         // Push before commit: a crash in between re-publishes (harmless), never loses.
-        let mut conn = self.redis.clone();
         queue::publish(&mut conn, &self.keys, &deliveries).await?;
         tx.commit().await?;
         Ok(Batch {

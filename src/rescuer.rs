@@ -7,8 +7,9 @@
 //!
 //! 1. **Redis lost its data.** The marker `{prefix}:tasks:seeded` is set with `SET NX`; if it was
 //!    missing, Redis is new, restarted empty or was flushed, so every published outbox row (the
-//!    deliveries Redis should hold) is marked unpublished and the relays push it again. Bound:
-//!    one rescuer interval plus one relay batch.
+//!    deliveries Redis should hold) is marked unpublished and the relays push it again. Relays
+//!    make the same check before each batch, so whichever runs first after a loss re-publishes.
+//!    Bound: one relay batch or one rescuer interval, whichever comes first.
 //! 2. **Expired leases.** A running attempt whose lease ran out (its worker died or hung) is
 //!    recorded as failed (`lease_expired`) and retried or dead-lettered by the usual rules.
 //!    Bound: the lease plus one rescuer interval after the worker stopped renewing.

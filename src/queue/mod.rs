@@ -125,6 +125,38 @@ pub async fn take(
         .await?)
 }
 
+/// Moves up to `max` deliveries that are already waiting onto the processing list, without
+/// blocking (one round trip).
+pub async fn take_waiting(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    max: usize,
+) -> Result<Vec<String>> {
+    let mut pipe = redis::pipe();
+    for _ in 0..max {
+        pipe.cmd("LMOVE")
+            .arg(keys.tasks())
+            .arg(keys.processing())
+            .arg("RIGHT")
+            .arg("LEFT");
+    }
+    let taken: Vec<Option<String>> = pipe.query_async(conn).await?;
+    Ok(taken.into_iter().flatten().collect())
+}
+
+/// Removes one copy of each entry from the processing list, in one round trip.
+pub async fn ack_many(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) -> Result<()> {
+    if raws.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for raw in raws {
+        pipe.lrem(keys.processing(), 1, *raw).ignore();
+    }
+    pipe.query_async::<()>(conn).await?;
+    Ok(())
+}
+
 /// Removes one copy of `raw` from the processing list (the delivery is done with).
 pub async fn ack(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<bool> {
     let removed: i64 = redis::cmd("LREM")

@@ -73,6 +73,35 @@ pub async fn insert(
     Ok(())
 }
 
+/// Adds deliveries `(task, attempt, due)` in one statement.
+pub async fn insert_many(tx: &mut Tx, rows: &[(Uuid, i32, DateTime<Utc>)]) -> Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (task_id, attempt, available_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::timestamptz[])",
+    )
+    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+    .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+/// Removes every row of these tasks (their attempts were claimed).
+pub async fn delete_for_tasks(tx: &mut Tx, task_ids: &[Uuid]) -> Result<()> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM outbox WHERE task_id = ANY($1)")
+        .bind(task_ids)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
 /// Removes every row of a task (its attempt was claimed, or it reached a terminal state).
 pub async fn delete_for_task(tx: &mut Tx, task_id: Uuid) -> Result<()> {
     sqlx::query("DELETE FROM outbox WHERE task_id = $1")

@@ -352,27 +352,6 @@ pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
     .await?)
 }
 
-/// Extends the lease of `worker` on `task` to now + `lease`. Returns `false` when the worker no
-/// longer holds it (a rescuer took the attempt over, or it ended): the worker must stop. A lease
-/// that ran out but was not yet taken over is still the worker's.
-pub async fn renew_lease(
-    pool: &PgPool,
-    task: Uuid,
-    worker: Uuid,
-    lease: std::time::Duration,
-) -> Result<bool> {
-    let updated = sqlx::query(
-        "UPDATE tasks SET lease_expires_at = now() + $3 \
-         WHERE id = $1 AND lease_owner = $2",
-    )
-    .bind(task)
-    .bind(worker)
-    .bind(lease)
-    .execute(pool)
-    .await?;
-    Ok(updated.rows_affected() == 1)
-}
-
 /// Locks up to `limit` tasks whose lease ran out (skipping ones another rescuer holds), with the
 /// database's clock.
 pub async fn lock_expired_leases(tx: &mut Tx, limit: i64) -> Result<(Vec<TaskRow>, DateTime<Utc>)> {
@@ -388,4 +367,30 @@ pub async fn lock_expired_leases(tx: &mut Tx, limit: i64) -> Result<(Vec<TaskRow
         .fetch_one(tx.conn())
         .await?;
     Ok((rows, now))
+}
+
+/// The database's clock, as seen by `tx`.
+pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()")
+        .fetch_one(tx.conn())
+        .await?)
+}
+
+/// Extends the leases `worker` holds among `ids` to now + `lease`; returns the ids it still
+/// holds (an attempt missing from the answer was taken over or ended: its handler must stop).
+pub async fn renew_leases(
+    pool: &PgPool,
+    ids: &[Uuid],
+    worker: Uuid,
+    lease: std::time::Duration,
+) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE tasks SET lease_expires_at = now() + $3 \
+         WHERE id = ANY($1) AND lease_owner = $2 RETURNING id",
+    )
+    .bind(ids)
+    .bind(worker)
+    .bind(lease)
+    .fetch_all(pool)
+    .await?)
 }

@@ -28,14 +28,16 @@ pub mod log_channel;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskType};
+use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::queue::{self, Delivery, FailedCopy, Keys, QueueError};
 use crate::store::{events, outbox, tasks, StoreError, Tx};
 use handler::{HandlerError, Registry, TaskContext};
@@ -132,23 +134,47 @@ pub enum Processed {
     Undecodable,
 }
 
-/// One worker: one Redis connection of its own for the blocking take.
+/// Takes deliveries, claims them, runs their handlers and records their outcomes. A
+/// [`WorkerPool`] runs one `Worker` with many handlers at once; tests drive it one delivery at a
+/// time with [`Worker::process_next`].
 pub struct Worker {
+    /// The lease owner of every attempt this worker claims.
     pub id: Uuid,
     pool: PgPool,
-    /// Dedicated to this worker: `BLMOVE` blocks the connection it runs on.
+    /// Dedicated to the blocking take (`BLMOVE` blocks the connection it runs on).
     blocking: ConnectionManager,
+    /// For everything else (acknowledgements, failed copies).
+    commands: ConnectionManager,
     keys: Keys,
     registry: Arc<Registry>,
     config: WorkerConfig,
     stats: Arc<WorkerStats>,
 }
 
-enum Ending {
+/// A claimed attempt, ready to run.
+pub struct Claimed {
+    raw: String,
+    pub ctx: TaskContext,
+}
+
+/// How a handler run ended.
+pub enum Ending {
     Done(std::result::Result<serde_json::Value, HandlerError>),
     TimedOut(Duration),
     LeaseLost,
     Interrupted,
+}
+
+/// A finished run, waiting to be recorded.
+pub struct Finished {
+    pub claimed: Claimed,
+    pub ending: Ending,
+    pub duration_ms: i64,
+}
+
+enum Decision {
+    Start(TaskEvent),
+    DeadLetter(TaskEvent, String),
 }
 
 impl Worker {
@@ -160,10 +186,33 @@ impl Worker {
         config: WorkerConfig,
         stats: Arc<WorkerStats>,
     ) -> Worker {
+        Worker::with_connections(
+            pool,
+            blocking.clone(),
+            blocking,
+            keys,
+            registry,
+            config,
+            stats,
+        )
+    }
+
+    /// A worker with separate connections for the blocking take and other commands (needed when
+    /// acknowledgements run while a take is blocking).
+    pub fn with_connections(
+        pool: PgPool,
+        blocking: ConnectionManager,
+        commands: ConnectionManager,
+        keys: Keys,
+        registry: Arc<Registry>,
+        config: WorkerConfig,
+        stats: Arc<WorkerStats>,
+    ) -> Worker {
         Worker {
             id: Uuid::new_v4(),
             pool,
             blocking,
+            commands,
             keys,
             registry,
             config,
@@ -178,69 +227,376 @@ impl Worker {
         shutdown: &CancellationToken,
         hard_stop: &CancellationToken,
     ) -> Result<Processed> {
-        let mut conn = self.blocking.clone();
-        let Some(raw) = queue::take(&mut conn, &self.keys, self.config.block).await? else {
+        let raws = self.take(1).await?;
+        let Some(raw) = raws.into_iter().next() else {
             return Ok(Processed::Idle);
         };
-        let Some(delivery) = Delivery::decode(&raw) else {
-            return self.undecodable(&mut conn, &raw).await;
-        };
         if shutdown.is_cancelled() {
+            let id = Delivery::decode(&raw)
+                .map(|d| d.task_id)
+                .unwrap_or_default();
+            let mut conn = self.commands.clone();
             queue::return_unstarted(&mut conn, &self.keys, &raw).await?;
-            return Ok(Processed::Returned(delivery.task_id));
+            return Ok(Processed::Returned(id));
         }
-        let span = tracing::info_span!(
-            "delivery",
-            task.id = %delivery.task_id,
-            task.r#type = %delivery.task_type,
-            attempt = delivery.attempt
+        let (mut claimed, refused) = self.claim(vec![raw]).await?;
+        let Some(claimed) = claimed.pop() else {
+            return Ok(refused.into_iter().next().unwrap_or(Processed::Idle));
+        };
+        let lease_lost = CancellationToken::new();
+        let heartbeat = self.heartbeat(claimed.ctx.task_id, lease_lost.clone());
+        let (finished, ()) = tokio::join!(
+            async {
+                let f = self.execute(claimed, &lease_lost, hard_stop).await;
+                lease_lost.cancel();
+                f
+            },
+            heartbeat
         );
-        self.deliver(&raw, &delivery, &mut conn, hard_stop)
-            .instrument(span)
-            .await
+        let mut processed = self.complete(vec![finished]).await?;
+        Ok(processed.remove(0))
     }
 
-    async fn deliver(
-        &self,
-        raw: &str,
-        delivery: &Delivery,
-        conn: &mut ConnectionManager,
-        hard_stop: &CancellationToken,
-    ) -> Result<Processed> {
-        let id = delivery.task_id;
-        let (task, task_type) = match self.claim(delivery).await? {
-            Claim::Started(task, t) => (task, t),
-            Claim::Refused => {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("duplicate delivery dropped");
-                queue::ack(conn, &self.keys, raw).await?;
-                return Ok(Processed::Duplicate(id));
-            }
-            Claim::DeadLettered(copy) => {
-                queue::push_failed(conn, &self.keys, &copy).await?;
-                queue::ack(conn, &self.keys, raw).await?;
-                self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                return Ok(Processed::DeadLettered(id));
-            }
+    /// Takes up to `max` deliveries onto the processing list: waits up to the block time for the
+    /// first, then takes only what is already waiting.
+    pub async fn take(&self, max: usize) -> Result<Vec<String>> {
+        let mut conn = self.blocking.clone();
+        let Some(first) = queue::take(&mut conn, &self.keys, self.config.block).await? else {
+            return Ok(Vec::new());
         };
+        let mut raws = vec![first];
+        if max > 1 {
+            raws.extend(queue::take_waiting(&mut conn, &self.keys, max - 1).await?);
+        }
+        Ok(raws)
+    }
 
-        let attempt = task.attempts;
-        let ctx = TaskContext {
-            task_id: id,
-            task_type,
-            attempt,
-            payload: task.payload.clone(),
-            idempotency_key: format!("{id}:{attempt}"),
+    /// Claims the attempts the deliveries name, in one transaction. Returns the claimed attempts
+    /// and what happened to the others (duplicates, undecodable entries, types without a
+    /// handler), which are acknowledged here.
+    pub async fn claim(&self, raws: Vec<String>) -> Result<(Vec<Claimed>, Vec<Processed>)> {
+        let mut conn = self.commands.clone();
+        let mut done = Vec::new();
+        let mut deliveries = Vec::with_capacity(raws.len());
+        for raw in raws {
+            match Delivery::decode(&raw) {
+                Some(d) => deliveries.push((raw, d)),
+                None => done.push(self.undecodable(&mut conn, &raw).await?),
+            }
+        }
+        if deliveries.is_empty() {
+            return Ok((Vec::new(), done));
+        }
+        let mut ids: Vec<Uuid> = deliveries.iter().map(|(_, d)| d.task_id).collect();
+        ids.sort();
+        ids.dedup();
+
+        let mut tx = Tx::begin(&self.pool).await?;
+        let rows = tasks::lock_many(&mut tx, &ids).await?;
+        let now = tasks::db_now(&mut tx).await?;
+        let lease_until = now + chrono::Duration::from_std(self.config.lease).unwrap_or_default();
+        let by_id: HashMap<Uuid, &tasks::TaskRow> = rows.iter().map(|r| (r.id, r)).collect();
+        let mut seen = HashSet::new();
+        let mut items = Vec::new();
+        let mut decided = Vec::new();
+        let mut refused = Vec::new();
+        for (raw, d) in deliveries {
+            let decision = match by_id.get(&d.task_id) {
+                Some(row) if seen.insert(d.task_id) => {
+                    let task = row.to_task()?;
+                    let decision = self.decide_claim(&task, &d, now, lease_until);
+                    decision.map(|dec| (task, row.last_hash.clone(), dec))
+                }
+                _ => None,
+            };
+            match decision {
+                Some((task, hash, dec)) => {
+                    let event = match &dec {
+                        Decision::Start(e) | Decision::DeadLetter(e, _) => e.clone(),
+                    };
+                    items.push((task, hash, vec![event]));
+                    decided.push((raw, dec));
+                }
+                None => refused.push((raw, d.task_id)),
+            }
+        }
+        let refs: Vec<(&Task, &[u8], &[TaskEvent])> = items
+            .iter()
+            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
+            .collect();
+        let afters = if refs.is_empty() {
+            Vec::new()
+        } else {
+            events::record_batch(&mut tx, &refs, now).await?
         };
+        let started_ids: Vec<Uuid> = afters.iter().map(|t| t.id).collect();
+        outbox::delete_for_tasks(&mut tx, &started_ids).await?;
+        tx.commit().await?;
+
+        let mut claimed = Vec::new();
+        for ((raw, dec), after) in decided.into_iter().zip(afters) {
+            match dec {
+                Decision::Start(_) => {
+                    let attempt = after.attempts;
+                    let id = after.id;
+                    claimed.push(Claimed {
+                        raw,
+                        ctx: TaskContext {
+                            task_id: id,
+                            task_type: after.task_type,
+                            attempt,
+                            payload: after.payload,
+                            idempotency_key: format!("{id}:{attempt}"),
+                        },
+                    });
+                }
+                Decision::DeadLetter(_, reason) => {
+                    queue::push_failed(&mut conn, &self.keys, &failed_copy(&after, reason, now))
+                        .await?;
+                    queue::ack(&mut conn, &self.keys, &raw).await?;
+                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    done.push(Processed::DeadLettered(after.id));
+                }
+            }
+        }
+        if !refused.is_empty() {
+            let raws: Vec<&str> = refused.iter().map(|(r, _)| r.as_str()).collect();
+            queue::ack_many(&mut conn, &self.keys, &raws).await?;
+            for (_, id) in refused {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(task.id = %id, "duplicate delivery dropped");
+                done.push(Processed::Duplicate(id));
+            }
+        }
+        Ok((claimed, done))
+    }
+
+    /// Whether a delivery may start its attempt now; `None` for a duplicate.
+    fn decide_claim(
+        &self,
+        task: &Task,
+        d: &Delivery,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Option<Decision> {
+        if d.attempt != task.next_attempt() {
+            return None;
+        }
+        if self.registry.handler(task.task_type).is_none() {
+            let reason = format!("no handler is registered for task type {}", task.task_type);
+            let event = task.dead_letter(reason.clone()).ok()?;
+            return Some(Decision::DeadLetter(event, reason));
+        }
+        task.start_attempt(self.id, now, lease_until)
+            .ok()
+            .map(Decision::Start)
+    }
+
+    /// Runs the handler of a claimed attempt under its time limit, until it ends, the lease is
+    /// lost or `hard_stop` fires.
+    pub async fn execute(
+        &self,
+        claimed: Claimed,
+        lease_lost: &CancellationToken,
+        hard_stop: &CancellationToken,
+    ) -> Finished {
+        let ctx = &claimed.ctx;
+        let span = tracing::info_span!(
+            "attempt",
+            task.id = %ctx.task_id,
+            task.r#type = %ctx.task_type,
+            attempt = ctx.attempt
+        );
         let started = Instant::now();
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        let ending = self.run_handler(&ctx, hard_stop).await;
+        let ending = match self.registry.handler(ctx.task_type) {
+            None => Ending::Done(Err(HandlerError::permanent(
+                "no handler for this task type",
+            ))),
+            Some(handler) => {
+                let limit = self.registry.timeout(ctx.task_type);
+                let work = tokio::time::timeout(limit, handler.handle(ctx)).instrument(span);
+                tokio::select! {
+                    r = work => match r {
+                        Ok(result) => Ending::Done(result),
+                        Err(_) => Ending::TimedOut(limit),
+                    },
+                    () = lease_lost.cancelled() => Ending::LeaseLost,
+                    () = hard_stop.cancelled() => Ending::Interrupted,
+                }
+            }
+        };
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
-        let duration_ms = started.elapsed().as_millis() as i64;
+        Finished {
+            claimed,
+            ending,
+            duration_ms: started.elapsed().as_millis() as i64,
+        }
+    }
 
-        let processed = self.record(&ctx, ending, duration_ms, conn).await?;
-        queue::ack(conn, &self.keys, raw).await?;
+    /// Renews one attempt's lease every third of its length until `stop` fires; fires `stop`
+    /// itself when the lease is lost.
+    async fn heartbeat(&self, task: Uuid, stop: CancellationToken) {
+        let every = self.config.lease / 3;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            match tasks::renew_leases(&self.pool, &[task], self.id, self.config.lease).await {
+                Ok(held) if held.is_empty() => {
+                    tracing::warn!(task.id = %task, "lease lost; stopping the handler");
+                    stop.cancel();
+                    return;
+                }
+                Ok(_) => {}
+                // A failed renewal is not a lost lease: try again next beat (the lease has
+                // two more beats of slack).
+                Err(e) => tracing::warn!(task.id = %task, error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// Records the outcomes of finished runs in one transaction, then acknowledges their
+    /// deliveries. An outcome is recorded only while this worker still holds the attempt.
+    pub async fn complete(&self, finished: Vec<Finished>) -> Result<Vec<Processed>> {
+        if finished.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = finished.iter().map(|f| f.claimed.ctx.task_id).collect();
+        let mut tx = Tx::begin(&self.pool).await?;
+        let rows = tasks::lock_many(&mut tx, &ids).await?;
+        let now = tasks::db_now(&mut tx).await?;
+        let by_id: HashMap<Uuid, &tasks::TaskRow> = rows.iter().map(|r| (r.id, r)).collect();
+
+        let mut processed = Vec::with_capacity(finished.len());
+        let mut items = Vec::new();
+        for f in &finished {
+            let id = f.claimed.ctx.task_id;
+            let Some(row) = by_id.get(&id) else {
+                return Err(StoreError::NotFound(id).into());
+            };
+            let task = row.to_task()?;
+            match self.outcome(&task, f, now)? {
+                Some((events, p)) => {
+                    items.push((task, row.last_hash.clone(), events));
+                    processed.push(p);
+                }
+                None => processed.push(Processed::Fenced(id)),
+            }
+        }
+        let refs: Vec<(&Task, &[u8], &[TaskEvent])> = items
+            .iter()
+            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
+            .collect();
+        let afters = if refs.is_empty() {
+            Vec::new()
+        } else {
+            events::record_batch(&mut tx, &refs, now).await?
+        };
+        let mut deliveries = Vec::new();
+        let mut copies = Vec::new();
+        for ((_, _, evs), after) in items.iter().zip(&afters) {
+            for e in evs {
+                match e {
+                    TaskEvent::RetryScheduled {
+                        next_attempt,
+                        available_at,
+                        ..
+                    } => deliveries.push((after.id, *next_attempt, *available_at)),
+                    TaskEvent::AttemptReleased { attempt, .. } => {
+                        deliveries.push((after.id, *attempt, now))
+                    }
+                    TaskEvent::DeadLettered { reason } => {
+                        copies.push(failed_copy(after, reason.clone(), now))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        outbox::insert_many(&mut tx, &deliveries).await?;
+        tx.commit().await?;
+
+        let mut conn = self.commands.clone();
+        for copy in &copies {
+            queue::push_failed(&mut conn, &self.keys, copy).await?;
+        }
+        let raws: Vec<&str> = finished.iter().map(|f| f.claimed.raw.as_str()).collect();
+        queue::ack_many(&mut conn, &self.keys, &raws).await?;
+        for p in &processed {
+            let counter = match p {
+                Processed::Succeeded(_) => &self.stats.succeeded,
+                Processed::Released(_) => &self.stats.released,
+                Processed::Fenced(_) => &self.stats.fenced,
+                Processed::DeadLettered(_) => &self.stats.dead_lettered,
+                Processed::CancelledWhileRunning(_) => continue,
+                _ => &self.stats.failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(processed)
+    }
+
+    /// The events that record a finished run, or `None` if this worker no longer holds the
+    /// attempt (fencing).
+    fn outcome(
+        &self,
+        task: &Task,
+        f: &Finished,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(Vec<TaskEvent>, Processed)>> {
+        let id = task.id;
+        if !task.is_held_by(self.id, f.claimed.ctx.attempt) {
+            tracing::warn!(task.id = %id, attempt = f.claimed.ctx.attempt, "lease was taken over; outcome not recorded");
+            return Ok(None);
+        }
+        let duration_ms = f.duration_ms;
+        if task.status == TaskStatus::Cancelled {
+            let event = match &f.ending {
+                Ending::Done(Ok(result)) => task.succeed(result.clone(), duration_ms)?,
+                _ => task
+                    .fail(
+                        FailureKind::Retryable,
+                        "the attempt did not succeed after the task was cancelled".into(),
+                        duration_ms,
+                        now,
+                        RetryDecision::DeadLetter,
+                    )?
+                    .remove(0),
+            };
+            return Ok(Some((vec![event], Processed::CancelledWhileRunning(id))));
+        }
+        let result = match &f.ending {
+            Ending::Done(Ok(result)) => (
+                vec![task.succeed(result.clone(), duration_ms)?],
+                Processed::Succeeded(id),
+            ),
+            Ending::Interrupted => (
+                vec![task.release("the worker shut down before the handler finished".into())?],
+                Processed::Released(id),
+            ),
+            // The renewal found the lease gone although the row still names this worker: a
+            // rescuer is about to take the attempt over. Record nothing.
+            Ending::LeaseLost => return Ok(None),
+            Ending::Done(Err(err)) => {
+                let (kind, retry_after) = match err {
+                    HandlerError::Retryable { retry_after, .. } => {
+                        (FailureKind::Retryable, *retry_after)
+                    }
+                    HandlerError::Permanent { .. } => (FailureKind::Permanent, None),
+                };
+                self.failure(task, kind, err.to_string(), retry_after, duration_ms, now)?
+            }
+            Ending::TimedOut(limit) => self.failure(
+                task,
+                FailureKind::Timeout,
+                format!("the handler did not finish within {limit:?}"),
+                None,
+                duration_ms,
+                now,
+            )?,
+        };
+        Ok(Some(result))
     }
 
     async fn undecodable(&self, conn: &mut ConnectionManager, raw: &str) -> Result<Processed> {
@@ -252,178 +608,6 @@ impl Worker {
         queue::push_failed_raw(conn, &self.keys, raw, "undecodable delivery").await?;
         queue::ack(conn, &self.keys, raw).await?;
         Ok(Processed::Undecodable)
-    }
-
-    async fn claim(&self, d: &Delivery) -> Result<Claim> {
-        let mut tx = Tx::begin(&self.pool).await?;
-        let Some((row, now)) = tasks::lock_with_now(&mut tx, d.task_id).await? else {
-            return Ok(Claim::Refused);
-        };
-        let task = row.to_task()?;
-        if d.attempt != task.next_attempt() {
-            return Ok(Claim::Refused);
-        }
-        let task_type = task.task_type;
-        if self.registry.handler(task_type).is_none() {
-            let reason = format!("no handler is registered for task type {task_type}");
-            let event = match task.dead_letter(reason.clone()) {
-                Ok(e) => e,
-                Err(_) => return Ok(Claim::Refused),
-            };
-            events::record(&mut tx, &task, &row.last_hash, &[event], now).await?;
-            outbox::delete_for_task(&mut tx, task.id).await?;
-            tx.commit().await?;
-            return Ok(Claim::DeadLettered(failed_copy(&task, reason, now)));
-        }
-        let lease_until = now + chrono::Duration::from_std(self.config.lease).unwrap_or_default();
-        let Ok(event) = task.start_attempt(self.id, now, lease_until) else {
-            return Ok(Claim::Refused);
-        };
-        let after = events::record(&mut tx, &task, &row.last_hash, &[event], now).await?;
-        outbox::delete_for_task(&mut tx, task.id).await?;
-        tx.commit().await?;
-        Ok(Claim::Started(after, task_type))
-    }
-
-    async fn run_handler(&self, ctx: &TaskContext, hard_stop: &CancellationToken) -> Ending {
-        let handler = self
-            .registry
-            .handler(ctx.task_type)
-            .expect("the claim checked the handler exists");
-        let limit = self.registry.timeout(ctx.task_type);
-        let work = tokio::time::timeout(limit, handler.handle(ctx));
-        let heartbeat = self.heartbeat(ctx.task_id);
-        tokio::select! {
-            r = work => match r {
-                Ok(result) => Ending::Done(result),
-                Err(_) => Ending::TimedOut(limit),
-            },
-            () = heartbeat => Ending::LeaseLost,
-            () = hard_stop.cancelled() => Ending::Interrupted,
-        }
-    }
-
-    /// Renews the lease every third of its length; returns only when it is lost.
-    async fn heartbeat(&self, task: Uuid) {
-        let every = self.config.lease / 3;
-        loop {
-            tokio::time::sleep(every).await;
-            match tasks::renew_lease(&self.pool, task, self.id, self.config.lease).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!(task.id = %task, "lease lost; stopping the handler");
-                    return;
-                }
-                // A failed renewal is not a lost lease: try again next beat (the lease has
-                // two more beats of slack).
-                Err(e) => tracing::warn!(task.id = %task, error = %e, "lease renewal failed"),
-            }
-        }
-    }
-
-    async fn record(
-        &self,
-        ctx: &TaskContext,
-        ending: Ending,
-        duration_ms: i64,
-        conn: &mut ConnectionManager,
-    ) -> Result<Processed> {
-        let id = ctx.task_id;
-        let mut tx = Tx::begin(&self.pool).await?;
-        let Some((row, now)) = tasks::lock_with_now(&mut tx, id).await? else {
-            return Err(StoreError::NotFound(id).into());
-        };
-        let task = row.to_task()?;
-        if !task.is_held_by(self.id, ctx.attempt) {
-            self.stats.fenced.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(task.id = %id, attempt = ctx.attempt, "lease was taken over; outcome not recorded");
-            return Ok(Processed::Fenced(id));
-        }
-        let cancelled = task.status == crate::domain::TaskStatus::Cancelled;
-        let (events, processed) = match ending {
-            Ending::Done(Ok(_))
-            | Ending::Done(Err(_))
-            | Ending::TimedOut(_)
-            | Ending::Interrupted
-                if cancelled =>
-            {
-                let event = match ending {
-                    Ending::Done(Ok(result)) => task.succeed(result, duration_ms)?,
-                    _ => task
-                        .fail(
-                            FailureKind::Retryable,
-                            "the attempt did not succeed after the task was cancelled".into(),
-                            duration_ms,
-                            now,
-                            RetryDecision::DeadLetter,
-                        )?
-                        .remove(0),
-                };
-                (vec![event], Processed::CancelledWhileRunning(id))
-            }
-            Ending::Done(Ok(result)) => (
-                vec![task.succeed(result, duration_ms)?],
-                Processed::Succeeded(id),
-            ),
-            Ending::Interrupted => (
-                vec![task.release("the worker shut down before the handler finished".into())?],
-                Processed::Released(id),
-            ),
-            Ending::LeaseLost => {
-                // renewal said the lease is gone, but the row says it is ours: the attempt was
-                // ended meanwhile by the rescuer and re-claimed by us is impossible; treat as
-                // fenced to be safe.
-                self.stats.fenced.fetch_add(1, Ordering::Relaxed);
-                return Ok(Processed::Fenced(id));
-            }
-            Ending::Done(Err(err)) => {
-                let (kind, retry_after) = match &err {
-                    HandlerError::Retryable { retry_after, .. } => {
-                        (FailureKind::Retryable, *retry_after)
-                    }
-                    HandlerError::Permanent { .. } => (FailureKind::Permanent, None),
-                };
-                self.failure(&task, kind, err.to_string(), retry_after, duration_ms, now)?
-            }
-            Ending::TimedOut(limit) => self.failure(
-                &task,
-                FailureKind::Timeout,
-                format!("the handler did not finish within {limit:?}"),
-                None,
-                duration_ms,
-                now,
-            )?,
-        };
-        let after = events::record(&mut tx, &task, &row.last_hash, &events, now).await?;
-        let mut dead = None;
-        for e in &events {
-            match e {
-                TaskEvent::RetryScheduled {
-                    next_attempt,
-                    available_at,
-                    ..
-                } => outbox::insert(&mut tx, id, *next_attempt, *available_at).await?,
-                TaskEvent::AttemptReleased { attempt, .. } => {
-                    outbox::insert(&mut tx, id, *attempt, now).await?
-                }
-                TaskEvent::DeadLettered { reason } => {
-                    dead = Some(failed_copy(&after, reason.clone(), now))
-                }
-                _ => {}
-            }
-        }
-        tx.commit().await?;
-        match &processed {
-            Processed::Succeeded(_) => self.stats.succeeded.fetch_add(1, Ordering::Relaxed),
-            Processed::Released(_) => self.stats.released.fetch_add(1, Ordering::Relaxed),
-            Processed::CancelledWhileRunning(_) => 0,
-            _ => self.stats.failed.fetch_add(1, Ordering::Relaxed),
-        };
-        if let Some(copy) = dead {
-            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            queue::push_failed(conn, &self.keys, &copy).await?;
-        }
-        Ok(processed)
     }
 
     fn failure(
@@ -449,12 +633,6 @@ impl Worker {
     }
 }
 
-enum Claim {
-    Started(Task, TaskType),
-    Refused,
-    DeadLettered(FailedCopy),
-}
-
 /// The retry policy's answer for a failed `attempt`.
 pub fn retry_decision(
     config: &WorkerConfig,
@@ -476,80 +654,145 @@ pub fn failed_copy(task: &Task, reason: String, at: DateTime<Utc>) -> FailedCopy
     }
 }
 
-/// A pool of workers in this process, with a heartbeat so `/health` can count live workers.
+/// The workers of one process: `slots` attempts run at once. One fetcher takes as many
+/// deliveries as there are free slots and claims them in one transaction; each attempt runs in
+/// its own task; one renewer extends every held lease in one statement; one completer records
+/// finished attempts in batches (one transaction for all the outcomes that are ready). A
+/// heartbeat in Redis lets `/health` count live workers.
 pub struct WorkerPool {
-    pub workers: Vec<Worker>,
+    worker: Arc<Worker>,
+    slots: usize,
     pub stats: Arc<WorkerStats>,
     pub process_id: Uuid,
     heartbeats: ConnectionManager,
     keys: Keys,
 }
 
+/// Most outcomes recorded in one transaction.
+const COMPLETE_BATCH: usize = 512;
+
 impl WorkerPool {
-    /// Builds `n` workers, each with its own blocking Redis connection.
+    /// Builds a pool running up to `slots` attempts at once.
     pub async fn build(
-        n: usize,
+        slots: usize,
         pool: PgPool,
         redis_info: redis::ConnectionInfo,
         keys: Keys,
         registry: Registry,
         config: WorkerConfig,
     ) -> Result<WorkerPool> {
-        let registry = Arc::new(registry);
         let stats = Arc::new(WorkerStats::default());
-        // A blocking take may hold its connection for `block`; allow that plus a margin.
-        let timeout = config.block + Duration::from_secs(5);
-        let mut workers = Vec::with_capacity(n);
-        for _ in 0..n {
-            let conn = queue::connect_with_timeout(redis_info.clone(), timeout).await?;
-            workers.push(Worker::new(
-                pool.clone(),
-                conn,
-                keys.clone(),
-                registry.clone(),
-                config.clone(),
-                stats.clone(),
-            ));
-        }
-        let heartbeats = queue::connect(redis_info).await?;
+        // A blocking take holds its connection for `block`; allow that plus a margin.
+        let blocking =
+            queue::connect_with_timeout(redis_info.clone(), config.block + Duration::from_secs(5))
+                .await?;
+        let commands = queue::connect(redis_info).await?;
+        let worker = Worker::with_connections(
+            pool,
+            blocking,
+            commands.clone(),
+            keys.clone(),
+            Arc::new(registry),
+            config,
+            stats.clone(),
+        );
         Ok(WorkerPool {
-            workers,
+            worker: Arc::new(worker),
+            slots: slots.max(1),
             stats,
             process_id: Uuid::new_v4(),
-            heartbeats,
+            heartbeats: commands,
             keys,
         })
     }
 
-    /// Runs every worker until `shutdown`; then lets running handlers finish for up to `drain`,
-    /// releases those that did not, and returns once every worker has stopped.
+    /// Runs until `shutdown`; then lets running attempts finish for up to `drain`, releases those
+    /// that did not, records every outcome and returns.
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
+        let worker = self.worker.clone();
         let hard_stop = CancellationToken::new();
-        let n = self.workers.len();
-        let mut set = tokio::task::JoinSet::new();
-        for worker in self.workers {
-            let shutdown = shutdown.clone();
-            let hard_stop = hard_stop.clone();
-            set.spawn(async move { worker_loop(worker, shutdown, hard_stop).await });
-        }
-        let beat = heartbeat_loop(
+        let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
+        let slots = Arc::new(Semaphore::new(self.slots));
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<(Finished, OwnedSemaphorePermit)>();
+
+        let beat = tokio::spawn(heartbeat_loop(
             self.heartbeats.clone(),
             self.keys.clone(),
             self.process_id,
-            n,
+            self.slots,
             shutdown.clone(),
-        );
-        let beat = tokio::spawn(beat);
+        ));
+        let renewer_stop = CancellationToken::new();
+        let renewer = tokio::spawn(renew_loop(
+            worker.clone(),
+            in_flight.clone(),
+            renewer_stop.clone(),
+        ));
+        let completer = tokio::spawn(complete_loop(worker.clone(), done_rx));
 
-        shutdown.cancelled().await;
-        tracing::info!(workers = n, ?drain, "draining workers");
+        let mut running = tokio::task::JoinSet::new();
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            let claimed = match fetch(&worker, permits.len(), &shutdown).await {
+                Ok(c) => {
+                    failures = 0;
+                    c
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "taking or claiming deliveries failed");
+                    let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            };
+            for c in claimed {
+                let permit = permits.pop().expect("one permit per claimed attempt");
+                let lease_lost = CancellationToken::new();
+                in_flight
+                    .lock()
+                    .expect("in-flight map")
+                    .insert(c.ctx.task_id, lease_lost.clone());
+                let (worker, in_flight, hard_stop, done_tx) = (
+                    worker.clone(),
+                    in_flight.clone(),
+                    hard_stop.clone(),
+                    done_tx.clone(),
+                );
+                running.spawn(async move {
+                    let id = c.ctx.task_id;
+                    let finished = worker.execute(c, &lease_lost, &hard_stop).await;
+                    in_flight.lock().expect("in-flight map").remove(&id);
+                    // the completer outlives every sender
+                    done_tx.send((finished, permit)).ok();
+                });
+            }
+            // reap finished runs so the set does not grow
+            while running.try_join_next().is_some() {}
+        }
+
+        tracing::info!(running = running.len(), ?drain, "draining workers");
         let deadline = tokio::time::sleep(drain);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                joined = set.join_next() => match joined {
+                joined = running.join_next() => match joined {
                     None => break,
-                    Some(Err(e)) => tracing::error!(error = %e, "a worker task panicked"),
+                    Some(Err(e)) => tracing::error!(error = %e, "an attempt task panicked"),
                     Some(Ok(())) => {}
                 },
                 () = &mut deadline, if !hard_stop.is_cancelled() => {
@@ -557,6 +800,14 @@ impl WorkerPool {
                     hard_stop.cancel();
                 }
             }
+        }
+        drop(done_tx);
+        if let Err(e) = completer.await {
+            tracing::error!(error = %e, "the completer panicked");
+        }
+        renewer_stop.cancel();
+        if let Err(e) = renewer.await {
+            tracing::error!(error = %e, "the lease renewer panicked");
         }
         if let Err(e) = beat.await {
             tracing::error!(error = %e, "heartbeat task panicked");
@@ -569,22 +820,82 @@ impl WorkerPool {
     }
 }
 
-async fn worker_loop(worker: Worker, shutdown: CancellationToken, hard_stop: CancellationToken) {
-    let mut failures = 0u32;
-    while !shutdown.is_cancelled() {
-        match worker.process_next(&shutdown, &hard_stop).await {
-            Ok(_) => failures = 0,
-            Err(e) => {
-                failures += 1;
-                tracing::error!(worker = %worker.id, error = %e, "worker step failed");
-                // back off while a dependency is down, but stay responsive to shutdown
-                let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = shutdown.cancelled() => {}
+/// Attempts running in this process, with the token that stops each when its lease is lost.
+type InFlight = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
+
+/// Takes up to `max` deliveries and claims them; a delivery taken after shutdown began goes
+/// back to the queue unstarted.
+async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Result<Vec<Claimed>> {
+    let raws = worker.take(max).await?;
+    if raws.is_empty() {
+        return Ok(Vec::new());
+    }
+    if shutdown.is_cancelled() {
+        let mut conn = worker.commands.clone();
+        for raw in &raws {
+            queue::return_unstarted(&mut conn, &worker.keys, raw).await?;
+        }
+        return Ok(Vec::new());
+    }
+    Ok(worker.claim(raws).await?.0)
+}
+
+/// Extends every held lease each third of the lease; stops the attempts whose lease was lost.
+async fn renew_loop(worker: Arc<Worker>, in_flight: InFlight, stop: CancellationToken) {
+    let every = worker.config.lease / 3;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let ids: Vec<Uuid> = in_flight
+            .lock()
+            .expect("in-flight map")
+            .keys()
+            .copied()
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        match tasks::renew_leases(&worker.pool, &ids, worker.id, worker.config.lease).await {
+            Ok(held) => {
+                let held: HashSet<Uuid> = held.into_iter().collect();
+                let map = in_flight.lock().expect("in-flight map");
+                for id in ids.iter().filter(|id| !held.contains(id)) {
+                    if let Some(token) = map.get(id) {
+                        tracing::warn!(task.id = %id, "lease lost; stopping the handler");
+                        token.cancel();
+                    }
                 }
             }
+            // not a lost lease: the next beat tries again (two more beats of slack)
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
         }
+    }
+}
+
+/// Records finished attempts in batches until every sender is gone.
+async fn complete_loop(
+    worker: Arc<Worker>,
+    mut done: mpsc::UnboundedReceiver<(Finished, OwnedSemaphorePermit)>,
+) {
+    while let Some(first) = done.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETE_BATCH {
+            match done.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (finished, permits): (Vec<Finished>, Vec<OwnedSemaphorePermit>) =
+            batch.into_iter().unzip();
+        let n = finished.len();
+        if let Err(e) = worker.complete(finished).await {
+            // The outcomes are lost, not the tasks: their leases expire and the rescuer
+            // records the attempts as failed and retries them.
+            tracing::error!(error = %e, attempts = n, "recording outcomes failed");
+        }
+        drop(permits);
     }
 }
 
