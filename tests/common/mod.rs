@@ -435,3 +435,179 @@ pub mod process {
         }
     }
 }
+
+pub mod smtp {
+    //! A small SMTP server on 127.0.0.1 that keeps what it is sent (no TLS; AUTH PLAIN/LOGIN are
+    //! accepted and recorded). Started by the test that needs it.
+
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// One message as the sink received it.
+    #[derive(Debug, Clone, Default)]
+    pub struct Received {
+        pub auth: Option<String>,
+        pub mail_from: String,
+        pub rcpt_to: Vec<String>,
+        /// The DATA section, dot-unstuffed, CRLF line ends.
+        pub data: String,
+    }
+
+    #[derive(Clone)]
+    pub struct Sink {
+        pub port: u16,
+        messages: Arc<Mutex<Vec<Received>>>,
+        rcpt_reply: Arc<Mutex<String>>,
+    }
+
+    impl Sink {
+        pub async fn start() -> Sink {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let sink = Sink {
+                port: listener.local_addr().unwrap().port(),
+                messages: Arc::default(),
+                rcpt_reply: Arc::new(Mutex::new("250 2.1.5 OK".into())),
+            };
+            let s = sink.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let s = s.clone();
+                    tokio::spawn(async move { s.session(stream).await.ok() });
+                }
+            });
+            sink
+        }
+
+        /// The reply to every following `RCPT TO` (e.g. `550 5.1.1 no such user`).
+        pub fn reply_to_recipients_with(&self, reply: &str) {
+            *self.rcpt_reply.lock().unwrap() = reply.to_owned();
+        }
+
+        pub fn messages(&self) -> Vec<Received> {
+            self.messages.lock().unwrap().clone()
+        }
+
+        async fn session(&self, stream: TcpStream) -> std::io::Result<()> {
+            let (r, mut w) = stream.into_split();
+            let mut r = BufReader::new(r);
+            w.write_all(b"220 sink.test ESMTP\r\n").await?;
+            let mut current = Received::default();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).await? == 0 {
+                    return Ok(());
+                }
+                let cmd = line.trim_end().to_owned();
+                let upper = cmd.to_ascii_uppercase();
+                let reply: String = if upper.starts_with("EHLO") {
+                    "250-sink.test\r\n250-AUTH PLAIN LOGIN\r\n250-8BITMIME\r\n250 SMTPUTF8".into()
+                } else if upper.starts_with("HELO") || upper == "NOOP" {
+                    "250 OK".into()
+                } else if upper.starts_with("AUTH PLAIN ") {
+                    current.auth = Some(cmd[11..].to_owned());
+                    "235 2.7.0 Authentication successful".into()
+                } else if upper.starts_with("MAIL FROM:") {
+                    current.mail_from = cmd[10..].to_owned();
+                    "250 2.1.0 OK".into()
+                } else if upper.starts_with("RCPT TO:") {
+                    let reply = self.rcpt_reply.lock().unwrap().clone();
+                    if reply.starts_with('2') {
+                        current.rcpt_to.push(cmd[8..].to_owned());
+                    }
+                    reply
+                } else if upper == "DATA" {
+                    w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                        .await?;
+                    let mut data = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await? == 0 {
+                            return Ok(());
+                        }
+                        if line == ".\r\n" || line == ".\n" {
+                            break;
+                        }
+                        data.push_str(line.strip_prefix('.').unwrap_or(&line));
+                    }
+                    current.data = data;
+                    let auth = current.auth.clone();
+                    self.messages
+                        .lock()
+                        .unwrap()
+                        .push(std::mem::take(&mut current));
+                    current.auth = auth;
+                    "250 2.0.0 Ok: queued as SINK1".into()
+                } else if upper == "RSET" {
+                    let auth = current.auth.take();
+                    current = Received {
+                        auth,
+                        ..Received::default()
+                    };
+                    "250 OK".into()
+                } else if upper == "QUIT" {
+                    w.write_all(b"221 2.0.0 Bye\r\n").await?;
+                    return Ok(());
+                } else {
+                    "502 5.5.2 Command not recognized".into()
+                };
+                w.write_all(format!("{reply}\r\n").as_bytes()).await?;
+            }
+        }
+    }
+}
+
+pub mod logs {
+    //! Captures what the code logs (every level) into a buffer, for this thread only.
+
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    pub struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Writer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Writer;
+
+        fn make_writer(&'a self) -> Writer {
+            Writer(self.0.clone())
+        }
+    }
+
+    /// Logs of this thread go to the returned buffer until the guard is dropped.
+    pub fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+        // With a single registered dispatcher, tracing decides whether a callsite is enabled
+        // from the thread that reaches it first; another test's thread (without a subscriber)
+        // would then switch the callsite off for this one too. A second, silent dispatcher makes
+        // tracing ask every dispatcher instead.
+        static SILENT: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+        SILENT.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+}
