@@ -9,7 +9,9 @@
 //! Provider-specific exceptions (Google's 403 `rateLimitExceeded`, a 409 on an idempotent create,
 //! a 404 on a delete) are handled by each channel before it falls back to [`http_failure`].
 //! Messages never contain credentials: request URLs are stripped from transport errors and
-//! provider texts are cut to [`MAX_DETAIL_CHARS`], with the task's recipient masked.
+//! provider texts are cut to [`MAX_DETAIL_CHARS`]. Provider texts are kept as written (they may
+//! quote the recipient, which audit events show unmasked); channels mask the recipient with
+//! [`mask_in`] when they log a failure.
 
 use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderMap, RETRY_AFTER};
