@@ -81,6 +81,13 @@ impl App {
             keys: self.keys.clone(),
             health_timeout: self.settings.health_timeout,
             max_body_bytes: self.settings.max_body_bytes,
+            channels: crate::domain::TaskType::ALL
+                .into_iter()
+                .map(|t| {
+                    let name = self.settings.channels.channel_name(t);
+                    (t.as_str().to_owned(), name.to_owned())
+                })
+                .collect(),
         }
     }
 

@@ -6,25 +6,32 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: [`domain`] (pure) ← [`store`] (the only SQL) ← [`api`]; Redis
-//! lives in [`queue`]. Everything is wired in [`app`].
+//! Dependencies point one way: [`domain`] (pure) ← [`store`] (the only SQL) ← [`api`],
+//! [`relay`], [`worker`], [`rescuer`]; Redis lives in [`queue`]. Everything is wired in [`app`].
 //!
 //! - [`domain`]: task types and payload validation, events and their hash chain, the task state
 //!   machine, the retry policy. No I/O.
 //! - [`store`]: Postgres: transactional enqueue, event appends with expected versions, the
 //!   commit-safe global log, audit verification, migrations.
-//! - [`queue`]: Redis key names and connections.
+//! - [`queue`]: Redis key names, the delivery message and the list operations.
+//! - [`relay`]: moves due outbox rows to the Redis queue (`Relay::run_once` is one batch).
+//! - [`worker`]: takes deliveries, claims attempts under a lease, runs handlers, records
+//!   outcomes (`Worker::process_next` is one delivery; `WorkerPool` runs many).
+//! - [`rescuer`]: expired leases, an emptied Redis, deliveries lost in transit
+//!   (`Rescuer::run_once` is one pass).
 //! - [`api`]: the poem-openapi HTTP service, its documents and error mapping.
 //! - [`channel`]: the delivery channels (SMTP / SendGrid e-mail, Twilio SMS and WhatsApp, Google
 //!   Calendar), their message templates, error classification and rate limits.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
-//! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe.
+//! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe;
+//!   [`bench`]: the load generator of `arnela bench`.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod channel;
 pub mod cli;
 pub mod config;

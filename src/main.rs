@@ -47,6 +47,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            url,
+            database_url,
+            seconds,
+            concurrency,
+            tasks,
+            rate,
+            service_pid,
+            json,
+        } => {
+            let opts = arnela::bench::BenchOptions {
+                url,
+                database_url,
+                seconds,
+                concurrency,
+                tasks,
+                rate,
+                service_pid,
+            };
+            let report = arnela::bench::run(&opts).await?;
+            println!("{}", arnela::bench::table(&report));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Healthcheck { url } => {
             let url = match url {
                 Some(u) => u,

@@ -130,6 +130,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         keys: Keys::new(common::unique_prefix()),
         health_timeout: Duration::from_millis(500),
         max_body_bytes: 1024,
+        channels: Default::default(),
     };
     let c = TestClient::new(api::endpoint(ctx));
     assert_eq!(get(&c, "/health").await.0, 200);
@@ -198,4 +199,16 @@ async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
         body["workers"]["active_workers"], 0,
         "a clean stop withdraws the heartbeat"
     );
+}
+
+#[sqlx::test]
+async fn health_names_the_channel_of_each_task_type(pool: PgPool) {
+    // no provider credentials: every type is on the log channel, and /health says so
+    let settings = arnela::config::Settings::from_vars(&Default::default()).unwrap();
+    let app = arnela::app::App::from_parts(settings, pool, common::redis().await);
+    let c = TestClient::new(api::endpoint(app.api_context()));
+    let (_, body) = get(&c, "/health").await;
+    for t in ["send_email", "send_sms", "send_whatsapp", "sync_calendar"] {
+        assert_eq!(body["channels"][t], "log", "{body}");
+    }
 }

@@ -33,6 +33,9 @@ pub struct HealthReport {
     /// `connected` or `disconnected`.
     pub redis: String,
     pub workers: WorkerStats,
+    /// The delivery channel of each task type: `smtp`, `sendgrid`, `twilio_sms`,
+    /// `twilio_whatsapp`, `google_calendar`, or `log` (not configured: messages are only logged).
+    pub channels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(ApiResponse)]
@@ -98,6 +101,7 @@ impl HealthApi {
                 tasks_failed: 0,
                 active_workers: workers,
             },
+            channels: self.ctx.channels.clone(),
         };
         if healthy {
             HealthResponse::Healthy(Json(report))

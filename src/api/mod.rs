@@ -24,6 +24,8 @@ pub struct ApiContext {
     pub keys: Keys,
     pub health_timeout: Duration,
     pub max_body_bytes: usize,
+    /// The delivery channel of each task type (`log` where none is configured), for `/health`.
+    pub channels: std::collections::BTreeMap<String, String>,
 }
 
 type Apis = (tasks::TasksApi, events::EventsApi, health::HealthApi);

@@ -35,6 +35,7 @@ pub async fn context(pool: PgPool) -> ApiContext {
         keys: Keys::new(unique_prefix()),
         health_timeout: Duration::from_millis(1000),
         max_body_bytes: 1024 * 1024,
+        channels: Default::default(),
     }
 }
 

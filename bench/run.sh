@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Arnela's benchmark, all figures from one run on one machine:
+#
+#   1. the physical limit: pgbench running the enqueue statement (bench/enqueue.pgbench) at the
+#      same concurrencies as the HTTP enqueue levels;
+#   2. Arnela (release build) with the default settings, measured by `arnela bench`;
+#   3. Arnela with the best settings found (BENCH_BEST_ENV), end to end and latency;
+#   4. the peer: BullMQ from the npm registry on the same Redis, same job count and concurrency.
+#
+# It prints a Markdown table with the ratios and writes target/bench/report.md and the JSON of
+# each run under target/bench/. Needs Postgres on 127.0.0.1:5432 (trust auth, user postgres),
+# Redis on 127.0.0.1:6379, pgbench, and node + npm for the peer (skipped when missing).
+#
+#   bash bench/run.sh              # full run (a few minutes)
+#   BENCH_QUICK=1 bash bench/run.sh   # tiny N, 1 s levels: proves the pipeline works
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK="${BENCH_QUICK:-}"
+SECONDS_PER_LEVEL=5
+TASKS=10000
+PEER_JOBS=20000
+PEER_CONCURRENCY=50
+PGBENCH_SECONDS=10
+if [[ -n "$QUICK" ]]; then
+    SECONDS_PER_LEVEL=1; TASKS=200; PEER_JOBS=500; PGBENCH_SECONDS=2
+fi
+BEST_ENV="${BENCH_BEST_ENV:-WORKERS=64 DB_MAX_CONNECTIONS=40 RELAY_BATCH=1000}"
+OUT=target/bench
+mkdir -p "$OUT"
+PORT="${BENCH_PORT:-18480}"
+DB="arnela_bench_$$"
+BIN=target/release/arnela
+SERVICE_PID=""
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+
+cleanup() {
+    if [[ -n "$SERVICE_PID" ]]; then kill "$SERVICE_PID" 2>/dev/null || true; wait "$SERVICE_PID" 2>/dev/null || true; fi
+    dropdb -h 127.0.0.1 -U postgres --if-exists --force "$DB" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+cargo build --release --locked --bin arnela >&2
+
+createdb -h 127.0.0.1 -U postgres "$DB"
+DBURL="postgres://postgres@127.0.0.1:5432/$DB"
+DATABASE_URL="$DBURL" "$BIN" migrate >&2
+
+# --- 1. the physical limit ------------------------------------------------------------------
+declare -A PGB
+for c in 1 8 32 64; do
+    tps=$(pgbench -h 127.0.0.1 -U postgres -n -c "$c" -j 2 -T "$PGBENCH_SECONDS" -f bench/enqueue.pgbench "$DB" 2>/dev/null \
+        | awk '/^tps = / {print $3; exit}')
+    PGB[$c]="${tps:-0}"
+    log "pgbench enqueue statement, $c clients: ${PGB[$c]} tx/s"
+done
+psql -h 127.0.0.1 -U postgres -d "$DB" -qc "TRUNCATE outbox, task_events, tasks"
+
+start_service() {
+    local prefix="bench$$-$1"; shift
+    # shellcheck disable=SC2086
+    env -i PATH="$PATH" HOME="${HOME:-/root}" DATABASE_URL="$DBURL" REDIS_URL=redis://127.0.0.1:6379 \
+        ARNELA_KEY_PREFIX="$prefix" APP_PORT="$PORT" RUST_LOG=warn "$@" \
+        "$BIN" serve >"$OUT/service-$prefix.log" 2>&1 &
+    SERVICE_PID=$!
+    for _ in $(seq 1 100); do
+        curl -sf "http://127.0.0.1:$PORT/health/live" >/dev/null && return 0
+        sleep 0.1
+    done
+    log "the service did not start; see $OUT/service-$prefix.log"
+    return 1
+}
+
+stop_service() {
+    kill "$SERVICE_PID"; wait "$SERVICE_PID" 2>/dev/null || true; SERVICE_PID=""
+}
+
+# --- 2. Arnela, default settings ---------------------------------------------------------------
+start_service default
+"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --seconds "$SECONDS_PER_LEVEL" \
+    --tasks "$TASKS" --service-pid "$SERVICE_PID" --json "$OUT/default.json" >"$OUT/default.md"
+stop_service
+
+# --- 3. Arnela, best settings ------------------------------------------------------------------
+# shellcheck disable=SC2086
+start_service best $BEST_ENV
+"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --seconds "$SECONDS_PER_LEVEL" \
+    --tasks "$TASKS" --concurrency 32 --service-pid "$SERVICE_PID" --json "$OUT/best.json" >"$OUT/best.md"
+stop_service
+
+# --- 4. the peer -----------------------------------------------------------------------------
+PEER='{}'
+if command -v node >/dev/null && command -v npm >/dev/null; then
+    if npm install --prefix bench/bullmq --no-audit --no-fund --silent >&2; then
+        PEER=$(cd bench/bullmq && N="$PEER_JOBS" CONCURRENCY="$PEER_CONCURRENCY" node bench.js) || PEER='{}'
+    else
+        log "npm install bullmq failed; the peer is skipped"
+    fi
+else
+    log "node/npm not found; the peer is skipped"
+fi
+echo "$PEER" >"$OUT/bullmq.json"
+
+# --- report ----------------------------------------------------------------------------------
+python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$BEST_ENV" <<'PY' | tee "$OUT/report.md"
+import json, os, sys, datetime, platform
+out, p1, p8, p32, p64, best_env = sys.argv[1:7]
+pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
+d = json.load(open(f"{out}/default.json"))
+b = json.load(open(f"{out}/best.json"))
+peer = json.load(open(f"{out}/bullmq.json"))
+mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+print(f"Machine: {os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}; "
+      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+print()
+print("| measurement | Arnela | limit or peer | ratio |")
+print("|---|---|---|---|")
+for l in d["single_enqueue"]:
+    c = l["concurrency"]
+    lim = pg.get(c, 0.0)
+    ratio = f"{l['per_second'] / lim:.2f}" if lim else "–"
+    print(f"| single POST /tasks, {c} conn. | {l['per_second']:.0f} req/s (p50 {l['p50_ms']:.2f} ms, p99 {l['p99_ms']:.2f} ms) "
+          f"| pgbench enqueue statement: {lim:.0f} tx/s | {ratio} |")
+print(f"| POST /tasks/batch ×100 | {d['batch_100_tasks_per_second']:.0f} tasks/s | | |")
+peer_add = peer.get("add_per_second")
+peer_run = peer.get("processed_per_second")
+ratio_add = f"{d['batch_1000_tasks_per_second'] / peer_add:.2f}" if peer_add else "–"
+print(f"| POST /tasks/batch ×1000 | {d['batch_1000_tasks_per_second']:.0f} tasks/s | BullMQ addBulk: {peer_add or 0:.0f} jobs/s | {ratio_add} |")
+for label, r in (("default settings", d), (f"best settings ({best_env})", b)):
+    ratio = f"{r['end_to_end_tasks_per_second'] / peer_run:.2f}" if peer_run else "–"
+    print(f"| end to end, {r['end_to_end_tasks']} no-op tasks, {label} | {r['end_to_end_tasks_per_second']:.0f} tasks/s "
+          f"| BullMQ, concurrency {peer.get('concurrency', '–')}: {peer_run or 0:.0f} jobs/s | {ratio} |")
+for label, r in (("default", d), ("best", b)):
+    print(f"| enqueue → start, {r['start_latency_offered_rate']:.0f}/s offered ({label}) "
+          f"| p50 {r['start_latency_p50_ms']:.1f} ms, p99 {r['start_latency_p99_ms']:.1f} ms | | |")
+for label, r in (("default", d), ("best", b)):
+    if r.get("service_peak_rss_mb") is not None:
+        print(f"| service peak RSS ({label}) | {r['service_peak_rss_mb']:.1f} MB | | |")
+PY

@@ -1,0 +1,367 @@
+//! `arnela bench`: a load generator for a running Arnela. It measures, against the service at
+//! `--url` and its database:
+//!
+//! - single `POST /tasks` at several concurrencies (closed loop): requests/s, p50, p99;
+//! - `POST /tasks/batch` with 100 and 1000 tasks: tasks/s;
+//! - end to end: N tasks from the first `enqueued` event to the last terminal event (read from
+//!   the event log, so both ends use the database's clock);
+//! - enqueue → attempt start latency at a fixed offered rate (open loop: requests are sent on
+//!   schedule whatever the responses do);
+//! - the peak RSS of the service process (`VmHWM`), when its pid is given.
+//!
+//! It prints a table and, with `--json`, writes the figures as JSON. Benchmarks are not tests:
+//! nothing here asserts a time.
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub url: String,
+    pub database_url: String,
+    /// Seconds per single-enqueue level.
+    pub seconds: u64,
+    pub concurrency: Vec<usize>,
+    /// Tasks in the end-to-end run.
+    pub tasks: usize,
+    /// Offered rate (tasks/s) of the latency run; 0 = half the end-to-end rate measured.
+    pub rate: f64,
+    pub service_pid: Option<u32>,
+}
+
+/// Latency figures of one level.
+#[derive(Debug, Clone, Serialize)]
+pub struct Level {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: usize,
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub single_enqueue: Vec<Level>,
+    pub batch_100_tasks_per_second: f64,
+    pub batch_1000_tasks_per_second: f64,
+    pub end_to_end_tasks: usize,
+    pub end_to_end_seconds: f64,
+    pub end_to_end_tasks_per_second: f64,
+    pub start_latency_offered_rate: f64,
+    pub start_latency_p50_ms: f64,
+    pub start_latency_p99_ms: f64,
+    pub service_peak_rss_mb: Option<f64>,
+}
+
+fn task_body(i: usize) -> serde_json::Value {
+    json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": format!("bench {i}")}})
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs every measurement in turn.
+pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&opts.database_url)
+        .await
+        .context("cannot connect to the service's database")?;
+    let health = client.get(format!("{}/health/live", opts.url)).send().await;
+    if !health.map(|r| r.status().is_success()).unwrap_or(false) {
+        bail!("the service at {} does not answer /health/live", opts.url);
+    }
+    let mut report = Report::default();
+
+    for &c in &opts.concurrency {
+        let level =
+            single_enqueue(&client, &opts.url, c, Duration::from_secs(opts.seconds)).await?;
+        eprintln!(
+            "single enqueue, {c} connections: {:.0} req/s",
+            level.per_second
+        );
+        report.single_enqueue.push(level);
+    }
+    report.batch_100_tasks_per_second = batch_enqueue(&client, &opts.url, 100, 20).await?;
+    report.batch_1000_tasks_per_second = batch_enqueue(&client, &opts.url, 1000, 10).await?;
+    eprintln!(
+        "batch enqueue: {:.0} tasks/s (100), {:.0} tasks/s (1000)",
+        report.batch_100_tasks_per_second, report.batch_1000_tasks_per_second
+    );
+    // let the queue drain before the end-to-end run
+    wait_idle(&pool, Duration::from_secs(300)).await?;
+
+    let (secs, rate) = end_to_end(&client, &pool, &opts.url, opts.tasks).await?;
+    report.end_to_end_tasks = opts.tasks;
+    report.end_to_end_seconds = secs;
+    report.end_to_end_tasks_per_second = rate;
+    eprintln!(
+        "end to end: {} tasks in {secs:.2} s = {rate:.0} tasks/s",
+        opts.tasks
+    );
+
+    let offered = if opts.rate > 0.0 {
+        opts.rate
+    } else {
+        (rate / 2.0).max(1.0)
+    };
+    let (p50, p99) = start_latency(
+        &client,
+        &pool,
+        &opts.url,
+        offered,
+        Duration::from_secs(opts.seconds.max(5)),
+    )
+    .await?;
+    report.start_latency_offered_rate = offered;
+    report.start_latency_p50_ms = p50;
+    report.start_latency_p99_ms = p99;
+    eprintln!("enqueue -> start at {offered:.0}/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
+
+    report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
+    Ok(report)
+}
+
+async fn single_enqueue(
+    client: &reqwest::Client,
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Level> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..concurrency {
+        let (client, url, stop) = (client.clone(), format!("{url}/tasks"), stop.clone());
+        handles.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut i = w * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match client.post(&url).json(&task_body(i)).send().await {
+                    Ok(r) if r.status().as_u16() == 201 => {
+                        latencies.push(t.elapsed().as_secs_f64() * 1000.0)
+                    }
+                    _ => errors += 1,
+                }
+                i += 1;
+            }
+            (latencies, errors)
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (l, e) = h.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok(Level {
+        concurrency,
+        requests: all.len(),
+        per_second: all.len() as f64 / elapsed,
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+        errors,
+    })
+}
+
+async fn batch_enqueue(
+    client: &reqwest::Client,
+    url: &str,
+    size: usize,
+    batches: usize,
+) -> anyhow::Result<f64> {
+    let body = json!({"tasks": (0..size).map(task_body).collect::<Vec<_>>()});
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    // two batches in flight at a time, as two producers would send them
+    let per = batches.div_ceil(2);
+    for _ in 0..2 {
+        let (client, url, body) = (client.clone(), format!("{url}/tasks/batch"), body.clone());
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per {
+                let r = client.post(&url).json(&body).send().await?;
+                if r.status().as_u16() != 201 {
+                    bail!("batch enqueue answered {}", r.status());
+                }
+            }
+            Ok(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    Ok((per * 2 * size) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn end_to_end(
+    client: &reqwest::Client,
+    pool: &PgPool,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let since: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM task_events")
+        .fetch_one(pool)
+        .await?;
+    let mut sent = 0;
+    let mut ids = Vec::with_capacity(n);
+    while sent < n {
+        let size = (n - sent).min(1000);
+        let body = json!({"tasks": (sent..sent + size).map(task_body).collect::<Vec<_>>()});
+        let r: serde_json::Value = client
+            .post(format!("{url}/tasks/batch"))
+            .json(&body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        for t in r["tasks"].as_array().context("batch answer")? {
+            ids.push(t["id"].as_str().context("task id")?.parse::<uuid::Uuid>()?);
+        }
+        sent += size;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
+        )
+        .bind(&ids)
+        .fetch_one(pool)
+        .await?;
+        if done as usize >= n {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {n} tasks finished within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (first, last): (f64, f64) = sqlx::query_as(
+        "SELECT extract(epoch FROM min(recorded_at))::float8, extract(epoch FROM max(recorded_at))::float8 \
+         FROM task_events WHERE position > $1 AND task_id = ANY($2)",
+    )
+    .bind(since)
+    .bind(&ids)
+    .fetch_one(pool)
+    .await?;
+    let secs = last - first;
+    Ok((secs, n as f64 / secs))
+}
+
+async fn start_latency(
+    client: &reqwest::Client,
+    pool: &PgPool,
+    url: &str,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total = (rate * duration.as_secs_f64()) as usize;
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(total);
+    for i in 0..total {
+        let at = started + interval * i as u32;
+        tokio::time::sleep_until(at.into()).await;
+        let (client, url) = (client.clone(), format!("{url}/tasks"));
+        handles.push(tokio::spawn(async move {
+            let r = client.post(&url).json(&task_body(i)).send().await.ok()?;
+            let v: serde_json::Value = r.json().await.ok()?;
+            v["id"].as_str()?.parse::<uuid::Uuid>().ok()
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        if let Some(id) = h.await? {
+            ids.push(id);
+        }
+    }
+    wait_idle(pool, Duration::from_secs(300)).await?;
+    let mut lat: Vec<f64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM s.recorded_at - e.recorded_at) * 1000)::float8 \
+         FROM task_events e JOIN task_events s ON s.task_id = e.task_id \
+         WHERE e.task_id = ANY($1) AND e.event_type = 'enqueued' \
+           AND s.event_type = 'attempt_started' AND s.sequence = 3",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    lat.sort_by(f64::total_cmp);
+    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99)))
+}
+
+async fn wait_idle(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE status IN ('queued', 'running', 'retrying')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if open == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{open} tasks still open after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `VmHWM` of a process, in MB.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The report as a table.
+pub fn table(r: &Report) -> String {
+    let mut out = String::new();
+    out.push_str("| measurement | result |\n|---|---|\n");
+    for l in &r.single_enqueue {
+        out.push_str(&format!(
+            "| single POST /tasks, {} connections | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms ({} errors) |\n",
+            l.concurrency, l.per_second, l.p50_ms, l.p99_ms, l.errors
+        ));
+    }
+    out.push_str(&format!(
+        "| POST /tasks/batch, 100 per batch | {:.0} tasks/s |\n| POST /tasks/batch, 1000 per batch | {:.0} tasks/s |\n",
+        r.batch_100_tasks_per_second, r.batch_1000_tasks_per_second
+    ));
+    out.push_str(&format!(
+        "| end to end, {} no-op tasks | {:.0} tasks/s ({:.2} s) |\n",
+        r.end_to_end_tasks, r.end_to_end_tasks_per_second, r.end_to_end_seconds
+    ));
+    out.push_str(&format!(
+        "| enqueue → attempt start at {:.0} tasks/s offered | p50 {:.1} ms, p99 {:.1} ms |\n",
+        r.start_latency_offered_rate, r.start_latency_p50_ms, r.start_latency_p99_ms
+    ));
+    if let Some(mb) = r.service_peak_rss_mb {
+        out.push_str(&format!("| service peak RSS | {mb:.1} MB |\n"));
+    }
+    out
+}
