@@ -732,17 +732,27 @@ impl WorkerPool {
 
         let mut running = tokio::task::JoinSet::new();
         let mut failures = 0u32;
+        // `slots` bounds the handlers running; `pending` bounds the attempts claimed and not yet
+        // recorded, so the fetcher can claim again while the completer records earlier outcomes.
+        let pending = Arc::new(Semaphore::new((self.slots * 4).max(256)));
         while !shutdown.is_cancelled() {
             let first = tokio::select! {
-                p = slots.clone().acquire_owned() => match p {
+                p = async {
+                    let slot = slots.clone().acquire_owned().await?;
+                    let record = pending.clone().acquire_owned().await?;
+                    Ok::<_, tokio::sync::AcquireError>((slot, record))
+                } => match p {
                     Ok(p) => p,
                     Err(_) => break,
                 },
                 () = shutdown.cancelled() => break,
             };
             let mut permits = vec![first];
-            while let Ok(p) = slots.clone().try_acquire_owned() {
-                permits.push(p);
+            while let Ok(slot) = slots.clone().try_acquire_owned() {
+                match pending.clone().try_acquire_owned() {
+                    Ok(record) => permits.push((slot, record)),
+                    Err(_) => break,
+                }
             }
             let claimed = match fetch(&worker, permits.len(), &shutdown).await {
                 Ok(c) => {
@@ -761,7 +771,7 @@ impl WorkerPool {
                 }
             };
             for c in claimed {
-                let permit = permits.pop().expect("one permit per claimed attempt");
+                let (slot, record) = permits.pop().expect("one permit per claimed attempt");
                 let lease_lost = CancellationToken::new();
                 in_flight
                     .lock()
@@ -776,9 +786,10 @@ impl WorkerPool {
                 running.spawn(async move {
                     let id = c.ctx.task_id;
                     let finished = worker.execute(c, &lease_lost, &hard_stop).await;
+                    drop(slot);
                     in_flight.lock().expect("in-flight map").remove(&id);
                     // the completer outlives every sender
-                    done_tx.send((finished, permit)).ok();
+                    done_tx.send((finished, record)).ok();
                 });
             }
             // reap finished runs so the set does not grow
