@@ -89,7 +89,31 @@ start_service best $BEST_ENV
     --tasks "$TASKS" --concurrency 32 --service-pid "$SERVICE_PID" --json "$OUT/best.json" >"$OUT/best.md"
 stop_service
 
-# --- 4. the peer -----------------------------------------------------------------------------
+# --- 4. history reads on a large log ------------------------------------------------------------
+# Tasks with five events each, generated in SQL (not through the API), then GET /tasks/{id}/events.
+HISTORY_TASKS=2000000
+[[ -n "$QUICK" ]] && HISTORY_TASKS=2000
+log "generating $((HISTORY_TASKS * 5)) events in SQL"
+psql -h 127.0.0.1 -U postgres -d "$DB" -v ON_ERROR_STOP=1 -q <<SQL >&2
+INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at, version,
+                   last_hash, enqueued_position, created_at, updated_at)
+SELECT gen_random_uuid(), 'send_sms', jsonb_build_object('phone', '+34123456789', 'message', 'm' || g),
+       'succeeded', 1, 3, now(), 5, '\x00', g::bigint * 8, now(), now()
+FROM generate_series(1, $HISTORY_TASKS) g;
+INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, occurred_at, hash)
+SELECT t.enqueued_position + s, t.id, s,
+       (ARRAY['enqueued','dispatched','attempt_started','attempt_succeeded','attempt_succeeded'])[s], 1,
+       jsonb_build_object('attempt', 1), now(), '\x00'
+FROM tasks t, generate_series(1, 5) s WHERE t.enqueued_position < 100000000;
+VACUUM ANALYZE tasks;
+VACUUM ANALYZE task_events;
+SQL
+start_service history
+"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --history-only \
+    --service-pid "$SERVICE_PID" --json "$OUT/history.json" >"$OUT/history.md"
+stop_service
+
+# --- 5. the peer -----------------------------------------------------------------------------
 PEER='{}'
 if command -v node >/dev/null && command -v npm >/dev/null; then
     if npm install --prefix bench/bullmq --no-audit --no-fund --silent >&2; then
@@ -109,6 +133,7 @@ out, p1, p8, p32, p64, best_env = sys.argv[1:7]
 pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
 d = json.load(open(f"{out}/default.json"))
 b = json.load(open(f"{out}/best.json"))
+h = json.load(open(f"{out}/history.json"))
 peer = json.load(open(f"{out}/bullmq.json"))
 mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 print(f"Machine: {os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}; "
@@ -134,6 +159,8 @@ for label, r in (("default settings", d), (f"best settings ({best_env})", b)):
 for label, r in (("default", d), ("best", b)):
     print(f"| enqueue → start, {r['start_latency_offered_rate']:.0f}/s offered ({label}) "
           f"| p50 {r['start_latency_p50_ms']:.1f} ms, p99 {r['start_latency_p99_ms']:.1f} ms | | |")
+print(f"| GET /tasks/{{id}}/events, ~{h['history_events_in_table']:,} events in the table | "
+      f"p50 {h['history_p50_ms']:.2f} ms, p99 {h['history_p99_ms']:.2f} ms | | |")
 for label, r in (("default", d), ("best", b)):
     if r.get("service_peak_rss_mb") is not None:
         print(f"| service peak RSS ({label}) | {r['service_peak_rss_mb']:.1f} MB | | |")

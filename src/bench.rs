@@ -33,6 +33,8 @@ pub struct BenchOptions {
     /// Offered rate (tasks/s) of the latency run; 0 = half the end-to-end rate measured.
     pub rate: f64,
     pub service_pid: Option<u32>,
+    /// Only measure `GET /tasks/{id}/events` (on whatever history the database holds).
+    pub history_only: bool,
 }
 
 /// Latency figures of one level.
@@ -59,6 +61,10 @@ pub struct Report {
     pub start_latency_p50_ms: f64,
     pub start_latency_p99_ms: f64,
     pub service_peak_rss_mb: Option<f64>,
+    pub history_events_in_table: i64,
+    pub history_requests: usize,
+    pub history_p50_ms: f64,
+    pub history_p99_ms: f64,
 }
 
 fn task_body(i: usize) -> serde_json::Value {
@@ -89,6 +95,11 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         bail!("the service at {} does not answer /health/live", opts.url);
     }
     let mut report = Report::default();
+    if opts.history_only {
+        history(&client, &pool, &opts.url, &mut report).await?;
+        report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
+        return Ok(report);
+    }
 
     for &c in &opts.concurrency {
         let level =
@@ -135,8 +146,55 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     report.start_latency_p99_ms = p99;
     eprintln!("enqueue -> start at {offered:.0}/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
 
+    history(&client, &pool, &opts.url, &mut report).await?;
     report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
     Ok(report)
+}
+
+/// `GET /tasks/{id}/events` for 1000 tasks sampled from the table, 8 at a time.
+async fn history(client: &reqwest::Client, pool: &PgPool, url: &str, report: &mut Report) -> anyhow::Result<()> {
+    report.history_events_in_table =
+        sqlx::query_scalar("SELECT reltuples::bigint FROM pg_class WHERE relname = 'task_events'")
+            .fetch_one(pool)
+            .await?;
+    let ids: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM tasks TABLESAMPLE SYSTEM (5) LIMIT 1000")
+            .fetch_all(pool)
+            .await?;
+    let ids = Arc::new(ids);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let (client, url, ids, next) = (client.clone(), url.to_owned(), ids.clone(), next.clone());
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { break };
+                let t = Instant::now();
+                let r = client.get(format!("{url}/tasks/{id}/events")).send().await?;
+                let ok = r.status().is_success();
+                r.bytes().await?;
+                if ok {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await??);
+    }
+    all.sort_by(f64::total_cmp);
+    report.history_requests = all.len();
+    report.history_p50_ms = percentile(&all, 0.5);
+    report.history_p99_ms = percentile(&all, 0.99);
+    eprintln!(
+        "GET /tasks/{{id}}/events with ~{} events stored: p50 {:.2} ms, p99 {:.2} ms",
+        report.history_events_in_table, report.history_p50_ms, report.history_p99_ms
+    );
+    Ok(())
 }
 
 async fn single_enqueue(
@@ -359,6 +417,10 @@ pub fn table(r: &Report) -> String {
     out.push_str(&format!(
         "| enqueue → attempt start at {:.0} tasks/s offered | p50 {:.1} ms, p99 {:.1} ms |\n",
         r.start_latency_offered_rate, r.start_latency_p50_ms, r.start_latency_p99_ms
+    ));
+    out.push_str(&format!(
+        "| GET /tasks/{{id}}/events, ~{} events stored ({} requests) | p50 {:.2} ms, p99 {:.2} ms |\n",
+        r.history_events_in_table, r.history_requests, r.history_p50_ms, r.history_p99_ms
     ));
     if let Some(mb) = r.service_peak_rss_mb {
         out.push_str(&format!("| service peak RSS | {mb:.1} MB |\n"));

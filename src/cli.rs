@@ -65,6 +65,9 @@ pub enum Command {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Only measure `GET /tasks/{id}/events` on the history the database already holds.
+        #[arg(long)]
+        history_only: bool,
     },
     /// Exit 0 if the local API answers /health/live (for container health checks).
     Healthcheck {

@@ -56,6 +56,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rate,
             service_pid,
             json,
+            history_only,
         } => {
             let opts = arnela::bench::BenchOptions {
                 url,
@@ -65,6 +66,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tasks,
                 rate,
                 service_pid,
+                history_only,
             };
             let report = arnela::bench::run(&opts).await?;
             println!("{}", arnela::bench::table(&report));
