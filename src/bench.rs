@@ -152,7 +152,12 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
 }
 
 /// `GET /tasks/{id}/events` for 1000 tasks sampled from the table, 8 at a time.
-async fn history(client: &reqwest::Client, pool: &PgPool, url: &str, report: &mut Report) -> anyhow::Result<()> {
+async fn history(
+    client: &reqwest::Client,
+    pool: &PgPool,
+    url: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     report.history_events_in_table =
         sqlx::query_scalar("SELECT reltuples::bigint FROM pg_class WHERE relname = 'task_events'")
             .fetch_one(pool)
@@ -172,7 +177,10 @@ async fn history(client: &reqwest::Client, pool: &PgPool, url: &str, report: &mu
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(id) = ids.get(i) else { break };
                 let t = Instant::now();
-                let r = client.get(format!("{url}/tasks/{id}/events")).send().await?;
+                let r = client
+                    .get(format!("{url}/tasks/{id}/events"))
+                    .send()
+                    .await?;
                 let ok = r.status().is_success();
                 r.bytes().await?;
                 if ok {

@@ -94,7 +94,7 @@ impl TasksApi {
     #[oai(path = "/tasks", method = "post", operation_id = "enqueue_task")]
     async fn enqueue(&self, body: Json<EnqueueRequest>) -> Result<EnqueueResponse, ApiError> {
         let new = parse_request(body.0, Utc::now())?;
-        let mut tx = Tx::begin(&self.ctx.pool).await?;
+        let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
         match result.into_iter().next() {
@@ -123,7 +123,7 @@ impl TasksApi {
         for (i, r) in requests.into_iter().enumerate() {
             news.push(parse_request(r, now).map_err(|e| e.within(&format!("tasks[{i}].")))?);
         }
-        let mut tx = Tx::begin(&self.ctx.pool).await?;
+        let mut tx = writer(&self.ctx.pool, &news).await?;
         let results = tasks::enqueue(&mut tx, news, Utc::now()).await?;
         tx.commit().await?;
         let created = results
@@ -284,6 +284,18 @@ impl TasksApi {
             next_after,
         })))
     }
+}
+
+/// The connection an enqueue writes on. Without idempotency keys the enqueue is one statement,
+/// atomic by itself, so it needs no explicit transaction; with keys a conflict found after the
+/// insert must roll the whole request back, so it runs in one.
+async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
+    let keyed = news.iter().any(|n| n.idempotency_key.is_some());
+    Ok(if keyed {
+        Tx::begin(pool).await?
+    } else {
+        Tx::autocommit(pool).await?
+    })
 }
 
 /// Checks a page size.

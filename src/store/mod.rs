@@ -51,8 +51,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `(transaction id << 20) + n` (see the first migration), so a transaction may append at most
 /// [`MAX_EVENTS_PER_TX`] events.
 pub struct Tx {
-    inner: Transaction<'static, Postgres>,
+    inner: Conn,
     appended: i64,
+}
+
+enum Conn {
+    Transaction(Transaction<'static, Postgres>),
+    /// No explicit transaction: each statement commits by itself. Only for callers whose only
+    /// write is one statement (it is atomic on its own), saving the BEGIN and COMMIT round trips.
+    Autocommit(sqlx::pool::PoolConnection<Postgres>),
 }
 
 /// Events one transaction may append (the low 20 bits of a position).
@@ -61,18 +68,32 @@ pub const MAX_EVENTS_PER_TX: i64 = 1 << 20;
 impl Tx {
     pub async fn begin(pool: &PgPool) -> Result<Tx> {
         Ok(Tx {
-            inner: pool.begin().await?,
+            inner: Conn::Transaction(pool.begin().await?),
+            appended: 0,
+        })
+    }
+
+    /// A connection without an explicit transaction (see [`Conn::Autocommit`]): for a caller
+    /// that writes with a single statement.
+    pub async fn autocommit(pool: &PgPool) -> Result<Tx> {
+        Ok(Tx {
+            inner: Conn::Autocommit(pool.acquire().await?),
             appended: 0,
         })
     }
 
     pub async fn commit(self) -> Result<()> {
-        self.inner.commit().await?;
+        if let Conn::Transaction(t) = self.inner {
+            t.commit().await?;
+        }
         Ok(())
     }
 
     pub fn conn(&mut self) -> &mut sqlx::PgConnection {
-        &mut self.inner
+        match &mut self.inner {
+            Conn::Transaction(t) => t,
+            Conn::Autocommit(c) => c,
+        }
     }
 
     /// Reserves `n` position slots and returns the first.
