@@ -44,6 +44,7 @@ pub struct App {
     pub redis: ConnectionManager,
     pub keys: Keys,
     pub shutdown: CancellationToken,
+    pub waker: store::outbox::OutboxWaker,
 }
 
 impl App {
@@ -65,7 +66,9 @@ impl App {
     /// An application over existing connections (tests bring their own database).
     pub fn from_parts(settings: Settings, pool: PgPool, redis: ConnectionManager) -> App {
         let keys = Keys::new(settings.redis.key_prefix.clone());
+        let waker = store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
         App {
+            waker,
             settings,
             pool,
             redis,
@@ -88,6 +91,7 @@ impl App {
                     (t.as_str().to_owned(), name.to_owned())
                 })
                 .collect(),
+            waker: self.waker.clone(),
         }
     }
 

@@ -11,9 +11,9 @@
 //! unpublished and are pushed again: the second delivery of the same attempt is refused by the
 //! worker's claim, so the duplicate is harmless. The reverse order could lose a delivery.
 //!
-//! Wake-ups: `LISTEN arnela_outbox` (every enqueue notifies), the due time of the next scheduled
-//! row, and a polling interval as the fallback for missed notifications or a pooler that drops
-//! them.
+//! Wake-ups: `LISTEN arnela_outbox` (the API notifies after enqueues commit, at most once per
+//! couple of milliseconds), the due time of the next scheduled row, and a polling interval as the
+//! fallback for missed notifications or a pooler that drops them.
 
 use chrono::Utc;
 use redis::aio::ConnectionManager;
@@ -31,8 +31,8 @@ use crate::store::{events, outbox, tasks, StoreError, Tx};
 /// not make this one spin).
 const MIN_WAIT: Duration = Duration::from_millis(10);
 
-/// The channel enqueues notify.
-pub const CHANNEL: &str = "arnela_outbox";
+/// The channel enqueues notify (see [`outbox::OutboxWaker`]).
+pub use crate::store::outbox::CHANNEL;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {

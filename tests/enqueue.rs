@@ -391,3 +391,20 @@ async fn a_batch_of_a_thousand_is_written_in_order(pool: PgPool) {
     let (status, result) = post(&c, "/tasks/batch", &json!({"tasks": again})).await;
     assert_eq!((status, result["created"].as_u64()), (200, Some(0)));
 }
+
+#[sqlx::test]
+async fn an_enqueue_wakes_the_relays_after_it_commits(pool: PgPool) {
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen(arnela::relay::CHANNEL).await.unwrap();
+    let c = client(pool.clone()).await;
+    assert_eq!(post(&c, "/tasks", &sms("hola")).await.0, 201);
+    let note = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
+        .await
+        .expect("a notification within 10 s")
+        .unwrap();
+    assert_eq!(note.channel(), arnela::relay::CHANNEL);
+    // by the time the relays hear it, the task is committed
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+}

@@ -125,12 +125,13 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     let mut own = OwnRedis::start(port);
     let redis = connect_when_up(port).await;
     let ctx = ApiContext {
-        pool,
+        pool: pool.clone(),
         redis,
         keys: Keys::new(common::unique_prefix()),
         health_timeout: Duration::from_millis(500),
         max_body_bytes: 1024,
         channels: Default::default(),
+        waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
     };
     let c = TestClient::new(api::endpoint(ctx));
     assert_eq!(get(&c, "/health").await.0, 200);

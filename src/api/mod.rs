@@ -26,6 +26,8 @@ pub struct ApiContext {
     pub max_body_bytes: usize,
     /// The delivery channel of each task type (`log` where none is configured), for `/health`.
     pub channels: std::collections::BTreeMap<String, String>,
+    /// Wakes the relays after an enqueue commits.
+    pub waker: crate::store::outbox::OutboxWaker,
 }
 
 type Apis = (tasks::TasksApi, events::EventsApi, health::HealthApi);

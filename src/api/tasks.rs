@@ -97,6 +97,7 @@ impl TasksApi {
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
+        self.ctx.waker.wake();
         match result.into_iter().next() {
             Some(Enqueued::Created(row)) => Ok(EnqueueResponse::Created(Json(row.into()))),
             Some(Enqueued::Existing(row)) => Ok(EnqueueResponse::Existing(Json(row.into()))),
@@ -126,6 +127,7 @@ impl TasksApi {
         let mut tx = writer(&self.ctx.pool, &news).await?;
         let results = tasks::enqueue(&mut tx, news, Utc::now()).await?;
         tx.commit().await?;
+        self.ctx.waker.wake();
         let created = results
             .iter()
             .filter(|r| matches!(r, Enqueued::Created(_)))

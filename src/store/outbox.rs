@@ -166,3 +166,51 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
     .fetch_one(pool)
     .await?)
 }
+
+/// The channel relays `LISTEN` on.
+pub const CHANNEL: &str = "arnela_outbox";
+
+/// Wakes the relays after new outbox rows commit: `NOTIFY arnela_outbox`, sent from a
+/// background task at most once per `min_interval` however many enqueues asked for it. Sending
+/// it inside every enqueue would make all enqueue commits queue on Postgres's notification lock;
+/// a missed or merged wake-up costs at most the relays' polling interval.
+#[derive(Clone)]
+pub struct OutboxWaker {
+    wanted: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl OutboxWaker {
+    /// Starts the background task on `pool`; it stops when every clone is dropped.
+    pub fn spawn(pool: PgPool, min_interval: std::time::Duration) -> OutboxWaker {
+        let wanted = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task_wanted = wanted.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = task_wanted.notified() => {}
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
+                        // every waker is gone: stop
+                        if std::sync::Arc::strong_count(&task_wanted) == 1 {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(CHANNEL)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot notify the relays; they will poll");
+                }
+                tokio::time::sleep(min_interval).await;
+            }
+        });
+        OutboxWaker { wanted }
+    }
+
+    /// Asks for a wake-up (never blocks).
+    pub fn wake(&self) {
+        self.wanted.notify_one();
+    }
+}

@@ -136,7 +136,9 @@ pub async fn enqueue(
     }
 
     // One statement: the projection rows (skipping keys already in use), then the events and
-    // outbox rows of exactly the tasks that were inserted, and a wake-up for the relays.
+    // outbox rows of exactly the tasks that were inserted. Relays are woken after the commit by
+    // the caller (see `OutboxWaker`): a NOTIFY inside the statement would serialize every
+    // enqueue's commit on Postgres's notification lock.
     let inserted: Vec<TaskRow> = sqlx::query_as(&format!(
         "WITH input AS ( \
            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
@@ -161,10 +163,8 @@ pub async fn enqueue(
          ), outbox_row AS ( \
            INSERT INTO outbox (task_id, attempt, available_at) \
            SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot \
-         ), wake AS ( \
-           SELECT pg_notify('arnela_outbox', '') WHERE EXISTS (SELECT 1 FROM task) \
          ) \
-         SELECT task.* FROM task LEFT JOIN wake ON true",
+         SELECT task.* FROM task",
         cols = TASK_COLUMNS
     ))
     .bind(ids_unique(&ids, &first_of_key))

@@ -748,6 +748,8 @@ impl WorkerPool {
                 () = shutdown.cancelled() => break,
             };
             let mut permits = vec![first];
+            // let attempts that are about to end free their slots, so one claim takes many
+            tokio::task::yield_now().await;
             while let Ok(slot) = slots.clone().try_acquire_owned() {
                 match pending.clone().try_acquire_owned() {
                     Ok(record) => permits.push((slot, record)),

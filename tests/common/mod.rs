@@ -30,12 +30,13 @@ pub fn unique_prefix() -> String {
 
 pub async fn context(pool: PgPool) -> ApiContext {
     ApiContext {
-        pool,
+        pool: pool.clone(),
         redis: redis().await,
         keys: Keys::new(unique_prefix()),
         health_timeout: Duration::from_millis(1000),
         max_body_bytes: 1024 * 1024,
         channels: Default::default(),
+        waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
     }
 }
 
