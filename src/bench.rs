@@ -30,7 +30,8 @@ pub struct BenchOptions {
     pub concurrency: Vec<usize>,
     /// Tasks in the end-to-end run.
     pub tasks: usize,
-    /// Offered rate (tasks/s) of the latency run; 0 = half the end-to-end rate measured.
+    /// Offered rate (tasks/s) of the latency run; 0 = half of the lower of the end-to-end rate
+    /// and the best single-enqueue rate measured.
     pub rate: f64,
     pub service_pid: Option<u32>,
     /// Only measure `GET /tasks/{id}/events` (on whatever history the database holds).

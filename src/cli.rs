@@ -56,7 +56,8 @@ pub enum Command {
         /// Tasks in the end-to-end run.
         #[arg(long, default_value_t = 10_000)]
         tasks: usize,
-        /// Offered rate of the latency run (tasks/s); 0 = half the end-to-end rate.
+        /// Offered rate of the latency run (tasks/s); 0 = half the lower of the end-to-end and
+        /// single-enqueue rates.
         #[arg(long, default_value_t = 0.0)]
         rate: f64,
         /// The service's process id, to report its peak RSS.
