@@ -129,10 +129,22 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         opts.tasks
     );
 
+    // Half of what the system sustains: the end-to-end rate, or the best single-enqueue rate
+    // when that is lower (the latency run enqueues one task per request).
+    let single_best = report
+        .single_enqueue
+        .iter()
+        .map(|l| l.per_second)
+        .fold(0.0, f64::max);
+    let sustainable = if single_best > 0.0 {
+        rate.min(single_best)
+    } else {
+        rate
+    };
     let offered = if opts.rate > 0.0 {
         opts.rate
     } else {
-        (rate / 2.0).max(1.0)
+        (sustainable / 2.0).max(1.0)
     };
     let (p50, p99) = start_latency(
         &client,
