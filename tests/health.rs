@@ -5,10 +5,10 @@ mod common;
 
 use arnela::api::{self, ApiContext};
 use arnela::queue::Keys;
+use common::process::{free_port, redis_server};
 use common::{context, eventually, get};
 use poem::test::TestClient;
 use sqlx::PgPool;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 #[sqlx::test]
@@ -61,51 +61,6 @@ fn pool_options_for_port(port: u16) -> sqlx::postgres::PgConnectOptions {
         .username("postgres")
 }
 
-/// A Redis server of the test's own, so it can be stopped.
-struct OwnRedis {
-    port: u16,
-    child: Child,
-}
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        OwnRedis { port, child }
-    }
-
-    fn stop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn connect_when_up(port: u16) -> redis::aio::ConnectionManager {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     eventually(
@@ -122,7 +77,7 @@ async fn connect_when_up(port: u16) -> redis::aio::ConnectionManager {
 #[sqlx::test]
 async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     let port = free_port();
-    let mut own = OwnRedis::start(port);
+    let mut own = redis_server(port);
     let redis = connect_when_up(port).await;
     let ctx = ApiContext {
         pool: pool.clone(),
@@ -136,7 +91,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     let c = TestClient::new(api::endpoint(ctx));
     assert_eq!(get(&c, "/health").await.0, 200);
 
-    own.stop();
+    own.kill9();
     let (status, body) = get(&c, "/health").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(
@@ -144,7 +99,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         (Some("connected"), Some("disconnected"))
     );
 
-    let _again = OwnRedis::start(own.port);
+    let _again = redis_server(port);
     eventually(Duration::from_secs(20), "health to recover", || {
         let c = &c;
         async move { (get(c, "/health").await.0 == 200).then_some(()) }

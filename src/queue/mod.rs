@@ -175,6 +175,11 @@ pub async fn push_failed(
     copy: &FailedCopy,
 ) -> Result<()> {
     let entry = serde_json::to_string(copy).expect("failed copies serialize");
+    push_failed_entry(conn, keys, entry).await
+}
+
+/// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`].
+async fn push_failed_entry(conn: &mut ConnectionManager, keys: &Keys, entry: String) -> Result<()> {
     redis::pipe()
         .atomic()
         .lpush(keys.failed(), entry)
@@ -275,15 +280,7 @@ pub async fn push_failed_raw(
 ) -> Result<()> {
     let entry =
         serde_json::json!({"raw": raw, "reason": reason, "failed_at": Utc::now()}).to_string();
-    redis::pipe()
-        .atomic()
-        .lpush(keys.failed(), entry)
-        .ignore()
-        .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
-        .ignore()
-        .query_async::<()>(conn)
-        .await?;
-    Ok(())
+    push_failed_entry(conn, keys, entry).await
 }
 
 /// Moves a delivery that was taken but not started back to the right end of the queue, so it
