@@ -90,25 +90,27 @@ pub async fn insert_many(tx: &mut Tx, rows: &[(Uuid, i32, DateTime<Utc>)]) -> Re
     Ok(())
 }
 
-/// Removes every row of these tasks (their attempts were claimed).
+/// Removes the rows of these tasks (their attempts were claimed), except rows a relay holds
+/// locked right now: waiting for them would deadlock with that relay, which holds the row and
+/// waits for the task; it finds the task no longer waiting and drops the row itself.
 pub async fn delete_for_tasks(tx: &mut Tx, task_ids: &[Uuid]) -> Result<()> {
     if task_ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("DELETE FROM outbox WHERE task_id = ANY($1)")
-        .bind(task_ids)
-        .execute(tx.conn())
-        .await?;
+    sqlx::query(
+        "DELETE FROM outbox WHERE id IN \
+         (SELECT id FROM outbox WHERE task_id = ANY($1) FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(task_ids)
+    .execute(tx.conn())
+    .await?;
     Ok(())
 }
 
-/// Removes every row of a task (its attempt was claimed, or it reached a terminal state).
+/// Removes the rows of a task (its attempt was claimed, or it reached a terminal state); see
+/// [`delete_for_tasks`] for the rows a relay holds.
 pub async fn delete_for_task(tx: &mut Tx, task_id: Uuid) -> Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE task_id = $1")
-        .bind(task_id)
-        .execute(tx.conn())
-        .await?;
-    Ok(())
+    delete_for_tasks(tx, &[task_id]).await
 }
 
 /// Marks every published row unpublished, so the relays publish them again (after Redis lost its
