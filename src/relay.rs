@@ -122,7 +122,7 @@ impl Relay {
         let by_id: std::collections::HashMap<uuid::Uuid, &tasks::TaskRow> =
             rows.iter().map(|r| (r.id, r)).collect();
 
-        let now = Utc::now();
+        let now = tasks::db_now(&mut tx).await?;
         let mut seen = HashSet::new();
         let mut publish_ids = Vec::new();
         let mut drop_ids = Vec::new();
@@ -162,8 +162,19 @@ impl Relay {
             outbox::delete(&mut tx, &drop_ids).await?;
         }
         // Push before commit: a crash in between re-publishes (harmless), never loses.
+        let epoch = queue::seeded_epoch(&mut conn, &self.keys).await?;
         queue::publish(&mut conn, &self.keys, &deliveries).await?;
         tx.commit().await?;
+        // A Redis loss between the push and the commit may have been repaired (marker re-set,
+        // published rows re-published) before these rows counted as published: publish them
+        // again rather than leave them for the safety net.
+        if !publish_ids.is_empty() && queue::seeded_epoch(&mut conn, &self.keys).await? != epoch {
+            let n = outbox::republish_ids(&self.pool, &publish_ids).await?;
+            tracing::warn!(
+                deliveries = n,
+                "Redis was reset during a batch; re-publishing it"
+            );
+        }
         Ok(Batch {
             claimed: due.len(),
             published: deliveries.len(),

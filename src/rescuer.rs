@@ -114,9 +114,8 @@ impl Rescuer {
         let (stale, orphans) = self.sweep_processing(&mut conn).await?;
         out.stale_entries = stale;
         out.orphans = orphans;
-        let cutoff = Utc::now()
-            - chrono::Duration::from_std(self.config.republish_after).unwrap_or_default();
-        out.republished_stale = outbox::republish_older_than(&self.pool, cutoff).await?;
+        out.republished_stale =
+            outbox::republish_older_than(&self.pool, self.config.republish_after).await?;
         Ok(out)
     }
 
@@ -168,7 +167,7 @@ impl Rescuer {
         &self,
         conn: &mut ConnectionManager,
     ) -> Result<(usize, usize), WorkerError> {
-        let entries = queue::processing(conn, &self.keys, self.config.scan).await?;
+        let (entries, len) = queue::processing(conn, &self.keys, self.config.scan).await?;
         let now_ms = Utc::now().timestamp_millis();
         let grace_ms = self.config.grace.as_millis() as i64;
         let mut old = Vec::new();
@@ -178,14 +177,17 @@ impl Rescuer {
                 old.push(raw.clone());
             }
         }
-        // forget entries that left the list by themselves
-        let present: HashSet<&String> = entries.iter().collect();
-        let gone: Vec<String> = queue::seen_entries(conn, &self.keys)
-            .await?
-            .into_iter()
-            .filter(|e| !present.contains(e))
-            .collect();
-        queue::forget_seen(conn, &self.keys, &gone).await?;
+        // forget entries that left the list by themselves (only when the whole list was read:
+        // otherwise an unread entry would lose its first-seen time)
+        if len <= entries.len() as i64 {
+            let present: HashSet<&String> = entries.iter().collect();
+            let gone: Vec<String> = queue::seen_entries(conn, &self.keys)
+                .await?
+                .into_iter()
+                .filter(|e| !present.contains(e))
+                .collect();
+            queue::forget_seen(conn, &self.keys, &gone).await?;
+        }
         if old.is_empty() {
             return Ok((0, 0));
         }

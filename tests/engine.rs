@@ -524,3 +524,32 @@ async fn a_task_cancelled_while_running_is_not_retried(pool: PgPool) {
         .unwrap();
     assert_eq!(lease, None);
 }
+
+struct Panics;
+
+impl arnela::worker::handler::Handler for Panics {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a arnela::worker::handler::TaskContext,
+    ) -> futures::future::BoxFuture<'a, arnela::worker::handler::HandlerResult> {
+        Box::pin(async { panic!("a bug in a handler") })
+    }
+}
+
+#[sqlx::test]
+async fn a_panicking_handler_fails_its_attempt_and_the_task_is_retried(pool: PgPool) {
+    let registry =
+        arnela::worker::handler::Registry::new().register(TaskType::SendSms, Arc::new(Panics));
+    let e = engine_with(pool.clone(), registry, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::Retrying(id));
+    let events = e.events(id).await;
+    assert_eq!(events[3].1["error"], "the handler panicked");
+    let lease: Option<Uuid> = sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lease, None, "nothing stays claimed");
+}

@@ -191,16 +191,19 @@ async fn push_failed_entry(conn: &mut ConnectionManager, keys: &Keys, entry: Str
     Ok(())
 }
 
-/// Up to `limit` entries of the processing list.
+/// The `limit` oldest entries of the processing list (takes push on the left, so the oldest are
+/// on the right), and the list's length.
 pub async fn processing(
     conn: &mut ConnectionManager,
     keys: &Keys,
     limit: isize,
-) -> Result<Vec<String>> {
-    Ok(redis::cmd("LRANGE")
+) -> Result<(Vec<String>, i64)> {
+    Ok(redis::pipe()
+        .cmd("LRANGE")
         .arg(keys.processing())
-        .arg(0)
-        .arg(limit - 1)
+        .arg(-limit)
+        .arg(-1)
+        .llen(keys.processing())
         .query_async(conn)
         .await?)
 }
@@ -209,13 +212,22 @@ pub async fn processing(
 /// marker was missing: Redis is new, was restarted without its data, or was emptied, and every
 /// delivery it held must be published again.
 pub async fn mark_seeded(conn: &mut ConnectionManager, keys: &Keys) -> Result<bool> {
+    // a value unique to this seeding, so a relay can tell a re-seed from the marker it saw
     let set: Option<String> = redis::cmd("SET")
         .arg(keys.seeded())
-        .arg(Utc::now().to_rfc3339())
+        .arg(Uuid::new_v4().to_string())
         .arg("NX")
         .query_async(conn)
         .await?;
     Ok(set.is_some())
+}
+
+/// The value of the seeded marker (`None` if missing): it changes whenever Redis is re-seeded.
+pub async fn seeded_epoch(conn: &mut ConnectionManager, keys: &Keys) -> Result<Option<String>> {
+    Ok(redis::cmd("GET")
+        .arg(keys.seeded())
+        .query_async(conn)
+        .await?)
 }
 
 /// Records when an entry of the processing list was first seen by a rescuer; returns that time

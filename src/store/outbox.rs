@@ -124,6 +124,17 @@ pub async fn republish_all(pool: &PgPool) -> Result<u64> {
     )
 }
 
+/// Marks these published rows unpublished (their push may have been lost). Returns how many.
+pub async fn republish_ids(pool: &PgPool, ids: &[i64]) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE outbox SET published_at = NULL WHERE id = ANY($1) AND published_at IS NOT NULL",
+    )
+    .bind(ids)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Marks one task's published delivery of `attempt` unpublished (it was lost in transit).
 pub async fn republish(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<u64> {
     Ok(sqlx::query(
@@ -137,14 +148,14 @@ pub async fn republish(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<u64
     .rows_affected())
 }
 
-/// Marks rows published before `before` unpublished: a safety net for deliveries lost in a way
-/// nothing else noticed. Returns how many.
-pub async fn republish_older_than(pool: &PgPool, before: DateTime<Utc>) -> Result<u64> {
+/// Marks rows published more than `age` ago (by the database's clock) unpublished: a safety
+/// net for deliveries lost in a way nothing else noticed. Returns how many.
+pub async fn republish_older_than(pool: &PgPool, age: std::time::Duration) -> Result<u64> {
     Ok(sqlx::query(
         "UPDATE outbox SET published_at = NULL \
-         WHERE published_at IS NOT NULL AND published_at < $1",
+         WHERE published_at IS NOT NULL AND published_at < now() - $1",
     )
-    .bind(before)
+    .bind(age)
     .execute(pool)
     .await?
     .rows_affected())

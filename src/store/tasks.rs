@@ -376,19 +376,23 @@ pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
         .await?)
 }
 
-/// Extends the leases `worker` holds among `ids` to now + `lease`; returns the ids it still
-/// holds (an attempt missing from the answer was taken over or ended: its handler must stop).
+/// Extends the leases `worker` holds on these attempts `(task, attempt)` to now + `lease`;
+/// returns the attempts it still holds (one missing from the answer was taken over or ended: its
+/// handler must stop).
 pub async fn renew_leases(
     pool: &PgPool,
-    ids: &[Uuid],
+    attempts: &[(Uuid, i32)],
     worker: Uuid,
     lease: std::time::Duration,
-) -> Result<Vec<Uuid>> {
-    Ok(sqlx::query_scalar(
-        "UPDATE tasks SET lease_expires_at = now() + $3 \
-         WHERE id = ANY($1) AND lease_owner = $2 RETURNING id",
+) -> Result<Vec<(Uuid, i32)>> {
+    Ok(sqlx::query_as(
+        "UPDATE tasks t SET lease_expires_at = now() + $4 \
+         FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt) \
+         WHERE t.id = v.id AND t.attempts = v.attempt AND t.lease_owner = $3 \
+         RETURNING t.id, t.attempts",
     )
-    .bind(ids)
+    .bind(attempts.iter().map(|a| a.0).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|a| a.1).collect::<Vec<_>>())
     .bind(worker)
     .bind(lease)
     .fetch_all(pool)

@@ -26,6 +26,7 @@ pub mod handler;
 pub mod log_channel;
 
 use chrono::{DateTime, Utc};
+use futures::FutureExt;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
@@ -244,7 +245,8 @@ impl Worker {
             return Ok(refused.into_iter().next().unwrap_or(Processed::Idle));
         };
         let lease_lost = CancellationToken::new();
-        let heartbeat = self.heartbeat(claimed.ctx.task_id, lease_lost.clone());
+        let heartbeat =
+            self.heartbeat(claimed.ctx.task_id, claimed.ctx.attempt, lease_lost.clone());
         let (finished, ()) = tokio::join!(
             async {
                 let f = self.execute(claimed, &lease_lost, hard_stop).await;
@@ -351,9 +353,14 @@ impl Worker {
                     });
                 }
                 Decision::DeadLetter(_, reason) => {
-                    queue::push_failed(&mut conn, &self.keys, &failed_copy(&after, reason, now))
-                        .await?;
-                    queue::ack(&mut conn, &self.keys, &raw).await?;
+                    // The claims are committed: a Redis error from here on must not drop them
+                    // (the rescuer cleans the processing entry later).
+                    let copy = failed_copy(&after, reason, now);
+                    if let Err(e) = queue::push_failed(&mut conn, &self.keys, &copy).await {
+                        tracing::error!(task.id = %after.id, error = %e, "cannot copy a dead letter to the failed list");
+                    } else if let Err(e) = queue::ack(&mut conn, &self.keys, &raw).await {
+                        tracing::error!(task.id = %after.id, error = %e, "cannot acknowledge a delivery");
+                    }
                     self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     done.push(Processed::DeadLettered(after.id));
                 }
@@ -361,7 +368,9 @@ impl Worker {
         }
         if !refused.is_empty() {
             let raws: Vec<&str> = refused.iter().map(|(r, _)| r.as_str()).collect();
-            queue::ack_many(&mut conn, &self.keys, &raws).await?;
+            if let Err(e) = queue::ack_many(&mut conn, &self.keys, &raws).await {
+                tracing::error!(error = %e, "cannot acknowledge duplicate deliveries");
+            }
             for (_, id) in refused {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(task.id = %id, "duplicate delivery dropped");
@@ -415,10 +424,13 @@ impl Worker {
             ))),
             Some(handler) => {
                 let limit = self.registry.timeout(ctx.task_type);
-                let work = tokio::time::timeout(limit, handler.handle(ctx)).instrument(span);
+                // a panicking handler fails its attempt (retryably) instead of the worker
+                let guarded = std::panic::AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
+                let work = tokio::time::timeout(limit, guarded).instrument(span);
                 tokio::select! {
                     r = work => match r {
-                        Ok(result) => Ending::Done(result),
+                        Ok(Ok(result)) => Ending::Done(result),
+                        Ok(Err(_)) => Ending::Done(Err(HandlerError::retryable("the handler panicked"))),
                         Err(_) => Ending::TimedOut(limit),
                     },
                     () = lease_lost.cancelled() => Ending::LeaseLost,
@@ -436,14 +448,16 @@ impl Worker {
 
     /// Renews one attempt's lease every third of its length until `stop` fires; fires `stop`
     /// itself when the lease is lost.
-    async fn heartbeat(&self, task: Uuid, stop: CancellationToken) {
+    async fn heartbeat(&self, task: Uuid, attempt: i32, stop: CancellationToken) {
         let every = self.config.lease / 3;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(every) => {}
             }
-            match tasks::renew_leases(&self.pool, &[task], self.id, self.config.lease).await {
+            match tasks::renew_leases(&self.pool, &[(task, attempt)], self.id, self.config.lease)
+                .await
+            {
                 Ok(held) if held.is_empty() => {
                     tracing::warn!(task.id = %task, "lease lost; stopping the handler");
                     stop.cancel();
@@ -775,10 +789,11 @@ impl WorkerPool {
             for c in claimed {
                 let (slot, record) = permits.pop().expect("one permit per claimed attempt");
                 let lease_lost = CancellationToken::new();
+                let key = (c.ctx.task_id, c.ctx.attempt);
                 in_flight
                     .lock()
                     .expect("in-flight map")
-                    .insert(c.ctx.task_id, lease_lost.clone());
+                    .insert(key, lease_lost.clone());
                 let (worker, in_flight, hard_stop, done_tx) = (
                     worker.clone(),
                     in_flight.clone(),
@@ -786,10 +801,9 @@ impl WorkerPool {
                     done_tx.clone(),
                 );
                 running.spawn(async move {
-                    let id = c.ctx.task_id;
                     let finished = worker.execute(c, &lease_lost, &hard_stop).await;
                     drop(slot);
-                    in_flight.lock().expect("in-flight map").remove(&id);
+                    in_flight.lock().expect("in-flight map").remove(&key);
                     // the completer outlives every sender
                     done_tx.send((finished, record)).ok();
                 });
@@ -833,8 +847,9 @@ impl WorkerPool {
     }
 }
 
-/// Attempts running in this process, with the token that stops each when its lease is lost.
-type InFlight = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
+/// Attempts (task, attempt number) running in this process, with the token that stops each
+/// when its lease is lost.
+type InFlight = Arc<Mutex<HashMap<(Uuid, i32), CancellationToken>>>;
 
 /// Takes up to `max` deliveries and claims them; a delivery taken after shutdown began goes
 /// back to the queue unstarted.
@@ -853,36 +868,48 @@ async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Res
     Ok(worker.claim(raws).await?.0)
 }
 
-/// Extends every held lease each third of the lease; stops the attempts whose lease was lost.
+/// Extends every held lease each third of the lease; stops the attempts whose lease was lost,
+/// and stops them all when renewals have failed for two thirds of a lease (a rescuer may soon
+/// hand the attempts to another worker: they must not run on here at the same time).
 async fn renew_loop(worker: Arc<Worker>, in_flight: InFlight, stop: CancellationToken) {
     let every = worker.config.lease / 3;
+    let mut last_ok = Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let ids: Vec<Uuid> = in_flight
+        let held_now: Vec<(Uuid, i32)> = in_flight
             .lock()
             .expect("in-flight map")
             .keys()
             .copied()
             .collect();
-        if ids.is_empty() {
+        if held_now.is_empty() {
+            last_ok = Instant::now();
             continue;
         }
-        match tasks::renew_leases(&worker.pool, &ids, worker.id, worker.config.lease).await {
+        match tasks::renew_leases(&worker.pool, &held_now, worker.id, worker.config.lease).await {
             Ok(held) => {
-                let held: HashSet<Uuid> = held.into_iter().collect();
+                last_ok = Instant::now();
+                let held: HashSet<(Uuid, i32)> = held.into_iter().collect();
                 let map = in_flight.lock().expect("in-flight map");
-                for id in ids.iter().filter(|id| !held.contains(id)) {
-                    if let Some(token) = map.get(id) {
-                        tracing::warn!(task.id = %id, "lease lost; stopping the handler");
+                for key in held_now.iter().filter(|k| !held.contains(k)) {
+                    if let Some(token) = map.get(key) {
+                        tracing::warn!(task.id = %key.0, attempt = key.1, "lease lost; stopping the handler");
                         token.cancel();
                     }
                 }
             }
-            // not a lost lease: the next beat tries again (two more beats of slack)
-            Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "lease renewal failed");
+                if last_ok.elapsed() >= worker.config.lease * 2 / 3 {
+                    tracing::error!("leases could not be renewed for two thirds of a lease; stopping every attempt");
+                    for token in in_flight.lock().expect("in-flight map").values() {
+                        token.cancel();
+                    }
+                }
+            }
         }
     }
 }
