@@ -153,12 +153,14 @@ pub struct Worker {
 }
 
 /// A claimed attempt, ready to run.
+#[derive(Clone)]
 pub struct Claimed {
     raw: String,
     pub ctx: TaskContext,
 }
 
 /// How a handler run ended.
+#[derive(Clone)]
 pub enum Ending {
     Done(std::result::Result<serde_json::Value, HandlerError>),
     TimedOut(Duration),
@@ -167,6 +169,7 @@ pub enum Ending {
 }
 
 /// A finished run, waiting to be recorded.
+#[derive(Clone)]
 pub struct Finished {
     pub claimed: Claimed,
     pub ending: Ending,
@@ -742,7 +745,7 @@ impl WorkerPool {
             in_flight.clone(),
             renewer_stop.clone(),
         ));
-        let completer = tokio::spawn(complete_loop(worker.clone(), done_rx));
+        let completer = tokio::spawn(complete_loop(worker.clone(), done_rx, in_flight.clone()));
 
         let mut running = tokio::task::JoinSet::new();
         let mut failures = 0u32;
@@ -794,16 +797,12 @@ impl WorkerPool {
                     .lock()
                     .expect("in-flight map")
                     .insert(key, lease_lost.clone());
-                let (worker, in_flight, hard_stop, done_tx) = (
-                    worker.clone(),
-                    in_flight.clone(),
-                    hard_stop.clone(),
-                    done_tx.clone(),
-                );
+                let (worker, hard_stop, done_tx) =
+                    (worker.clone(), hard_stop.clone(), done_tx.clone());
                 running.spawn(async move {
                     let finished = worker.execute(c, &lease_lost, &hard_stop).await;
                     drop(slot);
-                    in_flight.lock().expect("in-flight map").remove(&key);
+                    // the lease stays renewed until the completer has recorded the outcome;
                     // the completer outlives every sender
                     done_tx.send((finished, record)).ok();
                 });
@@ -914,10 +913,14 @@ async fn renew_loop(worker: Arc<Worker>, in_flight: InFlight, stop: Cancellation
     }
 }
 
-/// Records finished attempts in batches until every sender is gone.
+/// Records finished attempts in batches until every sender is gone. A failed batch is tried
+/// again a few times, then item by item, so one bad row or a passing database error does not
+/// throw away the other outcomes. Attempts stay in `in_flight` (their leases renewed) until
+/// their outcome is recorded or given up.
 async fn complete_loop(
     worker: Arc<Worker>,
     mut done: mpsc::UnboundedReceiver<(Finished, OwnedSemaphorePermit)>,
+    in_flight: InFlight,
 ) {
     while let Some(first) = done.recv().await {
         let mut batch = vec![first];
@@ -929,13 +932,37 @@ async fn complete_loop(
         }
         let (finished, permits): (Vec<Finished>, Vec<OwnedSemaphorePermit>) =
             batch.into_iter().unzip();
-        let n = finished.len();
-        if let Err(e) = worker.complete(finished).await {
-            // The outcomes are lost, not the tasks: their leases expire and the rescuer
-            // records the attempts as failed and retries them.
-            tracing::error!(error = %e, attempts = n, "recording outcomes failed");
+        let keys: Vec<(Uuid, i32)> = finished
+            .iter()
+            .map(|f| (f.claimed.ctx.task_id, f.claimed.ctx.attempt))
+            .collect();
+        record_with_retries(&worker, finished).await;
+        let mut map = in_flight.lock().expect("in-flight map");
+        for key in &keys {
+            map.remove(key);
         }
+        drop(map);
         drop(permits);
+    }
+}
+
+async fn record_with_retries(worker: &Worker, finished: Vec<Finished>) {
+    for round in 1..=3u32 {
+        match worker.complete(finished.clone()).await {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempts = finished.len(), round, "recording outcomes failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(round))).await;
+            }
+        }
+    }
+    // One by one: the rows that can be recorded are; the others are left to the rescuer (their
+    // leases expire and the attempts are retried), which loses attempts, never tasks.
+    for f in finished {
+        let id = f.claimed.ctx.task_id;
+        if let Err(e) = worker.complete(vec![f]).await {
+            tracing::error!(task.id = %id, error = %e, "cannot record an outcome; the lease will expire");
+        }
     }
 }
 
