@@ -133,7 +133,15 @@ impl Relay {
                 drop_ids.push(d.id);
                 continue;
             };
-            let task = row.to_task()?;
+            // a row this build cannot read (say, a newer task type) is left for a build that
+            // can, without holding up the rest of the batch
+            let task = match row.to_task() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping an unreadable task");
+                    continue;
+                }
+            };
             let waiting = matches!(task.status, TaskStatus::Queued | TaskStatus::Retrying)
                 && d.attempt == task.next_attempt();
             // one delivery per task and batch: a second row for the same attempt is a duplicate

@@ -127,7 +127,13 @@ impl Rescuer {
         }
         let mut items: Vec<(Task, Vec<u8>, Vec<TaskEvent>)> = Vec::with_capacity(rows.len());
         for row in &rows {
-            let task = row.to_task()?;
+            let task = match row.to_task() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "skipping an unreadable task with an expired lease");
+                    continue;
+                }
+            };
             let worker = task.lease_owner.map(|w| w.to_string()).unwrap_or_default();
             let error = format!("lease expired: worker {worker} stopped renewing it");
             let decision = retry_decision(&self.config.worker, task.attempts, None);

@@ -553,3 +553,22 @@ async fn a_panicking_handler_fails_its_attempt_and_the_task_is_retried(pool: PgP
         .unwrap();
     assert_eq!(lease, None, "nothing stays claimed");
 }
+
+#[sqlx::test]
+async fn an_unreadable_task_row_does_not_hold_up_the_others(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let ids = enqueue(&pool, 2, 3).await;
+    // a row a newer build wrote (a task type this build does not know)
+    sqlx::query("UPDATE tasks SET task_type = 'send_fax' WHERE id = $1")
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(e.relay_once().await, 1, "the readable task is published");
+    assert_eq!(e.step().await, Processed::Succeeded(ids[1]));
+    assert_eq!(
+        e.status(ids[0]).await,
+        "queued",
+        "the unreadable one waits untouched"
+    );
+}

@@ -308,7 +308,15 @@ impl Worker {
         for (raw, d) in deliveries {
             let decision = match by_id.get(&d.task_id) {
                 Some(row) if seen.insert(d.task_id) => {
-                    let task = row.to_task()?;
+                    // an unreadable row is refused here, not allowed to fail the whole batch
+                    let task = match row.to_task() {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(error = %e, "refusing a delivery of an unreadable task");
+                            refused.push((raw, d.task_id));
+                            continue;
+                        }
+                    };
                     let decision = self.decide_claim(&task, &d, now, lease_until);
                     decision.map(|dec| (task, row.last_hash.clone(), dec))
                 }
@@ -490,10 +498,18 @@ impl Worker {
         let mut items = Vec::new();
         for f in &finished {
             let id = f.claimed.ctx.task_id;
-            let Some(row) = by_id.get(&id) else {
-                return Err(StoreError::NotFound(id).into());
+            // a missing or unreadable row records nothing (the others in the batch still are)
+            let Some(task) = by_id.get(&id).and_then(|row| match row.to_task() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot record the outcome of an unreadable task");
+                    None
+                }
+            }) else {
+                processed.push(Processed::Fenced(id));
+                continue;
             };
-            let task = row.to_task()?;
+            let row = by_id[&id];
             match self.outcome(&task, f, now)? {
                 Some((events, p)) => {
                     items.push((task, row.last_hash.clone(), events));
