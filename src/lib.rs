@@ -22,6 +22,7 @@
 //! - [`api`]: the poem-openapi HTTP service, its documents and error mapping.
 //! - [`channel`]: the delivery channels (SMTP / SendGrid e-mail, Twilio SMS and WhatsApp, Google
 //!   Calendar), their message templates, error classification and rate limits.
+//! - [`cache`]: cache-aside over Redis with single-flight misses, and the key builders.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
 //! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe;
@@ -32,6 +33,7 @@
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod cache;
 pub mod channel;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,190 @@
+//! The cache service against real Redis: every operation, a stopped Redis, an undecodable
+//! value, 100 concurrent misses, and a pattern delete over 50,000 keys.
+
+mod common;
+
+use arnela::cache::{keys, Cache, Ttl};
+use common::process::{free_port, redis_server};
+use common::{eventually, redis, unique_prefix};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::test]
+async fn set_get_exists_and_delete() {
+    let cache = Cache::new(redis().await, &unique_prefix());
+    let key = keys::client("7");
+    assert_eq!(cache.get::<String>(&key).await.unwrap(), None);
+    cache
+        .set(&key, &"Ana".to_owned(), Ttl::Short)
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.get::<String>(&key).await.unwrap().as_deref(),
+        Some("Ana")
+    );
+    assert!(cache.exists(&key).await.unwrap());
+    assert!(cache.delete(&key).await.unwrap());
+    assert!(!cache.exists(&key).await.unwrap());
+    assert!(!cache.delete(&key).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_set_carries_its_tier_ttl_with_a_little_jitter() {
+    let prefix = unique_prefix();
+    let cache = Cache::new(redis().await, &prefix);
+    cache.set("stats:dashboard", &1, Ttl::Medium).await.unwrap();
+    let mut c = redis().await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}:cache:stats:dashboard"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        (14 * 60_000..=15 * 60_000 * 105 / 100).contains(&pttl),
+        "{pttl}"
+    );
+}
+
+#[tokio::test]
+async fn get_or_set_loads_once_and_then_hits() {
+    let cache = Cache::new(redis().await, &unique_prefix());
+    let calls = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let v: Result<Vec<u32>, ()> = cache
+            .get_or_set("clients:list", Ttl::Short, || async {
+                calls.fetch_add(1, Ordering::SeqCst);
+                Ok(vec![1, 2, 3])
+            })
+            .await;
+        assert_eq!(v.unwrap(), [1, 2, 3]);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 2);
+    assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 1);
+    // a loader error is the caller's error, and nothing is cached
+    let failed: Result<u32, &str> = cache
+        .get_or_set("client:x", Ttl::Short, || async { Err("db down") })
+        .await;
+    assert_eq!(failed, Err("db down"));
+    assert!(!cache.exists("client:x").await.unwrap());
+}
+
+#[tokio::test]
+async fn an_undecodable_value_is_replaced() {
+    let prefix = unique_prefix();
+    let cache = Cache::new(redis().await, &prefix);
+    let mut c = redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}:cache:employee:1"))
+        .arg("{not json")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let v: Result<String, ()> = cache
+        .get_or_set("employee:1", Ttl::Long, || async { Ok("Eva".to_owned()) })
+        .await;
+    assert_eq!(v.unwrap(), "Eva");
+    assert_eq!(
+        cache.get::<String>("employee:1").await.unwrap().as_deref(),
+        Some("Eva")
+    );
+    assert_eq!(cache.stats.errors.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_misses_call_the_loader_once() {
+    let cache = Cache::new(redis().await, &unique_prefix());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reads = (0..100).map(|_| {
+        let (cache, calls) = (cache.clone(), calls.clone());
+        async move {
+            cache
+                .get_or_set("appointment:42", Ttl::Short, || async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, ()>("10:00".to_owned())
+                })
+                .await
+                .unwrap()
+        }
+    });
+    let values = futures::future::join_all(reads).await;
+    assert!(values.iter().all(|v| v == "10:00"));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn two_processes_missing_together_load_once() {
+    // two caches on separate connections stand in for two processes
+    let prefix = unique_prefix();
+    let (a, b) = (
+        Cache::new(redis().await, &prefix),
+        Cache::new(redis().await, &prefix),
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let load = |calls: Arc<AtomicUsize>| {
+        move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<_, ()>(5u32)
+        }
+    };
+    let (x, y) = tokio::join!(
+        a.get_or_set("stats:dashboard", Ttl::Short, load(calls.clone())),
+        b.get_or_set("stats:dashboard", Ttl::Short, load(calls.clone()))
+    );
+    assert_eq!((x.unwrap(), y.unwrap()), (5, 5));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_stopped_redis_never_fails_a_read() {
+    let port = free_port();
+    let mut server = redis_server(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    // the service's own connection settings (bounded reconnects and timeouts)
+    let conn = eventually(Duration::from_secs(10), "own redis", || {
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+        async move { arnela::queue::connect(info).await.ok() }
+    })
+    .await;
+    let cache = Cache::new(conn, "t");
+    server.kill9();
+    let v: Result<u32, ()> = cache
+        .get_or_set("client:1", Ttl::Short, || async { Ok(11) })
+        .await;
+    assert_eq!(v.unwrap(), 11);
+    assert!(cache.stats.errors.load(Ordering::Relaxed) >= 1);
+    assert!(
+        cache.get::<u32>("client:1").await.is_err(),
+        "explicit operations report the error"
+    );
+}
+
+#[tokio::test]
+async fn a_pattern_delete_over_fifty_thousand_keys_leaves_the_others() {
+    let prefix = unique_prefix();
+    let cache = Cache::new(redis().await, &prefix);
+    let mut c = redis().await;
+    for chunk in (0..50_000).collect::<Vec<u32>>().chunks(5000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}:cache:client:{i}"))
+                .arg(1)
+                .ignore();
+        }
+        for i in chunk.iter().take(10) {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}:cache:employee:{i}"))
+                .arg(1)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.unwrap();
+    }
+    assert_eq!(cache.delete_pattern("client:*").await.unwrap(), 50_000);
+    assert!(!cache.exists("client:49999").await.unwrap());
+    assert!(cache.exists("employee:3").await.unwrap());
+    assert_eq!(cache.delete_pattern("employee:*").await.unwrap(), 100);
+}
