@@ -20,21 +20,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What to run.
-#[derive(Debug, Clone)]
+/// What to run (the options of `arnela bench`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
+    /// The service's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// The service's database (the bench reads the event log for timings).
+    #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
-    /// Seconds per single-enqueue level.
+    /// Seconds per single-enqueue level (and of the latency run, at least 5).
+    #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Concurrent connections of the single-enqueue levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     pub concurrency: Vec<usize>,
     /// Tasks in the end-to-end run.
+    #[arg(long, default_value_t = 10_000)]
     pub tasks: usize,
-    /// Offered rate (tasks/s) of the latency run; 0 = half of the lower of the end-to-end rate
+    /// Offered rate of the latency run (tasks/s); 0 = half of the lower of the end-to-end rate
     /// and the best single-enqueue rate measured.
+    #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
+    /// The service's process id, to report its peak RSS.
+    #[arg(long)]
     pub service_pid: Option<u32>,
-    /// Only measure `GET /tasks/{id}/events` (on whatever history the database holds).
+    /// Only measure `GET /tasks/{id}/events` on the history the database already holds.
+    #[arg(long)]
     pub history_only: bool,
 }
 

@@ -47,28 +47,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench {
-            url,
-            database_url,
-            seconds,
-            concurrency,
-            tasks,
-            rate,
-            service_pid,
-            json,
-            history_only,
-        } => {
-            let opts = arnela::bench::BenchOptions {
-                url,
-                database_url,
-                seconds,
-                concurrency,
-                tasks,
-                rate,
-                service_pid,
-                history_only,
-            };
-            let report = arnela::bench::run(&opts).await?;
+        Command::Bench { options, json } => {
+            let report = arnela::bench::run(&options).await?;
             println!("{}", arnela::bench::table(&report));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)
@@ -88,8 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let settings = Settings::from_env()?;
-            let pool = arnela::store::connect(settings.database.connect_options()?, 2).await?;
+            let pool = connect_db().await?;
             arnela::store::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(ExitCode::SUCCESS)
@@ -97,8 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { task },
         } => {
-            let settings = Settings::from_env()?;
-            let pool = arnela::store::connect(settings.database.connect_options()?, 2).await?;
+            let pool = connect_db().await?;
             let report = arnela::store::audit::verify(&pool, task).await?;
             match report.broken {
                 None => {
@@ -150,4 +128,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A small pool for the one-shot database commands (`migrate`, `audit verify`).
+async fn connect_db() -> anyhow::Result<sqlx::PgPool> {
+    let settings = Settings::from_env()?;
+    Ok(arnela::store::connect(settings.database.connect_options()?, 2).await?)
 }

@@ -101,7 +101,8 @@ impl Relay {
         // Before anything reaches this Redis, make sure it holds what Postgres says is in
         // transit (the rescuer checks the same marker; whoever sets it re-publishes).
         let mut conn = self.redis.clone();
-        if queue::mark_seeded(&mut conn, &self.keys).await? {
+        let (reseeded, epoch) = queue::mark_seeded_epoch(&mut conn, &self.keys).await?;
+        if reseeded {
             let n = outbox::republish_all(&self.pool).await?;
             if n > 0 {
                 tracing::warn!(
@@ -170,7 +171,6 @@ impl Relay {
             outbox::delete(&mut tx, &drop_ids).await?;
         }
         // Push before commit: a crash in between re-publishes (harmless), never loses.
-        let epoch = queue::seeded_epoch(&mut conn, &self.keys).await?;
         queue::publish(&mut conn, &self.keys, &deliveries).await?;
         tx.commit().await?;
         // A Redis loss between the push and the commit may have been repaired (marker re-set,

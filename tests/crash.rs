@@ -3,40 +3,17 @@
 
 mod common;
 
-use arnela::domain::{validate_payload, NewTask, TaskType};
-use arnela::store::{tasks, Tx};
+use arnela::domain::TaskType;
 use chrono::{DateTime, Utc};
 use common::process::{arnela, free_port, redis_server};
 use common::{database_url, eventually, redis_url, unique_prefix};
-use serde_json::json;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 async fn enqueue(pool: &PgPool, n: usize) -> Vec<Uuid> {
-    let mut ids = Vec::with_capacity(n);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let mut tx = Tx::begin(pool).await.unwrap();
-        let news = chunk
-            .iter()
-            .map(|i| NewTask {
-                task_type: TaskType::SendWhatsapp,
-                payload: validate_payload(
-                    TaskType::SendWhatsapp,
-                    json!({"phone": "+34123456789", "message": format!("m{i}")}),
-                )
-                .unwrap(),
-                max_attempts: 3,
-                run_at: Utc::now(),
-                idempotency_key: None,
-            })
-            .collect();
-        let made = tasks::enqueue(&mut tx, news, Utc::now()).await.unwrap();
-        tx.commit().await.unwrap();
-        ids.extend(made.iter().map(|m| m.row().id));
-    }
-    ids
+    common::enqueue_tasks(pool, TaskType::SendWhatsapp, n, 3).await
 }
 
 async fn count_status(pool: &PgPool, status: &str) -> i64 {

@@ -3,12 +3,10 @@
 
 mod common;
 
-use arnela::domain::{validate_payload, NewTask, TaskType};
+use arnela::domain::TaskType;
 use arnela::queue::{self, Delivery};
-use arnela::store::{tasks, Tx};
 use arnela::worker::handler::HandlerError;
 use arnela::worker::Processed;
-use chrono::Utc;
 use common::engine::{config, engine, engine_with, registry, Script};
 use common::{client, post};
 use serde_json::json;
@@ -19,23 +17,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 async fn enqueue(pool: &PgPool, n: usize, max_attempts: i32) -> Vec<Uuid> {
-    let mut tx = Tx::begin(pool).await.unwrap();
-    let news = (0..n)
-        .map(|i| NewTask {
-            task_type: TaskType::SendSms,
-            payload: validate_payload(
-                TaskType::SendSms,
-                json!({"phone": "+34123456789", "message": format!("m{i}")}),
-            )
-            .unwrap(),
-            max_attempts,
-            run_at: Utc::now(),
-            idempotency_key: None,
-        })
-        .collect();
-    let made = tasks::enqueue(&mut tx, news, Utc::now()).await.unwrap();
-    tx.commit().await.unwrap();
-    made.iter().map(|m| m.row().id).collect()
+    common::enqueue_tasks(pool, TaskType::SendSms, n, max_attempts).await
 }
 
 #[sqlx::test]

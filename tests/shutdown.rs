@@ -3,12 +3,9 @@
 
 mod common;
 
-use arnela::domain::{validate_payload, NewTask, TaskType};
-use arnela::store::{tasks, Tx};
+use arnela::domain::TaskType;
 use arnela::worker::WorkerPool;
-use chrono::Utc;
 use common::engine::{config, engine, registry, Script};
-use serde_json::json;
 use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,23 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 async fn enqueue(pool: &PgPool, n: usize) -> Vec<Uuid> {
-    let mut tx = Tx::begin(pool).await.unwrap();
-    let news = (0..n)
-        .map(|i| NewTask {
-            task_type: TaskType::SendEmail,
-            payload: validate_payload(
-                TaskType::SendEmail,
-                json!({"to": "a@b.es", "subject": format!("s{i}"), "body": "b"}),
-            )
-            .unwrap(),
-            max_attempts: 1,
-            run_at: Utc::now(),
-            idempotency_key: None,
-        })
-        .collect();
-    let made = tasks::enqueue(&mut tx, news, Utc::now()).await.unwrap();
-    tx.commit().await.unwrap();
-    made.iter().map(|m| m.row().id).collect()
+    common::enqueue_tasks(pool, TaskType::SendEmail, n, 1).await
 }
 
 async fn running(pool: &PgPool) -> i64 {

@@ -212,14 +212,25 @@ pub async fn processing(
 /// marker was missing: Redis is new, was restarted without its data, or was emptied, and every
 /// delivery it held must be published again.
 pub async fn mark_seeded(conn: &mut ConnectionManager, keys: &Keys) -> Result<bool> {
+    Ok(mark_seeded_epoch(conn, keys).await?.0)
+}
+
+/// [`mark_seeded`], and the marker's value after it, in one round trip.
+pub async fn mark_seeded_epoch(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+) -> Result<(bool, Option<String>)> {
     // a value unique to this seeding, so a relay can tell a re-seed from the marker it saw
-    let set: Option<String> = redis::cmd("SET")
+    let (set, epoch): (Option<String>, Option<String>) = redis::pipe()
+        .cmd("SET")
         .arg(keys.seeded())
         .arg(Uuid::new_v4().to_string())
         .arg("NX")
+        .cmd("GET")
+        .arg(keys.seeded())
         .query_async(conn)
         .await?;
-    Ok(set.is_some())
+    Ok((set.is_some(), epoch))
 }
 
 /// The value of the seeded marker (`None` if missing): it changes whenever Redis is re-seeded.

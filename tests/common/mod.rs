@@ -613,3 +613,43 @@ pub mod logs {
         (captured, tracing::subscriber::set_default(subscriber))
     }
 }
+
+/// Enqueues `n` tasks of `task_type` through the store (1000 per transaction), returning their
+/// ids in order.
+pub async fn enqueue_tasks(
+    pool: &PgPool,
+    task_type: arnela::domain::TaskType,
+    n: usize,
+    max_attempts: i32,
+) -> Vec<uuid::Uuid> {
+    use arnela::domain::{validate_payload, NewTask, TaskType};
+    let payload = |i: usize| match task_type {
+        TaskType::SendEmail => {
+            serde_json::json!({"to": "a@b.es", "subject": format!("s{i}"), "body": "b"})
+        }
+        TaskType::SyncCalendar => {
+            serde_json::json!({"event_id": format!("e{i}"), "action": "delete"})
+        }
+        _ => serde_json::json!({"phone": "+34123456789", "message": format!("m{i}")}),
+    };
+    let mut ids = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut tx = arnela::store::Tx::begin(pool).await.unwrap();
+        let news = chunk
+            .iter()
+            .map(|&i| NewTask {
+                task_type,
+                payload: validate_payload(task_type, payload(i)).unwrap(),
+                max_attempts,
+                run_at: chrono::Utc::now(),
+                idempotency_key: None,
+            })
+            .collect();
+        let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        ids.extend(made.iter().map(|m| m.row().id));
+    }
+    ids
+}
