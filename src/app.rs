@@ -10,8 +10,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiContext};
+use crate::cache::Cache;
 use crate::config::Settings;
 use crate::domain::RetryPolicy;
+use crate::projector::{Projection, Projector};
 use crate::queue::{self, Keys};
 use crate::relay::{Relay, RelayConfig};
 use crate::rescuer::{Rescuer, RescuerConfig};
@@ -45,6 +47,8 @@ pub struct App {
     pub keys: Keys,
     pub shutdown: CancellationToken,
     pub waker: store::outbox::OutboxWaker,
+    /// The cache under `{prefix}:cache:` (the API's hot reads, the invalidation projector).
+    pub cache: Cache,
 }
 
 impl App {
@@ -67,8 +71,10 @@ impl App {
     pub fn from_parts(settings: Settings, pool: PgPool, redis: ConnectionManager) -> App {
         let keys = Keys::new(settings.redis.key_prefix.clone());
         let waker = store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
+        let cache = Cache::new(redis.clone(), &settings.redis.key_prefix);
         App {
             waker,
+            cache,
             settings,
             pool,
             redis,
@@ -92,7 +98,20 @@ impl App {
                 })
                 .collect(),
             waker: self.waker.clone(),
+            cache: self.cache.clone(),
         }
+    }
+
+    /// The projectors every process runs (instances of one projector take turns, see
+    /// [`crate::projector`]).
+    pub fn projectors(&self) -> Vec<Projector> {
+        vec![
+            Projector::new(self.pool.clone(), Projection::Totals),
+            Projector::new(
+                self.pool.clone(),
+                Projection::CacheInvalidation(Box::new(self.cache.clone())),
+            ),
+        ]
     }
 
     /// Serves the HTTP API on `addr` until the shutdown token is cancelled. Returns the bound
@@ -218,6 +237,14 @@ impl App {
             let shutdown = self.shutdown.clone();
             set.spawn(async move {
                 rescuer.run(shutdown).await;
+                Ok(())
+            });
+        }
+        for projector in self.projectors() {
+            let shutdown = self.shutdown.clone();
+            let idle = self.settings.engine.projector_interval;
+            set.spawn(async move {
+                projector.run(shutdown, idle).await;
                 Ok(())
             });
         }

@@ -178,6 +178,9 @@ pub struct EngineSettings {
     pub republish_after: Duration,
     /// Simulated provider latency of the log channel (`LOG_CHANNEL_DELAY_MS`, 0).
     pub log_channel_delay: Duration,
+    /// How often an idle projector looks for new events (`PROJECTOR_INTERVAL_MS`, 100): the
+    /// bound on how long a cached read can lag behind a committed event.
+    pub projector_interval: Duration,
 }
 
 /// All settings of the service.
@@ -372,6 +375,7 @@ fn engine_settings<'a>(
         orphan_grace: secs("ORPHAN_GRACE_SECS", 30)?,
         republish_after: secs("REPUBLISH_AFTER_SECS", 900)?,
         log_channel_delay: millis("LOG_CHANNEL_DELAY_MS", 0)?,
+        projector_interval: millis("PROJECTOR_INTERVAL_MS", 100)?.max(Duration::from_millis(10)),
     })
 }
 

@@ -7,7 +7,8 @@
 //! # Layout
 //!
 //! Dependencies point one way: [`domain`] (pure) ← [`store`] (the only SQL) ← [`api`],
-//! [`relay`], [`worker`], [`rescuer`]; Redis lives in [`queue`]. Everything is wired in [`app`].
+//! [`relay`], [`worker`], [`rescuer`], [`projector`]; Redis lives in [`queue`] and [`cache`].
+//! Everything is wired in [`app`].
 //!
 //! - [`domain`]: task types and payload validation, events and their hash chain, the task state
 //!   machine, the retry policy. No I/O.
@@ -22,7 +23,10 @@
 //! - [`api`]: the poem-openapi HTTP service, its documents and error mapping.
 //! - [`channel`]: the delivery channels (SMTP / SendGrid e-mail, Twilio SMS and WhatsApp, Google
 //!   Calendar), their message templates, error classification and rate limits.
-//! - [`cache`]: cache-aside over Redis with single-flight misses, and the key builders.
+//! - [`projector`]: reads the global log from durable checkpoints: cluster-wide totals and
+//!   attempt durations, cache invalidations (`Projector::run_once` is one batch).
+//! - [`cache`]: cache-aside over Redis with single-flight misses, generation-guarded writes, the
+//!   key builders and the invalidation rules.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
 //! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe;
@@ -39,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod healthcheck;
+pub mod projector;
 pub mod queue;
 pub mod relay;
 pub mod rescuer;

@@ -24,6 +24,7 @@ fn new_sms(message: &str) -> NewTask {
         max_attempts: 3,
         run_at: Utc::now(),
         idempotency_key: None,
+        invalidates: Vec::new(),
     }
 }
 

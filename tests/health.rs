@@ -5,8 +5,8 @@ mod common;
 
 use arnela::api::{self, ApiContext};
 use arnela::queue::Keys;
-use common::process::{free_port, redis_server};
-use common::{context, eventually, get};
+use common::process::{arnela, free_port, redis_server, PgServer};
+use common::{context, database_url, eventually, get};
 use poem::test::TestClient;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -26,39 +26,199 @@ async fn health_is_200_with_the_known_shape_when_both_answer(pool: PgPool) {
     assert_eq!(get(&c, "/health/live").await.0, 200);
 }
 
-#[sqlx::test]
-async fn health_is_503_when_postgres_is_unreachable(pool: PgPool) {
-    let mut ctx = context(pool).await;
-    // nothing listens on port 1
-    let unreachable = pool_options_for_port(1);
-    ctx.pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_millis(300))
-        .connect_lazy_with(unreachable);
-    let c = TestClient::new(api::endpoint(ctx));
+#[tokio::test]
+async fn health_is_503_while_postgres_is_stopped_and_recovers() {
+    let pg = PgServer::start(free_port());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    arnela::store::migrate(&pool).await.unwrap();
+    let c = TestClient::new(api::endpoint(context(pool).await));
+    assert_eq!(get(&c, "/health").await.0, 200);
+
+    pg.stop();
     let (status, body) = get(&c, "/health").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "unhealthy");
     assert_eq!(body["database"], "disconnected");
+    assert_eq!(body["dependencies"]["database"]["status"], "disconnected");
     assert_eq!(body["redis"], "connected");
+    assert_eq!(get(&c, "/health/ready").await.0, 503);
     assert_eq!(
         get(&c, "/health/live").await.0,
         200,
         "liveness does not depend on Postgres"
     );
-
     // The API itself answers 503 rather than 500 while the database is away.
     let (status, err) = get(&c, "/tasks").await;
     assert_eq!(
         (status, err["code"].as_str()),
         (503, Some("database_unavailable"))
     );
+
+    pg.resume();
+    eventually(Duration::from_secs(20), "health to recover", || {
+        let c = &c;
+        async move { (get(c, "/health").await.0 == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(get(&c, "/health/ready").await.0, 200);
+    assert_eq!(get(&c, "/tasks").await.0, 200);
 }
 
-fn pool_options_for_port(port: u16) -> sqlx::postgres::PgConnectOptions {
-    sqlx::postgres::PgConnectOptions::new()
-        .host("127.0.0.1")
-        .port(port)
-        .username("postgres")
+#[sqlx::test]
+async fn health_reports_depths_backlog_projectors_and_dependency_latency(pool: PgPool) {
+    let ctx = context(pool.clone()).await;
+    let c = TestClient::new(api::endpoint(ctx.clone()));
+    common::enqueue_tasks(&pool, arnela::domain::TaskType::SendSms, 3, 3).await;
+    let projector =
+        arnela::projector::Projector::new(pool.clone(), arnela::projector::Projection::Totals);
+    projector.run_once().await.unwrap();
+    let (status, body) = get(&c, "/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["queues"]["tasks"], 0);
+    assert_eq!(body["queues"]["processing"], 0);
+    assert_eq!(body["queues"]["failed"], 0);
+    assert_eq!(body["outbox"]["backlog"], 3, "{body}");
+    assert!(body["outbox"]["oldest_due_age_seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(body["projectors"][0]["name"], "totals");
+    assert_eq!(body["projectors"][0]["events"], 3);
+    assert_eq!(body["projectors"][0]["lag_seconds"], 0.0);
+    for dep in ["database", "redis"] {
+        assert_eq!(body["dependencies"][dep]["status"], "connected");
+        assert!(body["dependencies"][dep]["latency_ms"].as_f64().unwrap() >= 0.0);
+    }
+    // the relay moves the backlog to Redis: the depth shows it
+    let relay = arnela::relay::Relay::new(
+        pool.clone(),
+        ctx.redis.clone(),
+        ctx.keys.clone(),
+        Default::default(),
+    );
+    relay.run_once().await.unwrap();
+    let (_, body) = get(&c, "/health").await;
+    assert_eq!(body["queues"]["tasks"], 3);
+    assert_eq!(body["outbox"]["backlog"], 0);
+
+    let (status, ready) = get(&c, "/health/ready").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        ready,
+        serde_json::json!({"status": "healthy", "database": "connected", "redis": "connected"}),
+        "readiness says only what an orchestrator needs"
+    );
+}
+
+/// Tasks that succeeded and that were dead-lettered, counted in the log.
+async fn log_outcomes(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE event_type = 'attempt_succeeded'), \
+                count(*) FILTER (WHERE event_type = 'dead_lettered') FROM task_events",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+async fn health_of(http: &reqwest::Client, port: u16) -> Option<serde_json::Value> {
+    let resp = http
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .send()
+        .await
+        .ok()?;
+    resp.json().await.ok()
+}
+
+#[sqlx::test]
+async fn health_counters_are_cluster_totals_across_worker_processes_and_restarts(pool: PgPool) {
+    let db = database_url(&pool);
+    let prefix = common::unique_prefix();
+    let redis = common::redis_url();
+    // SMS go to a Twilio that refuses connections: with one attempt, each is dead-lettered
+    let failing_sms = [
+        ("TWILIO_BASE_URL", "http://127.0.0.1:1"),
+        ("TWILIO_ACCOUNT_SID", "AC0123"),
+        ("TWILIO_AUTH_TOKEN", "token"),
+        ("TWILIO_SMS_FROM", "+34910000000"),
+        ("TWILIO_TIMEOUT_MS", "500"),
+    ];
+    let api_port = free_port();
+    let api_port_s = api_port.to_string();
+    let mut api_proc = arnela("api", &db, &redis, &prefix, &[("APP_PORT", &api_port_s)]);
+    let _relay = arnela("relay", &db, &redis, &prefix, &[]);
+    let _w1 = arnela("worker", &db, &redis, &prefix, &failing_sms);
+    let mut w2 = arnela("worker", &db, &redis, &prefix, &failing_sms);
+
+    let emails = common::enqueue_tasks(&pool, arnela::domain::TaskType::SendEmail, 30, 3).await;
+    let sms = common::enqueue_tasks(&pool, arnela::domain::TaskType::SendSms, 10, 1).await;
+    let total = (emails.len() + sms.len()) as i64;
+    let finished = || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('succeeded', 'dead')")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (n == total).then_some(())
+    };
+    eventually(Duration::from_secs(60), "every task to finish", finished).await;
+    assert_eq!(log_outcomes(&pool).await, (30, 10));
+
+    let http = reqwest::Client::new();
+    let counters = |body: &serde_json::Value| {
+        (
+            body["workers"]["tasks_processed"].as_i64(),
+            body["workers"]["tasks_failed"].as_i64(),
+        )
+    };
+    let body = eventually(
+        Duration::from_secs(30),
+        "health to count every outcome",
+        || {
+            let http = &http;
+            async move {
+                let body = health_of(http, api_port).await?;
+                (counters(&body) == (Some(30), Some(10))).then_some(body)
+            }
+        },
+    )
+    .await;
+    assert_eq!(body["workers"]["active_workers"], 10, "{body}");
+    assert_eq!(body["workers"]["processes"].as_array().unwrap().len(), 2);
+
+    // restart the API and kill a worker: the totals come from the log, not from memory
+    assert!(api_proc.terminate().success());
+    w2.kill9();
+    let api_port = free_port();
+    let api_port_s = api_port.to_string();
+    let _api_again = arnela("api", &db, &redis, &prefix, &[("APP_PORT", &api_port_s)]);
+    let _w3 = arnela("worker", &db, &redis, &prefix, &failing_sms);
+    common::enqueue_tasks(&pool, arnela::domain::TaskType::SendEmail, 5, 3).await;
+    let total = total + 5;
+    let finished = || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('succeeded', 'dead')")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (n == total).then_some(())
+    };
+    eventually(Duration::from_secs(60), "the new tasks to finish", finished).await;
+    let expected = log_outcomes(&pool).await;
+    assert_eq!(expected, (35, 10));
+    eventually(
+        Duration::from_secs(30),
+        "health to match the log after restarts",
+        || {
+            let http = &http;
+            async move {
+                let body = health_of(http, api_port).await?;
+                (counters(&body) == (Some(35), Some(10))).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 async fn connect_when_up(port: u16) -> redis::aio::ConnectionManager {
@@ -81,12 +241,13 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     let redis = connect_when_up(port).await;
     let ctx = ApiContext {
         pool: pool.clone(),
-        redis,
+        redis: redis.clone(),
         keys: Keys::new(common::unique_prefix()),
         health_timeout: Duration::from_millis(500),
         max_body_bytes: 1024,
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        cache: arnela::cache::Cache::new(redis.clone(), "health-test"),
     };
     let c = TestClient::new(api::endpoint(ctx));
     assert_eq!(get(&c, "/health").await.0, 200);

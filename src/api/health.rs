@@ -2,9 +2,10 @@
 
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::ApiContext;
+use crate::store::{outbox, projection};
 
 #[derive(Tags)]
 enum ApiTags {
@@ -15,12 +16,72 @@ enum ApiTags {
 /// Worker figures.
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct WorkerStats {
-    /// Reserved for the cluster-wide total projected from events (not yet projected: 0).
+    /// Tasks that finished successfully, cluster-wide since the first event: counted from the
+    /// event log by the `totals` projector (unaffected by restarts or the number of processes).
     pub tasks_processed: i64,
-    /// Reserved for the cluster-wide total projected from events (not yet projected: 0).
+    /// Tasks that failed for good (dead-lettered), cluster-wide, counted from the event log.
     pub tasks_failed: i64,
     /// Workers in every process whose heartbeat (every 5 s, valid 15 s) is current.
     pub active_workers: i64,
+    /// Each live worker process and how many workers it runs.
+    pub processes: Vec<ProcessWorkers>,
+}
+
+/// One live worker process.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct ProcessWorkers {
+    /// The process's id (a UUID chosen at start).
+    pub process: String,
+    pub workers: i64,
+}
+
+/// One dependency's check.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct DependencyCheck {
+    /// `connected` or `disconnected`.
+    pub status: String,
+    /// How long the ping took (up to the health timeout when it did not answer).
+    pub latency_ms: f64,
+}
+
+/// The dependencies' checks.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct Dependencies {
+    pub database: DependencyCheck,
+    pub redis: DependencyCheck,
+}
+
+/// Lengths of the Redis lists.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct QueueDepths {
+    /// `arnela:tasks`: deliveries waiting for a worker.
+    pub tasks: i64,
+    /// `arnela:tasks:processing`: deliveries taken by a worker and not yet acknowledged.
+    pub processing: i64,
+    /// `arnela:tasks:failed`: copies of dead-lettered tasks and undecodable entries.
+    pub failed: i64,
+}
+
+/// Outbox rows due and not yet moved to Redis.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct OutboxBacklog {
+    pub backlog: i64,
+    /// Age of the oldest due row (0 when none).
+    pub oldest_due_age_seconds: f64,
+}
+
+/// Where a projector is in the event log.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct ProjectorStatus {
+    /// `totals` or `cache_invalidation`.
+    pub name: String,
+    /// The last log position applied.
+    pub position: i64,
+    /// Events applied since the projector first ran.
+    pub events: i64,
+    /// Age of the oldest committed event not yet applied (0 when caught up).
+    pub lag_seconds: f64,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// The state of the service and its dependencies.
@@ -33,9 +94,29 @@ pub struct HealthReport {
     /// `connected` or `disconnected`.
     pub redis: String,
     pub workers: WorkerStats,
+    pub dependencies: Dependencies,
+    /// Absent when Redis does not answer.
+    #[oai(skip_serializing_if_is_none)]
+    pub queues: Option<QueueDepths>,
+    /// Absent when Postgres does not answer.
+    #[oai(skip_serializing_if_is_none)]
+    pub outbox: Option<OutboxBacklog>,
+    /// Empty when Postgres does not answer.
+    pub projectors: Vec<ProjectorStatus>,
     /// The delivery channel of each task type: `smtp`, `sendgrid`, `twilio_sms`,
     /// `twilio_whatsapp`, `google_calendar`, or `log` (not configured: messages are only logged).
     pub channels: std::collections::BTreeMap<String, String>,
+}
+
+/// Whether this instance can serve: its dependencies answer.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct ReadyReport {
+    /// `healthy` or `unhealthy`.
+    pub status: String,
+    /// `connected` or `disconnected`.
+    pub database: String,
+    /// `connected` or `disconnected`.
+    pub redis: String,
 }
 
 #[derive(ApiResponse)]
@@ -46,6 +127,16 @@ pub enum HealthResponse {
     /// Postgres or Redis does not answer within the health timeout.
     #[oai(status = 503)]
     Unhealthy(Json<HealthReport>),
+}
+
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// Postgres and Redis answer: send traffic.
+    #[oai(status = 200)]
+    Ready(Json<ReadyReport>),
+    /// Postgres or Redis does not answer within the health timeout.
+    #[oai(status = 503)]
+    NotReady(Json<ReadyReport>),
 }
 
 #[derive(ApiResponse)]
@@ -61,18 +152,31 @@ pub struct HealthApi {
 
 #[OpenApi(tag = "ApiTags::Health")]
 impl HealthApi {
-    /// Service health
+    /// Service health, with the details an operator needs
     ///
-    /// Pings Postgres and Redis (each with a short timeout); 503 when either does not answer.
+    /// Pings Postgres and Redis (each with a short timeout, latency reported); 503 when either
+    /// does not answer. Adds the Redis queue depths, the outbox backlog, the projectors' lag,
+    /// the live worker processes, and the cluster-wide task totals projected from events.
     #[oai(path = "/health", method = "get", operation_id = "health")]
     async fn health(&self) -> HealthResponse {
         self.report().await
     }
 
-    /// Readiness: may this instance take traffic (same checks as `/health`)
+    /// Readiness: may this instance take traffic (Postgres and Redis answer)
     #[oai(path = "/health/ready", method = "get", operation_id = "health_ready")]
-    async fn ready(&self) -> HealthResponse {
-        self.report().await
+    async fn ready(&self) -> ReadyResponse {
+        let timeout = self.ctx.health_timeout;
+        let (db, redis) = tokio::join!(self.ping_db(timeout), self.ping_redis(timeout));
+        let report = ReadyReport {
+            status: status_word(db.ok && redis.ok),
+            database: db.word(),
+            redis: redis.word(),
+        };
+        if db.ok && redis.ok {
+            ReadyResponse::Ready(Json(report))
+        } else {
+            ReadyResponse::NotReady(Json(report))
+        }
     }
 
     /// Liveness: the process answers HTTP (no dependency is checked)
@@ -82,25 +186,115 @@ impl HealthApi {
     }
 }
 
+/// One ping's outcome.
+struct Ping {
+    ok: bool,
+    latency_ms: f64,
+}
+
+impl Ping {
+    fn word(&self) -> String {
+        if self.ok { "connected" } else { "disconnected" }.to_owned()
+    }
+
+    fn check(&self) -> DependencyCheck {
+        DependencyCheck {
+            status: self.word(),
+            latency_ms: self.latency_ms,
+        }
+    }
+}
+
+fn status_word(healthy: bool) -> String {
+    if healthy { "healthy" } else { "unhealthy" }.to_owned()
+}
+
+/// Runs `f` with the health timeout; `None` (logged) if it fails or times out.
+async fn within<T, E: std::fmt::Display>(
+    timeout: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "health: {what} failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(?timeout, "health: {what} timed out");
+            None
+        }
+    }
+}
+
 impl HealthApi {
     async fn report(&self) -> HealthResponse {
         let timeout = self.ctx.health_timeout;
-        let (db, redis, workers) = tokio::join!(
+        let pool = &self.ctx.pool;
+        let keys = &self.ctx.keys;
+        let (mut c1, mut c2) = (self.ctx.redis.clone(), self.ctx.redis.clone());
+        let (db, redis, processes, depths, outbox, totals, checkpoints) = tokio::join!(
             self.ping_db(timeout),
             self.ping_redis(timeout),
-            self.live_workers(timeout)
+            within(
+                timeout,
+                "listing live workers",
+                crate::queue::live_processes(&mut c1, keys)
+            ),
+            within(
+                timeout,
+                "reading queue depths",
+                crate::queue::depths(&mut c2, keys)
+            ),
+            within(timeout, "reading the outbox backlog", outbox::backlog(pool)),
+            within(timeout, "reading task totals", projection::totals(pool)),
+            within(
+                timeout,
+                "reading projector checkpoints",
+                projection::checkpoints(pool)
+            ),
         );
-        let word = |ok: bool| if ok { "connected" } else { "disconnected" }.to_owned();
-        let healthy = db && redis;
+        let healthy = db.ok && redis.ok;
+        let totals = totals.unwrap_or_default();
+        let processes = processes.unwrap_or_default();
         let report = HealthReport {
-            status: if healthy { "healthy" } else { "unhealthy" }.into(),
-            database: word(db),
-            redis: word(redis),
+            status: status_word(healthy),
+            database: db.word(),
+            redis: redis.word(),
             workers: WorkerStats {
-                tasks_processed: 0,
-                tasks_failed: 0,
-                active_workers: workers,
+                tasks_processed: totals.iter().map(|t| t.succeeded).sum(),
+                tasks_failed: totals.iter().map(|t| t.dead).sum(),
+                active_workers: processes.iter().map(|p| p.1).sum(),
+                processes: processes
+                    .into_iter()
+                    .map(|(process, workers)| ProcessWorkers { process, workers })
+                    .collect(),
             },
+            dependencies: Dependencies {
+                database: db.check(),
+                redis: redis.check(),
+            },
+            queues: depths.map(|(tasks, processing, failed)| QueueDepths {
+                tasks,
+                processing,
+                failed,
+            }),
+            outbox: outbox.map(|(backlog, age)| OutboxBacklog {
+                backlog,
+                oldest_due_age_seconds: age,
+            }),
+            projectors: checkpoints
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| ProjectorStatus {
+                    name: c.name,
+                    position: c.position,
+                    events: c.events,
+                    lag_seconds: c.lag_seconds,
+                    updated_at: c.updated_at,
+                })
+                .collect(),
             channels: self.ctx.channels.clone(),
         };
         if healthy {
@@ -110,49 +304,25 @@ impl HealthApi {
         }
     }
 
-    async fn ping_db(&self, timeout: Duration) -> bool {
+    async fn ping_db(&self, timeout: Duration) -> Ping {
+        let started = Instant::now();
         let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.ctx.pool);
-        match tokio::time::timeout(timeout, ping).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "health: database ping failed");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(?timeout, "health: database ping timed out");
-                false
-            }
+        let ok = within(timeout, "database ping", ping).await.is_some();
+        Ping {
+            ok,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         }
     }
 
-    /// Workers of every process whose heartbeat is current (0 when Redis does not answer).
-    async fn live_workers(&self, timeout: Duration) -> i64 {
-        let mut conn = self.ctx.redis.clone();
-        let count = crate::queue::live_workers(&mut conn, &self.ctx.keys);
-        match tokio::time::timeout(timeout, count).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "health: cannot count live workers");
-                0
-            }
-            Err(_) => 0,
-        }
-    }
-
-    async fn ping_redis(&self, timeout: Duration) -> bool {
+    async fn ping_redis(&self, timeout: Duration) -> Ping {
+        let started = Instant::now();
         let mut conn = self.ctx.redis.clone();
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
-        match tokio::time::timeout(timeout, ping).await {
-            Ok(Ok(_)) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "health: redis ping failed");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(?timeout, "health: redis ping timed out");
-                false
-            }
+        let ok = within(timeout, "redis ping", ping).await.is_some();
+        Ping {
+            ok,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         }
     }
 }

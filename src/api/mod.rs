@@ -5,6 +5,7 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod model;
+pub mod stats;
 pub mod tasks;
 
 use poem::middleware::Tracing;
@@ -28,9 +29,16 @@ pub struct ApiContext {
     pub channels: std::collections::BTreeMap<String, String>,
     /// Wakes the relays after an enqueue commits.
     pub waker: crate::store::outbox::OutboxWaker,
+    /// Hot reads (a task's state, the statistics), invalidated by the projector.
+    pub cache: crate::cache::Cache,
 }
 
-type Apis = (tasks::TasksApi, events::EventsApi, health::HealthApi);
+type Apis = (
+    tasks::TasksApi,
+    events::EventsApi,
+    stats::StatsApi,
+    health::HealthApi,
+);
 
 fn service<T: poem_openapi::OpenApi>(apis: T) -> OpenApiService<T, ()> {
     OpenApiService::new(apis, "Arnela task processor", env!("CARGO_PKG_VERSION"))
@@ -76,6 +84,7 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
     let apis = (
         tasks::TasksApi { ctx: ctx.clone() },
         events::EventsApi { ctx: ctx.clone() },
+        stats::StatsApi { ctx: ctx.clone() },
         health::HealthApi { ctx },
     );
     let api = service(apis);

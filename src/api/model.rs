@@ -26,6 +26,10 @@ pub struct EnqueueRequest {
     pub max_attempts: Option<i32>,
     /// When the task should first run (RFC 3339); default now, at most a year ahead.
     pub run_at: Option<String>,
+    /// Cache keys (e.g. `client:42`) or glob patterns (e.g. `appointments:client:*`) to drop once
+    /// the task succeeds; each is also published on `arnela:cache:invalidations`. At most 64
+    /// entries of 1 to 200 characters; a pattern must start with 3 literal characters.
+    pub invalidates: Option<Vec<String>>,
 }
 
 /// Up to 1000 tasks to enqueue in one transaction, all or nothing.
@@ -36,7 +40,7 @@ pub struct BatchRequest {
 }
 
 /// The current state of a task.
-#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Object, serde::Serialize, serde::Deserialize)]
 pub struct TaskView {
     pub id: Uuid,
     #[oai(rename = "type")]
@@ -156,4 +160,35 @@ pub struct EventPage {
     /// Pass as `after` to continue: the last position returned, or the `after` given when
     /// nothing new has committed yet.
     pub next_after: i64,
+}
+
+/// Figures of one task type: totals counted from the event log, and how many tasks are in each
+/// status now.
+#[derive(Debug, Clone, PartialEq, Object, serde::Serialize, serde::Deserialize)]
+pub struct TypeStats {
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    pub task_type: String,
+    pub enqueued: i64,
+    pub attempts_started: i64,
+    /// Tasks that finished successfully.
+    pub succeeded: i64,
+    pub attempts_failed: i64,
+    /// Retries scheduled after failed attempts.
+    pub retries: i64,
+    /// Tasks dead-lettered (failed for good).
+    pub dead: i64,
+    pub cancelled: i64,
+    pub requeued: i64,
+    /// Current number of tasks per status (`queued`, `running`, `retrying`, `succeeded`,
+    /// `dead`, `cancelled`).
+    pub by_status: std::collections::BTreeMap<String, i64>,
+}
+
+/// The task statistics of the operators' dashboard.
+#[derive(Debug, Clone, PartialEq, Object, serde::Serialize, serde::Deserialize)]
+pub struct TaskStats {
+    pub types: Vec<TypeStats>,
+    /// The log position the totals include (the `totals` projector's checkpoint).
+    pub projected_through: i64,
 }

@@ -9,9 +9,12 @@ use uuid::Uuid;
 use super::error::{ApiError, ErrorBody};
 use super::model::{BatchRequest, BatchResult, EnqueueRequest, EventView, TaskPage, TaskView};
 use super::ApiContext;
+use crate::cache::{keys, Ttl};
 use crate::domain::event::db_time;
 use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
-use crate::domain::{validate_payload, FieldError, NewTask, TaskStatus, TaskType};
+use crate::domain::{
+    validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
+};
 use crate::store::tasks::{self, Enqueued, TaskFilter};
 use crate::store::{events, operator, Tx};
 
@@ -150,12 +153,24 @@ impl TasksApi {
     }
 
     /// A task's current state
+    ///
+    /// Served from the cache (`task:{id}`), which the invalidation projector clears after each
+    /// event of the task: a read may lag a committed event by the projector's interval
+    /// (`PROJECTOR_INTERVAL_MS`), never longer once the event is projected.
     #[oai(path = "/tasks/:id", method = "get", operation_id = "get_task")]
     async fn get(&self, id: Path<Uuid>) -> Result<TaskResponse, ApiError> {
-        match tasks::get(&self.ctx.pool, id.0).await? {
-            Some(row) => Ok(TaskResponse::Ok(Json(row.into()))),
-            None => Err(ApiError::not_found(format!("task {} not found", id.0))),
-        }
+        let pool = &self.ctx.pool;
+        let view = self
+            .ctx
+            .cache
+            .get_or_set(&keys::task(id.0), Ttl::Short, || async {
+                match tasks::get(pool, id.0).await? {
+                    Some(row) => Ok(TaskView::from(row)),
+                    None => Err(ApiError::not_found(format!("task {} not found", id.0))),
+                }
+            })
+            .await?;
+        Ok(TaskResponse::Ok(Json(view)))
     }
 
     /// Requeue a dead task
@@ -184,6 +199,7 @@ impl TasksApi {
             .into());
         }
         let row = operator::requeue(&self.ctx.pool, id.0, extra, "api").await?;
+        self.forget(id.0).await;
         Ok(OperatorResponse::Ok(Json(row.into())))
     }
 
@@ -214,6 +230,7 @@ impl TasksApi {
             .into());
         }
         let row = operator::cancel(&self.ctx.pool, id.0, reason, "api").await?;
+        self.forget(id.0).await;
         Ok(OperatorResponse::Ok(Json(row.into())))
     }
 
@@ -291,6 +308,16 @@ impl TasksApi {
 /// The connection an enqueue writes on. Without idempotency keys the enqueue is one statement,
 /// atomic by itself, so it needs no explicit transaction; with keys a conflict found after the
 /// insert must roll the whole request back, so it runs in one.
+impl TasksApi {
+    /// Drops the cached view of a task this request changed, so the caller reads its own write
+    /// at once (the projector drops it too, moments later; a failure here is only logged).
+    async fn forget(&self, id: Uuid) {
+        if let Err(e) = self.ctx.cache.delete(&keys::task(id)).await {
+            tracing::warn!(task.id = %id, error = %e, "cannot drop the cached task; the projector will");
+        }
+    }
+}
+
 async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
     let keyed = news.iter().any(|n| n.idempotency_key.is_some());
     Ok(if keyed {
@@ -384,11 +411,13 @@ pub fn parse_request(r: EnqueueRequest, now: DateTime<Utc>) -> Result<NewTask, A
         }
         other => other,
     };
+    let invalidates = validate_invalidates(r.invalidates.unwrap_or_default())?;
     Ok(NewTask {
         task_type,
         payload,
         max_attempts,
         run_at: db_time(run_at),
         idempotency_key,
+        invalidates,
     })
 }

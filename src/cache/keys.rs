@@ -43,16 +43,28 @@ pub fn dashboard_stats() -> String {
     "stats:dashboard".to_owned()
 }
 
+/// The API's cached view of a task (`GET /tasks/{id}`).
+pub fn task(id: impl Display) -> String {
+    format!("task:{id}")
+}
+
+/// The API's task statistics (`GET /stats`).
+pub fn task_stats() -> String {
+    "stats:tasks".to_owned()
+}
+
 /// The bounded metric label of a key: its family (`client`, `appointments:employee`, ...).
 pub fn family(key: &str) -> &'static str {
-    const FAMILIES: [&str; 9] = [
+    const FAMILIES: [&str; 11] = [
         "appointments:employee",
         "appointments:client",
         "employees:specialty",
         "employees:list",
         "clients:list",
         "stats:dashboard",
+        "stats:tasks",
         "appointment",
+        "task",
         "employee",
         "client",
     ];
@@ -97,6 +109,8 @@ mod tests {
         );
         assert_eq!(family("appointment:9"), "appointment");
         assert_eq!(family("client:7"), "client");
+        assert_eq!(family("task:1"), "task");
+        assert_eq!(family("stats:tasks"), "stats:tasks");
         assert_eq!(family("whatever"), "other");
     }
 }

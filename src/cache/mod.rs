@@ -5,7 +5,16 @@
 //! failed write all fall back to the loader's value (the problem is logged and counted). Misses
 //! are single-flight: concurrent misses on one key in a process call the loader once, and a short
 //! Redis lock (`SET NX PX`) keeps other processes from loading the same key at the same time.
+//!
+//! **No stale value survives an invalidation.** Deleting a key ([`Cache::delete`],
+//! [`Cache::invalidate`]) also bumps a generation counter of the key (a pattern delete bumps one
+//! epoch for the whole cache). `get_or_set` reads the generation together with the value before
+//! it loads, and writes the loaded value only if neither the key's generation nor the epoch moved
+//! meanwhile (one Lua script). A loader that read the old data before a write committed can
+//! therefore not put it back after the invalidation that followed the write: its value is
+//! returned to its caller but not cached.
 
+pub mod invalidation;
 pub mod keys;
 
 use rand::Rng;
@@ -15,7 +24,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 /// Errors of the explicit cache operations (`get_or_set` absorbs them).
@@ -83,6 +92,60 @@ impl CacheStats {
     }
 }
 
+/// How long a key's generation counter outlives its last bump: far longer than any load.
+const GENERATION_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// Deletes value keys and bumps their generation counters. KEYS: pairs (value, generation);
+/// ARGV[1]: the counters' time to live in ms. Returns how many values existed.
+static DELETE_KEYS: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local deleted = 0
+for i = 1, #KEYS, 2 do
+  redis.call('INCR', KEYS[i + 1])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+  deleted = deleted + redis.call('UNLINK', KEYS[i])
+end
+return deleted
+"#,
+    )
+});
+
+/// Sets a value only if the key's generation and the cache epoch are still what the loader saw.
+/// KEYS: value, generation, epoch; ARGV: seen generation, seen epoch ('' for none), value, ttl ms.
+static SET_IF_GENERATION: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local generation = redis.call('GET', KEYS[2]) or ''
+local epoch = redis.call('GET', KEYS[3]) or ''
+if generation ~= ARGV[1] or epoch ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return 1
+"#,
+    )
+});
+
+/// The generation of a key and the cache epoch as a load found them.
+#[derive(Debug, Clone, Default)]
+struct Generation {
+    generation: Option<String>,
+    epoch: Option<String>,
+}
+
+/// What one invalidation dropped, as published on the invalidation channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Invalidation {
+    /// Exact keys (without the cache prefix).
+    pub keys: Vec<String>,
+    /// Glob patterns (without the cache prefix).
+    pub patterns: Vec<String>,
+    /// The last event position this invalidation covers, when it came from the event log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<i64>,
+}
+
 /// How long a process waits for another process's load before loading itself.
 const LOCK_WAIT: Duration = Duration::from_millis(1000);
 /// How long the cross-process load lock lives (a crashed loader frees it after this).
@@ -93,6 +156,10 @@ const LOCK_TTL_MS: u64 = 5000;
 pub struct Cache {
     conn: ConnectionManager,
     prefix: String,
+    /// `{prefix}:cache-gen:`: generation counters, outside the namespace patterns match.
+    gen_prefix: String,
+    /// `{prefix}:cache:invalidations`: where invalidations are published.
+    channel: String,
     flights: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     pub stats: Arc<CacheStats>,
 }
@@ -103,6 +170,8 @@ impl Cache {
         Cache {
             conn,
             prefix: format!("{prefix}:cache:"),
+            gen_prefix: format!("{prefix}:cache-gen:"),
+            channel: format!("{prefix}:cache:invalidations"),
             flights: Arc::default(),
             stats: Arc::default(),
         }
@@ -110,6 +179,19 @@ impl Cache {
 
     fn full(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    fn generation(&self, key: &str) -> String {
+        format!("{}{key}", self.gen_prefix)
+    }
+
+    fn epoch(&self) -> String {
+        format!("{}*epoch", self.gen_prefix)
+    }
+
+    /// The Redis channel invalidations are published on (`{prefix}:cache:invalidations`).
+    pub fn channel(&self) -> &str {
+        &self.channel
     }
 
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
@@ -137,13 +219,47 @@ impl Cache {
         Ok(())
     }
 
+    /// Deletes the key and bumps its generation (see the module docs); true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool> {
+        Ok(self.delete_keys(&[key]).await? > 0)
+    }
+
+    /// Deletes the keys and bumps their generations in one script; returns how many existed.
+    pub async fn delete_keys<S: AsRef<str>>(&self, keys: &[S]) -> Result<u64> {
+        let mut deleted = 0;
+        for chunk in keys.chunks(500) {
+            let mut inv = DELETE_KEYS.prepare_invoke();
+            for key in chunk {
+                inv.key(self.full(key.as_ref()))
+                    .key(self.generation(key.as_ref()));
+            }
+            inv.arg(GENERATION_TTL_MS);
+            let mut c = self.conn.clone();
+            let n: u64 = inv.invoke_async(&mut c).await?;
+            deleted += n;
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes `keys` and every key matching one of `patterns`, then publishes what was
+    /// invalidated on [`Cache::channel`] (a JSON [`Invalidation`]) so other services can drop
+    /// local copies. Returns how many keys existed.
+    pub async fn invalidate(&self, inv: &Invalidation) -> Result<u64> {
+        if inv.keys.is_empty() && inv.patterns.is_empty() {
+            return Ok(0);
+        }
+        let mut deleted = self.delete_keys(&inv.keys).await?;
+        for pattern in &inv.patterns {
+            deleted += self.delete_pattern(pattern).await?;
+        }
+        let message = serde_json::to_string(inv)?;
         let mut c = self.conn.clone();
-        let n: i64 = redis::cmd("UNLINK")
-            .arg(self.full(key))
-            .query_async(&mut c)
+        redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(message)
+            .query_async::<()>(&mut c)
             .await?;
-        Ok(n > 0)
+        Ok(deleted)
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool> {
@@ -157,8 +273,18 @@ impl Cache {
 
     /// Deletes every key matching the glob (e.g. `client:*`), with `SCAN` and batched `UNLINK`
     /// (never `KEYS`, which blocks Redis). Returns how many were deleted.
+    ///
+    /// The cache's epoch is bumped first, so no load that started before the delete can write
+    /// back a value the pattern would have removed.
     pub async fn delete_pattern(&self, glob: &str) -> Result<u64> {
         let mut c = self.conn.clone();
+        redis::pipe()
+            .incr(self.epoch(), 1)
+            .ignore()
+            .pexpire(self.epoch(), GENERATION_TTL_MS as i64)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await?;
         let pattern = self.full(glob);
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
@@ -190,22 +316,25 @@ impl Cache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        match self.get::<T>(key).await {
-            Ok(Some(v)) => {
-                self.stats.count(key, 0, 1);
-                return Ok(v);
-            }
-            Ok(None) => {}
-            Err(CacheError::Decode(e)) => {
-                tracing::warn!(cache.family = keys::family(key), error = %e, "cached value does not decode; replacing it");
-                self.stats.count(key, 2, 1);
-            }
+        let guard = match self.read_guarded(key).await {
+            Ok((Some(raw), guard)) => match serde_json::from_str::<T>(&raw) {
+                Ok(v) => {
+                    self.stats.count(key, 0, 1);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    tracing::warn!(cache.family = keys::family(key), error = %e, "cached value does not decode; replacing it");
+                    self.stats.count(key, 2, 1);
+                    guard
+                }
+            },
+            Ok((None, guard)) => guard,
             Err(e) => {
                 tracing::warn!(cache.family = keys::family(key), error = %e, "cache unavailable; loading directly");
                 self.stats.count(key, 2, 1);
                 return self.load(key, loader).await;
             }
-        }
+        };
         self.stats.count(key, 1, 1);
 
         // one load per key and process at a time
@@ -218,6 +347,20 @@ impl Cache {
             return Ok(v);
         }
         let value = self.load_across_processes(key, loader).await?;
+        // write before letting the waiting readers in, so they find the value
+        match self.set_guarded(key, &value, ttl, &guard).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!(
+                    cache.family = keys::family(key),
+                    "key invalidated while loading; the loaded value is not cached"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(cache.family = keys::family(key), error = %e, "cache write failed; returning the loaded value");
+                self.stats.count(key, 2, 1);
+            }
+        }
         drop(_guard);
         {
             // forget the flight once nobody else waits on it
@@ -226,11 +369,43 @@ impl Cache {
                 flights.remove(key);
             }
         }
-        if let Err(e) = self.set(key, &value, ttl).await {
-            tracing::warn!(cache.family = keys::family(key), error = %e, "cache write failed; returning the loaded value");
-            self.stats.count(key, 2, 1);
-        }
         Ok(value)
+    }
+
+    /// The raw value with the key's generation and the cache epoch, in one round trip.
+    async fn read_guarded(&self, key: &str) -> Result<(Option<String>, Generation)> {
+        let mut c = self.conn.clone();
+        let (raw, generation, epoch): (Option<String>, Option<String>, Option<String>) =
+            redis::cmd("MGET")
+                .arg(self.full(key))
+                .arg(self.generation(key))
+                .arg(self.epoch())
+                .query_async(&mut c)
+                .await?;
+        Ok((raw, Generation { generation, epoch }))
+    }
+
+    /// Sets the value unless the key was invalidated since `seen` was read; true if set.
+    async fn set_guarded<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Ttl,
+        seen: &Generation,
+    ) -> Result<bool> {
+        let encoded = serde_json::to_string(value)?;
+        let mut c = self.conn.clone();
+        let set: i64 = SET_IF_GENERATION
+            .key(self.full(key))
+            .key(self.generation(key))
+            .key(self.epoch())
+            .arg(seen.generation.as_deref().unwrap_or(""))
+            .arg(seen.epoch.as_deref().unwrap_or(""))
+            .arg(encoded)
+            .arg(ttl.jittered_ms())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(set == 1)
     }
 
     async fn load_across_processes<T, E, F, Fut>(&self, key: &str, loader: F) -> Result<T, E>

@@ -39,6 +39,10 @@ pub enum TaskEvent {
         max_attempts: i32,
         run_at: DateTime<Utc>,
         idempotency_key: Option<String>,
+        /// Cache keys or glob patterns to drop once the task succeeds (absent when none, so
+        /// events stored before the field existed keep their canonical form and hash).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        invalidates: Vec<String>,
     },
     /// The relay put a delivery for `attempt` on the Redis queue.
     Dispatched { attempt: i32 },

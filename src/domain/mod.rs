@@ -7,6 +7,6 @@ pub mod retry;
 pub mod task;
 
 pub use event::{FailureKind, TaskEvent};
-pub use payload::{validate_payload, FieldError, TaskType, ValidPayload};
+pub use payload::{validate_invalidates, validate_payload, FieldError, TaskType, ValidPayload};
 pub use retry::RetryPolicy;
 pub use task::{NewTask, RetryDecision, Task, TaskStatus};

@@ -85,6 +85,49 @@ impl FieldError {
     }
 }
 
+/// Most cache entries one task may declare in `invalidates`.
+pub const MAX_INVALIDATES: usize = 64;
+
+/// Checks the cache keys and patterns a task declares in `invalidates`: at most
+/// [`MAX_INVALIDATES`] entries of 1 to 200 printable characters without spaces; a pattern (with
+/// `*`, `?` or `[`) must start with at least three literal characters, so no task can empty the
+/// whole cache.
+pub fn validate_invalidates(entries: Vec<String>) -> Result<Vec<String>, FieldError> {
+    if entries.len() > MAX_INVALIDATES {
+        return Err(FieldError::new(
+            "invalidates",
+            "too_many",
+            format!("at most {MAX_INVALIDATES} keys or patterns"),
+        ));
+    }
+    for (i, e) in entries.iter().enumerate() {
+        let field = format!("invalidates[{i}]");
+        if e.is_empty() || e.chars().count() > 200 {
+            return Err(FieldError::new(
+                field,
+                "invalid_length",
+                "must be 1 to 200 characters",
+            ));
+        }
+        if e.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(FieldError::new(
+                field,
+                "invalid_format",
+                "must not contain spaces or control characters",
+            ));
+        }
+        let literal = e.find(['*', '?', '[']).unwrap_or(e.len());
+        if literal < e.len() && literal < 3 {
+            return Err(FieldError::new(
+                field,
+                "invalid_format",
+                "a pattern must start with at least 3 literal characters (e.g. client:*)",
+            ));
+        }
+    }
+    Ok(entries)
+}
+
 /// A payload that has passed the checks of its task type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidPayload(Value);
@@ -381,6 +424,18 @@ pub fn is_e164(s: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn declared_invalidations_are_keys_or_narrow_patterns() {
+        let ok = vec!["client:1".to_owned(), "appointments:client:*".to_owned()];
+        assert_eq!(validate_invalidates(ok.clone()), Ok(ok));
+        for bad in ["", "*", "a*", "two words", "x\u{7}y"] {
+            let err = validate_invalidates(vec!["client:1".into(), bad.into()]).unwrap_err();
+            assert_eq!(err.field, "invalidates[1]", "{bad:?}");
+        }
+        let many = vec!["client:1".to_owned(); MAX_INVALIDATES + 1];
+        assert_eq!(validate_invalidates(many).unwrap_err().code, "too_many");
+    }
 
     #[test]
     fn task_type_names_round_trip() {

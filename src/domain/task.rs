@@ -127,6 +127,9 @@ pub struct NewTask {
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
     pub idempotency_key: Option<String>,
+    /// Cache keys or patterns to drop once the task succeeds (checked by
+    /// [`super::payload::validate_invalidates`]).
+    pub invalidates: Vec<String>,
 }
 
 /// What the retry policy decided for a failed attempt.
@@ -147,6 +150,7 @@ impl Task {
             max_attempts: new.max_attempts,
             run_at: new.run_at,
             idempotency_key: new.idempotency_key,
+            invalidates: new.invalidates,
         }
     }
 
@@ -159,6 +163,7 @@ impl Task {
             max_attempts,
             run_at,
             idempotency_key,
+            ..
         } = first
         else {
             panic!(
@@ -441,6 +446,7 @@ mod tests {
             max_attempts,
             run_at: t0(),
             idempotency_key: None,
+            invalidates: Vec::new(),
         });
         Task::from_first(Uuid::nil(), &first, t0())
     }

@@ -359,6 +359,14 @@ pub async fn worker_heartbeat_stop(
 
 /// Workers of every process whose heartbeat has not expired (expired ones are pruned).
 pub async fn live_workers(conn: &mut ConnectionManager, keys: &Keys) -> Result<i64> {
+    Ok(live_processes(conn, keys).await?.iter().map(|p| p.1).sum())
+}
+
+/// Each live worker process (its id) with its number of workers; expired heartbeats are pruned.
+pub async fn live_processes(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+) -> Result<Vec<(String, i64)>> {
     let now = Utc::now().timestamp_millis();
     let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
         .arg(keys.workers())
@@ -375,9 +383,10 @@ pub async fn live_workers(conn: &mut ConnectionManager, keys: &Keys) -> Result<i
             .query_async::<()>(conn)
             .await?;
     }
-    let counts: Vec<i64> = redis::cmd("HVALS")
+    let mut counts: Vec<(String, i64)> = redis::cmd("HGETALL")
         .arg(keys.worker_counts())
         .query_async(conn)
         .await?;
-    Ok(counts.iter().sum())
+    counts.sort();
+    Ok(counts)
 }

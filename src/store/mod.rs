@@ -4,6 +4,7 @@
 //!   the per-task history and the commit-safe global log;
 //! - [`tasks`]: the transactional enqueue (event + projection + outbox in one statement), the
 //!   current-state queries and keyset listing;
+//! - [`projection`]: projector checkpoints and the read models projected from the log;
 //! - [`audit`]: re-checks the hash chains.
 //!
 //! Writers take a [`Tx`] so that every event, the projection row it changes and the outbox row
@@ -13,6 +14,7 @@ pub mod audit;
 pub mod events;
 pub mod operator;
 pub mod outbox;
+pub mod projection;
 pub mod tasks;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -85,6 +87,15 @@ impl Tx {
     pub async fn commit(self) -> Result<()> {
         if let Conn::Transaction(t) = self.inner {
             t.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Rolls back now. Dropping a `Tx` also rolls back, but only when its connection is next
+    /// used: until then the transaction stays open on the server with its locks.
+    pub async fn rollback(self) -> Result<()> {
+        if let Conn::Transaction(t) = self.inner {
+            t.rollback().await?;
         }
         Ok(())
     }

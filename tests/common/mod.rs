@@ -29,10 +29,13 @@ pub fn unique_prefix() -> String {
 }
 
 pub async fn context(pool: PgPool) -> ApiContext {
+    let prefix = unique_prefix();
+    let redis = redis().await;
     ApiContext {
         pool: pool.clone(),
-        redis: redis().await,
-        keys: Keys::new(unique_prefix()),
+        cache: arnela::cache::Cache::new(redis.clone(), &prefix),
+        redis,
+        keys: Keys::new(prefix),
         health_timeout: Duration::from_millis(1000),
         max_body_bytes: 1024 * 1024,
         channels: Default::default(),
@@ -407,6 +410,134 @@ pub mod process {
         }
     }
 
+    /// A PostgreSQL server of the test's own (initdb in a temporary directory, run as the
+    /// `postgres` user), so a test can stop and start it. Stopped and removed when dropped.
+    pub struct PgServer {
+        pub port: u16,
+        dir: std::path::PathBuf,
+    }
+
+    fn as_postgres(args: &[&str]) -> Command {
+        let bin = pg_bin();
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]);
+            c.arg(format!("{bin}/{}", args[0]));
+            c
+        } else {
+            Command::new(format!("{bin}/{}", args[0]))
+        };
+        cmd.args(&args[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    fn is_root() -> bool {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    }
+
+    /// The directory of `initdb` and `pg_ctl` (`pg_config --bindir`).
+    fn pg_bin() -> String {
+        let out = Command::new("pg_config")
+            .arg("--bindir")
+            .output()
+            .expect("pg_config is installed");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    impl PgServer {
+        pub fn start(port: u16) -> PgServer {
+            let dir = std::env::temp_dir().join(format!("arnela-pg-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            if is_root() {
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres", dir.to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown of the data directory");
+            }
+            let data = dir.join("data");
+            let ok = as_postgres(&[
+                "initdb",
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+            ])
+            .status()
+            .unwrap()
+            .success();
+            assert!(ok, "initdb");
+            let server = PgServer { port, dir };
+            server.resume();
+            server
+        }
+
+        fn data(&self) -> String {
+            self.dir.join("data").to_str().unwrap().to_owned()
+        }
+
+        /// Starts (again) the server and waits until it accepts connections.
+        pub fn resume(&self) {
+            let opts = format!(
+                "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=50",
+                self.port,
+                self.dir.to_str().unwrap()
+            );
+            let log = self.dir.join("log").to_str().unwrap().to_owned();
+            let ok = as_postgres(&[
+                "pg_ctl",
+                "-D",
+                &self.data(),
+                "-o",
+                &opts,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ])
+            .status()
+            .unwrap()
+            .success();
+            assert!(ok, "pg_ctl start");
+        }
+
+        /// Stops the server at once (`-m immediate`: like a crash).
+        pub fn stop(&self) {
+            as_postgres(&[
+                "pg_ctl",
+                "-D",
+                &self.data(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
+            .status()
+            .unwrap();
+        }
+
+        pub fn url(&self) -> String {
+            format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        }
+    }
+
+    impl Drop for PgServer {
+        fn drop(&mut self) {
+            self.stop();
+            std::fs::remove_dir_all(&self.dir).ok();
+        }
+    }
+
     pub fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -643,6 +774,7 @@ pub async fn enqueue_tasks(
                 max_attempts,
                 run_at: chrono::Utc::now(),
                 idempotency_key: None,
+                invalidates: Vec::new(),
             })
             .collect();
         let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())

@@ -1,0 +1,97 @@
+//! `/stats`: the task statistics of the operators' dashboard, served from the cache
+//! (`stats:tasks`) and invalidated by the projector whenever events are projected.
+
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi, Tags};
+use std::collections::BTreeMap;
+
+use super::error::ApiError;
+use super::model::{TaskStats, TypeStats};
+use super::ApiContext;
+use crate::cache::{keys, Ttl};
+use crate::store::projection;
+
+#[derive(Tags)]
+enum ApiTags {
+    /// Figures projected from the event log.
+    Stats,
+}
+
+#[derive(ApiResponse)]
+pub enum StatsResponse {
+    /// Totals per task type and current counts per status.
+    #[oai(status = 200)]
+    Ok(Json<TaskStats>),
+}
+
+pub struct StatsApi {
+    pub ctx: ApiContext,
+}
+
+#[OpenApi(tag = "ApiTags::Stats")]
+impl StatsApi {
+    /// Task statistics
+    ///
+    /// For each task type: totals counted from the event log by the `totals` projector
+    /// (enqueued, attempts, successes, failures, retries, dead letters, cancellations) and how
+    /// many tasks are in each status now.
+    #[oai(path = "/stats", method = "get", operation_id = "task_stats")]
+    async fn stats(&self) -> Result<StatsResponse, ApiError> {
+        let pool = &self.ctx.pool;
+        let stats = self
+            .ctx
+            .cache
+            .get_or_set(&keys::task_stats(), Ttl::Short, || async {
+                load(pool).await
+            })
+            .await?;
+        Ok(StatsResponse::Ok(Json(stats)))
+    }
+}
+
+async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
+    let totals = projection::totals(pool).await?;
+    let statuses = projection::status_counts(pool).await?;
+    let projected_through = projection::checkpoints(pool)
+        .await?
+        .into_iter()
+        .find(|c| c.name == "totals")
+        .map_or(0, |c| c.position);
+    let mut types: BTreeMap<String, TypeStats> = BTreeMap::new();
+    let blank = |t: &str| TypeStats {
+        task_type: t.to_owned(),
+        enqueued: 0,
+        attempts_started: 0,
+        succeeded: 0,
+        attempts_failed: 0,
+        retries: 0,
+        dead: 0,
+        cancelled: 0,
+        requeued: 0,
+        by_status: BTreeMap::new(),
+    };
+    for t in totals {
+        let s = types
+            .entry(t.task_type.clone())
+            .or_insert_with(|| blank(&t.task_type));
+        s.enqueued = t.enqueued;
+        s.attempts_started = t.attempts_started;
+        s.succeeded = t.succeeded;
+        s.attempts_failed = t.attempts_failed;
+        s.retries = t.retries;
+        s.dead = t.dead;
+        s.cancelled = t.cancelled;
+        s.requeued = t.requeued;
+    }
+    for (task_type, status, n) in statuses {
+        types
+            .entry(task_type.clone())
+            .or_insert_with(|| blank(&task_type))
+            .by_status
+            .insert(status, n);
+    }
+    Ok(TaskStats {
+        types: types.into_values().collect(),
+        projected_through,
+    })
+}

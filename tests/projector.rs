@@ -1,0 +1,531 @@
+//! Projectors against real Postgres and Redis: totals and cache invalidations derived from the
+//! event log, resumed from their checkpoints without duplicates or gaps, shared by several
+//! instances; the API's cached reads are never stale once the events are projected.
+
+mod common;
+
+use arnela::cache::{keys, Cache, Invalidation, Ttl};
+use arnela::domain::TaskType;
+use arnela::projector::{Projection, Projector};
+use arnela::store::projection;
+use arnela::worker::handler::HandlerError;
+use common::engine::{config, engine, Script};
+use futures::StreamExt;
+use serde_json::json;
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Event counts per (task type, event type) straight from the log.
+async fn log_counts(pool: &PgPool) -> BTreeMap<(String, String), i64> {
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT f.data->>'task_type', e.event_type, count(*) FROM task_events e \
+         JOIN task_events f ON f.task_id = e.task_id AND f.sequence = 1 \
+         GROUP BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(t, e, n)| ((t, e), n)).collect()
+}
+
+/// The projected totals as the same map.
+async fn projected_counts(pool: &PgPool) -> BTreeMap<(String, String), i64> {
+    let mut out = BTreeMap::new();
+    for t in projection::totals(pool).await.unwrap() {
+        for (event, n) in [
+            ("enqueued", t.enqueued),
+            ("attempt_started", t.attempts_started),
+            ("attempt_succeeded", t.succeeded),
+            ("attempt_failed", t.attempts_failed),
+            ("retry_scheduled", t.retries),
+            ("dead_lettered", t.dead),
+            ("cancelled", t.cancelled),
+            ("requeued", t.requeued),
+        ] {
+            if n > 0 {
+                out.insert((t.task_type.clone(), event.to_owned()), n);
+            }
+        }
+    }
+    out
+}
+
+/// The log counts without the event types the totals do not count.
+fn countable(mut counts: BTreeMap<(String, String), i64>) -> BTreeMap<(String, String), i64> {
+    counts.retain(|(_, e), _| !matches!(e.as_str(), "dispatched" | "attempt_released"));
+    counts
+}
+
+/// The last position of the log (every event in the test's database has committed).
+async fn last_position(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM task_events")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Steps the projector until its checkpoint reaches the end of the log; returns the events read.
+/// (Transactions of other tests on the same server may hold the log's horizon back for a while.)
+async fn drain(p: &Projector, pool: &PgPool) -> usize {
+    let last = last_position(pool).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut total = 0;
+    loop {
+        let step = p.run_once().await.expect("projector step");
+        total += step.events;
+        if !step.busy && step.position >= last {
+            return total;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "projector stuck at {step:?}"
+        );
+        if step.events == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Runs tasks to their end with the scripted engine.
+async fn run_all(e: &common::engine::Engine, n: usize) {
+    let mut done = 0;
+    while done < n {
+        e.relay_once().await;
+        if matches!(e.step().await, arnela::worker::Processed::Idle) {
+            continue;
+        }
+        done = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM tasks WHERE status IN ('succeeded', 'dead')",
+        )
+        .fetch_one(&e.pool)
+        .await
+        .unwrap() as usize;
+    }
+}
+
+#[sqlx::test]
+async fn totals_equal_the_log_after_restarts_in_small_batches(pool: PgPool) {
+    // 3 failures then successes: retries, a dead letter (max 2 attempts) and successes
+    let script = Script::answering(vec![
+        Err(HandlerError::retryable("busy")),
+        Err(HandlerError::retryable("busy")),
+        Err(HandlerError::permanent("no such number")),
+    ]);
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    common::enqueue_tasks(&pool, TaskType::SendSms, 20, 2).await;
+    common::enqueue_tasks(&pool, TaskType::SyncCalendar, 5, 2).await;
+    // the retried ones become due after the backoff (jitter 0 → due now)
+    run_all(&e, 25).await;
+
+    // a projector that "restarts" (a new instance) after every step of 7 events
+    let last = last_position(&pool).await;
+    let mut steps = 0;
+    loop {
+        let p = Projector::new(pool.clone(), Projection::Totals).with_batch(7);
+        let step = p.run_once().await.unwrap();
+        if step.position >= last {
+            break;
+        }
+        if step.events > 0 {
+            steps += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(steps > 5, "many small steps ({steps})");
+    assert_eq!(
+        projected_counts(&pool).await,
+        countable(log_counts(&pool).await)
+    );
+
+    // nothing is counted twice by another run, and the checkpoint is the last position
+    let p = Projector::new(pool.clone(), Projection::Totals);
+    assert_eq!(p.run_once().await.unwrap().events, 0);
+    let cp = projection::checkpoints(&pool).await.unwrap();
+    assert_eq!(cp[0].name, "totals");
+    assert_eq!(cp[0].position, last);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(cp[0].events, events, "each event read once");
+
+    // durations: one per finished attempt, in the histogram
+    let buckets = projection::durations(&pool).await.unwrap();
+    let observed: i64 = buckets.iter().map(|b| b.count).sum();
+    let finished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_events \
+         WHERE event_type IN ('attempt_succeeded', 'attempt_failed')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(observed, finished);
+}
+
+#[sqlx::test]
+async fn a_late_commit_is_projected_later_never_skipped(pool: PgPool) {
+    let p = Projector::new(pool.clone(), Projection::Totals);
+    // a transaction that appends an event and stays open
+    let mut open = arnela::store::Tx::begin(&pool).await.unwrap();
+    let news = vec![arnela::domain::NewTask {
+        task_type: TaskType::SendEmail,
+        payload: arnela::domain::validate_payload(
+            TaskType::SendEmail,
+            json!({"to": "a@b.es", "subject": "s", "body": "b"}),
+        )
+        .unwrap(),
+        max_attempts: 3,
+        run_at: chrono::Utc::now(),
+        idempotency_key: None,
+        invalidates: Vec::new(),
+    }];
+    arnela::store::tasks::enqueue(&mut open, news, chrono::Utc::now())
+        .await
+        .unwrap();
+    // later transactions commit first
+    common::enqueue_tasks(&pool, TaskType::SendSms, 3, 3).await;
+    for _ in 0..5 {
+        p.run_once().await.unwrap();
+    }
+    let before = projected_counts(&pool).await;
+    assert_eq!(
+        before.get(&("send_email".into(), "enqueued".into())),
+        None,
+        "the open transaction's event is not read yet"
+    );
+    assert_eq!(
+        before.get(&("send_sms".into(), "enqueued".into())),
+        None,
+        "nor anything after it: the horizon holds the log at the open transaction"
+    );
+    open.commit().await.unwrap();
+    drain(&p, &pool).await;
+    let after = projected_counts(&pool).await;
+    assert_eq!(after[&("send_email".into(), "enqueued".into())], 1);
+    assert_eq!(after[&("send_sms".into(), "enqueued".into())], 3);
+}
+
+#[sqlx::test]
+async fn instances_of_one_projector_take_turns_and_count_each_event_once(pool: PgPool) {
+    common::enqueue_tasks(&pool, TaskType::SendSms, 3000, 3).await;
+    let instances: Vec<Projector> = (0..4)
+        .map(|_| Projector::new(pool.clone(), Projection::Totals).with_batch(50))
+        .collect();
+    let last = last_position(&pool).await;
+    let mut handles = Vec::new();
+    for p in instances {
+        let pool = pool.clone();
+        handles.push(tokio::spawn(async move {
+            loop {
+                let step = p.run_once().await.unwrap();
+                if step.busy || step.events == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let done: i64 = sqlx::query_scalar(
+                    "SELECT coalesce(max(position), 0) FROM projector_checkpoints",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if done >= last {
+                    return;
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let totals = projection::totals(&pool).await.unwrap();
+    assert_eq!(totals.len(), 1);
+    assert_eq!(totals[0].enqueued, 3000);
+    let cp = projection::checkpoints(&pool).await.unwrap();
+    assert_eq!(cp[0].events, 3000);
+}
+
+/// A cache, a projector invalidating it, and a subscriber to its channel.
+struct Invalidator {
+    cache: Cache,
+    projector: Projector,
+    messages: tokio::sync::mpsc::UnboundedReceiver<Invalidation>,
+}
+
+async fn invalidator(pool: &PgPool, cache: Cache) -> Invalidator {
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(cache.channel()).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = pubsub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let payload: String = msg.get_payload().unwrap();
+            if tx.send(serde_json::from_str(&payload).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    Invalidator {
+        projector: Projector::new(
+            pool.clone(),
+            Projection::CacheInvalidation(Box::new(cache.clone())),
+        ),
+        cache,
+        messages: rx,
+    }
+}
+
+async fn seed(cache: &Cache, keys: &[&str]) {
+    for k in keys {
+        cache
+            .set(k, &json!({"cached": k}), Ttl::Long)
+            .await
+            .unwrap();
+    }
+}
+
+async fn present(cache: &Cache, keys: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    for k in keys {
+        if cache.exists(k).await.unwrap() {
+            out.push((*k).to_owned());
+        }
+    }
+    out
+}
+
+#[sqlx::test]
+async fn a_successful_calendar_sync_invalidates_its_rule_keys_and_declared_ones(pool: PgPool) {
+    let ctx = common::context(pool.clone()).await;
+    let api = poem::test::TestClient::new(arnela::api::endpoint(ctx.clone()));
+    let mut inv = invalidator(&pool, ctx.cache.clone()).await;
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+
+    let stale = [
+        "appointment:apt-1",
+        "appointments:client:cli-1",
+        "appointments:employee:emp-1:date:2026-12-01",
+        "stats:dashboard",
+        "client:cli-1",
+        "employees:specialty:physio",
+        "employees:specialty:dental",
+    ];
+    let fresh = [
+        "appointment:apt-2",
+        "appointments:employee:emp-1:date:2026-12-02",
+        "client:cli-2",
+        "employees:list",
+    ];
+    seed(&inv.cache, &stale).await;
+    seed(&inv.cache, &fresh).await;
+
+    let (status, task) = common::post(
+        &api,
+        "/tasks",
+        &json!({
+            "type": "sync_calendar",
+            "payload": {
+                "event_id": "apt-1", "action": "update",
+                "appointment_data": {
+                    "client_id": "cli-1", "employee_id": "emp-1",
+                    "starts_at": "2026-12-01T10:00:00+01:00",
+                    "ends_at": "2026-12-01T10:30:00+01:00"
+                }
+            },
+            "invalidates": ["client:cli-1", "employees:specialty:*"]
+        }),
+    )
+    .await;
+    assert_eq!(status, 201, "{task}");
+    let id: Uuid = task["id"].as_str().unwrap().parse().unwrap();
+
+    // enqueued but not run: only the task's own view is dropped
+    drain(&inv.projector, &pool).await;
+    assert_eq!(present(&inv.cache, &stale).await.len(), stale.len());
+    let first = inv.messages.recv().await.unwrap();
+    assert_eq!(first.keys, vec![keys::task_stats(), keys::task(id)]);
+
+    run_all(&e, 1).await;
+    drain(&inv.projector, &pool).await;
+    assert_eq!(present(&inv.cache, &stale).await, Vec::<String>::new());
+    assert_eq!(present(&inv.cache, &fresh).await.len(), fresh.len());
+
+    // the subscriber hears every key and pattern once the success is projected
+    let mut heard_keys = HashSet::new();
+    let mut heard_patterns = HashSet::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_millis(500), inv.messages.recv()).await
+    {
+        heard_keys.extend(m.keys);
+        heard_patterns.extend(m.patterns);
+    }
+    for k in &stale[..5] {
+        assert!(heard_keys.contains(*k), "{k} published");
+    }
+    assert!(heard_patterns.contains("employees:specialty:*"));
+}
+
+#[sqlx::test]
+async fn invalidations_resume_after_a_restart_without_duplicates_or_gaps(pool: PgPool) {
+    let ctx = common::context(pool.clone()).await;
+    let mut inv = invalidator(&pool, ctx.cache.clone()).await;
+    let ids = common::enqueue_tasks(&pool, TaskType::SendSms, 40, 3).await;
+
+    // three "processes", one after the other, each reading a few small batches
+    let mut positions = Vec::new();
+    for _ in 0..3 {
+        let p = Projector::new(
+            pool.clone(),
+            Projection::CacheInvalidation(Box::new(inv.cache.clone())),
+        )
+        .with_batch(6);
+        for _ in 0..3 {
+            p.run_once().await.unwrap();
+        }
+    }
+    drain(&inv.projector, &pool).await;
+    let mut heard = Vec::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_millis(300), inv.messages.recv()).await
+    {
+        positions.push(m.position.unwrap());
+        heard.extend(
+            m.keys
+                .into_iter()
+                .filter(|k| k.starts_with("task:"))
+                .collect::<Vec<_>>(),
+        );
+    }
+    let mut sorted = positions.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, positions, "batches published in order, none twice");
+    let expected: Vec<String> = ids.iter().map(keys::task).collect();
+    assert_eq!(heard.len(), expected.len(), "no task invalidated twice");
+    assert_eq!(
+        heard.iter().collect::<HashSet<_>>(),
+        expected.iter().collect::<HashSet<_>>(),
+        "no task missed"
+    );
+}
+
+#[sqlx::test]
+async fn a_cached_task_is_never_stale_once_its_events_are_projected(pool: PgPool) {
+    let ctx = common::context(pool.clone()).await;
+    let api = poem::test::TestClient::new(arnela::api::endpoint(ctx.clone()));
+    let inv = invalidator(&pool, ctx.cache.clone()).await;
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+
+    let (_, task) = common::post(&api, "/tasks", &common::sms("hola")).await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let path = format!("/tasks/{id}");
+    let (_, seen) = common::get(&api, &path).await;
+    assert_eq!(seen["status"], "queued");
+    assert!(inv.cache.exists(&format!("task:{id}")).await.unwrap());
+
+    run_all(&e, 1).await;
+    // before projection the cached view may lag; after it, it cannot
+    drain(&inv.projector, &pool).await;
+    let (_, seen) = common::get(&api, &path).await;
+    assert_eq!(seen["status"], "succeeded");
+}
+
+#[sqlx::test]
+async fn a_load_that_raced_an_invalidation_is_returned_but_not_cached(_pool: PgPool) {
+    let cache = Cache::new(common::redis().await, &common::unique_prefix());
+    let key = "client:race";
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let loader_cache = cache.clone();
+    let loading = tokio::spawn(async move {
+        loader_cache
+            .get_or_set(key, Ttl::Long, || async move {
+                // read the database's old value, then stall before the cache write
+                read_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                Ok::<_, std::convert::Infallible>("old".to_owned())
+            })
+            .await
+            .unwrap()
+    });
+    read_rx.await.unwrap();
+    // the write commits and its invalidation runs while the loader stalls
+    cache.delete(key).await.unwrap();
+    go_tx.send(()).unwrap();
+    assert_eq!(
+        loading.await.unwrap(),
+        "old",
+        "the caller gets what it loaded"
+    );
+    assert!(!cache.exists(key).await.unwrap(), "but it is not cached");
+    let next: String = cache
+        .get_or_set(key, Ttl::Long, || async {
+            Ok::<_, std::convert::Infallible>("new".into())
+        })
+        .await
+        .unwrap();
+    assert_eq!(next, "new");
+    assert_eq!(
+        cache.get::<String>(key).await.unwrap().as_deref(),
+        Some("new")
+    );
+
+    // a pattern delete guards every key the same way
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let loader_cache = cache.clone();
+    let loading = tokio::spawn(async move {
+        loader_cache
+            .get_or_set("client:other", Ttl::Long, || async move {
+                read_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                Ok::<_, std::convert::Infallible>("old".to_owned())
+            })
+            .await
+            .unwrap()
+    });
+    read_rx.await.unwrap();
+    cache.delete_pattern("client:*").await.unwrap();
+    go_tx.send(()).unwrap();
+    loading.await.unwrap();
+    assert!(!cache.exists("client:other").await.unwrap());
+}
+
+#[sqlx::test]
+async fn declared_invalidations_are_validated_at_enqueue(pool: PgPool) {
+    let api = common::client(pool.clone()).await;
+    let mut body = common::sms("x");
+    body["invalidates"] = json!(["client:1", "*"]);
+    let (status, err) = common::post(&api, "/tasks", &body).await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["field"], "invalidates[1]");
+    assert_eq!(common::counts(&pool).await, (0, 0, 0));
+}
+
+#[sqlx::test]
+async fn stats_are_served_from_the_cache_until_events_are_projected(pool: PgPool) {
+    let ctx = common::context(pool.clone()).await;
+    let api = poem::test::TestClient::new(arnela::api::endpoint(ctx.clone()));
+    let totals = Projector::new(pool.clone(), Projection::Totals);
+    let inv = invalidator(&pool, ctx.cache.clone()).await;
+
+    common::enqueue_tasks(&pool, TaskType::SendSms, 4, 3).await;
+    drain(&totals, &pool).await;
+    drain(&inv.projector, &pool).await;
+    let (status, stats) = common::get(&api, "/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["types"][0]["type"], "send_sms");
+    assert_eq!(stats["types"][0]["enqueued"], 4);
+    assert_eq!(stats["types"][0]["by_status"]["queued"], 4);
+
+    common::enqueue_tasks(&pool, TaskType::SendSms, 2, 3).await;
+    drain(&totals, &pool).await;
+    let (_, cached) = common::get(&api, "/stats").await;
+    assert_eq!(cached["types"][0]["enqueued"], 4, "served from the cache");
+    drain(&inv.projector, &pool).await;
+    let (_, fresh) = common::get(&api, "/stats").await;
+    assert_eq!(fresh["types"][0]["enqueued"], 6);
+    assert_eq!(fresh["types"][0]["by_status"]["queued"], 6);
+}
