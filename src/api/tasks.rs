@@ -1,7 +1,7 @@
 //! `/tasks`: enqueue (one or a batch), current state, history and the filtered listing.
 
 use chrono::{DateTime, Utc};
-use poem_openapi::param::{Path, Query};
+use poem_openapi::param::{Header, Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
@@ -156,20 +156,35 @@ impl TasksApi {
     ///
     /// Served from the cache (`task:{id}`), which the invalidation projector clears after each
     /// event of the task: a read may lag a committed event by the projector's interval
-    /// (`PROJECTOR_INTERVAL_MS`), never longer once the event is projected.
+    /// (`PROJECTOR_INTERVAL_MS`), never longer once the event is projected. A request with
+    /// `Cache-Control: no-cache` reads Postgres directly.
     #[oai(path = "/tasks/:id", method = "get", operation_id = "get_task")]
-    async fn get(&self, id: Path<Uuid>) -> Result<TaskResponse, ApiError> {
+    async fn get(
+        &self,
+        id: Path<Uuid>,
+        /// `no-cache` to read the current state from Postgres, bypassing the cache.
+        #[oai(name = "Cache-Control")]
+        cache_control: Header<Option<String>>,
+    ) -> Result<TaskResponse, ApiError> {
         let pool = &self.ctx.pool;
-        let view = self
-            .ctx
-            .cache
-            .get_or_set(&keys::task(id.0), Ttl::Short, || async {
-                match tasks::get(pool, id.0).await? {
-                    Some(row) => Ok(TaskView::from(row)),
-                    None => Err(ApiError::not_found(format!("task {} not found", id.0))),
-                }
-            })
-            .await?;
+        let load = || async {
+            match tasks::get(pool, id.0).await? {
+                Some(row) => Ok(TaskView::from(row)),
+                None => Err(ApiError::not_found(format!("task {} not found", id.0))),
+            }
+        };
+        let bypass = cache_control
+            .0
+            .as_deref()
+            .is_some_and(|v| v.to_ascii_lowercase().contains("no-cache"));
+        let view = if bypass {
+            load().await?
+        } else {
+            self.ctx
+                .cache
+                .get_or_set(&keys::task(id.0), Ttl::Short, load)
+                .await?
+        };
         Ok(TaskResponse::Ok(Json(view)))
     }
 
