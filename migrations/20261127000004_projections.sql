@@ -37,3 +37,5 @@ CREATE TABLE attempt_durations (
     sum_ms    bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (task_type, outcome, le_ms)
 );
+
+INSERT INTO projector_checkpoints (name) VALUES ('cache_invalidation'), ('totals');

@@ -748,12 +748,14 @@ impl WorkerPool {
         let slots = Arc::new(Semaphore::new(self.slots));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<(Finished, OwnedSemaphorePermit)>();
 
+        // the heartbeat lasts until the drain is over: a draining process still runs attempts
+        let beat_stop = CancellationToken::new();
         let beat = tokio::spawn(heartbeat_loop(
             self.heartbeats.clone(),
             self.keys.clone(),
             self.process_id,
             self.slots,
-            shutdown.clone(),
+            beat_stop.clone(),
         ));
         let renewer_stop = CancellationToken::new();
         let renewer = tokio::spawn(renew_loop(
@@ -851,6 +853,7 @@ impl WorkerPool {
         if let Err(e) = renewer.await {
             tracing::error!(error = %e, "the lease renewer panicked");
         }
+        beat_stop.cancel();
         if let Err(e) = beat.await {
             tracing::error!(error = %e, "heartbeat task panicked");
         }
