@@ -48,6 +48,13 @@ pub struct BenchOptions {
     /// Only measure `GET /tasks/{id}/events` on the history the database already holds.
     #[arg(long)]
     pub history_only: bool,
+    /// Only measure `GET /tasks/{id}`: uncached (`Cache-Control: no-cache`), cached, and cached
+    /// while the tasks read are running (see [`reads`]).
+    #[arg(long)]
+    pub reads_only: bool,
+    /// Concurrent readers of the read runs.
+    #[arg(long, default_value_t = 16)]
+    pub readers: usize,
 }
 
 /// Latency figures of one level.
@@ -78,6 +85,22 @@ pub struct Report {
     pub history_requests: usize,
     pub history_p50_ms: f64,
     pub history_p99_ms: f64,
+    pub reads: Vec<ReadRun>,
+}
+
+/// One run of `GET /tasks/{id}` reads.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadRun {
+    pub name: String,
+    pub readers: usize,
+    pub requests: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: usize,
+    /// Cache hits / (hits + misses) of the `task` key family during the run, from the service's
+    /// `/metrics` (absent for the uncached run).
+    pub hit_rate: Option<f64>,
 }
 
 fn task_body(i: usize) -> serde_json::Value {
@@ -108,6 +131,11 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         bail!("the service at {} does not answer /health/live", opts.url);
     }
     let mut report = Report::default();
+    if opts.reads_only {
+        reads(&client, &pool, opts, &mut report).await?;
+        report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
+        return Ok(report);
+    }
     if opts.history_only {
         history(&client, &pool, &opts.url, &mut report).await?;
         report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
@@ -174,6 +202,194 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
     history(&client, &pool, &opts.url, &mut report).await?;
     report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
     Ok(report)
+}
+
+/// `GET /tasks/{id}` under three loads, each for `--seconds` with `--readers` closed-loop
+/// readers picking ids uniformly at random:
+///
+/// 1. `uncached`: 2000 finished tasks, every request with `Cache-Control: no-cache` (Postgres);
+/// 2. `cached`: the same tasks through the cache;
+/// 3. `cached_while_running`: tasks enqueued at ~1000/s (batches of 100) during the run, the
+///    readers polling the ones enqueued so far while the workers run them; each event of a
+///    task invalidates its cached state, so this is the hit rate of clients polling live tasks.
+async fn reads(
+    client: &reqwest::Client,
+    pool: &PgPool,
+    opts: &BenchOptions,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let url = opts.url.as_str();
+    let run = Duration::from_secs(opts.seconds);
+    let ids: Vec<uuid::Uuid> = batch_ids(client, url, 2000).await?;
+    wait_idle(pool, Duration::from_secs(300)).await?;
+    let ids = Arc::new(std::sync::RwLock::new(ids));
+
+    for (name, bypass) in [("uncached", true), ("cached", false)] {
+        let before = cache_counts(client, url).await;
+        let mut r = read_run(client, url, ids.clone(), opts.readers, run, bypass).await?;
+        r.name = name.into();
+        if !bypass {
+            r.hit_rate = hit_rate(before, cache_counts(client, url).await);
+        }
+        report.reads.push(r);
+    }
+
+    // polling tasks while they run
+    let live = Arc::new(std::sync::RwLock::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = {
+        let (client, url, live, stop) =
+            (client.clone(), url.to_owned(), live.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let made = batch_ids(&client, &url, 100).await?;
+                live.write().expect("ids").extend(made);
+            }
+            Ok::<_, anyhow::Error>(())
+        })
+    };
+    while live.read().expect("ids").is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = cache_counts(client, url).await;
+    let mut r = read_run(client, url, live.clone(), opts.readers, run, false).await?;
+    r.hit_rate = hit_rate(before, cache_counts(client, url).await);
+    r.name = "cached_while_running".into();
+    stop.store(true, Ordering::Relaxed);
+    feeder.await??;
+    report.reads.push(r);
+    for r in &report.reads {
+        eprintln!(
+            "GET /tasks/{{id}} {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, hit rate {}",
+            r.name,
+            r.per_second,
+            r.p50_ms,
+            r.p99_ms,
+            r.hit_rate
+                .map_or("-".to_owned(), |h| format!("{:.1}%", h * 100.0))
+        );
+    }
+    Ok(())
+}
+
+/// Enqueues `n` tasks with `POST /tasks/batch` (100 per request) and returns their ids.
+async fn batch_ids(
+    client: &reqwest::Client,
+    url: &str,
+    n: usize,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let size = (n - ids.len()).min(100);
+        let tasks: Vec<_> = (0..size).map(task_body).collect();
+        let resp = client
+            .post(format!("{url}/tasks/batch"))
+            .json(&json!({ "tasks": tasks }))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("batch enqueue answered {}", resp.status());
+        }
+        let body: serde_json::Value = resp.json().await?;
+        for t in body["tasks"].as_array().into_iter().flatten() {
+            if let Some(id) = t["id"].as_str() {
+                ids.push(id.parse()?);
+            }
+        }
+        if ids.is_empty() {
+            bail!("the batch answer carries no task ids");
+        }
+    }
+    Ok(ids)
+}
+
+async fn read_run(
+    client: &reqwest::Client,
+    url: &str,
+    ids: Arc<std::sync::RwLock<Vec<uuid::Uuid>>>,
+    readers: usize,
+    run: Duration,
+    bypass: bool,
+) -> anyhow::Result<ReadRun> {
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..readers.max(1) {
+        let (client, url, ids) = (client.clone(), url.to_owned(), ids.clone());
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while started.elapsed() < run {
+                let id = {
+                    let ids = ids.read().expect("ids");
+                    ids[rand::Rng::gen_range(&mut rand::thread_rng(), 0..ids.len())]
+                };
+                let mut req = client.get(format!("{url}/tasks/{id}"));
+                if bypass {
+                    req = req.header("Cache-Control", "no-cache");
+                }
+                let t = Instant::now();
+                let r = req.send().await?;
+                let ok = r.status().is_success();
+                r.bytes().await?;
+                if ok {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                } else {
+                    errors += 1;
+                }
+            }
+            Ok::<_, anyhow::Error>((lat, errors))
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (lat, e) = h.await??;
+        all.extend(lat);
+        errors += e;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    Ok(ReadRun {
+        name: String::new(),
+        readers,
+        requests: all.len(),
+        per_second: all.len() as f64 / secs,
+        p50_ms: percentile(&all, 0.5),
+        p99_ms: percentile(&all, 0.99),
+        errors,
+        hit_rate: None,
+    })
+}
+
+/// Hits and misses of the `task` cache family from the service's `/metrics` (`None` if the
+/// scrape fails).
+async fn cache_counts(client: &reqwest::Client, url: &str) -> Option<(f64, f64)> {
+    let text = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |metric: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains("family=\"task\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((value(CACHE_HITS_METRIC), value(CACHE_MISSES_METRIC)))
+}
+
+const CACHE_HITS_METRIC: &str = "arnela_cache_hits_total";
+const CACHE_MISSES_METRIC: &str = "arnela_cache_misses_total";
+
+fn hit_rate(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((h0, m0), (h1, m1)) = (before?, after?);
+    let (hits, misses) = (h1 - h0, m1 - m0);
+    (hits + misses > 0.0).then(|| hits / (hits + misses))
 }
 
 /// `GET /tasks/{id}/events` for 1000 tasks sampled from the table, 8 at a time.
@@ -439,22 +655,38 @@ pub fn table(r: &Report) -> String {
             l.concurrency, l.per_second, l.p50_ms, l.p99_ms, l.errors
         ));
     }
-    out.push_str(&format!(
-        "| POST /tasks/batch, 100 per batch | {:.0} tasks/s |\n| POST /tasks/batch, 1000 per batch | {:.0} tasks/s |\n",
-        r.batch_100_tasks_per_second, r.batch_1000_tasks_per_second
-    ));
-    out.push_str(&format!(
-        "| end to end, {} no-op tasks | {:.0} tasks/s ({:.2} s) |\n",
-        r.end_to_end_tasks, r.end_to_end_tasks_per_second, r.end_to_end_seconds
-    ));
-    out.push_str(&format!(
-        "| enqueue → attempt start at {:.0} tasks/s offered | p50 {:.1} ms, p99 {:.1} ms |\n",
-        r.start_latency_offered_rate, r.start_latency_p50_ms, r.start_latency_p99_ms
-    ));
-    out.push_str(&format!(
-        "| GET /tasks/{{id}}/events, ~{} events stored ({} requests) | p50 {:.2} ms, p99 {:.2} ms |\n",
-        r.history_events_in_table, r.history_requests, r.history_p50_ms, r.history_p99_ms
-    ));
+    if !r.single_enqueue.is_empty() {
+        out.push_str(&format!(
+            "| POST /tasks/batch, 100 per batch | {:.0} tasks/s |\n| POST /tasks/batch, 1000 per batch | {:.0} tasks/s |\n",
+            r.batch_100_tasks_per_second, r.batch_1000_tasks_per_second
+        ));
+        out.push_str(&format!(
+            "| end to end, {} no-op tasks | {:.0} tasks/s ({:.2} s) |\n",
+            r.end_to_end_tasks, r.end_to_end_tasks_per_second, r.end_to_end_seconds
+        ));
+        out.push_str(&format!(
+            "| enqueue → attempt start at {:.0} tasks/s offered | p50 {:.1} ms, p99 {:.1} ms |\n",
+            r.start_latency_offered_rate, r.start_latency_p50_ms, r.start_latency_p99_ms
+        ));
+    }
+    if r.history_requests > 0 {
+        out.push_str(&format!(
+            "| GET /tasks/{{id}}/events, ~{} events stored ({} requests) | p50 {:.2} ms, p99 {:.2} ms |\n",
+            r.history_events_in_table, r.history_requests, r.history_p50_ms, r.history_p99_ms
+        ));
+    }
+    for read in &r.reads {
+        out.push_str(&format!(
+            "| GET /tasks/{{id}} {}, {} readers | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, hit rate {} ({} errors) |\n",
+            read.name,
+            read.readers,
+            read.per_second,
+            read.p50_ms,
+            read.p99_ms,
+            read.hit_rate.map_or("-".to_owned(), |h| format!("{:.1}%", h * 100.0)),
+            read.errors
+        ));
+    }
     if let Some(mb) = r.service_peak_rss_mb {
         out.push_str(&format!("| service peak RSS | {mb:.1} MB |\n"));
     }
