@@ -3,17 +3,16 @@
 
 mod common;
 
-use arnela::api::{self, ApiContext};
+use arnela::api::ApiContext;
 use arnela::queue::Keys;
 use common::process::{free_port, redis_server};
-use common::{context, eventually, get};
-use poem::test::TestClient;
+use common::{client_for, context, eventually, get};
 use sqlx::PgPool;
 use std::time::Duration;
 
 #[sqlx::test]
 async fn health_is_200_with_the_known_shape_when_both_answer(pool: PgPool) {
-    let c = TestClient::new(api::endpoint(context(pool).await));
+    let c = client_for(context(pool).await);
     let (status, body) = get(&c, "/health").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "healthy");
@@ -34,7 +33,7 @@ async fn health_is_503_when_postgres_is_unreachable(pool: PgPool) {
     ctx.pool = sqlx::postgres::PgPoolOptions::new()
         .acquire_timeout(Duration::from_millis(300))
         .connect_lazy_with(unreachable);
-    let c = TestClient::new(api::endpoint(ctx));
+    let c = client_for(ctx);
     let (status, body) = get(&c, "/health").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "unhealthy");
@@ -87,8 +86,9 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         max_body_bytes: 1024,
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        auth: common::auth(),
     };
-    let c = TestClient::new(api::endpoint(ctx));
+    let c = client_for(ctx);
     assert_eq!(get(&c, "/health").await.0, 200);
 
     own.kill9();
@@ -111,7 +111,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
 async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
     let ctx = context(pool.clone()).await;
     let keys = ctx.keys.clone();
-    let c = TestClient::new(api::endpoint(ctx));
+    let c = client_for(ctx);
     let (_, body) = get(&c, "/health").await;
     assert_eq!(body["workers"]["active_workers"], 0);
 
@@ -160,9 +160,10 @@ async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
 #[sqlx::test]
 async fn health_names_the_channel_of_each_task_type(pool: PgPool) {
     // no provider credentials: every type is on the log channel, and /health says so
-    let settings = arnela::config::Settings::from_vars(&Default::default()).unwrap();
+    let vars = [("JWT_SECRET".to_owned(), common::JWT_SECRET.to_owned())].into();
+    let settings = arnela::config::Settings::from_vars(&vars).unwrap();
     let app = arnela::app::App::from_parts(settings, pool, common::redis().await);
-    let c = TestClient::new(api::endpoint(app.api_context()));
+    let c = client_for(app.api_context().unwrap());
     let (_, body) = get(&c, "/health").await;
     for t in ["send_email", "send_sms", "send_whatsapp", "sync_calendar"] {
         assert_eq!(body["channels"][t], "log", "{body}");

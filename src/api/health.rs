@@ -4,6 +4,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use std::time::Duration;
 
+use super::auth::{BearerAuth, Denied, Role};
 use super::ApiContext;
 
 #[derive(Tags)]
@@ -64,9 +65,12 @@ impl HealthApi {
     /// Service health
     ///
     /// Pings Postgres and Redis (each with a short timeout); 503 when either does not answer.
+    ///
+    /// Roles: auditor, admin.
     #[oai(path = "/health", method = "get", operation_id = "health")]
-    async fn health(&self) -> HealthResponse {
-        self.report().await
+    async fn health(&self, auth: BearerAuth) -> Result<HealthResponse, Denied> {
+        auth.require(&[Role::Auditor])?;
+        Ok(self.report().await)
     }
 
     /// Readiness: may this instance take traffic (same checks as `/health`)
