@@ -31,6 +31,9 @@ mkdir -p "$OUT"
 PORT="${BENCH_PORT:-18480}"
 DB="arnela_bench_$$"
 BIN=target/release/arnela
+# The service and `arnela bench` (which signs an admin token with it) share a secret of this run.
+JWT_SECRET="bench-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+export JWT_SECRET
 SERVICE_PID=""
 
 log() { printf 'bench: %s\n' "$*" >&2; }
@@ -61,7 +64,7 @@ start_service() {
     local prefix="bench$$-$1"; shift
     # shellcheck disable=SC2086
     env -i PATH="$PATH" HOME="${HOME:-/root}" DATABASE_URL="$DBURL" REDIS_URL=redis://127.0.0.1:6379 \
-        ARNELA_KEY_PREFIX="$prefix" APP_PORT="$PORT" RUST_LOG=warn "$@" \
+        ARNELA_KEY_PREFIX="$prefix" APP_PORT="$PORT" JWT_SECRET="$JWT_SECRET" RUST_LOG=warn "$@" \
         "$BIN" serve >"$OUT/service-$prefix.log" 2>&1 &
     SERVICE_PID=$!
     for _ in $(seq 1 100); do

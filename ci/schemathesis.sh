@@ -49,11 +49,12 @@ if [[ "$("$VENV/bin/schemathesis" --version 2>/dev/null || true)" != *" $ST_VERS
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$ST_VERSION"
 fi
 
-# 2. A fresh database, a free port, a unique key prefix.
+# 2. A fresh database, a free port, a unique key prefix, a JWT secret of this run only.
 DB="arnela_st_$$_$(date +%s)"
 PREFIX="arnela-st-$$-$(date +%s)"
 PORT="$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
 WORK="$(mktemp -d)"
+JWT_SECRET="st-$("$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(32))')"
 SERVER_LOG="$WORK/arnela.log"
 SERVER_PID=""
 ST_PID=""
@@ -112,6 +113,7 @@ log "database $DB, port $PORT, key prefix $PREFIX"
         APP_PORT="$PORT" \
         APP_ENV=development \
         ARNELA_KEY_PREFIX="$PREFIX" \
+        JWT_SECRET="$JWT_SECRET" \
         RUST_LOG="${RUST_LOG:-info}" \
         NO_COLOR=1 \
         "$BIN" serve
@@ -137,12 +139,16 @@ if [[ -z "$ready" ]]; then
 fi
 log "server live at $BASE"
 
+# Every operation but the probes needs a bearer token: an admin's may call them all.
+TOKEN="$(cd "$WORK" && env -i PATH="$PATH" JWT_SECRET="$JWT_SECRET" "$BIN" token --role admin --ttl 1h)"
+AUTH_HEADER="Authorization: Bearer $TOKEN"
+
 # Seed a few valid tasks (one per type, one batch) so the read operations return real
 # documents and GET /tasks/{id} is tested with existing ids, not only with 404s.
 seed() { # $1: path, $2: body; prints the response
     local out
     if ! out="$(curl -sS --fail-with-body --max-time 10 -X POST \
-        -H 'Content-Type: application/json' --data "$2" "$BASE$1")"; then
+        -H 'Content-Type: application/json' -H "$AUTH_HEADER" --data "$2" "$BASE$1")"; then
         log "seeding POST $1 failed: $out"
         return 1
     fi
@@ -199,7 +205,8 @@ cmd=(
     --report-dir "$REPORT_DIR"
     --no-color
 )
-log "running: ${cmd[*]}"
+log "running: ${cmd[*]} -H 'Authorization: Bearer ***'"
+cmd+=(-H "$AUTH_HEADER")
 start=$(date +%s)
 st_rc=0
 # From the report directory, so Schemathesis keeps its crash cache (.schemathesis/) under target/.

@@ -83,8 +83,10 @@ impl App {
         }
     }
 
-    pub fn api_context(&self) -> ApiContext {
-        ApiContext {
+    /// What the API needs; fails without a `JWT_SECRET` (no token could be verified).
+    pub fn api_context(&self) -> Result<ApiContext, api::auth::AuthError> {
+        let auth = api::auth::Auth::new(&self.settings.jwt_secret)?;
+        Ok(ApiContext {
             pool: self.pool.clone(),
             redis: self.redis.clone(),
             keys: self.keys.clone(),
@@ -99,7 +101,8 @@ impl App {
                 .collect(),
             waker: self.waker.clone(),
             cache: self.cache.clone(),
-        }
+            auth,
+        })
     }
 
     /// The projectors every process runs (instances of one projector take turns, see
@@ -121,6 +124,7 @@ impl App {
         addr: SocketAddr,
         bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     ) -> anyhow::Result<()> {
+        let ctx = self.api_context()?;
         let acceptor = TcpListener::bind(addr)
             .into_acceptor()
             .await
@@ -138,7 +142,7 @@ impl App {
         let shutdown = self.shutdown.clone();
         poem::Server::new_with_acceptor(acceptor)
             .run_with_graceful_shutdown(
-                api::endpoint(self.api_context()),
+                api::endpoint(ctx),
                 async move { shutdown.cancelled().await },
                 Some(Duration::from_secs(10)),
             )
@@ -213,6 +217,13 @@ impl App {
     /// the API stops taking requests, the relay stops, workers drain (up to the drain
     /// deadline). Returns when all have stopped.
     pub async fn run(&self, roles: Roles, addr: SocketAddr) -> anyhow::Result<()> {
+        if roles.api {
+            // Refuse at once, before any other role starts, if the API could not verify tokens.
+            self.api_context()?;
+            if self.settings.jwt_secret.expose().len() < 32 {
+                tracing::warn!("JWT_SECRET is shorter than 32 characters (refused in production)");
+            }
+        }
         let mut set = tokio::task::JoinSet::new();
         if roles.workers {
             let e = &self.settings.engine;

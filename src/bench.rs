@@ -9,6 +9,7 @@
 //!   schedule whatever the responses do);
 //! - the peak RSS of the service process (`VmHWM`), when its pid is given.
 //!
+//! It sends an admin token signed with `JWT_SECRET` (the service's secret) with every request.
 //! It prints a table and, with `--json`, writes the figures as JSON. Benchmarks are not tests:
 //! nothing here asserts a time.
 
@@ -115,9 +116,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs every measurement in turn.
-pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
+/// Runs every measurement in turn, sending `token` (an admin's bearer token) with every request.
+pub async fn run(opts: &BenchOptions, token: &str) -> anyhow::Result<Report> {
+    let mut bearer = reqwest::header::HeaderValue::try_from(format!("Bearer {token}"))
+        .context("the bearer token is not a valid header value")?;
+    bearer.set_sensitive(true);
     let client = reqwest::Client::builder()
+        .default_headers(reqwest::header::HeaderMap::from_iter([(
+            reqwest::header::AUTHORIZATION,
+            bearer,
+        )]))
         .pool_max_idle_per_host(256)
         .timeout(Duration::from_secs(30))
         .build()?;

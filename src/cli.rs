@@ -33,6 +33,18 @@ pub enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Print a bearer token for the HTTP API, signed with JWT_SECRET (connects to nothing).
+    Token {
+        /// What the holder may do: producer, auditor or admin.
+        #[arg(long)]
+        role: crate::api::auth::Role,
+        /// How long the token is valid, e.g. 3600s, 30m, 12h or 7d (at most 366d).
+        #[arg(long, value_parser = crate::api::auth::parse_ttl)]
+        ttl: std::time::Duration,
+        /// Who holds it (the token's `sub`, recorded as who requeued or cancelled a task).
+        #[arg(long, default_value = "cli")]
+        subject: String,
+    },
     /// Auditor tools.
     Audit {
         #[command(subcommand)]

@@ -213,13 +213,29 @@ const KNOWN_DEFAULT_SECRETS: &[&str] = &[
 impl Settings {
     /// Reads `.env` (if present) and then the process environment.
     pub fn from_env() -> Result<Settings, ConfigError> {
-        // A missing .env is normal; a malformed one is an error worth stopping for.
-        match dotenvy::dotenv() {
-            Ok(_) => {}
-            Err(e) if e.not_found() => {}
-            Err(e) => return Err(err(".env", e.to_string())),
+        Settings::from_vars(&env_vars()?)
+    }
+
+    /// Only `JWT_SECRET` (checked as [`Settings::from_env`] checks it in production, and required
+    /// here in every environment), for commands that sign tokens and connect to nothing.
+    pub fn jwt_secret_from_env() -> Result<Secret, ConfigError> {
+        Settings::jwt_secret_from_vars(&env_vars()?)
+    }
+
+    /// `JWT_SECRET` from a map of variables; see [`Settings::jwt_secret_from_env`].
+    pub fn jwt_secret_from_vars(vars: &HashMap<String, String>) -> Result<Secret, ConfigError> {
+        let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let app_env = match get("APP_ENV") {
+            Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
+            None => AppEnv::Development,
+        };
+        let secret = Secret::new(get("JWT_SECRET").unwrap_or_default());
+        if app_env == AppEnv::Production {
+            check_production_secret("JWT_SECRET", &secret, 32)?;
+        } else if secret.is_empty() {
+            return Err(err("JWT_SECRET", "is required to sign tokens"));
         }
-        Settings::from_vars(&std::env::vars().collect())
+        Ok(secret)
     }
 
     /// Builds settings from a map of variables (the environment, in tests a literal map).
@@ -303,6 +319,17 @@ impl Settings {
             channels,
         })
     }
+}
+
+/// `.env` (if present) and then the process environment.
+fn env_vars() -> Result<HashMap<String, String>, ConfigError> {
+    // A missing .env is normal; a malformed one is an error worth stopping for.
+    match dotenvy::dotenv() {
+        Ok(_) => {}
+        Err(e) if e.not_found() => {}
+        Err(e) => return Err(err(".env", e.to_string())),
+    }
+    Ok(std::env::vars().collect())
 }
 
 fn engine_settings<'a>(

@@ -1,12 +1,14 @@
 //! The `arnela` binary: parse the command line, start telemetry, load settings, run.
 
 use anyhow::Context;
+use arnela::api::auth::{Auth, Role};
 use arnela::app::{shutdown_signal, App, Roles};
 use arnela::cli::{AuditCommand, Cli, Command};
 use arnela::config::Settings;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -47,8 +49,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token { role, ttl, subject } => {
+            let auth = Auth::new(&Settings::jwt_secret_from_env()?)?;
+            println!("{}", auth.mint(role, ttl, &subject));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { options, json } => {
-            let report = arnela::bench::run(&options).await?;
+            // The load generator acts as an admin for the run's length (and a margin).
+            let auth = Auth::new(&Settings::jwt_secret_from_env()?)?;
+            let token = auth.mint(Role::Admin, Duration::from_secs(24 * 3600), "bench");
+            let report = arnela::bench::run(&options, &token).await?;
             println!("{}", arnela::bench::table(&report));
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -3,17 +3,16 @@
 
 mod common;
 
-use arnela::api::{self, ApiContext};
+use arnela::api::ApiContext;
 use arnela::queue::Keys;
 use common::process::{arnela, free_port, redis_server, PgServer};
-use common::{context, database_url, eventually, get};
-use poem::test::TestClient;
+use common::{client_for, context, database_url, eventually, get};
 use sqlx::PgPool;
 use std::time::Duration;
 
 #[sqlx::test]
 async fn health_is_200_with_the_known_shape_when_both_answer(pool: PgPool) {
-    let c = TestClient::new(api::endpoint(context(pool).await));
+    let c = client_for(context(pool).await);
     let (status, body) = get(&c, "/health").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "healthy");
@@ -35,7 +34,7 @@ async fn health_is_503_while_postgres_is_stopped_and_recovers() {
         .await
         .unwrap();
     arnela::store::migrate(&pool).await.unwrap();
-    let c = TestClient::new(api::endpoint(context(pool).await));
+    let c = client_for(context(pool).await);
     assert_eq!(get(&c, "/health").await.0, 200);
 
     pg.stop();
@@ -71,7 +70,7 @@ async fn health_is_503_while_postgres_is_stopped_and_recovers() {
 #[sqlx::test]
 async fn health_reports_depths_backlog_projectors_and_dependency_latency(pool: PgPool) {
     let ctx = context(pool.clone()).await;
-    let c = TestClient::new(api::endpoint(ctx.clone()));
+    let c = client_for(ctx.clone());
     common::enqueue_tasks(&pool, arnela::domain::TaskType::SendSms, 3, 3).await;
     let projector =
         arnela::projector::Projector::new(pool.clone(), arnela::projector::Projection::Totals);
@@ -138,6 +137,10 @@ async fn log_outcomes(pool: &PgPool) -> (i64, i64) {
 async fn health_of(http: &reqwest::Client, port: u16) -> Option<serde_json::Value> {
     let resp = http
         .get(format!("http://127.0.0.1:{port}/health"))
+        .header(
+            "authorization",
+            common::bearer(arnela::api::auth::Role::Auditor),
+        )
         .send()
         .await
         .ok()?;
@@ -261,8 +264,9 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
         cache: arnela::cache::Cache::new(redis.clone(), "health-test"),
+        auth: common::auth(),
     };
-    let c = TestClient::new(api::endpoint(ctx));
+    let c = client_for(ctx);
     assert_eq!(get(&c, "/health").await.0, 200);
 
     own.kill9();
@@ -285,7 +289,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
 async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
     let ctx = context(pool.clone()).await;
     let keys = ctx.keys.clone();
-    let c = TestClient::new(api::endpoint(ctx));
+    let c = client_for(ctx);
     let (_, body) = get(&c, "/health").await;
     assert_eq!(body["workers"]["active_workers"], 0);
 
@@ -334,9 +338,10 @@ async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
 #[sqlx::test]
 async fn health_names_the_channel_of_each_task_type(pool: PgPool) {
     // no provider credentials: every type is on the log channel, and /health says so
-    let settings = arnela::config::Settings::from_vars(&Default::default()).unwrap();
+    let vars = [("JWT_SECRET".to_owned(), common::JWT_SECRET.to_owned())].into();
+    let settings = arnela::config::Settings::from_vars(&vars).unwrap();
     let app = arnela::app::App::from_parts(settings, pool, common::redis().await);
-    let c = TestClient::new(api::endpoint(app.api_context()));
+    let c = client_for(app.api_context().unwrap());
     let (_, body) = get(&c, "/health").await;
     for t in ["send_email", "send_sms", "send_whatsapp", "sync_calendar"] {
         assert_eq!(body["channels"][t], "log", "{body}");

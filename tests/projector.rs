@@ -300,7 +300,7 @@ async fn present(cache: &Cache, keys: &[&str]) -> Vec<String> {
 #[sqlx::test]
 async fn a_successful_calendar_sync_invalidates_its_rule_keys_and_declared_ones(pool: PgPool) {
     let ctx = common::context(pool.clone()).await;
-    let api = poem::test::TestClient::new(arnela::api::endpoint(ctx.clone()));
+    let api = common::client_for(ctx.clone());
     let mut inv = invalidator(&pool, ctx.cache.clone()).await;
     let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
 
@@ -415,7 +415,7 @@ async fn invalidations_resume_after_a_restart_without_duplicates_or_gaps(pool: P
 #[sqlx::test]
 async fn a_cached_task_is_never_stale_once_its_events_are_projected(pool: PgPool) {
     let ctx = common::context(pool.clone()).await;
-    let api = poem::test::TestClient::new(arnela::api::endpoint(ctx.clone()));
+    let api = common::client_for(ctx.clone());
     let inv = invalidator(&pool, ctx.cache.clone()).await;
     let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
 
@@ -519,7 +519,7 @@ async fn declared_invalidations_are_validated_at_enqueue(pool: PgPool) {
 #[sqlx::test]
 async fn stats_are_served_from_the_cache_until_events_are_projected(pool: PgPool) {
     let ctx = common::context(pool.clone()).await;
-    let api = poem::test::TestClient::new(arnela::api::endpoint(ctx.clone()));
+    let api = common::client_for(ctx.clone());
     let totals = Projector::new(pool.clone(), Projection::Totals);
     let inv = invalidator(&pool, ctx.cache.clone()).await;
 

@@ -3,13 +3,15 @@
 //! Every operation returns [`ApiError`] for its failures: a 4xx says exactly what was wrong in a
 //! machine-readable [`ErrorBody`]; a 5xx is opaque to the client and its cause is logged once,
 //! here. [`json_errors`] turns the errors poem raises before an operation runs (a malformed body,
-//! a bad path parameter, an unknown route, a body over the size limit) into the same body.
+//! a bad path parameter, an unknown route, a body over the size limit, a missing bearer token)
+//! into the same body.
 
 use poem::http::StatusCode;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object};
 
+use super::auth::Denied;
 use crate::domain::task::InvalidTransition;
 use crate::domain::FieldError;
 use crate::store::StoreError;
@@ -18,7 +20,8 @@ use crate::store::StoreError;
 #[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize, serde::Deserialize)]
 pub struct ErrorBody {
     /// Stable, machine-readable code, e.g. `validation_failed`, `not_found`,
-    /// `idempotency_conflict`, `invalid_transition`, `malformed_request`, `payload_too_large`.
+    /// `idempotency_conflict`, `invalid_transition`, `malformed_request`, `payload_too_large`,
+    /// `unauthorized`, `forbidden`.
     pub code: String,
     /// What was wrong, for people.
     pub message: String,
@@ -51,6 +54,18 @@ pub enum ApiError {
     /// parameter.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// No valid bearer token: it is missing, malformed, expired or not signed with this
+    /// service's secret.
+    #[oai(status = 401)]
+    Unauthorized(
+        Json<ErrorBody>,
+        /// `Bearer`, with `error="invalid_token"` when a token was sent but refused.
+        #[oai(header = "WWW-Authenticate")]
+        String,
+    ),
+    /// The token is valid but its role may not use this operation.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// No such task.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
@@ -117,6 +132,8 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(..) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -130,6 +147,15 @@ impl ApiError {
 impl From<FieldError> for ApiError {
     fn from(e: FieldError) -> Self {
         ApiError::field(e)
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(e: Denied) -> Self {
+        match e {
+            Denied::Unauthorized(body, challenge) => ApiError::Unauthorized(body, challenge),
+            Denied::Forbidden(body) => ApiError::Forbidden(body),
+        }
     }
 }
 
@@ -181,6 +207,8 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 fn code_for(status: StatusCode) -> &'static str {
     match status {
         StatusCode::BAD_REQUEST => "malformed_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
@@ -198,10 +226,11 @@ pub async fn json_errors<E: Endpoint>(ep: E, req: Request) -> poem::Result<Respo
         Err(err) => {
             let status = err.status();
             let resp = err.into_response();
-            let is_json = resp
-                .content_type()
-                .is_some_and(|ct| ct.starts_with("application/json"));
-            if is_json {
+            if status == StatusCode::UNAUTHORIZED && !is_json_response(&resp) {
+                // The security scheme found no bearer token (or another scheme, e.g. `Basic`).
+                return Ok(Denied::missing().into_response());
+            }
+            if is_json_response(&resp) {
                 return Ok(resp);
             }
             let message = if status.is_server_error() {
@@ -219,6 +248,11 @@ pub async fn json_errors<E: Endpoint>(ep: E, req: Request) -> poem::Result<Respo
             Ok(poem::web::Json(body).with_status(status).into_response())
         }
     }
+}
+
+fn is_json_response(resp: &Response) -> bool {
+    resp.content_type()
+        .is_some_and(|ct| ct.starts_with("application/json"))
 }
 
 /// Middleware: refuses request bodies over `max` bytes with 413, whether the size is announced

@@ -4,6 +4,7 @@ use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
+use super::auth::{BearerAuth, Role};
 use super::error::ApiError;
 use super::model::{EventPage, EventView};
 use super::tasks::{cursor, page_limit};
@@ -35,14 +36,18 @@ impl EventsApi {
     /// ended (together with every older transaction) are returned, so a reader that always
     /// continues from `next_after` never skips an event, even one whose transaction committed
     /// late. An empty page means nothing new has committed yet: poll again.
+    ///
+    /// Roles: auditor, admin.
     #[oai(path = "/events", method = "get", operation_id = "read_event_log")]
     async fn log(
         &self,
+        auth: BearerAuth,
         /// The last position already read (0 to start from the beginning).
         after: Query<Option<i64>>,
         /// Page size, 1 to 1000 (default 100).
         limit: Query<Option<u32>>,
     ) -> Result<LogResponse, ApiError> {
+        auth.require(&[Role::Auditor])?;
         let after = cursor(after.0)?;
         let limit = page_limit(limit.0, 100, 1000)?;
         let rows = events::global_log(&self.ctx.pool, after, i64::from(limit)).await?;

@@ -4,6 +4,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 use std::time::{Duration, Instant};
 
+use super::auth::{BearerAuth, Denied, Role};
 use super::ApiContext;
 use crate::store::{outbox, projection};
 
@@ -157,9 +158,12 @@ impl HealthApi {
     /// Pings Postgres and Redis (each with a short timeout, latency reported); 503 when either
     /// does not answer. Adds the Redis queue depths, the outbox backlog, the projectors' lag,
     /// the live worker processes, and the cluster-wide task totals projected from events.
+    ///
+    /// Roles: auditor, admin.
     #[oai(path = "/health", method = "get", operation_id = "health")]
-    async fn health(&self) -> HealthResponse {
-        self.report().await
+    async fn health(&self, auth: BearerAuth) -> Result<HealthResponse, Denied> {
+        auth.require(&[Role::Auditor])?;
+        Ok(self.report().await)
     }
 
     /// Readiness: may this instance take traffic (Postgres and Redis answer)

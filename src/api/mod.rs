@@ -1,6 +1,8 @@
 //! The HTTP API (poem-openapi): one API struct per resource, one response enum per operation,
-//! errors mapped in [`error`]. Swagger UI is served at `/docs`, the spec at `/openapi.json`.
+//! errors mapped in [`error`], access control in [`auth`]. Swagger UI is served at `/docs`, the
+//! spec at `/openapi.json`.
 
+pub mod auth;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -31,6 +33,8 @@ pub struct ApiContext {
     pub waker: crate::store::outbox::OutboxWaker,
     /// Hot reads (a task's state, the statistics), invalidated by the projector.
     pub cache: crate::cache::Cache,
+    /// Verifies the bearer tokens.
+    pub auth: auth::Auth,
 }
 
 type Apis = (
@@ -81,6 +85,7 @@ impl poem_openapi::OpenApi for SpecOnly {
 /// The whole HTTP application.
 pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
     let max_body = ctx.max_body_bytes;
+    let auth = ctx.auth.clone();
     let apis = (
         tasks::TasksApi { ctx: ctx.clone() },
         events::EventsApi { ctx: ctx.clone() },
@@ -94,6 +99,7 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         .nest("/", api)
         .nest("/docs", docs)
         .at("/openapi.json", spec)
+        .data(auth)
         .around(move |ep, req| error::limit_body(ep, req, max_body))
         .around(error::json_errors)
         .with(Tracing)

@@ -5,6 +5,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 use std::collections::BTreeMap;
 
+use super::auth::{BearerAuth, Role};
 use super::error::ApiError;
 use super::model::{TaskStats, TypeStats};
 use super::ApiContext;
@@ -35,8 +36,11 @@ impl StatsApi {
     /// For each task type: totals counted from the event log by the `totals` projector
     /// (enqueued, attempts, successes, failures, retries, dead letters, cancellations) and how
     /// many tasks are in each status now.
+    ///
+    /// Roles: auditor, admin.
     #[oai(path = "/stats", method = "get", operation_id = "task_stats")]
-    async fn stats(&self) -> Result<StatsResponse, ApiError> {
+    async fn stats(&self, auth: BearerAuth) -> Result<StatsResponse, ApiError> {
+        auth.require(&[Role::Auditor])?;
         let pool = &self.ctx.pool;
         let stats = self
             .ctx

@@ -6,6 +6,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
 
+use super::auth::{BearerAuth, Role};
 use super::error::{ApiError, ErrorBody};
 use super::model::{BatchRequest, BatchResult, EnqueueRequest, EventView, TaskPage, TaskView};
 use super::ApiContext;
@@ -94,8 +95,15 @@ impl TasksApi {
     /// Writes the `enqueued` event, the task and its outbox row in one transaction. With an
     /// `idempotency_key` already used for the same request, returns that task with 200; used for
     /// a different request, 409.
+    ///
+    /// Roles: producer, admin.
     #[oai(path = "/tasks", method = "post", operation_id = "enqueue_task")]
-    async fn enqueue(&self, body: Json<EnqueueRequest>) -> Result<EnqueueResponse, ApiError> {
+    async fn enqueue(
+        &self,
+        auth: BearerAuth,
+        body: Json<EnqueueRequest>,
+    ) -> Result<EnqueueResponse, ApiError> {
+        auth.require(&[Role::Producer])?;
         let new = parse_request(body.0, Utc::now())?;
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
@@ -112,8 +120,15 @@ impl TasksApi {
     ///
     /// All or nothing: if any task is invalid (the error names it, e.g. `tasks[3].payload.to`) or
     /// conflicts, none is written.
+    ///
+    /// Roles: producer, admin.
     #[oai(path = "/tasks/batch", method = "post", operation_id = "enqueue_batch")]
-    async fn enqueue_batch(&self, body: Json<BatchRequest>) -> Result<BatchResponse, ApiError> {
+    async fn enqueue_batch(
+        &self,
+        auth: BearerAuth,
+        body: Json<BatchRequest>,
+    ) -> Result<BatchResponse, ApiError> {
+        auth.require(&[Role::Producer])?;
         let requests = body.0.tasks;
         if requests.is_empty() || requests.len() > MAX_BATCH {
             return Err(ApiError::field(FieldError::new(
@@ -158,14 +173,18 @@ impl TasksApi {
     /// event of the task: a read may lag a committed event by the projector's interval
     /// (`PROJECTOR_INTERVAL_MS`), never longer once the event is projected. A request with
     /// `Cache-Control: no-cache` reads Postgres directly.
+    ///
+    /// Roles: producer, auditor, admin.
     #[oai(path = "/tasks/:id", method = "get", operation_id = "get_task")]
     async fn get(
         &self,
+        auth: BearerAuth,
         id: Path<Uuid>,
         /// `no-cache` to read the current state from Postgres, bypassing the cache.
         #[oai(name = "Cache-Control")]
         cache_control: Header<Option<String>>,
     ) -> Result<TaskResponse, ApiError> {
+        auth.require(&[Role::Producer, Role::Auditor])?;
         let pool = &self.ctx.pool;
         let load = || async {
             match tasks::get(pool, id.0).await? {
@@ -193,6 +212,8 @@ impl TasksApi {
     /// Gives a dead-lettered task a new budget of attempts (`attempts`, default the task's
     /// original budget) and queues it now; recorded as a `requeued` event. 409 unless the task
     /// is dead.
+    ///
+    /// Roles: admin. The token's subject is recorded as who requeued it.
     #[oai(
         path = "/tasks/:id/retry",
         method = "post",
@@ -200,10 +221,12 @@ impl TasksApi {
     )]
     async fn retry(
         &self,
+        auth: BearerAuth,
         id: Path<Uuid>,
         /// New attempts to allow, 1 to 25 (default 3).
         attempts: Query<Option<i32>>,
     ) -> Result<OperatorResponse, ApiError> {
+        let by = &auth.require(&[Role::Admin])?.sub;
         let extra = attempts.0.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if !(1..=MAX_MAX_ATTEMPTS).contains(&extra) {
             return Err(FieldError::new(
@@ -213,7 +236,7 @@ impl TasksApi {
             )
             .into());
         }
-        let row = operator::requeue(&self.ctx.pool, id.0, extra, "api").await?;
+        let row = operator::requeue(&self.ctx.pool, id.0, extra, by).await?;
         self.forget(id.0).await;
         Ok(OperatorResponse::Ok(Json(row.into())))
     }
@@ -222,6 +245,8 @@ impl TasksApi {
     ///
     /// A queued or scheduled task never runs; a running attempt is allowed to end but its
     /// outcome is not retried. Recorded as a `cancelled` event. 409 if the task already ended.
+    ///
+    /// Roles: admin. The token's subject is recorded as who cancelled it.
     #[oai(
         path = "/tasks/:id/cancel",
         method = "post",
@@ -229,10 +254,12 @@ impl TasksApi {
     )]
     async fn cancel(
         &self,
+        auth: BearerAuth,
         id: Path<Uuid>,
         /// Why, for the audit trail (at most 500 characters).
         reason: Query<Option<String>>,
     ) -> Result<OperatorResponse, ApiError> {
+        let by = &auth.require(&[Role::Admin])?.sub;
         let reason = reason
             .0
             .unwrap_or_else(|| "cancelled by an operator".into());
@@ -244,7 +271,7 @@ impl TasksApi {
             )
             .into());
         }
-        let row = operator::cancel(&self.ctx.pool, id.0, reason, "api").await?;
+        let row = operator::cancel(&self.ctx.pool, id.0, reason, by).await?;
         self.forget(id.0).await;
         Ok(OperatorResponse::Ok(Json(row.into())))
     }
@@ -252,12 +279,15 @@ impl TasksApi {
     /// A task's full history
     ///
     /// Every event, in order, with its hash-chain links.
+    ///
+    /// Roles: auditor, admin.
     #[oai(
         path = "/tasks/:id/events",
         method = "get",
         operation_id = "get_task_events"
     )]
-    async fn history(&self, id: Path<Uuid>) -> Result<HistoryResponse, ApiError> {
+    async fn history(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<HistoryResponse, ApiError> {
+        auth.require(&[Role::Auditor])?;
         let events = events::history(&self.ctx.pool, id.0).await?;
         if events.is_empty() {
             return Err(ApiError::not_found(format!("task {} not found", id.0)));
@@ -272,9 +302,14 @@ impl TasksApi {
     /// Oldest first, filtered by type, status and creation time, paged by the `next_after`
     /// cursor. Paging never skips a task whose enqueue committed late; a task appears once every
     /// transaction that started before its own has ended.
+    ///
+    /// Roles: auditor, admin.
     #[oai(path = "/tasks", method = "get", operation_id = "list_tasks")]
+    // One argument per query parameter (and the token): that is how poem-openapi documents them.
+    #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
+        auth: BearerAuth,
         /// Only tasks of this type.
         #[oai(name = "type")]
         task_type: Query<Option<String>>,
@@ -289,6 +324,7 @@ impl TasksApi {
         /// Page size, 1 to 500 (default 50).
         limit: Query<Option<u32>>,
     ) -> Result<ListResponse, ApiError> {
+        auth.require(&[Role::Auditor])?;
         let filter = TaskFilter {
             task_type: task_type
                 .0

@@ -1,8 +1,10 @@
 //! Shared test fixtures: a Redis connection under a key prefix unique to the test, the API
-//! bound to the test's own database, and polling helpers (no fixed sleeps).
+//! bound to the test's own database (and a fixed `JWT_SECRET`, with tokens of every role), and
+//! polling helpers (no fixed sleeps).
 
 #![allow(dead_code)]
 
+use arnela::api::auth::{Auth, Role};
 use arnela::api::{self, ApiContext};
 use arnela::queue::Keys;
 use poem::test::TestClient;
@@ -28,6 +30,24 @@ pub fn unique_prefix() -> String {
     format!("test-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The `JWT_SECRET` of every API the tests build or start.
+pub const JWT_SECRET: &str = "test-jwt-secret-of-more-than-32-characters";
+
+/// Signs and verifies with [`JWT_SECRET`].
+pub fn auth() -> Auth {
+    Auth::new(&arnela::config::Secret::new(JWT_SECRET)).expect("a non-empty secret")
+}
+
+/// A token of `role` valid for an hour (subject `test-<role>`).
+pub fn token(role: Role) -> String {
+    auth().mint(role, Duration::from_secs(3600), &format!("test-{role}"))
+}
+
+/// The `Authorization` header value carrying a token of `role`.
+pub fn bearer(role: Role) -> String {
+    format!("Bearer {}", token(role))
+}
+
 pub async fn context(pool: PgPool) -> ApiContext {
     let prefix = unique_prefix();
     let redis = redis().await;
@@ -40,11 +60,18 @@ pub async fn context(pool: PgPool) -> ApiContext {
         max_body_bytes: 1024 * 1024,
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        auth: auth(),
     }
 }
 
+/// The API over the test's database, every request sent with an admin token.
 pub async fn client(pool: PgPool) -> TestClient<impl Endpoint> {
-    TestClient::new(api::endpoint(context(pool).await))
+    client_for(context(pool).await)
+}
+
+/// The API over `ctx`, every request sent with an admin token.
+pub fn client_for(ctx: ApiContext) -> TestClient<impl Endpoint> {
+    TestClient::new(api::endpoint(ctx)).default_header("authorization", bearer(Role::Admin))
 }
 
 /// Polls `check` until it returns `Some`, failing the test after `limit`.
@@ -379,7 +406,8 @@ pub mod process {
         }
     }
 
-    /// Starts `arnela <role>` against the given database, Redis and key prefix.
+    /// Starts `arnela <role>` against the given database, Redis and key prefix, with the tests'
+    /// `JWT_SECRET` (call its API with `common::bearer(..)`).
     pub fn arnela(
         role: &str,
         database_url: &str,
@@ -393,6 +421,7 @@ pub mod process {
             .env("REDIS_URL", redis_url)
             .env("ARNELA_KEY_PREFIX", prefix)
             .env("APP_ENV", "test")
+            .env("JWT_SECRET", super::JWT_SECRET)
             .env("RUST_LOG", "warn")
             .env("DB_MAX_CONNECTIONS", "8")
             .env("RELAY_POLL_MS", "50")

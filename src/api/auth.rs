@@ -1,0 +1,412 @@
+//! Access control: bearer JWTs signed with `JWT_SECRET`, and the role each operation needs.
+//!
+//! A token carries `{sub, role, iat, exp}`, is signed with HS256 (the only algorithm accepted: a
+//! token with `alg: none` or any other algorithm is refused) and must carry an expiry; a few
+//! seconds of clock skew ([`LEEWAY_SECS`]) are tolerated. [`Auth`] holds the keys, built once from
+//! the secret; `arnela token` mints tokens with it.
+//!
+//! Every operation except `/health/live` and `/health/ready` takes a [`BearerAuth`] (the OpenAPI
+//! security scheme, so Swagger UI at `/docs` offers "Authorize") and names the roles it allows in
+//! one line: `auth.require(&[Role::Auditor])?`. An admin may do everything. No token, or one
+//! that is malformed, expired or wrongly signed, is a 401 with `WWW-Authenticate: Bearer`; a valid
+//! token whose role is not allowed is a 403. Neither response, nor any log line, repeats the token.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use poem::Request;
+use poem_openapi::auth::Bearer;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, SecurityScheme};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::error::ErrorBody;
+use crate::config::Secret;
+
+/// Clock skew tolerated when checking `exp`.
+pub const LEEWAY_SECS: u64 = 5;
+
+/// The longest lifetime `arnela token` signs.
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// What a token's holder may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Enqueues tasks and reads the tasks it enqueued (the appointment system).
+    Producer,
+    /// Reads tasks, their histories, the event log and the detailed health report.
+    Auditor,
+    /// Everything, including requeueing and cancelling tasks.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Producer, Role::Auditor, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether this role may do what `allowed` may do (an admin may do everything).
+    pub fn is_allowed(self, allowed: &[Role]) -> bool {
+        self == Role::Admin || allowed.contains(&self)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a role (expected producer, auditor or admin)"))
+    }
+}
+
+/// The claims of a token.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Claims {
+    /// Who holds the token (recorded as `by` of the operator actions).
+    pub sub: String,
+    pub role: Role,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: i64,
+    /// Expires at, seconds since the Unix epoch.
+    pub exp: i64,
+}
+
+/// Why a token cannot be signed or is refused. The messages never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("JWT_SECRET is not set; it is needed to sign and verify the API's bearer tokens")]
+    NoSecret,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token is not signed with HS256")]
+    WrongAlgorithm,
+    #[error("the token has no expiry (exp)")]
+    NoExpiry,
+    #[error("the token is not a well-formed JWT with the claims sub, role, iat and exp")]
+    Malformed,
+}
+
+impl AuthError {
+    fn from_jwt(e: jsonwebtoken::errors::Error) -> AuthError {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::WrongAlgorithm
+            }
+            ErrorKind::MissingRequiredClaim(_) => AuthError::NoExpiry,
+            _ => AuthError::Malformed,
+        }
+    }
+}
+
+struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+/// Signs and verifies tokens. Cheap to clone; the keys are built once.
+#[derive(Clone)]
+pub struct Auth {
+    keys: Arc<Keys>,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Auth(***)")
+    }
+}
+
+impl Auth {
+    /// Keys from the secret; an empty secret is refused (anyone could sign with it).
+    pub fn new(secret: &Secret) -> Result<Auth, AuthError> {
+        if secret.is_empty() {
+            return Err(AuthError::NoSecret);
+        }
+        let bytes = secret.expose().as_bytes();
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp"]);
+        Ok(Auth {
+            keys: Arc::new(Keys {
+                encoding: EncodingKey::from_secret(bytes),
+                decoding: DecodingKey::from_secret(bytes),
+                validation,
+            }),
+        })
+    }
+
+    /// A token for `subject` with `role`, valid for `ttl` from now.
+    pub fn mint(&self, role: Role, ttl: Duration, subject: &str) -> String {
+        let iat = chrono::Utc::now().timestamp();
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        self.sign(&Claims {
+            sub: subject.to_owned(),
+            role,
+            iat,
+            exp: iat.saturating_add(ttl),
+        })
+    }
+
+    /// Signs the given claims as they are (tests use it for expired tokens).
+    pub fn sign(&self, claims: &Claims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.keys.encoding)
+            // Serialising these claims cannot fail and an HMAC key signs any input.
+            .expect("HS256 signing of plain claims cannot fail")
+    }
+
+    /// The claims of a valid token: signed with this secret with HS256, not expired (within
+    /// [`LEEWAY_SECS`]), carrying every claim.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        jsonwebtoken::decode::<Claims>(token, &self.keys.decoding, &self.keys.validation)
+            .map(|data| data.claims)
+            .map_err(AuthError::from_jwt)
+    }
+}
+
+/// Parses a lifetime such as `90s`, `30m`, `12h` or `7d` (more than zero, at most 366 days).
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let unit_at = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit; write e.g. 3600s, 30m, 12h or 7d"))?;
+    let (number, unit) = s.split_at(unit_at);
+    if number.is_empty() {
+        return Err(format!(
+            "{s:?} is not a lifetime; write a positive whole number and a unit, e.g. 30m"
+        ));
+    }
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is too large; the longest lifetime is 366d"))?;
+    let secs_per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => {
+            return Err(format!(
+                "{other:?} is not a unit of {s:?}; use s, m, h or d"
+            ))
+        }
+    };
+    let ttl = Duration::from_secs(n.saturating_mul(secs_per));
+    if ttl.is_zero() {
+        return Err("the lifetime must be more than zero".into());
+    }
+    if ttl > MAX_TTL {
+        return Err(format!("{s:?} is too long; the longest lifetime is 366d"));
+    }
+    Ok(ttl)
+}
+
+/// A bearer JWT (get one with `arnela token --role ROLE --ttl 1h`).
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", bearer_format = "JWT", checker = "check_token")]
+pub struct BearerAuth(pub Claims);
+
+async fn check_token(req: &Request, bearer: Bearer) -> poem::Result<Claims> {
+    let Some(auth) = req.data::<Auth>() else {
+        return Err(super::error::ApiError::internal(&"the API was built without its Auth").into());
+    };
+    auth.verify(&bearer.token).map_err(|e| {
+        tracing::debug!(reason = %e, "bearer token refused");
+        Denied::invalid(&e).into()
+    })
+}
+
+impl BearerAuth {
+    /// The token's claims when its role is one of `allowed` (or admin), else a 403.
+    pub fn require(&self, allowed: &[Role]) -> Result<&Claims, Denied> {
+        if self.0.role.is_allowed(allowed) {
+            return Ok(&self.0);
+        }
+        let names: Vec<&str> = allowed
+            .iter()
+            .copied()
+            .chain((!allowed.contains(&Role::Admin)).then_some(Role::Admin))
+            .map(Role::as_str)
+            .collect();
+        Err(Denied::Forbidden(Json(ErrorBody::new(
+            "forbidden",
+            format!(
+                "this operation is for the roles {}; the token's role is {}",
+                names.join(", "),
+                self.0.role
+            ),
+        ))))
+    }
+}
+
+/// The access-control failures, for operations whose errors are not [`ApiError`]
+/// (`ApiError` has the same two variants).
+///
+/// [`ApiError`]: super::error::ApiError
+#[derive(Debug, ApiResponse)]
+pub enum Denied {
+    /// No valid bearer token: it is missing, malformed, expired or not signed with this
+    /// service's secret.
+    #[oai(status = 401)]
+    Unauthorized(
+        Json<ErrorBody>,
+        /// `Bearer`, with `error="invalid_token"` when a token was sent but refused.
+        #[oai(header = "WWW-Authenticate")]
+        String,
+    ),
+    /// The token is valid but its role may not use this operation.
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
+}
+
+impl Denied {
+    /// The request has no bearer token.
+    pub fn missing() -> Denied {
+        Denied::Unauthorized(
+            Json(ErrorBody::new(
+                "unauthorized",
+                "a bearer token is required: send `Authorization: Bearer <token>` \
+                 (an operator issues one with `arnela token`)",
+            )),
+            "Bearer realm=\"arnela\"".into(),
+        )
+    }
+
+    /// A token was sent but refused.
+    pub fn invalid(e: &AuthError) -> Denied {
+        Denied::Unauthorized(
+            Json(ErrorBody::new(
+                "unauthorized",
+                format!("the bearer token was refused: {e}"),
+            )),
+            "Bearer realm=\"arnela\", error=\"invalid_token\"".into(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(secret: &str) -> Auth {
+        Auth::new(&Secret::new(secret)).unwrap()
+    }
+
+    #[test]
+    fn a_minted_token_verifies_with_its_role_and_subject() {
+        let a = auth("unit-test-secret");
+        let claims = a
+            .verify(&a.mint(Role::Auditor, Duration::from_secs(60), "ana"))
+            .unwrap();
+        assert_eq!((claims.role, claims.sub.as_str()), (Role::Auditor, "ana"));
+        assert_eq!(claims.exp - claims.iat, 60);
+    }
+
+    #[test]
+    fn a_token_of_another_secret_is_refused() {
+        let token = auth("one-secret").mint(Role::Admin, Duration::from_secs(60), "x");
+        assert_eq!(
+            auth("another-secret").verify(&token),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn expiry_is_checked_with_a_few_seconds_of_leeway() {
+        let a = auth("unit-test-secret");
+        let now = chrono::Utc::now().timestamp();
+        let at = |exp: i64| Claims {
+            sub: "x".into(),
+            role: Role::Admin,
+            iat: now - 100,
+            exp,
+        };
+        assert!(a.verify(&a.sign(&at(now - 2))).is_ok(), "within leeway");
+        assert_eq!(
+            a.verify(&a.sign(&at(now - 30))),
+            Err(AuthError::Expired),
+            "beyond leeway"
+        );
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused() {
+        assert_eq!(
+            Auth::new(&Secret::new("")).unwrap_err(),
+            AuthError::NoSecret
+        );
+    }
+
+    #[test]
+    fn only_admin_may_do_everything() {
+        assert!(Role::Admin.is_allowed(&[Role::Producer]));
+        assert!(Role::Producer.is_allowed(&[Role::Producer, Role::Auditor]));
+        assert!(!Role::Auditor.is_allowed(&[Role::Producer]));
+        assert!(!Role::Producer.is_allowed(&[Role::Admin]));
+    }
+
+    #[test]
+    fn roles_read_their_snake_case_names() {
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>(), Ok(r));
+            assert_eq!(
+                serde_json::to_value(r).unwrap(),
+                serde_json::json!(r.as_str())
+            );
+        }
+        assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn lifetimes_read_their_units() {
+        for (s, secs) in [
+            ("3600s", 3600),
+            ("30m", 1800),
+            ("12h", 43_200),
+            ("7d", 604_800),
+            ("366d", 366 * 86_400),
+        ] {
+            assert_eq!(parse_ttl(s), Ok(Duration::from_secs(secs)), "{s}");
+        }
+    }
+
+    #[test]
+    fn a_zero_negative_unitless_or_overlong_lifetime_is_refused() {
+        for s in [
+            "0s",
+            "0d",
+            "-5m",
+            "3600",
+            "",
+            "1w",
+            "m",
+            "1.5h",
+            "367d",
+            "99999999999999999999s",
+        ] {
+            assert!(parse_ttl(s).is_err(), "{s:?} was accepted");
+        }
+    }
+}

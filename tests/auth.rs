@@ -1,0 +1,398 @@
+//! Access control: every operation but the probes needs a valid bearer token (401 otherwise,
+//! whatever is wrong with it) and a role it allows (403 otherwise); the probes and the documents
+//! need none; tokens never show in responses or logs; `arnela token` signs what the API accepts.
+
+mod common;
+
+use arnela::api::auth::{Auth, Claims, Role};
+use arnela::config::Secret;
+use arnela::domain::TaskType;
+use common::{sms, JWT_SECRET};
+use poem::http::Method;
+use poem::test::TestClient;
+use poem::Endpoint;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// One operation with a request it would accept.
+struct Op {
+    method: Method,
+    path: String,
+    body: Option<Value>,
+    allowed: &'static [Role],
+    /// Its answer to an allowed role (404 where the request names no task on purpose).
+    ok: u16,
+}
+
+impl Op {
+    fn new(method: Method, path: impl Into<String>, allowed: &'static [Role], ok: u16) -> Op {
+        Op {
+            method,
+            path: path.into(),
+            body: None,
+            allowed,
+            ok,
+        }
+    }
+
+    fn body(mut self, body: Value) -> Op {
+        self.body = Some(body);
+        self
+    }
+
+    fn name(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+/// Every operation but the probes, against tasks of the test's database.
+fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
+    use Role::{Admin, Auditor, Producer};
+    let missing = Uuid::new_v4();
+    vec![
+        Op::new(Method::POST, "/tasks", &[Producer, Admin], 201).body(sms("hola")),
+        Op::new(Method::POST, "/tasks/batch", &[Producer, Admin], 201)
+            .body(json!({"tasks": [sms("uno"), sms("dos")]})),
+        Op::new(
+            Method::GET,
+            format!("/tasks/{task}"),
+            &[Producer, Auditor, Admin],
+            200,
+        ),
+        Op::new(Method::GET, "/tasks", &[Auditor, Admin], 200),
+        Op::new(
+            Method::GET,
+            format!("/tasks/{task}/events"),
+            &[Auditor, Admin],
+            200,
+        ),
+        Op::new(Method::GET, "/events", &[Auditor, Admin], 200),
+        Op::new(
+            Method::POST,
+            format!("/tasks/{missing}/retry"),
+            &[Admin],
+            404,
+        ),
+        Op::new(
+            Method::POST,
+            format!("/tasks/{to_cancel}/cancel"),
+            &[Admin],
+            200,
+        ),
+        Op::new(Method::GET, "/stats", &[Auditor, Admin], 200),
+        Op::new(Method::GET, "/health", &[Auditor, Admin], 200),
+    ]
+}
+
+/// The spec's path template of a concrete path used above.
+fn template(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            if Uuid::parse_str(seg).is_ok() {
+                "{id}"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The second part of a JWT: its claims, as signed.
+fn claims_part(token: &str) -> &str {
+    token.split('.').nth(1).expect("a JWT has three parts")
+}
+
+/// `Authorization` header values that must all be refused with 401, by name.
+fn refused_headers() -> Vec<(&'static str, Option<String>)> {
+    let admin = common::token(Role::Admin);
+    let expired = common::auth().sign(&Claims {
+        sub: "late".into(),
+        role: Role::Admin,
+        iat: now() - 7200,
+        exp: now() - 60,
+    });
+    let other_secret = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
+        .unwrap()
+        .mint(Role::Admin, Duration::from_secs(3600), "mallory");
+    // {"alg":"none","typ":"JWT"}, the claims of a real admin token, no signature.
+    let alg_none = format!(
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
+        claims_part(&admin)
+    );
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let hs256 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let no_exp = jsonwebtoken::encode(
+        &hs256,
+        &json!({"sub": "forever", "role": "admin", "iat": now()}),
+        &key,
+    )
+    .unwrap();
+    let hs512 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512),
+        &json!({"sub": "x", "role": "admin", "iat": now(), "exp": now() + 3600}),
+        &key,
+    )
+    .unwrap();
+    let unknown_role = jsonwebtoken::encode(
+        &hs256,
+        &json!({"sub": "x", "role": "root", "iat": now(), "exp": now() + 3600}),
+        &key,
+    )
+    .unwrap();
+    let bearer = |t: &str| Some(format!("Bearer {t}"));
+    vec![
+        ("no token", None),
+        ("expired token", bearer(&expired)),
+        ("token signed with another secret", bearer(&other_secret)),
+        ("alg none token", bearer(&alg_none)),
+        ("token without exp", bearer(&no_exp)),
+        ("HS512 token", bearer(&hs512)),
+        ("token with an unknown role", bearer(&unknown_role)),
+        ("Bearer with garbage", bearer("not.a.jwt")),
+        ("Bearer with nothing", Some("Bearer".into())),
+        ("Basic credentials", Some("Basic YWRtaW46YWRtaW4=".into())),
+        ("a bare token without Bearer", Some(admin)),
+    ]
+}
+
+/// Sends `op` with the given `Authorization` header; returns status, `WWW-Authenticate` and the
+/// body as text.
+async fn send<E: Endpoint>(
+    c: &TestClient<E>,
+    op: &Op,
+    authorization: Option<&str>,
+) -> (u16, Option<String>, String) {
+    let mut req = c.request(op.method.clone(), &op.path);
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    if let Some(b) = &op.body {
+        req = req.body_json(b);
+    }
+    let resp = req.send().await.0;
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = resp.into_body().into_string().await.unwrap();
+    (status, challenge, body)
+}
+
+fn code(body: &str) -> Option<String> {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(str::to_owned))
+}
+
+/// The API without a default token.
+async fn bare_client(pool: PgPool) -> TestClient<impl Endpoint> {
+    TestClient::new(arnela::api::endpoint(common::context(pool).await))
+}
+
+#[sqlx::test]
+async fn every_operation_refuses_a_missing_or_invalid_token_and_a_role_it_does_not_allow(
+    pool: PgPool,
+) {
+    let ids = common::enqueue_tasks(&pool, TaskType::SendSms, 2, 3).await;
+    let c = bare_client(pool).await;
+    let ops = operations(ids[0], ids[1]);
+    let refused = refused_headers();
+
+    for op in &ops {
+        let name = op.name();
+        for (case, header) in &refused {
+            let (status, challenge, body) = send(&c, op, header.as_deref()).await;
+            assert_eq!(status, 401, "{name}, {case}: {body}");
+            assert_eq!(
+                code(&body).as_deref(),
+                Some("unauthorized"),
+                "{name}, {case}: {body}"
+            );
+            assert!(
+                challenge
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with("Bearer")),
+                "{name}, {case}: WWW-Authenticate is {challenge:?}"
+            );
+            if let Some(h) = header {
+                let token = h.strip_prefix("Bearer ").unwrap_or(h);
+                assert!(
+                    token.len() < 8 || !body.contains(token),
+                    "{name}, {case}: the body repeats the token: {body}"
+                );
+            }
+        }
+        for role in Role::ALL.into_iter().filter(|r| !op.allowed.contains(r)) {
+            let (status, _, body) = send(&c, op, Some(&common::bearer(role))).await;
+            assert_eq!(status, 403, "{name}, wrong role {role}: {body}");
+            assert_eq!(
+                code(&body).as_deref(),
+                Some("forbidden"),
+                "{name}, wrong role {role}: {body}"
+            );
+        }
+    }
+    // Last, as they change state (the cancel must not have happened before).
+    for op in &ops {
+        for &role in op.allowed {
+            let (status, _, body) = send(&c, op, Some(&common::bearer(role))).await;
+            assert_eq!(status, op.ok, "{}, right role {role}: {body}", op.name());
+        }
+    }
+}
+
+#[test]
+fn the_table_covers_every_operation_of_the_spec() {
+    let ops = operations(Uuid::new_v4(), Uuid::new_v4());
+    let spec: Value = serde_json::from_str(&arnela::api::spec_json()).unwrap();
+    let scheme = &spec["components"]["securitySchemes"]["BearerAuth"];
+    assert_eq!(
+        (&scheme["type"], &scheme["scheme"], &scheme["bearerFormat"]),
+        (&json!("http"), &json!("bearer"), &json!("JWT")),
+        "{scheme}"
+    );
+    let mut open = Vec::new();
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let name = format!("{} {path}", method.to_uppercase());
+            let secured = operation["security"] == json!([{"BearerAuth": []}]);
+            if !secured {
+                open.push(name);
+                continue;
+            }
+            assert!(
+                ops.iter()
+                    .any(|op| op.method.as_str().eq_ignore_ascii_case(method)
+                        && template(&op.path) == *path),
+                "{name} is not in the access-control table of this test"
+            );
+            for s in ["401", "403"] {
+                assert!(
+                    operation["responses"].get(s).is_some(),
+                    "{name} does not document {s}"
+                );
+            }
+        }
+    }
+    open.sort();
+    assert_eq!(open, ["GET /health/live", "GET /health/ready"]);
+}
+
+#[sqlx::test]
+async fn the_probes_and_the_documents_answer_without_a_token(pool: PgPool) {
+    let c = bare_client(pool).await;
+    for path in ["/health/live", "/health/ready", "/openapi.json", "/docs"] {
+        let resp = c.get(path).send().await;
+        assert_eq!(resp.0.status().as_u16(), 200, "GET {path}");
+    }
+}
+
+#[sqlx::test]
+async fn operator_actions_record_the_token_subject(pool: PgPool) {
+    let id = common::enqueue_tasks(&pool, TaskType::SendSms, 1, 3).await[0];
+    let token = common::auth().mint(Role::Admin, Duration::from_secs(60), "ana.garcia");
+    let c = TestClient::new(arnela::api::endpoint(common::context(pool).await))
+        .default_header("authorization", format!("Bearer {token}"));
+    let (status, body) = common::post(&c, &format!("/tasks/{id}/cancel"), &json!(null)).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, events) = common::get(&c, &format!("/tasks/{id}/events")).await;
+    let cancelled = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "cancelled")
+        .expect("a cancelled event");
+    assert_eq!(cancelled["data"]["by"], "ana.garcia", "{cancelled}");
+}
+
+#[sqlx::test]
+async fn tokens_do_not_appear_in_the_logs(pool: PgPool) {
+    let c = bare_client(pool).await;
+    let (logs, _guard) = common::logs::capture();
+    let valid = common::token(Role::Auditor);
+    let forged = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
+        .unwrap()
+        .mint(Role::Admin, Duration::from_secs(60), "mallory");
+    for token in [&valid, &forged] {
+        let op = Op::new(Method::GET, "/tasks", &[], 0);
+        send(&c, &op, Some(&format!("Bearer {token}"))).await;
+    }
+    let text = logs.text();
+    assert!(!text.is_empty(), "nothing was captured");
+    for token in [&valid, &forged] {
+        assert!(!text.contains(token.as_str()), "a token is logged:\n{text}");
+        assert!(
+            !text.contains(token.rsplit('.').next().unwrap()),
+            "a token's signature is logged:\n{text}"
+        );
+    }
+}
+
+fn arnela_token(args: &[&str], secret: Option<&str>) -> std::process::Output {
+    // An empty directory (no .env) and an environment without any database or Redis setting.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"));
+    cmd.arg("token")
+        .args(args)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DB_HOST", "unreachable.invalid")
+        .env("REDIS_HOST", "unreachable.invalid");
+    if let Some(s) = secret {
+        cmd.env("JWT_SECRET", s);
+    }
+    cmd.output().expect("the arnela binary runs")
+}
+
+#[test]
+fn arnela_token_prints_a_token_the_api_accepts_with_its_role() {
+    let out = arnela_token(
+        &["--role", "auditor", "--ttl", "30m", "--subject", "ana"],
+        Some(JWT_SECRET),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let token = String::from_utf8(out.stdout).unwrap();
+    let claims = common::auth().verify(token.trim()).expect("it verifies");
+    assert_eq!((claims.role, claims.sub.as_str()), (Role::Auditor, "ana"));
+    assert_eq!(claims.exp - claims.iat, 1800);
+}
+
+#[test]
+fn arnela_token_refuses_a_bad_lifetime_role_or_a_missing_secret() {
+    let cases: [(&[&str], Option<&str>, &str); 5] = [
+        (
+            &["--role", "admin", "--ttl", "0s"],
+            Some(JWT_SECRET),
+            "more than zero",
+        ),
+        (&["--role", "admin", "--ttl=-5m"], Some(JWT_SECRET), "--ttl"),
+        (
+            &["--role", "admin", "--ttl=soon"],
+            Some(JWT_SECRET),
+            "--ttl",
+        ),
+        (
+            &["--role", "root", "--ttl", "1h"],
+            Some(JWT_SECRET),
+            "not a role",
+        ),
+        (&["--role", "admin", "--ttl", "1h"], None, "JWT_SECRET"),
+    ];
+    for (args, secret, says) in cases {
+        let out = arnela_token(args, secret);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(out.stdout.is_empty(), "{args:?} printed a token");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
