@@ -2,7 +2,7 @@
 //! token. Tests build it against their own database and key prefix and bind port 0.
 
 use anyhow::Context;
-use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiContext};
 use crate::config::Settings;
 use crate::domain::RetryPolicy;
+use crate::metrics::Metrics;
 use crate::queue::{self, Keys};
 use crate::relay::{Relay, RelayConfig};
 use crate::rescuer::{Rescuer, RescuerConfig};
@@ -45,6 +46,8 @@ pub struct App {
     pub keys: Keys,
     pub shutdown: CancellationToken,
     pub waker: store::outbox::OutboxWaker,
+    /// The metrics registry shared by every role of this process.
+    pub metrics: Metrics,
 }
 
 impl App {
@@ -67,8 +70,15 @@ impl App {
     pub fn from_parts(settings: Settings, pool: PgPool, redis: ConnectionManager) -> App {
         let keys = Keys::new(settings.redis.key_prefix.clone());
         let waker = store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
+        let metrics = Metrics::for_cluster(
+            pool.clone(),
+            redis.clone(),
+            keys.clone(),
+            settings.health_timeout,
+        );
         App {
             waker,
+            metrics,
             settings,
             pool,
             redis,
@@ -92,6 +102,7 @@ impl App {
                 })
                 .collect(),
             waker: self.waker.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -102,15 +113,7 @@ impl App {
         addr: SocketAddr,
         bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     ) -> anyhow::Result<()> {
-        let acceptor = TcpListener::bind(addr)
-            .into_acceptor()
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let local = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .unwrap_or(addr);
+        let (acceptor, local) = bind(addr).await?;
         tracing::info!(addr = %local, "HTTP API listening; Swagger UI at /docs");
         if let Some(tx) = bound {
             // The receiver may have gone away; the server runs regardless.
@@ -125,6 +128,38 @@ impl App {
             )
             .await
             .context("HTTP server failed")
+    }
+
+    /// Serves `/metrics` alone on `addr` (the `METRICS_ADDR` listener) until the shutdown token
+    /// is cancelled. Returns the bound address through `bound` as soon as it listens.
+    pub async fn serve_metrics(
+        &self,
+        addr: SocketAddr,
+        bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    ) -> anyhow::Result<()> {
+        let (acceptor, local) = bind(addr).await?;
+        if let Some(tx) = bound {
+            // The receiver may have gone away; the server runs regardless.
+            tx.send(local).ok();
+        }
+        self.serve_metrics_on(acceptor, local).await
+    }
+
+    async fn serve_metrics_on(
+        &self,
+        acceptor: TcpAcceptor,
+        local: SocketAddr,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %local, "metrics listening at /metrics");
+        let shutdown = self.shutdown.clone();
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                api::metrics::standalone(self.metrics.clone()),
+                async move { shutdown.cancelled().await },
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .context("metrics server failed")
     }
 
     /// The handlers of this build: each task type's configured delivery channel, or the log
@@ -172,6 +207,7 @@ impl App {
                 poll: e.relay_poll,
             },
         )
+        .with_metrics(self.metrics.clone())
     }
 
     pub fn rescuer(&self) -> Rescuer {
@@ -192,8 +228,19 @@ impl App {
 
     /// Runs the given roles until the shutdown token is cancelled, then stops them in order:
     /// the API stops taking requests, the relay stops, workers drain (up to the drain
-    /// deadline). Returns when all have stopped.
+    /// deadline). Returns when all have stopped. With `METRICS_ADDR` set, `/metrics` is also
+    /// served there, whatever the roles (a listener that cannot bind fails the start).
     pub async fn run(&self, roles: Roles, addr: SocketAddr) -> anyhow::Result<()> {
+        let metrics_listener = match self.settings.metrics_addr {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let metrics_server = async {
+            match metrics_listener {
+                Some((acceptor, local)) => self.serve_metrics_on(acceptor, local).await,
+                None => Ok(()),
+            }
+        };
         let mut set = tokio::task::JoinSet::new();
         if roles.workers {
             let e = &self.settings.engine;
@@ -207,6 +254,7 @@ impl App {
             )
             .await
             .context("cannot start the workers")?;
+            let pool = pool.with_metrics(self.metrics.clone());
             tracing::info!(workers = e.workers, "workers started");
             let shutdown = self.shutdown.clone();
             let drain = e.drain;
@@ -237,8 +285,21 @@ impl App {
                 Ok(())
             }
         };
-        let api_result = api.await;
-        // The API returns on shutdown (or on failure: stop everything else then).
+        // Both return on shutdown; either failing stops everything else.
+        let (api_result, metrics_result) = tokio::join!(
+            async {
+                let r = api.await;
+                self.shutdown.cancel();
+                r
+            },
+            async {
+                let r = metrics_server.await;
+                if r.is_err() {
+                    self.shutdown.cancel();
+                }
+                r
+            }
+        );
         self.shutdown.cancel();
         while let Some(joined) = set.join_next().await {
             match joined {
@@ -247,13 +308,27 @@ impl App {
                 Err(e) => tracing::error!(error = %e, "a role panicked"),
             }
         }
-        api_result
+        api_result.and(metrics_result)
     }
 
     /// Closes the pools (after every role has stopped).
     pub async fn close(self) {
         self.pool.close().await;
     }
+}
+
+/// Listens on `addr` (port 0 picks a free one); returns the acceptor and the bound address.
+async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpAcceptor, SocketAddr)> {
+    let acceptor = TcpListener::bind(addr)
+        .into_acceptor()
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = acceptor
+        .local_addr()
+        .first()
+        .and_then(|a| a.as_socket_addr().copied())
+        .unwrap_or(addr);
+    Ok((acceptor, local))
 }
 
 /// Resolves when SIGTERM or ctrl-c arrives.

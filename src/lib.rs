@@ -23,6 +23,8 @@
 //! - [`channel`]: the delivery channels (SMTP / SendGrid e-mail, Twilio SMS and WhatsApp, Google
 //!   Calendar), their message templates, error classification and rate limits.
 //! - [`cache`]: cache-aside over Redis with single-flight misses, and the key builders.
+//! - [`metrics`]: the Prometheus registry shared by a process's roles, the scrape-time
+//!   collectors of cluster figures, and the text-format encoder.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
 //! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe;
@@ -39,6 +41,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod healthcheck;
+pub mod metrics;
 pub mod queue;
 pub mod relay;
 pub mod rescuer;

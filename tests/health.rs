@@ -87,6 +87,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         max_body_bytes: 1024,
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        metrics: Default::default(),
     };
     let c = TestClient::new(api::endpoint(ctx));
     assert_eq!(get(&c, "/health").await.0, 200);

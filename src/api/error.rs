@@ -197,13 +197,15 @@ pub async fn json_errors<E: Endpoint>(ep: E, req: Request) -> poem::Result<Respo
         Ok(resp) => Ok(resp.into_response()),
         Err(err) => {
             let status = err.status();
-            let resp = err.into_response();
+            let mut resp = err.into_response();
             let is_json = resp
                 .content_type()
                 .is_some_and(|ct| ct.starts_with("application/json"));
             if is_json {
                 return Ok(resp);
             }
+            // keep what the router recorded (the matched route template, for metrics)
+            let extensions = std::mem::take(resp.extensions_mut());
             let message = if status.is_server_error() {
                 tracing::error!(%status, "unhandled error");
                 "an unexpected error occurred; it has been logged".to_owned()
@@ -216,7 +218,9 @@ pub async fn json_errors<E: Endpoint>(ep: E, req: Request) -> poem::Result<Respo
                 }
             };
             let body = ErrorBody::new(code_for(status), message);
-            Ok(poem::web::Json(body).with_status(status).into_response())
+            let mut json = poem::web::Json(body).with_status(status).into_response();
+            *json.extensions_mut() = extensions;
+            Ok(json)
         }
     }
 }

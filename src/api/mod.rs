@@ -1,9 +1,11 @@
 //! The HTTP API (poem-openapi): one API struct per resource, one response enum per operation,
-//! errors mapped in [`error`]. Swagger UI is served at `/docs`, the spec at `/openapi.json`.
+//! errors mapped in [`error`]. Swagger UI is served at `/docs`, the spec at `/openapi.json`,
+//! the Prometheus scrape at `/metrics` ([`metrics`]).
 
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod tasks;
 
@@ -28,9 +30,16 @@ pub struct ApiContext {
     pub channels: std::collections::BTreeMap<String, String>,
     /// Wakes the relays after an enqueue commits.
     pub waker: crate::store::outbox::OutboxWaker,
+    /// This application's metrics registry (shared with its relay, workers and caches).
+    pub metrics: crate::metrics::Metrics,
 }
 
-type Apis = (tasks::TasksApi, events::EventsApi, health::HealthApi);
+type Apis = (
+    tasks::TasksApi,
+    events::EventsApi,
+    health::HealthApi,
+    metrics::MetricsApi,
+);
 
 fn service<T: poem_openapi::OpenApi>(apis: T) -> OpenApiService<T, ()> {
     OpenApiService::new(apis, "Arnela task processor", env!("CARGO_PKG_VERSION"))
@@ -73,10 +82,13 @@ impl poem_openapi::OpenApi for SpecOnly {
 /// The whole HTTP application.
 pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
     let max_body = ctx.max_body_bytes;
+    let registry = ctx.metrics.clone();
+    let routes = metrics::routes();
     let apis = (
         tasks::TasksApi { ctx: ctx.clone() },
         events::EventsApi { ctx: ctx.clone() },
-        health::HealthApi { ctx },
+        health::HealthApi { ctx: ctx.clone() },
+        metrics::MetricsApi { ctx },
     );
     let api = service(apis);
     let docs = api.swagger_ui();
@@ -87,5 +99,6 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         .at("/openapi.json", spec)
         .around(move |ep, req| error::limit_body(ep, req, max_body))
         .around(error::json_errors)
+        .around(move |ep, req| metrics::track(ep, req, registry.clone(), routes.clone()))
         .with(Tracing)
 }

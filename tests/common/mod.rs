@@ -29,14 +29,27 @@ pub fn unique_prefix() -> String {
 }
 
 pub async fn context(pool: PgPool) -> ApiContext {
+    context_with(pool, redis().await, Keys::new(unique_prefix()))
+}
+
+/// The API context over a given Redis connection and key prefix; its metrics read the queue
+/// and the outbox at scrape time, as the application's do.
+pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiContext {
+    let timeout = Duration::from_millis(1000);
     ApiContext {
+        metrics: arnela::metrics::Metrics::for_cluster(
+            pool.clone(),
+            redis.clone(),
+            keys.clone(),
+            timeout,
+        ),
         pool: pool.clone(),
-        redis: redis().await,
-        keys: Keys::new(unique_prefix()),
-        health_timeout: Duration::from_millis(1000),
+        redis,
+        keys,
+        health_timeout: timeout,
         max_body_bytes: 1024 * 1024,
         channels: Default::default(),
-        waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        waker: arnela::store::outbox::OutboxWaker::spawn(pool, Duration::from_millis(2)),
     }
 }
 
@@ -204,6 +217,8 @@ pub mod engine {
         pub rescuer: Rescuer,
         pub worker: Worker,
         pub stats: Arc<WorkerStats>,
+        /// The registry the relay and the worker record in.
+        pub metrics: arnela::metrics::Metrics,
         pub shutdown: CancellationToken,
         pub hard_stop: CancellationToken,
     }
@@ -236,6 +251,7 @@ pub mod engine {
         let keys = Keys::new(super::unique_prefix());
         let redis = super::redis().await;
         let stats = Arc::new(WorkerStats::default());
+        let metrics = arnela::metrics::Metrics::new();
         let blocking = queue::connect_with_timeout(
             redis::IntoConnectionInfo::into_connection_info(super::redis_url()).unwrap(),
             Duration::from_secs(5),
@@ -249,7 +265,8 @@ pub mod engine {
             Arc::new(registry),
             config.clone(),
             stats.clone(),
-        );
+        )
+        .with_metrics(metrics.clone());
         Engine {
             relay: Relay::new(
                 pool.clone(),
@@ -259,7 +276,8 @@ pub mod engine {
                     batch: 100,
                     poll: Duration::from_millis(50),
                 },
-            ),
+            )
+            .with_metrics(metrics.clone()),
             rescuer: Rescuer::new(
                 pool.clone(),
                 redis.clone(),
@@ -275,6 +293,7 @@ pub mod engine {
             redis,
             worker,
             stats,
+            metrics,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         }
