@@ -2,7 +2,7 @@
 //! token. Tests build it against their own database and key prefix and bind port 0.
 
 use anyhow::Context;
-use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -13,6 +13,7 @@ use crate::api::{self, ApiContext};
 use crate::cache::Cache;
 use crate::config::Settings;
 use crate::domain::RetryPolicy;
+use crate::metrics::Metrics;
 use crate::projector::{Projection, Projector};
 use crate::queue::{self, Keys};
 use crate::relay::{Relay, RelayConfig};
@@ -49,6 +50,8 @@ pub struct App {
     pub waker: store::outbox::OutboxWaker,
     /// The cache under `{prefix}:cache:` (the API's hot reads, the invalidation projector).
     pub cache: Cache,
+    /// The metrics registry shared by every role of this process.
+    pub metrics: Metrics,
 }
 
 impl App {
@@ -72,9 +75,17 @@ impl App {
         let keys = Keys::new(settings.redis.key_prefix.clone());
         let waker = store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
         let cache = Cache::new(redis.clone(), &settings.redis.key_prefix);
+        let metrics = Metrics::for_cluster(
+            pool.clone(),
+            redis.clone(),
+            keys.clone(),
+            settings.health_timeout,
+        );
+        metrics.register_cache(cache.stats.clone());
         App {
             waker,
             cache,
+            metrics,
             settings,
             pool,
             redis,
@@ -102,6 +113,7 @@ impl App {
             waker: self.waker.clone(),
             cache: self.cache.clone(),
             auth,
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -125,15 +137,7 @@ impl App {
         bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
     ) -> anyhow::Result<()> {
         let ctx = self.api_context()?;
-        let acceptor = TcpListener::bind(addr)
-            .into_acceptor()
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let local = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .unwrap_or(addr);
+        let (acceptor, local) = bind(addr).await?;
         tracing::info!(addr = %local, "HTTP API listening; Swagger UI at /docs");
         if let Some(tx) = bound {
             // The receiver may have gone away; the server runs regardless.
@@ -148,6 +152,38 @@ impl App {
             )
             .await
             .context("HTTP server failed")
+    }
+
+    /// Serves `/metrics` alone on `addr` (the `METRICS_ADDR` listener) until the shutdown token
+    /// is cancelled. Returns the bound address through `bound` as soon as it listens.
+    pub async fn serve_metrics(
+        &self,
+        addr: SocketAddr,
+        bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    ) -> anyhow::Result<()> {
+        let (acceptor, local) = bind(addr).await?;
+        if let Some(tx) = bound {
+            // The receiver may have gone away; the server runs regardless.
+            tx.send(local).ok();
+        }
+        self.serve_metrics_on(acceptor, local).await
+    }
+
+    async fn serve_metrics_on(
+        &self,
+        acceptor: TcpAcceptor,
+        local: SocketAddr,
+    ) -> anyhow::Result<()> {
+        tracing::info!(addr = %local, "metrics listening at /metrics");
+        let shutdown = self.shutdown.clone();
+        poem::Server::new_with_acceptor(acceptor)
+            .run_with_graceful_shutdown(
+                api::metrics::standalone(self.metrics.clone()),
+                async move { shutdown.cancelled().await },
+                Some(Duration::from_secs(5)),
+            )
+            .await
+            .context("metrics server failed")
     }
 
     /// The handlers of this build: each task type's configured delivery channel, or the log
@@ -195,6 +231,7 @@ impl App {
                 poll: e.relay_poll,
             },
         )
+        .with_metrics(self.metrics.clone())
     }
 
     pub fn rescuer(&self) -> Rescuer {
@@ -215,7 +252,8 @@ impl App {
 
     /// Runs the given roles until the shutdown token is cancelled, then stops them in order:
     /// the API stops taking requests, the relay stops, workers drain (up to the drain
-    /// deadline). Returns when all have stopped.
+    /// deadline). Returns when all have stopped. With `METRICS_ADDR` set, `/metrics` is also
+    /// served there, whatever the roles (a listener that cannot bind fails the start).
     pub async fn run(&self, roles: Roles, addr: SocketAddr) -> anyhow::Result<()> {
         if roles.api {
             // Refuse at once, before any other role starts, if the API could not verify tokens.
@@ -224,6 +262,16 @@ impl App {
                 tracing::warn!("JWT_SECRET is shorter than 32 characters (refused in production)");
             }
         }
+        let metrics_listener = match self.settings.metrics_addr {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let metrics_server = async {
+            match metrics_listener {
+                Some((acceptor, local)) => self.serve_metrics_on(acceptor, local).await,
+                None => Ok(()),
+            }
+        };
         let mut set = tokio::task::JoinSet::new();
         if roles.workers {
             let e = &self.settings.engine;
@@ -237,6 +285,7 @@ impl App {
             )
             .await
             .context("cannot start the workers")?;
+            let pool = pool.with_metrics(self.metrics.clone());
             tracing::info!(workers = e.workers, "workers started");
             let shutdown = self.shutdown.clone();
             let drain = e.drain;
@@ -275,8 +324,21 @@ impl App {
                 Ok(())
             }
         };
-        let api_result = api.await;
-        // The API returns on shutdown (or on failure: stop everything else then).
+        // Both return on shutdown; either failing stops everything else.
+        let (api_result, metrics_result) = tokio::join!(
+            async {
+                let r = api.await;
+                self.shutdown.cancel();
+                r
+            },
+            async {
+                let r = metrics_server.await;
+                if r.is_err() {
+                    self.shutdown.cancel();
+                }
+                r
+            }
+        );
         self.shutdown.cancel();
         while let Some(joined) = set.join_next().await {
             match joined {
@@ -285,13 +347,27 @@ impl App {
                 Err(e) => tracing::error!(error = %e, "a role panicked"),
             }
         }
-        api_result
+        api_result.and(metrics_result)
     }
 
     /// Closes the pools (after every role has stopped).
     pub async fn close(self) {
         self.pool.close().await;
     }
+}
+
+/// Listens on `addr` (port 0 picks a free one); returns the acceptor and the bound address.
+async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpAcceptor, SocketAddr)> {
+    let acceptor = TcpListener::bind(addr)
+        .into_acceptor()
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = acceptor
+        .local_addr()
+        .first()
+        .and_then(|a| a.as_socket_addr().copied())
+        .unwrap_or(addr);
+    Ok((acceptor, local))
 }
 
 /// Resolves when SIGTERM or ctrl-c arrives.

@@ -193,8 +193,11 @@ pub struct Settings {
     pub jwt_secret: Secret,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
-    /// How long `/health` waits for each dependency.
+    /// How long `/health` waits for each dependency (and a scrape for each scrape-time read).
     pub health_timeout: Duration,
+    /// `METRICS_ADDR`: when set, every role also serves `/metrics` on this address (for
+    /// processes without the API, e.g. workers); unset by default.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub engine: EngineSettings,
     /// The delivery channels (`EMAIL_*`, `SMTP_*`, `SENDGRID_*`, `TWILIO_*`, `GOOGLE_*`).
     pub channels: crate::channel::ChannelSettings,
@@ -305,6 +308,16 @@ impl Settings {
             8 * 1024 * 1024usize,
         )?;
         let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
+        let metrics_addr = get("METRICS_ADDR")
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    err(
+                        "METRICS_ADDR",
+                        format!("{v:?} is not an address like 0.0.0.0:9464"),
+                    )
+                })
+            })
+            .transpose()?;
         let engine = engine_settings(&get)?;
         let channels = crate::channel::ChannelSettings::from_vars(vars, app_env)?;
         Ok(Settings {
@@ -315,6 +328,7 @@ impl Settings {
             jwt_secret,
             max_body_bytes,
             health_timeout: Duration::from_millis(health_timeout_ms),
+            metrics_addr,
             engine,
             channels,
         })
@@ -460,6 +474,13 @@ mod tests {
         assert_eq!(s.app_env, AppEnv::Development);
         assert_eq!((s.port, s.database.port, s.redis.port), (8080, 5432, 6379));
         assert_eq!(s.redis.key_prefix, "arnela");
+        assert_eq!(s.metrics_addr, None);
+    }
+
+    #[test]
+    fn metrics_addr_is_a_socket_address() {
+        let s = Settings::from_vars(&vars(&[("METRICS_ADDR", "0.0.0.0:9464")])).unwrap();
+        assert_eq!(s.metrics_addr, Some("0.0.0.0:9464".parse().unwrap()));
     }
 
     #[test]
@@ -472,6 +493,7 @@ mod tests {
             ("DB_SSLMODE", "sometimes"),
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),
+            ("METRICS_ADDR", "9464"),
         ] {
             let e = Settings::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert_eq!(e.var, var, "{e}");

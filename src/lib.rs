@@ -27,6 +27,8 @@
 //!   attempt durations, cache invalidations (`Projector::run_once` is one batch).
 //! - [`cache`]: cache-aside over Redis with single-flight misses, generation-guarded writes, the
 //!   key builders and the invalidation rules.
+//! - [`metrics`]: the Prometheus registry shared by a process's roles, the scrape-time
+//!   collectors of cluster figures, and the text-format encoder.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
 //! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe;
@@ -43,6 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod healthcheck;
+pub mod metrics;
 pub mod projector;
 pub mod queue;
 pub mod relay;

@@ -24,6 +24,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::TaskStatus;
+use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys, QueueError};
 use crate::store::{events, outbox, tasks, StoreError, Tx};
 
@@ -84,6 +85,7 @@ pub struct Relay {
     redis: ConnectionManager,
     keys: Keys,
     config: RelayConfig,
+    metrics: Metrics,
 }
 
 impl Relay {
@@ -93,7 +95,14 @@ impl Relay {
             redis,
             keys,
             config,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Records batches in `metrics` (by default in a registry of the relay's own).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Relay {
+        self.metrics = metrics;
+        self
     }
 
     /// Publishes one batch of due rows.
@@ -173,6 +182,8 @@ impl Relay {
         // Push before commit: a crash in between re-publishes (harmless), never loses.
         queue::publish(&mut conn, &self.keys, &deliveries).await?;
         tx.commit().await?;
+        self.metrics
+            .observe_relay_batch(due.len(), deliveries.len());
         // A Redis loss between the push and the commit may have been repaired (marker re-set,
         // published rows re-published) before these rows counted as published: publish them
         // again rather than leave them for the safety net.

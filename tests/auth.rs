@@ -83,6 +83,7 @@ fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
         ),
         Op::new(Method::GET, "/stats", &[Auditor, Admin], 200),
         Op::new(Method::GET, "/health", &[Auditor, Admin], 200),
+        Op::new(Method::GET, "/metrics", &[Auditor, Admin], 200),
     ]
 }
 

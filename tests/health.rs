@@ -265,6 +265,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
         cache: arnela::cache::Cache::new(redis.clone(), "health-test"),
         auth: common::auth(),
+        metrics: Default::default(),
     };
     let c = client_for(ctx);
     assert_eq!(get(&c, "/health").await.0, 200);

@@ -73,6 +73,7 @@ fn every_operation_documents_its_statuses() {
         ("/health", "get", &["200", "401", "403", "503"]),
         ("/health/ready", "get", &["200", "503"]),
         ("/health/live", "get", &["200"]),
+        ("/metrics", "get", &["200", "401", "403"]),
     ];
     for (path, method, statuses) in expect {
         let responses = spec["paths"][path][method]["responses"]

@@ -225,14 +225,19 @@ pub async fn json_errors<E: Endpoint>(ep: E, req: Request) -> poem::Result<Respo
         Ok(resp) => Ok(resp.into_response()),
         Err(err) => {
             let status = err.status();
-            let resp = err.into_response();
+            let mut resp = err.into_response();
             if status == StatusCode::UNAUTHORIZED && !is_json_response(&resp) {
                 // The security scheme found no bearer token (or another scheme, e.g. `Basic`).
-                return Ok(Denied::missing().into_response());
+                let extensions = std::mem::take(resp.extensions_mut());
+                let mut denied = Denied::missing().into_response();
+                *denied.extensions_mut() = extensions;
+                return Ok(denied);
             }
             if is_json_response(&resp) {
                 return Ok(resp);
             }
+            // keep what the router recorded (the matched route template, for metrics)
+            let extensions = std::mem::take(resp.extensions_mut());
             let message = if status.is_server_error() {
                 tracing::error!(%status, "unhandled error");
                 "an unexpected error occurred; it has been logged".to_owned()
@@ -245,7 +250,9 @@ pub async fn json_errors<E: Endpoint>(ep: E, req: Request) -> poem::Result<Respo
                 }
             };
             let body = ErrorBody::new(code_for(status), message);
-            Ok(poem::web::Json(body).with_status(status).into_response())
+            let mut json = poem::web::Json(body).with_status(status).into_response();
+            *json.extensions_mut() = extensions;
+            Ok(json)
         }
     }
 }

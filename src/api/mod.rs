@@ -1,11 +1,12 @@
 //! The HTTP API (poem-openapi): one API struct per resource, one response enum per operation,
 //! errors mapped in [`error`], access control in [`auth`]. Swagger UI is served at `/docs`, the
-//! spec at `/openapi.json`.
+//! spec at `/openapi.json`, the Prometheus scrape at `/metrics` ([`metrics`]).
 
 pub mod auth;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod stats;
 pub mod tasks;
@@ -35,6 +36,8 @@ pub struct ApiContext {
     pub cache: crate::cache::Cache,
     /// Verifies the bearer tokens.
     pub auth: auth::Auth,
+    /// This application's metrics registry (shared with its relay, workers and caches).
+    pub metrics: crate::metrics::Metrics,
 }
 
 type Apis = (
@@ -42,6 +45,7 @@ type Apis = (
     events::EventsApi,
     stats::StatsApi,
     health::HealthApi,
+    metrics::MetricsApi,
 );
 
 fn service<T: poem_openapi::OpenApi>(apis: T) -> OpenApiService<T, ()> {
@@ -86,11 +90,14 @@ impl poem_openapi::OpenApi for SpecOnly {
 pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
     let max_body = ctx.max_body_bytes;
     let auth = ctx.auth.clone();
+    let registry = ctx.metrics.clone();
+    let routes = metrics::routes();
     let apis = (
         tasks::TasksApi { ctx: ctx.clone() },
         events::EventsApi { ctx: ctx.clone() },
         stats::StatsApi { ctx: ctx.clone() },
-        health::HealthApi { ctx },
+        health::HealthApi { ctx: ctx.clone() },
+        metrics::MetricsApi { ctx },
     );
     let api = service(apis);
     let docs = api.swagger_ui();
@@ -102,5 +109,6 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         .data(auth)
         .around(move |ep, req| error::limit_body(ep, req, max_body))
         .around(error::json_errors)
+        .around(move |ep, req| metrics::track(ep, req, registry.clone(), routes.clone()))
         .with(Tracing)
 }

@@ -39,6 +39,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
+use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, FailedCopy, Keys, QueueError};
 use crate::store::{events, outbox, tasks, StoreError, Tx};
 use handler::{HandlerError, Registry, TaskContext};
@@ -150,6 +151,7 @@ pub struct Worker {
     registry: Arc<Registry>,
     config: WorkerConfig,
     stats: Arc<WorkerStats>,
+    metrics: Metrics,
 }
 
 /// A claimed attempt, ready to run.
@@ -221,7 +223,14 @@ impl Worker {
             registry,
             config,
             stats,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Records finished attempts in `metrics` (by default in a registry of the worker's own).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Worker {
+        self.metrics = metrics;
+        self
     }
 
     /// Takes at most one delivery and sees it through. `shutdown` stops new work from starting;
@@ -549,6 +558,13 @@ impl Worker {
         }
         outbox::insert_many(&mut tx, &deliveries).await?;
         tx.commit().await?;
+        for (f, p) in finished.iter().zip(&processed) {
+            if let Some(outcome) = attempt_outcome(p) {
+                let took = Duration::from_millis(f.duration_ms.max(0) as u64);
+                self.metrics
+                    .observe_attempt(f.claimed.ctx.task_type, outcome, took);
+            }
+        }
 
         let mut conn = self.commands.clone();
         for copy in &copies {
@@ -666,6 +682,22 @@ impl Worker {
     }
 }
 
+/// The bounded metric label of a finished attempt's outcome (`None` for what is not an attempt).
+pub fn attempt_outcome(p: &Processed) -> Option<&'static str> {
+    Some(match p {
+        Processed::Succeeded(_) => "succeeded",
+        Processed::Retrying(_) => "retrying",
+        Processed::DeadLettered(_) => "dead_lettered",
+        Processed::Released(_) => "released",
+        Processed::Fenced(_) => "fenced",
+        Processed::CancelledWhileRunning(_) => "cancelled",
+        Processed::Idle
+        | Processed::Duplicate(_)
+        | Processed::Returned(_)
+        | Processed::Undecodable => return None,
+    })
+}
+
 /// The retry policy's answer for a failed `attempt`.
 pub fn retry_decision(
     config: &WorkerConfig,
@@ -693,7 +725,7 @@ pub fn failed_copy(task: &Task, reason: String, at: DateTime<Utc>) -> FailedCopy
 /// finished attempts in batches (one transaction for all the outcomes that are ready). A
 /// heartbeat in Redis lets `/health` count live workers.
 pub struct WorkerPool {
-    worker: Arc<Worker>,
+    worker: Worker,
     slots: usize,
     pub stats: Arc<WorkerStats>,
     pub process_id: Uuid,
@@ -730,7 +762,7 @@ impl WorkerPool {
             stats.clone(),
         );
         Ok(WorkerPool {
-            worker: Arc::new(worker),
+            worker,
             slots: slots.max(1),
             stats,
             process_id: Uuid::new_v4(),
@@ -739,10 +771,16 @@ impl WorkerPool {
         })
     }
 
+    /// Records finished attempts in `metrics` (by default in a registry of the pool's own).
+    pub fn with_metrics(mut self, metrics: Metrics) -> WorkerPool {
+        self.worker = self.worker.with_metrics(metrics);
+        self
+    }
+
     /// Runs until `shutdown`; then lets running attempts finish for up to `drain`, releases those
     /// that did not, records every outcome and returns.
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
-        let worker = self.worker.clone();
+        let worker = Arc::new(self.worker);
         let hard_stop = CancellationToken::new();
         let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
         let slots = Arc::new(Semaphore::new(self.slots));

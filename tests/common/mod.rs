@@ -49,17 +49,27 @@ pub fn bearer(role: Role) -> String {
 }
 
 pub async fn context(pool: PgPool) -> ApiContext {
-    let prefix = unique_prefix();
-    let redis = redis().await;
+    context_with(pool, redis().await, Keys::new(unique_prefix()))
+}
+
+/// The API context over a given Redis connection and key prefix; its metrics read the queue
+/// and the outbox at scrape time, as the application's do.
+pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiContext {
+    let timeout = Duration::from_millis(1000);
+    let metrics =
+        arnela::metrics::Metrics::for_cluster(pool.clone(), redis.clone(), keys.clone(), timeout);
+    let cache = arnela::cache::Cache::new(redis.clone(), keys.prefix());
+    metrics.register_cache(cache.stats.clone());
     ApiContext {
+        metrics,
         pool: pool.clone(),
-        cache: arnela::cache::Cache::new(redis.clone(), &prefix),
+        cache,
         redis,
-        keys: Keys::new(prefix),
-        health_timeout: Duration::from_millis(1000),
+        keys,
+        health_timeout: timeout,
         max_body_bytes: 1024 * 1024,
         channels: Default::default(),
-        waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        waker: arnela::store::outbox::OutboxWaker::spawn(pool, Duration::from_millis(2)),
         auth: auth(),
     }
 }
@@ -234,6 +244,8 @@ pub mod engine {
         pub rescuer: Rescuer,
         pub worker: Worker,
         pub stats: Arc<WorkerStats>,
+        /// The registry the relay and the worker record in.
+        pub metrics: arnela::metrics::Metrics,
         pub shutdown: CancellationToken,
         pub hard_stop: CancellationToken,
     }
@@ -266,6 +278,7 @@ pub mod engine {
         let keys = Keys::new(super::unique_prefix());
         let redis = super::redis().await;
         let stats = Arc::new(WorkerStats::default());
+        let metrics = arnela::metrics::Metrics::new();
         let blocking = queue::connect_with_timeout(
             redis::IntoConnectionInfo::into_connection_info(super::redis_url()).unwrap(),
             Duration::from_secs(5),
@@ -279,7 +292,8 @@ pub mod engine {
             Arc::new(registry),
             config.clone(),
             stats.clone(),
-        );
+        )
+        .with_metrics(metrics.clone());
         Engine {
             relay: Relay::new(
                 pool.clone(),
@@ -289,7 +303,8 @@ pub mod engine {
                     batch: 100,
                     poll: Duration::from_millis(50),
                 },
-            ),
+            )
+            .with_metrics(metrics.clone()),
             rescuer: Rescuer::new(
                 pool.clone(),
                 redis.clone(),
@@ -305,6 +320,7 @@ pub mod engine {
             redis,
             worker,
             stats,
+            metrics,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
         }
