@@ -85,6 +85,12 @@ start_service default
     --tasks "$TASKS" --service-pid "$SERVICE_PID" --json "$OUT/default.json" >"$OUT/default.md"
 stop_service
 
+# --- 2b. GET /tasks/{id}: uncached, cached, cached while the tasks run ------------------------
+start_service reads
+"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --reads-only \
+    --seconds "$SECONDS_PER_LEVEL" --readers 16 --json "$OUT/reads.json" >"$OUT/reads.md"
+stop_service
+
 # --- 3. Arnela, best settings ------------------------------------------------------------------
 # shellcheck disable=SC2086
 start_service best $BEST_ENV
@@ -110,6 +116,9 @@ SELECT t.enqueued_position + s, t.id, s,
 FROM tasks t, generate_series(1, 5) s WHERE t.enqueued_position < 100000000;
 VACUUM ANALYZE tasks;
 VACUUM ANALYZE task_events;
+-- the generated events are synthetic: the projectors start after them instead of replaying them
+-- during the read measurement
+UPDATE projector_checkpoints SET position = (SELECT max(position) FROM task_events);
 SQL
 start_service history
 "$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --history-only \
@@ -137,6 +146,7 @@ pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
 d = json.load(open(f"{out}/default.json"))
 b = json.load(open(f"{out}/best.json"))
 h = json.load(open(f"{out}/history.json"))
+reads = json.load(open(f"{out}/reads.json"))["reads"]
 peer = json.load(open(f"{out}/bullmq.json"))
 mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 print(f"Machine: {os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}; "
@@ -164,6 +174,12 @@ for label, r in (("default", d), ("best", b)):
           f"| p50 {r['start_latency_p50_ms']:.1f} ms, p99 {r['start_latency_p99_ms']:.1f} ms | | |")
 print(f"| GET /tasks/{{id}}/events, ~{h['history_events_in_table']:,} events in the table | "
       f"p50 {h['history_p50_ms']:.2f} ms, p99 {h['history_p99_ms']:.2f} ms | | |")
+uncached = next((r for r in reads if r["name"] == "uncached"), None)
+for r in reads:
+    hit = f", cache hit rate {r['hit_rate'] * 100:.1f}%" if r.get("hit_rate") is not None else ""
+    ratio = f"{r['p50_ms'] / uncached['p50_ms']:.2f} (p50)" if uncached and r is not uncached and uncached["p50_ms"] else "–"
+    print(f"| GET /tasks/{{id}} {r['name']}, {r['readers']} readers | {r['per_second']:.0f} req/s, "
+          f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms{hit} | uncached: p50 {uncached['p50_ms'] if uncached else 0:.2f} ms | {ratio} |")
 for label, r in (("default", d), ("best", b)):
     if r.get("service_peak_rss_mb") is not None:
         print(f"| service peak RSS ({label}) | {r['service_peak_rss_mb']:.1f} MB | | |")

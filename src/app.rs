@@ -121,7 +121,8 @@ impl App {
     /// [`crate::projector`]).
     pub fn projectors(&self) -> Vec<Projector> {
         vec![
-            Projector::new(self.pool.clone(), Projection::Totals),
+            Projector::new(self.pool.clone(), Projection::Totals)
+                .with_stats_cache(self.cache.clone()),
             Projector::new(
                 self.pool.clone(),
                 Projection::CacheInvalidation(Box::new(self.cache.clone())),

@@ -62,6 +62,8 @@ pub struct Projector {
     pool: PgPool,
     projection: Projection,
     batch: i64,
+    /// The cache whose `stats:tasks` the totals feed (see [`Projector::with_stats_cache`]).
+    stats_cache: Option<Box<Cache>>,
 }
 
 impl Projector {
@@ -73,7 +75,16 @@ impl Projector {
             pool,
             projection,
             batch: Self::BATCH,
+            stats_cache: None,
         }
+    }
+
+    /// The totals projector also drops the cached task statistics (`stats:tasks`, built from
+    /// the totals) before it commits new totals, so they are never served older than the totals
+    /// once projected. A Redis failure then fails the step: the totals wait for Redis.
+    pub fn with_stats_cache(mut self, cache: Cache) -> Projector {
+        self.stats_cache = Some(Box::new(cache));
+        self
     }
 
     pub fn with_batch(mut self, batch: i64) -> Projector {
@@ -127,6 +138,9 @@ impl Projector {
                 let (totals, durations) = count(&events);
                 projection::add_totals(tx, &totals).await?;
                 projection::add_durations(tx, &durations).await?;
+                if let Some(cache) = &self.stats_cache {
+                    cache.delete(&keys::task_stats()).await?;
+                }
             }
             Projection::CacheInvalidation(cache) => {
                 let targets = invalidations(&events);

@@ -188,3 +188,25 @@ async fn a_pattern_delete_over_fifty_thousand_keys_leaves_the_others() {
     assert!(cache.exists("employee:3").await.unwrap());
     assert_eq!(cache.delete_pattern("employee:*").await.unwrap(), 100);
 }
+
+#[tokio::test]
+async fn failed_and_finished_loads_leave_no_flight_behind() {
+    let cache = Cache::new(redis().await, &unique_prefix());
+    let reads = (0..100).map(|i| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .get_or_set(&format!("client:{i}"), Ttl::Short, || async move {
+                    if i % 2 == 0 {
+                        Err("not found")
+                    } else {
+                        Ok(i)
+                    }
+                })
+                .await
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 50);
+    assert_eq!(cache.loads_in_flight(), 0);
+}

@@ -34,7 +34,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Enqueues tasks and reads the tasks it enqueued (the appointment system).
+    /// Enqueues tasks and reads any task's current state (the appointment system; tasks have no
+    /// owner, so a producer token can read every task by id).
     Producer,
     /// Reads tasks, their histories, the event log and the detailed health report.
     Auditor,

@@ -17,10 +17,11 @@ enum ApiTags {
 /// Worker figures.
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct WorkerStats {
-    /// Tasks that finished successfully, cluster-wide since the first event: counted from the
-    /// event log by the `totals` projector (unaffected by restarts or the number of processes).
+    /// Successful attempts (`attempt_succeeded` events), cluster-wide since the first event:
+    /// counted from the event log by the `totals` projector (unaffected by restarts or the
+    /// number of processes).
     pub tasks_processed: i64,
-    /// Tasks that failed for good (dead-lettered), cluster-wide, counted from the event log.
+    /// Tasks dead-lettered (`dead_lettered` events), cluster-wide, counted from the event log.
     pub tasks_failed: i64,
     /// Workers in every process whose heartbeat (every 5 s, valid 15 s) is current.
     pub active_workers: i64,

@@ -189,6 +189,6 @@ pub struct TypeStats {
 #[derive(Debug, Clone, PartialEq, Object, serde::Serialize, serde::Deserialize)]
 pub struct TaskStats {
     pub types: Vec<TypeStats>,
-    /// The log position the totals include (the `totals` projector's checkpoint).
+    /// The log position the totals include at least (the `totals` projector's checkpoint).
     pub projected_through: i64,
 }

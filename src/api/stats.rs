@@ -54,13 +54,14 @@ impl StatsApi {
 }
 
 async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
-    let totals = projection::totals(pool).await?;
-    let statuses = projection::status_counts(pool).await?;
+    // the checkpoint first: the totals read next include at least this much of the log
     let projected_through = projection::checkpoints(pool)
         .await?
         .into_iter()
         .find(|c| c.name == "totals")
         .map_or(0, |c| c.position);
+    let totals = projection::totals(pool).await?;
+    let statuses = projection::status_counts(pool).await?;
     let mut types: BTreeMap<String, TypeStats> = BTreeMap::new();
     let blank = |t: &str| TypeStats {
         task_type: t.to_owned(),

@@ -127,6 +127,38 @@ return 1
     )
 });
 
+/// Deletes the load lock only if it still holds this loader's token. KEYS: lock; ARGV: token.
+static RELEASE_LOCK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
+});
+
+/// Removes a key's flight from the map when dropped, unless another reader still waits on it.
+struct ForgetFlight<'a> {
+    flights: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: &'a str,
+    flight: &'a Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for ForgetFlight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.lock().expect("cache flights");
+        // the map's reference and this reader's: nobody else waits
+        if flights
+            .get(self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, self.flight) && Arc::strong_count(f) <= 2)
+        {
+            flights.remove(self.key);
+        }
+    }
+}
+
 /// The generation of a key and the cache epoch as a load found them.
 #[derive(Debug, Clone, Default)]
 struct Generation {
@@ -187,6 +219,11 @@ impl Cache {
 
     fn epoch(&self) -> String {
         format!("{}*epoch", self.gen_prefix)
+    }
+
+    /// Keys with a load in progress in this process (single-flight entries).
+    pub fn loads_in_flight(&self) -> usize {
+        self.flights.lock().expect("cache flights").len()
     }
 
     /// The Redis channel invalidations are published on (`{prefix}:cache:invalidations`).
@@ -342,6 +379,13 @@ impl Cache {
             let mut flights = self.flights.lock().expect("cache flights");
             flights.entry(key.to_owned()).or_default().clone()
         };
+        // forgets the flight on every way out (value, loader error, cancelled request) once
+        // nobody else waits on it
+        let _forget = ForgetFlight {
+            flights: &self.flights,
+            key,
+            flight: &flight,
+        };
         let _guard = flight.lock().await;
         if let Ok(Some(v)) = self.get::<T>(key).await {
             return Ok(v);
@@ -359,14 +403,6 @@ impl Cache {
             Err(e) => {
                 tracing::warn!(cache.family = keys::family(key), error = %e, "cache write failed; returning the loaded value");
                 self.stats.count(key, 2, 1);
-            }
-        }
-        drop(_guard);
-        {
-            // forget the flight once nobody else waits on it
-            let mut flights = self.flights.lock().expect("cache flights");
-            if flights.get(key).is_some_and(|f| Arc::strong_count(f) <= 2) {
-                flights.remove(key);
             }
         }
         Ok(value)
@@ -416,9 +452,10 @@ impl Cache {
     {
         let lock = self.full(&format!("lock:{key}"));
         let mut c = self.conn.clone();
+        let token = uuid::Uuid::new_v4().to_string();
         let acquired: Option<String> = redis::cmd("SET")
             .arg(&lock)
-            .arg(std::process::id())
+            .arg(&token)
             .arg("NX")
             .arg("PX")
             .arg(LOCK_TTL_MS)
@@ -441,7 +478,13 @@ impl Cache {
         }
         let value = self.load(key, loader).await;
         if acquired.is_some() {
-            if let Err(e) = redis::cmd("DEL").arg(&lock).query_async::<()>(&mut c).await {
+            // only our own lock: after LOCK_TTL_MS another process may hold it
+            let released = RELEASE_LOCK
+                .key(&lock)
+                .arg(&token)
+                .invoke_async::<i64>(&mut c)
+                .await;
+            if let Err(e) = released {
                 tracing::warn!(error = %e, "cannot release the cache lock (it expires by itself)");
             }
         }

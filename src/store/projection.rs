@@ -246,7 +246,8 @@ pub struct Checkpoint {
     pub position: i64,
     pub events: i64,
     pub updated_at: DateTime<Utc>,
-    /// Age in seconds of the oldest committed event the projector has not read (0 if none).
+    /// Age in seconds of the oldest committed event the projector has not read (0 if none),
+    /// including events the log's horizon still holds back behind a long transaction.
     pub lag_seconds: f64,
 }
 
@@ -257,7 +258,7 @@ pub async fn checkpoints(pool: &PgPool) -> Result<Vec<Checkpoint>> {
                 COALESCE(( \
                   SELECT extract(epoch FROM now() - e.recorded_at)::float8 \
                   FROM task_events e \
-                  WHERE e.position > c.position AND e.position < event_log_horizon() \
+                  WHERE e.position > c.position \
                   ORDER BY e.position LIMIT 1), 0) AS lag_seconds \
          FROM projector_checkpoints c ORDER BY c.name",
     )
