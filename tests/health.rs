@@ -134,6 +134,19 @@ async fn log_outcomes(pool: &PgPool) -> (i64, i64) {
     .unwrap()
 }
 
+/// Waits until `total` tasks have ended (succeeded or dead).
+async fn wait_finished(pool: &PgPool, total: i64) {
+    eventually(Duration::from_secs(60), "every task to finish", || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('succeeded', 'dead')")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        (n == total).then_some(())
+    })
+    .await;
+}
+
 async fn health_of(http: &reqwest::Client, port: u16) -> Option<serde_json::Value> {
     let resp = http
         .get(format!("http://127.0.0.1:{port}/health"))
@@ -170,15 +183,7 @@ async fn health_counters_are_cluster_totals_across_worker_processes_and_restarts
     let emails = common::enqueue_tasks(&pool, arnela::domain::TaskType::SendEmail, 30, 3).await;
     let sms = common::enqueue_tasks(&pool, arnela::domain::TaskType::SendSms, 10, 1).await;
     let total = (emails.len() + sms.len()) as i64;
-    let finished = || async {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('succeeded', 'dead')")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        (n == total).then_some(())
-    };
-    eventually(Duration::from_secs(60), "every task to finish", finished).await;
+    wait_finished(&pool, total).await;
     assert_eq!(log_outcomes(&pool).await, (30, 10));
 
     let http = reqwest::Client::new();
@@ -211,16 +216,7 @@ async fn health_counters_are_cluster_totals_across_worker_processes_and_restarts
     let _api_again = arnela("api", &db, &redis, &prefix, &[("APP_PORT", &api_port_s)]);
     let _w3 = arnela("worker", &db, &redis, &prefix, &failing_sms);
     common::enqueue_tasks(&pool, arnela::domain::TaskType::SendEmail, 5, 3).await;
-    let total = total + 5;
-    let finished = || async {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status IN ('succeeded', 'dead')")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        (n == total).then_some(())
-    };
-    eventually(Duration::from_secs(60), "the new tasks to finish", finished).await;
+    wait_finished(&pool, total + 5).await;
     let expected = log_outcomes(&pool).await;
     assert_eq!(expected, (35, 10));
     eventually(

@@ -447,7 +447,43 @@ async fn a_cached_task_is_never_stale_once_its_events_are_projected(pool: PgPool
 #[sqlx::test]
 async fn a_load_that_raced_an_invalidation_is_returned_but_not_cached(_pool: PgPool) {
     let cache = Cache::new(common::redis().await, &common::unique_prefix());
-    let key = "client:race";
+
+    // the write commits and its invalidation runs while the loader stalls
+    let loaded = load_racing(&cache, "client:race", |c| async move {
+        c.delete("client:race").await.unwrap();
+    })
+    .await;
+    assert_eq!(loaded, "old", "the caller gets what it loaded");
+    assert!(
+        !cache.exists("client:race").await.unwrap(),
+        "but it is not cached"
+    );
+    let next: String = cache
+        .get_or_set("client:race", Ttl::Long, || async {
+            Ok::<_, std::convert::Infallible>("new".into())
+        })
+        .await
+        .unwrap();
+    assert_eq!(next, "new");
+    assert_eq!(
+        cache.get::<String>("client:race").await.unwrap().as_deref(),
+        Some("new")
+    );
+
+    // a pattern delete guards every key the same way
+    load_racing(&cache, "client:other", |c| async move {
+        c.delete_pattern("client:*").await.unwrap();
+    })
+    .await;
+    assert!(!cache.exists("client:other").await.unwrap());
+}
+
+/// Loads `key` with a loader that reads "old" and stalls until `invalidate` has run.
+async fn load_racing<F, Fut>(cache: &Cache, key: &'static str, invalidate: F) -> String
+where
+    F: FnOnce(Cache) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let (read_tx, read_rx) = tokio::sync::oneshot::channel::<()>();
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let loader_cache = cache.clone();
@@ -463,46 +499,9 @@ async fn a_load_that_raced_an_invalidation_is_returned_but_not_cached(_pool: PgP
             .unwrap()
     });
     read_rx.await.unwrap();
-    // the write commits and its invalidation runs while the loader stalls
-    cache.delete(key).await.unwrap();
+    invalidate(cache.clone()).await;
     go_tx.send(()).unwrap();
-    assert_eq!(
-        loading.await.unwrap(),
-        "old",
-        "the caller gets what it loaded"
-    );
-    assert!(!cache.exists(key).await.unwrap(), "but it is not cached");
-    let next: String = cache
-        .get_or_set(key, Ttl::Long, || async {
-            Ok::<_, std::convert::Infallible>("new".into())
-        })
-        .await
-        .unwrap();
-    assert_eq!(next, "new");
-    assert_eq!(
-        cache.get::<String>(key).await.unwrap().as_deref(),
-        Some("new")
-    );
-
-    // a pattern delete guards every key the same way
-    let (read_tx, read_rx) = tokio::sync::oneshot::channel::<()>();
-    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-    let loader_cache = cache.clone();
-    let loading = tokio::spawn(async move {
-        loader_cache
-            .get_or_set("client:other", Ttl::Long, || async move {
-                read_tx.send(()).unwrap();
-                go_rx.await.unwrap();
-                Ok::<_, std::convert::Infallible>("old".to_owned())
-            })
-            .await
-            .unwrap()
-    });
-    read_rx.await.unwrap();
-    cache.delete_pattern("client:*").await.unwrap();
-    go_tx.send(()).unwrap();
-    loading.await.unwrap();
-    assert!(!cache.exists("client:other").await.unwrap());
+    loading.await.unwrap()
 }
 
 #[sqlx::test]
