@@ -217,9 +217,10 @@ pub async fn run(opts: &BenchOptions, token: &str) -> anyhow::Result<Report> {
 ///
 /// 1. `uncached`: 2000 finished tasks, every request with `Cache-Control: no-cache` (Postgres);
 /// 2. `cached`: the same tasks through the cache;
-/// 3. `cached_while_running`: tasks enqueued at ~1000/s (batches of 100) during the run, the
-///    readers polling the ones enqueued so far while the workers run them; each event of a
-///    task invalidates its cached state, so this is the hit rate of clients polling live tasks.
+/// 3. `uncached_while_running` and `cached_while_running`: tasks enqueued at ~1000/s (batches
+///    of 100) during the run, the readers polling the ones enqueued so far while the workers run
+///    them; each event of a task invalidates its cached state, so this is the hit rate of
+///    clients polling live tasks.
 async fn reads(
     client: &reqwest::Client,
     pool: &PgPool,
@@ -242,32 +243,40 @@ async fn reads(
         report.reads.push(r);
     }
 
-    // polling tasks while they run
-    let live = Arc::new(std::sync::RwLock::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let feeder = {
-        let (client, url, live, stop) =
-            (client.clone(), url.to_owned(), live.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let made = batch_ids(&client, &url, 100).await?;
-                live.write().expect("ids").extend(made);
-            }
-            Ok::<_, anyhow::Error>(())
-        })
-    };
-    while live.read().expect("ids").is_empty() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // polling tasks while they run, without and with the cache
+    for (name, bypass) in [
+        ("uncached_while_running", true),
+        ("cached_while_running", false),
+    ] {
+        let live = Arc::new(std::sync::RwLock::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let feeder = {
+            let (client, url, live, stop) =
+                (client.clone(), url.to_owned(), live.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let made = batch_ids(&client, &url, 100).await?;
+                    live.write().expect("ids").extend(made);
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        };
+        while live.read().expect("ids").is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = cache_counts(client, url).await;
+        let mut r = read_run(client, url, live.clone(), opts.readers, run, bypass).await?;
+        if !bypass {
+            r.hit_rate = hit_rate(before, cache_counts(client, url).await);
+        }
+        r.name = name.into();
+        stop.store(true, Ordering::Relaxed);
+        feeder.await??;
+        report.reads.push(r);
+        wait_idle(pool, Duration::from_secs(300)).await?;
     }
-    let before = cache_counts(client, url).await;
-    let mut r = read_run(client, url, live.clone(), opts.readers, run, false).await?;
-    r.hit_rate = hit_rate(before, cache_counts(client, url).await);
-    r.name = "cached_while_running".into();
-    stop.store(true, Ordering::Relaxed);
-    feeder.await??;
-    report.reads.push(r);
     for r in &report.reads {
         eprintln!(
             "GET /tasks/{{id}} {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, hit rate {}",
