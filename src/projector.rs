@@ -126,7 +126,8 @@ impl Projector {
                 ..Step::default()
             });
         };
-        let events = projection::read_after(tx, from, self.batch).await?;
+        let with_payload = matches!(self.projection, Projection::CacheInvalidation(_));
+        let events = projection::read_after(tx, from, self.batch, with_payload).await?;
         let Some(last) = events.last().map(|e| e.position) else {
             return Ok(Step {
                 position: from,

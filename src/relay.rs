@@ -168,12 +168,8 @@ impl Relay {
             });
             items.push((task, row.last_hash.clone(), vec![event]));
         }
-        let refs: Vec<(&crate::domain::Task, &[u8], &[crate::domain::TaskEvent])> = items
-            .iter()
-            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
-            .collect();
-        if !refs.is_empty() {
-            events::record_batch(&mut tx, &refs, now).await?;
+        if !items.is_empty() {
+            events::record_batch(&mut tx, &items, now).await?;
             outbox::mark_published(&mut tx, &publish_ids, now).await?;
         }
         if !drop_ids.is_empty() {

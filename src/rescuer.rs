@@ -140,11 +140,7 @@ impl Rescuer {
             let events = task.fail(FailureKind::LeaseExpired, error, 0, now, decision)?;
             items.push((task, row.last_hash.clone(), events));
         }
-        let refs: Vec<(&Task, &[u8], &[TaskEvent])> = items
-            .iter()
-            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
-            .collect();
-        let afters = events::record_batch(&mut tx, &refs, now).await?;
+        let afters = events::record_batch(&mut tx, &items, now).await?;
         let mut copies = Vec::new();
         for ((task, _, evs), after) in items.iter().zip(&afters) {
             for e in evs {

@@ -559,13 +559,7 @@ fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigEr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::config::vars;
 
     fn key_json() -> String {
         std::fs::read_to_string(concat!(

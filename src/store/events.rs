@@ -112,7 +112,8 @@ pub async fn record(
     events: &[TaskEvent],
     at: DateTime<Utc>,
 ) -> Result<Task> {
-    let mut after = record_batch(tx, &[(before, last_hash, events)], at).await?;
+    let item = (before.clone(), last_hash.to_vec(), events.to_vec());
+    let mut after = record_batch(tx, std::slice::from_ref(&item), at).await?;
     Ok(after.remove(0))
 }
 
@@ -120,15 +121,18 @@ pub async fn record(
 /// any task changed since it was read (the caller's transaction must then be rolled back).
 pub async fn record_batch(
     tx: &mut Tx,
-    items: &[(&Task, &[u8], &[TaskEvent])],
+    items: &[(Task, Vec<u8>, Vec<TaskEvent>)],
     at: DateTime<Utc>,
 ) -> Result<Vec<Task>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
     let at = db_time(at);
     let mut rows = EventRows::default();
     let mut afters = Vec::with_capacity(items.len());
     let mut hashes = Vec::with_capacity(items.len());
     for (before, last_hash, events) in items {
-        let mut after = (*before).clone();
+        let mut after = before.clone();
         for e in events.iter() {
             after.apply(e, at);
         }
@@ -183,7 +187,7 @@ pub async fn record_batch(
     .execute(tx.conn())
     .await?;
     if updated.rows_affected() != items.len() as u64 {
-        let (first, _, _) = items[0];
+        let (first, _, _) = &items[0];
         return Err(StoreError::VersionConflict {
             task_id: first.id,
             expected: first.version,

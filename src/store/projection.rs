@@ -57,12 +57,19 @@ pub async fn try_lock(tx: &mut Tx, name: &str) -> Result<Option<i64>> {
     Ok(Some(position.unwrap_or(0)))
 }
 
-/// Up to `limit` events after `after`, below the commit-safe horizon, in log order.
-pub async fn read_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<LogEvent>> {
+/// Up to `limit` events after `after`, below the commit-safe horizon, in log order. The task's
+/// payload and `invalidates` are read only `with_payload` (the totals need the type alone).
+pub async fn read_after(
+    tx: &mut Tx,
+    after: i64,
+    limit: i64,
+    with_payload: bool,
+) -> Result<Vec<LogEvent>> {
     Ok(sqlx::query_as(
         "SELECT e.position, e.task_id, e.sequence, e.event_type, e.data, e.recorded_at, \
-                f.data->>'task_type' AS task_type, f.data->'payload' AS payload, \
-                f.data->'invalidates' AS invalidates \
+                f.data->>'task_type' AS task_type, \
+                CASE WHEN $3 THEN f.data->'payload' END AS payload, \
+                CASE WHEN $3 THEN f.data->'invalidates' END AS invalidates \
          FROM task_events e \
          LEFT JOIN task_events f ON f.task_id = e.task_id AND f.sequence = 1 \
          WHERE e.position > $1 AND e.position < event_log_horizon() \
@@ -70,6 +77,7 @@ pub async fn read_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<LogEv
     )
     .bind(after)
     .bind(limit)
+    .bind(with_payload)
     .fetch_all(tx.conn())
     .await?)
 }

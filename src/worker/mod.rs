@@ -342,15 +342,7 @@ impl Worker {
                 None => refused.push((raw, d.task_id)),
             }
         }
-        let refs: Vec<(&Task, &[u8], &[TaskEvent])> = items
-            .iter()
-            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
-            .collect();
-        let afters = if refs.is_empty() {
-            Vec::new()
-        } else {
-            events::record_batch(&mut tx, &refs, now).await?
-        };
+        let afters = events::record_batch(&mut tx, &items, now).await?;
         let started_ids: Vec<Uuid> = afters.iter().map(|t| t.id).collect();
         outbox::delete_for_tasks(&mut tx, &started_ids).await?;
         tx.commit().await?;
@@ -527,15 +519,7 @@ impl Worker {
                 None => processed.push(Processed::Fenced(id)),
             }
         }
-        let refs: Vec<(&Task, &[u8], &[TaskEvent])> = items
-            .iter()
-            .map(|(t, h, e)| (t, h.as_slice(), e.as_slice()))
-            .collect();
-        let afters = if refs.is_empty() {
-            Vec::new()
-        } else {
-            events::record_batch(&mut tx, &refs, now).await?
-        };
+        let afters = events::record_batch(&mut tx, &items, now).await?;
         let mut deliveries = Vec::new();
         let mut copies = Vec::new();
         for ((_, _, evs), after) in items.iter().zip(&afters) {
