@@ -5,8 +5,10 @@
 //! - `POST /tasks/batch` with 100 and 1000 tasks: tasks/s;
 //! - end to end: N tasks from the first `enqueued` event to the last terminal event (read from
 //!   the event log, so both ends use the database's clock);
-//! - enqueue → attempt start latency at a fixed offered rate (open loop: requests are sent on
-//!   schedule whatever the responses do);
+//! - enqueue → attempt start latency at a fixed offered rate (open loop: a batch of the tasks due
+//!   is sent every 10 ms whatever the responses do);
+//! - optionally a sustained stream at 80% of the end-to-end rate (`--stream-seconds`) and the
+//!   end-to-end run again after `--churn` more tasks went through the same tables;
 //! - the peak RSS of the service process (`VmHWM`), when its pid is given.
 //!
 //! It sends an admin token signed with `JWT_SECRET` (the service's secret) with every request.
@@ -39,8 +41,7 @@ pub struct BenchOptions {
     /// Tasks in the end-to-end run.
     #[arg(long, default_value_t = 10_000)]
     pub tasks: usize,
-    /// Offered rate of the latency run (tasks/s); 0 = half of the lower of the end-to-end rate
-    /// and the best single-enqueue rate measured.
+    /// Offered rate of the latency run (tasks/s); 0 = half of the end-to-end rate measured.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// The service's process id, to report its peak RSS.
@@ -53,9 +54,18 @@ pub struct BenchOptions {
     /// while the tasks read are running (see [`reads`]).
     #[arg(long)]
     pub reads_only: bool,
+    /// Only the end-to-end run (and the stream, churn and latency runs when asked for).
+    #[arg(long)]
+    pub end_to_end_only: bool,
     /// Concurrent readers of the read runs.
     #[arg(long, default_value_t = 16)]
     pub readers: usize,
+    /// Seconds of the sustained stream offered at 80% of the end-to-end rate (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub stream_seconds: u64,
+    /// Tasks pushed through the same tables before the end-to-end run is repeated (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub churn: usize,
 }
 
 /// Latency figures of one level.
@@ -82,6 +92,20 @@ pub struct Report {
     pub start_latency_p50_ms: f64,
     pub start_latency_p99_ms: f64,
     pub service_peak_rss_mb: Option<f64>,
+    /// The sustained stream: offered rate, tasks acknowledged, the age of the oldest task not
+    /// yet finished when the offering stopped, how long the rest took to finish, and the
+    /// enqueue → start latency of its tasks.
+    pub stream_offered_rate: f64,
+    pub stream_seconds: f64,
+    pub stream_tasks: usize,
+    pub stream_oldest_open_age_s: f64,
+    pub stream_drained_after_s: f64,
+    pub stream_start_p50_ms: f64,
+    pub stream_start_p99_ms: f64,
+    /// The end-to-end run repeated after `churn_tasks` more tasks went through the tables.
+    pub churn_tasks: usize,
+    pub churn_seconds: f64,
+    pub end_to_end_after_churn_tasks_per_second: f64,
     pub history_events_in_table: i64,
     pub history_requests: usize,
     pub history_p50_ms: f64,
@@ -150,7 +174,12 @@ pub async fn run(opts: &BenchOptions, token: &str) -> anyhow::Result<Report> {
         return Ok(report);
     }
 
-    for &c in &opts.concurrency {
+    let levels: &[usize] = if opts.end_to_end_only {
+        &[]
+    } else {
+        &opts.concurrency
+    };
+    for &c in levels {
         let level =
             single_enqueue(&client, &opts.url, c, Duration::from_secs(opts.seconds)).await?;
         eprintln!(
@@ -159,8 +188,10 @@ pub async fn run(opts: &BenchOptions, token: &str) -> anyhow::Result<Report> {
         );
         report.single_enqueue.push(level);
     }
-    report.batch_100_tasks_per_second = batch_enqueue(&client, &opts.url, 100, 20).await?;
-    report.batch_1000_tasks_per_second = batch_enqueue(&client, &opts.url, 1000, 10).await?;
+    if !opts.end_to_end_only {
+        report.batch_100_tasks_per_second = batch_enqueue(&client, &opts.url, 100, 20).await?;
+        report.batch_1000_tasks_per_second = batch_enqueue(&client, &opts.url, 1000, 10).await?;
+    }
     eprintln!(
         "batch enqueue: {:.0} tasks/s (100), {:.0} tasks/s (1000)",
         report.batch_100_tasks_per_second, report.batch_1000_tasks_per_second
@@ -177,22 +208,11 @@ pub async fn run(opts: &BenchOptions, token: &str) -> anyhow::Result<Report> {
         opts.tasks
     );
 
-    // Half of what the system sustains: the end-to-end rate, or the best single-enqueue rate
-    // when that is lower (the latency run enqueues one task per request).
-    let single_best = report
-        .single_enqueue
-        .iter()
-        .map(|l| l.per_second)
-        .fold(0.0, f64::max);
-    let sustainable = if single_best > 0.0 {
-        rate.min(single_best)
-    } else {
-        rate
-    };
+    // Half of what the system sustains end to end, offered in small batches every 10 ms.
     let offered = if opts.rate > 0.0 {
         opts.rate
     } else {
-        (sustainable / 2.0).max(1.0)
+        (rate / 2.0).max(1.0)
     };
     let (p50, p99) = start_latency(
         &client,
@@ -207,7 +227,33 @@ pub async fn run(opts: &BenchOptions, token: &str) -> anyhow::Result<Report> {
     report.start_latency_p99_ms = p99;
     eprintln!("enqueue -> start at {offered:.0}/s: p50 {p50:.1} ms, p99 {p99:.1} ms");
 
-    history(&client, &pool, &opts.url, &mut report).await?;
+    if opts.stream_seconds > 0 {
+        stream(
+            &client,
+            &pool,
+            &opts.url,
+            rate * 0.8,
+            opts.stream_seconds,
+            &mut report,
+        )
+        .await?;
+    }
+    if opts.churn > 0 {
+        let started = Instant::now();
+        churn(&client, &pool, &opts.url, opts.churn).await?;
+        report.churn_tasks = opts.churn;
+        report.churn_seconds = started.elapsed().as_secs_f64();
+        let (secs, after) = end_to_end(&client, &pool, &opts.url, opts.tasks).await?;
+        report.end_to_end_after_churn_tasks_per_second = after;
+        eprintln!(
+            "after {} more tasks ({:.0} s): end to end {} tasks in {secs:.2} s = {after:.0} tasks/s",
+            opts.churn, report.churn_seconds, opts.tasks
+        );
+    }
+
+    if !opts.end_to_end_only {
+        history(&client, &pool, &opts.url, &mut report).await?;
+    }
     report.service_peak_rss_mb = opts.service_pid.and_then(peak_rss_mb);
     Ok(report)
 }
@@ -567,22 +613,9 @@ async fn end_to_end(
         }
         sent += size;
     }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
-        )
-        .bind(&ids)
-        .fetch_one(pool)
-        .await?;
-        if done as usize >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {done} of {n} tasks finished within 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // the bench's tasks are the only ones: wait until nothing is open (a cheap query on the
+    // status index, polled often enough not to matter and seldom enough not to load the server)
+    wait_idle(pool, Duration::from_secs(600)).await?;
     let (first, last): (f64, f64) = sqlx::query_as(
         "SELECT extract(epoch FROM min(recorded_at))::float8, extract(epoch FROM max(recorded_at))::float8 \
          FROM task_events WHERE position > $1 AND task_id = ANY($2)",
@@ -595,6 +628,87 @@ async fn end_to_end(
     Ok((secs, n as f64 / secs))
 }
 
+/// Offers `rate` tasks/s for `duration`, open loop: every 10 ms a batch of the tasks due by
+/// then is sent (`POST /tasks/batch`, or `POST /tasks` for one), whatever earlier requests do.
+/// Returns the ids the service acknowledged.
+async fn offer(
+    client: &reqwest::Client,
+    url: &str,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    const TICK: Duration = Duration::from_millis(10);
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    let mut sent = 0usize;
+    let mut tick = 0u32;
+    while started.elapsed() < duration {
+        tick += 1;
+        tokio::time::sleep_until((started + TICK * tick).into()).await;
+        let due = ((started.elapsed().as_secs_f64() * rate) as usize)
+            .min((rate * duration.as_secs_f64()) as usize);
+        if due <= sent {
+            continue;
+        }
+        let (from, to) = (sent, due);
+        sent = due;
+        let client = client.clone();
+        let url = url.to_owned();
+        handles.push(tokio::spawn(async move {
+            let ids: anyhow::Result<Vec<uuid::Uuid>> = async {
+                if to - from == 1 {
+                    let v: serde_json::Value = client
+                        .post(format!("{url}/tasks"))
+                        .json(&task_body(from))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    Ok(vec![v["id"].as_str().context("task id")?.parse()?])
+                } else {
+                    let body = json!({"tasks": (from..to).map(task_body).collect::<Vec<_>>()});
+                    let v: serde_json::Value = client
+                        .post(format!("{url}/tasks/batch"))
+                        .json(&body)
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    v["tasks"]
+                        .as_array()
+                        .context("batch answer")?
+                        .iter()
+                        .map(|t| Ok(t["id"].as_str().context("task id")?.parse()?))
+                        .collect()
+                }
+            }
+            .await;
+            ids.unwrap_or_default()
+        }));
+    }
+    let mut ids = Vec::with_capacity(sent);
+    for h in handles {
+        ids.extend(h.await?);
+    }
+    Ok(ids)
+}
+
+/// p50 and p99 of enqueue → attempt start (the `enqueued` and first `attempt_started` events'
+/// commit-side times, both from the database's clock) over `ids`.
+async fn start_latencies(pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<(f64, f64)> {
+    let mut lat: Vec<f64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM s.recorded_at - e.recorded_at) * 1000)::float8 \
+         FROM task_events e JOIN task_events s ON s.task_id = e.task_id \
+         WHERE e.task_id = ANY($1) AND e.event_type = 'enqueued' \
+           AND s.event_type = 'attempt_started' AND s.sequence = 3",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    lat.sort_by(f64::total_cmp);
+    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99)))
+}
+
 async fn start_latency(
     client: &reqwest::Client,
     pool: &PgPool,
@@ -602,38 +716,83 @@ async fn start_latency(
     rate: f64,
     duration: Duration,
 ) -> anyhow::Result<(f64, f64)> {
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let total = (rate * duration.as_secs_f64()) as usize;
-    let started = Instant::now();
-    let mut handles = Vec::with_capacity(total);
-    for i in 0..total {
-        let at = started + interval * i as u32;
-        tokio::time::sleep_until(at.into()).await;
-        let (client, url) = (client.clone(), format!("{url}/tasks"));
-        handles.push(tokio::spawn(async move {
-            let r = client.post(&url).json(&task_body(i)).send().await.ok()?;
-            let v: serde_json::Value = r.json().await.ok()?;
-            v["id"].as_str()?.parse::<uuid::Uuid>().ok()
-        }));
-    }
-    let mut ids = Vec::new();
-    for h in handles {
-        if let Some(id) = h.await? {
-            ids.push(id);
-        }
-    }
+    let ids = offer(client, url, rate, duration).await?;
     wait_idle(pool, Duration::from_secs(300)).await?;
-    let mut lat: Vec<f64> = sqlx::query_scalar(
-        "SELECT (extract(epoch FROM s.recorded_at - e.recorded_at) * 1000)::float8 \
-         FROM task_events e JOIN task_events s ON s.task_id = e.task_id \
-         WHERE e.task_id = ANY($1) AND e.event_type = 'enqueued' \
-           AND s.event_type = 'attempt_started' AND s.sequence = 3",
+    start_latencies(pool, &ids).await
+}
+
+/// A sustained stream at `rate` for `seconds`: how old the oldest unfinished task is when the
+/// offering stops, and how long the rest take.
+async fn stream(
+    client: &reqwest::Client,
+    pool: &PgPool,
+    url: &str,
+    rate: f64,
+    seconds: u64,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let ids = offer(client, url, rate, Duration::from_secs(seconds)).await?;
+    let offered_for = started.elapsed();
+    let oldest: f64 = sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM tasks \
+         WHERE id = ANY($1) AND status NOT IN ('succeeded', 'dead', 'cancelled')",
     )
     .bind(&ids)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
-    lat.sort_by(f64::total_cmp);
-    Ok((percentile(&lat, 0.5), percentile(&lat, 0.99)))
+    wait_idle(pool, Duration::from_secs(300)).await?;
+    let (p50, p99) = start_latencies(pool, &ids).await?;
+    report.stream_offered_rate = rate;
+    report.stream_seconds = offered_for.as_secs_f64();
+    report.stream_tasks = ids.len();
+    report.stream_oldest_open_age_s = oldest;
+    report.stream_drained_after_s = (started.elapsed() - offered_for).as_secs_f64();
+    report.stream_start_p50_ms = p50;
+    report.stream_start_p99_ms = p99;
+    eprintln!(
+        "stream at {rate:.0}/s for {seconds} s: {} tasks, oldest open at the end {oldest:.2} s, \
+         start p50 {p50:.1} ms, p99 {p99:.1} ms",
+        ids.len()
+    );
+    Ok(())
+}
+
+/// Pushes `n` tasks through the service as fast as it runs them (batches of 1000 from two
+/// producers, at most 50,000 unfinished at a time), so the tables churn as in a long life.
+async fn churn(client: &reqwest::Client, pool: &PgPool, url: &str, n: usize) -> anyhow::Result<()> {
+    const BATCH: usize = 1000;
+    const MAX_OPEN: i64 = 50_000;
+    let body = json!({"tasks": (0..BATCH).map(task_body).collect::<Vec<_>>()});
+    let mut sent = 0;
+    let mut last_report = Instant::now();
+    while sent < n {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks WHERE status IN ('queued', 'running', 'retrying')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if open > MAX_OPEN {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let requests = futures::future::join_all(
+            (0..2).map(|_| client.post(format!("{url}/tasks/batch")).json(&body).send()),
+        )
+        .await;
+        for r in requests {
+            let r = r?;
+            if r.status().as_u16() != 201 {
+                bail!("batch enqueue answered {}", r.status());
+            }
+        }
+        sent += 2 * BATCH;
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!("churn: {sent} of {n} tasks enqueued");
+            last_report = Instant::now();
+        }
+    }
+    wait_idle(pool, Duration::from_secs(600)).await
 }
 
 async fn wait_idle(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
@@ -650,7 +809,7 @@ async fn wait_idle(pool: &PgPool, limit: Duration) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!("{open} tasks still open after {limit:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -684,6 +843,24 @@ pub fn table(r: &Report) -> String {
         out.push_str(&format!(
             "| enqueue → attempt start at {:.0} tasks/s offered | p50 {:.1} ms, p99 {:.1} ms |\n",
             r.start_latency_offered_rate, r.start_latency_p50_ms, r.start_latency_p99_ms
+        ));
+    }
+    if r.stream_tasks > 0 {
+        out.push_str(&format!(
+            "| sustained stream at {:.0} tasks/s for {:.0} s ({} tasks) | oldest unfinished at the end {:.2} s, all done {:.2} s later; start p50 {:.1} ms, p99 {:.1} ms |\n",
+            r.stream_offered_rate,
+            r.stream_seconds,
+            r.stream_tasks,
+            r.stream_oldest_open_age_s,
+            r.stream_drained_after_s,
+            r.stream_start_p50_ms,
+            r.stream_start_p99_ms
+        ));
+    }
+    if r.churn_tasks > 0 {
+        out.push_str(&format!(
+            "| end to end after {} more tasks ({:.0} s) | {:.0} tasks/s |\n",
+            r.churn_tasks, r.churn_seconds, r.end_to_end_after_churn_tasks_per_second
         ));
     }
     if r.history_requests > 0 {

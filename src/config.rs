@@ -171,8 +171,8 @@ pub struct EngineSettings {
     pub relay_batch: i64,
     pub relay_poll: Duration,
     /// Rescuer pass interval (`RESCUER_INTERVAL_MS`, 1000), grace before a processing entry is
-    /// judged (`ORPHAN_GRACE_SECS`, 30) and the safety-net re-publish age
-    /// (`REPUBLISH_AFTER_SECS`, 900).
+    /// judged (`ORPHAN_GRACE_SECS`, 30) and the age after which a published delivery missing
+    /// from Redis is published again (`REPUBLISH_AFTER_SECS`, 10).
     pub rescuer_interval: Duration,
     pub orphan_grace: Duration,
     pub republish_after: Duration,
@@ -414,7 +414,7 @@ fn engine_settings<'a>(
         relay_poll: millis("RELAY_POLL_MS", 500)?.max(Duration::from_millis(10)),
         rescuer_interval: millis("RESCUER_INTERVAL_MS", 1000)?.max(Duration::from_millis(50)),
         orphan_grace: secs("ORPHAN_GRACE_SECS", 30)?,
-        republish_after: secs("REPUBLISH_AFTER_SECS", 900)?,
+        republish_after: secs("REPUBLISH_AFTER_SECS", 10)?,
         log_channel_delay: millis("LOG_CHANNEL_DELAY_MS", 0)?,
         projector_interval: millis("PROJECTOR_INTERVAL_MS", 100)?.max(Duration::from_millis(10)),
     })

@@ -12,12 +12,14 @@
 //!
 //! - [`domain`]: task types and payload validation, events and their hash chain, the task state
 //!   machine, the retry policy. No I/O.
-//! - [`store`]: Postgres: transactional enqueue, event appends with expected versions, the
-//!   commit-safe global log, audit verification, migrations.
+//! - [`store`]: Postgres: transactional enqueue, the one transition path of every later state
+//!   change (lock, decide, record, derived outbox changes), event appends with expected
+//!   versions, the commit-safe global log, audit verification, migrations.
 //! - [`queue`]: Redis key names, the delivery message and the list operations.
 //! - [`relay`]: moves due outbox rows to the Redis queue (`Relay::run_once` is one batch).
 //! - [`worker`]: takes deliveries, claims attempts under a lease, runs handlers, records
-//!   outcomes (`Worker::process_next` is one delivery; `WorkerPool` runs many).
+//!   outcomes (`Worker::process_next` is one delivery); `worker::pool` runs many with claims
+//!   sized to the handlers' pace; `worker::lease` is the one lease renewer of every path.
 //! - [`rescuer`]: expired leases, an emptied Redis, deliveries lost in transit
 //!   (`Rescuer::run_once` is one pass).
 //! - [`api`]: the poem-openapi HTTP service, its documents and error mapping.

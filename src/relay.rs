@@ -22,11 +22,13 @@ use sqlx::PgPool;
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::domain::TaskStatus;
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys, QueueError};
-use crate::store::{events, outbox, tasks, StoreError, Tx};
+use crate::store::transition::{self, Lock, Target};
+use crate::store::{outbox, StoreError, Tx};
 
 /// The shortest sleep between batches when nothing was claimed (rows another relay holds must
 /// not make this one spin).
@@ -125,53 +127,41 @@ impl Relay {
         if due.is_empty() {
             return Ok(Batch::default());
         }
-        let mut ids: Vec<uuid::Uuid> = due.iter().map(|d| d.task_id).collect();
-        ids.sort();
-        ids.dedup();
-        let rows = tasks::lock_many(&mut tx, &ids).await?;
-        let by_id: std::collections::HashMap<uuid::Uuid, &tasks::TaskRow> =
-            rows.iter().map(|r| (r.id, r)).collect();
-
-        let now = tasks::db_now(&mut tx).await?;
-        let mut seen = HashSet::new();
+        let ids: Vec<Uuid> = due.iter().map(|d| d.task_id).collect();
+        let carried: HashSet<(Uuid, i32)> = due.iter().map(|d| (d.task_id, d.attempt)).collect();
+        let applied = transition::apply(&mut tx, Target::Ids(&ids, Lock::Wait), |task, _| {
+            // a task still waiting for the attempt a row carries is dispatched (once per batch)
+            let waiting = matches!(task.status, TaskStatus::Queued | TaskStatus::Retrying);
+            if !waiting || !carried.contains(&(task.id, task.next_attempt())) {
+                return Ok(None);
+            }
+            Ok(Some(vec![task.dispatch(task.next_attempt())?]))
+        })
+        .await?;
+        let unreadable: HashSet<Uuid> = applied.unreadable.iter().copied().collect();
+        // one delivery per dispatched task, in outbox order; every other row is dropped (its
+        // task moved on, or it repeats a row of the same attempt)
+        let mut deliveries = Vec::new();
         let mut publish_ids = Vec::new();
         let mut drop_ids = Vec::new();
-        let mut deliveries = Vec::new();
-        let mut items = Vec::new();
+        let mut sent = HashSet::new();
         for d in &due {
-            let Some(row) = by_id.get(&d.task_id) else {
+            let dispatched = applied
+                .get(d.task_id)
+                .is_some_and(|c| c.before.next_attempt() == d.attempt);
+            if dispatched && sent.insert(d.task_id) {
+                publish_ids.push(d.id);
+                deliveries.push(Delivery {
+                    task_id: d.task_id,
+                    attempt: d.attempt,
+                    task_type: d.task_type.clone(),
+                });
+            } else if !unreadable.contains(&d.task_id) {
+                // rows of unreadable tasks stay for a build that can read them
                 drop_ids.push(d.id);
-                continue;
-            };
-            // a row this build cannot read (say, a newer task type) is left for a build that
-            // can, without holding up the rest of the batch
-            let task = match row.to_task() {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "skipping an unreadable task");
-                    continue;
-                }
-            };
-            let waiting = matches!(task.status, TaskStatus::Queued | TaskStatus::Retrying)
-                && d.attempt == task.next_attempt();
-            // one delivery per task and batch: a second row for the same attempt is a duplicate
-            if !waiting || !seen.insert(d.task_id) {
-                drop_ids.push(d.id);
-                continue;
             }
-            let event = task.dispatch(d.attempt).map_err(StoreError::from)?;
-            publish_ids.push(d.id);
-            deliveries.push(Delivery {
-                task_id: d.task_id,
-                attempt: d.attempt,
-                task_type: d.task_type.clone(),
-            });
-            items.push((task, row.last_hash.clone(), vec![event]));
         }
-        if !items.is_empty() {
-            events::record_batch(&mut tx, &items, now).await?;
-            outbox::mark_published(&mut tx, &publish_ids, now).await?;
-        }
+        outbox::mark_published(&mut tx, &publish_ids, applied.now).await?;
         if !drop_ids.is_empty() {
             outbox::delete(&mut tx, &drop_ids).await?;
         }

@@ -10,27 +10,37 @@
 //!    deliveries Redis should hold) is marked unpublished and the relays push it again. Relays
 //!    make the same check before each batch, so whichever runs first after a loss re-publishes.
 //!    Bound: one relay batch or one rescuer interval, whichever comes first.
-//! 2. **Expired leases.** A running attempt whose lease ran out (its worker died or hung) is
-//!    recorded as failed (`lease_expired`) and retried or dead-lettered by the usual rules.
-//!    Bound: the lease plus one rescuer interval after the worker stopped renewing.
+//! 2. **Expired leases.** A running attempt whose lease ran out and whose worker process has no
+//!    current heartbeat in Redis (it died or hung) is recorded as failed (`lease_expired`) and
+//!    retried or dead-lettered by the usual rules. An attempt of a live process is left alone:
+//!    its leases lapse only when that process cannot reach Postgres, and it records the
+//!    outcome itself when it can again, so an attempt whose outcome is known never runs twice.
+//!    Bound: the lease (or the heartbeat's time to live, if longer) plus one rescuer interval
+//!    after the worker stopped.
 //! 3. **The processing list.** An entry seen for longer than `grace` is removed when its attempt
 //!    is over; if its attempt never started (the worker died between taking and claiming it),
 //!    the task's delivery is published again.
-//! 4. **Safety net.** Deliveries published longer ago than `republish_after` and still not
-//!    claimed are published again (duplicates are dropped by the claim).
+//! 4. **Lost deliveries.** A delivery published longer ago than `republish_after` whose entry is
+//!    not in the transit set `{prefix}:tasks:transit` (pushed and not acknowledged; see
+//!    [`crate::queue`]) was lost by Redis without the seeded marker going (say the last second
+//!    of an `appendfsync everysec` file) and is published again. A delivery that simply waits
+//!    in a long queue is in the set and is never published twice. Each pass checks the next
+//!    window of published rows, so a backlog of any size is covered in turn.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::domain::{FailureKind, Task, TaskEvent, TaskStatus};
+use crate::domain::{FailureKind, Task, TaskStatus};
 use crate::queue::{self, Delivery, Keys};
-use crate::store::{events, outbox, tasks, Tx};
-use crate::worker::{failed_copy, retry_decision, WorkerConfig, WorkerError};
+use crate::store::transition::{self, Target};
+use crate::store::{outbox, tasks, Tx};
+use crate::worker::{push_dead_letters, retry_decision, WorkerConfig, WorkerError};
 
 /// Rescuer settings.
 #[derive(Clone)]
@@ -43,6 +53,8 @@ pub struct RescuerConfig {
     pub batch: i64,
     /// Processing entries examined per pass.
     pub scan: isize,
+    /// Published deliveries checked against Redis per pass.
+    pub reconcile_batch: i64,
     /// Backoff for attempts whose lease expired.
     pub worker: WorkerConfig,
 }
@@ -52,9 +64,10 @@ impl Default for RescuerConfig {
         RescuerConfig {
             interval: Duration::from_secs(1),
             grace: Duration::from_secs(30),
-            republish_after: Duration::from_secs(15 * 60),
+            republish_after: Duration::from_secs(10),
             batch: 100,
             scan: 1000,
+            reconcile_batch: 2000,
             worker: WorkerConfig::default(),
         }
     }
@@ -71,8 +84,8 @@ pub struct Rescued {
     pub stale_entries: usize,
     /// Processing entries whose attempt never started, re-published.
     pub orphans: usize,
-    /// Deliveries re-published by the safety net.
-    pub republished_stale: u64,
+    /// Published deliveries missing from Redis, re-published.
+    pub republished_lost: u64,
 }
 
 pub struct Rescuer {
@@ -80,6 +93,8 @@ pub struct Rescuer {
     redis: ConnectionManager,
     keys: Keys,
     config: RescuerConfig,
+    /// Where the next check of published deliveries starts (`None`: from the oldest).
+    cursor: Mutex<Option<(DateTime<Utc>, i64)>>,
 }
 
 impl Rescuer {
@@ -94,6 +109,7 @@ impl Rescuer {
             redis,
             keys,
             config,
+            cursor: Mutex::new(None),
         }
     }
 
@@ -114,55 +130,90 @@ impl Rescuer {
         let (stale, orphans) = self.sweep_processing(&mut conn).await?;
         out.stale_entries = stale;
         out.orphans = orphans;
-        out.republished_stale =
-            outbox::republish_older_than(&self.pool, self.config.republish_after).await?;
+        out.republished_lost = self.reconcile(&mut conn).await?;
         Ok(out)
     }
 
     async fn expire_leases(&self, conn: &mut ConnectionManager) -> Result<usize, WorkerError> {
+        // an attempt of a process whose heartbeat is current is left to that process, which
+        // renews it or records its outcome once it reaches the database again
+        let live_owners: Vec<Uuid> = queue::live_processes(conn, &self.keys)
+            .await?
+            .iter()
+            .filter_map(|(id, _)| id.parse().ok())
+            .collect();
         let mut tx = Tx::begin(&self.pool).await?;
-        let (rows, now) = tasks::lock_expired_leases(&mut tx, self.config.batch).await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let mut items: Vec<(Task, Vec<u8>, Vec<TaskEvent>)> = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let task = match row.to_task() {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::error!(error = %e, "skipping an unreadable task with an expired lease");
-                    continue;
-                }
-            };
+        let target = Target::ExpiredLeases {
+            limit: self.config.batch,
+            live_owners: &live_owners,
+        };
+        let applied = transition::apply(&mut tx, target, |task, now| {
             let worker = task.lease_owner.map(|w| w.to_string()).unwrap_or_default();
             let error = format!("lease expired: worker {worker} stopped renewing it");
             let decision = retry_decision(&self.config.worker, task.attempts, None);
-            let events = task.fail(FailureKind::LeaseExpired, error, 0, now, decision)?;
-            items.push((task, row.last_hash.clone(), events));
-        }
-        let afters = events::record_batch(&mut tx, &items, now).await?;
-        let mut copies = Vec::new();
-        for ((task, _, evs), after) in items.iter().zip(&afters) {
-            for e in evs {
-                match e {
-                    TaskEvent::RetryScheduled {
-                        next_attempt,
-                        available_at,
-                        ..
-                    } => outbox::insert(&mut tx, task.id, *next_attempt, *available_at).await?,
-                    TaskEvent::DeadLettered { reason } => {
-                        copies.push(failed_copy(after, reason.clone(), now))
-                    }
-                    _ => {}
-                }
-            }
-            tracing::warn!(task.id = %task.id, attempt = task.attempts, "lease expired; attempt recorded as failed");
-        }
+            Ok(Some(task.fail(
+                FailureKind::LeaseExpired,
+                error,
+                0,
+                now,
+                decision,
+            )?))
+        })
+        .await?;
         tx.commit().await?;
-        for copy in &copies {
-            queue::push_failed(conn, &self.keys, copy).await?;
+        for c in &applied.changed {
+            tracing::warn!(task.id = %c.after.id, attempt = c.before.attempts, "lease expired; attempt recorded as failed");
         }
-        Ok(rows.len())
+        push_dead_letters(conn, &self.keys, &applied.dead_letters).await?;
+        Ok(applied.changed.len())
+    }
+
+    /// Re-publishes published deliveries that Redis no longer holds in transit; checks the next
+    /// window of published rows.
+    async fn reconcile(&self, conn: &mut ConnectionManager) -> Result<u64, WorkerError> {
+        let after = *self.cursor.lock().expect("rescuer cursor");
+        let rows = outbox::published_before(
+            &self.pool,
+            self.config.republish_after,
+            after,
+            self.config.reconcile_batch,
+        )
+        .await?;
+        let next = if (rows.len() as i64) < self.config.reconcile_batch {
+            None
+        } else {
+            rows.last().map(|r| (r.published_at, r.id))
+        };
+        *self.cursor.lock().expect("rescuer cursor") = next;
+        let raws: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                Delivery {
+                    task_id: r.task_id,
+                    attempt: r.attempt,
+                    task_type: r.task_type.clone(),
+                }
+                .encode()
+            })
+            .collect();
+        let present = queue::in_transit(conn, &self.keys, &raws).await?;
+        let lost: Vec<i64> = rows
+            .iter()
+            .zip(present)
+            .filter(|(_, held)| !held)
+            .map(|(r, _)| r.id)
+            .collect();
+        if lost.is_empty() {
+            return Ok(0);
+        }
+        let n = outbox::republish_ids(&self.pool, &lost).await?;
+        if n > 0 {
+            tracing::warn!(
+                deliveries = n,
+                "published deliveries are missing from Redis; re-publishing them"
+            );
+        }
+        Ok(n)
     }
 
     async fn sweep_processing(

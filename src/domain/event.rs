@@ -74,6 +74,14 @@ pub enum TaskEvent {
     /// The worker gave the attempt back unfinished (it is shutting down): the task is queued
     /// again and the same attempt number runs again, with the same idempotency key.
     AttemptReleased { attempt: i32, reason: String },
+    /// The worker that held `attempt` stopped its handler because it no longer held the lease
+    /// (another process took the attempt over after the lease ran out). An audit record only:
+    /// the attempt's end was recorded by whoever took it over.
+    AttemptStopped {
+        attempt: i32,
+        worker_id: Uuid,
+        reason: String,
+    },
     /// The task will not run again by itself.
     DeadLettered { reason: String },
     /// An operator gave a dead task a new attempt budget.
@@ -93,6 +101,7 @@ impl TaskEvent {
             TaskEvent::AttemptFailed { .. } => "attempt_failed",
             TaskEvent::RetryScheduled { .. } => "retry_scheduled",
             TaskEvent::AttemptReleased { .. } => "attempt_released",
+            TaskEvent::AttemptStopped { .. } => "attempt_stopped",
             TaskEvent::DeadLettered { .. } => "dead_lettered",
             TaskEvent::Requeued { .. } => "requeued",
             TaskEvent::Cancelled { .. } => "cancelled",

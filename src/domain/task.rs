@@ -195,7 +195,7 @@ impl Task {
             TaskEvent::Enqueued { .. } => {
                 panic!("enqueued can only be the first event of a task")
             }
-            TaskEvent::Dispatched { .. } => {}
+            TaskEvent::Dispatched { .. } | TaskEvent::AttemptStopped { .. } => {}
             TaskEvent::AttemptStarted {
                 attempt,
                 worker_id,

@@ -43,6 +43,13 @@ impl Keys {
         format!("{}:tasks:seeded", self.prefix)
     }
 
+    /// Every delivery published and not yet acknowledged (set of entries), waiting or taken:
+    /// what Redis holds of the deliveries Postgres says are in transit. A published delivery
+    /// missing from it was lost (see [`crate::rescuer`]).
+    pub fn transit(&self) -> String {
+        format!("{}:tasks:transit", self.prefix)
+    }
+
     /// When the rescuer first saw each processing entry (hash: entry → epoch ms).
     pub fn processing_seen(&self) -> String {
         format!("{}:tasks:processing:seen", self.prefix)

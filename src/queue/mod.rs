@@ -7,6 +7,9 @@
 //! - a worker takes the oldest with `BLMOVE {prefix}:tasks {prefix}:tasks:processing RIGHT LEFT`,
 //!   so a delivery is never only in a worker's memory (FIFO: pushed left, taken right);
 //! - once the outcome is committed in Postgres the worker acknowledges with `LREM`;
+//! - every published delivery is also a member of the set `{prefix}:tasks:transit` until it is
+//!   acknowledged (added in the same `MULTI` as the push, removed in the same `MULTI` as the
+//!   `LREM`), so the rescuer can tell a delivery that waits from one Redis lost;
 //! - dead-lettered tasks get a copy on `{prefix}:tasks:failed` (newest first, capped at
 //!   [`FAILED_LIST_CAP`] entries by `LTRIM` in the same `MULTI`).
 //!
@@ -100,9 +103,16 @@ pub async fn publish(
     let encoded: Vec<String> = deliveries.iter().map(Delivery::encode).collect();
     // One LPUSH with many values pushes them left one after the other, so the first ends
     // nearest the right end, where workers take from.
-    redis::cmd("LPUSH")
+    redis::pipe()
+        .atomic()
+        .cmd("LPUSH")
         .arg(keys.tasks())
         .arg(&encoded)
+        .ignore()
+        .cmd("SADD")
+        .arg(keys.transit())
+        .arg(&encoded)
+        .ignore()
         .query_async::<()>(conn)
         .await?;
     Ok(())
@@ -126,22 +136,33 @@ pub async fn take(
 }
 
 /// Moves up to `max` deliveries that are already waiting onto the processing list, without
-/// blocking (one round trip).
+/// blocking, in one command (a script: each move is the same atomic `LMOVE` as [`take`]).
 pub async fn take_waiting(
     conn: &mut ConnectionManager,
     keys: &Keys,
     max: usize,
 ) -> Result<Vec<String>> {
-    let mut pipe = redis::pipe();
-    for _ in 0..max {
-        pipe.cmd("LMOVE")
-            .arg(keys.tasks())
-            .arg(keys.processing())
-            .arg("RIGHT")
-            .arg("LEFT");
+    static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            r"
+local taken = {}
+for i = 1, tonumber(ARGV[1]) do
+  local entry = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not entry then break end
+  taken[i] = entry
+end
+return taken",
+        )
+    });
+    if max == 0 {
+        return Ok(Vec::new());
     }
-    let taken: Vec<Option<String>> = pipe.query_async(conn).await?;
-    Ok(taken.into_iter().flatten().collect())
+    Ok(SCRIPT
+        .key(keys.tasks())
+        .key(keys.processing())
+        .arg(max)
+        .invoke_async(conn)
+        .await?)
 }
 
 /// Removes one copy of each entry from the processing list, in one round trip.
@@ -150,19 +171,38 @@ pub async fn ack_many(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) 
         return Ok(());
     }
     let mut pipe = redis::pipe();
+    pipe.atomic();
     for raw in raws {
         pipe.lrem(keys.processing(), 1, *raw).ignore();
     }
+    pipe.cmd("SREM").arg(keys.transit()).arg(raws).ignore();
     pipe.query_async::<()>(conn).await?;
     Ok(())
 }
 
+/// Which of these entries Redis still holds in transit (one round trip).
+pub async fn in_transit(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    raws: &[String],
+) -> Result<Vec<bool>> {
+    if raws.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(redis::cmd("SMISMEMBER")
+        .arg(keys.transit())
+        .arg(raws)
+        .query_async(conn)
+        .await?)
+}
+
 /// Removes one copy of `raw` from the processing list (the delivery is done with).
 pub async fn ack(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<bool> {
-    let removed: i64 = redis::cmd("LREM")
-        .arg(keys.processing())
-        .arg(1)
-        .arg(raw)
+    let (removed,): (i64,) = redis::pipe()
+        .atomic()
+        .lrem(keys.processing(), 1, raw)
+        .srem(keys.transit(), raw)
+        .ignore()
         .query_async(conn)
         .await?;
     Ok(removed > 0)

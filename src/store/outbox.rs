@@ -38,7 +38,7 @@ pub async fn claim_due(tx: &mut Tx, limit: i64) -> Result<Vec<DueRow>> {
     .await?)
 }
 
-/// Marks rows published.
+/// Marks the rows a relay holds and has published (by key: the relay locked them).
 pub async fn mark_published(tx: &mut Tx, ids: &[i64], at: DateTime<Utc>) -> Result<()> {
     sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = ANY($1)")
         .bind(ids)
@@ -57,60 +57,50 @@ pub async fn delete(tx: &mut Tx, ids: &[i64]) -> Result<()> {
     Ok(())
 }
 
-/// Adds a delivery of `attempt`, due at `available_at`.
-pub async fn insert(
-    tx: &mut Tx,
-    task_id: Uuid,
-    attempt: i32,
-    available_at: DateTime<Utc>,
-) -> Result<()> {
-    sqlx::query("INSERT INTO outbox (task_id, attempt, available_at) VALUES ($1, $2, $3)")
-        .bind(task_id)
-        .bind(attempt)
-        .bind(available_at)
+/// The outbox changes a transition implies (derived from its events by
+/// [`super::transition::apply`]).
+#[derive(Debug, Default)]
+pub(crate) struct Effects {
+    /// Tasks whose pending deliveries are no longer wanted (claimed, cancelled, dead, requeued).
+    pub used: Vec<Uuid>,
+    /// New deliveries `(task, attempt, due)`.
+    pub added: Vec<(Uuid, i32, DateTime<Utc>)>,
+}
+
+impl Effects {
+    pub fn add(&mut self, task: Uuid, attempt: i32, due: DateTime<Utc>) {
+        self.added.push((task, attempt, due));
+    }
+}
+
+/// Applies `effects` in `tx`: removes used rows, adds new rows and, when
+/// any was added, wakes the relays at commit. Rows another transaction holds (a relay's batch)
+/// are skipped rather than waited for (see [`super::transition`]).
+pub(crate) async fn apply_effects(tx: &mut Tx, effects: Effects) -> Result<()> {
+    if !effects.used.is_empty() {
+        sqlx::query(
+            "DELETE FROM outbox WHERE id IN \
+             (SELECT id FROM outbox WHERE task_id = ANY($1) FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(&effects.used)
         .execute(tx.conn())
         .await?;
-    Ok(())
-}
-
-/// Adds deliveries `(task, attempt, due)` in one statement.
-pub async fn insert_many(tx: &mut Tx, rows: &[(Uuid, i32, DateTime<Utc>)]) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO outbox (task_id, attempt, available_at) \
-         SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::timestamptz[])",
-    )
-    .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
-    .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
-    .execute(tx.conn())
-    .await?;
-    Ok(())
-}
-
-/// Removes the rows of these tasks (their attempts were claimed), except rows a relay holds
-/// locked right now: waiting for them would deadlock with that relay, which holds the row and
-/// waits for the task; it finds the task no longer waiting and drops the row itself.
-pub async fn delete_for_tasks(tx: &mut Tx, task_ids: &[Uuid]) -> Result<()> {
-    if task_ids.is_empty() {
-        return Ok(());
+    if !effects.added.is_empty() {
+        sqlx::query(
+            "WITH added AS ( \
+               INSERT INTO outbox (task_id, attempt, available_at) \
+               SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::timestamptz[]) \
+             ) SELECT pg_notify($4, '')",
+        )
+        .bind(effects.added.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(effects.added.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(effects.added.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind(CHANNEL)
+        .execute(tx.conn())
+        .await?;
     }
-    sqlx::query(
-        "DELETE FROM outbox WHERE id IN \
-         (SELECT id FROM outbox WHERE task_id = ANY($1) FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(task_ids)
-    .execute(tx.conn())
-    .await?;
     Ok(())
-}
-
-/// Removes the rows of a task (its attempt was claimed, or it reached a terminal state); see
-/// [`delete_for_tasks`] for the rows a relay holds.
-pub async fn delete_for_task(tx: &mut Tx, task_id: Uuid) -> Result<()> {
-    delete_for_tasks(tx, &[task_id]).await
 }
 
 /// Marks every published row unpublished, so the relays publish them again (after Redis lost its
@@ -148,17 +138,38 @@ pub async fn republish(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<u64
     .rows_affected())
 }
 
-/// Marks rows published more than `age` ago (by the database's clock) unpublished: a safety
-/// net for deliveries lost in a way nothing else noticed. Returns how many.
-pub async fn republish_older_than(pool: &PgPool, age: std::time::Duration) -> Result<u64> {
-    Ok(sqlx::query(
-        "UPDATE outbox SET published_at = NULL \
-         WHERE published_at IS NOT NULL AND published_at < now() - $1",
+/// A published delivery, as the rescuer checks it against Redis.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+pub struct PublishedRow {
+    pub id: i64,
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub task_type: String,
+    pub published_at: DateTime<Utc>,
+}
+
+/// Up to `limit` rows published more than `age` ago (by the database's clock), in publishing
+/// order after the cursor `(published_at, id)`; the rescuer walks them a window per pass.
+pub async fn published_before(
+    pool: &PgPool,
+    age: std::time::Duration,
+    after: Option<(DateTime<Utc>, i64)>,
+    limit: i64,
+) -> Result<Vec<PublishedRow>> {
+    let (after_at, after_id) = after.unzip();
+    Ok(sqlx::query_as(
+        "SELECT o.id, o.task_id, o.attempt, t.task_type, o.published_at \
+         FROM outbox o JOIN tasks t ON t.id = o.task_id \
+         WHERE o.published_at IS NOT NULL AND o.published_at < now() - $1 \
+           AND ($2::timestamptz IS NULL OR (o.published_at, o.id) > ($2, $3)) \
+         ORDER BY o.published_at, o.id LIMIT $4",
     )
     .bind(age)
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .bind(after_at)
+    .bind(after_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// When the next unpublished row falls due, if any.

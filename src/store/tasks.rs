@@ -152,7 +152,7 @@ pub async fn enqueue(
            SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1, \
                   hash, event_position(slot), $11, $11 \
            FROM input ORDER BY slot \
-           ON CONFLICT (idempotency_key) DO NOTHING \
+           ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
            RETURNING {cols} \
          ), event AS ( \
            INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
@@ -314,34 +314,6 @@ pub async fn list(
     Ok(q.build_query_as().fetch_all(pool).await?)
 }
 
-/// Reads and locks a task in `tx`, with the database's clock: every time a decision depends on
-/// is Postgres's, whatever the clocks of the processes say.
-pub async fn lock_with_now(tx: &mut Tx, id: Uuid) -> Result<Option<(TaskRow, DateTime<Utc>)>> {
-    #[derive(FromRow)]
-    struct WithNow {
-        #[sqlx(flatten)]
-        row: TaskRow,
-        db_now: DateTime<Utc>,
-    }
-    let found: Option<WithNow> = sqlx::query_as(&format!(
-        "SELECT {TASK_COLUMNS}, now() AS db_now FROM tasks WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
-    .fetch_optional(tx.conn())
-    .await?;
-    Ok(found.map(|f| (f.row, f.db_now)))
-}
-
-/// Reads and locks several tasks in `tx`, in id order (a fixed order avoids deadlocks).
-pub async fn lock_many(tx: &mut Tx, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
-    ))
-    .bind(ids)
-    .fetch_all(tx.conn())
-    .await?)
-}
-
 /// Reads several tasks without locking them.
 pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
     Ok(sqlx::query_as(&format!(
@@ -350,23 +322,6 @@ pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
     .bind(ids)
     .fetch_all(pool)
     .await?)
-}
-
-/// Locks up to `limit` tasks whose lease ran out (skipping ones another rescuer holds), with the
-/// database's clock.
-pub async fn lock_expired_leases(tx: &mut Tx, limit: i64) -> Result<(Vec<TaskRow>, DateTime<Utc>)> {
-    let rows: Vec<TaskRow> = sqlx::query_as(&format!(
-        "SELECT {TASK_COLUMNS} FROM tasks \
-         WHERE lease_owner IS NOT NULL AND lease_expires_at < now() \
-         ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
-    ))
-    .bind(limit)
-    .fetch_all(tx.conn())
-    .await?;
-    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-        .fetch_one(tx.conn())
-        .await?;
-    Ok((rows, now))
 }
 
 /// The database's clock, as seen by `tx`.

@@ -23,7 +23,11 @@
 //! (`attempt_released`: queued again with the same attempt number and idempotency key).
 
 pub mod handler;
+pub mod lease;
 pub mod log_channel;
+pub mod pool;
+
+pub use pool::{WorkerPool, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -31,17 +35,18 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::domain::task::InvalidTransition;
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, FailedCopy, Keys, QueueError};
-use crate::store::{events, outbox, tasks, StoreError, Tx};
+use crate::store::transition::{self, DeadLetter, Lock, Target};
+use crate::store::{StoreError, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
 /// Errors that stop one step of a worker (the loop logs them and carries on).
@@ -68,6 +73,29 @@ impl From<redis::RedisError> for WorkerError {
 impl From<sqlx::Error> for WorkerError {
     fn from(e: sqlx::Error) -> Self {
         WorkerError::Store(e.into())
+    }
+}
+
+impl WorkerError {
+    /// The database could not be reached (connection refused or lost, pool timed out): worth
+    /// trying again later, unlike an error the database answered with.
+    pub fn is_unavailable(&self) -> bool {
+        let WorkerError::Store(StoreError::Database(e)) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => true,
+            // connection exceptions (08) and a server shutting down or restarting (57)
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
+            _ => false,
+        }
     }
 }
 
@@ -178,11 +206,6 @@ pub struct Finished {
     pub duration_ms: i64,
 }
 
-enum Decision {
-    Start(TaskEvent),
-    DeadLetter(TaskEvent, String),
-}
-
 impl Worker {
     pub fn new(
         pool: PgPool,
@@ -256,21 +279,26 @@ impl Worker {
         let Some(claimed) = claimed.pop() else {
             return Ok(refused.into_iter().next().unwrap_or(Processed::Idle));
         };
-        let lease_lost = CancellationToken::new();
-        let heartbeat =
-            self.heartbeat(claimed.ctx.task_id, claimed.ctx.attempt, lease_lost.clone());
-        let (finished, ()) = tokio::join!(
-            async {
-                let f = self.execute(claimed, &lease_lost, hard_stop).await;
-                lease_lost.cancel();
-                f
-            },
-            heartbeat
-        );
-        let mut processed = self.complete(vec![finished]).await?;
+        let key = (claimed.ctx.task_id, claimed.ctx.attempt);
+        let leases = lease::Leases::new();
+        let lease_lost = leases.hold(key);
+        let renewer_stop = CancellationToken::new();
+        let renewer = tokio::spawn(leases.clone().run(
+            self.pool.clone(),
+            self.id,
+            self.config.lease,
+            None,
+            renewer_stop.clone(),
+        ));
+        let finished = self.execute(claimed, &lease_lost, hard_stop).await;
+        let recorded = self.complete(vec![finished]).await;
+        renewer_stop.cancel();
+        if let Err(e) = renewer.await {
+            tracing::error!(error = %e, "the lease renewer panicked");
+        }
+        let mut processed = recorded?;
         Ok(processed.remove(0))
     }
-
     /// Takes up to `max` deliveries onto the processing list: waits up to the block time for the
     /// first, then takes only what is already waiting.
     pub async fn take(&self, max: usize) -> Result<Vec<String>> {
@@ -301,82 +329,58 @@ impl Worker {
         if deliveries.is_empty() {
             return Ok((Vec::new(), done));
         }
-        let mut ids: Vec<Uuid> = deliveries.iter().map(|(_, d)| d.task_id).collect();
-        ids.sort();
-        ids.dedup();
+        // the attempt each task's first delivery in the batch names (a second one is a duplicate)
+        let mut wanted: HashMap<Uuid, i32> = HashMap::with_capacity(deliveries.len());
+        for (_, d) in &deliveries {
+            wanted.entry(d.task_id).or_insert(d.attempt);
+        }
+        let ids: Vec<Uuid> = wanted.keys().copied().collect();
+        let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
 
         let mut tx = Tx::begin(&self.pool).await?;
-        let rows = tasks::lock_many(&mut tx, &ids).await?;
-        let now = tasks::db_now(&mut tx).await?;
-        let lease_until = now + chrono::Duration::from_std(self.config.lease).unwrap_or_default();
-        let by_id: HashMap<Uuid, &tasks::TaskRow> = rows.iter().map(|r| (r.id, r)).collect();
-        let mut seen = HashSet::new();
-        let mut items = Vec::new();
-        let mut decided = Vec::new();
-        let mut refused = Vec::new();
-        for (raw, d) in deliveries {
-            let decision = match by_id.get(&d.task_id) {
-                Some(row) if seen.insert(d.task_id) => {
-                    // an unreadable row is refused here, not allowed to fail the whole batch
-                    let task = match row.to_task() {
-                        Ok(t) => t,
-                        Err(e) => {
-                            tracing::error!(error = %e, "refusing a delivery of an unreadable task");
-                            refused.push((raw, d.task_id));
-                            continue;
-                        }
-                    };
-                    let decision = self.decide_claim(&task, &d, now, lease_until);
-                    decision.map(|dec| (task, row.last_hash.clone(), dec))
-                }
-                _ => None,
-            };
-            match decision {
-                Some((task, hash, dec)) => {
-                    let event = match &dec {
-                        Decision::Start(e) | Decision::DeadLetter(e, _) => e.clone(),
-                    };
-                    items.push((task, hash, vec![event]));
-                    decided.push((raw, dec));
-                }
-                None => refused.push((raw, d.task_id)),
-            }
-        }
-        let afters = events::record_batch(&mut tx, &items, now).await?;
-        let started_ids: Vec<Uuid> = afters.iter().map(|t| t.id).collect();
-        outbox::delete_for_tasks(&mut tx, &started_ids).await?;
+        let applied = transition::apply(&mut tx, Target::Ids(&ids, Lock::Wait), |task, now| {
+            let event = self.decide_claim(task, wanted[&task.id], now, now + lease);
+            Ok(event.map(|e| vec![e]))
+        })
+        .await?;
         tx.commit().await?;
 
         let mut claimed = Vec::new();
-        for ((raw, dec), after) in decided.into_iter().zip(afters) {
-            match dec {
-                Decision::Start(_) => {
-                    let attempt = after.attempts;
-                    let id = after.id;
-                    claimed.push(Claimed {
-                        raw,
-                        ctx: TaskContext {
-                            task_id: id,
-                            task_type: after.task_type,
-                            attempt,
-                            payload: after.payload,
-                            idempotency_key: format!("{id}:{attempt}"),
-                        },
-                    });
-                }
-                Decision::DeadLetter(_, reason) => {
-                    // The claims are committed: a Redis error from here on must not drop them
-                    // (the rescuer cleans the processing entry later).
-                    let copy = failed_copy(&after, reason, now);
-                    if let Err(e) = queue::push_failed(&mut conn, &self.keys, &copy).await {
-                        tracing::error!(task.id = %after.id, error = %e, "cannot copy a dead letter to the failed list");
-                    } else if let Err(e) = queue::ack(&mut conn, &self.keys, &raw).await {
-                        tracing::error!(task.id = %after.id, error = %e, "cannot acknowledge a delivery");
-                    }
-                    self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    done.push(Processed::DeadLettered(after.id));
-                }
+        let mut refused = Vec::new();
+        let mut used = HashSet::with_capacity(applied.changed.len());
+        for (raw, d) in deliveries {
+            let change = applied
+                .get(d.task_id)
+                .filter(|_| wanted[&d.task_id] == d.attempt && used.insert(d.task_id));
+            let Some(change) = change else {
+                refused.push((raw, d.task_id));
+                continue;
+            };
+            let after = &change.after;
+            if matches!(change.events[..], [TaskEvent::AttemptStarted { .. }]) {
+                let (id, attempt) = (after.id, after.attempts);
+                claimed.push(Claimed {
+                    raw,
+                    ctx: TaskContext {
+                        task_id: id,
+                        task_type: after.task_type,
+                        attempt,
+                        payload: after.payload.clone(),
+                        idempotency_key: format!("{id}:{attempt}"),
+                    },
+                });
+                continue;
             }
+            // dead-lettered (no handler for its type). The claims are committed: a Redis error
+            // from here on must not drop them (the rescuer cleans the processing entry later).
+            if let Err(e) = queue::ack(&mut conn, &self.keys, &raw).await {
+                tracing::error!(task.id = %after.id, error = %e, "cannot acknowledge a delivery");
+            }
+            self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            done.push(Processed::DeadLettered(after.id));
+        }
+        if let Err(e) = push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await {
+            tracing::error!(error = %e, "cannot copy dead letters to the failed list");
         }
         if !refused.is_empty() {
             let raws: Vec<&str> = refused.iter().map(|(r, _)| r.as_str()).collect();
@@ -392,25 +396,23 @@ impl Worker {
         Ok((claimed, done))
     }
 
-    /// Whether a delivery may start its attempt now; `None` for a duplicate.
+    /// The event that claims `attempt` now, a dead letter for a type without a handler, or
+    /// `None` for a duplicate (the attempt is not the task's next, or it cannot start now).
     fn decide_claim(
         &self,
         task: &Task,
-        d: &Delivery,
+        attempt: i32,
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
-    ) -> Option<Decision> {
-        if d.attempt != task.next_attempt() {
+    ) -> Option<TaskEvent> {
+        if attempt != task.next_attempt() {
             return None;
         }
         if self.registry.handler(task.task_type).is_none() {
             let reason = format!("no handler is registered for task type {}", task.task_type);
-            let event = task.dead_letter(reason.clone()).ok()?;
-            return Some(Decision::DeadLetter(event, reason));
+            return task.dead_letter(reason).ok();
         }
-        task.start_attempt(self.id, now, lease_until)
-            .ok()
-            .map(Decision::Start)
+        task.start_attempt(self.id, now, lease_until).ok()
     }
 
     /// Runs the handler of a claimed attempt under its time limit, until it ends, the lease is
@@ -458,90 +460,37 @@ impl Worker {
         }
     }
 
-    /// Renews one attempt's lease every third of its length until `stop` fires; fires `stop`
-    /// itself when the lease is lost.
-    async fn heartbeat(&self, task: Uuid, attempt: i32, stop: CancellationToken) {
-        let every = self.config.lease / 3;
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-            match tasks::renew_leases(&self.pool, &[(task, attempt)], self.id, self.config.lease)
-                .await
-            {
-                Ok(held) if held.is_empty() => {
-                    tracing::warn!(task.id = %task, "lease lost; stopping the handler");
-                    stop.cancel();
-                    return;
-                }
-                Ok(_) => {}
-                // A failed renewal is not a lost lease: try again next beat (the lease has
-                // two more beats of slack).
-                Err(e) => tracing::warn!(task.id = %task, error = %e, "lease renewal failed"),
-            }
-        }
-    }
-
     /// Records the outcomes of finished runs in one transaction, then acknowledges their
     /// deliveries. An outcome is recorded only while this worker still holds the attempt.
     pub async fn complete(&self, finished: Vec<Finished>) -> Result<Vec<Processed>> {
         if finished.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<Uuid> = finished.iter().map(|f| f.claimed.ctx.task_id).collect();
+        let by_id: HashMap<Uuid, &Finished> = finished
+            .iter()
+            .map(|f| (f.claimed.ctx.task_id, f))
+            .collect();
+        let ids: Vec<Uuid> = by_id.keys().copied().collect();
+        let mut outcomes: HashMap<Uuid, Processed> = HashMap::with_capacity(ids.len());
         let mut tx = Tx::begin(&self.pool).await?;
-        let rows = tasks::lock_many(&mut tx, &ids).await?;
-        let now = tasks::db_now(&mut tx).await?;
-        let by_id: HashMap<Uuid, &tasks::TaskRow> = rows.iter().map(|r| (r.id, r)).collect();
-
-        let mut processed = Vec::with_capacity(finished.len());
-        let mut items = Vec::new();
-        for f in &finished {
-            let id = f.claimed.ctx.task_id;
-            // a missing or unreadable row records nothing (the others in the batch still are)
-            let Some(task) = by_id.get(&id).and_then(|row| match row.to_task() {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot record the outcome of an unreadable task");
-                    None
-                }
-            }) else {
-                processed.push(Processed::Fenced(id));
-                continue;
-            };
-            let row = by_id[&id];
-            match self.outcome(&task, f, now)? {
-                Some((events, p)) => {
-                    items.push((task, row.last_hash.clone(), events));
-                    processed.push(p);
-                }
-                None => processed.push(Processed::Fenced(id)),
-            }
-        }
-        let afters = events::record_batch(&mut tx, &items, now).await?;
-        let mut deliveries = Vec::new();
-        let mut copies = Vec::new();
-        for ((_, _, evs), after) in items.iter().zip(&afters) {
-            for e in evs {
-                match e {
-                    TaskEvent::RetryScheduled {
-                        next_attempt,
-                        available_at,
-                        ..
-                    } => deliveries.push((after.id, *next_attempt, *available_at)),
-                    TaskEvent::AttemptReleased { attempt, .. } => {
-                        deliveries.push((after.id, *attempt, now))
-                    }
-                    TaskEvent::DeadLettered { reason } => {
-                        copies.push(failed_copy(after, reason.clone(), now))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        outbox::insert_many(&mut tx, &deliveries).await?;
+        let applied = transition::apply(&mut tx, Target::Ids(&ids, Lock::Wait), |task, now| {
+            Ok(self
+                .outcome(task, by_id[&task.id], now)?
+                .map(|(events, p)| {
+                    outcomes.insert(task.id, p);
+                    events
+                }))
+        })
+        .await?;
         tx.commit().await?;
+        // a missing or unreadable row, or a lease taken over, records nothing (fenced)
+        let processed: Vec<Processed> = finished
+            .iter()
+            .map(|f| {
+                let id = f.claimed.ctx.task_id;
+                outcomes.remove(&id).unwrap_or(Processed::Fenced(id))
+            })
+            .collect();
         for (f, p) in finished.iter().zip(&processed) {
             if let Some(outcome) = attempt_outcome(p) {
                 let took = Duration::from_millis(f.duration_ms.max(0) as u64);
@@ -551,9 +500,7 @@ impl Worker {
         }
 
         let mut conn = self.commands.clone();
-        for copy in &copies {
-            queue::push_failed(&mut conn, &self.keys, copy).await?;
-        }
+        push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await?;
         let raws: Vec<&str> = finished.iter().map(|f| f.claimed.raw.as_str()).collect();
         queue::ack_many(&mut conn, &self.keys, &raws).await?;
         for p in &processed {
@@ -577,11 +524,20 @@ impl Worker {
         task: &Task,
         f: &Finished,
         now: DateTime<Utc>,
-    ) -> Result<Option<(Vec<TaskEvent>, Processed)>> {
+    ) -> Result<Option<(Vec<TaskEvent>, Processed)>, InvalidTransition> {
         let id = task.id;
-        if !task.is_held_by(self.id, f.claimed.ctx.attempt) {
-            tracing::warn!(task.id = %id, attempt = f.claimed.ctx.attempt, "lease was taken over; outcome not recorded");
-            return Ok(None);
+        let attempt = f.claimed.ctx.attempt;
+        if !task.is_held_by(self.id, attempt) {
+            tracing::warn!(task.id = %id, attempt, "lease was taken over; outcome not recorded");
+            // the run is not recorded, but a handler stopped for it is (never a silent stop)
+            return Ok(matches!(f.ending, Ending::LeaseLost).then(|| {
+                let stopped = TaskEvent::AttemptStopped {
+                    attempt,
+                    worker_id: self.id,
+                    reason: "the lease was lost: another process took the attempt over".into(),
+                };
+                (vec![stopped], Processed::Fenced(id))
+            }));
         }
         let duration_ms = f.duration_ms;
         if task.status == TaskStatus::Cancelled {
@@ -608,9 +564,17 @@ impl Worker {
                 vec![task.release("the worker shut down before the handler finished".into())?],
                 Processed::Released(id),
             ),
-            // The renewal found the lease gone although the row still names this worker: a
-            // rescuer is about to take the attempt over. Record nothing.
-            Ending::LeaseLost => return Ok(None),
+            // Stopped while this worker still holds the attempt (its leases could not be
+            // renewed for long enough that others may take them over): recorded as a failed
+            // attempt, retried by the usual rules.
+            Ending::LeaseLost => self.failure(
+                task,
+                FailureKind::LeaseExpired,
+                "the handler was stopped: its lease could not be renewed".into(),
+                None,
+                duration_ms,
+                now,
+            )?,
             Ending::Done(Err(err)) => {
                 let (kind, retry_after) = match err {
                     HandlerError::Retryable { retry_after, .. } => {
@@ -651,7 +615,7 @@ impl Worker {
         retry_after: Option<Duration>,
         duration_ms: i64,
         now: DateTime<Utc>,
-    ) -> Result<(Vec<TaskEvent>, Processed)> {
+    ) -> Result<(Vec<TaskEvent>, Processed), InvalidTransition> {
         let decision = retry_decision(&self.config, task.attempts, retry_after);
         let events = task.fail(kind, error, duration_ms, now, decision)?;
         let processed = if events
@@ -692,341 +656,21 @@ pub fn retry_decision(
     RetryDecision::RetryAfterMs(config.retry.delay_ms(attempt, (config.jitter)(), requested))
 }
 
-/// The operator's copy of a dead-lettered task.
-pub fn failed_copy(task: &Task, reason: String, at: DateTime<Utc>) -> FailedCopy {
-    FailedCopy {
-        task_id: task.id,
-        task_type: task.task_type.to_string(),
-        attempts: task.attempts,
-        reason,
-        failed_at: at,
+/// Puts the copies of dead-lettered tasks on the failed list (after their transition committed).
+pub async fn push_dead_letters(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    dead: &[DeadLetter],
+) -> Result<(), QueueError> {
+    for d in dead {
+        let copy = FailedCopy {
+            task_id: d.task_id,
+            task_type: d.task_type.to_string(),
+            attempts: d.attempts,
+            reason: d.reason.clone(),
+            failed_at: d.at,
+        };
+        queue::push_failed(conn, keys, &copy).await?;
     }
-}
-
-/// The workers of one process: `slots` attempts run at once. One fetcher takes as many
-/// deliveries as there are free slots and claims them in one transaction; each attempt runs in
-/// its own task; one renewer extends every held lease in one statement; one completer records
-/// finished attempts in batches (one transaction for all the outcomes that are ready). A
-/// heartbeat in Redis lets `/health` count live workers.
-pub struct WorkerPool {
-    worker: Worker,
-    slots: usize,
-    pub stats: Arc<WorkerStats>,
-    pub process_id: Uuid,
-    heartbeats: ConnectionManager,
-    keys: Keys,
-}
-
-/// Most outcomes recorded in one transaction.
-const COMPLETE_BATCH: usize = 512;
-
-impl WorkerPool {
-    /// Builds a pool running up to `slots` attempts at once.
-    pub async fn build(
-        slots: usize,
-        pool: PgPool,
-        redis_info: redis::ConnectionInfo,
-        keys: Keys,
-        registry: Registry,
-        config: WorkerConfig,
-    ) -> Result<WorkerPool> {
-        let stats = Arc::new(WorkerStats::default());
-        // A blocking take holds its connection for `block`; allow that plus a margin.
-        let blocking =
-            queue::connect_with_timeout(redis_info.clone(), config.block + Duration::from_secs(5))
-                .await?;
-        let commands = queue::connect(redis_info).await?;
-        let worker = Worker::with_connections(
-            pool,
-            blocking,
-            commands.clone(),
-            keys.clone(),
-            Arc::new(registry),
-            config,
-            stats.clone(),
-        );
-        Ok(WorkerPool {
-            worker,
-            slots: slots.max(1),
-            stats,
-            process_id: Uuid::new_v4(),
-            heartbeats: commands,
-            keys,
-        })
-    }
-
-    /// Records finished attempts in `metrics` (by default in a registry of the pool's own).
-    pub fn with_metrics(mut self, metrics: Metrics) -> WorkerPool {
-        self.worker = self.worker.with_metrics(metrics);
-        self
-    }
-
-    /// Runs until `shutdown`; then lets running attempts finish for up to `drain`, releases those
-    /// that did not, records every outcome and returns.
-    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
-        let worker = Arc::new(self.worker);
-        let hard_stop = CancellationToken::new();
-        let in_flight: InFlight = Arc::new(Mutex::new(HashMap::new()));
-        let slots = Arc::new(Semaphore::new(self.slots));
-        let (done_tx, done_rx) = mpsc::unbounded_channel::<(Finished, OwnedSemaphorePermit)>();
-
-        // the heartbeat lasts until the drain is over: a draining process still runs attempts
-        let beat_stop = CancellationToken::new();
-        let beat = tokio::spawn(heartbeat_loop(
-            self.heartbeats.clone(),
-            self.keys.clone(),
-            self.process_id,
-            self.slots,
-            beat_stop.clone(),
-        ));
-        let renewer_stop = CancellationToken::new();
-        let renewer = tokio::spawn(renew_loop(
-            worker.clone(),
-            in_flight.clone(),
-            renewer_stop.clone(),
-        ));
-        let completer = tokio::spawn(complete_loop(worker.clone(), done_rx, in_flight.clone()));
-
-        let mut running = tokio::task::JoinSet::new();
-        let mut failures = 0u32;
-        // `slots` bounds the handlers running; `pending` bounds the attempts claimed and not yet
-        // recorded, so the fetcher can claim again while the completer records earlier outcomes.
-        let pending = Arc::new(Semaphore::new((self.slots * 4).max(256)));
-        while !shutdown.is_cancelled() {
-            let first = tokio::select! {
-                p = async {
-                    let slot = slots.clone().acquire_owned().await?;
-                    let record = pending.clone().acquire_owned().await?;
-                    Ok::<_, tokio::sync::AcquireError>((slot, record))
-                } => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                () = shutdown.cancelled() => break,
-            };
-            let mut permits = vec![first];
-            // let attempts that are about to end free their slots, so one claim takes many
-            tokio::task::yield_now().await;
-            while let Ok(slot) = slots.clone().try_acquire_owned() {
-                match pending.clone().try_acquire_owned() {
-                    Ok(record) => permits.push((slot, record)),
-                    Err(_) => break,
-                }
-            }
-            let claimed = match fetch(&worker, permits.len(), &shutdown).await {
-                Ok(c) => {
-                    failures = 0;
-                    c
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::error!(error = %e, "taking or claiming deliveries failed");
-                    let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = shutdown.cancelled() => {}
-                    }
-                    continue;
-                }
-            };
-            for c in claimed {
-                let (slot, record) = permits.pop().expect("one permit per claimed attempt");
-                let lease_lost = CancellationToken::new();
-                let key = (c.ctx.task_id, c.ctx.attempt);
-                in_flight
-                    .lock()
-                    .expect("in-flight map")
-                    .insert(key, lease_lost.clone());
-                let (worker, hard_stop, done_tx) =
-                    (worker.clone(), hard_stop.clone(), done_tx.clone());
-                running.spawn(async move {
-                    let finished = worker.execute(c, &lease_lost, &hard_stop).await;
-                    drop(slot);
-                    // the lease stays renewed until the completer has recorded the outcome;
-                    // the completer outlives every sender
-                    done_tx.send((finished, record)).ok();
-                });
-            }
-            // reap finished runs so the set does not grow
-            while running.try_join_next().is_some() {}
-        }
-
-        tracing::info!(running = running.len(), ?drain, "draining workers");
-        let deadline = tokio::time::sleep(drain);
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                joined = running.join_next() => match joined {
-                    None => break,
-                    Some(Err(e)) => tracing::error!(error = %e, "an attempt task panicked"),
-                    Some(Ok(())) => {}
-                },
-                () = &mut deadline, if !hard_stop.is_cancelled() => {
-                    tracing::warn!("drain deadline passed; releasing unfinished attempts");
-                    hard_stop.cancel();
-                }
-            }
-        }
-        drop(done_tx);
-        if let Err(e) = completer.await {
-            tracing::error!(error = %e, "the completer panicked");
-        }
-        renewer_stop.cancel();
-        if let Err(e) = renewer.await {
-            tracing::error!(error = %e, "the lease renewer panicked");
-        }
-        beat_stop.cancel();
-        if let Err(e) = beat.await {
-            tracing::error!(error = %e, "heartbeat task panicked");
-        }
-        let mut conn = self.heartbeats;
-        if let Err(e) = queue::worker_heartbeat_stop(&mut conn, &self.keys, self.process_id).await {
-            tracing::warn!(error = %e, "cannot remove the worker heartbeat");
-        }
-        tracing::info!("workers stopped");
-    }
-}
-
-/// Attempts (task, attempt number) running in this process, with the token that stops each
-/// when its lease is lost.
-type InFlight = Arc<Mutex<HashMap<(Uuid, i32), CancellationToken>>>;
-
-/// Takes up to `max` deliveries and claims them; a delivery taken after shutdown began goes
-/// back to the queue unstarted.
-async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Result<Vec<Claimed>> {
-    let raws = worker.take(max).await?;
-    if raws.is_empty() {
-        return Ok(Vec::new());
-    }
-    if shutdown.is_cancelled() {
-        let mut conn = worker.commands.clone();
-        for raw in &raws {
-            queue::return_unstarted(&mut conn, &worker.keys, raw).await?;
-        }
-        return Ok(Vec::new());
-    }
-    Ok(worker.claim(raws).await?.0)
-}
-
-/// Extends every held lease each third of the lease; stops the attempts whose lease was lost,
-/// and stops them all when renewals have failed for two thirds of a lease (a rescuer may soon
-/// hand the attempts to another worker: they must not run on here at the same time).
-async fn renew_loop(worker: Arc<Worker>, in_flight: InFlight, stop: CancellationToken) {
-    let every = worker.config.lease / 3;
-    let mut last_ok = Instant::now();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        let held_now: Vec<(Uuid, i32)> = in_flight
-            .lock()
-            .expect("in-flight map")
-            .keys()
-            .copied()
-            .collect();
-        if held_now.is_empty() {
-            last_ok = Instant::now();
-            continue;
-        }
-        match tasks::renew_leases(&worker.pool, &held_now, worker.id, worker.config.lease).await {
-            Ok(held) => {
-                last_ok = Instant::now();
-                let held: HashSet<(Uuid, i32)> = held.into_iter().collect();
-                let map = in_flight.lock().expect("in-flight map");
-                for key in held_now.iter().filter(|k| !held.contains(k)) {
-                    if let Some(token) = map.get(key) {
-                        tracing::warn!(task.id = %key.0, attempt = key.1, "lease lost; stopping the handler");
-                        token.cancel();
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "lease renewal failed");
-                if last_ok.elapsed() >= worker.config.lease * 2 / 3 {
-                    tracing::error!("leases could not be renewed for two thirds of a lease; stopping every attempt");
-                    for token in in_flight.lock().expect("in-flight map").values() {
-                        token.cancel();
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Records finished attempts in batches until every sender is gone. A failed batch is tried
-/// again a few times, then item by item, so one bad row or a passing database error does not
-/// throw away the other outcomes. Attempts stay in `in_flight` (their leases renewed) until
-/// their outcome is recorded or given up.
-async fn complete_loop(
-    worker: Arc<Worker>,
-    mut done: mpsc::UnboundedReceiver<(Finished, OwnedSemaphorePermit)>,
-    in_flight: InFlight,
-) {
-    while let Some(first) = done.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < COMPLETE_BATCH {
-            match done.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let (finished, permits): (Vec<Finished>, Vec<OwnedSemaphorePermit>) =
-            batch.into_iter().unzip();
-        let keys: Vec<(Uuid, i32)> = finished
-            .iter()
-            .map(|f| (f.claimed.ctx.task_id, f.claimed.ctx.attempt))
-            .collect();
-        record_with_retries(&worker, finished).await;
-        let mut map = in_flight.lock().expect("in-flight map");
-        for key in &keys {
-            map.remove(key);
-        }
-        drop(map);
-        drop(permits);
-    }
-}
-
-async fn record_with_retries(worker: &Worker, finished: Vec<Finished>) {
-    for round in 1..=3u32 {
-        match worker.complete(finished.clone()).await {
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, attempts = finished.len(), round, "recording outcomes failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(round))).await;
-            }
-        }
-    }
-    // One by one: the rows that can be recorded are; the others are left to the rescuer (their
-    // leases expire and the attempts are retried), which loses attempts, never tasks.
-    for f in finished {
-        let id = f.claimed.ctx.task_id;
-        if let Err(e) = worker.complete(vec![f]).await {
-            tracing::error!(task.id = %id, error = %e, "cannot record an outcome; the lease will expire");
-        }
-    }
-}
-
-/// How often a worker process announces it is alive, and how long the announcement lasts.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
-
-async fn heartbeat_loop(
-    mut conn: ConnectionManager,
-    keys: Keys,
-    process: Uuid,
-    workers: usize,
-    shutdown: CancellationToken,
-) {
-    loop {
-        if let Err(e) =
-            queue::worker_heartbeat(&mut conn, &keys, process, workers, HEARTBEAT_TTL).await
-        {
-            tracing::warn!(error = %e, "worker heartbeat failed");
-        }
-        tokio::select! {
-            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+    Ok(())
 }

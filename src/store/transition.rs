@@ -1,0 +1,229 @@
+//! The one path of every state change after enqueue: the relay's dispatch, the worker's claim
+//! and completion, the rescuer's expired leases and the operator's requeue and cancel all go
+//! through [`apply`]. Callers only decide; everything that follows from the decided events is
+//! derived here, in one place.
+//!
+//! One call, inside the caller's transaction:
+//!
+//! 1. locks the tasks' rows in id order (a fixed order: two transitions never deadlock on rows)
+//!    and reads the database's clock (every decision uses Postgres's time);
+//! 2. decodes each row (an unreadable one is skipped and logged, never failing the batch) and
+//!    asks the caller's `decide` for the events;
+//! 3. appends the events and updates the projection ([`events::record_batch`]);
+//! 4. derives the outbox changes from the events:
+//!    - `dispatched` changes no row here: the relay marks the rows it holds and published;
+//!    - `attempt_started` removes the task's outbox rows (the delivery was used);
+//!    - `retry_scheduled`, `attempt_released` and `requeued` add a delivery of the next attempt,
+//!      due at the backoff or now, and wake the relays (`NOTIFY` at commit);
+//!    - `cancelled` and `dead_lettered` remove every pending delivery;
+//! 5. returns the dead letters, whose copies the caller puts on the failed list after commit.
+//!
+//! **Locking.** With [`Lock::Wait`] a row another transaction holds is waited for (a worker
+//! claiming a delivery must see the relay's dispatch). With [`Lock::SkipLocked`] it is left for
+//! the next pass (rescuers, which any number of processes run). Removing outbox rows skips rows
+//! a relay holds: waiting for them would deadlock with that relay, which holds the row and waits
+//! for the task; the relay finds the task no longer waiting and drops the row itself.
+
+use chrono::{DateTime, Utc};
+use sqlx::FromRow;
+use uuid::Uuid;
+
+use super::tasks::{TaskRow, TASK_COLUMNS};
+use super::{events, outbox, Result, Tx};
+use crate::domain::{Task, TaskEvent, TaskType};
+
+/// How rows that another transaction holds are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    Wait,
+    SkipLocked,
+}
+
+/// Which tasks to lock.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// These tasks (missing ones are reported as skipped).
+    Ids(&'a [Uuid], Lock),
+    /// Up to `limit` running attempts whose lease ran out, oldest first, skipping locked rows
+    /// and attempts held by `live_owners` (worker processes whose heartbeat is current: they
+    /// will record the outcome themselves once they reach the database again).
+    ExpiredLeases {
+        limit: i64,
+        live_owners: &'a [Uuid],
+    },
+}
+
+/// A task that reached `dead`: the copy for the failed list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub task_id: Uuid,
+    pub task_type: TaskType,
+    pub attempts: i32,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// One task's change: its state before, the events appended and its state after.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    pub before: Task,
+    pub events: Vec<TaskEvent>,
+    pub after: Task,
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The database's clock when the rows were locked.
+    pub now: DateTime<Utc>,
+    /// Tasks that changed, in id order.
+    pub changed: Vec<Changed>,
+    /// Tasks locked whose `decide` returned no events.
+    pub unchanged: Vec<Uuid>,
+    /// Tasks whose row could not be read (logged; left as they are).
+    pub unreadable: Vec<Uuid>,
+    /// Requested tasks that do not exist (with [`Lock::SkipLocked`], also those held elsewhere).
+    pub missing: Vec<Uuid>,
+    /// Copies for the failed list, to push after commit.
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+impl Applied {
+    /// The change of one task, if it changed.
+    pub fn get(&self, id: Uuid) -> Option<&Changed> {
+        self.changed
+            .binary_search_by(|c| c.after.id.cmp(&id))
+            .ok()
+            .map(|i| &self.changed[i])
+    }
+}
+
+#[derive(FromRow)]
+struct LockedRow {
+    #[sqlx(flatten)]
+    row: TaskRow,
+    db_now: DateTime<Utc>,
+}
+
+/// Locks the target tasks, asks `decide` for each one's events (`None` or an empty list: no
+/// change) and records them with every outbox change they imply (see the module docs). An error
+/// from `decide` fails the call; the caller's transaction must then be rolled back.
+pub async fn apply<F>(tx: &mut Tx, target: Target<'_>, mut decide: F) -> Result<Applied>
+where
+    F: FnMut(&Task, DateTime<Utc>) -> Result<Option<Vec<TaskEvent>>>,
+{
+    let (locked, requested) = lock(tx, target).await?;
+    let Some(now) = locked.first().map(|l| l.db_now) else {
+        return Ok(Applied {
+            now: super::tasks::db_now(tx).await?,
+            missing: requested,
+            ..Applied::default()
+        });
+    };
+    let mut applied = Applied {
+        now,
+        ..Applied::default()
+    };
+    let mut items = Vec::with_capacity(locked.len());
+    for LockedRow { row, .. } in &locked {
+        let task = match row.to_task() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "skipping an unreadable task");
+                applied.unreadable.push(row.id);
+                continue;
+            }
+        };
+        match decide(&task, now)? {
+            Some(events) if !events.is_empty() => items.push((task, row.last_hash.clone(), events)),
+            _ => applied.unchanged.push(row.id),
+        }
+    }
+    if !requested.is_empty() {
+        let found: std::collections::HashSet<Uuid> = locked.iter().map(|l| l.row.id).collect();
+        applied.missing = requested
+            .into_iter()
+            .filter(|id| !found.contains(id))
+            .collect();
+    }
+    let afters = events::record_batch(tx, &items, now).await?;
+
+    let mut effects = outbox::Effects::default();
+    for ((before, _, evs), after) in items.into_iter().zip(afters) {
+        for e in &evs {
+            match e {
+                TaskEvent::AttemptStarted { .. } => effects.used.push(after.id),
+                TaskEvent::RetryScheduled {
+                    next_attempt,
+                    available_at,
+                    ..
+                } => effects.add(after.id, *next_attempt, *available_at),
+                TaskEvent::AttemptReleased { attempt, .. } => effects.add(after.id, *attempt, now),
+                TaskEvent::Requeued { .. } => {
+                    effects.used.push(after.id);
+                    effects.add(after.id, after.next_attempt(), now);
+                }
+                TaskEvent::Cancelled { .. } => effects.used.push(after.id),
+                TaskEvent::DeadLettered { reason } => {
+                    effects.used.push(after.id);
+                    applied.dead_letters.push(DeadLetter {
+                        task_id: after.id,
+                        task_type: after.task_type,
+                        attempts: after.attempts,
+                        reason: reason.clone(),
+                        at: now,
+                    });
+                }
+                TaskEvent::Enqueued { .. }
+                | TaskEvent::Dispatched { .. }
+                | TaskEvent::AttemptStopped { .. }
+                | TaskEvent::AttemptSucceeded { .. }
+                | TaskEvent::AttemptFailed { .. } => {}
+            }
+        }
+        applied.changed.push(Changed {
+            before,
+            events: evs,
+            after,
+        });
+    }
+    outbox::apply_effects(tx, effects).await?;
+    Ok(applied)
+}
+
+/// Locks the target rows in id order; returns them and the ids asked for.
+async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uuid>)> {
+    Ok(match target {
+        Target::Ids(ids, lock) => {
+            let mut ids = ids.to_vec();
+            ids.sort();
+            ids.dedup();
+            let skip = if lock == Lock::SkipLocked {
+                " SKIP LOCKED"
+            } else {
+                ""
+            };
+            let rows = sqlx::query_as(&format!(
+                "SELECT {TASK_COLUMNS}, now() AS db_now FROM tasks \
+                 WHERE id = ANY($1) ORDER BY id FOR UPDATE{skip}"
+            ))
+            .bind(&ids)
+            .fetch_all(tx.conn())
+            .await?;
+            (rows, ids)
+        }
+        Target::ExpiredLeases { limit, live_owners } => {
+            let rows = sqlx::query_as(&format!(
+                "SELECT {TASK_COLUMNS}, now() AS db_now FROM tasks \
+                 WHERE lease_owner IS NOT NULL AND lease_expires_at < now() \
+                   AND lease_owner <> ALL($2) \
+                 ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(limit)
+            .bind(live_owners)
+            .fetch_all(tx.conn())
+            .await?;
+            (rows, Vec::new())
+        }
+    })
+}

@@ -1,0 +1,453 @@
+//! The workers of one process: `slots` handlers run at once (`WORKERS`).
+//!
+//! One fetcher takes deliveries and claims them in one transaction; each claimed attempt waits
+//! for a handler slot in its own task; one [`Leases`] renewer extends every held lease in one
+//! statement; one completer records finished attempts in batches (one transaction for all the
+//! outcomes that are ready). A heartbeat in Redis lets `/health` count live workers.
+//!
+//! **How much is claimed at once.** Claiming only as many deliveries as there are free slots
+//! makes every claim a transaction of a handful of rows when handlers are quick. The fetcher
+//! therefore claims up to the free slots plus a *prefetch* that follows the handlers' measured
+//! duration ([`Pace`]): as many attempts as the slots can start within [`PREFETCH_WAIT`]. Quick
+//! handlers (a few hundred microseconds) get claims of hundreds of rows; handlers that take
+//! hundreds of milliseconds get none, so a busy process never hoards deliveries another process
+//! could start, and an attempt never waits long between its `attempt_started` and its handler.
+//! A claimed attempt that has not started when shutdown begins is released at once.
+
+use redis::aio::ConnectionManager;
+use sqlx::PgPool;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::handler::Registry;
+use super::lease::{Leases, Liveness};
+use super::{Claimed, Ending, Finished, Result, Worker, WorkerConfig, WorkerStats};
+use crate::metrics::Metrics;
+use crate::queue::{self, Keys};
+
+/// Most outcomes recorded in one transaction.
+const COMPLETE_BATCH: usize = 512;
+
+/// How long a prefetched attempt should wait for a handler slot, at the measured pace.
+pub const PREFETCH_WAIT: Duration = Duration::from_millis(10);
+
+/// The most attempts claimed ahead of free slots.
+pub const MAX_PREFETCH: usize = 512;
+
+/// How long outcomes are kept while the database cannot be reached before they are given up
+/// (their attempts then run again once their leases expire).
+pub const KEEP_OUTCOMES_FOR: Duration = Duration::from_secs(600);
+
+/// How often a worker process announces it is alive, and how long the announcement lasts.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+
+pub struct WorkerPool {
+    worker: Worker,
+    slots: usize,
+    pub stats: Arc<WorkerStats>,
+    pub process_id: Uuid,
+    heartbeats: ConnectionManager,
+    keys: Keys,
+}
+
+/// The fetcher's pace: attempts claimed and not yet finished, and the handlers' mean duration.
+pub struct Pace {
+    slots: usize,
+    /// Claimed attempts whose handler has not finished (waiting for a slot or running).
+    outstanding: AtomicUsize,
+    /// Exponentially weighted mean handler duration, in microseconds.
+    mean_us: AtomicU64,
+    /// Fired when an attempt finishes (room for the fetcher).
+    freed: Notify,
+}
+
+impl Pace {
+    pub fn new(slots: usize) -> Pace {
+        Pace {
+            slots,
+            outstanding: AtomicUsize::new(0),
+            // until something is measured, assume 1 ms handlers
+            mean_us: AtomicU64::new(1_000),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Attempts claimed ahead of free slots at the measured pace.
+    pub fn prefetch(&self) -> usize {
+        let mean_us = self.mean_us.load(Ordering::Relaxed).max(1);
+        let per_slot = PREFETCH_WAIT.as_micros() as u64 / mean_us;
+        (self.slots as u64 * per_slot).min(MAX_PREFETCH as u64) as usize
+    }
+
+    /// How many attempts the fetcher may claim now.
+    pub fn room(&self) -> usize {
+        (self.slots + self.prefetch()).saturating_sub(self.outstanding.load(Ordering::Relaxed))
+    }
+
+    fn claimed(&self, n: usize) {
+        self.outstanding.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn finished(&self, took: Option<Duration>) {
+        if let Some(took) = took {
+            let us = took.as_micros().min(u64::MAX as u128) as u64;
+            let old = self.mean_us.load(Ordering::Relaxed);
+            // weight 1/16: follows a change of pace within a few dozen attempts
+            self.mean_us.store((old * 15 + us) / 16, Ordering::Relaxed);
+        }
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.freed.notify_one();
+    }
+}
+
+impl WorkerPool {
+    /// Builds a pool running up to `slots` handlers at once.
+    pub async fn build(
+        slots: usize,
+        pool: PgPool,
+        redis_info: redis::ConnectionInfo,
+        keys: Keys,
+        registry: Registry,
+        config: WorkerConfig,
+    ) -> Result<WorkerPool> {
+        let stats = Arc::new(WorkerStats::default());
+        // A blocking take holds its connection for `block`; allow that plus a margin.
+        let blocking =
+            queue::connect_with_timeout(redis_info.clone(), config.block + Duration::from_secs(5))
+                .await?;
+        let commands = queue::connect(redis_info).await?;
+        let worker = Worker::with_connections(
+            pool,
+            blocking,
+            commands.clone(),
+            keys.clone(),
+            Arc::new(registry),
+            config,
+            stats.clone(),
+        );
+        Ok(WorkerPool {
+            process_id: worker.id,
+            worker,
+            slots: slots.max(1),
+            stats,
+            heartbeats: commands,
+            keys,
+        })
+    }
+
+    /// Records finished attempts in `metrics` (by default in a registry of the pool's own).
+    pub fn with_metrics(mut self, metrics: Metrics) -> WorkerPool {
+        self.worker = self.worker.with_metrics(metrics);
+        self
+    }
+
+    /// Runs until `shutdown`; then lets running attempts finish for up to `drain`, releases those
+    /// that did not (and those claimed but not started), records every outcome and returns.
+    pub async fn run(self, shutdown: CancellationToken, drain: Duration) {
+        let worker = Arc::new(self.worker);
+        let hard_stop = CancellationToken::new();
+        let leases = Leases::new();
+        let slots = Arc::new(Semaphore::new(self.slots));
+        let pace = Arc::new(Pace::new(self.slots));
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<(Finished, OwnedSemaphorePermit)>();
+
+        // the heartbeat lasts until the drain is over: a draining process still runs attempts.
+        // Its id is the lease owner of this process's attempts (see `crate::rescuer`).
+        let liveness = Arc::new(Liveness::default());
+        let beat_stop = CancellationToken::new();
+        let beat = tokio::spawn(heartbeat_loop(
+            self.heartbeats.clone(),
+            self.keys.clone(),
+            self.process_id,
+            self.slots,
+            liveness.clone(),
+            beat_stop.clone(),
+        ));
+        let renewer_stop = CancellationToken::new();
+        let renewer = tokio::spawn(leases.clone().run(
+            worker.pool.clone(),
+            worker.id,
+            worker.config.lease,
+            Some(liveness),
+            renewer_stop.clone(),
+        ));
+        let completer = tokio::spawn(complete_loop(worker.clone(), done_rx, leases.clone()));
+
+        let mut running = tokio::task::JoinSet::new();
+        let mut failures = 0u32;
+        // `pending` bounds the attempts claimed and not yet recorded, so the fetcher can claim
+        // again while the completer records earlier outcomes, but not without limit.
+        let pending = Arc::new(Semaphore::new(
+            (self.slots + MAX_PREFETCH) * 2 + COMPLETE_BATCH,
+        ));
+        while !shutdown.is_cancelled() {
+            let room = pace.room();
+            if room == 0 {
+                tokio::select! {
+                    () = pace.freed.notified() => continue,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+            let first = tokio::select! {
+                p = pending.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            // let attempts that are about to end make room, so one claim takes many
+            tokio::task::yield_now().await;
+            let room = pace.room().max(1);
+            while permits.len() < room {
+                match pending.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let claimed = match fetch(&worker, permits.len(), &shutdown).await {
+                Ok(c) => {
+                    failures = 0;
+                    c
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, "taking or claiming deliveries failed");
+                    let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+            };
+            pace.claimed(claimed.len());
+            for c in claimed {
+                let record = permits.pop().expect("one permit per claimed attempt");
+                let lease_lost = leases.hold((c.ctx.task_id, c.ctx.attempt));
+                let (worker, slots, pace) = (worker.clone(), slots.clone(), pace.clone());
+                let (hard_stop, shutdown, done_tx) =
+                    (hard_stop.clone(), shutdown.clone(), done_tx.clone());
+                running.spawn(async move {
+                    let finished = run_attempt(
+                        &worker,
+                        c,
+                        &slots,
+                        &pace,
+                        &lease_lost,
+                        &shutdown,
+                        &hard_stop,
+                    )
+                    .await;
+                    // the lease stays renewed until the completer has recorded the outcome;
+                    // the completer outlives every sender
+                    done_tx.send((finished, record)).ok();
+                });
+            }
+            // reap finished runs so the set does not grow
+            while running.try_join_next().is_some() {}
+        }
+
+        tracing::info!(running = running.len(), ?drain, "draining workers");
+        let deadline = tokio::time::sleep(drain);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                joined = running.join_next() => match joined {
+                    None => break,
+                    Some(Err(e)) => tracing::error!(error = %e, "an attempt task panicked"),
+                    Some(Ok(())) => {}
+                },
+                () = &mut deadline, if !hard_stop.is_cancelled() => {
+                    tracing::warn!("drain deadline passed; releasing unfinished attempts");
+                    hard_stop.cancel();
+                }
+            }
+        }
+        drop(done_tx);
+        if let Err(e) = completer.await {
+            tracing::error!(error = %e, "the completer panicked");
+        }
+        renewer_stop.cancel();
+        if let Err(e) = renewer.await {
+            tracing::error!(error = %e, "the lease renewer panicked");
+        }
+        beat_stop.cancel();
+        if let Err(e) = beat.await {
+            tracing::error!(error = %e, "heartbeat task panicked");
+        }
+        let mut conn = self.heartbeats;
+        if let Err(e) = queue::worker_heartbeat_stop(&mut conn, &self.keys, self.process_id).await {
+            tracing::warn!(error = %e, "cannot remove the worker heartbeat");
+        }
+        tracing::info!("workers stopped");
+    }
+}
+
+/// Waits for a handler slot and runs the attempt. One claimed but not started when shutdown
+/// begins (or whose lease is lost while it waits) does not start.
+async fn run_attempt(
+    worker: &Worker,
+    claimed: Claimed,
+    slots: &Arc<Semaphore>,
+    pace: &Pace,
+    lease_lost: &CancellationToken,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> Finished {
+    let not_started = |claimed: Claimed, ending: Ending| Finished {
+        claimed,
+        ending,
+        duration_ms: 0,
+    };
+    let slot = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => None,
+        () = lease_lost.cancelled() => {
+            pace.finished(None);
+            return not_started(claimed, Ending::LeaseLost);
+        }
+        slot = slots.clone().acquire_owned() => slot.ok(),
+    };
+    let Some(slot) = slot else {
+        pace.finished(None);
+        return not_started(claimed, Ending::Interrupted);
+    };
+    let started = Instant::now();
+    let finished = worker.execute(claimed, lease_lost, hard_stop).await;
+    drop(slot);
+    pace.finished(Some(started.elapsed()));
+    finished
+}
+
+/// Takes up to `max` deliveries and claims them; a delivery taken after shutdown began goes
+/// back to the queue unstarted.
+async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Result<Vec<Claimed>> {
+    let raws = worker.take(max).await?;
+    if raws.is_empty() {
+        return Ok(Vec::new());
+    }
+    if shutdown.is_cancelled() {
+        let mut conn = worker.commands.clone();
+        for raw in &raws {
+            queue::return_unstarted(&mut conn, &worker.keys, raw).await?;
+        }
+        return Ok(Vec::new());
+    }
+    Ok(worker.claim(raws).await?.0)
+}
+
+/// Records finished attempts in batches until every sender is gone. A failed batch is tried
+/// again a few times, then item by item, so one bad row or a passing database error does not
+/// throw away the other outcomes. Attempts stay held (their leases renewed) until their outcome
+/// is recorded or given up.
+async fn complete_loop(
+    worker: Arc<Worker>,
+    mut done: mpsc::UnboundedReceiver<(Finished, OwnedSemaphorePermit)>,
+    leases: Arc<Leases>,
+) {
+    while let Some(first) = done.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COMPLETE_BATCH {
+            match done.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (finished, permits): (Vec<Finished>, Vec<OwnedSemaphorePermit>) =
+            batch.into_iter().unzip();
+        let keys: Vec<(Uuid, i32)> = finished
+            .iter()
+            .map(|f| (f.claimed.ctx.task_id, f.claimed.ctx.attempt))
+            .collect();
+        record_with_retries(&worker, finished).await;
+        leases.release(&keys);
+        drop(permits);
+    }
+}
+
+/// Records a batch of outcomes. While the database cannot be reached the batch is kept (the
+/// claimed-and-unrecorded bound stops the fetcher meanwhile, so memory stays bounded) and tried
+/// again with a growing pause: the handlers' leases are still renewed or, if not, left to this
+/// process by the rescuers while its heartbeat is current. Any other failure is retried a few
+/// times, then item by item, so one bad row does not throw away the other outcomes; an item that
+/// still cannot be recorded is left to the rescuer (its lease expires once this process is
+/// gone), which loses an attempt, never a task.
+async fn record_with_retries(worker: &Worker, finished: Vec<Finished>) {
+    let mut other_failures = 0u32;
+    let mut pause = Duration::from_millis(100);
+    let started = Instant::now();
+    loop {
+        match worker.complete(finished.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.is_unavailable() && started.elapsed() < KEEP_OUTCOMES_FOR => {
+                tracing::warn!(error = %e, attempts = finished.len(), "database unavailable; keeping outcomes to record later");
+            }
+            Err(e) => {
+                other_failures += 1;
+                tracing::warn!(error = %e, attempts = finished.len(), round = other_failures, "recording outcomes failed; retrying");
+                if other_failures >= 3 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+    for f in finished {
+        let id = f.claimed.ctx.task_id;
+        if let Err(e) = worker.complete(vec![f]).await {
+            tracing::error!(task.id = %id, error = %e, "cannot record an outcome; the lease will expire");
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    mut conn: ConnectionManager,
+    keys: Keys,
+    process: Uuid,
+    workers: usize,
+    liveness: Arc<Liveness>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match queue::worker_heartbeat(&mut conn, &keys, process, workers, HEARTBEAT_TTL).await {
+            Ok(()) => liveness.beat(),
+            Err(e) => tracing::warn!(error = %e, "worker heartbeat failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(HEARTBEAT_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_handlers_are_claimed_in_large_batches_and_slow_ones_only_for_free_slots() {
+        let pace = Pace::new(5);
+        for _ in 0..200 {
+            pace.claimed(1);
+            pace.finished(Some(Duration::from_micros(50)));
+        }
+        assert_eq!(pace.prefetch(), MAX_PREFETCH);
+        assert_eq!(pace.room(), 5 + MAX_PREFETCH);
+
+        let slow = Pace::new(5);
+        for _ in 0..200 {
+            slow.claimed(1);
+            slow.finished(Some(Duration::from_millis(200)));
+        }
+        assert_eq!(slow.prefetch(), 0);
+        slow.claimed(5);
+        assert_eq!(slow.room(), 0, "five running slow attempts leave no room");
+    }
+}
