@@ -212,31 +212,6 @@ pub async fn processing(
         .await?)
 }
 
-/// Sets the marker that says "this Redis has been seeded from Postgres". Returns `true` when the
-/// marker was missing: Redis is new, was restarted without its data, or was emptied, and every
-/// delivery it held must be published again.
-pub async fn mark_seeded(conn: &mut ConnectionManager, keys: &Keys) -> Result<bool> {
-    Ok(mark_seeded_epoch(conn, keys).await?.0)
-}
-
-/// [`mark_seeded`], and the marker's value after it, in one round trip.
-pub async fn mark_seeded_epoch(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-) -> Result<(bool, Option<String>)> {
-    // a value unique to this seeding, so a relay can tell a re-seed from the marker it saw
-    let (set, epoch): (Option<String>, Option<String>) = redis::pipe()
-        .cmd("SET")
-        .arg(keys.seeded())
-        .arg(Uuid::new_v4().to_string())
-        .arg("NX")
-        .cmd("GET")
-        .arg(keys.seeded())
-        .query_async(conn)
-        .await?;
-    Ok((set.is_some(), epoch))
-}
-
 /// The seeded marker and the namespace's binding after [`mark_seeded_bound`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeedMark {
@@ -267,9 +242,12 @@ return {set and 1 or 0, redis.call('GET', KEYS[1]) or '', ARGV[2]}
     )
 });
 
-/// [`mark_seeded_epoch`] for a namespace bound to `binding`: binds it if unbound (so whoever
-/// re-seeds an emptied Redis also re-establishes the binding), and never marks a namespace bound
-/// to another database as seeded (its own deployment must find the marker missing and re-seed).
+/// Sets the marker that says "this Redis has been seeded from Postgres" (`SET NX`, a value
+/// unique to this seeding, so a relay can tell a re-seed from the marker it saw), binding the
+/// namespace to `binding` if it is unbound. A marker that was missing means Redis is new, was
+/// restarted without its data, or was emptied: every delivery it held must be published again,
+/// and whoever re-seeds also re-establishes the binding. A namespace bound to another database
+/// is never marked seeded by this one (its own deployment must find the marker missing).
 pub async fn mark_seeded_bound(
     conn: &mut ConnectionManager,
     keys: &Keys,
