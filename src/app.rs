@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiContext};
+use crate::binding::Binding;
 use crate::cache::Cache;
 use crate::config::Settings;
 use crate::domain::RetryPolicy;
@@ -55,18 +56,21 @@ pub struct App {
 }
 
 impl App {
-    /// Connects to Postgres and Redis and applies migrations.
+    /// Connects to Postgres and Redis, checks that the Redis namespace serves this database
+    /// (before anything is written to either) and applies migrations.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let pg = settings.database.connect_options()?;
         let pool = store::connect(pg, settings.database.max_connections)
             .await
             .context("cannot connect to Postgres (check DB_* or DATABASE_URL)")?;
-        store::migrate(&pool)
-            .await
-            .context("cannot apply database migrations")?;
         let redis = queue::connect(settings.redis.connection_info()?)
             .await
             .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
+        let keys = Keys::new(settings.redis.key_prefix.clone());
+        check_binding(&pool, &redis, &keys).await?;
+        store::migrate(&pool)
+            .await
+            .context("cannot apply database migrations")?;
         Ok(App::from_parts(settings, pool, redis))
     }
 
@@ -249,6 +253,7 @@ impl App {
                 ..RescuerConfig::default()
             },
         )
+        .with_metrics(self.metrics.clone())
     }
 
     /// Runs the given roles until the shutdown token is cancelled, then stops them in order:
@@ -355,6 +360,28 @@ impl App {
     pub async fn close(self) {
         self.pool.close().await;
     }
+}
+
+/// Binds the Redis namespace to this database if it is unbound; fails, naming both databases,
+/// if it serves another one (see [`crate::binding`]).
+async fn check_binding(
+    pool: &PgPool,
+    redis: &ConnectionManager,
+    keys: &Keys,
+) -> anyhow::Result<()> {
+    let binding = Binding::new(pool.clone(), keys.clone());
+    binding
+        .check(&mut redis.clone())
+        .await
+        .context("refusing to start")?;
+    let (identity, _) = binding.identity().await?;
+    tracing::info!(
+        database = %identity.database,
+        system_identifier = identity.system_identifier.as_deref().unwrap_or("unreadable"),
+        key = %keys.database(),
+        "the Redis namespace serves this database"
+    );
+    Ok(())
 }
 
 /// Listens on `addr` (port 0 picks a free one); returns the acceptor and the bound address.

@@ -16,6 +16,8 @@
 //!   change (lock, decide, record, derived outbox changes), event appends with expected
 //!   versions, the commit-safe global log, audit verification, migrations.
 //! - [`queue`]: Redis key names, the delivery message and the list operations.
+//! - [`binding`]: the Redis namespace records the database it serves; a process attached to
+//!   another database refuses to start, publish or take deliveries.
 //! - [`relay`]: moves due outbox rows to the Redis queue (`Relay::run_once` is one batch).
 //! - [`worker`]: takes deliveries, claims attempts under a lease, runs handlers, records
 //!   outcomes (`Worker::process_next` is one delivery); `worker::pool` runs many with claims
@@ -41,6 +43,7 @@
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod binding;
 pub mod cache;
 pub mod channel;
 pub mod cli;

@@ -6,7 +6,8 @@
 //!
 //! - **per-process figures** are recorded where things happen: HTTP requests by route template
 //!   ([`Metrics::observe_http`], from the API middleware), relay batches
-//!   ([`Metrics::observe_relay_batch`]), finished attempts ([`Metrics::observe_attempt`]), and
+//!   ([`Metrics::observe_relay_batch`]), finished attempts ([`Metrics::observe_attempt`]),
+//!   deliveries left on the queue for another deployment ([`Metrics::observe_skipped`]), and
 //!   the counters of every registered [`CacheStats`] ([`Metrics::register_cache`]);
 //! - **cluster figures** are read at scrape time by [`Collector`]s: queue depths and live
 //!   workers from Redis ([`QueueCollector`]), the outbox backlog from Postgres
@@ -57,6 +58,24 @@ const ATTEMPT_BUCKETS: &[f64] = &[
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
+
+/// Why a delivery was left on the queue instead of being worked (the bounded `reason` label of
+/// `arnela_deliveries_skipped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// Its task is not in this process's database: it was put back on the queue.
+    TaskNotFound,
+}
+
+impl SkipReason {
+    pub const ALL: [SkipReason; 1] = [SkipReason::TaskNotFound];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::TaskNotFound => "task_not_found",
+        }
+    }
+}
 
 /// Why a collector could not read its figures.
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +321,8 @@ struct Inner {
     relay: Mutex<(Histogram, u64)>,
     /// (task type, outcome) → duration.
     attempts: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
+    /// Deliveries left on the queue, by reason.
+    skipped: Mutex<BTreeMap<SkipReason, u64>>,
     caches: Mutex<Vec<Arc<CacheStats>>>,
     collectors: Mutex<Vec<Arc<dyn Collector>>>,
     sources: Mutex<BTreeMap<&'static str, SourceState>>,
@@ -354,6 +375,7 @@ impl Metrics {
                 http: Mutex::default(),
                 relay: Mutex::new((Histogram::new(BATCH_BUCKETS), 0)),
                 attempts: Mutex::default(),
+                skipped: Mutex::default(),
                 caches: Mutex::default(),
                 collectors: Mutex::default(),
                 sources: Mutex::default(),
@@ -439,6 +461,17 @@ impl Metrics {
             .entry((task_type.as_str(), outcome))
             .or_insert_with(|| Histogram::new(ATTEMPT_BUCKETS))
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts `n` deliveries left on the queue for `reason`.
+    pub fn observe_skipped(&self, reason: SkipReason, n: u64) {
+        *self
+            .inner
+            .skipped
+            .lock()
+            .expect("metrics skipped")
+            .entry(reason)
+            .or_default() += n;
     }
 
     /// Runs every collector (concurrently, each within the collect timeout) and renders the
@@ -583,6 +616,19 @@ impl Metrics {
         }
         families.push(finished);
         families.push(durations);
+
+        let skipped = self.inner.skipped.lock().expect("metrics skipped").clone();
+        families.push(SkipReason::ALL.iter().fold(
+            Family::counter(
+                "arnela_deliveries_skipped_total",
+                "Deliveries this process's workers and rescuer put back on the queue instead of \
+                 working them, by reason (task_not_found: the task is not in this database).",
+            ),
+            |family, reason| {
+                let n = skipped.get(reason).copied().unwrap_or(0);
+                family.with(&[("reason", reason.as_str())], n as f64)
+            },
+        ));
 
         families.extend(self.cache_families());
         families

@@ -11,6 +11,10 @@
 //! unpublished and are pushed again: the second delivery of the same attempt is refused by the
 //! worker's claim, so the duplicate is harmless. The reverse order could lose a delivery.
 //!
+//! Before each batch the relay checks that the Redis namespace serves its database
+//! ([`crate::binding`]); if it does not, the batch fails with [`RelayError::Binding`] and nothing
+//! is published.
+//!
 //! Wake-ups: `LISTEN arnela_outbox` (the API notifies after enqueues commit, at most once per
 //! couple of milliseconds), the due time of the next scheduled row, and a polling interval as the
 //! fallback for missed notifications or a pooler that drops them.
@@ -24,6 +28,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::binding::{Binding, BindingError};
 use crate::domain::TaskStatus;
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys, QueueError};
@@ -43,6 +48,9 @@ pub enum RelayError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The Redis namespace serves another database: nothing is published.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
 }
 
 impl From<sqlx::Error> for RelayError {
@@ -88,11 +96,13 @@ pub struct Relay {
     keys: Keys,
     config: RelayConfig,
     metrics: Metrics,
+    binding: Binding,
 }
 
 impl Relay {
     pub fn new(pool: PgPool, redis: ConnectionManager, keys: Keys, config: RelayConfig) -> Relay {
         Relay {
+            binding: Binding::new(pool.clone(), keys.clone()),
             pool,
             redis,
             keys,
@@ -112,7 +122,7 @@ impl Relay {
         // Before anything reaches this Redis, make sure it holds what Postgres says is in
         // transit (the rescuer checks the same marker; whoever sets it re-publishes).
         let mut conn = self.redis.clone();
-        let (reseeded, epoch) = queue::mark_seeded_epoch(&mut conn, &self.keys).await?;
+        let (reseeded, epoch) = self.binding.mark_seeded(&mut conn).await?;
         if reseeded {
             let n = outbox::republish_all(&self.pool).await?;
             if n > 0 {

@@ -5,7 +5,9 @@
 //!
 //! One pass:
 //!
-//! 1. **Redis lost its data.** The marker `{prefix}:tasks:seeded` is set with `SET NX`; if it was
+//! 1. **Redis lost its data.** The marker `{prefix}:tasks:seeded` is set with `SET NX` (and the
+//!    namespace bound to this database if it was not, see [`crate::binding`]; a pass in a
+//!    namespace bound to another database fails and changes nothing); if it was
 //!    missing, Redis is new, restarted empty or was flushed, so every published outbox row (the
 //!    deliveries Redis should hold) is marked unpublished and the relays push it again. Relays
 //!    make the same check before each batch, so whichever runs first after a loss re-publishes.
@@ -20,6 +22,8 @@
 //! 3. **The processing list.** An entry seen for longer than `grace` is removed when its attempt
 //!    is over; if its attempt never started (the worker died between taking and claiming it),
 //!    the task's delivery is published again.
+//!    An entry whose task is not in this database is put back on the queue for the deployment
+//!    whose database holds it (logged and counted, never dropped).
 //! 4. **Lost deliveries.** A delivery published longer ago than `republish_after` whose entry is
 //!    not in the transit set `{prefix}:tasks:transit` (pushed and not acknowledged; see
 //!    [`crate::queue`]) was lost by Redis without the seeded marker going (say the last second
@@ -36,7 +40,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::binding::Binding;
 use crate::domain::{FailureKind, Task, TaskStatus};
+use crate::metrics::{Metrics, SkipReason};
 use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Target};
 use crate::store::{outbox, tasks, Tx};
@@ -86,6 +92,8 @@ pub struct Rescued {
     pub orphans: usize,
     /// Published deliveries missing from Redis, re-published.
     pub republished_lost: u64,
+    /// Processing entries whose task is not in this database, put back on the queue.
+    pub returned_unknown: usize,
 }
 
 pub struct Rescuer {
@@ -95,6 +103,8 @@ pub struct Rescuer {
     config: RescuerConfig,
     /// Where the next check of published deliveries starts (`None`: from the oldest).
     cursor: Mutex<Option<(DateTime<Utc>, i64)>>,
+    binding: Binding,
+    metrics: Metrics,
 }
 
 impl Rescuer {
@@ -105,6 +115,8 @@ impl Rescuer {
         config: RescuerConfig,
     ) -> Rescuer {
         Rescuer {
+            binding: Binding::new(pool.clone(), keys.clone()),
+            metrics: Metrics::new(),
             pool,
             redis,
             keys,
@@ -113,11 +125,17 @@ impl Rescuer {
         }
     }
 
+    /// Counts skipped deliveries in `metrics` (by default in a registry of the rescuer's own).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Rescuer {
+        self.metrics = metrics;
+        self
+    }
+
     /// One pass of every check.
     pub async fn run_once(&self) -> Result<Rescued, WorkerError> {
         let mut out = Rescued::default();
         let mut conn = self.redis.clone();
-        if queue::mark_seeded(&mut conn, &self.keys).await? {
+        if self.binding.mark_seeded(&mut conn).await?.0 {
             out.republished_after_loss = outbox::republish_all(&self.pool).await?;
             if out.republished_after_loss > 0 {
                 tracing::warn!(
@@ -127,9 +145,10 @@ impl Rescuer {
             }
         }
         out.leases_expired = self.expire_leases(&mut conn).await?;
-        let (stale, orphans) = self.sweep_processing(&mut conn).await?;
+        let (stale, orphans, unknown) = self.sweep_processing(&mut conn).await?;
         out.stale_entries = stale;
         out.orphans = orphans;
+        out.returned_unknown = unknown;
         out.republished_lost = self.reconcile(&mut conn).await?;
         Ok(out)
     }
@@ -219,7 +238,7 @@ impl Rescuer {
     async fn sweep_processing(
         &self,
         conn: &mut ConnectionManager,
-    ) -> Result<(usize, usize), WorkerError> {
+    ) -> Result<(usize, usize, usize), WorkerError> {
         let (entries, len) = queue::processing(conn, &self.keys, self.config.scan).await?;
         let now_ms = Utc::now().timestamp_millis();
         let grace_ms = self.config.grace.as_millis() as i64;
@@ -242,7 +261,7 @@ impl Rescuer {
             queue::forget_seen(conn, &self.keys, &gone).await?;
         }
         if old.is_empty() {
-            return Ok((0, 0));
+            return Ok((0, 0, 0));
         }
 
         let decoded: Vec<(String, Option<Delivery>)> = old
@@ -263,16 +282,21 @@ impl Rescuer {
             .collect();
         let (mut stale, mut orphans) = (0, 0);
         let mut removed = Vec::new();
+        let mut unknown = Vec::new();
         for (raw, delivery) in decoded {
-            let verdict = match delivery
-                .as_ref()
-                .and_then(|d| rows.get(&d.task_id).map(|t| (d, t)))
-            {
+            let verdict = match delivery.as_ref() {
                 None => Verdict::Stale,
-                Some((d, t)) => judge(d, t),
+                Some(d) => match rows.get(&d.task_id) {
+                    None => Verdict::Unknown(d.task_id),
+                    Some(t) => judge(d, t),
+                },
             };
             match verdict {
                 Verdict::Live => continue,
+                Verdict::Unknown(task_id) => {
+                    unknown.push((raw, task_id));
+                    continue;
+                }
                 Verdict::Stale => stale += 1,
                 Verdict::Orphan(task_id, attempt) => {
                     orphans += 1;
@@ -284,7 +308,30 @@ impl Rescuer {
             removed.push(raw);
         }
         queue::forget_seen(conn, &self.keys, &removed).await?;
-        Ok((stale, orphans))
+        let unknown = self.return_unknown(conn, unknown).await?;
+        Ok((stale, orphans, unknown))
+    }
+
+    /// Puts processing entries whose task is not in this database back on the queue, for the
+    /// deployment whose database holds it (a worker took them and stopped before doing so).
+    async fn return_unknown(
+        &self,
+        conn: &mut ConnectionManager,
+        unknown: Vec<(String, Uuid)>,
+    ) -> Result<usize, WorkerError> {
+        if unknown.is_empty() {
+            return Ok(0);
+        }
+        let raws: Vec<&str> = unknown.iter().map(|(r, _)| r.as_str()).collect();
+        let moved = queue::requeue_last(conn, &self.keys, &raws).await?;
+        let gone: Vec<String> = unknown.iter().map(|(r, _)| r.clone()).collect();
+        queue::forget_seen(conn, &self.keys, &gone).await?;
+        self.metrics
+            .observe_skipped(SkipReason::TaskNotFound, moved);
+        for (_, task_id) in &unknown {
+            tracing::warn!(task.id = %task_id, reason = SkipReason::TaskNotFound.as_str(), "processing entry of a task this database does not hold; put back on the queue for its own deployment");
+        }
+        Ok(moved as usize)
     }
 
     /// Runs a pass every interval until `shutdown`.
@@ -311,6 +358,8 @@ enum Verdict {
     Stale,
     /// The attempt never started: publish it again.
     Orphan(Uuid, i32),
+    /// The task is not in this database: the entry goes back on the queue for its own.
+    Unknown(Uuid),
 }
 
 fn judge(d: &Delivery, t: &Task) -> Verdict {

@@ -50,6 +50,13 @@ impl Keys {
         format!("{}:tasks:transit", self.prefix)
     }
 
+    /// Which database this namespace serves (string: JSON `{"system_identifier","database"}`),
+    /// set with `SET NX` by the first process to start or to re-seed an emptied Redis. A process
+    /// connected to another database refuses to use the namespace (see [`crate::binding`]).
+    pub fn database(&self) -> String {
+        format!("{}:tasks:database", self.prefix)
+    }
+
     /// When the rescuer first saw each processing entry (hash: entry → epoch ms).
     pub fn processing_seen(&self) -> String {
         format!("{}:tasks:processing:seen", self.prefix)
@@ -82,6 +89,7 @@ mod tests {
         assert_eq!(k.tasks(), "arnela:tasks");
         assert_eq!(k.processing(), "arnela:tasks:processing");
         assert_eq!(k.failed(), "arnela:tasks:failed");
+        assert_eq!(k.database(), "arnela:tasks:database");
         assert_eq!(Keys::new("t1").tasks(), "t1:tasks");
     }
 }

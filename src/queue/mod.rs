@@ -13,6 +13,10 @@
 //! - dead-lettered tasks get a copy on `{prefix}:tasks:failed` (newest first, capped at
 //!   [`FAILED_LIST_CAP`] entries by `LTRIM` in the same `MULTI`).
 //!
+//! The namespace is bound to one database: `{prefix}:tasks:database` names it, and is set
+//! together with the seeded marker ([`mark_seeded_bound`]) or at start ([`bind`]); the
+//! comparison and its error live in [`crate::binding`].
+//!
 //! Every Redis error is returned to the caller.
 
 pub mod keys;
@@ -248,29 +252,107 @@ pub async fn processing(
         .await?)
 }
 
-/// Sets the marker that says "this Redis has been seeded from Postgres". Returns `true` when the
-/// marker was missing: Redis is new, was restarted without its data, or was emptied, and every
-/// delivery it held must be published again.
-pub async fn mark_seeded(conn: &mut ConnectionManager, keys: &Keys) -> Result<bool> {
-    Ok(mark_seeded_epoch(conn, keys).await?.0)
+/// The seeded marker and the namespace's binding after [`mark_seeded_bound`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedMark {
+    /// The marker was missing and is now set: every delivery must be published again.
+    pub reseeded: bool,
+    /// The marker's value (`None` only when the namespace is bound elsewhere and unmarked).
+    pub epoch: Option<String>,
+    /// The database the namespace is bound to; when it is not the caller's, nothing was set.
+    pub bound_to: String,
 }
 
-/// [`mark_seeded`], and the marker's value after it, in one round trip.
-pub async fn mark_seeded_epoch(
+/// Binds an unbound namespace to `binding`, then sets the seeded marker if it is missing, in one
+/// atomic step; when the namespace is bound to something else it changes nothing. KEYS: seeded,
+/// database; ARGV: new epoch, binding. Returns {set (0|1), epoch ('' for none), bound to}.
+static MARK_SEEDED_BOUND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local bound = redis.call('GET', KEYS[2])
+if bound and bound ~= ARGV[2] then
+  return {0, redis.call('GET', KEYS[1]) or '', bound}
+end
+if not bound then
+  redis.call('SET', KEYS[2], ARGV[2])
+end
+local set = redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return {set and 1 or 0, redis.call('GET', KEYS[1]) or '', ARGV[2]}
+"#,
+    )
+});
+
+/// Sets the marker that says "this Redis has been seeded from Postgres" (`SET NX`, a value
+/// unique to this seeding, so a relay can tell a re-seed from the marker it saw), binding the
+/// namespace to `binding` if it is unbound. A marker that was missing means Redis is new, was
+/// restarted without its data, or was emptied: every delivery it held must be published again,
+/// and whoever re-seeds also re-establishes the binding. A namespace bound to another database
+/// is never marked seeded by this one (its own deployment must find the marker missing).
+pub async fn mark_seeded_bound(
     conn: &mut ConnectionManager,
     keys: &Keys,
-) -> Result<(bool, Option<String>)> {
-    // a value unique to this seeding, so a relay can tell a re-seed from the marker it saw
-    let (set, epoch): (Option<String>, Option<String>) = redis::pipe()
-        .cmd("SET")
-        .arg(keys.seeded())
+    binding: &str,
+) -> Result<SeedMark> {
+    let (set, epoch, bound_to): (i64, String, String) = MARK_SEEDED_BOUND
+        .key(keys.seeded())
+        .key(keys.database())
         .arg(Uuid::new_v4().to_string())
+        .arg(binding)
+        .invoke_async(conn)
+        .await?;
+    Ok(SeedMark {
+        reseeded: set == 1,
+        epoch: Some(epoch).filter(|e| !e.is_empty()),
+        bound_to,
+    })
+}
+
+/// Binds the namespace to `binding` if it is unbound (`SET NX`, the seeded marker untouched);
+/// returns what it is bound to.
+pub async fn bind(conn: &mut ConnectionManager, keys: &Keys, binding: &str) -> Result<String> {
+    let (bound,): (String,) = redis::pipe()
+        .cmd("SET")
+        .arg(keys.database())
+        .arg(binding)
         .arg("NX")
+        .ignore()
         .cmd("GET")
-        .arg(keys.seeded())
+        .arg(keys.database())
         .query_async(conn)
         .await?;
-    Ok((set.is_some(), epoch))
+    Ok(bound)
+}
+
+/// Moves each entry still on the processing list back to the far end of the queue. KEYS:
+/// processing, tasks; ARGV: the entries. Returns how many were moved.
+static REQUEUE_LAST: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local moved = 0
+for i = 1, #ARGV do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) > 0 then
+    redis.call('LPUSH', KEYS[2], ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
+/// Moves deliveries from the processing list back to the far end of the queue (taken after
+/// every delivery already waiting), atomically: a delivery this process cannot serve is left for
+/// the deployment that can. An entry no longer on the processing list is not pushed again.
+pub async fn requeue_last(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) -> Result<u64> {
+    if raws.is_empty() {
+        return Ok(0);
+    }
+    let mut script = REQUEUE_LAST.key(keys.processing());
+    script.key(keys.tasks());
+    for raw in raws {
+        script.arg(*raw);
+    }
+    Ok(script.invoke_async(conn).await?)
 }
 
 /// The value of the seeded marker (`None` if missing): it changes whenever Redis is re-seeded.

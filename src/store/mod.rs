@@ -9,7 +9,8 @@
 //!   the events;
 //! - [`outbox`]: deliveries waiting to be published or in transit;
 //! - [`projection`]: projector checkpoints and the read models projected from the log;
-//! - [`audit`]: re-checks the hash chains.
+//! - [`audit`]: re-checks the hash chains;
+//! - [`database_identity`]: which database this is (the Redis namespace is bound to it).
 //!
 //! Writers take a [`Tx`] so that every event, the projection row it changes and the outbox row
 //! that carries the task commit together or not at all.
@@ -145,4 +146,41 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<
 /// Applies the embedded migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// Which database a pool is connected to: the cluster's system identifier (from
+/// `pg_control_system()`, the same on a streaming replica promoted in its place, different for a
+/// new cluster or a dump restored elsewhere) and the database's name. No host, user or password.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseIdentity {
+    /// `None` where the role may not execute `pg_control_system()` (it is executable by every
+    /// role by default; a hosting provider may revoke it).
+    pub system_identifier: Option<String>,
+    pub database: String,
+}
+
+/// Reads the identity of the database the pool is connected to.
+pub async fn database_identity(pool: &PgPool) -> Result<DatabaseIdentity> {
+    let full = sqlx::query_as::<_, (String, String)>(
+        "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+    )
+    .fetch_one(pool)
+    .await;
+    match full {
+        Ok((id, database)) => Ok(DatabaseIdentity {
+            system_identifier: Some(id),
+            database,
+        }),
+        // insufficient_privilege: fall back to the database's name alone
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            let database: String = sqlx::query_scalar("SELECT current_database()::text")
+                .fetch_one(pool)
+                .await?;
+            Ok(DatabaseIdentity {
+                system_identifier: None,
+                database,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }

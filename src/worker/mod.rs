@@ -5,6 +5,12 @@
 //! `attempt_started` only if the task is waiting, due, within its attempt budget and the
 //! delivery is for its next attempt; otherwise the delivery is a duplicate (the relay published
 //! twice, Redis was re-seeded) and is dropped and counted. Claiming deletes the task's outbox rows.
+//! A delivery whose task is not in this database at all is never dropped: it is logged, counted
+//! (`arnela_deliveries_skipped_total{reason="task_not_found"}`) and put back at the far end of
+//! the queue for the deployment whose database holds it; a batch of nothing else makes the
+//! worker back off (10 ms doubling to 1 s) rather than take the same deliveries at full speed.
+//! Before taking deliveries a worker checks that the Redis namespace serves its database (see
+//! [`crate::binding`]).
 //!
 //! **Lease and fencing.** The claim sets `lease_owner` (this worker) and `lease_expires_at`; a
 //! heartbeat renews it every third of the lease while the handler runs. If a rescuer has taken
@@ -26,6 +32,7 @@ pub mod handler;
 pub mod lease;
 pub mod log_channel;
 pub mod pool;
+mod skip;
 
 pub use pool::{WorkerPool, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 
@@ -34,13 +41,14 @@ use futures::FutureExt;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::binding::{Binding, BindingError};
 use crate::domain::task::InvalidTransition;
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::metrics::Metrics;
@@ -56,6 +64,9 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// The Redis namespace serves another database: nothing is taken.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
 }
 
 impl From<crate::domain::task::InvalidTransition> for WorkerError {
@@ -162,6 +173,9 @@ pub enum Processed {
     CancelledWhileRunning(Uuid),
     /// The delivery could not be decoded; it was moved to the failed list.
     Undecodable,
+    /// The delivery's task is not in this database: it was put back on the queue for the
+    /// deployment whose database holds it.
+    Skipped(Uuid),
 }
 
 /// Takes deliveries, claims them, runs their handlers and records their outcomes. A
@@ -180,6 +194,10 @@ pub struct Worker {
     config: WorkerConfig,
     stats: Arc<WorkerStats>,
     metrics: Metrics,
+    /// Checked before every take (see [`Binding::verify`]).
+    binding: Binding,
+    /// Consecutive batches of nothing but deliveries of unknown tasks.
+    skip_streak: AtomicU32,
 }
 
 /// A claimed attempt, ready to run.
@@ -239,6 +257,8 @@ impl Worker {
     ) -> Worker {
         Worker {
             id: Uuid::new_v4(),
+            binding: Binding::new(pool.clone(), keys.clone()),
+            skip_streak: AtomicU32::new(0),
             pool,
             blocking,
             commands,
@@ -302,6 +322,7 @@ impl Worker {
     /// Takes up to `max` deliveries onto the processing list: waits up to the block time for the
     /// first, then takes only what is already waiting.
     pub async fn take(&self, max: usize) -> Result<Vec<String>> {
+        self.binding.verify(&mut self.commands.clone()).await?;
         let mut conn = self.blocking.clone();
         let Some(first) = queue::take(&mut conn, &self.keys, self.config.block).await? else {
             return Ok(Vec::new());
@@ -347,8 +368,15 @@ impl Worker {
 
         let mut claimed = Vec::new();
         let mut refused = Vec::new();
+        // a task this database does not hold is another deployment's: never dropped
+        let missing: HashSet<Uuid> = applied.missing.iter().copied().collect();
+        let mut unknown = Vec::new();
         let mut used = HashSet::with_capacity(applied.changed.len());
         for (raw, d) in deliveries {
+            if missing.contains(&d.task_id) {
+                unknown.push((raw, d.task_id));
+                continue;
+            }
             let change = applied
                 .get(d.task_id)
                 .filter(|_| wanted[&d.task_id] == d.attempt && used.insert(d.task_id));
@@ -393,6 +421,8 @@ impl Worker {
                 done.push(Processed::Duplicate(id));
             }
         }
+        done.extend(self.leave_unknown(&mut conn, unknown).await);
+        self.pause_if_only_skipped(&claimed, &done).await;
         Ok((claimed, done))
     }
 
@@ -642,7 +672,8 @@ pub fn attempt_outcome(p: &Processed) -> Option<&'static str> {
         Processed::Idle
         | Processed::Duplicate(_)
         | Processed::Returned(_)
-        | Processed::Undecodable => return None,
+        | Processed::Undecodable
+        | Processed::Skipped(_) => return None,
     })
 }
 

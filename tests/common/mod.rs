@@ -431,6 +431,23 @@ pub mod process {
         prefix: &str,
         extra: &[(&str, &str)],
     ) -> Proc {
+        let child = arnela_command(role, database_url, redis_url, prefix, extra)
+            .spawn()
+            .expect("the arnela binary starts");
+        Proc {
+            child,
+            name: role.to_owned(),
+        }
+    }
+
+    /// The command [`arnela`] runs.
+    pub fn arnela_command(
+        role: &str,
+        database_url: &str,
+        redis_url: &str,
+        prefix: &str,
+        extra: &[(&str, &str)],
+    ) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_arnela"));
         cmd.arg(role)
             .env("DATABASE_URL", database_url)
@@ -448,11 +465,36 @@ pub mod process {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("the arnela binary starts");
-        Proc {
+        cmd
+    }
+
+    /// Runs `cmd` until it exits, for at most `limit` (then kills it and fails the test);
+    /// returns its exit status and what it wrote to standard error.
+    pub fn run_to_exit(
+        mut cmd: Command,
+        limit: std::time::Duration,
+    ) -> (std::process::ExitStatus, String) {
+        let path = std::env::temp_dir().join(format!("arnela-stderr-{}", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).expect("a stderr file");
+        let child = cmd.stderr(file).spawn().expect("the command starts");
+        let mut proc = Proc {
             child,
-            name: role.to_owned(),
-        }
+            name: "run_to_exit".into(),
+        };
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = proc.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "the process was still running after {limit:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let stderr = std::fs::read_to_string(&path).unwrap_or_default();
+        std::fs::remove_file(&path).ok();
+        (status, stderr)
     }
 
     /// A PostgreSQL server of the test's own (initdb in a temporary directory, run as the
