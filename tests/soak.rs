@@ -219,6 +219,25 @@ async fn unfinished(pool: &sqlx::PgPool, ids: &[Uuid]) -> Vec<(Uuid, Option<Stri
         .collect()
 }
 
+/// The worker ids (`lease_owner`) of the attempts running now.
+async fn running_owners(pool: &sqlx::PgPool) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT lease_owner FROM tasks WHERE status = 'running'")
+        .fetch_all(pool)
+        .await
+        .map(|owners: Vec<Option<Uuid>>| owners.into_iter().flatten().collect())
+        .unwrap_or_default()
+}
+
+/// Waits (at most 10 s) until a worker that `victim` accepts runs an attempt, so that a kill catches
+/// one mid-run; returns that worker's id.
+async fn running_on(pool: &sqlx::PgPool, victim: impl Fn(&Uuid) -> bool) -> Uuid {
+    common::eventually(Duration::from_secs(10), "an attempt on the victim", || {
+        let victim = &victim;
+        async move { running_owners(pool).await.into_iter().find(|o| victim(o)) }
+    })
+    .await
+}
+
 /// Pages `GET /events` from 0 until it reaches `last`, returning every position it was given.
 async fn read_log(http: &reqwest::Client, port: u16, last: i64) -> Vec<i64> {
     let auth = common::bearer(Role::Auditor);
@@ -291,6 +310,28 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
         .unwrap();
     let mut serve = cluster.start("serve");
     wait_ready(&http, api_port, &mut serve, &cluster).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    // One batch through `serve` alone tells its worker id apart from the second process's.
+    let warm_up = client(CLIENTS, api_port, Instant::now() + Duration::from_millis(1)).await;
+    let serve_worker: Uuid = common::eventually(
+        Duration::from_secs(30),
+        "the warm-up batch to start",
+        || async {
+            sqlx::query_scalar(
+                "SELECT (data->>'worker_id')::uuid FROM task_events \
+                 WHERE event_type = 'attempt_started' LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
     let mut worker = cluster.start("worker");
 
     let load_start = Instant::now();
@@ -303,8 +344,14 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
     let mut faults = Vec::new();
 
     at(KILL_WORKER_AT).await;
+    let victim = running_on(&pool, |o| *o != serve_worker).await;
     let t = Utc::now();
     worker.kill9();
+    let caught_worker = running_owners(&pool)
+        .await
+        .iter()
+        .filter(|o| **o == victim)
+        .count();
     worker = cluster.start("worker");
     faults.push(Fault {
         what: "kill -9 worker",
@@ -340,8 +387,14 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
     });
 
     at(KILL_SERVE_AT).await;
+    running_on(&pool, |o| *o == serve_worker).await;
     let t = Utc::now();
     serve.kill9();
+    let caught_serve = running_owners(&pool)
+        .await
+        .iter()
+        .filter(|o| **o == serve_worker)
+        .count();
     serve = cluster.start("serve");
     wait_ready(&http, api_port, &mut serve, &cluster).await;
     faults.push(Fault {
@@ -350,8 +403,8 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
         repaired: Utc::now(),
     });
 
-    let mut acked = Vec::new();
-    let mut refused = 0;
+    let mut acked = warm_up.acked;
+    let mut refused = warm_up.refused;
     for c in clients {
         let report = c.await.expect("a client ran to the end");
         acked.extend(report.acked);
@@ -372,12 +425,6 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
     );
 
     // Drain: every acknowledged task succeeds within the bound after the load and the last fault.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&pg.url())
-        .await
-        .unwrap();
     let last_repair = faults.iter().map(|f| f.repaired).max().unwrap();
     let drain_deadline = std::cmp::max(Utc::now(), last_repair)
         + chrono::Duration::from_std(RECOVERY_BOUND).unwrap();
@@ -520,7 +567,8 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
         .collect();
     eprintln!(
         "soak: {} tasks acknowledged ({refused} batches refused), {committed} committed, {} events \
-         ({lease_expired} lease_expired), drained {:.1} s after the load, slowest task {:.1} s \
+         ({lease_expired} lease_expired; the kills caught {caught_worker} + {caught_serve} \
+         running attempts), drained {:.1} s after the load, slowest task {:.1} s \
          after its acknowledgement or last fault (bound {RECOVERY_BOUND:?}), test {:.0} s; \
          faults: {}",
         ids.len(),
