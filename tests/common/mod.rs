@@ -423,7 +423,8 @@ pub mod process {
     }
 
     /// Starts `arnela <role>` against the given database, Redis and key prefix, with the tests'
-    /// `JWT_SECRET` (call its API with `common::bearer(..)`).
+    /// `JWT_SECRET` (call its API with `common::bearer(..)`) and short engine intervals, so that
+    /// tests do not wait on the production defaults.
     pub fn arnela(
         role: &str,
         database_url: &str,
@@ -431,16 +432,10 @@ pub mod process {
         prefix: &str,
         extra: &[(&str, &str)],
     ) -> Proc {
-        let child = arnela_command(role, database_url, redis_url, prefix, extra)
-            .spawn()
-            .expect("the arnela binary starts");
-        Proc {
-            child,
-            name: role.to_owned(),
-        }
+        spawn(arnela_command(role, database_url, redis_url, prefix, extra), role)
     }
 
-    /// The command [`arnela`] runs.
+    /// The command [`arnela`] runs: [`command`] with the tests' short intervals and `extra`.
     pub fn arnela_command(
         role: &str,
         database_url: &str,
@@ -448,6 +443,20 @@ pub mod process {
         prefix: &str,
         extra: &[(&str, &str)],
     ) -> Command {
+        let mut cmd = command(role, database_url, redis_url, prefix);
+        cmd.env("DB_MAX_CONNECTIONS", "8")
+            .env("RELAY_POLL_MS", "50")
+            .env("RESCUER_INTERVAL_MS", "200")
+            .env("RETRY_BASE_MS", "50");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// The command line of `arnela <role>` with only what connects it (database, Redis, key
+    /// prefix, the tests' `JWT_SECRET`): every engine setting keeps its default.
+    pub fn command(role: &str, database_url: &str, redis_url: &str, prefix: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_arnela"));
         cmd.arg(role)
             .env("DATABASE_URL", database_url)
@@ -456,16 +465,18 @@ pub mod process {
             .env("APP_ENV", "test")
             .env("JWT_SECRET", super::JWT_SECRET)
             .env("RUST_LOG", "warn")
-            .env("DB_MAX_CONNECTIONS", "8")
-            .env("RELAY_POLL_MS", "50")
-            .env("RESCUER_INTERVAL_MS", "200")
-            .env("RETRY_BASE_MS", "50")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
         cmd
+    }
+
+    /// Spawns `cmd` as a [`Proc`] named `name`.
+    pub fn spawn(mut cmd: Command, name: &str) -> Proc {
+        let child = cmd.spawn().expect("the arnela binary starts");
+        Proc {
+            child,
+            name: name.to_owned(),
+        }
     }
 
     /// Runs `cmd` until it exits, for at most `limit` (then kills it and fails the test);
@@ -576,7 +587,7 @@ pub mod process {
         /// Starts (again) the server and waits until it accepts connections.
         pub fn resume(&self) {
             let opts = format!(
-                "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=50",
+                "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c max_connections=100",
                 self.port,
                 self.dir.to_str().unwrap()
             );
