@@ -554,3 +554,147 @@ async fn an_unreadable_task_row_does_not_hold_up_the_others(pool: PgPool) {
         "the unreadable one waits untouched"
     );
 }
+
+#[sqlx::test]
+async fn a_handler_stopped_because_its_attempt_was_taken_over_records_attempt_stopped(
+    pool: PgPool,
+) {
+    // a handler that never finishes by itself, and a lease renewed every second
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate),
+        ..Script::default()
+    });
+    let mut cfg = config(0.0);
+    cfg.lease = Duration::from_secs(3);
+    let e = engine(pool.clone(), script, cfg).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+
+    let worker = async { e.step().await };
+    let takeover = async {
+        common::eventually(Duration::from_secs(10), "the attempt to start", || async {
+            (e.status(id).await == "running").then_some(())
+        })
+        .await;
+        // the worker stalls past its lease (no heartbeat: it is not a live process) and a
+        // rescuer takes the attempt over; a renewal may slip in between, so try until it does
+        common::eventually(
+            Duration::from_secs(10),
+            "a rescuer to take over",
+            || async {
+                sqlx::query(
+                    "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+                )
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap();
+                (e.rescuer.run_once().await.unwrap().leases_expired == 1).then_some(())
+            },
+        )
+        .await;
+    };
+    let (processed, ()) = tokio::join!(worker, takeover);
+    assert_eq!(processed, Processed::Fenced(id));
+    let events = e.events(id).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_failed",
+            "retry_scheduled",
+            "attempt_stopped"
+        ],
+        "the stopped handler is recorded, after the takeover"
+    );
+    assert_eq!(events[5].1["attempt"], 1);
+    assert_eq!(events[5].1["worker_id"], e.worker.id.to_string());
+    assert_eq!(e.status(id).await, "retrying", "the stop changes nothing");
+}
+
+/// Ages every published delivery of the engine's database by `secs` seconds.
+async fn age_published(pool: &PgPool, secs: i32) {
+    sqlx::query(
+        "UPDATE outbox SET published_at = published_at - make_interval(secs => $1) \
+         WHERE published_at IS NOT NULL",
+    )
+    .bind(secs as f64)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[sqlx::test]
+async fn a_published_delivery_redis_lost_while_its_marker_survived_is_published_again(
+    pool: PgPool,
+) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let ids = enqueue(&pool, 3, 3).await;
+    e.rescuer.run_once().await.unwrap();
+    assert_eq!(e.relay_once().await, 3);
+    // Redis comes back from its append-only file without the last second: the seeded marker
+    // is there, the deliveries pushed in that second are not
+    let mut conn = e.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(e.keys.tasks())
+        .arg(e.keys.transit())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        e.rescuer.run_once().await.unwrap().republished_lost,
+        0,
+        "younger than REPUBLISH_AFTER_SECS: still in flight for all the rescuer knows"
+    );
+    age_published(&pool, 11).await;
+    let pass = e.rescuer.run_once().await.unwrap();
+    assert_eq!(pass.republished_after_loss, 0, "the marker survived");
+    assert_eq!(pass.republished_lost, 3);
+    assert_eq!(e.relay_once().await, 3);
+    for id in ids {
+        assert_eq!(e.step().await, Processed::Succeeded(id));
+    }
+}
+
+#[sqlx::test]
+async fn a_backlog_that_waits_long_is_never_published_twice(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let ids = enqueue(&pool, 40, 3).await;
+    e.rescuer.run_once().await.unwrap();
+    assert_eq!(e.relay_once().await, 40);
+    // nobody takes them for a long while (no worker running)
+    age_published(&pool, 3600).await;
+    for _ in 0..3 {
+        assert_eq!(e.rescuer.run_once().await.unwrap().republished_lost, 0);
+    }
+    assert_eq!(e.relay_once().await, 0, "nothing to publish again");
+    for id in &ids {
+        assert_eq!(e.step().await, Processed::Succeeded(*id));
+    }
+    assert_eq!(e.step().await, Processed::Idle);
+    let dispatched: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE event_type = 'dispatched') FROM task_events \
+         WHERE task_id = ANY($1) GROUP BY task_id",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(dispatched.len(), 40);
+    assert!(
+        dispatched.iter().all(|&n| n == 1),
+        "every task dispatched once: {dispatched:?}"
+    );
+    let succeeded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status = 'succeeded'",
+    )
+    .bind(&ids)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(succeeded, 40);
+}

@@ -47,10 +47,7 @@ pub enum Target<'a> {
     /// Up to `limit` running attempts whose lease ran out, oldest first, skipping locked rows
     /// and attempts held by `live_owners` (worker processes whose heartbeat is current: they
     /// will record the outcome themselves once they reach the database again).
-    ExpiredLeases {
-        limit: i64,
-        live_owners: &'a [Uuid],
-    },
+    ExpiredLeases { limit: i64, live_owners: &'a [Uuid] },
 }
 
 /// A task that reached `dead`: the copy for the failed list.

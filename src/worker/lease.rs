@@ -52,7 +52,11 @@ impl Liveness {
     pub fn since_last(&self) -> Option<Duration> {
         match self.last_ok_ms.load(Ordering::Relaxed) {
             0 => None,
-            ms => Some(Self::epoch().elapsed().saturating_sub(Duration::from_millis(ms))),
+            ms => Some(
+                Self::epoch()
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
         }
     }
 }

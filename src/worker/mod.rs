@@ -12,11 +12,12 @@
 //! Before taking deliveries a worker checks that the Redis namespace serves its database (see
 //! [`crate::binding`]).
 //!
-//! **Lease and fencing.** The claim sets `lease_owner` (this worker) and `lease_expires_at`; a
-//! heartbeat renews it every third of the lease while the handler runs. If a rescuer has taken
-//! the attempt over (the worker stalled past its lease), the renewal fails and the handler is
-//! stopped; an outcome is only recorded while `lease_owner` is still this worker, so a stale
-//! worker can never overwrite a newer attempt.
+//! **Lease and fencing.** The claim sets `lease_owner` (this worker) and `lease_expires_at`; the
+//! renewer ([`lease`]) extends it every third of the lease while the attempt is held. If a
+//! rescuer has taken the attempt over (the worker's process stopped heartbeating past its
+//! lease), the renewal finds it gone and the handler is stopped, which is recorded as
+//! `attempt_stopped`; an outcome is only recorded while `lease_owner` is still this worker, so a
+//! stale worker can never overwrite a newer attempt.
 //!
 //! **Outcome.** Success appends `attempt_succeeded` with the handler's result. A failure appends
 //! `attempt_failed` and then `retry_scheduled` (with an outbox row due after the backoff) or
@@ -24,7 +25,7 @@
 //! retryably (`timeout`). Only then is the delivery removed from the processing list.
 //!
 //! **Shutdown.** When the shutdown token fires, workers stop taking deliveries; a delivery taken
-//! but not started goes back to the queue. Handlers that are running get until the drain
+//! but not claimed goes back to the queue, and an attempt claimed but not started is released. Handlers that are running get until the drain
 //! deadline (`hard_stop`); one still running then is stopped and its attempt released
 //! (`attempt_released`: queued again with the same attempt number and idempotency key).
 

@@ -60,8 +60,11 @@ pub struct Pace {
     slots: usize,
     /// Claimed attempts whose handler has not finished (waiting for a slot or running).
     outstanding: AtomicUsize,
-    /// Exponentially weighted mean handler duration, in microseconds.
+    /// Exponentially weighted mean handler duration, in microseconds; 0 until one finished.
     mean_us: AtomicU64,
+    /// When a handler last finished, in microseconds since the pace was made.
+    last_finished_us: AtomicU64,
+    started: Instant,
     /// Fired when an attempt finishes (room for the fetcher).
     freed: Notify,
 }
@@ -71,15 +74,28 @@ impl Pace {
         Pace {
             slots,
             outstanding: AtomicUsize::new(0),
-            // until something is measured, assume 1 ms handlers
-            mean_us: AtomicU64::new(1_000),
+            mean_us: AtomicU64::new(0),
+            last_finished_us: AtomicU64::new(0),
+            started: Instant::now(),
             freed: Notify::new(),
         }
     }
 
-    /// Attempts claimed ahead of free slots at the measured pace.
+    /// Attempts claimed ahead of free slots at the measured pace. None before a handler has
+    /// finished, and none while no handler has finished for [`PREFETCH_WAIT`] × 10 (handlers
+    /// that suddenly take long are not waited for with a full prefetch).
     pub fn prefetch(&self) -> usize {
-        let mean_us = self.mean_us.load(Ordering::Relaxed).max(1);
+        self.prefetch_at(self.started.elapsed())
+    }
+
+    /// [`Pace::prefetch`] when `now` has passed since the pace was made.
+    fn prefetch_at(&self, now: Duration) -> usize {
+        let mean_us = self.mean_us.load(Ordering::Relaxed);
+        let last = Duration::from_micros(self.last_finished_us.load(Ordering::Relaxed));
+        let quiet = now.saturating_sub(last);
+        if mean_us == 0 || quiet > PREFETCH_WAIT * 10 {
+            return 0;
+        }
         let per_slot = PREFETCH_WAIT.as_micros() as u64 / mean_us;
         (self.slots as u64 * per_slot).min(MAX_PREFETCH as u64) as usize
     }
@@ -433,6 +449,14 @@ mod tests {
 
     #[test]
     fn quick_handlers_are_claimed_in_large_batches_and_slow_ones_only_for_free_slots() {
+        let unknown = Pace::new(5);
+        assert_eq!(
+            unknown.prefetch(),
+            0,
+            "nothing is prefetched before a handler finished"
+        );
+        assert_eq!(unknown.room(), 5);
+
         let pace = Pace::new(5);
         for _ in 0..200 {
             pace.claimed(1);
@@ -449,5 +473,19 @@ mod tests {
         assert_eq!(slow.prefetch(), 0);
         slow.claimed(5);
         assert_eq!(slow.room(), 0, "five running slow attempts leave no room");
+    }
+
+    #[test]
+    fn quick_handlers_that_stop_finishing_stop_the_prefetch() {
+        let pace = Pace::new(5);
+        pace.claimed(1);
+        pace.finished(Some(Duration::from_micros(50)));
+        let finished = Duration::from_micros(pace.last_finished_us.load(Ordering::Relaxed));
+        assert_eq!(pace.prefetch_at(finished + PREFETCH_WAIT), MAX_PREFETCH);
+        assert_eq!(
+            pace.prefetch_at(finished + PREFETCH_WAIT * 11),
+            0,
+            "nothing finished for a while: no prefetch"
+        );
     }
 }

@@ -432,7 +432,10 @@ pub mod process {
         prefix: &str,
         extra: &[(&str, &str)],
     ) -> Proc {
-        spawn(arnela_command(role, database_url, redis_url, prefix, extra), role)
+        spawn(
+            arnela_command(role, database_url, redis_url, prefix, extra),
+            role,
+        )
     }
 
     /// The command [`arnela`] runs: [`command`] with the tests' short intervals and `extra`.
