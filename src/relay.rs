@@ -32,7 +32,7 @@ use crate::binding::{Binding, BindingError};
 use crate::domain::TaskStatus;
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys, QueueError};
-use crate::store::transition::{self, Lock, Target};
+use crate::store::transition::{self, Lock, Payload, Target};
 use crate::store::{outbox, StoreError, Tx};
 
 /// The shortest sleep between batches when nothing was claimed (rows another relay holds must
@@ -139,14 +139,18 @@ impl Relay {
         }
         let ids: Vec<Uuid> = due.iter().map(|d| d.task_id).collect();
         let carried: HashSet<(Uuid, i32)> = due.iter().map(|d| (d.task_id, d.attempt)).collect();
-        let applied = transition::apply(&mut tx, Target::Ids(&ids, Lock::Wait), |task, _| {
-            // a task still waiting for the attempt a row carries is dispatched (once per batch)
-            let waiting = matches!(task.status, TaskStatus::Queued | TaskStatus::Retrying);
-            if !waiting || !carried.contains(&(task.id, task.next_attempt())) {
-                return Ok(None);
-            }
-            Ok(Some(vec![task.dispatch(task.next_attempt())?]))
-        })
+        let applied = transition::apply(
+            &mut tx,
+            Target::Ids(&ids, Lock::Wait, Payload::Skip),
+            |task, _| {
+                // a task still waiting for the attempt a row carries is dispatched (once per batch)
+                let waiting = matches!(task.status, TaskStatus::Queued | TaskStatus::Retrying);
+                if !waiting || !carried.contains(&(task.id, task.next_attempt())) {
+                    return Ok(None);
+                }
+                Ok(Some(vec![task.dispatch(task.next_attempt())?]))
+            },
+        )
         .await?;
         let unreadable: HashSet<Uuid> = applied.unreadable.iter().copied().collect();
         // one delivery per dispatched task, in outbox order; every other row is dropped (its

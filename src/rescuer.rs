@@ -17,6 +17,8 @@
 //!    retried or dead-lettered by the usual rules. An attempt of a live process is left alone:
 //!    its leases lapse only when that process cannot reach Postgres, and it records the
 //!    outcome itself when it can again, so an attempt whose outcome is known never runs twice.
+//!    Past [`LIVE_OWNER_GRACE`] after the lease ran out the attempt is taken over even so (a
+//!    live owner still holding it would have renewed it by then).
 //!    Bound: the lease (or the heartbeat's time to live, if longer) plus one rescuer interval
 //!    after the worker stopped.
 //! 3. **The processing list.** An entry seen for longer than `grace` is removed when its attempt
@@ -47,6 +49,10 @@ use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Target};
 use crate::store::{outbox, tasks, Tx};
 use crate::worker::{push_dead_letters, retry_decision, WorkerConfig, WorkerError};
+
+/// How long after its lease ran out an attempt of a live worker process is left to that process
+/// (it covers a database outage of a couple of minutes; past it the attempt is taken over).
+pub const LIVE_OWNER_GRACE: Duration = Duration::from_secs(120);
 
 /// Rescuer settings.
 #[derive(Clone)]
@@ -165,6 +171,7 @@ impl Rescuer {
         let target = Target::ExpiredLeases {
             limit: self.config.batch,
             live_owners: &live_owners,
+            live_grace: LIVE_OWNER_GRACE,
         };
         let applied = transition::apply(&mut tx, target, |task, now| {
             let worker = task.lease_owner.map(|w| w.to_string()).unwrap_or_default();

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::tasks::{self, TaskRow};
-use super::transition::{self, Lock, Target};
+use super::transition::{self, Lock, Payload, Target};
 use super::{Result, StoreError, Tx};
 use crate::domain::{Task, TaskEvent};
 
@@ -24,9 +24,11 @@ where
     F: Fn(&Task) -> Result<TaskEvent, crate::domain::task::InvalidTransition>,
 {
     let mut tx = Tx::begin(pool).await?;
-    let applied = transition::apply(&mut tx, Target::Ids(&[id], Lock::Wait), |task, _| {
-        Ok(Some(vec![decide(task)?]))
-    })
+    let applied = transition::apply(
+        &mut tx,
+        Target::Ids(&[id], Lock::Wait, Payload::Skip),
+        |task, _| Ok(Some(vec![decide(task)?])),
+    )
     .await?;
     if !applied.missing.is_empty() {
         return Err(StoreError::NotFound(id));

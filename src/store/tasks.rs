@@ -42,7 +42,40 @@ pub(crate) const TASK_COLUMNS: &str = "id, task_type, payload, status, attempts,
     run_at, idempotency_key, last_error, version, last_hash, enqueued_position, lease_owner, \
     lease_expires_at, created_at, updated_at";
 
+/// [`TASK_COLUMNS`] with a JSON `null` for the payload, for readers that decide without it.
+pub(crate) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb AS payload, \
+    status, attempts, max_attempts, run_at, idempotency_key, last_error, version, last_hash, \
+    enqueued_position, lease_owner, lease_expires_at, created_at, updated_at";
+
 impl TaskRow {
+    /// The domain state held by this row and the hash the task's next event chains to, without
+    /// copying the payload.
+    pub fn into_task(self) -> Result<(Task, Vec<u8>)> {
+        let corrupt = |what: String| StoreError::Corrupt(format!("task {}: {what}", self.id));
+        let task_type = self
+            .task_type
+            .parse::<TaskType>()
+            .map_err(|e| corrupt(e.to_string()))?;
+        let status = self.status.parse::<TaskStatus>().map_err(corrupt)?;
+        let task = Task {
+            id: self.id,
+            task_type,
+            payload: self.payload,
+            status,
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            idempotency_key: self.idempotency_key,
+            last_error: self.last_error,
+            lease_owner: self.lease_owner,
+            lease_expires_at: self.lease_expires_at,
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        };
+        Ok((task, self.last_hash))
+    }
+
     /// The domain state held by this row.
     pub fn to_task(&self) -> Result<Task> {
         let corrupt = |what: String| StoreError::Corrupt(format!("task {}: {what}", self.id));

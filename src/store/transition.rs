@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::tasks::{TaskRow, TASK_COLUMNS};
+use super::tasks::{TaskRow, TASK_COLUMNS, TASK_COLUMNS_NO_PAYLOAD};
 use super::{events, outbox, Result, Tx};
 use crate::domain::{Task, TaskEvent, TaskType};
 
@@ -39,15 +39,31 @@ pub enum Lock {
     SkipLocked,
 }
 
+/// Whether the tasks' payloads are read (only a claim hands them to a handler; every other
+/// transition decides without them, and a payload is the largest part of a row to decode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    Load,
+    /// `Task::payload` is JSON `null`.
+    Skip,
+}
+
 /// Which tasks to lock.
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
-    /// These tasks (missing ones are reported as skipped).
-    Ids(&'a [Uuid], Lock),
+    /// These tasks (missing ones are reported as `missing`).
+    Ids(&'a [Uuid], Lock, Payload),
     /// Up to `limit` running attempts whose lease ran out, oldest first, skipping locked rows
-    /// and attempts held by `live_owners` (worker processes whose heartbeat is current: they
-    /// will record the outcome themselves once they reach the database again).
-    ExpiredLeases { limit: i64, live_owners: &'a [Uuid] },
+    /// and attempts of `live_owners` (worker processes whose heartbeat is current: they record
+    /// the outcome themselves once they reach the database again) whose lease ran out less than
+    /// `live_grace` ago. Past that grace even a live owner's attempt is taken over: an owner
+    /// that still held it would have renewed it since it reached the database again, so the
+    /// attempt is one it lost track of (say a claim whose commit it never heard about).
+    ExpiredLeases {
+        limit: i64,
+        live_owners: &'a [Uuid],
+        live_grace: std::time::Duration,
+    },
 }
 
 /// A task that reached `dead`: the copy for the failed list.
@@ -191,7 +207,7 @@ where
 /// Locks the target rows in id order; returns them and the ids asked for.
 async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uuid>)> {
     Ok(match target {
-        Target::Ids(ids, lock) => {
+        Target::Ids(ids, lock, payload) => {
             let mut ids = ids.to_vec();
             ids.sort();
             ids.dedup();
@@ -200,8 +216,12 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
             } else {
                 ""
             };
+            let columns = match payload {
+                Payload::Load => TASK_COLUMNS,
+                Payload::Skip => TASK_COLUMNS_NO_PAYLOAD,
+            };
             let rows = sqlx::query_as(&format!(
-                "SELECT {TASK_COLUMNS}, now() AS db_now FROM tasks \
+                "SELECT {columns}, now() AS db_now FROM tasks \
                  WHERE id = ANY($1) ORDER BY id FOR UPDATE{skip}"
             ))
             .bind(&ids)
@@ -209,15 +229,20 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
             .await?;
             (rows, ids)
         }
-        Target::ExpiredLeases { limit, live_owners } => {
+        Target::ExpiredLeases {
+            limit,
+            live_owners,
+            live_grace,
+        } => {
             let rows = sqlx::query_as(&format!(
-                "SELECT {TASK_COLUMNS}, now() AS db_now FROM tasks \
+                "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now FROM tasks \
                  WHERE lease_owner IS NOT NULL AND lease_expires_at < now() \
-                   AND lease_owner <> ALL($2) \
+                   AND (lease_owner <> ALL($2) OR lease_expires_at < now() - $3) \
                  ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
             ))
             .bind(limit)
             .bind(live_owners)
+            .bind(live_grace)
             .fetch_all(tx.conn())
             .await?;
             (rows, Vec::new())

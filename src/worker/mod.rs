@@ -54,7 +54,7 @@ use crate::domain::task::InvalidTransition;
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, FailedCopy, Keys, QueueError};
-use crate::store::transition::{self, DeadLetter, Lock, Target};
+use crate::store::transition::{self, DeadLetter, Lock, Payload, Target};
 use crate::store::{StoreError, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
@@ -360,10 +360,14 @@ impl Worker {
         let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
 
         let mut tx = Tx::begin(&self.pool).await?;
-        let applied = transition::apply(&mut tx, Target::Ids(&ids, Lock::Wait), |task, now| {
-            let event = self.decide_claim(task, wanted[&task.id], now, now + lease);
-            Ok(event.map(|e| vec![e]))
-        })
+        let applied = transition::apply(
+            &mut tx,
+            Target::Ids(&ids, Lock::Wait, Payload::Load),
+            |task, now| {
+                let event = self.decide_claim(task, wanted[&task.id], now, now + lease);
+                Ok(event.map(|e| vec![e]))
+            },
+        )
         .await?;
         tx.commit().await?;
 
@@ -504,14 +508,18 @@ impl Worker {
         let ids: Vec<Uuid> = by_id.keys().copied().collect();
         let mut outcomes: HashMap<Uuid, Processed> = HashMap::with_capacity(ids.len());
         let mut tx = Tx::begin(&self.pool).await?;
-        let applied = transition::apply(&mut tx, Target::Ids(&ids, Lock::Wait), |task, now| {
-            Ok(self
-                .outcome(task, by_id[&task.id], now)?
-                .map(|(events, p)| {
-                    outcomes.insert(task.id, p);
-                    events
-                }))
-        })
+        let applied = transition::apply(
+            &mut tx,
+            Target::Ids(&ids, Lock::Wait, Payload::Skip),
+            |task, now| {
+                Ok(self
+                    .outcome(task, by_id[&task.id], now)?
+                    .map(|(events, p)| {
+                        outcomes.insert(task.id, p);
+                        events
+                    }))
+            },
+        )
         .await?;
         tx.commit().await?;
         // a missing or unreadable row, or a lease taken over, records nothing (fenced)

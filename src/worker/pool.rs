@@ -111,10 +111,13 @@ impl Pace {
 
     fn finished(&self, took: Option<Duration>) {
         if let Some(took) = took {
-            let us = took.as_micros().min(u64::MAX as u128) as u64;
+            let us = (took.as_micros().min(u64::MAX as u128) as u64).max(1);
             let old = self.mean_us.load(Ordering::Relaxed);
             // weight 1/16: follows a change of pace within a few dozen attempts
-            self.mean_us.store((old * 15 + us) / 16, Ordering::Relaxed);
+            let mean = if old == 0 { us } else { (old * 15 + us) / 16 };
+            self.mean_us.store(mean.max(1), Ordering::Relaxed);
+            let now = self.started.elapsed().as_micros() as u64;
+            self.last_finished_us.store(now.max(1), Ordering::Relaxed);
         }
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.freed.notify_one();
@@ -226,6 +229,12 @@ impl WorkerPool {
                     Err(_) => break,
                 }
             }
+            tracing::trace!(
+                asked = permits.len(),
+                prefetch = pace.prefetch(),
+                mean_us = pace.mean_us.load(Ordering::Relaxed),
+                "claiming"
+            );
             let claimed = match fetch(&worker, permits.len(), &shutdown).await {
                 Ok(c) => {
                     failures = 0;
@@ -341,21 +350,42 @@ async fn run_attempt(
     finished
 }
 
-/// Takes up to `max` deliveries and claims them; a delivery taken after shutdown began goes
-/// back to the queue unstarted.
+/// Takes up to `max` deliveries and claims them. A delivery taken after shutdown began, or
+/// whose claim failed (the database is unreachable), goes back to the queue unstarted, so it
+/// does not wait on the processing list for the rescuer's orphan grace.
 async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Result<Vec<Claimed>> {
     let raws = worker.take(max).await?;
     if raws.is_empty() {
         return Ok(Vec::new());
     }
     if shutdown.is_cancelled() {
-        let mut conn = worker.commands.clone();
-        for raw in &raws {
-            queue::return_unstarted(&mut conn, &worker.keys, raw).await?;
-        }
+        return_all(worker, &raws).await?;
         return Ok(Vec::new());
     }
-    Ok(worker.claim(raws).await?.0)
+    match worker.claim(raws.clone()).await {
+        Ok((claimed, _)) => Ok(claimed),
+        Err(e) => {
+            // if the claim did commit after all, the returned deliveries are duplicates, which
+            // the next claim refuses
+            // (undecodable entries were moved to the failed list already)
+            let decodable: Vec<String> = raws
+                .into_iter()
+                .filter(|r| queue::Delivery::decode(r).is_some())
+                .collect();
+            if let Err(r) = return_all(worker, &decodable).await {
+                tracing::warn!(error = %r, "cannot return deliveries whose claim failed; the rescuer will");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn return_all(worker: &Worker, raws: &[String]) -> Result<()> {
+    let mut conn = worker.commands.clone();
+    for raw in raws {
+        queue::return_unstarted(&mut conn, &worker.keys, raw).await?;
+    }
+    Ok(())
 }
 
 /// Records finished attempts in batches until every sender is gone. A failed batch is tried
@@ -481,6 +511,7 @@ mod tests {
         pace.claimed(1);
         pace.finished(Some(Duration::from_micros(50)));
         let finished = Duration::from_micros(pace.last_finished_us.load(Ordering::Relaxed));
+        assert!(finished > Duration::ZERO, "the finish time is recorded");
         assert_eq!(pace.prefetch_at(finished + PREFETCH_WAIT), MAX_PREFETCH);
         assert_eq!(
             pace.prefetch_at(finished + PREFETCH_WAIT * 11),
