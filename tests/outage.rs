@@ -434,11 +434,10 @@ async fn run(scenario: Scenario) {
         "one message per task ({} distinct)",
         sent.len()
     );
-    assert!(
-        sent_during_outage > sent_before_stop,
-        "handlers kept running while Postgres was down ({sent_before_stop} messages sent at the \
-         stop, {sent_during_outage} when it came back)"
-    );
+    // No new attempt can be claimed while Postgres is down (a claim is a transaction), and a
+    // worker claims ahead of its free slots only for handlers it has measured as quick, so the
+    // handlers that run through the outage are the ones in flight at the stop: their outcomes
+    // being recorded after it (`kept` above) is what shows they ran on.
     if finish_in_outage {
         assert!(
             sent_during_outage >= in_flight.len(),
