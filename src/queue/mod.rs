@@ -169,7 +169,9 @@ return taken",
         .await?)
 }
 
-/// Removes one copy of each entry from the processing list, in one round trip.
+/// Removes one copy of each entry from the processing list, in one round trip. Takes push on
+/// the left, so the oldest entries, which finish first, are near the right end: `LREM` with a
+/// negative count searches from there instead of walking the whole list.
 pub async fn ack_many(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) -> Result<()> {
     if raws.is_empty() {
         return Ok(());
@@ -177,7 +179,7 @@ pub async fn ack_many(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) 
     let mut pipe = redis::pipe();
     pipe.atomic();
     for raw in raws {
-        pipe.lrem(keys.processing(), 1, *raw).ignore();
+        pipe.lrem(keys.processing(), -1, *raw).ignore();
     }
     pipe.cmd("SREM").arg(keys.transit()).arg(raws).ignore();
     pipe.query_async::<()>(conn).await?;
@@ -204,7 +206,7 @@ pub async fn in_transit(
 pub async fn ack(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<bool> {
     let (removed,): (i64,) = redis::pipe()
         .atomic()
-        .lrem(keys.processing(), 1, raw)
+        .lrem(keys.processing(), -1, raw)
         .srem(keys.transit(), raw)
         .ignore()
         .query_async(conn)
@@ -433,7 +435,7 @@ pub async fn push_failed_raw(
 pub async fn return_unstarted(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<()> {
     redis::pipe()
         .atomic()
-        .lrem(keys.processing(), 1, raw)
+        .lrem(keys.processing(), -1, raw)
         .ignore()
         .rpush(keys.tasks(), raw)
         .ignore()
