@@ -57,8 +57,8 @@ DATABASE_URL="$DBURL" "$BIN" migrate >&2
 # --- 1. the physical limit ------------------------------------------------------------------
 declare -A PGB
 for c in 1 8 32 64; do
-    tps=$(pgbench -h 127.0.0.1 -U postgres -n -c "$c" -j 2 -T "$PGBENCH_SECONDS" -f bench/enqueue.pgbench "$DB" 2>/dev/null \
-        | awk '/^tps = / {print $3; exit}')
+    tps=$(pgbench -h 127.0.0.1 -U postgres -n -c "$c" -j 2 -T "$PGBENCH_SECONDS" -f bench/enqueue.pgbench "$DB" 2>"$OUT/pgbench.err" \
+        | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
     PGB[$c]="${tps:-0}"
     log "pgbench enqueue statement, $c clients: ${PGB[$c]} tx/s"
 done
