@@ -13,7 +13,7 @@ use arnela::domain::TaskType;
 use chrono::{DateTime, Utc};
 use common::process::{command, free_port, redis_server, spawn, PgServer, Proc};
 use reqwest::Url;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -138,31 +138,6 @@ async fn running(pool: &sqlx::PgPool) -> Vec<(Uuid, i32, Uuid)> {
     .fetch_all(pool)
     .await
     .unwrap_or_default()
-}
-
-/// Every event of `ids`, per task in sequence order, for a failure message.
-async fn histories(pool: &sqlx::PgPool, ids: &[Uuid]) -> String {
-    let rows: Vec<(Uuid, String, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT task_id, event_type, data, recorded_at FROM task_events \
-         WHERE task_id = ANY($1) ORDER BY task_id, sequence",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    let mut per_task: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
-    for (id, t, data, at) in rows {
-        per_task
-            .entry(id)
-            .or_default()
-            .push(format!("{} {t} {data}", at.format("%H:%M:%S%.3f")));
-    }
-    let mut out = String::new();
-    for id in ids.iter().take(10) {
-        let events = per_task.remove(id).unwrap_or_default();
-        out.push_str(&format!("\n{id}:\n  {}", events.join("\n  ")));
-    }
-    out
 }
 
 /// One task's attempts in the log.
@@ -363,7 +338,7 @@ async fn run(scenario: Scenario) {
         if Instant::now() > deadline {
             panic!(
                 "tasks not succeeded {RECOVERY:?} after Postgres came back:{}{}",
-                histories(&pool, &left).await,
+                common::histories(&pool, &left).await,
                 cluster.logs()
             );
         }
@@ -382,7 +357,7 @@ async fn run(scenario: Scenario) {
         not_once.is_empty(),
         "{} tasks without exactly one attempt_started and one attempt_succeeded (and no failure):{}{}",
         not_once.len(),
-        histories(&pool, &not_once).await,
+        common::histories(&pool, &not_once).await,
         cluster.logs()
     );
     let lease_expired: i64 = tally.values().map(|t| t.lease_expired).sum();

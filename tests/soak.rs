@@ -10,7 +10,7 @@ mod common;
 use arnela::api::auth::Role;
 use chrono::{DateTime, Utc};
 use common::process::{command, free_port, redis_server, spawn, PgServer, Proc};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -177,31 +177,6 @@ async fn client(n: usize, port: u16, until: Instant) -> ClientReport {
         }
     }
     report
-}
-
-/// Every event of `ids`, per task in sequence order, for a failure message.
-async fn histories(pool: &sqlx::PgPool, ids: &[Uuid]) -> String {
-    let rows: Vec<(Uuid, String, serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT task_id, event_type, data, recorded_at FROM task_events \
-         WHERE task_id = ANY($1) ORDER BY task_id, sequence",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    let mut per_task: BTreeMap<Uuid, Vec<String>> = BTreeMap::new();
-    for (id, t, data, at) in rows {
-        per_task
-            .entry(id)
-            .or_default()
-            .push(format!("{} {t} {data}", at.format("%H:%M:%S%.3f")));
-    }
-    let mut out = String::new();
-    for id in ids {
-        let events = per_task.remove(id).unwrap_or_default();
-        out.push_str(&format!("\n{id}:\n  {}", events.join("\n  ")));
-    }
-    out
 }
 
 /// Task ids with their status, for tasks not yet `succeeded`.
@@ -441,7 +416,7 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
                 left.len(),
                 ids.len(),
                 &left[..shown.len()],
-                histories(&pool, &shown).await,
+                common::histories(&pool, &shown).await,
                 cluster.logs()
             );
         }
@@ -488,14 +463,14 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
         not_once.is_empty(),
         "{} acknowledged tasks without exactly one attempt_succeeded:{}",
         not_once.len(),
-        histories(&pool, &few(&not_once)).await
+        common::histories(&pool, &few(&not_once)).await
     );
     assert!(
         late.is_empty(),
         "{} tasks succeeded later than {RECOVERY_BOUND:?} after their acknowledgement or the \
          repair of the last fault before their success:{}",
         late.len(),
-        histories(&pool, &few(&late)).await
+        common::histories(&pool, &few(&late)).await
     );
 
     // Tasks committed without an acknowledgement (a response lost to a kill) finish as well.
@@ -507,7 +482,7 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
     assert!(
         stuck.is_empty(),
         "committed tasks not succeeded:{}",
-        histories(&pool, &stuck).await
+        common::histories(&pool, &stuck).await
     );
     let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
         .fetch_one(&pool)

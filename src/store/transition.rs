@@ -137,27 +137,28 @@ where
         now,
         ..Applied::default()
     };
-    let mut items = Vec::with_capacity(locked.len());
-    for LockedRow { row, .. } in &locked {
-        let task = match row.to_task() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "skipping an unreadable task");
-                applied.unreadable.push(row.id);
-                continue;
-            }
-        };
-        match decide(&task, now)? {
-            Some(events) if !events.is_empty() => items.push((task, row.last_hash.clone(), events)),
-            _ => applied.unchanged.push(row.id),
-        }
-    }
     if !requested.is_empty() {
         let found: std::collections::HashSet<Uuid> = locked.iter().map(|l| l.row.id).collect();
         applied.missing = requested
             .into_iter()
             .filter(|id| !found.contains(id))
             .collect();
+    }
+    let mut items = Vec::with_capacity(locked.len());
+    for LockedRow { row, .. } in locked {
+        let id = row.id;
+        let (task, last_hash) = match row.into_task() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "skipping an unreadable task");
+                applied.unreadable.push(id);
+                continue;
+            }
+        };
+        match decide(&task, now)? {
+            Some(events) if !events.is_empty() => items.push((task, last_hash, events)),
+            _ => applied.unchanged.push(id),
+        }
     }
     let afters = events::record_batch(tx, &items, now).await?;
 

@@ -886,3 +886,33 @@ pub async fn enqueue_tasks(
     }
     ids
 }
+
+/// Every event of the first ten of `ids`, per task in sequence order, for a failure message.
+pub async fn histories(pool: &PgPool, ids: &[uuid::Uuid]) -> String {
+    let rows: Vec<(
+        uuid::Uuid,
+        String,
+        serde_json::Value,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT task_id, event_type, data, recorded_at FROM task_events \
+             WHERE task_id = ANY($1) ORDER BY task_id, sequence",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut per_task: std::collections::BTreeMap<uuid::Uuid, Vec<String>> = Default::default();
+    for (id, t, data, at) in rows {
+        per_task
+            .entry(id)
+            .or_default()
+            .push(format!("{} {t} {data}", at.format("%H:%M:%S%.3f")));
+    }
+    let mut out = String::new();
+    for id in ids.iter().take(10) {
+        let events = per_task.remove(id).unwrap_or_default();
+        out.push_str(&format!("\n{id}:\n  {}", events.join("\n  ")));
+    }
+    out
+}
