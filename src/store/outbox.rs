@@ -5,8 +5,9 @@
 //! transaction, and a relay that dies mid-batch releases its rows when its transaction aborts.
 //!
 //! **Invariant.** A task has outbox rows only while a delivery is pending or in transit: claiming
-//! an attempt and every terminal transition delete them ([`delete_for_task`]). Published rows
-//! are thus exactly what Redis should hold, which is what [`republish_all`] relies on.
+//! an attempt and every terminal transition delete them (the effects [`super::transition`]
+//! derives from the events). Published rows are thus exactly what Redis should hold, which is
+//! what [`republish_all`] and the rescuer's check against `{prefix}:tasks:transit` rely on.
 
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool};
