@@ -600,17 +600,7 @@ async fn end_to_end(
     let mut ids = Vec::with_capacity(n);
     while sent < n {
         let size = (n - sent).min(1000);
-        let body = json!({"tasks": (sent..sent + size).map(task_body).collect::<Vec<_>>()});
-        let r: serde_json::Value = client
-            .post(format!("{url}/tasks/batch"))
-            .json(&body)
-            .send()
-            .await?
-            .json()
-            .await?;
-        for t in r["tasks"].as_array().context("batch answer")? {
-            ids.push(t["id"].as_str().context("task id")?.parse::<uuid::Uuid>()?);
-        }
+        ids.extend(post_batch(client, url, sent..sent + size).await?);
         sent += size;
     }
     // the bench's tasks are the only ones: wait until nothing is open (a cheap query on the
@@ -666,20 +656,7 @@ async fn offer(
                         .await?;
                     Ok(vec![v["id"].as_str().context("task id")?.parse()?])
                 } else {
-                    let body = json!({"tasks": (from..to).map(task_body).collect::<Vec<_>>()});
-                    let v: serde_json::Value = client
-                        .post(format!("{url}/tasks/batch"))
-                        .json(&body)
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
-                    v["tasks"]
-                        .as_array()
-                        .context("batch answer")?
-                        .iter()
-                        .map(|t| Ok(t["id"].as_str().context("task id")?.parse()?))
-                        .collect()
+                    post_batch(&client, &url, from..to).await
                 }
             }
             .await;
@@ -691,6 +668,28 @@ async fn offer(
         ids.extend(h.await?);
     }
     Ok(ids)
+}
+
+/// Enqueues the bench tasks numbered `range` with one `POST /tasks/batch`; returns their ids.
+async fn post_batch(
+    client: &reqwest::Client,
+    url: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    let body = json!({"tasks": range.map(task_body).collect::<Vec<_>>()});
+    let v: serde_json::Value = client
+        .post(format!("{url}/tasks/batch"))
+        .json(&body)
+        .send()
+        .await?
+        .json()
+        .await?;
+    v["tasks"]
+        .as_array()
+        .context("batch answer")?
+        .iter()
+        .map(|t| Ok(t["id"].as_str().context("task id")?.parse()?))
+        .collect()
 }
 
 /// p50 and p99 of enqueue → attempt start (the `enqueued` and first `attempt_started` events'
