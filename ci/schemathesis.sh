@@ -163,7 +163,7 @@ for body in \
     id="$(seed /tasks "$body" | jq -er .id)"
     TASK_IDS+=("$id")
 done
-batch='{"tasks":[{"type":"sync_calendar","payload":{"event_id":"evt-2","action":"create","appointment_data":{"at":"2030-02-01T10:00:00Z"}}},{"type":"send_email","payload":{"to":"ana@example.com","subject":"Cita","body":"Hola"},"idempotency_key":"st-email"}]}'
+batch='{"tasks":[{"type":"sync_calendar","payload":{"event_id":"evt-2","action":"create","appointment_data":{"starts_at":"2030-02-01T10:00:00Z","summary":"Revisión"}}},{"type":"send_email","payload":{"to":"ana@example.com","subject":"Cita","body":"Hola"},"idempotency_key":"st-email"}]}'
 ids="$(seed /tasks/batch "$batch" | jq -er '.tasks[].id')"
 mapfile -t -O "${#TASK_IDS[@]}" TASK_IDS <<<"$ids"
 log "seeded tasks: ${TASK_IDS[*]}"

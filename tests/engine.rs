@@ -462,7 +462,7 @@ async fn operators_cancel_waiting_tasks_and_requeue_dead_ones_through_the_api(po
     .await;
     assert_eq!(status, 404);
     let (status, _) = post(&c, &format!("/tasks/{b}/retry?attempts=0"), &json!(null)).await;
-    assert_eq!(status, 422);
+    assert_eq!(status, 400);
 }
 
 #[sqlx::test]

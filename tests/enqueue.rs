@@ -301,7 +301,7 @@ async fn each_task_type_is_accepted_with_its_payload(pool: PgPool) {
         json!({"type": "send_email", "payload": {"to": "ana@clinic.es", "subject": "Confirmación de cita", "body": "<p>Su cita…</p>"}}),
         json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "Texto del SMS"}}),
         json!({"type": "send_whatsapp", "payload": {"phone": "+34123456789", "message": "Mensaje"}, "max_attempts": 5}),
-        json!({"type": "sync_calendar", "payload": {"event_id": "123", "action": "create", "appointment_data": {"start": "2026-12-01T10:00:00+01:00"}}, "run_at": "2026-12-01T09:00:00+01:00"}),
+        json!({"type": "sync_calendar", "payload": {"event_id": "123", "action": "create", "appointment_data": {"starts_at": "2026-12-01T10:00:00+01:00"}}, "run_at": "2026-12-01T09:00:00+01:00"}),
     ];
     for body in bodies {
         let (status, task) = post(&c, "/tasks", &body).await;

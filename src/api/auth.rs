@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::error::ErrorBody;
+use super::error::{ErrorBody, ErrorCode};
 use crate::config::Secret;
 
 /// Clock skew tolerated when checking `exp`.
@@ -252,7 +252,7 @@ impl BearerAuth {
             .map(Role::as_str)
             .collect();
         Err(Denied::Forbidden(Json(ErrorBody::new(
-            "forbidden",
+            ErrorCode::Forbidden,
             format!(
                 "this operation is for the roles {}; the token's role is {}",
                 names.join(", "),
@@ -287,7 +287,7 @@ impl Denied {
     pub fn missing() -> Denied {
         Denied::Unauthorized(
             Json(ErrorBody::new(
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "a bearer token is required: send `Authorization: Bearer <token>` \
                  (an operator issues one with `arnela token`)",
             )),
@@ -299,7 +299,7 @@ impl Denied {
     pub fn invalid(e: &AuthError) -> Denied {
         Denied::Unauthorized(
             Json(ErrorBody::new(
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 format!("the bearer token was refused: {e}"),
             )),
             "Bearer realm=\"arnela\", error=\"invalid_token\"".into(),

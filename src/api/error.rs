@@ -9,20 +9,105 @@
 use poem::http::StatusCode;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object};
+use poem_openapi::{ApiResponse, Enum, Object};
 
 use super::auth::Denied;
 use crate::domain::task::InvalidTransition;
 use crate::domain::FieldError;
 use crate::store::StoreError;
 
+/// The machine-readable code of every error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Serialize, serde::Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the request could not be read (malformed JSON, a wrong type, a bad parameter).
+    MalformedRequest,
+    /// 401: no valid bearer token.
+    Unauthorized,
+    /// 403: the token's role may not use the operation.
+    Forbidden,
+    /// 404: no such task, or no such route.
+    NotFound,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// 409: the idempotency key was used for a different request.
+    IdempotencyConflict,
+    /// 409: the task's status does not allow the operation.
+    InvalidTransition,
+    /// 409: the task changed while the request was processed; retry it.
+    ConcurrentUpdate,
+    /// 413: the body is larger than the limit.
+    PayloadTooLarge,
+    /// 415: the body is not `application/json`.
+    UnsupportedMediaType,
+    /// 422: a field is not acceptable; `field` and `reason` say which and why.
+    ValidationFailed,
+    /// 500: an unexpected failure (logged by the service).
+    Internal,
+    /// 503: the database is unavailable; retry after `Retry-After` seconds.
+    DatabaseUnavailable,
+}
+
+/// Why a field was refused (with `validation_failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Serialize, serde::Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum FieldReason {
+    Required,
+    InvalidType,
+    InvalidFormat,
+    InvalidValue,
+    InvalidLength,
+    InvalidCombination,
+    OutOfRange,
+    TooLong,
+    TooLarge,
+    TooMany,
+    UnknownField,
+}
+
+impl FieldReason {
+    const ALL: [FieldReason; 11] = [
+        FieldReason::Required,
+        FieldReason::InvalidType,
+        FieldReason::InvalidFormat,
+        FieldReason::InvalidValue,
+        FieldReason::InvalidLength,
+        FieldReason::InvalidCombination,
+        FieldReason::OutOfRange,
+        FieldReason::TooLong,
+        FieldReason::TooLarge,
+        FieldReason::TooMany,
+        FieldReason::UnknownField,
+    ];
+
+    /// The reason named by a [`FieldError`]'s code.
+    pub fn of(code: &str) -> Option<FieldReason> {
+        FieldReason::ALL.into_iter().find(|r| r.to_str() == code)
+    }
+
+    pub fn to_str(self) -> &'static str {
+        match self {
+            FieldReason::Required => "required",
+            FieldReason::InvalidType => "invalid_type",
+            FieldReason::InvalidFormat => "invalid_format",
+            FieldReason::InvalidValue => "invalid_value",
+            FieldReason::InvalidLength => "invalid_length",
+            FieldReason::InvalidCombination => "invalid_combination",
+            FieldReason::OutOfRange => "out_of_range",
+            FieldReason::TooLong => "too_long",
+            FieldReason::TooLarge => "too_large",
+            FieldReason::TooMany => "too_many",
+            FieldReason::UnknownField => "unknown_field",
+        }
+    }
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize, serde::Deserialize)]
 pub struct ErrorBody {
-    /// Stable, machine-readable code, e.g. `validation_failed`, `not_found`,
-    /// `idempotency_conflict`, `invalid_transition`, `malformed_request`, `payload_too_large`,
-    /// `unauthorized`, `forbidden`.
-    pub code: String,
+    pub code: ErrorCode,
     /// What was wrong, for people.
     pub message: String,
     /// The offending input field, when one field is to blame (e.g. `payload.to`,
@@ -30,22 +115,24 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// A finer code for `field`, e.g. `required`, `invalid_format`, `too_long`, `unknown_field`.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<FieldReason>,
 }
 
 impl ErrorBody {
-    pub fn new(code: &str, message: impl Into<String>) -> ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ErrorBody {
         ErrorBody {
-            code: code.to_owned(),
+            code,
             message: message.into(),
             field: None,
             reason: None,
         }
     }
 }
+
+/// How long a client should wait after a 503 before trying again, in seconds.
+pub const RETRY_AFTER_SECS: u32 = 5;
 
 /// The failures of every operation.
 #[derive(Debug, ApiResponse)]
@@ -76,6 +163,9 @@ pub enum ApiError {
     /// The request body is larger than the configured limit.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
+    /// The body is not JSON: `Content-Type` is missing or not `application/json`.
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// The request was read but a field is not acceptable; `field` names it.
     #[oai(status = 422)]
     Unprocessable(Json<ErrorBody>),
@@ -84,25 +174,37 @@ pub enum ApiError {
     Internal(Json<ErrorBody>),
     /// A dependency (the database) is unavailable; try again later.
     #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+    Unavailable(
+        Json<ErrorBody>,
+        /// Seconds to wait before trying again.
+        #[oai(header = "Retry-After")]
+        u32,
+    ),
 }
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::BadRequest(Json(ErrorBody::new("malformed_request", message)))
+        ApiError::BadRequest(Json(ErrorBody::new(ErrorCode::MalformedRequest, message)))
     }
 
     pub fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError::NotFound(Json(ErrorBody::new("not_found", message)))
+        ApiError::NotFound(Json(ErrorBody::new(ErrorCode::NotFound, message)))
     }
 
     /// A 422 naming the field.
     pub fn field(e: FieldError) -> ApiError {
+        let reason = FieldReason::of(e.code);
+        if reason.is_none() {
+            tracing::error!(
+                code = e.code,
+                "a field error has a reason the API does not document"
+            );
+        }
         ApiError::Unprocessable(Json(ErrorBody {
-            code: "validation_failed".into(),
+            code: ErrorCode::ValidationFailed,
             message: format!("{}: {}", e.field, e.message),
             field: Some(e.field),
-            reason: Some(e.code.to_owned()),
+            reason: Some(reason.unwrap_or(FieldReason::InvalidValue)),
         }))
     }
 
@@ -124,7 +226,7 @@ impl ApiError {
     pub fn internal(cause: &dyn std::fmt::Display) -> ApiError {
         tracing::error!(error = %cause, "request failed");
         ApiError::Internal(Json(ErrorBody::new(
-            "internal",
+            ErrorCode::Internal,
             "an unexpected error occurred; it has been logged",
         )))
     }
@@ -137,9 +239,10 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -161,7 +264,10 @@ impl From<Denied> for ApiError {
 
 impl From<InvalidTransition> for ApiError {
     fn from(e: InvalidTransition) -> Self {
-        ApiError::Conflict(Json(ErrorBody::new("invalid_transition", e.to_string())))
+        ApiError::Conflict(Json(ErrorBody::new(
+            ErrorCode::InvalidTransition,
+            e.to_string(),
+        )))
     }
 }
 
@@ -171,7 +277,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(id) => ApiError::not_found(format!("task {id} not found")),
             StoreError::IdempotencyConflict { key, existing } => {
                 ApiError::Conflict(Json(ErrorBody {
-                    code: "idempotency_conflict".into(),
+                    code: ErrorCode::IdempotencyConflict,
                     message: format!(
                         "idempotency key {key:?} is already used by task {existing} for a different request"
                     ),
@@ -180,16 +286,19 @@ impl From<StoreError> for ApiError {
                 }))
             }
             StoreError::VersionConflict { .. } => ApiError::Conflict(Json(ErrorBody::new(
-                "concurrent_update",
+                ErrorCode::ConcurrentUpdate,
                 "the task changed while the request was processed; retry it",
             ))),
             StoreError::Transition(t) => t.into(),
             StoreError::Database(db) if is_unavailable(&db) => {
                 tracing::warn!(error = %db, "database unavailable");
-                ApiError::Unavailable(Json(ErrorBody::new(
-                    "database_unavailable",
-                    "the database is unavailable; try again later",
-                )))
+                ApiError::Unavailable(
+                    Json(ErrorBody::new(
+                        ErrorCode::DatabaseUnavailable,
+                        "the database is unavailable; try again later",
+                    )),
+                    RETRY_AFTER_SECS,
+                )
             }
             other => ApiError::internal(&other),
         }
@@ -204,18 +313,18 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 }
 
 /// The machine-readable code of an error poem raised by itself.
-fn code_for(status: StatusCode) -> &'static str {
+fn code_for(status: StatusCode) -> ErrorCode {
     match status {
-        StatusCode::BAD_REQUEST => "malformed_request",
-        StatusCode::UNAUTHORIZED => "unauthorized",
-        StatusCode::FORBIDDEN => "forbidden",
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::UNPROCESSABLE_ENTITY => "validation_failed",
-        s if s.is_server_error() => "internal",
-        _ => "error",
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        StatusCode::UNPROCESSABLE_ENTITY => ErrorCode::ValidationFailed,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::DatabaseUnavailable,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::MalformedRequest,
     }
 }
 
@@ -304,3 +413,101 @@ pub async fn limit_body<E: Endpoint>(
     }
     ep.call(req).await.map(IntoResponse::into_response)
 }
+
+/// The statuses an operation's failures may have: the spec documents exactly these, and
+/// `tests/contract.rs` checks that each is reached and no other.
+pub trait Statuses: Send + Sync + 'static {
+    const LIST: &'static [u16];
+}
+
+/// Declares the failure statuses of one operation.
+macro_rules! statuses {
+    ($($(#[$doc:meta])* $name:ident: [$($status:literal),*];)*) => {
+        $(
+            $(#[$doc])*
+            pub struct $name;
+
+            impl Statuses for $name {
+                const LIST: &'static [u16] = &[$($status),*];
+            }
+        )*
+    };
+}
+
+statuses! {
+    /// `POST /tasks` and `POST /tasks/batch`.
+    EnqueueFailures: [400, 401, 403, 409, 413, 415, 422, 500, 503];
+    /// `GET /tasks` and `GET /events`.
+    ListFailures: [400, 401, 403, 500, 503];
+    /// `GET /tasks/{id}`: every role may read a task.
+    TaskFailures: [400, 401, 404, 500, 503];
+    /// `GET /tasks/{id}/events`.
+    HistoryFailures: [400, 401, 403, 404, 500, 503];
+    /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`.
+    OperatorFailures: [400, 401, 403, 404, 409, 500, 503];
+    /// `GET /stats`.
+    StatsFailures: [401, 403, 500, 503];
+}
+
+/// The failure of an operation whose documented statuses are `S`. An [`ApiError`] of another
+/// status is a bug: it is logged and answered as a 500.
+pub struct Failure<S> {
+    error: ApiError,
+    statuses: std::marker::PhantomData<fn() -> S>,
+}
+
+impl<S: Statuses> ApiResponse for Failure<S> {
+    fn meta() -> poem_openapi::registry::MetaResponses {
+        let mut meta = ApiError::meta();
+        meta.responses
+            .retain(|r| r.status.is_some_and(|s| S::LIST.contains(&s)));
+        meta
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        ApiError::register(registry);
+    }
+}
+
+impl<S: Statuses> IntoResponse for Failure<S> {
+    fn into_response(self) -> Response {
+        self.error.into_response()
+    }
+}
+
+impl<S: Statuses> From<Failure<S>> for poem::Error {
+    fn from(f: Failure<S>) -> poem::Error {
+        poem::Error::from_response(f.into_response())
+    }
+}
+
+impl<S: Statuses> From<ApiError> for Failure<S> {
+    fn from(error: ApiError) -> Self {
+        let status = error.status().as_u16();
+        let error = if S::LIST.contains(&status) {
+            error
+        } else {
+            ApiError::internal(&format!(
+                "an operation failed with status {status}, which its documentation does not list: {error:?}"
+            ))
+        };
+        Failure {
+            error,
+            statuses: std::marker::PhantomData,
+        }
+    }
+}
+
+macro_rules! into_failure {
+    ($($source:ty),*) => {
+        $(
+            impl<S: Statuses> From<$source> for Failure<S> {
+                fn from(e: $source) -> Self {
+                    ApiError::from(e).into()
+                }
+            }
+        )*
+    };
+}
+
+into_failure!(FieldError, Denied, InvalidTransition, StoreError);

@@ -5,9 +5,8 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use super::auth::{BearerAuth, Role};
-use super::error::ApiError;
-use super::model::{EventPage, EventView};
-use super::tasks::{cursor, page_limit};
+use super::error::{Failure, ListFailures};
+use super::model::{Event, EventPage};
 use super::ApiContext;
 use crate::store::events;
 
@@ -43,17 +42,19 @@ impl EventsApi {
         &self,
         auth: BearerAuth,
         /// The last position already read (0 to start from the beginning).
+        #[oai(validator(minimum(value = "0")))]
         after: Query<Option<i64>>,
-        /// Page size, 1 to 1000 (default 100).
+        /// Page size (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<u32>>,
-    ) -> Result<LogResponse, ApiError> {
+    ) -> Result<LogResponse, Failure<ListFailures>> {
         auth.require(&[Role::Auditor])?;
-        let after = cursor(after.0)?;
-        let limit = page_limit(limit.0, 100, 1000)?;
+        let after = after.0.unwrap_or(0);
+        let limit = limit.0.unwrap_or(100);
         let rows = events::global_log(&self.ctx.pool, after, i64::from(limit)).await?;
         let next_after = rows.last().map_or(after, |e| e.position);
         Ok(LogResponse::Ok(Json(EventPage {
-            events: rows.into_iter().map(EventView::from).collect(),
+            events: rows.into_iter().map(Event::from).collect(),
             next_after,
         })))
     }

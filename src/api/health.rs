@@ -1,10 +1,11 @@
 //! `/health`: is this instance able to serve, and what are its dependencies doing.
 
 use poem_openapi::payload::Json;
-use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags};
 use std::time::{Duration, Instant};
 
 use super::auth::{BearerAuth, Denied, Role};
+use super::error::RETRY_AFTER_SECS;
 use super::ApiContext;
 use crate::store::{outbox, projection};
 
@@ -12,6 +13,24 @@ use crate::store::{outbox, projection};
 enum ApiTags {
     /// Liveness and readiness for operators and orchestrators.
     Health,
+}
+
+/// Whether the instance can serve: `healthy` when Postgres and Redis answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Healthy,
+    Unhealthy,
+}
+
+/// Whether a dependency answered its ping within the health timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Connection {
+    Connected,
+    Disconnected,
 }
 
 /// Worker figures.
@@ -40,8 +59,7 @@ pub struct ProcessWorkers {
 /// One dependency's check.
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct DependencyCheck {
-    /// `connected` or `disconnected`.
-    pub status: String,
+    pub status: Connection,
     /// How long the ping took (up to the health timeout when it did not answer).
     pub latency_ms: f64,
 }
@@ -89,12 +107,9 @@ pub struct ProjectorStatus {
 /// The state of the service and its dependencies.
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct HealthReport {
-    /// `healthy` or `unhealthy`.
-    pub status: String,
-    /// `connected` or `disconnected`.
-    pub database: String,
-    /// `connected` or `disconnected`.
-    pub redis: String,
+    pub status: HealthStatus,
+    pub database: Connection,
+    pub redis: Connection,
     pub workers: WorkerStats,
     pub dependencies: Dependencies,
     /// Absent when Redis does not answer.
@@ -113,12 +128,9 @@ pub struct HealthReport {
 /// Whether this instance can serve: its dependencies answer.
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct ReadyReport {
-    /// `healthy` or `unhealthy`.
-    pub status: String,
-    /// `connected` or `disconnected`.
-    pub database: String,
-    /// `connected` or `disconnected`.
-    pub redis: String,
+    pub status: HealthStatus,
+    pub database: Connection,
+    pub redis: Connection,
 }
 
 #[derive(ApiResponse)]
@@ -128,7 +140,12 @@ pub enum HealthResponse {
     Healthy(Json<HealthReport>),
     /// Postgres or Redis does not answer within the health timeout.
     #[oai(status = 503)]
-    Unhealthy(Json<HealthReport>),
+    Unhealthy(
+        Json<HealthReport>,
+        /// Seconds to wait before asking again.
+        #[oai(header = "Retry-After")]
+        u32,
+    ),
 }
 
 #[derive(ApiResponse)]
@@ -138,7 +155,12 @@ pub enum ReadyResponse {
     Ready(Json<ReadyReport>),
     /// Postgres or Redis does not answer within the health timeout.
     #[oai(status = 503)]
-    NotReady(Json<ReadyReport>),
+    NotReady(
+        Json<ReadyReport>,
+        /// Seconds to wait before asking again.
+        #[oai(header = "Retry-After")]
+        u32,
+    ),
 }
 
 #[derive(ApiResponse)]
@@ -180,7 +202,7 @@ impl HealthApi {
         if db.ok && redis.ok {
             ReadyResponse::Ready(Json(report))
         } else {
-            ReadyResponse::NotReady(Json(report))
+            ReadyResponse::NotReady(Json(report), RETRY_AFTER_SECS)
         }
     }
 
@@ -198,8 +220,12 @@ struct Ping {
 }
 
 impl Ping {
-    fn word(&self) -> String {
-        if self.ok { "connected" } else { "disconnected" }.to_owned()
+    fn word(&self) -> Connection {
+        if self.ok {
+            Connection::Connected
+        } else {
+            Connection::Disconnected
+        }
     }
 
     fn check(&self) -> DependencyCheck {
@@ -210,8 +236,12 @@ impl Ping {
     }
 }
 
-fn status_word(healthy: bool) -> String {
-    if healthy { "healthy" } else { "unhealthy" }.to_owned()
+fn status_word(healthy: bool) -> HealthStatus {
+    if healthy {
+        HealthStatus::Healthy
+    } else {
+        HealthStatus::Unhealthy
+    }
 }
 
 /// Runs `f` with the health timeout; `None` (logged) if it fails or times out.
@@ -305,7 +335,7 @@ impl HealthApi {
         if healthy {
             HealthResponse::Healthy(Json(report))
         } else {
-            HealthResponse::Unhealthy(Json(report))
+            HealthResponse::Unhealthy(Json(report), RETRY_AFTER_SECS)
         }
     }
 

@@ -3,11 +3,13 @@
 //! spec at `/openapi.json`, the Prometheus scrape at `/metrics` ([`metrics`]).
 
 pub mod auth;
+pub mod contract;
 pub mod error;
 pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod spec;
 pub mod stats;
 pub mod tasks;
 
@@ -60,7 +62,7 @@ fn service<T: poem_openapi::OpenApi>(apis: T) -> OpenApiService<T, ()> {
 /// The OpenAPI document the code produces (JSON, pretty-printed); `openapi/openapi.json` holds
 /// the committed copy.
 pub fn spec_json() -> String {
-    service(SpecOnly).spec()
+    spec::refine(&service(SpecOnly).spec())
 }
 
 /// The served APIs' description without their handlers: the spec depends on the types only,
@@ -100,12 +102,24 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         metrics::MetricsApi { ctx },
     );
     let api = service(apis);
-    let docs = api.swagger_ui();
-    let spec = api.spec_endpoint();
+    // Swagger UI embeds the document; it gets the refined one.
+    let produced = api.spec();
+    let document = spec::refine(&produced);
+    let docs = api.swagger_ui_html().replace(&produced, &document);
     Route::new()
         .nest("/", api)
-        .nest("/docs", docs)
-        .at("/openapi.json", spec)
+        .at(
+            "/docs",
+            poem::endpoint::make_sync(move |_| poem::web::Html(docs.clone())),
+        )
+        .at(
+            "/openapi.json",
+            poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/json")
+                    .body(document.clone())
+            }),
+        )
         .data(auth)
         .around(move |ep, req| error::limit_body(ep, req, max_body))
         .around(error::json_errors)

@@ -1,14 +1,78 @@
 //! The documents the API exchanges, and their conversion from store rows.
 
 use chrono::{DateTime, Utc};
-use poem_openapi::Object;
+use poem_openapi::{Enum, Object};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::domain::{FailureKind, TaskStatus, TaskType};
 use crate::store::events::StoredEvent;
 use crate::store::tasks::TaskRow;
 
-/// A task to enqueue.
+/// The kinds of task.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Enum, serde::Serialize, serde::Deserialize,
+)]
+#[oai(
+    rename = "TaskType",
+    rename_all = "snake_case",
+    remote = "crate::domain::TaskType"
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskTypeName {
+    SendEmail,
+    SendSms,
+    SendWhatsapp,
+    SyncCalendar,
+}
+
+/// Where a task is in its life: `queued` (waiting, possibly not yet due), `running` (a worker
+/// holds the attempt), `retrying` (an attempt failed, the next is scheduled), `succeeded`, `dead`
+/// (out of attempts or failed for good) or `cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Serialize, serde::Deserialize)]
+#[oai(
+    rename = "TaskStatus",
+    rename_all = "snake_case",
+    remote = "crate::domain::TaskStatus"
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatusName {
+    Queued,
+    Running,
+    Retrying,
+    Succeeded,
+    Dead,
+    Cancelled,
+}
+
+/// Why an attempt failed: `retryable` (may work later), `permanent` (never will), `timeout`
+/// (ran past its time limit), `lease_expired` (its worker stopped renewing the lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Serialize, serde::Deserialize)]
+#[oai(
+    rename = "FailureKind",
+    rename_all = "snake_case",
+    remote = "crate::domain::FailureKind"
+)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKindName {
+    Retryable,
+    Permanent,
+    Timeout,
+    LeaseExpired,
+}
+
+/// A stored value the API cannot show: the row does not decode (a bug or a hand edit).
+#[derive(Debug, thiserror::Error)]
+#[error("task {task}: stored {what} {value:?} is not known to this version")]
+pub struct Undecodable {
+    pub task: Uuid,
+    pub what: &'static str,
+    pub value: String,
+}
+
+/// A task to enqueue, as the handler reads it: loosely typed, so that
+/// [`crate::domain::validate_payload`] can name the field that is wrong. The spec documents it
+/// as [`super::contract::TaskRequest`].
 #[derive(Debug, Clone, Object)]
 #[oai(deny_unknown_fields)]
 pub struct EnqueueRequest {
@@ -32,7 +96,8 @@ pub struct EnqueueRequest {
     pub invalidates: Option<Vec<String>>,
 }
 
-/// Up to 1000 tasks to enqueue in one transaction, all or nothing.
+/// Up to 1000 tasks to enqueue in one transaction, all or nothing (documented as
+/// [`super::contract::TaskBatch`]).
 #[derive(Debug, Clone, Object)]
 #[oai(deny_unknown_fields)]
 pub struct BatchRequest {
@@ -45,10 +110,10 @@ pub struct TaskView {
     pub id: Uuid,
     #[oai(rename = "type")]
     #[serde(rename = "type")]
-    pub task_type: String,
+    pub task_type: TaskTypeName,
+    /// The payload of the task's type, as it was enqueued.
     pub payload: Value,
-    /// `queued`, `running`, `retrying`, `succeeded`, `dead` or `cancelled`.
-    pub status: String,
+    pub status: TaskStatusName,
     /// Attempts started so far.
     pub attempts: i32,
     pub max_attempts: i32,
@@ -71,13 +136,25 @@ pub struct TaskView {
     pub updated_at: DateTime<Utc>,
 }
 
-impl From<TaskRow> for TaskView {
-    fn from(r: TaskRow) -> Self {
-        TaskView {
+impl TryFrom<TaskRow> for TaskView {
+    type Error = Undecodable;
+
+    fn try_from(r: TaskRow) -> Result<Self, Undecodable> {
+        let task_type = r.task_type.parse::<TaskType>().map_err(|_| Undecodable {
+            task: r.id,
+            what: "type",
+            value: r.task_type.clone(),
+        })?;
+        let status = r.status.parse::<TaskStatus>().map_err(|_| Undecodable {
+            task: r.id,
+            what: "status",
+            value: r.status.clone(),
+        })?;
+        Ok(TaskView {
             id: r.id,
-            task_type: r.task_type,
+            task_type: task_type.into(),
             payload: r.payload,
-            status: r.status,
+            status: status.into(),
             attempts: r.attempts,
             max_attempts: r.max_attempts,
             run_at: r.run_at,
@@ -87,7 +164,7 @@ impl From<TaskRow> for TaskView {
             lease_expires_at: r.lease_expires_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
-        }
+        })
     }
 }
 
@@ -111,7 +188,8 @@ pub struct TaskPage {
     pub next_after: Option<i64>,
 }
 
-/// One event of a task's history.
+/// One event of a task's history (documented as [`super::contract::Event`], whose members
+/// type `data` per event type).
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct EventView {
     /// Position in the global log (commit-safe order).
@@ -154,9 +232,9 @@ impl From<StoredEvent> for EventView {
 }
 
 /// A page of the global event log.
-#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+#[derive(Object)]
 pub struct EventPage {
-    pub events: Vec<EventView>,
+    pub events: Vec<Event>,
     /// Pass as `after` to continue: the last position returned, or the `after` given when
     /// nothing new has committed yet.
     pub next_after: i64,
@@ -168,7 +246,7 @@ pub struct EventPage {
 pub struct TypeStats {
     #[oai(rename = "type")]
     #[serde(rename = "type")]
-    pub task_type: String,
+    pub task_type: TaskTypeName,
     pub enqueued: i64,
     pub attempts_started: i64,
     /// Tasks that finished successfully.
@@ -180,9 +258,31 @@ pub struct TypeStats {
     pub dead: i64,
     pub cancelled: i64,
     pub requeued: i64,
-    /// Current number of tasks per status (`queued`, `running`, `retrying`, `succeeded`,
-    /// `dead`, `cancelled`).
-    pub by_status: std::collections::BTreeMap<String, i64>,
+    pub by_status: StatusCounts,
+}
+
+/// How many tasks of a type are in each status now (`by_status` of [`TypeStats`]).
+#[derive(Debug, Clone, Default, PartialEq, Object, serde::Serialize, serde::Deserialize)]
+pub struct StatusCounts {
+    pub queued: i64,
+    pub running: i64,
+    pub retrying: i64,
+    pub succeeded: i64,
+    pub dead: i64,
+    pub cancelled: i64,
+}
+
+impl StatusCounts {
+    pub fn set(&mut self, status: TaskStatus, n: i64) {
+        *match status {
+            TaskStatus::Queued => &mut self.queued,
+            TaskStatus::Running => &mut self.running,
+            TaskStatus::Retrying => &mut self.retrying,
+            TaskStatus::Succeeded => &mut self.succeeded,
+            TaskStatus::Dead => &mut self.dead,
+            TaskStatus::Cancelled => &mut self.cancelled,
+        } = n;
+    }
 }
 
 /// The task statistics of the operators' dashboard.
@@ -192,3 +292,15 @@ pub struct TaskStats {
     /// The log position the totals include at least (the `totals` projector's checkpoint).
     pub projected_through: i64,
 }
+
+/// An event as the API sends it: documented per event type, written as [`EventView`].
+pub type Event = super::contract::Documented<super::contract::Event, EventView>;
+
+impl From<StoredEvent> for Event {
+    fn from(e: StoredEvent) -> Self {
+        super::contract::Documented::new(EventView::from(e))
+    }
+}
+
+/// Keeps the compiler honest about the mirrored enums: each domain value has its name.
+const _: fn(FailureKind) -> FailureKindName = FailureKindName::from;

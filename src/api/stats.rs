@@ -6,10 +6,11 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 use std::collections::BTreeMap;
 
 use super::auth::{BearerAuth, Role};
-use super::error::ApiError;
-use super::model::{TaskStats, TypeStats};
+use super::error::{ApiError, Failure, StatsFailures};
+use super::model::{StatusCounts, TaskStats, TaskTypeName, TypeStats};
 use super::ApiContext;
 use crate::cache::{keys, Ttl};
+use crate::domain::{TaskStatus, TaskType};
 use crate::store::projection;
 
 #[derive(Tags)]
@@ -39,7 +40,7 @@ impl StatsApi {
     ///
     /// Roles: auditor, admin.
     #[oai(path = "/stats", method = "get", operation_id = "task_stats")]
-    async fn stats(&self, auth: BearerAuth) -> Result<StatsResponse, ApiError> {
+    async fn stats(&self, auth: BearerAuth) -> Result<StatsResponse, Failure<StatsFailures>> {
         auth.require(&[Role::Auditor])?;
         let pool = &self.ctx.pool;
         let stats = self
@@ -62,9 +63,9 @@ async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
         .map_or(0, |c| c.position);
     let totals = projection::totals(pool).await?;
     let statuses = projection::status_counts(pool).await?;
-    let mut types: BTreeMap<String, TypeStats> = BTreeMap::new();
-    let blank = |t: &str| TypeStats {
-        task_type: t.to_owned(),
+    let mut types: BTreeMap<TaskTypeName, TypeStats> = BTreeMap::new();
+    let blank = |t: TaskTypeName| TypeStats {
+        task_type: t,
         enqueued: 0,
         attempts_started: 0,
         succeeded: 0,
@@ -73,12 +74,16 @@ async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
         dead: 0,
         cancelled: 0,
         requeued: 0,
-        by_status: BTreeMap::new(),
+        by_status: StatusCounts::default(),
+    };
+    let task_type = |t: &str| {
+        t.parse::<TaskType>()
+            .map(TaskTypeName::from)
+            .map_err(|e| ApiError::internal(&e))
     };
     for t in totals {
-        let s = types
-            .entry(t.task_type.clone())
-            .or_insert_with(|| blank(&t.task_type));
+        let name = task_type(&t.task_type)?;
+        let s = types.entry(name).or_insert_with(|| blank(name));
         s.enqueued = t.enqueued;
         s.attempts_started = t.attempts_started;
         s.succeeded = t.succeeded;
@@ -88,12 +93,16 @@ async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
         s.cancelled = t.cancelled;
         s.requeued = t.requeued;
     }
-    for (task_type, status, n) in statuses {
+    for (t, status, n) in statuses {
+        let name = task_type(&t)?;
+        let status = status
+            .parse::<TaskStatus>()
+            .map_err(|e| ApiError::internal(&e))?;
         types
-            .entry(task_type.clone())
-            .or_insert_with(|| blank(&task_type))
+            .entry(name)
+            .or_insert_with(|| blank(name))
             .by_status
-            .insert(status, n);
+            .set(status, n);
     }
     Ok(TaskStats {
         types: types.into_values().collect(),

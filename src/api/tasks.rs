@@ -7,8 +7,15 @@ use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
 
 use super::auth::{BearerAuth, Role};
-use super::error::{ApiError, ErrorBody};
-use super::model::{BatchRequest, BatchResult, EnqueueRequest, EventView, TaskPage, TaskView};
+use super::contract::{Documented, TaskBatch, TaskRequest};
+use super::error::{
+    ApiError, EnqueueFailures, Failure, HistoryFailures, ListFailures, OperatorFailures,
+    TaskFailures,
+};
+use super::model::{
+    BatchRequest, BatchResult, EnqueueRequest, Event, TaskPage, TaskStatusName, TaskTypeName,
+    TaskView,
+};
 use super::ApiContext;
 use crate::cache::{keys, Ttl};
 use crate::domain::event::db_time;
@@ -34,13 +41,15 @@ enum ApiTags {
 pub enum EnqueueResponse {
     /// The task was created.
     #[oai(status = 201)]
-    Created(Json<TaskView>),
+    Created(
+        Json<TaskView>,
+        /// The task's URL (`/tasks/{id}`).
+        #[oai(header = "Location")]
+        String,
+    ),
     /// The idempotency key was already used for this same request: the existing task.
     #[oai(status = 200)]
     Existing(Json<TaskView>),
-    /// The body is not JSON: `Content-Type` is missing or not `application/json`.
-    #[oai(status = 415)]
-    UnsupportedMediaType(Json<ErrorBody>),
 }
 
 #[derive(ApiResponse)]
@@ -51,9 +60,6 @@ pub enum BatchResponse {
     /// Every task already existed under its idempotency key.
     #[oai(status = 200)]
     AllExisting(Json<BatchResult>),
-    /// The body is not JSON: `Content-Type` is missing or not `application/json`.
-    #[oai(status = 415)]
-    UnsupportedMediaType(Json<ErrorBody>),
 }
 
 #[derive(ApiResponse)]
@@ -74,7 +80,7 @@ pub enum OperatorResponse {
 pub enum HistoryResponse {
     /// Every event of the task, in order.
     #[oai(status = 200)]
-    Ok(Json<Vec<EventView>>),
+    Ok(Json<Vec<Event>>),
 }
 
 #[derive(ApiResponse)]
@@ -101,18 +107,22 @@ impl TasksApi {
     async fn enqueue(
         &self,
         auth: BearerAuth,
-        body: Json<EnqueueRequest>,
-    ) -> Result<EnqueueResponse, ApiError> {
+        body: Json<Documented<TaskRequest, EnqueueRequest>>,
+    ) -> Result<EnqueueResponse, Failure<EnqueueFailures>> {
         auth.require(&[Role::Producer])?;
-        let new = parse_request(body.0, Utc::now())?;
+        let new = parse_request(body.0.value, Utc::now())?;
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
         self.ctx.waker.wake();
         match result.into_iter().next() {
-            Some(Enqueued::Created(row)) => Ok(EnqueueResponse::Created(Json(row.into()))),
-            Some(Enqueued::Existing(row)) => Ok(EnqueueResponse::Existing(Json(row.into()))),
-            None => Err(ApiError::internal(&"enqueue returned no task")),
+            Some(Enqueued::Created(row)) => {
+                let view = view(row)?;
+                let location = format!("/tasks/{}", view.id);
+                Ok(EnqueueResponse::Created(Json(view), location))
+            }
+            Some(Enqueued::Existing(row)) => Ok(EnqueueResponse::Existing(Json(view(row)?))),
+            None => Err(ApiError::internal(&"enqueue returned no task").into()),
         }
     }
 
@@ -126,16 +136,17 @@ impl TasksApi {
     async fn enqueue_batch(
         &self,
         auth: BearerAuth,
-        body: Json<BatchRequest>,
-    ) -> Result<BatchResponse, ApiError> {
+        body: Json<Documented<TaskBatch, BatchRequest>>,
+    ) -> Result<BatchResponse, Failure<EnqueueFailures>> {
         auth.require(&[Role::Producer])?;
-        let requests = body.0.tasks;
+        let requests = body.0.value.tasks;
         if requests.is_empty() || requests.len() > MAX_BATCH {
-            return Err(ApiError::field(FieldError::new(
+            return Err(FieldError::new(
                 "tasks",
                 "invalid_length",
                 format!("must hold 1 to {MAX_BATCH} tasks, not {}", requests.len()),
-            )));
+            )
+            .into());
         }
         let now = Utc::now();
         let mut news = Vec::with_capacity(requests.len());
@@ -153,8 +164,8 @@ impl TasksApi {
         let existing = results.len() as u32 - created;
         let tasks = results
             .into_iter()
-            .map(|r| r.row().clone().into())
-            .collect();
+            .map(|r| view(r.row().clone()))
+            .collect::<Result<_, _>>()?;
         let result = Json(BatchResult {
             tasks,
             created,
@@ -183,12 +194,12 @@ impl TasksApi {
         /// `no-cache` to read the current state from Postgres, bypassing the cache.
         #[oai(name = "Cache-Control")]
         cache_control: Header<Option<String>>,
-    ) -> Result<TaskResponse, ApiError> {
+    ) -> Result<TaskResponse, Failure<TaskFailures>> {
         auth.require(&[Role::Producer, Role::Auditor])?;
         let pool = &self.ctx.pool;
         let load = || async {
             match tasks::get(pool, id.0).await? {
-                Some(row) => Ok(TaskView::from(row)),
+                Some(row) => view(row),
                 None => Err(ApiError::not_found(format!("task {} not found", id.0))),
             }
         };
@@ -223,22 +234,15 @@ impl TasksApi {
         &self,
         auth: BearerAuth,
         id: Path<Uuid>,
-        /// New attempts to allow, 1 to 25 (default 3).
+        /// New attempts to allow (default 3).
+        #[oai(validator(minimum(value = "1"), maximum(value = "25")))]
         attempts: Query<Option<i32>>,
-    ) -> Result<OperatorResponse, ApiError> {
+    ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let extra = attempts.0.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-        if !(1..=MAX_MAX_ATTEMPTS).contains(&extra) {
-            return Err(FieldError::new(
-                "attempts",
-                "out_of_range",
-                format!("must be 1 to {MAX_MAX_ATTEMPTS}"),
-            )
-            .into());
-        }
         let row = operator::requeue(&self.ctx.pool, id.0, extra, by).await?;
         self.forget(id.0).await;
-        Ok(OperatorResponse::Ok(Json(row.into())))
+        Ok(OperatorResponse::Ok(Json(view(row)?)))
     }
 
     /// Cancel a task
@@ -256,24 +260,17 @@ impl TasksApi {
         &self,
         auth: BearerAuth,
         id: Path<Uuid>,
-        /// Why, for the audit trail (at most 500 characters).
+        /// Why, for the audit trail.
+        #[oai(validator(min_length = 1, max_length = 500, pattern = r"^[^\u0000]*$"))]
         reason: Query<Option<String>>,
-    ) -> Result<OperatorResponse, ApiError> {
+    ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let reason = reason
             .0
             .unwrap_or_else(|| "cancelled by an operator".into());
-        if reason.chars().count() > 500 || reason.contains('\0') {
-            return Err(FieldError::new(
-                "reason",
-                "invalid_length",
-                "must be at most 500 characters, without NUL",
-            )
-            .into());
-        }
         let row = operator::cancel(&self.ctx.pool, id.0, reason, by).await?;
         self.forget(id.0).await;
-        Ok(OperatorResponse::Ok(Json(row.into())))
+        Ok(OperatorResponse::Ok(Json(view(row)?)))
     }
 
     /// A task's full history
@@ -286,14 +283,18 @@ impl TasksApi {
         method = "get",
         operation_id = "get_task_events"
     )]
-    async fn history(&self, auth: BearerAuth, id: Path<Uuid>) -> Result<HistoryResponse, ApiError> {
+    async fn history(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<HistoryResponse, Failure<HistoryFailures>> {
         auth.require(&[Role::Auditor])?;
         let events = events::history(&self.ctx.pool, id.0).await?;
         if events.is_empty() {
-            return Err(ApiError::not_found(format!("task {} not found", id.0)));
+            return Err(ApiError::not_found(format!("task {} not found", id.0)).into());
         }
         Ok(HistoryResponse::Ok(Json(
-            events.into_iter().map(EventView::from).collect(),
+            events.into_iter().map(Event::from).collect(),
         )))
     }
 
@@ -312,45 +313,35 @@ impl TasksApi {
         auth: BearerAuth,
         /// Only tasks of this type.
         #[oai(name = "type")]
-        task_type: Query<Option<String>>,
+        task_type: Query<Option<TaskTypeName>>,
         /// Only tasks in this status.
-        status: Query<Option<String>>,
+        status: Query<Option<TaskStatusName>>,
         /// Only tasks created at or after this time (RFC 3339).
         created_from: Query<Option<DateTime<Utc>>>,
         /// Only tasks created before this time (RFC 3339).
         created_to: Query<Option<DateTime<Utc>>>,
         /// The `next_after` of the previous page.
+        #[oai(validator(minimum(value = "0")))]
         after: Query<Option<i64>>,
-        /// Page size, 1 to 500 (default 50).
+        /// Page size (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u32>>,
-    ) -> Result<ListResponse, ApiError> {
+    ) -> Result<ListResponse, Failure<ListFailures>> {
         auth.require(&[Role::Auditor])?;
         let filter = TaskFilter {
-            task_type: task_type
-                .0
-                .map(|t| {
-                    t.parse::<TaskType>()
-                        .map_err(|e| FieldError::new("type", "invalid_value", e.to_string()))
-                })
-                .transpose()?,
-            status: status
-                .0
-                .map(|s| {
-                    s.parse::<TaskStatus>()
-                        .map_err(|e| FieldError::new("status", "invalid_value", e))
-                })
-                .transpose()?,
+            task_type: task_type.0.map(TaskType::from),
+            status: status.0.map(TaskStatus::from),
             created_from: created_from.0,
             created_to: created_to.0,
         };
-        let limit = page_limit(limit.0, 50, MAX_PAGE)?;
-        let after = cursor(after.0)?;
+        let limit = limit.0.unwrap_or(50);
+        let after = after.0.unwrap_or(0);
         let rows = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
         let next_after = (rows.len() == limit as usize)
             .then(|| rows.last().map(|r| r.enqueued_position))
             .flatten();
         Ok(ListResponse::Ok(Json(TaskPage {
-            items: rows.into_iter().map(TaskView::from).collect(),
+            items: rows.into_iter().map(view).collect::<Result<_, _>>()?,
             next_after,
         })))
     }
@@ -369,6 +360,11 @@ impl TasksApi {
     }
 }
 
+/// The API's view of a stored task; a row that does not decode is a 500.
+fn view(row: tasks::TaskRow) -> Result<TaskView, ApiError> {
+    TaskView::try_from(row).map_err(|e| ApiError::internal(&e))
+}
+
 async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
     let keyed = news.iter().any(|n| n.idempotency_key.is_some());
     Ok(if keyed {
@@ -376,32 +372,6 @@ async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
     } else {
         Tx::autocommit(pool).await?
     })
-}
-
-/// Checks a page size.
-pub(crate) fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
-    match limit {
-        None => Ok(default),
-        Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::field(FieldError::new(
-            "limit",
-            "out_of_range",
-            format!("must be 1 to {max}, not {n}"),
-        ))),
-    }
-}
-
-/// Checks a position cursor.
-pub(crate) fn cursor(after: Option<i64>) -> Result<i64, ApiError> {
-    match after {
-        None => Ok(0),
-        Some(n) if n >= 0 => Ok(n),
-        Some(n) => Err(ApiError::field(FieldError::new(
-            "after",
-            "out_of_range",
-            format!("must not be negative, not {n}"),
-        ))),
-    }
 }
 
 /// Turns a request into a validated [`NewTask`], naming the first bad field.

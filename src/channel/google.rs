@@ -20,7 +20,7 @@
 //! a local date-time without one; either way the event carries `time_zone` (or
 //! `GOOGLE_CALENDAR_TIME_ZONE`), which Google uses for local times and for display.
 
-use chrono::{DateTime, Duration as ChronoDuration, NaiveDateTime, Utc};
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use futures::future::BoxFuture;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode, Url};
@@ -35,6 +35,7 @@ use super::config::GoogleSettings;
 use super::ratelimit::RateLimiter;
 use super::{http_client, ChannelError};
 use crate::config::Secret;
+use crate::domain::appointment::Appointment;
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};
 
 /// The OAuth scope asked for: events of calendars the account can write to.
@@ -369,67 +370,34 @@ impl GoogleCalendarChannel {
         google_id: &str,
         data: Option<&Value>,
     ) -> Result<Value, HandlerError> {
-        let bad = |m: &str| HandlerError::permanent(format!("appointment_data.{m}"));
-        let data = data
-            .and_then(Value::as_object)
-            .ok_or_else(|| HandlerError::permanent("appointment_data is required"))?;
-        let text = |k: &str| -> Result<Option<&str>, HandlerError> {
-            match data.get(k) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) => Ok(Some(s.as_str())),
-                Some(_) => Err(bad(&format!("{k}: must be a string"))),
-            }
-        };
-        let time_zone = text("time_zone")?.unwrap_or(&self.settings.time_zone);
-        let start = text("starts_at")?
-            .ok_or_else(|| bad("starts_at: is required"))
-            .and_then(|s| {
-                EventTime::parse(s).ok_or_else(|| {
-                    bad("starts_at: must be a date-time like 2026-12-01T10:00:00+01:00")
-                })
-            })?;
-        let end = match text("ends_at")? {
-            Some(s) => EventTime::parse(s).ok_or_else(|| {
-                bad("ends_at: must be a date-time like 2026-12-01T10:30:00+01:00")
-            })?,
-            None => {
-                let minutes = match data.get("duration_minutes") {
-                    None | Some(Value::Null) => i64::from(self.settings.appointment_minutes),
-                    Some(v) => v
-                        .as_i64()
-                        .filter(|m| (1..=24 * 60).contains(m))
-                        .ok_or_else(|| bad("duration_minutes: must be 1 to 1440"))?,
-                };
-                start.plus_minutes(minutes)
-            }
-        };
-        if !end.is_after(&start) {
-            return Err(bad("ends_at: must be after starts_at"));
-        }
+        let data = data.ok_or_else(|| HandlerError::permanent("appointment_data is required"))?;
+        // Checked at enqueue; checked again here for tasks enqueued before that check existed.
+        let a = Appointment::parse("appointment_data", data)
+            .map_err(|e| HandlerError::permanent(e.to_string()))?;
+        let time_zone = a.time_zone.as_deref().unwrap_or(&self.settings.time_zone);
+        let end = a.ends_at.unwrap_or_else(|| {
+            let minutes = a
+                .duration_minutes
+                .unwrap_or(i64::from(self.settings.appointment_minutes));
+            a.starts_at.plus_minutes(minutes)
+        });
         let mut event = json!({
             "id": google_id,
-            "summary": text("summary")?.unwrap_or("Cita"),
-            "start": {"dateTime": start.to_string(), "timeZone": time_zone},
+            "summary": a.summary.as_deref().unwrap_or("Cita"),
+            "start": {"dateTime": a.starts_at.to_string(), "timeZone": time_zone},
             "end": {"dateTime": end.to_string(), "timeZone": time_zone},
             "status": "confirmed",
             "extendedProperties": {"private": {"arnela_event_id": event_id}},
         });
-        for k in ["description", "location"] {
-            if let Some(v) = text(k)? {
-                event[k] = json!(v);
-            }
+        if let Some(d) = &a.description {
+            event["description"] = json!(d);
         }
-        match data.get("attendees") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(list)) => {
-                let emails: Option<Vec<Value>> = list
-                    .iter()
-                    .map(|a| a.as_str().map(|e| json!({"email": e})))
-                    .collect();
-                event["attendees"] =
-                    Value::Array(emails.ok_or_else(|| bad("attendees: must be e-mail addresses"))?);
-            }
-            Some(_) => return Err(bad("attendees: must be a list of e-mail addresses")),
+        if let Some(l) = &a.location {
+            event["location"] = json!(l);
+        }
+        if !a.attendees.is_empty() {
+            event["attendees"] =
+                Value::Array(a.attendees.iter().map(|e| json!({"email": e})).collect());
         }
         Ok(event)
     }
@@ -466,52 +434,6 @@ fn api_failure(a: &Answer) -> HandlerError {
     failure
 }
 
-/// A start or end as Google takes it: with its offset, or local to the event's time zone.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum EventTime {
-    Offset(DateTime<chrono::FixedOffset>),
-    Local(NaiveDateTime),
-}
-
-impl EventTime {
-    fn parse(s: &str) -> Option<EventTime> {
-        DateTime::parse_from_rfc3339(s)
-            .map(EventTime::Offset)
-            .or_else(|_| {
-                NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S").map(EventTime::Local)
-            })
-            .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M").map(EventTime::Local))
-            .ok()
-    }
-
-    fn plus_minutes(self, m: i64) -> EventTime {
-        let d = ChronoDuration::minutes(m);
-        match self {
-            EventTime::Offset(t) => EventTime::Offset(t + d),
-            EventTime::Local(t) => EventTime::Local(t + d),
-        }
-    }
-
-    fn is_after(&self, other: &EventTime) -> bool {
-        match (self, other) {
-            (EventTime::Offset(a), EventTime::Offset(b)) => a > b,
-            (EventTime::Local(a), EventTime::Local(b)) => a > b,
-            // Mixed forms: compare wall-clock times (both are in the event's time zone).
-            (EventTime::Offset(a), EventTime::Local(b)) => a.naive_local() > *b,
-            (EventTime::Local(a), EventTime::Offset(b)) => *a > b.naive_local(),
-        }
-    }
-}
-
-impl std::fmt::Display for EventTime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EventTime::Offset(t) => write!(f, "{}", t.to_rfc3339()),
-            EventTime::Local(t) => write!(f, "{}", t.format("%Y-%m-%dT%H:%M:%S")),
-        }
-    }
-}
-
 impl Handler for GoogleCalendarChannel {
     fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult> {
         Box::pin(self.sync(task))
@@ -529,16 +451,6 @@ mod tests {
         assert_ne!(id, calendar_event_id("appointment-43"));
         assert_eq!(id.len(), 64);
         assert!(id.chars().all(|c| matches!(c, '0'..='9' | 'a'..='v')));
-    }
-
-    #[test]
-    fn times_keep_their_offset_or_stay_local() {
-        let t = EventTime::parse("2026-03-29T01:30:00+01:00").unwrap();
-        assert_eq!(t.plus_minutes(45).to_string(), "2026-03-29T02:15:00+01:00");
-        let local = EventTime::parse("2026-12-01T10:00").unwrap();
-        assert_eq!(local.to_string(), "2026-12-01T10:00:00");
-        assert!(local.plus_minutes(30).is_after(&local));
-        assert!(EventTime::parse("tomorrow").is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The pure core: task types and payloads, events, the task state machine and the retry policy.
 //! No I/O happens here; every other module depends on this one and not the other way round.
 
+pub mod appointment;
 pub mod event;
 pub mod payload;
 pub mod retry;

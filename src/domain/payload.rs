@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 use std::fmt;
 use std::str::FromStr;
 
+use super::appointment::Appointment;
+
 /// The largest serialized payload accepted for one task.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// The longest SMS / WhatsApp message accepted (Twilio's own limit).
@@ -233,7 +235,9 @@ pub fn validate_payload(task_type: TaskType, payload: Value) -> Result<ValidPayl
                 ));
             }
             match map.get("appointment_data") {
-                Some(Value::Object(_)) => {}
+                Some(data @ Value::Object(_)) => {
+                    Appointment::parse("payload.appointment_data", data)?;
+                }
                 None | Some(Value::Null) if action == "delete" => {}
                 None => {
                     return Err(FieldError::new(
@@ -358,8 +362,21 @@ fn max_chars(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// The largest magnitude of a number in a payload: Postgres keeps jsonb numbers as exact
+/// decimals, and ones near `f64::MAX` no longer read back as a finite `f64`.
+pub const MAX_NUMBER: f64 = 1e300;
+
+/// Checks every string and number of a payload: no NUL (Postgres cannot store it), no number
+/// beyond [`MAX_NUMBER`].
 fn check_no_nul(path: &str, value: &Value) -> Result<(), FieldError> {
     match value {
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.abs() > MAX_NUMBER) => {
+            Err(FieldError::new(
+                path,
+                "out_of_range",
+                "numbers must be between -1e300 and 1e300",
+            ))
+        }
         Value::String(s) if s.contains('\0') => Err(FieldError::new(
             path,
             "invalid_format",
@@ -529,9 +546,31 @@ mod tests {
     }
 
     #[test]
+    fn numbers_that_postgres_cannot_give_back_are_refused() {
+        let p = json!({"phone": "+34123456789", "template": "reminder", "data": {"n": [1.7976931348623157e308]}});
+        let err = validate_payload(TaskType::SendSms, p).unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.code),
+            ("payload.data.n[0]", "out_of_range")
+        );
+        let ok =
+            json!({"phone": "+34123456789", "template": "reminder", "data": {"n": 1e299, "m": -7}});
+        assert!(validate_payload(TaskType::SendSms, ok).is_ok());
+    }
+
+    #[test]
     fn calendar_actions_and_data_are_checked() {
-        let ok = json!({"event_id": "a1", "action": "create", "appointment_data": {"at": "x"}});
+        let ok = json!({"event_id": "a1", "action": "create",
+                        "appointment_data": {"starts_at": "2026-12-01T10:00", "client_id": "c-7"}});
         assert!(validate_payload(TaskType::SyncCalendar, ok).is_ok());
+        let unsendable =
+            json!({"event_id": "a1", "action": "create", "appointment_data": {"at": "x"}});
+        assert_eq!(
+            validate_payload(TaskType::SyncCalendar, unsendable)
+                .unwrap_err()
+                .field,
+            "payload.appointment_data.starts_at"
+        );
         let delete = json!({"event_id": "a1", "action": "delete"});
         assert!(validate_payload(TaskType::SyncCalendar, delete).is_ok());
         let bad_action = json!({"event_id": "a1", "action": "move", "appointment_data": {}});
