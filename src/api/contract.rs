@@ -125,11 +125,14 @@ macro_rules! described {
     };
 }
 
+/// One member of a `oneOf`: its `type` value, its schema's name, and how to register it.
+type Member = (&'static str, String, fn(&mut Registry));
+
 /// A `oneOf` of object schemas told apart by their `type` property.
 fn discriminated(
     registry: &mut Registry,
     description: &'static str,
-    members: Vec<(&'static str, String, fn(&mut Registry))>,
+    members: Vec<Member>,
 ) -> MetaSchema {
     let mut one_of = Vec::new();
     let mut mapping = Vec::new();
@@ -149,7 +152,7 @@ fn discriminated(
     }
 }
 
-fn member<T: Type>(tag: &'static str) -> (&'static str, String, fn(&mut Registry)) {
+fn member<T: Type>(tag: &'static str) -> Member {
     (tag, T::name().into_owned(), T::register)
 }
 
