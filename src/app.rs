@@ -107,6 +107,7 @@ impl App {
             keys: self.keys.clone(),
             health_timeout: self.settings.health_timeout,
             max_body_bytes: self.settings.max_body_bytes,
+            schedule_horizon: self.settings.schedule_horizon,
             channels: crate::domain::TaskType::ALL
                 .into_iter()
                 .map(|t| {

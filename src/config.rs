@@ -193,6 +193,8 @@ pub struct Settings {
     pub jwt_secret: Secret,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// How far ahead a task's `run_at` may be (`SCHEDULE_HORIZON_DAYS`, 366).
+    pub schedule_horizon: chrono::Duration,
     /// How long `/health` waits for each dependency (and a scrape for each scrape-time read).
     pub health_timeout: Duration,
     /// `METRICS_ADDR`: when set, every role also serves `/metrics` on this address (for
@@ -307,6 +309,17 @@ impl Settings {
             "MAX_BODY_BYTES",
             8 * 1024 * 1024usize,
         )?;
+        let horizon_days = parse_or(
+            get("SCHEDULE_HORIZON_DAYS"),
+            "SCHEDULE_HORIZON_DAYS",
+            crate::domain::task::DEFAULT_SCHEDULE_HORIZON_DAYS,
+        )?;
+        if !(1..=3660).contains(&horizon_days) {
+            return Err(err(
+                "SCHEDULE_HORIZON_DAYS",
+                format!("{horizon_days} is not 1 to 3660 days"),
+            ));
+        }
         let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
         let metrics_addr = get("METRICS_ADDR")
             .map(|v| {
@@ -327,6 +340,7 @@ impl Settings {
             redis,
             jwt_secret,
             max_body_bytes,
+            schedule_horizon: chrono::Duration::days(horizon_days),
             health_timeout: Duration::from_millis(health_timeout_ms),
             metrics_addr,
             engine,

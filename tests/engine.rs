@@ -174,6 +174,59 @@ async fn exhausted_retries_dead_letter_with_every_error_in_the_history(pool: PgP
     assert_eq!(e.relay_once().await, 0, "nothing left to deliver");
 }
 
+/// A provider answer with NUL (which Postgres refuses) is stored with U+FFFD: the outcome is
+/// recorded once, not lost and the message sent again.
+#[sqlx::test]
+async fn a_provider_answer_with_nul_is_recorded(pool: PgPool) {
+    let script = Script::answering(vec![
+        Ok(json!({"sid": "SM\u{0}42", "raw": "a\u{0}b"})),
+        Err(HandlerError::permanent("bad \u{0} answer")),
+    ]);
+    let e = engine(pool.clone(), script.clone(), config(0.0)).await;
+    let ids = enqueue(&pool, 2, 3).await;
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::Succeeded(ids[0]));
+    assert_eq!(e.step().await, Processed::DeadLettered(ids[1]));
+    assert_eq!(script.calls().len(), 2);
+    let events = e.events(ids[0]).await;
+    assert_eq!(events[3].1["result"]["sid"], "SM\u{FFFD}42");
+    let events = e.events(ids[1]).await;
+    assert_eq!(events[3].1["error"], "bad \u{FFFD} answer");
+}
+
+/// A requeue that would take a task past the 100 attempts a task may have is a 409, not a 500
+/// from the table's check constraint.
+#[sqlx::test]
+async fn a_requeue_past_the_attempt_budget_is_refused(pool: PgPool) {
+    let script = Script::answering(vec![Err(HandlerError::permanent(
+        "21211 invalid 'To' number",
+    ))]);
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(id));
+    // as if it had been requeued and had failed many times
+    sqlx::query("UPDATE tasks SET attempts = 90 WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let c = client(pool.clone()).await;
+    let (status, err) = post(&c, &format!("/tasks/{id}/retry?attempts=11"), &json!(null)).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("attempt_budget_exhausted")),
+        "{err}"
+    );
+    assert_eq!(e.history(id).await.last().unwrap(), "dead_lettered");
+    let (status, task) = post(&c, &format!("/tasks/{id}/retry?attempts=10"), &json!(null)).await;
+    assert_eq!(
+        (status, task["max_attempts"].as_i64()),
+        (200, Some(100)),
+        "{task}"
+    );
+}
+
 #[sqlx::test]
 async fn a_permanent_error_dead_letters_at_once(pool: PgPool) {
     let script = Script::answering(vec![Err(HandlerError::permanent(

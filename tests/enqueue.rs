@@ -234,6 +234,18 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing(pool: PgPool) {
             Some("run_at"),
         ),
         (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "run_at": "0001-01-01T00:00:00Z"}),
+            422,
+            "validation_failed",
+            Some("run_at"),
+        ),
+        (
+            json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "run_at": (chrono::Utc::now() - chrono::Duration::minutes(10)).to_rfc3339()}),
+            422,
+            "validation_failed",
+            Some("run_at"),
+        ),
+        (
             json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "m"}, "idempotency_key": ""}),
             422,
             "validation_failed",
@@ -297,11 +309,19 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing(pool: PgPool) {
 #[sqlx::test]
 async fn each_task_type_is_accepted_with_its_payload(pool: PgPool) {
     let c = client(pool.clone()).await;
+    // two days ahead, given in Madrid's winter offset, whole seconds
+    let at =
+        chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 2 * 86_400, 0).unwrap();
+    let madrid = chrono::FixedOffset::east_opt(3600).unwrap();
+    let run_at = at
+        .with_timezone(&madrid)
+        .format("%Y-%m-%dT%H:%M:%S+01:00")
+        .to_string();
     let bodies = [
         json!({"type": "send_email", "payload": {"to": "ana@clinic.es", "subject": "Confirmación de cita", "body": "<p>Su cita…</p>"}}),
         json!({"type": "send_sms", "payload": {"phone": "+34123456789", "message": "Texto del SMS"}}),
         json!({"type": "send_whatsapp", "payload": {"phone": "+34123456789", "message": "Mensaje"}, "max_attempts": 5}),
-        json!({"type": "sync_calendar", "payload": {"event_id": "123", "action": "create", "appointment_data": {"starts_at": "2026-12-01T10:00:00+01:00"}}, "run_at": "2026-12-01T09:00:00+01:00"}),
+        json!({"type": "sync_calendar", "payload": {"event_id": "123", "action": "create", "appointment_data": {"starts_at": "2030-12-01T10:00:00+01:00"}}, "run_at": run_at}),
     ];
     for body in bodies {
         let (status, task) = post(&c, "/tasks", &body).await;
@@ -309,8 +329,11 @@ async fn each_task_type_is_accepted_with_its_payload(pool: PgPool) {
         assert_eq!(task["type"], body["type"]);
         assert_eq!(task["payload"], body["payload"]);
     }
-    let (_, task) = post(&c, "/tasks", &json!({"type": "sync_calendar", "payload": {"event_id": "9", "action": "delete"}, "run_at": "2026-12-01T09:00:00+01:00"})).await;
-    assert_eq!(task["run_at"], "2026-12-01T08:00:00+00:00");
+    let (_, task) = post(&c, "/tasks", &json!({"type": "sync_calendar", "payload": {"event_id": "9", "action": "delete"}, "run_at": run_at})).await;
+    assert_eq!(
+        task["run_at"],
+        at.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
+    );
     assert_eq!(counts(&pool).await, (5, 5, 5));
 }
 

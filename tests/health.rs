@@ -257,6 +257,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         keys: Keys::new(common::unique_prefix()),
         health_timeout: Duration::from_millis(500),
         max_body_bytes: 1024,
+        schedule_horizon: chrono::Duration::days(366),
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
         cache: arnela::cache::Cache::new(redis.clone(), "health-test"),

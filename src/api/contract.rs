@@ -415,7 +415,8 @@ pub struct TaskOptions {
         validator(minimum(value = "1"), maximum(value = "25"))
     )]
     pub max_attempts: Option<i32>,
-    /// When the task should first run; default now, at most 366 days ahead.
+    /// When the task should first run; default now. From 5 minutes in the past (clock skew) to
+    /// `SCHEDULE_HORIZON_DAYS` (default 366) days ahead.
     pub run_at: Option<DateTime<Utc>>,
     /// Cache keys (`client:42`) or glob patterns (`appointments:client:*`, starting with three
     /// literal characters) to drop once the task succeeds; each is also published on

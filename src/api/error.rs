@@ -37,6 +37,8 @@ pub enum ErrorCode {
     InvalidTransition,
     /// 409: the task changed while the request was processed; retry it.
     ConcurrentUpdate,
+    /// 409: a requeue would give the task more attempts than a task may have in all (100).
+    AttemptBudgetExhausted,
     /// 413: the body is larger than the limit.
     PayloadTooLarge,
     /// 415: the body is not `application/json`.
@@ -290,6 +292,16 @@ impl From<StoreError> for ApiError {
                 "the task changed while the request was processed; retry it",
             ))),
             StoreError::Transition(t) => t.into(),
+            StoreError::AttemptBudget { used, max, .. } => {
+                ApiError::Conflict(Json(ErrorBody::new(
+                    ErrorCode::AttemptBudgetExhausted,
+                    format!(
+                        "the task has had {used} attempts and may have at most {max} in all: \
+                         requeue it with at most {} attempts",
+                        (max - used).max(0)
+                    ),
+                )))
+            }
             StoreError::Database(db) if is_unavailable(&db) => {
                 tracing::warn!(error = %db, "database unavailable");
                 ApiError::Unavailable(

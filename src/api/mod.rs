@@ -30,6 +30,8 @@ pub struct ApiContext {
     pub keys: Keys,
     pub health_timeout: Duration,
     pub max_body_bytes: usize,
+    /// How far ahead a task's `run_at` may be.
+    pub schedule_horizon: chrono::Duration,
     /// The delivery channel of each task type (`log` where none is configured), for `/health`.
     pub channels: std::collections::BTreeMap<String, String>,
     /// Wakes the relays after an enqueue commits.

@@ -32,8 +32,7 @@ fn sms_task() -> Value {
             "data": {"patient_name": "Ana", "starts_at": "2026-12-01T10:00:00+01:00", "clinic": "Clínica Arnela"},
             "locale": "es"
         },
-        "idempotency_key": "appointment-4711-reminder-sms",
-        "run_at": "2026-11-30T10:00:00+01:00"
+        "idempotency_key": "appointment-4711-reminder-sms"
     })
 }
 

@@ -19,7 +19,7 @@ use super::model::{
 use super::ApiContext;
 use crate::cache::{keys, Ttl};
 use crate::domain::event::db_time;
-use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS, RUN_AT_SKEW};
 use crate::domain::{
     validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
 };
@@ -110,7 +110,7 @@ impl TasksApi {
         body: Json<Documented<TaskRequest, EnqueueRequest>>,
     ) -> Result<EnqueueResponse, Failure<EnqueueFailures>> {
         auth.require(&[Role::Producer])?;
-        let new = parse_request(body.0.value, Utc::now())?;
+        let new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon)?;
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
@@ -151,7 +151,10 @@ impl TasksApi {
         let now = Utc::now();
         let mut news = Vec::with_capacity(requests.len());
         for (i, r) in requests.into_iter().enumerate() {
-            news.push(parse_request(r, now).map_err(|e| e.within(&format!("tasks[{i}].")))?);
+            news.push(
+                parse_request(r, now, self.ctx.schedule_horizon)
+                    .map_err(|e| e.within(&format!("tasks[{i}].")))?,
+            );
         }
         let mut tx = writer(&self.ctx.pool, &news).await?;
         let results = tasks::enqueue(&mut tx, news, Utc::now()).await?;
@@ -375,7 +378,13 @@ async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
 }
 
 /// Turns a request into a validated [`NewTask`], naming the first bad field.
-pub fn parse_request(r: EnqueueRequest, now: DateTime<Utc>) -> Result<NewTask, ApiError> {
+/// `run_at` may lie from [`RUN_AT_SKEW`] in the past (clock skew) to `horizon` ahead: a time far
+/// in the past would jump ahead of the whole queue.
+pub fn parse_request(
+    r: EnqueueRequest,
+    now: DateTime<Utc>,
+    horizon: chrono::Duration,
+) -> Result<NewTask, ApiError> {
     let task_type = r.task_type.parse::<TaskType>().map_err(|_| {
         FieldError::new(
             "type",
@@ -408,10 +417,24 @@ pub fn parse_request(r: EnqueueRequest, now: DateTime<Utc>) -> Result<NewTask, A
             })?
             .with_timezone(&Utc),
     };
-    if run_at > now + chrono::Duration::days(366) {
-        return Err(
-            FieldError::new("run_at", "out_of_range", "must be within a year from now").into(),
-        );
+    if run_at > now + horizon {
+        return Err(FieldError::new(
+            "run_at",
+            "out_of_range",
+            format!("must be at most {} days ahead", horizon.num_days()),
+        )
+        .into());
+    }
+    if run_at < now - RUN_AT_SKEW {
+        return Err(FieldError::new(
+            "run_at",
+            "out_of_range",
+            format!(
+                "must not be more than {} minutes in the past (leave it out to run now)",
+                RUN_AT_SKEW.num_minutes()
+            ),
+        )
+        .into());
     }
     let idempotency_key = match r.idempotency_key {
         Some(k) if k.is_empty() || k.chars().count() > 255 => {

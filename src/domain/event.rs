@@ -132,6 +132,35 @@ impl TaskEvent {
     }
 }
 
+/// Text from outside (a provider's answer, an error message) as Postgres can store it: NUL,
+/// which `text` and `jsonb` refuse, becomes U+FFFD. An outcome that cannot be stored would be
+/// lost, and the attempt run again.
+pub fn storable_text(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    }
+}
+
+/// A JSON document from outside as Postgres can store it and give back: NUL in strings and keys
+/// replaced (see [`storable_text`]), numbers beyond ±1e300 kept as their text.
+pub fn storable_json(v: Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(storable_text(s)),
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.abs() > 1e300) => {
+            Value::String(n.to_string())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(storable_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .map(|(k, v)| (storable_text(k), storable_json(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// Postgres keeps microseconds: every timestamp that is hashed is cut to them first.
 pub fn db_time(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)

@@ -18,13 +18,19 @@ use std::fmt;
 use std::str::FromStr;
 use uuid::Uuid;
 
-use super::event::{FailureKind, TaskEvent};
+use super::event::{storable_json, storable_text, FailureKind, TaskEvent};
 use super::payload::{TaskType, ValidPayload};
 
 /// Default number of attempts a task gets.
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 /// The most attempts a task may ask for.
 pub const MAX_MAX_ATTEMPTS: i32 = 25;
+/// Most attempts a task may have in all, requeues included (the table's check constraint).
+pub const MAX_TOTAL_ATTEMPTS: i32 = 100;
+/// How far ahead `run_at` may be by default (`SCHEDULE_HORIZON_DAYS`).
+pub const DEFAULT_SCHEDULE_HORIZON_DAYS: i64 = 366;
+/// How far in the past `run_at` may be: the producer's clock may run behind the database's.
+pub const RUN_AT_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -296,7 +302,7 @@ impl Task {
         self.require_attempt_in_flight("record the success of")?;
         Ok(TaskEvent::AttemptSucceeded {
             attempt: self.attempts,
-            result,
+            result: storable_json(result),
             duration_ms,
         })
     }
@@ -312,6 +318,7 @@ impl Task {
         decide: RetryDecision,
     ) -> Result<Vec<TaskEvent>, InvalidTransition> {
         self.require_attempt_in_flight("record the failure of")?;
+        let error = storable_text(error);
         let attempt = self.attempts;
         let mut events = vec![TaskEvent::AttemptFailed {
             attempt,
@@ -359,7 +366,9 @@ impl Task {
                 status: self.status,
             });
         }
-        Ok(TaskEvent::DeadLettered { reason })
+        Ok(TaskEvent::DeadLettered {
+            reason: storable_text(reason),
+        })
     }
 
     /// An operator gives a dead task `extra_attempts` more attempts.
@@ -474,6 +483,37 @@ mod tests {
         assert_eq!(task.status, TaskStatus::Succeeded);
         assert_eq!(task.lease_owner, None);
         assert_eq!(task.version, 4);
+    }
+
+    #[test]
+    fn outcomes_from_outside_are_made_storable() {
+        let mut task = new_task(3);
+        start(&mut task);
+        let TaskEvent::AttemptSucceeded { result, .. } = task
+            .succeed(
+                json!({"sid": "SM\u{0}1", "k\u{0}": [1.7976931348623157e308]}),
+                1,
+            )
+            .unwrap()
+        else {
+            panic!("not a success")
+        };
+        assert_eq!(
+            result,
+            json!({"sid": "SM\u{FFFD}1", "k\u{FFFD}": ["1.7976931348623157e+308"]})
+        );
+        let events = task
+            .fail(
+                FailureKind::Permanent,
+                "bad\u{0}".into(),
+                1,
+                t0(),
+                RetryDecision::DeadLetter,
+            )
+            .unwrap();
+        assert!(events
+            .iter()
+            .all(|e| !e.data().to_string().contains("\\u0000")));
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum StoreError {
     IdempotencyConflict { key: String, existing: Uuid },
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
+    /// A requeue would give the task more attempts than a task may have.
+    #[error("task {task_id} has had {used} attempts; a task may have at most {max}")]
+    AttemptBudget { task_id: Uuid, used: i32, max: i32 },
     /// A stored row that cannot be read back (an unknown event type, a bad status).
     #[error("corrupt row: {0}")]
     Corrupt(String),

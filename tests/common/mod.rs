@@ -68,6 +68,7 @@ pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiCo
         keys,
         health_timeout: timeout,
         max_body_bytes: 1024 * 1024,
+        schedule_horizon: chrono::Duration::days(366),
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool, Duration::from_millis(2)),
         auth: auth(),
