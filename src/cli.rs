@@ -44,6 +44,10 @@ pub enum Command {
         /// Who holds it (the token's `sub`, recorded as who requeued or cancelled a task).
         #[arg(long, default_value = "cli")]
         subject: String,
+        /// The tenant the holder acts for: a producer reads and deduplicates only its tenant's
+        /// tasks (default: the subject).
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// Auditor tools.
     Audit {

@@ -49,9 +49,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { role, ttl, subject } => {
+        Command::Token {
+            role,
+            ttl,
+            subject,
+            tenant,
+        } => {
             let auth = Auth::new(&Settings::jwt_secret_from_env()?)?;
-            println!("{}", auth.mint(role, ttl, &subject));
+            println!("{}", auth.mint_for(role, ttl, &subject, tenant.as_deref()));
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { options, json } => {

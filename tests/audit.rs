@@ -25,6 +25,7 @@ fn new_sms(message: &str) -> NewTask {
         run_at: Utc::now(),
         idempotency_key: None,
         invalidates: Vec::new(),
+        owner: String::new(),
     }
 }
 

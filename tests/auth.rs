@@ -118,6 +118,7 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         role: Role::Admin,
         iat: now() - 7200,
         exp: now() - 60,
+        tenant: None,
     });
     let other_secret = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
         .unwrap()
@@ -275,12 +276,21 @@ fn the_table_covers_every_operation_of_the_spec() {
                         && template(&op.path) == *path),
                 "{name} is not in the access-control table of this test"
             );
-            for s in ["401", "403"] {
-                assert!(
-                    operation["responses"].get(s).is_some(),
-                    "{name} does not document {s}"
-                );
-            }
+            assert!(
+                operation["responses"].get("401").is_some(),
+                "{name} does not document 401"
+            );
+            let op = ops
+                .iter()
+                .find(|op| {
+                    op.method.as_str().eq_ignore_ascii_case(method) && template(&op.path) == *path
+                })
+                .unwrap();
+            assert_eq!(
+                operation["responses"].get("403").is_some(),
+                op.allowed.len() < Role::ALL.len(),
+                "{name} documents 403 if and only if some role may not call it"
+            );
         }
     }
     open.sort();
@@ -396,4 +406,85 @@ fn arnela_token_refuses_a_bad_lifetime_role_or_a_missing_secret() {
         assert!(out.stdout.is_empty(), "{args:?} printed a token");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+}
+
+/// Sends `method path` with `token` and returns the status and the JSON body.
+async fn as_token<E: Endpoint>(
+    c: &TestClient<E>,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = c
+        .request(method, path)
+        .header("authorization", format!("Bearer {token}"));
+    if let Some(b) = body {
+        req = req.body_json(b);
+    }
+    let resp = req.send().await;
+    let status = resp.0.status().as_u16();
+    (
+        status,
+        resp.0.into_body().into_json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Tasks belong to the enqueuing token's tenant (else its subject): a producer reads and
+/// deduplicates only its tenant's tasks, and another tenant's task looks exactly like a missing
+/// one; auditors and admins read all.
+#[sqlx::test]
+async fn producers_see_and_deduplicate_only_their_own_tasks(pool: PgPool) {
+    let c = TestClient::new(arnela::api::endpoint(common::context(pool.clone()).await));
+    let hour = Duration::from_secs(3600);
+    let auth = common::auth();
+    let a = auth.mint_for(Role::Producer, hour, "agenda-1", Some("clinic-a"));
+    let a2 = auth.mint_for(Role::Producer, hour, "agenda-2", Some("clinic-a"));
+    let b = auth.mint_for(Role::Producer, hour, "mallory", None);
+    let auditor = common::token(Role::Auditor);
+    let with_key = |message: &str| {
+        let mut body = sms(message);
+        body["idempotency_key"] = json!("appointment-7-reminder");
+        body
+    };
+
+    let (status, task_a) = as_token(&c, Method::POST, "/tasks", &a, Some(&with_key("hola"))).await;
+    assert_eq!(status, 201, "{task_a}");
+    assert_eq!(task_a["owner"], "clinic-a");
+    let id_a = task_a["id"].as_str().unwrap().to_owned();
+    // read once by its owner, so the next reads may come from the cache
+    let path = format!("/tasks/{id_a}");
+    assert_eq!(as_token(&c, Method::GET, &path, &a, None).await.0, 200);
+
+    // Another tenant's same key is its own: no conflict, no hint of the other task.
+    let (status, task_b) = as_token(&c, Method::POST, "/tasks", &b, Some(&with_key("spam"))).await;
+    assert_eq!(status, 201, "{task_b}");
+    assert_ne!(task_b["id"], task_a["id"]);
+    assert_eq!(task_b["owner"], "mallory");
+    let (status, err) = as_token(&c, Method::GET, &path, &b, None).await;
+    let missing = format!("/tasks/{}", Uuid::new_v4());
+    let (_, err_missing) = as_token(&c, Method::GET, &missing, &b, None).await;
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["code"], err_missing["code"]);
+    assert!(!err.to_string().contains("+34"), "{err}");
+    let (status, _) = as_token(&c, Method::GET, &format!("{path}?x=1"), &b, None).await;
+    assert_eq!(status, 404);
+
+    // The same tenant under another subject shares the tasks and the keys.
+    assert_eq!(as_token(&c, Method::GET, &path, &a2, None).await.0, 200);
+    let (status, err) = as_token(&c, Method::POST, "/tasks", &a2, Some(&with_key("otro"))).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (409, Some("idempotency_conflict"))
+    );
+    let (status, again) = as_token(&c, Method::POST, "/tasks", &a2, Some(&with_key("hola"))).await;
+    assert_eq!((status, again["id"].as_str()), (200, Some(id_a.as_str())));
+
+    // Auditors read every tenant's task.
+    let (status, seen) = as_token(&c, Method::GET, &path, &auditor, None).await;
+    assert_eq!((status, seen["owner"].as_str()), (200, Some("clinic-a")));
+    let history = format!("{path}/events");
+    let (status, events) = as_token(&c, Method::GET, &history, &auditor, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(events[0]["data"]["owner"], "clinic-a");
 }

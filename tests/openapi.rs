@@ -173,7 +173,7 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             Method::GET,
             "/tasks/{id}",
             format!("/tasks/{queued}"),
-            producer,
+            auditor,
         ),
         probe(Method::GET, "/tasks/{id}", format!("/tasks/{queued}"), None),
         probe(Method::GET, "/tasks/{id}", "/tasks/not-a-uuid", producer),

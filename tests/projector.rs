@@ -181,6 +181,7 @@ async fn a_late_commit_is_projected_later_never_skipped(pool: PgPool) {
         run_at: chrono::Utc::now(),
         idempotency_key: None,
         invalidates: Vec::new(),
+        owner: String::new(),
     }];
     arnela::store::tasks::enqueue(&mut open, news, chrono::Utc::now())
         .await

@@ -87,6 +87,17 @@ pub struct Claims {
     pub iat: i64,
     /// Expires at, seconds since the Unix epoch.
     pub exp: i64,
+    /// The tenant the holder acts for (several tokens of one clinic system share it); absent:
+    /// the subject is the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+impl Claims {
+    /// Who the tasks this token enqueues belong to, and whose tasks a producer token may read.
+    pub fn owner(&self) -> &str {
+        self.tenant.as_deref().unwrap_or(&self.sub)
+    }
 }
 
 /// Why a token cannot be signed or is refused. The messages never contain the token.
@@ -162,6 +173,17 @@ impl Auth {
 
     /// A token for `subject` with `role`, valid for `ttl` from now.
     pub fn mint(&self, role: Role, ttl: Duration, subject: &str) -> String {
+        self.mint_for(role, ttl, subject, None)
+    }
+
+    /// A token acting for `tenant` (see [`Claims::tenant`]).
+    pub fn mint_for(
+        &self,
+        role: Role,
+        ttl: Duration,
+        subject: &str,
+        tenant: Option<&str>,
+    ) -> String {
         let iat = chrono::Utc::now().timestamp();
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         self.sign(&Claims {
@@ -169,6 +191,7 @@ impl Auth {
             role,
             iat,
             exp: iat.saturating_add(ttl),
+            tenant: tenant.map(str::to_owned),
         })
     }
 
@@ -343,6 +366,7 @@ mod tests {
             role: Role::Admin,
             iat: now - 100,
             exp,
+            tenant: None,
         };
         assert!(a.verify(&a.sign(&at(now - 2))).is_ok(), "within leeway");
         assert_eq!(

@@ -525,6 +525,8 @@ pub struct EnqueuedData {
     pub idempotency_key: Option<String>,
     /// Absent when none were declared.
     pub invalidates: Option<Vec<String>>,
+    /// Who the task belongs to (absent for tasks written before owners were recorded).
+    pub owner: Option<String>,
 }
 
 /// The data of `dispatched`: a delivery for `attempt` was put on the Redis queue.

@@ -134,6 +134,10 @@ pub struct TaskView {
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Who the task belongs to: the enqueuing token's tenant, else its subject (empty for
+    /// tasks written before owners were recorded).
+    #[serde(default)]
+    pub owner: String,
 }
 
 impl TryFrom<TaskRow> for TaskView {
@@ -164,6 +168,7 @@ impl TryFrom<TaskRow> for TaskView {
             lease_expires_at: r.lease_expires_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            owner: r.owner,
         })
     }
 }

@@ -78,7 +78,8 @@ fn task_view() -> Value {
         "idempotency_key": "appointment-4711-reminder-sms",
         "version": 1,
         "created_at": "2026-11-29T12:00:00Z",
-        "updated_at": "2026-11-29T12:00:00Z"
+        "updated_at": "2026-11-29T12:00:00Z",
+        "owner": "appointments"
     })
 }
 
@@ -131,7 +132,8 @@ pub fn examples() -> Vec<(&'static str, Value)> {
                     "payload": {"phone": "+34600111222", "message": "Hola Ana, le recordamos su cita mañana a las 10:00."},
                     "max_attempts": 3,
                     "run_at": "2026-11-30T09:00:00Z",
-                    "idempotency_key": "appointment-4711-reminder-sms"
+                    "idempotency_key": "appointment-4711-reminder-sms",
+                    "owner": "appointments"
                 }),
                 false,
             ),

@@ -109,8 +109,8 @@ impl TasksApi {
         auth: BearerAuth,
         body: Json<Documented<TaskRequest, EnqueueRequest>>,
     ) -> Result<EnqueueResponse, Failure<EnqueueFailures>> {
-        auth.require(&[Role::Producer])?;
-        let new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon)?;
+        let owner = auth.require(&[Role::Producer])?.owner().to_owned();
+        let new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon, &owner)?;
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
@@ -138,7 +138,7 @@ impl TasksApi {
         auth: BearerAuth,
         body: Json<Documented<TaskBatch, BatchRequest>>,
     ) -> Result<BatchResponse, Failure<EnqueueFailures>> {
-        auth.require(&[Role::Producer])?;
+        let owner = auth.require(&[Role::Producer])?.owner().to_owned();
         let requests = body.0.value.tasks;
         if requests.is_empty() || requests.len() > MAX_BATCH {
             return Err(FieldError::new(
@@ -152,7 +152,7 @@ impl TasksApi {
         let mut news = Vec::with_capacity(requests.len());
         for (i, r) in requests.into_iter().enumerate() {
             news.push(
-                parse_request(r, now, self.ctx.schedule_horizon)
+                parse_request(r, now, self.ctx.schedule_horizon, &owner)
                     .map_err(|e| e.within(&format!("tasks[{i}].")))?,
             );
         }
@@ -183,6 +183,9 @@ impl TasksApi {
 
     /// A task's current state
     ///
+    /// A producer reads only the tasks of its tenant (the token's `tenant` claim, else its
+    /// subject); auditors and admins read every task.
+    ///
     /// Served from the cache (`task:{id}`), which the invalidation projector clears after each
     /// event of the task: a read may lag a committed event by the projector's interval
     /// (`PROJECTOR_INTERVAL_MS`), never longer once the event is projected. A request with
@@ -198,8 +201,9 @@ impl TasksApi {
         #[oai(name = "Cache-Control")]
         cache_control: Header<Option<String>>,
     ) -> Result<TaskResponse, Failure<TaskFailures>> {
-        auth.require(&[Role::Producer, Role::Auditor])?;
+        let claims = auth.require(&[Role::Producer, Role::Auditor])?;
         let pool = &self.ctx.pool;
+        let not_found = || ApiError::not_found(format!("task {} not found", id.0));
         let load = || async {
             match tasks::get(pool, id.0).await? {
                 Some(row) => view(row),
@@ -218,6 +222,10 @@ impl TasksApi {
                 .get_or_set(&keys::task(id.0), Ttl::Short, load)
                 .await?
         };
+        // A producer reads only its own tasks; another's is answered exactly like a missing one.
+        if claims.role == Role::Producer && view.owner != claims.owner() {
+            return Err(not_found().into());
+        }
         Ok(TaskResponse::Ok(Json(view)))
     }
 
@@ -384,6 +392,7 @@ pub fn parse_request(
     r: EnqueueRequest,
     now: DateTime<Utc>,
     horizon: chrono::Duration,
+    owner: &str,
 ) -> Result<NewTask, ApiError> {
     let task_type = r.task_type.parse::<TaskType>().map_err(|_| {
         FieldError::new(
@@ -463,5 +472,6 @@ pub fn parse_request(
         run_at: db_time(run_at),
         idempotency_key,
         invalidates,
+        owner: owner.to_owned(),
     })
 }

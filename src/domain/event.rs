@@ -43,6 +43,9 @@ pub enum TaskEvent {
         /// events stored before the field existed keep their canonical form and hash).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         invalidates: Vec<String>,
+        /// Who the task belongs to (absent when empty, so older events keep their hash).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        owner: String,
     },
     /// The relay put a delivery for `attempt` on the Redis queue.
     Dispatched { attempt: i32 },

@@ -136,6 +136,9 @@ pub struct NewTask {
     /// Cache keys or patterns to drop once the task succeeds (checked by
     /// [`super::payload::validate_invalidates`]).
     pub invalidates: Vec<String>,
+    /// Who the task belongs to: the enqueuing token's `tenant` claim, else its subject. Producers
+    /// see and deduplicate only their own tasks. Empty for tasks written before owners existed.
+    pub owner: String,
 }
 
 /// What the retry policy decided for a failed attempt.
@@ -157,6 +160,7 @@ impl Task {
             run_at: new.run_at,
             idempotency_key: new.idempotency_key,
             invalidates: new.invalidates,
+            owner: new.owner,
         }
     }
 
@@ -456,6 +460,7 @@ mod tests {
             run_at: t0(),
             idempotency_key: None,
             invalidates: Vec::new(),
+            owner: String::new(),
         });
         Task::from_first(Uuid::nil(), &first, t0())
     }

@@ -36,16 +36,18 @@ pub struct TaskRow {
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Who the task belongs to ('' for tasks written before owners existed).
+    pub owner: String,
 }
 
 pub(crate) const TASK_COLUMNS: &str = "id, task_type, payload, status, attempts, max_attempts, \
     run_at, idempotency_key, last_error, version, last_hash, enqueued_position, lease_owner, \
-    lease_expires_at, created_at, updated_at";
+    lease_expires_at, created_at, updated_at, owner";
 
 /// [`TASK_COLUMNS`] with a JSON `null` for the payload, for readers that decide without it.
 pub(crate) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb AS payload, \
     status, attempts, max_attempts, run_at, idempotency_key, last_error, version, last_hash, \
-    enqueued_position, lease_owner, lease_expires_at, created_at, updated_at";
+    enqueued_position, lease_owner, lease_expires_at, created_at, updated_at, owner";
 
 impl TaskRow {
     /// The domain state held by this row and the hash the task's next event chains to, without
@@ -137,12 +139,13 @@ pub async fn enqueue(
     let mut max_attempts = Vec::with_capacity(requests.len());
     let mut run_ats = Vec::with_capacity(requests.len());
     let mut keys = Vec::with_capacity(requests.len());
-    let mut by_key: HashMap<&str, usize> = HashMap::new();
+    let mut owners = Vec::with_capacity(requests.len());
+    let mut by_key: HashMap<(&str, &str), usize> = HashMap::new();
     let mut first_of_key: Vec<Option<usize>> = Vec::with_capacity(requests.len());
 
     for (i, req) in requests.iter().enumerate() {
         if let Some(key) = req.idempotency_key.as_deref() {
-            if let Some(&first) = by_key.get(key) {
+            if let Some(&first) = by_key.get(&(req.owner.as_str(), key)) {
                 let a = &requests[first];
                 if a.task_type != req.task_type || a.payload != req.payload {
                     return Err(StoreError::IdempotencyConflict {
@@ -154,7 +157,7 @@ pub async fn enqueue(
                 ids.push(ids[first]);
                 continue;
             }
-            by_key.insert(key, i);
+            by_key.insert((req.owner.as_str(), key), i);
         }
         first_of_key.push(None);
         let id = Uuid::now_v7();
@@ -166,6 +169,7 @@ pub async fn enqueue(
         max_attempts.push(req.max_attempts);
         run_ats.push(db_time(req.run_at));
         keys.push(req.idempotency_key.clone());
+        owners.push(req.owner.as_str());
     }
 
     // One statement: the projection rows (skipping keys already in use), then the events and
@@ -175,17 +179,18 @@ pub async fn enqueue(
     let inserted: Vec<TaskRow> = sqlx::query_as(&format!(
         "WITH input AS ( \
            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
-                                $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[]) \
+                                $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[], \
+                                $12::text[]) \
              AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, hash, slot, \
-                  event_version, data) \
+                  event_version, data, owner) \
          ), task AS ( \
            INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at, \
                               idempotency_key, version, last_hash, enqueued_position, \
-                              created_at, updated_at) \
+                              created_at, updated_at, owner) \
            SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1, \
-                  hash, event_position(slot), $11, $11 \
+                  hash, event_position(slot), $11, $11, owner \
            FROM input ORDER BY slot \
-           ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+           ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
            RETURNING {cols} \
          ), event AS ( \
            INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
@@ -211,30 +216,33 @@ pub async fn enqueue(
     .bind(&rows.versions)
     .bind(&rows.data)
     .bind(now)
+    .bind(&owners)
     .fetch_all(tx.conn())
     .await?;
 
     let mut created: HashMap<Uuid, TaskRow> = inserted.into_iter().map(|r| (r.id, r)).collect();
 
     // Requests whose key was taken before this call: fetch the holders and compare.
-    let taken: Vec<String> = requests
+    let (taken_owners, taken): (Vec<&str>, Vec<String>) = requests
         .iter()
         .zip(&first_of_key)
         .zip(&ids)
         .filter(|((_, first), id)| first.is_none() && !created.contains_key(id))
-        .filter_map(|((r, _), _)| r.idempotency_key.clone())
-        .collect();
-    let mut holders: HashMap<String, TaskRow> = HashMap::new();
+        .filter_map(|((r, _), _)| Some((r.owner.as_str(), r.idempotency_key.clone()?)))
+        .unzip();
+    let mut holders: HashMap<(String, String), TaskRow> = HashMap::new();
     if !taken.is_empty() {
         let existing: Vec<TaskRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = ANY($1)"
+            "SELECT {TASK_COLUMNS} FROM tasks \
+             WHERE (owner, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
         ))
+        .bind(&taken_owners)
         .bind(&taken)
         .fetch_all(tx.conn())
         .await?;
         for row in existing {
             if let Some(key) = row.idempotency_key.clone() {
-                holders.insert(key, row);
+                holders.insert((row.owner.clone(), key), row);
             }
         }
     }
@@ -256,11 +264,13 @@ pub async fn enqueue(
             .idempotency_key
             .clone()
             .ok_or_else(|| StoreError::Corrupt(format!("task {} was not inserted", ids[i])))?;
-        let holder = holders.remove(&key).ok_or_else(|| {
-            StoreError::Corrupt(format!(
-                "idempotency key {key:?} conflicted but has no holder"
-            ))
-        })?;
+        let holder = holders
+            .remove(&(req.owner.clone(), key.clone()))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "idempotency key {key:?} conflicted but has no holder"
+                ))
+            })?;
         let same =
             holder.task_type == req.task_type.as_str() && &holder.payload == req.payload.as_json();
         if !same {
@@ -269,7 +279,7 @@ pub async fn enqueue(
                 existing: holder.id,
             });
         }
-        holders.insert(key, holder.clone());
+        holders.insert((req.owner.clone(), key), holder.clone());
         out.push(Enqueued::Existing(holder));
     }
     Ok(out)

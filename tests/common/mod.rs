@@ -877,6 +877,8 @@ pub async fn enqueue_tasks(
                 run_at: chrono::Utc::now(),
                 idempotency_key: None,
                 invalidates: Vec::new(),
+                // the tenant of `token(Role::Producer)`
+                owner: "test-producer".into(),
             })
             .collect();
         let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())
