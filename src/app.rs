@@ -100,7 +100,8 @@ impl App {
 
     /// What the API needs; fails without a `JWT_SECRET` (no token could be verified).
     pub fn api_context(&self) -> Result<ApiContext, api::auth::AuthError> {
-        let auth = api::auth::Auth::new(&self.settings.jwt_secret)?;
+        let auth =
+            api::auth::Auth::rotating(&self.settings.jwt_secret, &self.settings.jwt_previous)?;
         Ok(ApiContext {
             pool: self.pool.clone(),
             redis: self.redis.clone(),

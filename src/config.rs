@@ -191,6 +191,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
     pub jwt_secret: Secret,
+    /// Earlier secrets whose tokens are still accepted while they are rolled
+    /// (`JWT_PREVIOUS_SECRETS`, comma-separated; empty by default).
+    pub jwt_previous: Vec<Secret>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// How far ahead a task's `run_at` may be (`SCHEDULE_HORIZON_DAYS`, 366).
@@ -294,8 +297,20 @@ impl Settings {
         redis.connection_info()?;
 
         let jwt_secret = Secret::new(get("JWT_SECRET").unwrap_or_default());
+        let jwt_previous: Vec<Secret> = get("JWT_PREVIOUS_SECRETS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new)
+                    .collect()
+            })
+            .unwrap_or_default();
         if production {
             check_production_secret("JWT_SECRET", &jwt_secret, 32)?;
+            for previous in &jwt_previous {
+                check_production_secret("JWT_PREVIOUS_SECRETS", previous, 32)?;
+            }
             if database.url.is_none() {
                 check_production_secret("DB_PASSWORD", &database.password, 12)?;
             }
@@ -339,6 +354,7 @@ impl Settings {
             database,
             redis,
             jwt_secret,
+            jwt_previous,
             max_body_bytes,
             schedule_horizon: chrono::Duration::days(horizon_days),
             health_timeout: Duration::from_millis(health_timeout_ms),

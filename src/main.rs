@@ -55,6 +55,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             subject,
             tenant,
         } => {
+            if ttl > role.max_ttl() {
+                anyhow::bail!(
+                    "a {role} token may live at most {} days; ask for a shorter --ttl",
+                    role.max_ttl().as_secs() / 86_400
+                );
+            }
             let auth = Auth::new(&Settings::jwt_secret_from_env()?)?;
             println!("{}", auth.mint_for(role, ttl, &subject, tenant.as_deref()));
             Ok(ExitCode::SUCCESS)

@@ -118,6 +118,9 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         role: Role::Admin,
         iat: now() - 7200,
         exp: now() - 60,
+        nbf: None,
+        iss: "arnela".into(),
+        aud: "arnela-api".into(),
         tenant: None,
     });
     let other_secret = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
@@ -148,8 +151,40 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         &key,
     )
     .unwrap();
+    let claims = |extra: Value| {
+        let mut c = json!({"sub": "x", "role": "admin", "iat": now(), "exp": now() + 3600,
+                           "iss": "arnela", "aud": "arnela-api"});
+        for (k, v) in extra.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        jsonwebtoken::encode(&hs256, &c, &key).unwrap()
+    };
+    let no_iss_aud = claims(json!({"iss": null, "aud": null}));
+    let other_audience = claims(json!({"aud": "billing-api"}));
+    let other_issuer = claims(json!({"iss": "someone-else"}));
+    let not_yet = claims(json!({"nbf": now() + 3600}));
+    let long_admin = claims(json!({"exp": now() + 30 * 86_400}));
+    let mut unknown_kid_header = hs256.clone();
+    unknown_kid_header.kid = Some("0123456789abcdef".into());
+    let unknown_kid = jsonwebtoken::encode(
+        &unknown_kid_header,
+        &json!({"sub": "x", "role": "admin", "iat": now(), "exp": now() + 3600,
+                "iss": "arnela", "aud": "arnela-api"}),
+        &key,
+    )
+    .unwrap();
     let bearer = |t: &str| Some(format!("Bearer {t}"));
     vec![
+        ("token without iss and aud", bearer(&no_iss_aud)),
+        ("token for another audience", bearer(&other_audience)),
+        ("token of another issuer", bearer(&other_issuer)),
+        ("token not yet valid (nbf)", bearer(&not_yet)),
+        ("admin token living 30 days", bearer(&long_admin)),
+        ("token naming an unknown key", bearer(&unknown_kid)),
         ("no token", None),
         ("expired token", bearer(&expired)),
         ("token signed with another secret", bearer(&other_secret)),
@@ -487,4 +522,99 @@ async fn producers_see_and_deduplicate_only_their_own_tasks(pool: PgPool) {
     let (status, events) = as_token(&c, Method::GET, &history, &auditor, None).await;
     assert_eq!(status, 200);
     assert_eq!(events[0]["data"]["owner"], "clinic-a");
+}
+
+/// A secret is rotated without downtime: tokens of the previous secret (named by their `kid`)
+/// are accepted while the new one signs; once the previous secret is dropped they are refused.
+/// A token whose `nbf` has passed is accepted; the 401 body never says why a token was refused.
+#[sqlx::test]
+async fn secrets_rotate_and_refusals_say_nothing_of_why(pool: PgPool) {
+    let old = Secret::new("the-old-secret-of-at-least-32-characters");
+    let new = Secret::new("the-new-secret-of-at-least-32-characters");
+    let hour = Duration::from_secs(3600);
+    let old_token = Auth::new(&old).unwrap().mint(Role::Auditor, hour, "ana");
+    let rolling = Auth::rotating(&new, &[old.clone()]).unwrap();
+    let new_token = rolling.mint(Role::Auditor, hour, "ana");
+
+    let mut ctx = common::context(pool.clone()).await;
+    ctx.auth = rolling;
+    let c = TestClient::new(arnela::api::endpoint(ctx));
+    assert_eq!(
+        as_token(&c, Method::GET, "/stats", &old_token, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        as_token(&c, Method::GET, "/stats", &new_token, None)
+            .await
+            .0,
+        200
+    );
+
+    let mut ctx = common::context(pool.clone()).await;
+    ctx.auth = Auth::new(&new).unwrap();
+    let c = TestClient::new(arnela::api::endpoint(ctx));
+    assert_eq!(
+        as_token(&c, Method::GET, "/stats", &new_token, None)
+            .await
+            .0,
+        200
+    );
+    let (status, body) = as_token(&c, Method::GET, "/stats", &old_token, None).await;
+    assert_eq!(status, 401, "{body}");
+
+    let started = Auth::new(&new).unwrap().sign(&Claims {
+        sub: "ana".into(),
+        role: Role::Auditor,
+        iat: now() - 60,
+        exp: now() + 3600,
+        nbf: Some(now() - 30),
+        iss: "arnela".into(),
+        aud: "arnela-api".into(),
+        tenant: None,
+    });
+    assert_eq!(
+        as_token(&c, Method::GET, "/stats", &started, None).await.0,
+        200
+    );
+
+    let expired = Auth::new(&new).unwrap().sign(&Claims {
+        sub: "ana".into(),
+        role: Role::Auditor,
+        iat: now() - 7200,
+        exp: now() - 3600,
+        nbf: None,
+        iss: "arnela".into(),
+        aud: "arnela-api".into(),
+        tenant: None,
+    });
+    let (status, refused) = as_token(&c, Method::GET, "/stats", &expired, None).await;
+    assert_eq!(status, 401);
+    assert_eq!(refused, body, "every refused token gets the same body");
+    assert!(!refused.to_string().contains("has expired"), "{refused}");
+}
+
+/// `arnela token` refuses a lifetime longer than the role allows.
+#[test]
+fn the_token_command_caps_the_lifetime_per_role() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"))
+        .args(["token", "--role", "admin", "--ttl", "30d"])
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("APP_ENV", "development")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 7 days"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"))
+        .args(["token", "--role", "producer", "--ttl", "300d"])
+        .env("JWT_SECRET", JWT_SECRET)
+        .env("APP_ENV", "development")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -29,6 +29,10 @@ pub const LEEWAY_SECS: u64 = 5;
 
 /// The longest lifetime `arnela token` signs.
 pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The `iss` every token carries and the API requires.
+pub const ISSUER: &str = "arnela";
+/// The `aud` every token carries and the API requires.
+pub const AUDIENCE: &str = "arnela-api";
 
 /// What a token's holder may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -57,6 +61,17 @@ impl Role {
     /// Whether this role may do what `allowed` may do (an admin may do everything).
     pub fn is_allowed(self, allowed: &[Role]) -> bool {
         self == Role::Admin || allowed.contains(&self)
+    }
+
+    /// The longest lifetime (`exp - iat`) a token of this role may have: the more it may do,
+    /// the shorter.
+    pub fn max_ttl(self) -> Duration {
+        const DAY: u64 = 24 * 3600;
+        Duration::from_secs(match self {
+            Role::Producer => 366 * DAY,
+            Role::Auditor => 90 * DAY,
+            Role::Admin => 7 * DAY,
+        })
     }
 }
 
@@ -87,6 +102,15 @@ pub struct Claims {
     pub iat: i64,
     /// Expires at, seconds since the Unix epoch.
     pub exp: i64,
+    /// Not valid before, seconds since the Unix epoch (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    /// Issuer: [`ISSUER`].
+    #[serde(default)]
+    pub iss: String,
+    /// Audience: [`AUDIENCE`].
+    #[serde(default)]
+    pub aud: String,
     /// The tenant the holder acts for (several tokens of one clinic system share it); absent:
     /// the subject is the tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,8 +137,16 @@ pub enum AuthError {
     WrongAlgorithm,
     #[error("the token has no expiry (exp)")]
     NoExpiry,
-    #[error("the token is not a well-formed JWT with the claims sub, role, iat and exp")]
+    #[error("the token is not a well-formed JWT with the claims sub, role, iat, exp, iss and aud")]
     Malformed,
+    #[error("the token is not yet valid (nbf)")]
+    NotYetValid,
+    #[error("the token's issuer or audience is not this API's")]
+    WrongIssuerOrAudience,
+    #[error("the token's key id is not one of the accepted keys")]
+    UnknownKey,
+    #[error("the token's lifetime is longer than its role allows")]
+    TooLong,
 }
 
 impl AuthError {
@@ -126,15 +158,45 @@ impl AuthError {
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                 AuthError::WrongAlgorithm
             }
-            ErrorKind::MissingRequiredClaim(_) => AuthError::NoExpiry,
+            ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::NoExpiry,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => {
+                AuthError::WrongIssuerOrAudience
+            }
             _ => AuthError::Malformed,
         }
     }
 }
 
-struct Keys {
+/// One accepted secret: its key id (a fingerprint of the secret, so it names the key without
+/// revealing it) and its keys.
+struct Key {
+    kid: String,
     encoding: EncodingKey,
     decoding: DecodingKey,
+}
+
+impl Key {
+    fn new(secret: &Secret) -> Key {
+        use sha2::{Digest, Sha256};
+        let bytes = secret.expose().as_bytes();
+        let digest = Sha256::new()
+            .chain_update(b"arnela-jwt-kid:")
+            .chain_update(bytes)
+            .finalize();
+        Key {
+            kid: hex::encode(&digest[..8]),
+            encoding: EncodingKey::from_secret(bytes),
+            decoding: DecodingKey::from_secret(bytes),
+        }
+    }
+}
+
+struct Keys {
+    /// Signs; accepted.
+    current: Key,
+    /// Still accepted while tokens signed with them are rolled (`JWT_PREVIOUS_SECRETS`).
+    previous: Vec<Key>,
     validation: Validation,
 }
 
@@ -153,19 +215,27 @@ impl fmt::Debug for Auth {
 impl Auth {
     /// Keys from the secret; an empty secret is refused (anyone could sign with it).
     pub fn new(secret: &Secret) -> Result<Auth, AuthError> {
-        if secret.is_empty() {
+        Auth::rotating(secret, &[])
+    }
+
+    /// Signs with `current` and also accepts tokens signed with any of `previous`: a secret is
+    /// rotated by making it previous, rolling the tokens, then dropping it.
+    pub fn rotating(current: &Secret, previous: &[Secret]) -> Result<Auth, AuthError> {
+        if current.is_empty() || previous.iter().any(Secret::is_empty) {
             return Err(AuthError::NoSecret);
         }
-        let bytes = secret.expose().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = LEEWAY_SECS;
         validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp"]);
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_audience(&[AUDIENCE]);
         Ok(Auth {
             keys: Arc::new(Keys {
-                encoding: EncodingKey::from_secret(bytes),
-                decoding: DecodingKey::from_secret(bytes),
+                current: Key::new(current),
+                previous: previous.iter().map(Key::new).collect(),
                 validation,
             }),
         })
@@ -191,23 +261,43 @@ impl Auth {
             role,
             iat,
             exp: iat.saturating_add(ttl),
+            nbf: None,
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
             tenant: tenant.map(str::to_owned),
         })
     }
 
-    /// Signs the given claims as they are (tests use it for expired tokens).
+    /// Signs the given claims as they are (tests use it for expired tokens), with the current
+    /// key's id in the header.
     pub fn sign(&self, claims: &Claims) -> String {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.keys.encoding)
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(self.keys.current.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.keys.current.encoding)
             // Serialising these claims cannot fail and an HMAC key signs any input.
             .expect("HS256 signing of plain claims cannot fail")
     }
 
-    /// The claims of a valid token: signed with this secret with HS256, not expired (within
-    /// [`LEEWAY_SECS`]), carrying every claim.
+    /// The claims of a valid token: signed with HS256 by the key its `kid` names (the current
+    /// key when it names none), not expired and not before `nbf` (within [`LEEWAY_SECS`]),
+    /// issued by [`ISSUER`] for [`AUDIENCE`], no longer-lived than its role allows.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
-        jsonwebtoken::decode::<Claims>(token, &self.keys.decoding, &self.keys.validation)
+        let header = jsonwebtoken::decode_header(token).map_err(AuthError::from_jwt)?;
+        let key = match header.kid.as_deref() {
+            None => &self.keys.current,
+            Some(kid) => std::iter::once(&self.keys.current)
+                .chain(&self.keys.previous)
+                .find(|k| k.kid == kid)
+                .ok_or(AuthError::UnknownKey)?,
+        };
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.keys.validation)
             .map(|data| data.claims)
-            .map_err(AuthError::from_jwt)
+            .map_err(AuthError::from_jwt)?;
+        let lifetime = claims.exp.saturating_sub(claims.iat);
+        if lifetime < 0 || lifetime as u64 > claims.role.max_ttl().as_secs() {
+            return Err(AuthError::TooLong);
+        }
+        Ok(claims)
     }
 }
 
@@ -257,8 +347,9 @@ async fn check_token(req: &Request, bearer: Bearer) -> poem::Result<Claims> {
         return Err(super::error::ApiError::internal(&"the API was built without its Auth").into());
     };
     auth.verify(&bearer.token).map_err(|e| {
-        tracing::debug!(reason = %e, "bearer token refused");
-        Denied::invalid(&e).into()
+        // the reason is for the operator's log, not for whoever sent the token
+        tracing::info!(reason = %e, "bearer token refused");
+        Denied::invalid().into()
     })
 }
 
@@ -318,12 +409,14 @@ impl Denied {
         )
     }
 
-    /// A token was sent but refused.
-    pub fn invalid(e: &AuthError) -> Denied {
+    /// A token was sent but refused. The body does not say why (that is logged): a caller
+    /// probing tokens learns nothing from it.
+    pub fn invalid() -> Denied {
         Denied::Unauthorized(
             Json(ErrorBody::new(
                 ErrorCode::Unauthorized,
-                format!("the bearer token was refused: {e}"),
+                "the bearer token was refused: it is malformed, expired, not yet valid, or not \
+                 signed for this API (get a new one with `arnela token`)",
             )),
             "Bearer realm=\"arnela\", error=\"invalid_token\"".into(),
         )
@@ -351,8 +444,22 @@ mod tests {
     #[test]
     fn a_token_of_another_secret_is_refused() {
         let token = auth("one-secret").mint(Role::Admin, Duration::from_secs(60), "x");
+        // its key id names a key the verifier does not have
         assert_eq!(
             auth("another-secret").verify(&token),
+            Err(AuthError::UnknownKey)
+        );
+        // and without a key id it does not verify with the current key
+        let mut claims = auth("one-secret").verify(&token).unwrap();
+        claims.sub = "y".into();
+        let unnamed = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"one-secret"),
+        )
+        .unwrap();
+        assert_eq!(
+            auth("another-secret").verify(&unnamed),
             Err(AuthError::BadSignature)
         );
     }
@@ -366,6 +473,9 @@ mod tests {
             role: Role::Admin,
             iat: now - 100,
             exp,
+            nbf: None,
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
             tenant: None,
         };
         assert!(a.verify(&a.sign(&at(now - 2))).is_ok(), "within leeway");
