@@ -121,6 +121,8 @@ impl DatabaseSettings {
 pub struct RedisSettings {
     pub host: String,
     pub port: u16,
+    /// An ACL user (`REDIS_USERNAME`); absent: the default user.
+    pub username: Option<String>,
     pub password: Secret,
     pub db: i64,
     /// `REDIS_URL`, when set, replaces the parts above.
@@ -141,7 +143,7 @@ impl RedisSettings {
                 addr: redis::ConnectionAddr::Tcp(self.host.clone(), self.port),
                 redis: redis::RedisConnectionInfo {
                     db: self.db,
-                    username: None,
+                    username: self.username.clone(),
                     password: (!self.password.is_empty())
                         .then(|| self.password.expose().to_owned()),
                     protocol: redis::ProtocolVersion::RESP2,
@@ -283,6 +285,7 @@ impl Settings {
         let redis = RedisSettings {
             host: get("REDIS_HOST").unwrap_or("localhost").to_owned(),
             port: parse_or(get("REDIS_PORT"), "REDIS_PORT", 6379u16)?,
+            username: get("REDIS_USERNAME").map(str::to_owned),
             password: Secret::new(get("REDIS_PASSWORD").unwrap_or_default()),
             db: parse_or(get("REDIS_DB"), "REDIS_DB", 0i64)?,
             url: get("REDIS_URL").map(Secret::new),
@@ -373,7 +376,40 @@ fn env_vars() -> Result<HashMap<String, String>, ConfigError> {
         Err(e) if e.not_found() => {}
         Err(e) => return Err(err(".env", e.to_string())),
     }
-    Ok(std::env::vars().collect())
+    with_files(std::env::vars().collect())
+}
+
+/// Fills each `NAME` from the file `NAME_FILE` names (Docker secrets, Kubernetes secret
+/// volumes), so no secret needs to sit in the environment. Giving both is an error; one trailing
+/// line break of the file is dropped.
+pub fn with_files(
+    mut vars: HashMap<String, String>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let files: Vec<(String, String)> = vars
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_suffix("_FILE")?.to_owned(), v.clone())))
+        .filter(|(name, path)| !name.is_empty() && !path.trim().is_empty())
+        .collect();
+    for (name, path) in files {
+        if vars.get(&name).is_some_and(|v| !v.trim().is_empty()) {
+            return Err(err(
+                "a *_FILE variable",
+                format!("{name}_FILE and {name} are both set; give one of them"),
+            ));
+        }
+        let content = std::fs::read_to_string(path.trim()).map_err(|e| {
+            err(
+                "a *_FILE variable",
+                format!("{name}_FILE: cannot read {:?}: {e}", path.trim()),
+            )
+        })?;
+        let value = content
+            .strip_suffix('\n')
+            .map(|v| v.strip_suffix('\r').unwrap_or(v))
+            .unwrap_or(&content);
+        vars.insert(name, value.to_owned());
+    }
+    Ok(vars)
 }
 
 fn engine_settings<'a>(
@@ -507,6 +543,34 @@ mod tests {
         assert_eq!((s.port, s.database.port, s.redis.port), (8080, 5432, 6379));
         assert_eq!(s.redis.key_prefix, "arnela");
         assert_eq!(s.metrics_addr, None);
+    }
+
+    #[test]
+    fn secrets_are_read_from_files() {
+        let dir = std::env::temp_dir().join(format!("arnela-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("jwt");
+        std::fs::write(&file, "k3y-0f-at-least-thirty-two-characters!!\n").unwrap();
+        let path = file.to_str().unwrap();
+        let filled = with_files(vars(&[
+            ("JWT_SECRET_FILE", path),
+            ("REDIS_USERNAME", "arnela"),
+        ]))
+        .unwrap();
+        let s = Settings::from_vars(&filled).unwrap();
+        assert_eq!(
+            s.jwt_secret.expose(),
+            "k3y-0f-at-least-thirty-two-characters!!"
+        );
+        assert_eq!(
+            s.redis.connection_info().unwrap().redis.username.as_deref(),
+            Some("arnela")
+        );
+        let both = with_files(vars(&[("JWT_SECRET_FILE", path), ("JWT_SECRET", "x")]));
+        assert!(both.unwrap_err().message.contains("both set"));
+        let missing = with_files(vars(&[("DB_PASSWORD_FILE", "/nonexistent/secret")]));
+        assert!(missing.unwrap_err().message.contains("DB_PASSWORD_FILE"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -345,3 +345,51 @@ async fn health_names_the_channel_of_each_task_type(pool: PgPool) {
         assert_eq!(body["channels"][t], "log", "{body}");
     }
 }
+
+/// `REDIS_USERNAME` logs in as a Redis ACL user (with `REDIS_PASSWORD`, which may come from
+/// `REDIS_PASSWORD_FILE`).
+#[tokio::test]
+async fn an_acl_user_logs_in_with_redis_username() {
+    let user = format!("arnela-test-{}", uuid::Uuid::new_v4().simple());
+    let password = "an-acl-password-for-this-test";
+    let mut admin = common::redis().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{password}"))
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let file = std::env::temp_dir().join(format!("{user}.secret"));
+    std::fs::write(&file, format!("{password}\n")).unwrap();
+    let vars: std::collections::HashMap<String, String> = [
+        ("REDIS_HOST", "127.0.0.1".to_owned()),
+        ("REDIS_USERNAME", user.clone()),
+        ("REDIS_PASSWORD_FILE", file.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let settings =
+        arnela::config::Settings::from_vars(&arnela::config::with_files(vars).unwrap()).unwrap();
+    let mut conn = arnela::queue::connect(settings.redis.connection_info().unwrap())
+        .await
+        .unwrap();
+    let who: String = redis::cmd("ACL")
+        .arg("WHOAMI")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(who, user);
+}
