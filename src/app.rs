@@ -53,6 +53,8 @@ pub struct App {
     pub cache: Cache,
     /// The metrics registry shared by every role of this process.
     pub metrics: Metrics,
+    /// The HTTP API's connection, in-flight and body limits.
+    pub http_limits: api::limits::HttpLimits,
 }
 
 impl App {
@@ -86,7 +88,15 @@ impl App {
             settings.health_timeout,
         );
         metrics.register_cache(cache.stats.clone());
+        let http_limits = api::limits::HttpLimits::new(
+            settings.http_max_connections,
+            settings.http_max_in_flight,
+            settings.max_body_bytes,
+            settings.http_body_timeout,
+        );
+        metrics.add_collector(http_limits.collector());
         App {
+            http_limits,
             waker,
             cache,
             metrics,
@@ -107,7 +117,7 @@ impl App {
             redis: self.redis.clone(),
             keys: self.keys.clone(),
             health_timeout: self.settings.health_timeout,
-            max_body_bytes: self.settings.max_body_bytes,
+            limits: self.http_limits.clone(),
             schedule_horizon: self.settings.schedule_horizon,
             channels: crate::domain::TaskType::ALL
                 .into_iter()
@@ -151,7 +161,9 @@ impl App {
             tx.send(local).ok();
         }
         let shutdown = self.shutdown.clone();
+        let acceptor = api::limits::LimitedAcceptor::new(acceptor, ctx.limits.clone());
         poem::Server::new_with_acceptor(acceptor)
+            .idle_timeout(self.settings.http_idle_timeout)
             .run_with_graceful_shutdown(
                 api::endpoint(ctx),
                 async move { shutdown.cancelled().await },

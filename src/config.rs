@@ -198,6 +198,14 @@ pub struct Settings {
     pub jwt_previous: Vec<Secret>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Most HTTP connections open at once (`HTTP_MAX_CONNECTIONS`, 1024).
+    pub http_max_connections: usize,
+    /// Most API requests running at once (`HTTP_MAX_IN_FLIGHT`, 256).
+    pub http_max_in_flight: usize,
+    /// Time a request body has to arrive in full (`HTTP_BODY_TIMEOUT_SECS`, 30).
+    pub http_body_timeout: Duration,
+    /// An HTTP connection without a byte for this long is closed (`HTTP_IDLE_TIMEOUT_SECS`, 60).
+    pub http_idle_timeout: Duration,
     /// How far ahead a task's `run_at` may be (`SCHEDULE_HORIZON_DAYS`, 366).
     pub schedule_horizon: chrono::Duration,
     /// How long `/health` waits for each dependency (and a scrape for each scrape-time read).
@@ -338,6 +346,29 @@ impl Settings {
                 format!("{horizon_days} is not 1 to 3660 days"),
             ));
         }
+        let http_max_connections = parse_or(
+            get("HTTP_MAX_CONNECTIONS"),
+            "HTTP_MAX_CONNECTIONS",
+            1024usize,
+        )?;
+        let http_max_in_flight =
+            parse_or(get("HTTP_MAX_IN_FLIGHT"), "HTTP_MAX_IN_FLIGHT", 256usize)?;
+        if http_max_connections == 0 || http_max_in_flight == 0 {
+            return Err(err(
+                "HTTP_MAX_CONNECTIONS",
+                "HTTP_MAX_CONNECTIONS and HTTP_MAX_IN_FLIGHT must be at least 1",
+            ));
+        }
+        let http_body_timeout = parse_or(
+            get("HTTP_BODY_TIMEOUT_SECS"),
+            "HTTP_BODY_TIMEOUT_SECS",
+            30u64,
+        )?;
+        let http_idle_timeout = parse_or(
+            get("HTTP_IDLE_TIMEOUT_SECS"),
+            "HTTP_IDLE_TIMEOUT_SECS",
+            60u64,
+        )?;
         let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
         let metrics_addr = get("METRICS_ADDR")
             .map(|v| {
@@ -360,6 +391,10 @@ impl Settings {
             jwt_previous,
             max_body_bytes,
             schedule_horizon: chrono::Duration::days(horizon_days),
+            http_max_connections,
+            http_max_in_flight,
+            http_body_timeout: Duration::from_secs(http_body_timeout.max(1)),
+            http_idle_timeout: Duration::from_secs(http_idle_timeout.max(1)),
             health_timeout: Duration::from_millis(health_timeout_ms),
             metrics_addr,
             engine,
@@ -379,16 +414,33 @@ fn env_vars() -> Result<HashMap<String, String>, ConfigError> {
     with_files(std::env::vars().collect())
 }
 
-/// Fills each `NAME` from the file `NAME_FILE` names (Docker secrets, Kubernetes secret
-/// volumes), so no secret needs to sit in the environment. Giving both is an error; one trailing
-/// line break of the file is dropped.
+/// The settings that may be read from a file with `NAME_FILE`: the secrets.
+pub const FILE_SECRETS: [&str; 11] = [
+    "JWT_SECRET",
+    "JWT_PREVIOUS_SECRETS",
+    "DB_PASSWORD",
+    "DATABASE_URL",
+    "REDIS_PASSWORD",
+    "REDIS_URL",
+    "SMTP_PASSWORD",
+    "SENDGRID_API_KEY",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_API_KEY_SECRET",
+    "GOOGLE_SERVICE_ACCOUNT_JSON",
+];
+
+/// Fills each secret `NAME` of [`FILE_SECRETS`] from the file `NAME_FILE` names (Docker
+/// secrets, Kubernetes secret volumes), so no secret needs to sit in the environment. Giving
+/// both is an error; one trailing line break of the file is dropped.
 pub fn with_files(
     mut vars: HashMap<String, String>,
 ) -> Result<HashMap<String, String>, ConfigError> {
-    let files: Vec<(String, String)> = vars
+    let files: Vec<(String, String)> = FILE_SECRETS
         .iter()
-        .filter_map(|(k, v)| Some((k.strip_suffix("_FILE")?.to_owned(), v.clone())))
-        .filter(|(name, path)| !name.is_empty() && !path.trim().is_empty())
+        .filter_map(|name| {
+            let path = vars.get(&format!("{name}_FILE"))?;
+            (!path.trim().is_empty()).then(|| ((*name).to_owned(), path.clone()))
+        })
         .collect();
     for (name, path) in files {
         if vars.get(&name).is_some_and(|v| !v.trim().is_empty()) {

@@ -431,3 +431,185 @@ async fn an_enqueue_wakes_the_relays_after_it_commits(pool: PgPool) {
     // by the time the relays hear it, the task is committed
     assert_eq!(counts(&pool).await, (1, 1, 1));
 }
+
+mod limits {
+    //! What holds before an operation runs: the token is checked before the body is read, a
+    //! body must arrive in time and within the size limit, and requests beyond the in-flight
+    //! limit are refused at once (the probes excepted).
+
+    use super::common;
+    use arnela::api::auth::Role;
+    use arnela::api::limits::HttpLimits;
+    use poem::test::TestClient;
+    use poem::Body;
+    use sqlx::PgPool;
+    use std::time::Duration;
+
+    /// A chunked body that sends `first` and then nothing, ever.
+    fn stalled(first: &'static str) -> Body {
+        let chunks =
+            futures::stream::once(async move { Ok::<_, std::io::Error>(first.as_bytes()) })
+                .chain(futures::stream::pending());
+        Body::from_bytes_stream(chunks)
+    }
+
+    use futures::StreamExt;
+
+    async fn client_with(pool: PgPool, limits: HttpLimits) -> TestClient<impl poem::Endpoint> {
+        let mut ctx = common::context(pool).await;
+        ctx.limits = limits;
+        TestClient::new(arnela::api::endpoint(ctx))
+    }
+
+    #[sqlx::test]
+    async fn the_token_is_checked_before_the_body_is_read(pool: PgPool) {
+        let c = client_with(
+            pool,
+            HttpLimits::new(64, 64, 1 << 20, Duration::from_secs(60)),
+        )
+        .await;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.post("/tasks")
+                .content_type("application/json")
+                .body(stalled("{\"type\": \"send_sms\", "))
+                .send(),
+        )
+        .await
+        .expect("answered without waiting for the body");
+        assert_eq!(resp.0.status().as_u16(), 401);
+    }
+
+    #[sqlx::test]
+    async fn a_body_that_does_not_arrive_in_time_is_a_408(pool: PgPool) {
+        let limits = HttpLimits::new(64, 64, 1 << 20, Duration::from_millis(300));
+        let c = client_with(pool.clone(), limits.clone()).await;
+        let resp = c
+            .post("/tasks")
+            .header("authorization", common::bearer(Role::Producer))
+            .content_type("application/json")
+            .body(stalled("{\"type\": \"send_sms\", "))
+            .send()
+            .await;
+        assert_eq!(resp.0.status().as_u16(), 408);
+        let err: serde_json::Value = resp.0.into_body().into_json().await.unwrap();
+        assert_eq!(err["code"], "request_timeout");
+        assert_eq!(common::counts(&pool).await, (0, 0, 0));
+    }
+
+    #[sqlx::test]
+    async fn a_chunked_body_over_the_limit_is_a_413_without_being_kept(pool: PgPool) {
+        let c = client_with(
+            pool.clone(),
+            HttpLimits::new(64, 64, 4096, Duration::from_secs(30)),
+        )
+        .await;
+        // 1 MiB in 1 KiB chunks, no Content-Length: refused once 4 KiB have passed
+        let chunks =
+            futures::stream::iter((0..1024).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
+        let resp = c
+            .post("/tasks/batch")
+            .header("authorization", common::bearer(Role::Producer))
+            .content_type("application/json")
+            .body(Body::from_bytes_stream(chunks))
+            .send()
+            .await;
+        assert_eq!(resp.0.status().as_u16(), 413);
+        let err: serde_json::Value = resp.0.into_body().into_json().await.unwrap();
+        assert_eq!(err["code"], "payload_too_large");
+        assert_eq!(common::counts(&pool).await, (0, 0, 0));
+    }
+
+    #[sqlx::test]
+    async fn requests_beyond_the_in_flight_limit_are_refused_at_once(pool: PgPool) {
+        let limits = HttpLimits::new(64, 1, 1 << 20, Duration::from_secs(60));
+        let c = std::sync::Arc::new(client_with(pool, limits.clone()).await);
+        // one request holds the only slot while its body never arrives
+        let holder = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.post("/tasks")
+                    .header("authorization", common::bearer(Role::Producer))
+                    .content_type("application/json")
+                    .body(stalled("{"))
+                    .send()
+                    .await
+                    .0
+                    .status()
+            })
+        };
+        common::eventually(Duration::from_secs(5), "the slot is taken", || {
+            let limits = limits.clone();
+            async move { (limits.in_flight() == 1).then_some(()) }
+        })
+        .await;
+        let resp = c
+            .get("/stats")
+            .header("authorization", common::bearer(Role::Auditor))
+            .send()
+            .await;
+        assert_eq!(resp.0.status().as_u16(), 503);
+        assert!(resp.0.headers().contains_key("retry-after"));
+        let err: serde_json::Value = resp.0.into_body().into_json().await.unwrap();
+        assert_eq!(err["code"], "overloaded");
+        // the probes still answer
+        assert_eq!(c.get("/health/live").send().await.0.status().as_u16(), 200);
+        holder.abort();
+        common::eventually(Duration::from_secs(5), "the slot is free again", || {
+            let limits = limits.clone();
+            async move { (limits.in_flight() == 0).then_some(()) }
+        })
+        .await;
+        let resp = c
+            .get("/stats")
+            .header("authorization", common::bearer(Role::Auditor))
+            .send()
+            .await;
+        assert_eq!(resp.0.status().as_u16(), 200);
+    }
+
+    /// The connection limit, on a real listener: with two connections open a third is not
+    /// served until one closes.
+    #[sqlx::test]
+    async fn connections_beyond_the_limit_wait_for_one_to_close(pool: PgPool) {
+        use poem::listener::{Acceptor, Listener, TcpListener};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = HttpLimits::new(2, 64, 1 << 20, Duration::from_secs(30));
+        let mut ctx = common::context(pool).await;
+        ctx.limits = limits.clone();
+        let acceptor = TcpListener::bind("127.0.0.1:0")
+            .into_acceptor()
+            .await
+            .unwrap();
+        let addr = acceptor.local_addr()[0].as_socket_addr().copied().unwrap();
+        let acceptor = arnela::api::limits::LimitedAcceptor::new(acceptor, limits.clone());
+        let server =
+            tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(arnela::api::endpoint(ctx)));
+        const PROBE: &[u8] = b"GET /health/live HTTP/1.1\r\nhost: x\r\n\r\n";
+        let ask = |mut s: tokio::net::TcpStream| async move {
+            s.write_all(PROBE).await.unwrap();
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await.unwrap();
+            (s, String::from_utf8_lossy(&buf).into_owned())
+        };
+        let (a, answer) = ask(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+        assert_eq!(answer, "HTTP/1.1 200");
+        let (b, _) = ask(tokio::net::TcpStream::connect(addr).await.unwrap()).await;
+        assert_eq!(limits.open_connections(), 2);
+        let third = tokio::spawn(async move {
+            ask(tokio::net::TcpStream::connect(addr).await.unwrap())
+                .await
+                .1
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!third.is_finished(), "a third connection was served");
+        drop(a);
+        let answer = tokio::time::timeout(Duration::from_secs(5), third)
+            .await
+            .expect("served once a connection closed")
+            .unwrap();
+        assert_eq!(answer, "HTTP/1.1 200");
+        drop(b);
+        server.abort();
+    }
+}

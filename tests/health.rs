@@ -256,7 +256,12 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         redis: redis.clone(),
         keys: Keys::new(common::unique_prefix()),
         health_timeout: Duration::from_millis(500),
-        max_body_bytes: 1024,
+        limits: arnela::api::limits::HttpLimits::new(
+            1024,
+            256,
+            1024,
+            std::time::Duration::from_secs(30),
+        ),
         schedule_horizon: chrono::Duration::days(366),
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),

@@ -40,6 +40,8 @@ enum Body {
     Json(Value),
     Raw(&'static str, String),
     Oversized(usize),
+    /// A JSON body whose first bytes arrive and the rest never.
+    Stalled,
 }
 
 fn probe(method: Method, template: &str, path: impl Into<String>, role: Option<Role>) -> Probe<'_> {
@@ -67,6 +69,11 @@ impl Probe<'_> {
         self.body = Some(Body::Oversized(bytes));
         self
     }
+
+    fn stalled(mut self) -> Self {
+        self.body = Some(Body::Stalled);
+        self
+    }
 }
 
 async fn send<E: poem::Endpoint>(c: &TestClient<E>, p: &Probe<'_>) -> u16 {
@@ -82,6 +89,13 @@ async fn send<E: poem::Endpoint>(c: &TestClient<E>, p: &Probe<'_>) -> u16 {
             .content_type("application/json")
             .header("content-length", n.to_string())
             .body(" ".repeat(*n)),
+        Some(Body::Stalled) => {
+            use futures::StreamExt;
+            let chunks = futures::stream::once(async { Ok::<_, std::io::Error>(&b"{"[..]) })
+                .chain(futures::stream::pending());
+            req.content_type("application/json")
+                .body(poem::Body::from_bytes_stream(chunks))
+        }
     };
     let resp = req.send().await;
     resp.0.status().as_u16()
@@ -109,7 +123,14 @@ fn documented(spec: &Value) -> BTreeMap<(String, String), BTreeSet<u16>> {
 /// 500 is documented where an operation touches a dependency and is never expected.
 #[sqlx::test]
 async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) {
-    let ctx = common::context(pool.clone()).await;
+    let mut ctx = common::context(pool.clone()).await;
+    // bodies must arrive within 300 ms here, so the 408 is quick to reach
+    ctx.limits = arnela::api::limits::HttpLimits::new(
+        64,
+        64,
+        1024 * 1024,
+        std::time::Duration::from_millis(300),
+    );
     let prefix = ctx.keys.prefix().to_owned();
     let mut redis = ctx.redis.clone();
     let c = TestClient::new(arnela::api::endpoint(ctx));
@@ -150,6 +171,7 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(Method::POST, "/tasks", "/tasks", admin).raw("application/json", "{\"type\":"),
         probe(Method::POST, "/tasks", "/tasks", admin).raw("text/plain", "send_sms"),
         probe(Method::POST, "/tasks", "/tasks", admin).oversized(2 * 1024 * 1024),
+        probe(Method::POST, "/tasks", "/tasks", admin).stalled(),
         probe(Method::POST, "/tasks", "/tasks", admin)
             .json(json!({"type": "send_sms", "payload": {"phone": "612345678", "message": "a"}})),
         // POST /tasks/batch
@@ -161,6 +183,7 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(Method::POST, "/tasks/batch", "/tasks/batch", admin).raw("application/json", "["),
         probe(Method::POST, "/tasks/batch", "/tasks/batch", admin).raw("text/plain", "x"),
         probe(Method::POST, "/tasks/batch", "/tasks/batch", admin).oversized(2 * 1024 * 1024),
+        probe(Method::POST, "/tasks/batch", "/tasks/batch", admin).stalled(),
         probe(Method::POST, "/tasks/batch", "/tasks/batch", admin).json(json!({"tasks": []})),
         // GET /tasks
         probe(Method::GET, "/tasks", "/tasks?status=queued", auditor),
@@ -248,6 +271,13 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(
             Method::POST,
             "/tasks/{id}/retry",
+            format!("/tasks/{dead}/retry"),
+            admin,
+        )
+        .oversized(2 * 1024 * 1024),
+        probe(
+            Method::POST,
+            "/tasks/{id}/retry",
             format!("/tasks/{queued}/retry"),
             admin,
         ),
@@ -277,6 +307,13 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             format!("/tasks/{missing}/cancel"),
             admin,
         ),
+        probe(
+            Method::POST,
+            "/tasks/{id}/cancel",
+            format!("/tasks/{queued}/cancel"),
+            admin,
+        )
+        .oversized(2 * 1024 * 1024),
         probe(
             Method::POST,
             "/tasks/{id}/cancel",

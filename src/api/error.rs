@@ -37,6 +37,8 @@ pub enum ErrorCode {
     InvalidTransition,
     /// 409: the task changed while the request was processed; retry it.
     ConcurrentUpdate,
+    /// 408: the request body did not arrive in time.
+    RequestTimeout,
     /// 409: a requeue would give the task more attempts than a task may have in all (100).
     AttemptBudgetExhausted,
     /// 413: the body is larger than the limit.
@@ -49,6 +51,9 @@ pub enum ErrorCode {
     Internal,
     /// 503: the database is unavailable; retry after `Retry-After` seconds.
     DatabaseUnavailable,
+    /// 503: the instance runs as many requests as it takes at once; retry after `Retry-After`
+    /// seconds.
+    Overloaded,
 }
 
 /// Why a field was refused (with `validation_failed`).
@@ -158,6 +163,9 @@ pub enum ApiError {
     /// No such task.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The request body did not arrive within the body timeout.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The request conflicts with the current state: an idempotency key used for a different
     /// request, or an operation the task's status does not allow.
     #[oai(status = 409)]
@@ -174,7 +182,8 @@ pub enum ApiError {
     /// An unexpected failure; the cause is logged, not returned.
     #[oai(status = 500)]
     Internal(Json<ErrorBody>),
-    /// A dependency (the database) is unavailable; try again later.
+    /// The database is unavailable, or the instance runs as many requests as it takes at once;
+    /// try again after `Retry-After` seconds.
     #[oai(status = 503)]
     Unavailable(
         Json<ErrorBody>,
@@ -239,6 +248,7 @@ impl ApiError {
             ApiError::Unauthorized(..) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -383,49 +393,6 @@ fn is_json_response(resp: &Response) -> bool {
         .is_some_and(|ct| ct.starts_with("application/json"))
 }
 
-/// Middleware: refuses request bodies over `max` bytes with 413, whether the size is announced
-/// by `Content-Length` or only found by reading a chunked body.
-pub async fn limit_body<E: Endpoint>(
-    ep: E,
-    mut req: Request,
-    max: usize,
-) -> poem::Result<Response> {
-    use tokio::io::AsyncReadExt;
-    let too_large = || {
-        poem::Error::from_string(
-            format!("the request body is larger than the limit of {max} bytes"),
-            StatusCode::PAYLOAD_TOO_LARGE,
-        )
-    };
-    let announced = req
-        .headers()
-        .get(poem::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match announced {
-        Some(n) if n > max as u64 => return Err(too_large()),
-        Some(_) => {}
-        None if req
-            .headers()
-            .contains_key(poem::http::header::TRANSFER_ENCODING) =>
-        {
-            let mut buf = Vec::new();
-            req.take_body()
-                .into_async_read()
-                .take(max as u64 + 1)
-                .read_to_end(&mut buf)
-                .await
-                .map_err(|e| poem::Error::from_string(e.to_string(), StatusCode::BAD_REQUEST))?;
-            if buf.len() > max {
-                return Err(too_large());
-            }
-            req.set_body(buf);
-        }
-        None => {}
-    }
-    ep.call(req).await.map(IntoResponse::into_response)
-}
-
 /// The statuses an operation's failures may have: the spec documents exactly these, and
 /// `tests/contract.rs` checks that each is reached and no other.
 pub trait Statuses: Send + Sync + 'static {
@@ -448,7 +415,7 @@ macro_rules! statuses {
 
 statuses! {
     /// `POST /tasks` and `POST /tasks/batch`.
-    EnqueueFailures: [400, 401, 403, 409, 413, 415, 422, 500, 503];
+    EnqueueFailures: [400, 401, 403, 408, 409, 413, 415, 422, 500, 503];
     /// `GET /tasks` and `GET /events`.
     ListFailures: [400, 401, 403, 500, 503];
     /// `GET /tasks/{id}`: every role may read a task.
@@ -456,7 +423,7 @@ statuses! {
     /// `GET /tasks/{id}/events`.
     HistoryFailures: [400, 401, 403, 404, 500, 503];
     /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`.
-    OperatorFailures: [400, 401, 403, 404, 409, 500, 503];
+    OperatorFailures: [400, 401, 403, 404, 409, 413, 500, 503];
     /// `GET /stats`.
     StatsFailures: [401, 403, 500, 503];
 }

@@ -7,6 +7,7 @@ pub mod contract;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod spec;
@@ -29,7 +30,8 @@ pub struct ApiContext {
     pub redis: ConnectionManager,
     pub keys: Keys,
     pub health_timeout: Duration,
-    pub max_body_bytes: usize,
+    /// Connections, requests in flight, body size and body read time (see [`limits`]).
+    pub limits: limits::HttpLimits,
     /// How far ahead a task's `run_at` may be.
     pub schedule_horizon: chrono::Duration,
     /// The delivery channel of each task type (`log` where none is configured), for `/health`.
@@ -92,7 +94,7 @@ impl poem_openapi::OpenApi for SpecOnly {
 
 /// The whole HTTP application.
 pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
-    let max_body = ctx.max_body_bytes;
+    let limits = ctx.limits.clone();
     let auth = ctx.auth.clone();
     let registry = ctx.metrics.clone();
     let routes = metrics::routes();
@@ -123,7 +125,7 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
             }),
         )
         .data(auth)
-        .around(move |ep, req| error::limit_body(ep, req, max_body))
+        .around(move |ep, req| limits::guard(ep, req, limits.clone()))
         .around(error::json_errors)
         .around(move |ep, req| metrics::track(ep, req, registry.clone(), routes.clone()))
         .with(Tracing)

@@ -67,7 +67,12 @@ pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiCo
         redis,
         keys,
         health_timeout: timeout,
-        max_body_bytes: 1024 * 1024,
+        limits: arnela::api::limits::HttpLimits::new(
+            1024,
+            256,
+            1024 * 1024,
+            Duration::from_secs(30),
+        ),
         schedule_horizon: chrono::Duration::days(366),
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool, Duration::from_millis(2)),
