@@ -48,6 +48,9 @@ pub enum Command {
         /// tasks (default: the subject).
         #[arg(long)]
         tenant: Option<String>,
+        /// The holder may declare glob patterns in a task's `invalidates` (admins always may).
+        #[arg(long)]
+        patterns: bool,
     },
     /// Auditor tools.
     Audit {

@@ -54,6 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ttl,
             subject,
             tenant,
+            patterns,
         } => {
             if ttl > role.max_ttl() {
                 anyhow::bail!(
@@ -62,7 +63,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             let auth = Auth::new(&Settings::jwt_secret_from_env()?)?;
-            println!("{}", auth.mint_for(role, ttl, &subject, tenant.as_deref()));
+            let token = if patterns {
+                auth.mint_with_patterns(role, ttl, &subject, tenant.as_deref())
+            } else {
+                auth.mint_for(role, ttl, &subject, tenant.as_deref())
+            };
+            println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { options, json } => {

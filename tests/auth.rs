@@ -121,6 +121,7 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         nbf: None,
         iss: "arnela".into(),
         aud: "arnela-api".into(),
+        patterns: false,
         tenant: None,
     });
     let other_secret = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
@@ -572,6 +573,7 @@ async fn secrets_rotate_and_refusals_say_nothing_of_why(pool: PgPool) {
         nbf: Some(now() - 30),
         iss: "arnela".into(),
         aud: "arnela-api".into(),
+        patterns: false,
         tenant: None,
     });
     assert_eq!(
@@ -587,6 +589,7 @@ async fn secrets_rotate_and_refusals_say_nothing_of_why(pool: PgPool) {
         nbf: None,
         iss: "arnela".into(),
         aud: "arnela-api".into(),
+        patterns: false,
         tenant: None,
     });
     let (status, refused) = as_token(&c, Method::GET, "/stats", &expired, None).await;

@@ -548,3 +548,114 @@ async fn stats_are_served_from_the_cache_until_events_are_projected(pool: PgPool
     assert_eq!(fresh["types"][0]["enqueued"], 6);
     assert_eq!(fresh["types"][0]["by_status"]["queued"], 6);
 }
+
+/// Patterns are restricted: a producer needs a token granted them, and a pattern must start
+/// with one of the clinic's key families (never the API's own `task:` views).
+#[sqlx::test]
+async fn invalidation_patterns_need_a_grant_and_a_declared_family(pool: PgPool) {
+    use arnela::api::auth::Role;
+    let ctx = common::context(pool.clone()).await;
+    let c = poem::test::TestClient::new(arnela::api::endpoint(ctx));
+    let hour = Duration::from_secs(3600);
+    let auth = common::auth();
+    let plain = auth.mint(Role::Producer, hour, "agenda");
+    let granted = auth.mint_with_patterns(Role::Producer, hour, "agenda", None);
+    let send = |token: String, invalidates: serde_json::Value| {
+        let c = &c;
+        async move {
+            let mut body = common::sms("x");
+            body["invalidates"] = invalidates;
+            let resp = c
+                .post("/tasks")
+                .header("authorization", format!("Bearer {token}"))
+                .body_json(&body)
+                .send()
+                .await;
+            let status = resp.0.status().as_u16();
+            (
+                status,
+                resp.0
+                    .into_body()
+                    .into_json::<serde_json::Value>()
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let (status, err) = send(
+        plain.clone(),
+        json!(["client:1", "appointments:client:1:*"]),
+    )
+    .await;
+    assert_eq!(
+        (status, err["field"].as_str()),
+        (403, Some("invalidates[1]")),
+        "{err}"
+    );
+    assert_eq!(send(plain, json!(["client:1"])).await.0, 201);
+    for outside in ["task:*", "cli*", "stats:tasks*"] {
+        let (status, err) = send(granted.clone(), json!([outside])).await;
+        assert_eq!(
+            (status, err["field"].as_str()),
+            (422, Some("invalidates[0]")),
+            "{outside}: {err}"
+        );
+    }
+    assert_eq!(
+        send(granted, json!(["appointments:client:1:*"])).await.0,
+        201
+    );
+    assert_eq!(common::counts(&pool).await, (2, 2, 2));
+}
+
+/// However many patterns a projector batch brings, the cache's keys are read once: one pass
+/// for the whole batch, each key matched against every pattern (widened to families beyond
+/// the per-pass bound), and exactly the matching keys are gone.
+#[sqlx::test]
+async fn a_batch_of_patterns_costs_one_pass_over_the_keys(pool: PgPool) {
+    let ctx = common::context(pool.clone()).await;
+    let cache = ctx.cache.clone();
+    let doomed: Vec<String> = (0..50)
+        .map(|i| format!("appointments:client:{i}:day"))
+        .collect();
+    let kept: Vec<String> = (0..50)
+        .map(|i| format!("appointments:employee:{i}:date:2026-12-01"))
+        .chain(["client:7".to_owned(), "employees:list".to_owned()])
+        .collect();
+    let all: Vec<&str> = doomed.iter().chain(&kept).map(String::as_str).collect();
+    seed(&cache, &all).await;
+    // 1,000 tasks' worth of patterns in one batch: 64 each, most repeated
+    let patterns: Vec<String> = (0..64_000)
+        .map(|i| format!("appointments:client:{}:*", i % 50))
+        .collect();
+    let before = cache
+        .stats
+        .pattern_passes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    cache
+        .invalidate(&arnela::cache::Invalidation {
+            keys: vec![],
+            patterns,
+            position: None,
+        })
+        .await
+        .unwrap();
+    let after = cache
+        .stats
+        .pattern_passes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(after - before, 1, "one pass for the whole batch");
+    let doomed_refs: Vec<&str> = doomed.iter().map(String::as_str).collect();
+    let kept_refs: Vec<&str> = kept.iter().map(String::as_str).collect();
+    assert_eq!(present(&cache, &doomed_refs).await, Vec::<String>::new());
+    assert_eq!(present(&cache, &kept_refs).await.len(), kept.len());
+
+    // beyond the bound of distinct patterns, they are widened to their family
+    seed(&cache, &all).await;
+    let many: Vec<String> = (0..arnela::cache::MAX_PATTERNS_PER_PASS + 1)
+        .map(|i| format!("appointments:client:{i}:*"))
+        .collect();
+    cache.delete_patterns(&many).await.unwrap();
+    assert_eq!(present(&cache, &doomed_refs).await, Vec::<String>::new());
+    assert_eq!(present(&cache, &kept_refs).await.len(), kept.len());
+}

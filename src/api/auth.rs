@@ -111,6 +111,10 @@ pub struct Claims {
     /// Audience: [`AUDIENCE`].
     #[serde(default)]
     pub aud: String,
+    /// The holder may declare glob patterns in `invalidates` (each costs a pass over the cache's
+    /// keys); admins always may.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub patterns: bool,
     /// The tenant the holder acts for (several tokens of one clinic system share it); absent:
     /// the subject is the tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -121,6 +125,11 @@ impl Claims {
     /// Who the tasks this token enqueues belong to, and whose tasks a producer token may read.
     pub fn owner(&self) -> &str {
         self.tenant.as_deref().unwrap_or(&self.sub)
+    }
+
+    /// Whether the holder may declare invalidation patterns.
+    pub fn may_use_patterns(&self) -> bool {
+        self.patterns || self.role == Role::Admin
     }
 }
 
@@ -264,8 +273,24 @@ impl Auth {
             nbf: None,
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
+            patterns: false,
             tenant: tenant.map(str::to_owned),
         })
+    }
+
+    /// A token as [`Auth::mint_for`] that may also declare invalidation patterns.
+    pub fn mint_with_patterns(
+        &self,
+        role: Role,
+        ttl: Duration,
+        subject: &str,
+        tenant: Option<&str>,
+    ) -> String {
+        let mut claims = self
+            .verify(&self.mint_for(role, ttl, subject, tenant))
+            .expect("a token just minted verifies");
+        claims.patterns = true;
+        self.sign(&claims)
     }
 
     /// Signs the given claims as they are (tests use it for expired tokens), with the current
@@ -476,6 +501,7 @@ mod tests {
             nbf: None,
             iss: ISSUER.into(),
             aud: AUDIENCE.into(),
+            patterns: false,
             tenant: None,
         };
         assert!(a.verify(&a.sign(&at(now - 2))).is_ok(), "within leeway");

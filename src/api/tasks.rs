@@ -6,17 +6,18 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 use uuid::Uuid;
 
-use super::auth::{BearerAuth, Role};
+use super::auth::{BearerAuth, Claims, Role};
 use super::contract::{Documented, TaskBatch, TaskRequest};
 use super::error::{
-    ApiError, EnqueueFailures, Failure, HistoryFailures, ListFailures, OperatorFailures,
-    TaskFailures,
+    ApiError, EnqueueFailures, ErrorBody, ErrorCode, Failure, HistoryFailures, ListFailures,
+    OperatorFailures, TaskFailures,
 };
 use super::model::{
     BatchRequest, BatchResult, EnqueueRequest, Event, TaskPage, TaskStatusName, TaskTypeName,
     TaskView,
 };
 use super::ApiContext;
+use crate::cache::invalidation::is_pattern;
 use crate::cache::{keys, Ttl};
 use crate::domain::event::db_time;
 use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS, RUN_AT_SKEW};
@@ -109,8 +110,8 @@ impl TasksApi {
         auth: BearerAuth,
         body: Json<Documented<TaskRequest, EnqueueRequest>>,
     ) -> Result<EnqueueResponse, Failure<EnqueueFailures>> {
-        let owner = auth.require(&[Role::Producer])?.owner().to_owned();
-        let new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon, &owner)?;
+        let claims = auth.require(&[Role::Producer])?;
+        let new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon, claims)?;
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
@@ -138,7 +139,7 @@ impl TasksApi {
         auth: BearerAuth,
         body: Json<Documented<TaskBatch, BatchRequest>>,
     ) -> Result<BatchResponse, Failure<EnqueueFailures>> {
-        let owner = auth.require(&[Role::Producer])?.owner().to_owned();
+        let claims = auth.require(&[Role::Producer])?;
         let requests = body.0.value.tasks;
         if requests.is_empty() || requests.len() > MAX_BATCH {
             return Err(FieldError::new(
@@ -152,7 +153,7 @@ impl TasksApi {
         let mut news = Vec::with_capacity(requests.len());
         for (i, r) in requests.into_iter().enumerate() {
             news.push(
-                parse_request(r, now, self.ctx.schedule_horizon, &owner)
+                parse_request(r, now, self.ctx.schedule_horizon, claims)
                     .map_err(|e| e.within(&format!("tasks[{i}].")))?,
             );
         }
@@ -392,7 +393,7 @@ pub fn parse_request(
     r: EnqueueRequest,
     now: DateTime<Utc>,
     horizon: chrono::Duration,
-    owner: &str,
+    claims: &Claims,
 ) -> Result<NewTask, ApiError> {
     let task_type = r.task_type.parse::<TaskType>().map_err(|_| {
         FieldError::new(
@@ -465,6 +466,32 @@ pub fn parse_request(
         other => other,
     };
     let invalidates = validate_invalidates(r.invalidates.unwrap_or_default())?;
+    for (i, entry) in invalidates.iter().enumerate() {
+        if !is_pattern(entry) {
+            continue;
+        }
+        if !claims.may_use_patterns() {
+            return Err(ApiError::Forbidden(Json(ErrorBody {
+                code: ErrorCode::Forbidden,
+                message: "declaring invalidation patterns needs a token granted them \
+                          (`arnela token --patterns`) or an admin token; declare keys instead"
+                    .into(),
+                field: Some(format!("invalidates[{i}]")),
+                reason: None,
+            })));
+        }
+        if keys::pattern_family(entry).is_none() {
+            return Err(FieldError::new(
+                format!("invalidates[{i}]"),
+                "invalid_value",
+                format!(
+                    "a pattern must start with one of the cache's key families: {}",
+                    keys::PATTERN_FAMILIES.join(", ")
+                ),
+            )
+            .into());
+        }
+    }
     Ok(NewTask {
         task_type,
         payload,
@@ -472,6 +499,6 @@ pub fn parse_request(
         run_at: db_time(run_at),
         idempotency_key,
         invalidates,
-        owner: owner.to_owned(),
+        owner: claims.owner().to_owned(),
     })
 }

@@ -74,6 +74,8 @@ pub struct CacheStats {
     pub misses: AtomicU64,
     pub errors: AtomicU64,
     pub loads: AtomicU64,
+    /// Passes over the keyspace for invalidation patterns (one per projector batch that has any).
+    pub pattern_passes: AtomicU64,
     /// family → (hits, misses, errors, load time in µs)
     pub by_family: Mutex<HashMap<&'static str, [u64; 4]>>,
 }
@@ -90,6 +92,34 @@ impl CacheStats {
         let mut map = self.by_family.lock().expect("cache stats");
         map.entry(keys::family(key)).or_default()[slot] += amount;
     }
+}
+
+/// Most distinct globs matched key by key in one pass; beyond it they are widened to families.
+pub const MAX_PATTERNS_PER_PASS: usize = 256;
+
+/// The globs deduplicated, and widened to their key families when more than
+/// [`MAX_PATTERNS_PER_PASS`] remain (`appointments:client:42:*` to `appointments:client:*`).
+pub fn coalesce<S: AsRef<str>>(globs: &[S]) -> Vec<String> {
+    let mut out: Vec<String> = globs.iter().map(|g| g.as_ref().to_owned()).collect();
+    out.sort();
+    out.dedup();
+    if out.len() <= MAX_PATTERNS_PER_PASS {
+        return out;
+    }
+    let mut wide: Vec<String> = out
+        .iter()
+        .map(|g| match keys::pattern_family(g) {
+            Some(f) => format!("{f}*"),
+            // not a declared family (enqueue refuses those): widen to its literal start
+            None => {
+                let literal = g.find(['*', '?', '[', '\\']).unwrap_or(g.len());
+                format!("{}*", &g[..literal])
+            }
+        })
+        .collect();
+    wide.sort();
+    wide.dedup();
+    wide
 }
 
 /// How long a key's generation counter outlives its last bump: far longer than any load.
@@ -286,10 +316,16 @@ impl Cache {
             return Ok(0);
         }
         let mut deleted = self.delete_keys(&inv.keys).await?;
-        for pattern in &inv.patterns {
-            deleted += self.delete_pattern(pattern).await?;
+        // what is deleted and published: the patterns deduplicated, widened beyond the bound
+        let patterns = coalesce(&inv.patterns);
+        if !patterns.is_empty() {
+            deleted += self.delete_patterns(&patterns).await?;
         }
-        let message = serde_json::to_string(inv)?;
+        let message = serde_json::to_string(&Invalidation {
+            keys: inv.keys.clone(),
+            patterns,
+            position: inv.position,
+        })?;
         let mut c = self.conn.clone();
         redis::cmd("PUBLISH")
             .arg(&self.channel)
@@ -306,6 +342,55 @@ impl Cache {
             .query_async(&mut c)
             .await?;
         Ok(n > 0)
+    }
+
+    /// Deletes every key matching any of the globs in one pass over the keyspace, whatever
+    /// their number: one epoch bump and one `SCAN` of the cache's keys, each key matched against
+    /// every glob here. More than [`MAX_PATTERNS_PER_PASS`] globs are first widened to their key
+    /// families (`appointments:client:42:*` to `appointments:client:*`), so the work per pass
+    /// stays bounded. Returns how many keys were deleted.
+    pub async fn delete_patterns<S: AsRef<str>>(&self, globs: &[S]) -> Result<u64> {
+        let globs = coalesce(globs);
+        self.stats.pattern_passes.fetch_add(1, Ordering::Relaxed);
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .incr(self.epoch(), 1)
+            .ignore()
+            .pexpire(self.epoch(), GENERATION_TTL_MS as i64)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await?;
+        let all = format!("{}*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut deleted = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&all)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            let doomed: Vec<&String> = batch
+                .iter()
+                .filter(|k| {
+                    let key = &k[self.prefix.len()..];
+                    globs.iter().any(|g| keys::glob_matches(g, key))
+                })
+                .collect();
+            if !doomed.is_empty() {
+                let n: u64 = redis::cmd("UNLINK")
+                    .arg(&doomed)
+                    .query_async(&mut c)
+                    .await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// Deletes every key matching the glob (e.g. `client:*`), with `SCAN` and batched `UNLINK`
