@@ -88,11 +88,12 @@ impl App {
             settings.health_timeout,
         );
         metrics.register_cache(cache.stats.clone());
-        let http_limits = api::limits::HttpLimits::new(
+        let http_limits = api::limits::HttpLimits::with_body_budget(
             settings.http_max_connections,
             settings.http_max_in_flight,
             settings.max_body_bytes,
             settings.http_body_timeout,
+            settings.http_body_budget,
         );
         metrics.add_collector(http_limits.collector());
         App {

@@ -202,6 +202,8 @@ pub struct Settings {
     pub http_max_connections: usize,
     /// Most API requests running at once (`HTTP_MAX_IN_FLIGHT`, 256).
     pub http_max_in_flight: usize,
+    /// Bytes of request bodies held at once by all requests together (`HTTP_BODY_BUDGET_MB`, 64).
+    pub http_body_budget: usize,
     /// Time a request body has to arrive in full (`HTTP_BODY_TIMEOUT_SECS`, 30).
     pub http_body_timeout: Duration,
     /// An HTTP connection without a byte for this long is closed (`HTTP_IDLE_TIMEOUT_SECS`, 60).
@@ -359,6 +361,14 @@ impl Settings {
                 "HTTP_MAX_CONNECTIONS and HTTP_MAX_IN_FLIGHT must be at least 1",
             ));
         }
+        let http_body_budget_mb =
+            parse_or(get("HTTP_BODY_BUDGET_MB"), "HTTP_BODY_BUDGET_MB", 64usize)?;
+        if http_body_budget_mb.saturating_mul(1024 * 1024) < max_body_bytes {
+            return Err(err(
+                "HTTP_BODY_BUDGET_MB",
+                "must hold at least one body of MAX_BODY_BYTES",
+            ));
+        }
         let http_body_timeout = parse_or(
             get("HTTP_BODY_TIMEOUT_SECS"),
             "HTTP_BODY_TIMEOUT_SECS",
@@ -393,6 +403,7 @@ impl Settings {
             schedule_horizon: chrono::Duration::days(horizon_days),
             http_max_connections,
             http_max_in_flight,
+            http_body_budget: http_body_budget_mb.saturating_mul(1024 * 1024),
             http_body_timeout: Duration::from_secs(http_body_timeout.max(1)),
             http_idle_timeout: Duration::from_secs(http_idle_timeout.max(1)),
             health_timeout: Duration::from_millis(health_timeout_ms),

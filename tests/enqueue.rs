@@ -568,6 +568,66 @@ mod limits {
         assert_eq!(resp.0.status().as_u16(), 200);
     }
 
+    /// The bodies of all requests together hold at most the budget: a body that would pass it
+    /// is refused with 503, and the budget is back once the requests end.
+    #[sqlx::test]
+    async fn request_bodies_together_stay_within_the_budget(pool: PgPool) {
+        let limits =
+            HttpLimits::with_body_budget(64, 64, 64 * 1024, Duration::from_secs(60), 96 * 1024);
+        let c = std::sync::Arc::new(client_with(pool, limits.clone()).await);
+        // one request holds 64 KiB of the 96 KiB budget while the rest of its body never comes
+        let holder = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let first =
+                    futures::stream::once(async { Ok::<_, std::io::Error>(vec![b' '; 64 * 1024]) })
+                        .chain(futures::stream::pending());
+                c.post("/tasks")
+                    .header("authorization", common::bearer(Role::Producer))
+                    .content_type("application/json")
+                    .body(Body::from_bytes_stream(first))
+                    .send()
+                    .await
+                    .0
+                    .status()
+            })
+        };
+        common::eventually(Duration::from_secs(5), "the first body is held", || {
+            let limits = limits.clone();
+            async move { (limits.body_bytes_held() >= 64 * 1024).then_some(()) }
+        })
+        .await;
+        let second = vec![b' '; 48 * 1024];
+        let resp = c
+            .post("/tasks")
+            .header("authorization", common::bearer(Role::Producer))
+            .content_type("application/json")
+            .body(second.clone())
+            .send()
+            .await;
+        assert_eq!(resp.0.status().as_u16(), 503);
+        let err: serde_json::Value = resp.0.into_body().into_json().await.unwrap();
+        assert_eq!(err["code"], "overloaded");
+        holder.abort();
+        common::eventually(Duration::from_secs(5), "the budget is back", || {
+            let limits = limits.clone();
+            async move { (limits.body_bytes_held() == 0).then_some(()) }
+        })
+        .await;
+        let resp = c
+            .post("/tasks")
+            .header("authorization", common::bearer(Role::Producer))
+            .content_type("application/json")
+            .body(second)
+            .send()
+            .await;
+        assert_eq!(
+            resp.0.status().as_u16(),
+            400,
+            "read (and refused as not JSON), not 503"
+        );
+    }
+
     /// The connection limit, on a real listener: with two connections open a third is not
     /// served until one closes.
     #[sqlx::test]

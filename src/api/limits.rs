@@ -6,6 +6,9 @@
 //! - **requests in flight**: at most `HTTP_MAX_IN_FLIGHT` operations run at once; the next gets
 //!   503 `overloaded` with `Retry-After` at once (the probes and `/metrics` are not counted, so an
 //!   overloaded instance still answers its orchestrator);
+//! - **body memory**: the bodies being read by all requests together hold at most
+//!   `HTTP_BODY_BUDGET_MB`; a request whose body would pass it gets 503 `overloaded` (one
+//!   producer with many large requests cannot make the service hold gigabytes);
 //! - **bodies**: never read ahead. A body is read only by the operation that takes one, after
 //!   routing and after the bearer token is checked; an announced `Content-Length` over
 //!   `MAX_BODY_BYTES` is refused with 413 at once, a chunked body as soon as it passes the limit;
@@ -50,6 +53,9 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     max_body: usize,
     body_timeout: Duration,
+    /// KiB of request bodies held at once, by every request together.
+    body_budget: Arc<Semaphore>,
+    body_budget_kib: usize,
     refused_overloaded: AtomicU64,
     refused_too_large: AtomicU64,
     refused_timeout: AtomicU64,
@@ -73,8 +79,28 @@ impl HttpLimits {
         max_body: usize,
         body_timeout: Duration,
     ) -> HttpLimits {
+        HttpLimits::with_body_budget(
+            max_connections,
+            max_in_flight,
+            max_body,
+            body_timeout,
+            DEFAULT_BODY_BUDGET,
+        )
+    }
+
+    /// Limits with `body_budget` bytes for the bodies of all requests together.
+    pub fn with_body_budget(
+        max_connections: usize,
+        max_in_flight: usize,
+        max_body: usize,
+        body_timeout: Duration,
+        body_budget: usize,
+    ) -> HttpLimits {
+        let body_budget_kib = body_budget.div_ceil(1024).max(1);
         HttpLimits {
             inner: Arc::new(Inner {
+                body_budget: Arc::new(Semaphore::new(body_budget_kib)),
+                body_budget_kib,
                 max_connections,
                 connections: Arc::new(Semaphore::new(max_connections)),
                 open: AtomicUsize::new(0),
@@ -96,6 +122,11 @@ impl HttpLimits {
     /// Requests running now (counted ones).
     pub fn in_flight(&self) -> usize {
         self.inner.max_in_flight - self.inner.in_flight.available_permits()
+    }
+
+    /// Bytes of request bodies held now (in KiB steps).
+    pub fn body_bytes_held(&self) -> usize {
+        (self.inner.body_budget_kib - self.inner.body_budget.available_permits()) * 1024
     }
 
     /// Connections open now.
@@ -142,11 +173,17 @@ impl Collector for HttpLimits {
     }
 }
 
+/// The default budget of request-body memory for all requests together (64 MiB).
+pub const DEFAULT_BODY_BUDGET: usize = 64 * 1024 * 1024;
+
 /// What happened to a request's body while the operation read it.
 #[derive(Default)]
 struct BodyOutcome {
     too_large: std::sync::atomic::AtomicBool,
     timed_out: std::sync::atomic::AtomicBool,
+    over_budget: std::sync::atomic::AtomicBool,
+    /// The budget this body holds, returned when the request ends.
+    held: std::sync::Mutex<Vec<OwnedSemaphorePermit>>,
 }
 
 fn refusal(status: StatusCode, code: ErrorCode, message: String) -> Response {
@@ -210,30 +247,47 @@ pub async fn guard<E: Endpoint>(
     let body = req.take_body().into_bytes_stream();
     let deadline = tokio::time::Instant::now() + i.body_timeout;
     let max = i.max_body;
+    let budget = i.body_budget.clone();
     let seen = outcome.clone();
     let limited = futures::stream::unfold(
         (body, 0usize, seen, false),
-        move |(mut body, read, seen, done)| async move {
-            if done {
-                return None;
-            }
-            match tokio::time::timeout_at(deadline, body.next()).await {
-                Err(_) => {
-                    seen.timed_out.store(true, Ordering::Relaxed);
-                    let e =
-                        io::Error::new(io::ErrorKind::TimedOut, "the body did not arrive in time");
-                    Some((Err(e), (body, read, seen, true)))
+        move |(mut body, read, seen, done)| {
+            let budget = budget.clone();
+            async move {
+                if done {
+                    return None;
                 }
-                Ok(None) => None,
-                Ok(Some(Err(e))) => Some((Err(e), (body, read, seen, true))),
-                Ok(Some(Ok(chunk))) => {
-                    let read = read + chunk.len();
-                    if read > max {
-                        seen.too_large.store(true, Ordering::Relaxed);
-                        let e = io::Error::new(io::ErrorKind::InvalidData, "the body is too large");
+                match tokio::time::timeout_at(deadline, body.next()).await {
+                    Err(_) => {
+                        seen.timed_out.store(true, Ordering::Relaxed);
+                        let e = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the body did not arrive in time",
+                        );
                         Some((Err(e), (body, read, seen, true)))
-                    } else {
-                        Some((Ok(chunk), (body, read, seen, false)))
+                    }
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => Some((Err(e), (body, read, seen, true))),
+                    Ok(Some(Ok(chunk))) => {
+                        let read = read + chunk.len();
+                        let kib = u32::try_from(chunk.len().div_ceil(1024)).unwrap_or(u32::MAX);
+                        match budget.clone().try_acquire_many_owned(kib) {
+                            Ok(permit) => seen.held.lock().expect("body budget").push(permit),
+                            Err(_) => {
+                                seen.over_budget.store(true, Ordering::Relaxed);
+                                let e =
+                                    io::Error::new(io::ErrorKind::OutOfMemory, "body budget spent");
+                                return Some((Err(e), (body, read, seen, true)));
+                            }
+                        }
+                        if read > max {
+                            seen.too_large.store(true, Ordering::Relaxed);
+                            let e =
+                                io::Error::new(io::ErrorKind::InvalidData, "the body is too large");
+                            Some((Err(e), (body, read, seen, true)))
+                        } else {
+                            Some((Ok(chunk), (body, read, seen, false)))
+                        }
                     }
                 }
             }
@@ -242,6 +296,18 @@ pub async fn guard<E: Endpoint>(
     req.set_body(Body::from_bytes_stream(limited));
 
     let result = ep.call(req).await.map(IntoResponse::into_response);
+    if outcome.over_budget.load(Ordering::Relaxed) {
+        i.refused_overloaded.fetch_add(1, Ordering::Relaxed);
+        return Ok(refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Overloaded,
+            format!(
+                "the request bodies being read already hold {} MiB, the most this instance \
+                 holds at once; retry shortly",
+                i.body_budget_kib / 1024
+            ),
+        ));
+    }
     if outcome.too_large.load(Ordering::Relaxed) {
         return Ok(too_large());
     }
