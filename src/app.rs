@@ -214,7 +214,11 @@ impl App {
             delay: e.log_channel_delay,
         };
         let mut registry = Registry::new().with_default_timeout(e.handler_timeout);
-        for c in crate::channel::build(&self.settings.channels, log) {
+        let rates = crate::channel::RateScope::Cluster {
+            conn: self.redis.clone(),
+            key_prefix: self.keys.prefix().to_owned(),
+        };
+        for c in crate::channel::build(&self.settings.channels, log, &rates) {
             if c.name == "log" {
                 tracing::warn!(task.r#type = %c.task_type, channel = c.name, "delivery channel: not configured, messages are logged and not sent");
             } else {

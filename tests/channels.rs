@@ -45,7 +45,7 @@ fn settings(pairs: &[(&str, &str)]) -> ChannelSettings {
 
 /// The handler `channel::build` makes for `t`, checking the channel's name.
 fn handler(s: &ChannelSettings, t: TaskType, name: &str) -> Arc<dyn Handler> {
-    let c = channel::build(s, LogChannel::default())
+    let c = channel::build(s, LogChannel::default(), &channel::RateScope::Process)
         .into_iter()
         .find(|c| c.task_type == t)
         .unwrap();
@@ -1059,7 +1059,11 @@ async fn an_sms_template_goes_from_the_api_to_twilio_and_its_sid_into_the_histor
         .await;
     let mut vars = twilio_vars(&twilio.uri());
     vars.push(("CLINIC_NAME", "Clínica Arnela".into()));
-    let channels = channel::build(&settings(&pairs(&vars)), LogChannel::default());
+    let channels = channel::build(
+        &settings(&pairs(&vars)),
+        LogChannel::default(),
+        &channel::RateScope::Process,
+    );
     let mut registry = Registry::new().with_default_timeout(Duration::from_secs(5));
     for c in channels {
         registry = registry.register(c.task_type, c.handler);

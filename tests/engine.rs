@@ -751,3 +751,85 @@ async fn a_backlog_that_waits_long_is_never_published_twice(pool: PgPool) {
     .unwrap();
     assert_eq!(succeeded, 40);
 }
+
+/// A handler whose provider turn comes late: the wait is not part of its time limit.
+struct SlowTurn {
+    turn: Duration,
+}
+
+impl arnela::worker::handler::Handler for SlowTurn {
+    fn handle<'a>(
+        &'a self,
+        _task: &'a arnela::worker::handler::TaskContext,
+    ) -> futures::future::BoxFuture<'a, arnela::worker::handler::HandlerResult> {
+        Box::pin(async { Ok(json!({"sent": true})) })
+    }
+
+    fn slot<'a>(
+        &'a self,
+        _task: &'a arnela::worker::handler::TaskContext,
+    ) -> futures::future::BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.turn).await;
+            Ok(())
+        })
+    }
+}
+
+/// With a low provider rate, attempts wait for their turn instead of timing out: the wait for
+/// the turn comes before the handler's time limit starts.
+#[sqlx::test]
+async fn waiting_for_a_provider_turn_does_not_time_an_attempt_out(pool: PgPool) {
+    let registry = arnela::worker::handler::Registry::new()
+        .with_default_timeout(Duration::from_millis(200))
+        .register(
+            TaskType::SendSms,
+            Arc::new(SlowTurn {
+                turn: Duration::from_millis(600),
+            }),
+        );
+    let e = engine_with(pool.clone(), registry, config(0.0)).await;
+    let id = enqueue(&pool, 1, 1).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::Succeeded(id));
+}
+
+/// The rate limit holds across processes: two limiters on one Redis key (as two worker
+/// processes have) never grant two turns closer than the interval.
+#[tokio::test]
+async fn the_rate_limit_is_shared_by_every_process() {
+    use arnela::channel::ratelimit::RateLimiter;
+    let prefix = common::unique_prefix();
+    let a = Arc::new(RateLimiter::shared(
+        20.0,
+        common::redis().await,
+        &prefix,
+        "twilio",
+    ));
+    let b = Arc::new(RateLimiter::shared(
+        20.0,
+        common::redis().await,
+        &prefix,
+        "twilio",
+    ));
+    let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut callers = Vec::new();
+    for i in 0..16 {
+        let limiter = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let grants = grants.clone();
+        callers.push(tokio::spawn(async move {
+            limiter.acquire().await.unwrap();
+            grants.lock().unwrap().push(std::time::Instant::now());
+        }));
+    }
+    for c in callers {
+        c.await.unwrap();
+    }
+    let mut at = grants.lock().unwrap().clone();
+    at.sort();
+    // a lower bound only: a slow machine spaces the turns further apart, never closer
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= Duration::from_millis(40), "two turns {gap:?} apart");
+    }
+}

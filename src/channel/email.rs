@@ -105,6 +105,12 @@ impl EmailChannel {
         })
     }
 
+    /// Replaces the rate limiter (the service gives every process one shared on Redis).
+    pub fn with_limiter(mut self, limiter: RateLimiter) -> EmailChannel {
+        self.limiter = limiter;
+        self
+    }
+
     pub fn name(&self) -> &'static str {
         match self.transport {
             Transport::Smtp(_) => "smtp",
@@ -122,7 +128,6 @@ impl EmailChannel {
             Some(t) => self.templates.email(t)?,
             None => literal(&task.payload)?,
         };
-        self.limiter.acquire().await;
         let result = match &self.transport {
             Transport::Smtp(smtp) => self.smtp(smtp, task, to, &content).await,
             Transport::SendGrid {
@@ -272,6 +277,15 @@ impl EmailChannel {
 impl Handler for EmailChannel {
     fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult> {
         Box::pin(self.send(task))
+    }
+
+    fn slot<'a>(&'a self, _task: &'a TaskContext) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.limiter
+                .acquire()
+                .await
+                .map_err(|e| HandlerError::retryable(format!("rate limiter unavailable: {e}")))
+        })
     }
 }
 

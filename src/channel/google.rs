@@ -118,6 +118,19 @@ struct Answer {
 }
 
 impl GoogleCalendarChannel {
+    async fn take_turn(&self) -> Result<(), HandlerError> {
+        self.limiter
+            .acquire()
+            .await
+            .map_err(|e| HandlerError::retryable(format!("rate limiter unavailable: {e}")))
+    }
+
+    /// Replaces the rate limiter (the service gives every process one shared on Redis).
+    pub fn with_limiter(mut self, limiter: RateLimiter) -> GoogleCalendarChannel {
+        self.limiter = limiter;
+        self
+    }
+
     pub fn new(settings: GoogleSettings) -> Result<GoogleCalendarChannel, ChannelError> {
         let key = EncodingKey::from_rsa_pem(settings.private_key.expose().as_bytes())
             .map_err(|_| ChannelError::Key)?;
@@ -194,7 +207,12 @@ impl GoogleCalendarChannel {
 
     async fn create(&self, id: &str, event: &Value) -> Result<(&'static str, Value), HandlerError> {
         let a = self
-            .call(Method::POST, self.events_url.clone(), Some(event))
+            .call(
+                Method::POST,
+                self.events_url.clone(),
+                Some(event),
+                Turn::Taken,
+            )
             .await?;
         match a.status {
             s if s.is_success() => Ok(("created", a.body)),
@@ -202,7 +220,7 @@ impl GoogleCalendarChannel {
             // cancelled events): bring it to the requested state.
             StatusCode::CONFLICT => {
                 let b = self
-                    .call(Method::PUT, self.event_url(id), Some(event))
+                    .call(Method::PUT, self.event_url(id), Some(event), Turn::Take)
                     .await?;
                 if b.status.is_success() {
                     Ok(("already_existed", b.body))
@@ -216,13 +234,18 @@ impl GoogleCalendarChannel {
 
     async fn update(&self, id: &str, event: &Value) -> Result<(&'static str, Value), HandlerError> {
         let a = self
-            .call(Method::PUT, self.event_url(id), Some(event))
+            .call(Method::PUT, self.event_url(id), Some(event), Turn::Taken)
             .await?;
         match a.status {
             s if s.is_success() => Ok(("updated", a.body)),
             StatusCode::NOT_FOUND => {
                 let b = self
-                    .call(Method::POST, self.events_url.clone(), Some(event))
+                    .call(
+                        Method::POST,
+                        self.events_url.clone(),
+                        Some(event),
+                        Turn::Take,
+                    )
                     .await?;
                 if b.status.is_success() {
                     Ok(("created", b.body))
@@ -235,7 +258,9 @@ impl GoogleCalendarChannel {
     }
 
     async fn delete(&self, id: &str) -> Result<(&'static str, Value), HandlerError> {
-        let a = self.call(Method::DELETE, self.event_url(id), None).await?;
+        let a = self
+            .call(Method::DELETE, self.event_url(id), None, Turn::Taken)
+            .await?;
         match a.status {
             s if s.is_success() => Ok(("deleted", Value::Null)),
             StatusCode::NOT_FOUND | StatusCode::GONE => Ok(("already_deleted", Value::Null)),
@@ -252,18 +277,25 @@ impl GoogleCalendarChannel {
     }
 
     /// One Calendar API request (rate limited, authorised; once more with a new token on 401).
+    /// The first request of an attempt goes on the turn the worker waited for
+    /// ([`Handler::slot`]); any further one takes a turn of its own.
     async fn call(
         &self,
         method: Method,
         mut url: Url,
         body: Option<&Value>,
+        turn: Turn,
     ) -> Result<Answer, HandlerError> {
         url.query_pairs_mut()
             .append_pair("sendUpdates", &self.settings.send_updates);
+        if turn == Turn::Take {
+            self.take_turn().await?;
+        }
         let mut response = self.send(&method, &url, body).await?;
         if response.status() == StatusCode::UNAUTHORIZED {
             // Revoked or expired early: the cached token is no good.
             *self.token.lock().await = None;
+            self.take_turn().await?;
             response = self.send(&method, &url, body).await?;
         }
         let status = response.status();
@@ -283,7 +315,6 @@ impl GoogleCalendarChannel {
         body: Option<&Value>,
     ) -> Result<reqwest::Response, HandlerError> {
         let token = self.access_token().await?;
-        self.limiter.acquire().await;
         let mut request = self
             .client
             .request(method.clone(), url.clone())
@@ -407,6 +438,14 @@ fn margin() -> ChronoDuration {
     ChronoDuration::from_std(TOKEN_REFRESH_MARGIN).unwrap_or_else(|_| ChronoDuration::seconds(60))
 }
 
+/// Whether a Calendar request still has to take its turn with the rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// The worker took it before the attempt's time limit started.
+    Taken,
+    Take,
+}
+
 /// The failure of a Calendar API answer. Google signals rate limits with 403 and a reason.
 fn api_failure(a: &Answer) -> HandlerError {
     let parsed = serde_json::from_value::<ApiErrorBody>(a.body.clone()).ok();
@@ -437,6 +476,15 @@ fn api_failure(a: &Answer) -> HandlerError {
 impl Handler for GoogleCalendarChannel {
     fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult> {
         Box::pin(self.sync(task))
+    }
+
+    fn slot<'a>(&'a self, _task: &'a TaskContext) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.limiter
+                .acquire()
+                .await
+                .map_err(|e| HandlerError::retryable(format!("rate limiter unavailable: {e}")))
+        })
     }
 }
 

@@ -60,15 +60,36 @@ pub struct Channel {
     pub handler: Arc<dyn Handler>,
 }
 
+/// Where the rate limits live: on Redis under a key prefix (shared by every process, as the
+/// service runs them), or in this process only.
+pub enum RateScope {
+    Cluster {
+        conn: redis::aio::ConnectionManager,
+        key_prefix: String,
+    },
+    Process,
+}
+
+impl RateScope {
+    fn limiter(&self, per_second: f64, provider: &str) -> RateLimiter {
+        match self {
+            RateScope::Cluster { conn, key_prefix } => {
+                RateLimiter::shared(per_second, conn.clone(), key_prefix, provider)
+            }
+            RateScope::Process => RateLimiter::new(per_second),
+        }
+    }
+}
+
 /// One handler per task type, as configured. Settings were validated at start-up, so setting a
 /// channel up does not fail in practice; if it does, that type's tasks fail retryably with the
 /// reason (and it is logged) rather than silently going to the log channel.
-pub fn build(settings: &ChannelSettings, log: LogChannel) -> Vec<Channel> {
+pub fn build(settings: &ChannelSettings, log: LogChannel, rates: &RateScope) -> Vec<Channel> {
     let log: Arc<dyn Handler> = Arc::new(log);
     let templates = Templates::new(settings.clinic_name.clone())
         .map(Arc::new)
         .map_err(|e| e.to_string());
-    let twilio_limiter = Arc::new(RateLimiter::new(settings.twilio_rate_limit));
+    let twilio_limiter = Arc::new(rates.limiter(settings.twilio_rate_limit, "twilio"));
     TaskType::ALL
         .into_iter()
         .map(|task_type| {
@@ -84,7 +105,10 @@ pub fn build(settings: &ChannelSettings, log: LogChannel) -> Vec<Channel> {
                 let templates = templates.clone().map_err(ChannelError::Template);
                 Ok(match task_type {
                     TaskType::SendEmail => match &settings.email {
-                        Some(s) => Arc::new(email::EmailChannel::new(s.clone(), templates?)?),
+                        Some(s) => Arc::new(
+                            email::EmailChannel::new(s.clone(), templates?)?
+                                .with_limiter(rates.limiter(s.rate_limit, "email")),
+                        ),
                         None => log.clone(),
                     },
                     TaskType::SendSms | TaskType::SendWhatsapp => {
@@ -104,7 +128,10 @@ pub fn build(settings: &ChannelSettings, log: LogChannel) -> Vec<Channel> {
                         }
                     }
                     TaskType::SyncCalendar => match &settings.calendar {
-                        Some(s) => Arc::new(google::GoogleCalendarChannel::new(s.clone())?),
+                        Some(s) => Arc::new(
+                            google::GoogleCalendarChannel::new(s.clone())?
+                                .with_limiter(rates.limiter(s.rate_limit, "google_calendar")),
+                        ),
                         None => log.clone(),
                     },
                 })
@@ -158,7 +185,11 @@ mod tests {
 
     #[test]
     fn without_credentials_every_type_goes_to_the_log_channel() {
-        let channels = build(&ChannelSettings::all_log(), LogChannel::default());
+        let channels = build(
+            &ChannelSettings::all_log(),
+            LogChannel::default(),
+            &RateScope::Process,
+        );
         let names: Vec<(TaskType, &str)> = channels.iter().map(|c| (c.task_type, c.name)).collect();
         assert_eq!(names, TaskType::ALL.map(|t| (t, "log")).to_vec(),);
     }

@@ -108,7 +108,6 @@ impl TwilioChannel {
             TwilioSender::MessagingService(sid) => form.push(("MessagingServiceSid", sid.clone())),
         }
 
-        self.limiter.acquire().await;
         let masked = mask_phone(phone);
         let result = self.post(&form).await;
         match &result {
@@ -185,6 +184,15 @@ fn failure(
 impl Handler for TwilioChannel {
     fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult> {
         Box::pin(self.send(task))
+    }
+
+    fn slot<'a>(&'a self, _task: &'a TaskContext) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.limiter
+                .acquire()
+                .await
+                .map_err(|e| HandlerError::retryable(format!("rate limiter unavailable: {e}")))
+        })
     }
 }
 

@@ -60,6 +60,13 @@ pub type HandlerResult = Result<Value, HandlerError>;
 /// Runs tasks of one or more types.
 pub trait Handler: Send + Sync + 'static {
     fn handle<'a>(&'a self, task: &'a TaskContext) -> BoxFuture<'a, HandlerResult>;
+
+    /// Waits for this task's turn with its provider (a rate limit). The worker awaits it before
+    /// the handler's time limit starts, so waiting for a turn never times an attempt out. The
+    /// default has no turn to wait for.
+    fn slot<'a>(&'a self, _task: &'a TaskContext) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The time limit of a handler when none is configured for its type.

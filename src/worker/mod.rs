@@ -473,15 +473,24 @@ impl Worker {
             ))),
             Some(handler) => {
                 let limit = self.registry.timeout(ctx.task_type);
-                // a panicking handler fails its attempt (retryably) instead of the worker
-                let guarded = std::panic::AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
-                let work = tokio::time::timeout(limit, guarded).instrument(span);
-                tokio::select! {
-                    r = work => match r {
+                let work = async {
+                    // the provider's turn first: waiting for it is not part of the time limit
+                    if let Err(e) = handler.slot(ctx).await {
+                        return Ending::Done(Err(e));
+                    }
+                    // a panicking handler fails its attempt (retryably) instead of the worker
+                    let guarded = std::panic::AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
+                    match tokio::time::timeout(limit, guarded).await {
                         Ok(Ok(result)) => Ending::Done(result),
-                        Ok(Err(_)) => Ending::Done(Err(HandlerError::retryable("the handler panicked"))),
+                        Ok(Err(_)) => {
+                            Ending::Done(Err(HandlerError::retryable("the handler panicked")))
+                        }
                         Err(_) => Ending::TimedOut(limit),
-                    },
+                    }
+                }
+                .instrument(span);
+                tokio::select! {
+                    ending = work => ending,
                     () = lease_lost.cancelled() => Ending::LeaseLost,
                     () = hard_stop.cancelled() => Ending::Interrupted,
                 }
