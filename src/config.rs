@@ -82,6 +82,9 @@ pub struct DatabaseSettings {
     pub password: Secret,
     pub name: String,
     pub ssl_mode: PgSslMode,
+    /// The certificate authority that signed the server's certificate (`DB_SSLROOTCERT`, a PEM
+    /// file), for `DB_SSLMODE=verify-ca` or `verify-full`.
+    pub ssl_root_cert: Option<String>,
     /// `DATABASE_URL`, when set, replaces the parts above.
     pub url: Option<Secret>,
     pub max_connections: u32,
@@ -105,6 +108,10 @@ impl DatabaseSettings {
                     .username(&self.user)
                     .database(&self.name)
                     .ssl_mode(self.ssl_mode);
+                let o = match &self.ssl_root_cert {
+                    Some(path) => o.ssl_root_cert(path),
+                    None => o,
+                };
                 if self.password.is_empty() {
                     o
                 } else {
@@ -284,6 +291,7 @@ impl Settings {
             password: Secret::new(get("DB_PASSWORD").unwrap_or_default()),
             name: get("DB_NAME").unwrap_or("arnela_db").to_owned(),
             ssl_mode,
+            ssl_root_cert: get("DB_SSLROOTCERT").map(str::to_owned),
             url: get("DATABASE_URL").map(Secret::new),
             max_connections: parse_or(get("DB_MAX_CONNECTIONS"), "DB_MAX_CONNECTIONS", 20u32)?,
         };

@@ -398,3 +398,119 @@ async fn an_acl_user_logs_in_with_redis_username() {
     std::fs::remove_file(&file).unwrap();
     assert_eq!(who, user);
 }
+
+/// A certificate authority and a server certificate for 127.0.0.1 signed by it, made with
+/// openssl in `dir`; returns (ca, cert, key).
+fn certificates(dir: &std::path::Path) -> [std::path::PathBuf; 3] {
+    let run = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl is installed")
+            .success();
+        assert!(ok, "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=arnela-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+    [
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    ]
+}
+
+/// `DB_SSLMODE=verify-full` with `DB_SSLROOTCERT`: the service connects over TLS to a server
+/// whose certificate its CA signed, and refuses one signed by another.
+#[tokio::test]
+async fn postgres_over_tls_is_verified_with_db_sslrootcert() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key] = certificates(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let [other_ca, _, _] = certificates(other.path());
+    let port = free_port();
+    let pg = PgServer::start(port);
+    pg.enable_tls(&cert, &key);
+    let settings = |root: &std::path::Path| {
+        let vars: std::collections::HashMap<String, String> = [
+            ("DB_HOST", "127.0.0.1".to_owned()),
+            ("DB_PORT", port.to_string()),
+            ("DB_USER", "postgres".to_owned()),
+            ("DB_NAME", "postgres".to_owned()),
+            ("DB_SSLMODE", "verify-full".to_owned()),
+            ("DB_SSLROOTCERT", root.display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        arnela::config::Settings::from_vars(&vars).unwrap()
+    };
+    let good = settings(&ca);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(good.database.connect_options().unwrap())
+        .await
+        .expect("a verified TLS connection");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl, "the connection uses TLS");
+    pool.close().await;
+    let bad = settings(&other_ca);
+    let refused = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(bad.database.connect_options().unwrap())
+        .await;
+    assert!(refused.is_err(), "a certificate of another CA is refused");
+}

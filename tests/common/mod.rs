@@ -618,6 +618,35 @@ pub mod process {
             assert!(ok, "pg_ctl start");
         }
 
+        /// Turns TLS on with the given certificate and key (PEM files), and restarts.
+        pub fn enable_tls(&self, cert: &std::path::Path, key: &std::path::Path) {
+            let data = std::path::PathBuf::from(self.data());
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(to)).unwrap();
+                let path = data.join(to);
+                let path = path.to_str().unwrap();
+                if is_root() {
+                    Command::new("chown")
+                        .args(["postgres:postgres", path])
+                        .status()
+                        .unwrap();
+                }
+                Command::new("chmod").args(["600", path]).status().unwrap();
+            }
+            use std::io::Write;
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .unwrap();
+            writeln!(
+                conf,
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+            )
+            .unwrap();
+            self.stop();
+            self.resume();
+        }
+
         /// Stops the server at once (`-m immediate`: like a crash).
         pub fn stop(&self) {
             as_postgres(&[
