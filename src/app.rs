@@ -65,7 +65,7 @@ impl App {
         let pool = store::connect(pg, settings.database.max_connections)
             .await
             .context("cannot connect to Postgres (check DB_* or DATABASE_URL)")?;
-        let redis = queue::connect(settings.redis.connection_info()?)
+        let redis = queue::connect(settings.redis.target()?)
             .await
             .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
         let keys = Keys::new(settings.redis.key_prefix.clone());
@@ -303,7 +303,7 @@ impl App {
             let pool = WorkerPool::build(
                 e.workers,
                 self.pool.clone(),
-                self.settings.redis.connection_info()?,
+                self.settings.redis.target()?,
                 self.keys.clone(),
                 self.registry(),
                 self.worker_config(),

@@ -136,9 +136,30 @@ pub struct RedisSettings {
     pub url: Option<Secret>,
     /// Prefix of every key (`arnela` gives `arnela:tasks`); lets tests and tenants share a server.
     pub key_prefix: String,
+    /// TLS to Redis (`REDIS_TLS=true`; a `rediss://` URL says so by itself).
+    pub tls: bool,
+    /// The CA (PEM file) that signed Redis's certificate, when not one the system trusts
+    /// (`REDIS_CA_CERT`).
+    pub ca_cert: Option<String>,
 }
 
 impl RedisSettings {
+    /// The connection and the CA to trust; reads `REDIS_CA_CERT`.
+    pub fn target(&self) -> Result<crate::queue::RedisTarget, ConfigError> {
+        let root_cert = self
+            .ca_cert
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path)
+                    .map_err(|e| err("REDIS_CA_CERT", format!("cannot read {path:?}: {e}")))
+            })
+            .transpose()?;
+        Ok(crate::queue::RedisTarget {
+            info: self.connection_info()?,
+            root_cert,
+        })
+    }
+
     pub fn connection_info(&self) -> Result<redis::ConnectionInfo, ConfigError> {
         use redis::IntoConnectionInfo;
         match &self.url {
@@ -147,7 +168,16 @@ impl RedisSettings {
                 .into_connection_info()
                 .map_err(|_| err("REDIS_URL", "is not a valid redis:// URL")),
             None => Ok(redis::ConnectionInfo {
-                addr: redis::ConnectionAddr::Tcp(self.host.clone(), self.port),
+                addr: if self.tls {
+                    redis::ConnectionAddr::TcpTls {
+                        host: self.host.clone(),
+                        port: self.port,
+                        insecure: false,
+                        tls_params: None,
+                    }
+                } else {
+                    redis::ConnectionAddr::Tcp(self.host.clone(), self.port)
+                },
                 redis: redis::RedisConnectionInfo {
                     db: self.db,
                     username: self.username.clone(),
@@ -308,6 +338,12 @@ impl Settings {
             db: parse_or(get("REDIS_DB"), "REDIS_DB", 0i64)?,
             url: get("REDIS_URL").map(Secret::new),
             key_prefix: get("ARNELA_KEY_PREFIX").unwrap_or("arnela").to_owned(),
+            tls: match get("REDIS_TLS") {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(_) => return Err(err("REDIS_TLS", "must be true or false")),
+            },
+            ca_cert: get("REDIS_CA_CERT").map(str::to_owned),
         };
         if !(0..=15).contains(&redis.db) {
             return Err(err("REDIS_DB", "must be between 0 and 15"));

@@ -514,3 +514,63 @@ async fn postgres_over_tls_is_verified_with_db_sslrootcert() {
         .await;
     assert!(refused.is_err(), "a certificate of another CA is refused");
 }
+
+/// Redis over TLS (`REDIS_TLS=true` with `REDIS_CA_CERT`, or a `rediss://` URL): the service
+/// connects to a server whose certificate its CA signed, and refuses one signed by another.
+#[tokio::test]
+async fn redis_over_tls_is_verified_with_redis_ca_cert() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key] = certificates(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let [other_ca, _, _] = certificates(other.path());
+    let port = free_port();
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-ca-cert-file",
+            ca.to_str().unwrap(),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            "a-tls-test-password",
+            "--save",
+            "",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let settings = |root: &std::path::Path| {
+        let vars: std::collections::HashMap<String, String> = [
+            ("REDIS_HOST", "127.0.0.1".to_owned()),
+            ("REDIS_PORT", port.to_string()),
+            ("REDIS_TLS", "true".to_owned()),
+            ("REDIS_CA_CERT", root.display().to_string()),
+            ("REDIS_PASSWORD", "a-tls-test-password".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        arnela::config::Settings::from_vars(&vars).unwrap()
+    };
+    let good = settings(&ca).redis.target().unwrap();
+    let mut conn = eventually(Duration::from_secs(10), "a TLS connection", || {
+        let good = good.clone();
+        async move { arnela::queue::connect(good).await.ok() }
+    })
+    .await;
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+    let refused = arnela::queue::connect(settings(&other_ca).redis.target().unwrap()).await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(refused.is_err(), "a certificate of another CA is refused");
+}

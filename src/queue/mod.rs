@@ -41,13 +41,41 @@ pub enum QueueError {
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
+/// Where Redis is: the connection (`redis://`, or TLS with `rediss://` / `REDIS_TLS`) and the
+/// certificate authority to trust for TLS, when not the system's (`REDIS_CA_CERT`).
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    pub info: redis::ConnectionInfo,
+    /// PEM of the CA that signed the server's certificate.
+    pub root_cert: Option<Vec<u8>>,
+}
+
+impl From<redis::ConnectionInfo> for RedisTarget {
+    fn from(info: redis::ConnectionInfo) -> Self {
+        RedisTarget {
+            info,
+            root_cert: None,
+        }
+    }
+}
+
 /// Opens a managed (auto-reconnecting) connection whose commands time out after `timeout`
 /// (plus any blocking time they ask for).
 pub async fn connect_with_timeout(
-    info: redis::ConnectionInfo,
+    target: impl Into<RedisTarget>,
     timeout: Duration,
 ) -> Result<ConnectionManager> {
-    let client = redis::Client::open(info)?;
+    let target = target.into();
+    let client = match target.root_cert {
+        Some(root_cert) => redis::Client::build_with_tls(
+            target.info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        )?,
+        None => redis::Client::open(target.info)?,
+    };
     // Retry delays: 1 s, then doubling, at most 2 s apart (the crate's default factor would
     // wait 100 s before the second retry).
     let config = ConnectionManagerConfig::new()
@@ -60,8 +88,8 @@ pub async fn connect_with_timeout(
 }
 
 /// Opens a managed connection with a 5 s command timeout.
-pub async fn connect(info: redis::ConnectionInfo) -> Result<ConnectionManager> {
-    connect_with_timeout(info, Duration::from_secs(5)).await
+pub async fn connect(target: impl Into<RedisTarget>) -> Result<ConnectionManager> {
+    connect_with_timeout(target, Duration::from_secs(5)).await
 }
 
 /// What travels on the queue: which attempt of which task to run. The payload stays in

@@ -129,11 +129,12 @@ impl WorkerPool {
     pub async fn build(
         slots: usize,
         pool: PgPool,
-        redis_info: redis::ConnectionInfo,
+        redis_info: impl Into<queue::RedisTarget>,
         keys: Keys,
         registry: Registry,
         config: WorkerConfig,
     ) -> Result<WorkerPool> {
+        let redis_info: queue::RedisTarget = redis_info.into();
         let stats = Arc::new(WorkerStats::default());
         // A blocking take holds its connection for `block`; allow that plus a margin.
         let blocking =
