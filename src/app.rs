@@ -215,7 +215,7 @@ impl App {
         };
         let mut registry = Registry::new().with_default_timeout(e.handler_timeout);
         let rates = crate::channel::RateScope::Cluster {
-            conn: self.redis.clone(),
+            conn: Box::new(self.redis.clone()),
             key_prefix: self.keys.prefix().to_owned(),
         };
         for c in crate::channel::build(&self.settings.channels, log, &rates) {

@@ -534,7 +534,7 @@ async fn secrets_rotate_and_refusals_say_nothing_of_why(pool: PgPool) {
     let new = Secret::new("the-new-secret-of-at-least-32-characters");
     let hour = Duration::from_secs(3600);
     let old_token = Auth::new(&old).unwrap().mint(Role::Auditor, hour, "ana");
-    let rolling = Auth::rotating(&new, &[old.clone()]).unwrap();
+    let rolling = Auth::rotating(&new, std::slice::from_ref(&old)).unwrap();
     let new_token = rolling.mint(Role::Auditor, hour, "ana");
 
     let mut ctx = common::context(pool.clone()).await;

@@ -418,14 +418,14 @@ pub struct TaskOptions {
     /// When the task should first run; default now. From 5 minutes in the past (clock skew) to
     /// `SCHEDULE_HORIZON_DAYS` (default 366) days ahead.
     pub run_at: Option<DateTime<Utc>>,
-    /// Cache keys (`client:42`) or glob patterns (`appointments:client:*`, starting with three
-    /// literal characters) to drop once the task succeeds; each is also published on
-    /// `arnela:cache:invalidations`.
+    /// Cache keys (`client:42`) or glob patterns starting with one of the clinic's key families
+    /// (`appointments:client:42:*`) to drop once the task succeeds; each is also published on
+    /// `arnela:cache:invalidations`. Patterns need a token granted them (else 403).
     #[oai(validator(
         max_items = 64,
         min_length = 1,
         max_length = 200,
-        pattern = r"^(?:[^\s\u0000-\u001f\u007f-\u009f*?\[]{1,2}|[^\s\u0000-\u001f\u007f-\u009f*?\[]{3}[^\s\u0000-\u001f\u007f-\u009f]*)$"
+        pattern = r"^(?:[^\s\u0000-\u001f\u007f-\u009f*?\[]+|(?:appointments:employee:|appointments:client:|employees:specialty:|employees:list|clients:list|stats:dashboard|appointment:|employee:|client:)[^\s\u0000-\u001f\u007f-\u009f]*)$"
     ))]
     pub invalidates: Option<Vec<String>>,
 }

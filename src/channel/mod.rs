@@ -64,7 +64,7 @@ pub struct Channel {
 /// service runs them), or in this process only.
 pub enum RateScope {
     Cluster {
-        conn: redis::aio::ConnectionManager,
+        conn: Box<redis::aio::ConnectionManager>,
         key_prefix: String,
     },
     Process,
@@ -74,7 +74,7 @@ impl RateScope {
     fn limiter(&self, per_second: f64, provider: &str) -> RateLimiter {
         match self {
             RateScope::Cluster { conn, key_prefix } => {
-                RateLimiter::shared(per_second, conn.clone(), key_prefix, provider)
+                RateLimiter::shared(per_second, (**conn).clone(), key_prefix, provider)
             }
             RateScope::Process => RateLimiter::new(per_second),
         }

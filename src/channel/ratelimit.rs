@@ -37,11 +37,13 @@ enum Backend {
     /// The earliest time the next request of this process may go.
     Local(Mutex<Option<Instant>>),
     /// One key on Redis for every process.
-    Redis {
-        conn: ConnectionManager,
-        key: String,
-        script: redis::Script,
-    },
+    Redis(Box<Shared>),
+}
+
+struct Shared {
+    conn: ConnectionManager,
+    key: String,
+    script: redis::Script,
 }
 
 /// Spaces requests at most `per_second` apart; `0` means no limit.
@@ -54,7 +56,7 @@ impl std::fmt::Debug for RateLimiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scope = match &self.backend {
             Backend::Local(_) => "process",
-            Backend::Redis { .. } => "cluster",
+            Backend::Redis(_) => "cluster",
         };
         f.debug_struct("RateLimiter")
             .field("interval", &self.interval)
@@ -88,11 +90,11 @@ impl RateLimiter {
     ) -> RateLimiter {
         RateLimiter {
             interval: interval_of(per_second),
-            backend: Backend::Redis {
+            backend: Backend::Redis(Box::new(Shared {
                 conn,
                 key: format!("{key_prefix}:ratelimit:{provider}"),
                 script: redis::Script::new(TURN),
-            },
+            })),
         }
     }
 
@@ -111,10 +113,11 @@ impl RateLimiter {
         loop {
             let wait = match &self.backend {
                 Backend::Local(next) => take_local(next, interval, Instant::now()),
-                Backend::Redis { conn, key, script } => {
-                    let mut c = conn.clone();
-                    let ms: u64 = script
-                        .key(key)
+                Backend::Redis(shared) => {
+                    let mut c = shared.conn.clone();
+                    let ms: u64 = shared
+                        .script
+                        .key(&shared.key)
                         .arg(interval.as_millis().max(1) as u64)
                         .invoke_async(&mut c)
                         .await?;
