@@ -276,6 +276,15 @@ async fn every_operation_refuses_a_missing_or_invalid_token_and_a_role_it_does_n
                 Some("forbidden"),
                 "{name}, wrong role {role}: {body}"
             );
+            // the body names the roles that may call it, as the spec's Role enum
+            let roles: Value = serde_json::from_str::<Value>(&body).unwrap()["roles"].clone();
+            let expected: Vec<&str> = op
+                .allowed
+                .iter()
+                .map(|r| r.as_str())
+                .chain((!op.allowed.contains(&Role::Admin)).then_some("admin"))
+                .collect();
+            assert_eq!(roles, json!(expected), "{name}, wrong role {role}: {body}");
         }
     }
     // Last, as they change state (the cancel must not have happened before).

@@ -21,7 +21,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::error::{ErrorBody, ErrorCode};
+use super::error::{ErrorBody, ErrorCode, RoleName};
 use crate::config::Secret;
 
 /// Clock skew tolerated when checking `exp`.
@@ -384,20 +384,22 @@ impl BearerAuth {
         if self.0.role.is_allowed(allowed) {
             return Ok(&self.0);
         }
-        let names: Vec<&str> = allowed
+        let roles: Vec<Role> = allowed
             .iter()
             .copied()
             .chain((!allowed.contains(&Role::Admin)).then_some(Role::Admin))
-            .map(Role::as_str)
             .collect();
-        Err(Denied::Forbidden(Json(ErrorBody::new(
+        let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        let mut body = ErrorBody::new(
             ErrorCode::Forbidden,
             format!(
                 "this operation is for the roles {}; the token's role is {}",
                 names.join(", "),
                 self.0.role
             ),
-        ))))
+        );
+        body.roles = Some(roles.into_iter().map(RoleName::from).collect());
+        Err(Denied::Forbidden(Json(body)))
     }
 }
 

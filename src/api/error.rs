@@ -111,6 +111,21 @@ impl FieldReason {
     }
 }
 
+/// What a token's holder may do: `producer` (enqueue, read its tenant's tasks), `auditor` (read
+/// everything), `admin` (everything, including requeue and cancel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Serialize, serde::Deserialize)]
+#[oai(
+    rename = "Role",
+    rename_all = "snake_case",
+    remote = "super::auth::Role"
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleName {
+    Producer,
+    Auditor,
+    Admin,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Object, serde::Serialize, serde::Deserialize)]
 pub struct ErrorBody {
@@ -125,6 +140,10 @@ pub struct ErrorBody {
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<FieldReason>,
+    /// With `forbidden`: the roles that may use the operation.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<RoleName>>,
 }
 
 impl ErrorBody {
@@ -134,6 +153,7 @@ impl ErrorBody {
             message: message.into(),
             field: None,
             reason: None,
+            roles: None,
         }
     }
 }
@@ -216,6 +236,7 @@ impl ApiError {
             message: format!("{}: {}", e.field, e.message),
             field: Some(e.field),
             reason: Some(reason.unwrap_or(FieldReason::InvalidValue)),
+            roles: None,
         }))
     }
 
@@ -295,6 +316,7 @@ impl From<StoreError> for ApiError {
                     ),
                     field: Some("idempotency_key".into()),
                     reason: None,
+                    roles: None,
                 }))
             }
             StoreError::VersionConflict { .. } => ApiError::Conflict(Json(ErrorBody::new(

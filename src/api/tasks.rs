@@ -478,6 +478,7 @@ pub fn parse_request(
                     .into(),
                 field: Some(format!("invalidates[{i}]")),
                 reason: None,
+                roles: None,
             })));
         }
         if keys::pattern_family(entry).is_none() {
