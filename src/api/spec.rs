@@ -248,6 +248,53 @@ pub fn examples() -> Vec<(&'static str, Value)> {
             }),
         ),
         (
+            "HealthReport",
+            json!({
+                "status": "healthy",
+                "database": "connected",
+                "redis": "connected",
+                "workers": {
+                    "tasks_processed": 15230, "tasks_failed": 12, "active_workers": 10,
+                    "processes": [{"process": WORKER_ID, "workers": 5}, {"process": TASK_ID, "workers": 5}]
+                },
+                "dependencies": {
+                    "database": {"status": "connected", "latency_ms": 0.8},
+                    "redis": {"status": "connected", "latency_ms": 0.3}
+                },
+                "queues": {"tasks": 4, "processing": 2, "failed": 12},
+                "outbox": {"backlog": 0, "oldest_due_age_seconds": 0.0},
+                "projectors": [{
+                    "name": "totals", "position": 4810, "events": 61200, "lag_seconds": 0.0,
+                    "updated_at": "2026-11-29T12:00:01Z"
+                }],
+                "channels": {
+                    "send_email": "smtp", "send_sms": "twilio_sms",
+                    "send_whatsapp": "twilio_whatsapp", "sync_calendar": "google_calendar"
+                }
+            }),
+        ),
+        (
+            "ReadyReport",
+            json!({"status": "healthy", "database": "connected", "redis": "connected"}),
+        ),
+        ("EmailMessage", email_task()["payload"].clone()),
+        (
+            "EmailTemplate",
+            json!({"to": "ana.garcia@example.com", "template": "confirmation",
+                   "data": {"patient_name": "Ana", "starts_at": "2026-12-01T10:00:00+01:00"}, "locale": "es"}),
+        ),
+        ("TextMessage", whatsapp_task()["payload"].clone()),
+        ("TemplateMessage", sms_task()["payload"].clone()),
+        ("CalendarChange", calendar_task()["payload"].clone()),
+        (
+            "CalendarDelete",
+            json!({"event_id": "appointment-4711", "action": "delete"}),
+        ),
+        (
+            "AppointmentData",
+            calendar_task()["payload"]["appointment_data"].clone(),
+        ),
+        (
             "ErrorBody",
             json!({
                 "code": "validation_failed",
