@@ -14,8 +14,11 @@ fail() {
 
 if ! command -v docker-compose >/dev/null 2>&1; then
     log "installing docker-compose (Debian's package)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker-compose \
-        >/dev/null
+    install() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            docker-compose >/dev/null
+    }
+    install || { apt-get update -q >/dev/null && install; }
 fi
 
 WORK="$(mktemp -d)"
