@@ -328,6 +328,12 @@ impl Settings {
         if database.max_connections == 0 {
             return Err(err("DB_MAX_CONNECTIONS", "must be at least 1"));
         }
+        if database.url.is_some() && database.ssl_root_cert.is_some() {
+            return Err(err(
+                "DB_SSLROOTCERT",
+                "DATABASE_URL is set: give the CA in it instead (sslrootcert=...)",
+            ));
+        }
         database.connect_options()?;
 
         let redis = RedisSettings {
@@ -348,8 +354,38 @@ impl Settings {
         if !(0..=15).contains(&redis.db) {
             return Err(err("REDIS_DB", "must be between 0 and 15"));
         }
-        if redis.key_prefix.contains(char::is_whitespace) {
-            return Err(err("ARNELA_KEY_PREFIX", "must not contain white space"));
+        if redis
+            .key_prefix
+            .contains(|c: char| c.is_whitespace() || matches!(c, '*' | '?' | '[' | ']' | '\\'))
+        {
+            return Err(err(
+                "ARNELA_KEY_PREFIX",
+                "must not contain white space or the glob characters * ? [ ] \\",
+            ));
+        }
+        if redis.url.is_some() && (redis.tls || redis.ca_cert.is_some()) {
+            let tls_url = redis
+                .url
+                .as_ref()
+                .is_some_and(|u| u.expose().starts_with("rediss://"));
+            if redis.tls && !tls_url {
+                return Err(err(
+                    "REDIS_TLS",
+                    "REDIS_URL is set: write it as rediss:// for TLS instead",
+                ));
+            }
+        }
+        if redis.ca_cert.is_some()
+            && !redis.tls
+            && !redis
+                .url
+                .as_ref()
+                .is_some_and(|u| u.expose().starts_with("rediss://"))
+        {
+            return Err(err(
+                "REDIS_CA_CERT",
+                "is only used with TLS: set REDIS_TLS=true or a rediss:// REDIS_URL",
+            ));
         }
         redis.connection_info()?;
 
@@ -448,8 +484,8 @@ impl Settings {
             http_max_connections,
             http_max_in_flight,
             http_body_budget: http_body_budget_mb.saturating_mul(1024 * 1024),
-            http_body_timeout: Duration::from_secs(http_body_timeout.max(1)),
-            http_idle_timeout: Duration::from_secs(http_idle_timeout.max(1)),
+            http_body_timeout: Duration::from_secs(http_body_timeout.clamp(1, 3600)),
+            http_idle_timeout: Duration::from_secs(http_idle_timeout.clamp(1, 24 * 3600)),
             health_timeout: Duration::from_millis(health_timeout_ms),
             metrics_addr,
             engine,
@@ -697,10 +733,21 @@ mod tests {
             ("DATABASE_URL", "mysql://x"),
             ("REDIS_URL", "http://x"),
             ("METRICS_ADDR", "9464"),
+            ("ARNELA_KEY_PREFIX", "arn*la"),
+            ("REDIS_CA_CERT", "/etc/ssl/ca.pem"),
         ] {
             let e = Settings::from_vars(&vars(&[(var, value)])).unwrap_err();
             assert_eq!(e.var, var, "{e}");
         }
+        let e = Settings::from_vars(&vars(&[("REDIS_URL", "redis://x"), ("REDIS_TLS", "true")]))
+            .unwrap_err();
+        assert_eq!(e.var, "REDIS_TLS", "{e}");
+        let e = Settings::from_vars(&vars(&[
+            ("DATABASE_URL", "postgres://x/y"),
+            ("DB_SSLROOTCERT", "/ca.pem"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "DB_SSLROOTCERT", "{e}");
     }
 
     #[test]

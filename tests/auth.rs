@@ -169,6 +169,9 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
     let other_issuer = claims(json!({"iss": "someone-else"}));
     let not_yet = claims(json!({"nbf": now() + 3600}));
     let long_admin = claims(json!({"exp": now() + 30 * 86_400}));
+    // issued a month ahead: its lifetime would run far past the admin cap from now
+    let future_iat = claims(json!({"iat": now() + 30 * 86_400, "exp": now() + 30 * 86_400 + 3600}));
+    let no_subject = claims(json!({"sub": ""}));
     let mut unknown_kid_header = hs256.clone();
     unknown_kid_header.kid = Some("0123456789abcdef".into());
     let unknown_kid = jsonwebtoken::encode(
@@ -185,6 +188,8 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         ("token of another issuer", bearer(&other_issuer)),
         ("token not yet valid (nbf)", bearer(&not_yet)),
         ("admin token living 30 days", bearer(&long_admin)),
+        ("token issued in the future", bearer(&future_iat)),
+        ("token with an empty subject", bearer(&no_subject)),
         ("token naming an unknown key", bearer(&unknown_kid)),
         ("no token", None),
         ("expired token", bearer(&expired)),

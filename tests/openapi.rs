@@ -271,13 +271,6 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(
             Method::POST,
             "/tasks/{id}/retry",
-            format!("/tasks/{dead}/retry"),
-            admin,
-        )
-        .oversized(2 * 1024 * 1024),
-        probe(
-            Method::POST,
-            "/tasks/{id}/retry",
             format!("/tasks/{queued}/retry"),
             admin,
         ),
@@ -307,13 +300,6 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             format!("/tasks/{missing}/cancel"),
             admin,
         ),
-        probe(
-            Method::POST,
-            "/tasks/{id}/cancel",
-            format!("/tasks/{queued}/cancel"),
-            admin,
-        )
-        .oversized(2 * 1024 * 1024),
         probe(
             Method::POST,
             "/tasks/{id}/cancel",

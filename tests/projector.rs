@@ -605,6 +605,21 @@ async fn invalidation_patterns_need_a_grant_and_a_declared_family(pool: PgPool) 
         send(granted, json!(["appointments:client:1:*"])).await.0,
         201
     );
+    // in a batch the refusal names the task
+    let mut task = common::sms("y");
+    task["invalidates"] = json!(["client:*"]);
+    let resp = c
+        .post("/tasks/batch")
+        .header(
+            "authorization",
+            format!("Bearer {}", auth.mint(Role::Producer, hour, "agenda")),
+        )
+        .body_json(&json!({"tasks": [common::sms("z"), task]}))
+        .send()
+        .await;
+    assert_eq!(resp.0.status().as_u16(), 403);
+    let err: serde_json::Value = resp.0.into_body().into_json().await.unwrap();
+    assert_eq!(err["field"], "tasks[1].invalidates[0]", "{err}");
     assert_eq!(common::counts(&pool).await, (2, 2, 2));
 }
 

@@ -263,19 +263,7 @@ impl Auth {
         subject: &str,
         tenant: Option<&str>,
     ) -> String {
-        let iat = chrono::Utc::now().timestamp();
-        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        self.sign(&Claims {
-            sub: subject.to_owned(),
-            role,
-            iat,
-            exp: iat.saturating_add(ttl),
-            nbf: None,
-            iss: ISSUER.to_owned(),
-            aud: AUDIENCE.to_owned(),
-            patterns: false,
-            tenant: tenant.map(str::to_owned),
-        })
+        self.sign(&claims_for(role, ttl, subject, tenant, false))
     }
 
     /// A token as [`Auth::mint_for`] that may also declare invalidation patterns.
@@ -286,11 +274,7 @@ impl Auth {
         subject: &str,
         tenant: Option<&str>,
     ) -> String {
-        let mut claims = self
-            .verify(&self.mint_for(role, ttl, subject, tenant))
-            .expect("a token just minted verifies");
-        claims.patterns = true;
-        self.sign(&claims)
+        self.sign(&claims_for(role, ttl, subject, tenant, true))
     }
 
     /// Signs the given claims as they are (tests use it for expired tokens), with the current
@@ -318,11 +302,43 @@ impl Auth {
         let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &self.keys.validation)
             .map(|data| data.claims)
             .map_err(AuthError::from_jwt)?;
-        let lifetime = claims.exp.saturating_sub(claims.iat);
-        if lifetime < 0 || lifetime as u64 > claims.role.max_ttl().as_secs() {
+        // Issued in the future: its lifetime would run past its role's cap from now.
+        let now = chrono::Utc::now().timestamp();
+        if claims.iat > now.saturating_add(LEEWAY_SECS as i64) || claims.exp < claims.iat {
+            return Err(AuthError::Malformed);
+        }
+        if (claims.exp - claims.iat) as u64 > claims.role.max_ttl().as_secs() {
             return Err(AuthError::TooLong);
         }
+        // An empty subject or tenant would be the owner of the tasks written before owners
+        // existed.
+        if claims.owner().trim().is_empty() {
+            return Err(AuthError::Malformed);
+        }
         Ok(claims)
+    }
+}
+
+/// The claims of a new token valid for `ttl` from now.
+fn claims_for(
+    role: Role,
+    ttl: Duration,
+    subject: &str,
+    tenant: Option<&str>,
+    patterns: bool,
+) -> Claims {
+    let iat = chrono::Utc::now().timestamp();
+    let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    Claims {
+        sub: subject.to_owned(),
+        role,
+        iat,
+        exp: iat.saturating_add(ttl),
+        nbf: None,
+        iss: ISSUER.to_owned(),
+        aud: AUDIENCE.to_owned(),
+        patterns,
+        tenant: tenant.map(str::to_owned),
     }
 }
 

@@ -307,12 +307,12 @@ pub enum MessagePayload {
 pub struct AppointmentData {
     /// `2026-12-01T10:00:00+01:00`, or without the offset: local to `time_zone`.
     #[oai(validator(
-        pattern = r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,9})?)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?$"
+        pattern = r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,9})?)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?$"
     ))]
     pub starts_at: String,
     /// After `starts_at`; default `starts_at` plus `duration_minutes`.
     #[oai(validator(
-        pattern = r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,9})?)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?$"
+        pattern = r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,9})?)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?$"
     ))]
     pub ends_at: Option<String>,
     /// Used when `ends_at` is absent; default the channel's `GOOGLE_APPOINTMENT_MINUTES`.
@@ -415,8 +415,8 @@ pub struct TaskOptions {
         validator(minimum(value = "1"), maximum(value = "25"))
     )]
     pub max_attempts: Option<i32>,
-    /// When the task should first run; default now. From 5 minutes in the past (clock skew) to
-    /// `SCHEDULE_HORIZON_DAYS` (default 366) days ahead.
+    /// When the task should first run; default now, at most `SCHEDULE_HORIZON_DAYS` (default
+    /// 366) days ahead. A time in the past counts as now.
     pub run_at: Option<DateTime<Utc>>,
     /// Cache keys (`client:42`) or glob patterns starting with one of the clinic's key families
     /// (`appointments:client:42:*`) to drop once the task succeeds; each is also published on

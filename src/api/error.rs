@@ -242,14 +242,18 @@ impl ApiError {
 
     /// The same error with its field prefixed, e.g. `tasks[3].`.
     pub fn within(self, prefix: &str) -> ApiError {
-        match self {
-            ApiError::Unprocessable(Json(mut body)) => {
-                if let Some(f) = body.field.take() {
+        let prefixed = |mut body: ErrorBody| {
+            if let Some(f) = body.field.take() {
+                if body.message.starts_with(&f) {
                     body.message = format!("{prefix}{}", body.message);
-                    body.field = Some(format!("{prefix}{f}"));
                 }
-                ApiError::Unprocessable(Json(body))
+                body.field = Some(format!("{prefix}{f}"));
             }
+            Json(body)
+        };
+        match self {
+            ApiError::Unprocessable(Json(body)) => ApiError::Unprocessable(prefixed(body)),
+            ApiError::Forbidden(Json(body)) => ApiError::Forbidden(prefixed(body)),
             other => other,
         }
     }
@@ -445,7 +449,7 @@ statuses! {
     /// `GET /tasks/{id}/events`.
     HistoryFailures: [400, 401, 403, 404, 500, 503];
     /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`.
-    OperatorFailures: [400, 401, 403, 404, 409, 413, 500, 503];
+    OperatorFailures: [400, 401, 403, 404, 409, 500, 503];
     /// `GET /stats`.
     StatsFailures: [401, 403, 500, 503];
 }

@@ -4,14 +4,14 @@
 //! - **connections**: at most `HTTP_MAX_CONNECTIONS` open at once; the next one is accepted when
 //!   one closes (the kernel's backlog holds it meanwhile), see [`LimitedAcceptor`];
 //! - **requests in flight**: at most `HTTP_MAX_IN_FLIGHT` operations run at once; the next gets
-//!   503 `overloaded` with `Retry-After` at once (the probes and `/metrics` are not counted, so an
-//!   overloaded instance still answers its orchestrator);
+//!   503 `overloaded` with `Retry-After` at once (the health reports and `/metrics` are not
+//!   counted, so an overloaded instance still answers its orchestrator and its operators);
 //! - **body memory**: the bodies being read by all requests together hold at most
 //!   `HTTP_BODY_BUDGET_MB`; a request whose body would pass it gets 503 `overloaded` (one
 //!   producer with many large requests cannot make the service hold gigabytes);
 //! - **bodies**: never read ahead. A body is read only by the operation that takes one, after
-//!   routing and after the bearer token is checked; an announced `Content-Length` over
-//!   `MAX_BODY_BYTES` is refused with 413 at once, a chunked body as soon as it passes the limit;
+//!   routing and after the bearer token is checked; an enqueue whose announced `Content-Length`
+//!   is over `MAX_BODY_BYTES` is refused with 413 at once, a chunked body as soon as it passes;
 //!   a body that does not arrive within `HTTP_BODY_TIMEOUT_SECS` is refused with 408;
 //! - **idle connections** are closed after `HTTP_IDLE_TIMEOUT_SECS` without a byte.
 //!
@@ -37,7 +37,7 @@ use super::error::{ErrorBody, ErrorCode, RETRY_AFTER_SECS};
 use crate::metrics::{Collector, Family};
 
 /// Paths outside the in-flight limit: what an orchestrator or a scraper must always reach.
-const UNLIMITED: [&str; 3] = ["/health/live", "/health/ready", "/metrics"];
+const UNLIMITED: [&str; 4] = ["/health/live", "/health/ready", "/health", "/metrics"];
 
 /// The HTTP limits of one listener and their counters. Clones share them.
 #[derive(Clone)]
@@ -157,7 +157,7 @@ impl Collector for HttpLimits {
             .with(&[("state", "limit")], i.max_connections as f64),
             Family::gauge(
                 "arnela_http_in_flight",
-                "HTTP requests running now (probes and /metrics not counted), and the most allowed.",
+                "HTTP requests running now (health reports and /metrics not counted), and the most allowed.",
             )
             .with(&[("state", "running")], self.in_flight() as f64)
             .with(&[("state", "limit")], i.max_in_flight as f64),
@@ -183,7 +183,7 @@ struct BodyOutcome {
     timed_out: std::sync::atomic::AtomicBool,
     over_budget: std::sync::atomic::AtomicBool,
     /// The budget this body holds, returned when the request ends.
-    held: std::sync::Mutex<Vec<OwnedSemaphorePermit>>,
+    held: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 fn refusal(status: StatusCode, code: ErrorCode, message: String) -> Response {
@@ -238,7 +238,10 @@ pub async fn guard<E: Endpoint>(
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > i.max_body as u64) {
+    // Only the enqueue operations read a body; elsewhere an announced one is never read.
+    let reads_body = req.method() == poem::http::Method::POST
+        && matches!(req.uri().path(), "/tasks" | "/tasks/batch");
+    if reads_body && announced.is_some_and(|n| n > i.max_body as u64) {
         return Ok(too_large());
     }
 
@@ -269,25 +272,39 @@ pub async fn guard<E: Endpoint>(
                     Ok(None) => None,
                     Ok(Some(Err(e))) => Some((Err(e), (body, read, seen, true))),
                     Ok(Some(Ok(chunk))) => {
+                        let held_kib = read.div_ceil(1024);
                         let read = read + chunk.len();
-                        let kib = u32::try_from(chunk.len().div_ceil(1024)).unwrap_or(u32::MAX);
-                        match budget.clone().try_acquire_many_owned(kib) {
-                            Ok(permit) => seen.held.lock().expect("body budget").push(permit),
-                            Err(_) => {
-                                seen.over_budget.store(true, Ordering::Relaxed);
-                                let e =
-                                    io::Error::new(io::ErrorKind::OutOfMemory, "body budget spent");
-                                return Some((Err(e), (body, read, seen, true)));
-                            }
-                        }
+                        // the size first: an oversized body is a 413 whatever the load
                         if read > max {
                             seen.too_large.store(true, Ordering::Relaxed);
                             let e =
                                 io::Error::new(io::ErrorKind::InvalidData, "the body is too large");
-                            Some((Err(e), (body, read, seen, true)))
-                        } else {
-                            Some((Ok(chunk), (body, read, seen, false)))
+                            return Some((Err(e), (body, read, seen, true)));
                         }
+                        // the budget holds the bytes read so far, in KiB, whatever the chunks'
+                        // sizes: tiny chunks cannot spend it faster than their bytes
+                        let more =
+                            u32::try_from(read.div_ceil(1024) - held_kib).unwrap_or(u32::MAX);
+                        if more > 0 {
+                            match budget.clone().try_acquire_many_owned(more) {
+                                Ok(permit) => {
+                                    let mut held = seen.held.lock().expect("body budget");
+                                    match held.as_mut() {
+                                        Some(all) => all.merge(permit),
+                                        None => *held = Some(permit),
+                                    }
+                                }
+                                Err(_) => {
+                                    seen.over_budget.store(true, Ordering::Relaxed);
+                                    let e = io::Error::new(
+                                        io::ErrorKind::OutOfMemory,
+                                        "body budget spent",
+                                    );
+                                    return Some((Err(e), (body, read, seen, true)));
+                                }
+                            }
+                        }
+                        Some((Ok(chunk), (body, read, seen, false)))
                     }
                 }
             }

@@ -20,7 +20,7 @@ use super::ApiContext;
 use crate::cache::invalidation::is_pattern;
 use crate::cache::{keys, Ttl};
 use crate::domain::event::db_time;
-use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS, RUN_AT_SKEW};
+use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use crate::domain::{
     validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
 };
@@ -387,8 +387,8 @@ async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
 }
 
 /// Turns a request into a validated [`NewTask`], naming the first bad field.
-/// `run_at` may lie from [`RUN_AT_SKEW`] in the past (clock skew) to `horizon` ahead: a time far
-/// in the past would jump ahead of the whole queue.
+/// `run_at` may be at most `horizon` ahead; a time in the past counts as now (a time far in the
+/// past would otherwise jump ahead of the whole queue).
 pub fn parse_request(
     r: EnqueueRequest,
     now: DateTime<Utc>,
@@ -435,17 +435,9 @@ pub fn parse_request(
         )
         .into());
     }
-    if run_at < now - RUN_AT_SKEW {
-        return Err(FieldError::new(
-            "run_at",
-            "out_of_range",
-            format!(
-                "must not be more than {} minutes in the past (leave it out to run now)",
-                RUN_AT_SKEW.num_minutes()
-            ),
-        )
-        .into());
-    }
+    // A time in the past counts as now: it cannot jump ahead of the tasks already waiting, and
+    // a keyed request retried later with the same body still finds its task.
+    let run_at = run_at.max(now);
     let idempotency_key = match r.idempotency_key {
         Some(k) if k.is_empty() || k.chars().count() > 255 => {
             return Err(FieldError::new(

@@ -375,8 +375,8 @@ impl Cache {
             let doomed: Vec<&String> = batch
                 .iter()
                 .filter(|k| {
-                    let key = &k[self.prefix.len()..];
-                    globs.iter().any(|g| keys::glob_matches(g, key))
+                    k.strip_prefix(self.prefix.as_str())
+                        .is_some_and(|key| globs.iter().any(|g| keys::glob_matches(g, key)))
                 })
                 .collect();
             if !doomed.is_empty() {

@@ -29,8 +29,6 @@ pub const MAX_MAX_ATTEMPTS: i32 = 25;
 pub const MAX_TOTAL_ATTEMPTS: i32 = 100;
 /// How far ahead `run_at` may be by default (`SCHEDULE_HORIZON_DAYS`).
 pub const DEFAULT_SCHEDULE_HORIZON_DAYS: i64 = 366;
-/// How far in the past `run_at` may be: the producer's clock may run behind the database's.
-pub const RUN_AT_SKEW: chrono::Duration = chrono::Duration::minutes(5);
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -475,8 +475,15 @@ impl Worker {
                 let limit = self.registry.timeout(ctx.task_type);
                 let work = async {
                     // the provider's turn first: waiting for it is not part of the time limit
-                    if let Err(e) = handler.slot(ctx).await {
-                        return Ending::Done(Err(e));
+                    let turn = std::panic::AssertUnwindSafe(handler.slot(ctx)).catch_unwind();
+                    match turn.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Ending::Done(Err(e)),
+                        Err(_) => {
+                            return Ending::Done(Err(HandlerError::retryable(
+                                "the handler panicked while waiting for its turn",
+                            )))
+                        }
                     }
                     // a panicking handler fails its attempt (retryably) instead of the worker
                     let guarded = std::panic::AssertUnwindSafe(handler.handle(ctx)).catch_unwind();
