@@ -32,6 +32,8 @@ export PGHOST PGPORT PGUSER
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 
 log() { printf 'client.sh: %s\n' "$*" >&2; }
+# shellcheck source=ci/lib.sh
+source "$ROOT/ci/lib.sh"
 
 for tool in python3 createdb dropdb curl timeout; do
     if ! command -v "$tool" >/dev/null 2>&1; then
@@ -154,40 +156,9 @@ createdb "$DB"
 DB_CREATED=1
 log "database $DB, port $PORT, key prefix $PREFIX"
 
-# The server runs in the scratch directory so a developer's .env cannot change its settings.
-(
-    cd "$WORK"
-    exec env \
-        DATABASE_URL="postgres://$PGUSER@$PGHOST:$PGPORT/$DB" \
-        REDIS_URL="$REDIS_URL" \
-        APP_PORT="$PORT" \
-        APP_ENV=development \
-        ARNELA_KEY_PREFIX="$PREFIX" \
-        JWT_SECRET="$JWT_SECRET" \
-        RUST_LOG="${RUST_LOG:-info}" \
-        NO_COLOR=1 \
-        "$WORK/arnela" serve
-) >"$SERVER_LOG" 2>&1 &
-SERVER_PID=$!
-
+start_serve "$WORK/arnela"
 BASE="http://127.0.0.1:$PORT"
-ready=""
-for _ in $(seq 1 90); do # up to ~45 s (more with slow connects): migrations run at start-up
-    if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-        log "the server exited before it became live"
-        exit 1
-    fi
-    if curl -fs -o /dev/null --max-time 2 "$BASE/health/live"; then
-        ready=1
-        break
-    fi
-    sleep 0.5
-done
-if [[ -z "$ready" ]]; then
-    log "the server did not answer $BASE/health/live in time"
-    exit 1
-fi
-log "server live at $BASE"
+wait_live "$BASE"
 
 TOKEN="$(cd "$WORK" && env -i PATH="$PATH" JWT_SECRET="$JWT_SECRET" "$WORK/arnela" token --role admin --ttl 1h)"
 

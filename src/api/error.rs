@@ -75,39 +75,12 @@ pub enum FieldReason {
 }
 
 impl FieldReason {
-    const ALL: [FieldReason; 11] = [
-        FieldReason::Required,
-        FieldReason::InvalidType,
-        FieldReason::InvalidFormat,
-        FieldReason::InvalidValue,
-        FieldReason::InvalidLength,
-        FieldReason::InvalidCombination,
-        FieldReason::OutOfRange,
-        FieldReason::TooLong,
-        FieldReason::TooLarge,
-        FieldReason::TooMany,
-        FieldReason::UnknownField,
-    ];
-
-    /// The reason named by a [`FieldError`]'s code.
+    /// The reason named by a [`FieldError`]'s code (its serde name).
     pub fn of(code: &str) -> Option<FieldReason> {
-        FieldReason::ALL.into_iter().find(|r| r.to_str() == code)
-    }
-
-    pub fn to_str(self) -> &'static str {
-        match self {
-            FieldReason::Required => "required",
-            FieldReason::InvalidType => "invalid_type",
-            FieldReason::InvalidFormat => "invalid_format",
-            FieldReason::InvalidValue => "invalid_value",
-            FieldReason::InvalidLength => "invalid_length",
-            FieldReason::InvalidCombination => "invalid_combination",
-            FieldReason::OutOfRange => "out_of_range",
-            FieldReason::TooLong => "too_long",
-            FieldReason::TooLarge => "too_large",
-            FieldReason::TooMany => "too_many",
-            FieldReason::UnknownField => "unknown_field",
-        }
+        use serde::de::IntoDeserializer;
+        let code: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            code.into_deserializer();
+        serde::Deserialize::deserialize(code).ok()
     }
 }
 

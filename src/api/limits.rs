@@ -241,7 +241,11 @@ pub async fn guard<E: Endpoint>(
     // Only the enqueue operations read a body; elsewhere an announced one is never read.
     let reads_body = req.method() == poem::http::Method::POST
         && matches!(req.uri().path(), "/tasks" | "/tasks/batch");
-    if reads_body && announced.is_some_and(|n| n > i.max_body as u64) {
+    if !reads_body {
+        // nothing will read the body: no wrapper to pay for
+        return ep.call(req).await.map(IntoResponse::into_response);
+    }
+    if announced.is_some_and(|n| n > i.max_body as u64) {
         return Ok(too_large());
     }
 

@@ -5,7 +5,7 @@ use poem_openapi::{Enum, Object};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::domain::{FailureKind, TaskStatus, TaskType};
+use crate::domain::{TaskStatus, TaskType};
 use crate::store::events::StoredEvent;
 use crate::store::tasks::TaskRow;
 
@@ -306,6 +306,3 @@ impl From<StoredEvent> for Event {
         super::contract::Documented::new(EventView::from(e))
     }
 }
-
-/// Keeps the compiler honest about the mirrored enums: each domain value has its name.
-const _: fn(FailureKind) -> FailureKindName = FailureKindName::from;

@@ -393,41 +393,12 @@ impl Cache {
         }
     }
 
-    /// Deletes every key matching the glob (e.g. `client:*`), with `SCAN` and batched `UNLINK`
-    /// (never `KEYS`, which blocks Redis). Returns how many were deleted.
-    ///
-    /// The cache's epoch is bumped first, so no load that started before the delete can write
-    /// back a value the pattern would have removed.
+    /// Deletes every key matching the glob (e.g. `client:*`): [`Cache::delete_patterns`] with
+    /// one glob (`SCAN` and batched `UNLINK`, never `KEYS`; the epoch bumped first, so no load
+    /// that started before the delete can write back a removed value). Returns how many were
+    /// deleted.
     pub async fn delete_pattern(&self, glob: &str) -> Result<u64> {
-        let mut c = self.conn.clone();
-        redis::pipe()
-            .incr(self.epoch(), 1)
-            .ignore()
-            .pexpire(self.epoch(), GENERATION_TTL_MS as i64)
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await?;
-        let pattern = self.full(glob);
-        let mut cursor: u64 = 0;
-        let mut deleted = 0u64;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut c)
-                .await?;
-            if !batch.is_empty() {
-                let n: u64 = redis::cmd("UNLINK").arg(&batch).query_async(&mut c).await?;
-                deleted += n;
-            }
-            if next == 0 {
-                return Ok(deleted);
-            }
-            cursor = next;
-        }
+        self.delete_patterns(&[glob]).await
     }
 
     /// The cached value, or the loader's (then cached for `ttl`). Cache problems never fail the
