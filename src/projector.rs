@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::invalidation::{EventFacts, Targets};
 use crate::cache::{keys, Cache, CacheError, Invalidation};
-use crate::store::projection::{self, LogEvent, TypeTotals};
+use crate::store::projection::{self, EventCount, TaskTouched, TypeTotals};
 use crate::store::{StoreError, Tx};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,25 +126,36 @@ impl Projector {
                 ..Step::default()
             });
         };
-        let with_payload = matches!(self.projection, Projection::CacheInvalidation(_));
-        let events = projection::read_after(tx, from, self.batch, with_payload).await?;
-        let Some(last) = events.last().map(|e| e.position) else {
-            return Ok(Step {
-                position: from,
-                ..Step::default()
-            });
-        };
-        match &self.projection {
+        let (last, events) = match &self.projection {
             Projection::Totals => {
-                let (totals, durations) = count(&events);
+                let counts = projection::count_after(tx, from, self.batch).await?;
+                let Some(batch) =
+                    batch_of(counts.first().map(|c| (c.last_position, c.batch_events)))
+                else {
+                    return Ok(Step {
+                        position: from,
+                        ..Step::default()
+                    });
+                };
+                let (totals, durations) = count(&counts);
                 projection::add_totals(tx, &totals).await?;
                 projection::add_durations(tx, &durations).await?;
                 if let Some(cache) = &self.stats_cache {
                     cache.delete(&keys::task_stats()).await?;
                 }
+                batch
             }
             Projection::CacheInvalidation(cache) => {
-                let targets = invalidations(&events);
+                let touched = projection::touched_after(tx, from, self.batch).await?;
+                let Some((last, events)) =
+                    batch_of(touched.first().map(|t| (t.last_position, t.batch_events)))
+                else {
+                    return Ok(Step {
+                        position: from,
+                        ..Step::default()
+                    });
+                };
+                let targets = invalidations(&touched);
                 cache
                     .invalidate(&Invalidation {
                         keys: targets.keys.into_iter().collect(),
@@ -152,11 +163,12 @@ impl Projector {
                         position: Some(last),
                     })
                     .await?;
+                (last, events)
             }
-        }
-        projection::advance(tx, self.name(), last, events.len() as i64).await?;
+        };
+        projection::advance(tx, self.name(), last, events).await?;
         Ok(Step {
-            events: events.len(),
+            events: events as usize,
             position: last,
             busy: false,
         })
@@ -190,33 +202,38 @@ impl Projector {
     }
 }
 
+/// The batch's last position and size, if it holds any event.
+fn batch_of(first_row: Option<(i64, i64)>) -> Option<(i64, i64)> {
+    first_row.filter(|&(_, n)| n > 0)
+}
+
 /// Totals per type and duration buckets of a batch.
 type DurationDeltas = BTreeMap<(String, &'static str, i64), (i64, i64)>;
 
-fn count(events: &[LogEvent]) -> (Vec<TypeTotals>, DurationDeltas) {
+fn count(counts: &[EventCount]) -> (Vec<TypeTotals>, DurationDeltas) {
     let mut totals: HashMap<&str, TypeTotals> = HashMap::new();
     let mut durations = DurationDeltas::new();
-    for e in events {
-        let task_type = e.task_type.as_deref().unwrap_or("unknown");
+    for c in counts {
+        let task_type = c.task_type.as_deref().unwrap_or("unknown");
         totals
             .entry(task_type)
             .or_insert_with(|| TypeTotals {
                 task_type: task_type.to_owned(),
                 ..TypeTotals::default()
             })
-            .count(&e.event_type);
-        let outcome = match e.event_type.as_str() {
+            .count(&c.event_type, c.count);
+        let outcome = match c.event_type.as_str() {
             "attempt_succeeded" => "succeeded",
             "attempt_failed" => "failed",
             _ => continue,
         };
-        if let Some(ms) = e.data.get("duration_ms").and_then(|v| v.as_i64()) {
+        if let Some(ms) = c.duration_ms {
             let ms = ms.max(0);
             let slot = durations
                 .entry((task_type.to_owned(), outcome, projection::bucket_of(ms)))
                 .or_default();
-            slot.0 += 1;
-            slot.1 += ms;
+            slot.0 += c.count;
+            slot.1 += ms * c.count;
         }
     }
     let mut totals: Vec<TypeTotals> = totals.into_values().collect();
@@ -224,18 +241,23 @@ fn count(events: &[LogEvent]) -> (Vec<TypeTotals>, DurationDeltas) {
     (totals, durations)
 }
 
-fn invalidations(events: &[LogEvent]) -> Targets {
+fn invalidations(touched: &[TaskTouched]) -> Targets {
     let mut targets = Targets::default();
-    for e in events {
+    for t in touched {
+        // every event drops the task's own key; only a success drops more (see `add_event`)
         targets.add_event(EventFacts {
-            task_id: e.task_id,
-            event_type: &e.event_type,
-            task_type: e.task_type.as_deref(),
-            payload: e.payload.as_ref(),
-            declared: e.invalidates.as_ref(),
+            task_id: t.task_id,
+            event_type: if t.succeeded {
+                "attempt_succeeded"
+            } else {
+                "other"
+            },
+            task_type: t.task_type.as_deref(),
+            payload: t.payload.as_ref(),
+            declared: t.invalidates.as_ref(),
         });
     }
-    if !events.is_empty() {
+    if !touched.is_empty() {
         targets.keys.insert(keys::task_stats());
     }
     targets

@@ -20,23 +20,48 @@ use uuid::Uuid;
 
 use super::{Result, Tx};
 
-/// One event of the log with what the projectors need to know about its task (from the task's
-/// own first event, `enqueued`).
+/// The next batch of the log (up to `limit` events after the checkpoint, below the commit-safe
+/// horizon, in log order) as the totals projector needs it: counted in SQL per task type, event
+/// type and attempt duration, so a batch of a thousand events comes back as a handful of rows.
 #[derive(Debug, Clone, PartialEq, FromRow)]
-pub struct LogEvent {
-    pub position: i64,
-    pub task_id: Uuid,
-    pub sequence: i32,
-    pub event_type: String,
-    pub data: Value,
-    pub recorded_at: DateTime<Utc>,
-    /// `enqueued.task_type` of the task.
+pub struct EventCount {
+    /// The task's type (from its projection row, else from its `enqueued` event).
     pub task_type: Option<String>,
-    /// `enqueued.payload` of the task.
-    pub payload: Option<Value>,
-    /// `enqueued.invalidates` of the task: cache keys or patterns to drop when it succeeds.
-    pub invalidates: Option<Value>,
+    pub event_type: String,
+    /// `duration_ms` of `attempt_succeeded` and `attempt_failed` events.
+    pub duration_ms: Option<i64>,
+    pub count: i64,
+    /// The batch's last position and its number of events (the same on every row).
+    pub last_position: i64,
+    pub batch_events: i64,
 }
+
+/// The next batch of the log as the cache-invalidation projector needs it: one row per task
+/// with an event in the batch, and for a task that succeeded in it, its type, enqueued payload
+/// and `invalidates` (the only event that invalidates more than the task's own key).
+#[derive(Debug, Clone, PartialEq, FromRow)]
+pub struct TaskTouched {
+    pub task_id: Uuid,
+    pub succeeded: bool,
+    pub task_type: Option<String>,
+    pub payload: Option<Value>,
+    pub invalidates: Option<Value>,
+    /// The batch's last position and its number of events (the same on every row).
+    pub last_position: i64,
+    pub batch_events: i64,
+}
+
+/// The batch of the log after `after` (shared by both reads below).
+const BATCH: &str = "batch AS ( \
+       SELECT e.position, e.task_id, e.event_type, e.data FROM task_events e \
+       WHERE e.position > $1 AND e.position < event_log_horizon() \
+       ORDER BY e.position LIMIT $2)";
+
+/// The type of the task `task_id` names (a primary-key lookup of a plain column; the task's
+/// `enqueued` event, whose data holds the whole payload, only when the row is gone).
+const TASK_TYPE: &str = "coalesce((SELECT t.task_type FROM tasks t WHERE t.id = b.task_id), \
+       (SELECT f.data->>'task_type' FROM task_events f \
+        WHERE f.task_id = b.task_id AND f.sequence = 1))";
 
 /// Takes the projector's lock for the rest of `tx`; `None` when another instance holds it.
 /// Otherwise returns the checkpoint (0 for a projector that never ran).
@@ -57,27 +82,41 @@ pub async fn try_lock(tx: &mut Tx, name: &str) -> Result<Option<i64>> {
     Ok(Some(position.unwrap_or(0)))
 }
 
-/// Up to `limit` events after `after`, below the commit-safe horizon, in log order. The task's
-/// payload and `invalidates` are read only `with_payload` (the totals need the type alone).
-pub async fn read_after(
-    tx: &mut Tx,
-    after: i64,
-    limit: i64,
-    with_payload: bool,
-) -> Result<Vec<LogEvent>> {
-    Ok(sqlx::query_as(
-        "SELECT e.position, e.task_id, e.sequence, e.event_type, e.data, e.recorded_at, \
-                f.data->>'task_type' AS task_type, \
-                CASE WHEN $3 THEN f.data->'payload' END AS payload, \
-                CASE WHEN $3 THEN f.data->'invalidates' END AS invalidates \
-         FROM task_events e \
-         LEFT JOIN task_events f ON f.task_id = e.task_id AND f.sequence = 1 \
-         WHERE e.position > $1 AND e.position < event_log_horizon() \
-         ORDER BY e.position LIMIT $2",
-    )
+/// Counts the batch after `after` (see [`EventCount`]); empty when nothing is past it yet.
+pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<EventCount>> {
+    Ok(sqlx::query_as(&format!(
+        "WITH {BATCH} \
+         SELECT {TASK_TYPE} AS task_type, b.event_type, \
+                CASE WHEN b.event_type IN ('attempt_succeeded', 'attempt_failed') \
+                     THEN (b.data->>'duration_ms')::int8 END AS duration_ms, \
+                count(*) AS count, \
+                max(max(b.position)) OVER () AS last_position, \
+                (sum(count(*)) OVER ())::int8 AS batch_events \
+         FROM batch b GROUP BY 1, 2, 3"
+    ))
     .bind(after)
     .bind(limit)
-    .bind(with_payload)
+    .fetch_all(tx.conn())
+    .await?)
+}
+
+/// The tasks the batch after `after` touched (see [`TaskTouched`]).
+pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<TaskTouched>> {
+    Ok(sqlx::query_as(&format!(
+        "WITH {BATCH}, touched AS ( \
+           SELECT b.task_id, bool_or(b.event_type = 'attempt_succeeded') AS succeeded, \
+                  max(max(b.position)) OVER () AS last_position, \
+                  (sum(count(*)) OVER ())::int8 AS batch_events \
+           FROM batch b GROUP BY b.task_id) \
+         SELECT b.task_id, b.succeeded, b.last_position, b.batch_events, \
+                CASE WHEN b.succeeded THEN {TASK_TYPE} END AS task_type, \
+                CASE WHEN b.succeeded THEN f.data->'payload' END AS payload, \
+                CASE WHEN b.succeeded THEN f.data->'invalidates' END AS invalidates \
+         FROM touched b \
+         LEFT JOIN task_events f ON b.succeeded AND f.task_id = b.task_id AND f.sequence = 1"
+    ))
+    .bind(after)
+    .bind(limit)
     .fetch_all(tx.conn())
     .await?)
 }
@@ -118,17 +157,17 @@ pub struct TypeTotals {
 }
 
 impl TypeTotals {
-    /// Adds one event of the type `event_type` (unknown types count nowhere).
-    pub fn count(&mut self, event_type: &str) {
+    /// Adds `n` events of the type `event_type` (unknown types count nowhere).
+    pub fn count(&mut self, event_type: &str, n: i64) {
         match event_type {
-            "enqueued" => self.enqueued += 1,
-            "attempt_started" => self.attempts_started += 1,
-            "attempt_succeeded" => self.succeeded += 1,
-            "attempt_failed" => self.attempts_failed += 1,
-            "retry_scheduled" => self.retries += 1,
-            "dead_lettered" => self.dead += 1,
-            "cancelled" => self.cancelled += 1,
-            "requeued" => self.requeued += 1,
+            "enqueued" => self.enqueued += n,
+            "attempt_started" => self.attempts_started += n,
+            "attempt_succeeded" => self.succeeded += n,
+            "attempt_failed" => self.attempts_failed += n,
+            "retry_scheduled" => self.retries += n,
+            "dead_lettered" => self.dead += n,
+            "cancelled" => self.cancelled += n,
+            "requeued" => self.requeued += n,
             _ => {}
         }
     }
