@@ -348,7 +348,7 @@ mod tests {
             "attempt_started",
             "attempt_succeeded",
         ] {
-            t.count(e);
+            t.count(e, 1);
         }
         assert_eq!(
             (
