@@ -306,13 +306,7 @@ async fn a_worker_whose_lease_was_taken_over_cannot_record_its_outcome(pool: PgP
         })
         .await;
         // the worker stalls past its lease; a rescuer takes the attempt over
-        sqlx::query(
-            "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        )
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
+        common::expire_lease(&pool, id).await;
         let rescued = e.rescuer.run_once().await.unwrap();
         assert_eq!(rescued.leases_expired, 1);
         gate.add_permits(1);
@@ -636,13 +630,7 @@ async fn a_handler_stopped_because_its_attempt_was_taken_over_records_attempt_st
             Duration::from_secs(10),
             "a rescuer to take over",
             || async {
-                sqlx::query(
-                    "UPDATE tasks SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-                )
-                .bind(id)
-                .execute(&pool)
-                .await
-                .unwrap();
+                common::expire_lease(&pool, id).await;
                 (e.rescuer.run_once().await.unwrap().leases_expired == 1).then_some(())
             },
         )

@@ -179,16 +179,26 @@ pub fn canonical_bytes(
     data: &Value,
     occurred_at: DateTime<Utc>,
 ) -> Vec<u8> {
-    // serde_json's map is ordered by key, so this serialization is canonical.
-    let doc = serde_json::json!({
-        "task_id": task_id,
-        "sequence": sequence,
-        "event_type": event_type,
-        "event_version": event_version,
-        "data": data,
-        "occurred_at": db_time(occurred_at).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-    });
-    serde_json::to_vec(&doc).expect("canonical document serializes")
+    /// The document, fields in key order (serde_json's map, and so `data`, is ordered by key
+    /// too): serialized as is, without copying `data` into a map first.
+    #[derive(Serialize)]
+    struct Canonical<'a> {
+        data: &'a Value,
+        event_type: &'a str,
+        event_version: i16,
+        occurred_at: String,
+        sequence: i32,
+        task_id: Uuid,
+    }
+    serde_json::to_vec(&Canonical {
+        data,
+        event_type,
+        event_version,
+        occurred_at: db_time(occurred_at).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        sequence,
+        task_id,
+    })
+    .expect("canonical document serializes")
 }
 
 /// `SHA-256(prev_hash || canonical_bytes)`; the first event of a task chains to 32 zero bytes.
@@ -203,6 +213,24 @@ pub fn chain_hash(prev_hash: Option<&[u8]>, canonical: &[u8]) -> [u8; 32] {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_canonical_form_is_the_sorted_json_document() {
+        let id = Uuid::now_v7();
+        let at = Utc::now();
+        let data = json!({"payload": {"to": "a@example.com", "b": [1, {"z": null, "a": "é\\\"\u{1}"}]},
+                          "task_type": "send_email", "max_attempts": 3});
+        let expected = serde_json::to_vec(&json!({
+            "task_id": id,
+            "sequence": 7,
+            "event_type": "enqueued",
+            "event_version": 2,
+            "data": data,
+            "occurred_at": db_time(at).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        }))
+        .unwrap();
+        assert_eq!(canonical_bytes(id, 7, "enqueued", 2, &data, at), expected);
+    }
 
     #[test]
     fn events_round_trip_through_their_stored_form() {

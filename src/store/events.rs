@@ -148,19 +148,48 @@ pub async fn record_batch(
         hashes.push(hash);
     }
 
+    // The rescuer finds running attempts by their expiry in `task_leases`, kept here in the
+    // statement that writes the lease itself: a lease taken or moved is upserted, one given up
+    // is removed.
+    let mut held: (Vec<Uuid>, Vec<DateTime<Utc>>) = (Vec::new(), Vec::new());
+    let mut freed: Vec<Uuid> = Vec::new();
+    for ((before, _, _), after) in items.iter().zip(&afters) {
+        let lease = |t: &Task| t.lease_owner.and(t.lease_expires_at);
+        match (lease(before), lease(after)) {
+            (_, Some(until)) => {
+                if before.lease_owner != after.lease_owner || lease(before) != Some(until) {
+                    held.0.push(after.id);
+                    held.1.push(until);
+                }
+            }
+            (Some(_), None) => freed.push(after.id),
+            (None, None) => {}
+        }
+    }
+
     // The conditional update is the optimistic lock: a row matches only if nobody appended
     // since it was read, and it stays locked until commit.
-    let updated = sqlx::query(
-        "UPDATE tasks t SET status = v.status, attempts = v.attempts, \
-           max_attempts = v.max_attempts, run_at = v.run_at, last_error = v.last_error, \
-           lease_owner = v.lease_owner, lease_expires_at = v.lease_expires_at, \
-           version = v.version, last_hash = v.last_hash, updated_at = $12 \
-         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::int4[], \
-                     $6::timestamptz[], $7::text[], $8::uuid[], $9::timestamptz[], $10::int4[], \
-                     $11::bytea[]) \
-           AS v(id, expected, status, attempts, max_attempts, run_at, last_error, lease_owner, \
-                lease_expires_at, version, last_hash) \
-         WHERE t.id = v.id AND t.version = v.expected",
+    let updated: i64 = sqlx::query_scalar(
+        "WITH updated AS ( \
+           UPDATE tasks t SET status = v.status, attempts = v.attempts, \
+             max_attempts = v.max_attempts, run_at = v.run_at, last_error = v.last_error, \
+             lease_owner = v.lease_owner, lease_expires_at = v.lease_expires_at, \
+             version = v.version, last_hash = v.last_hash, updated_at = $12 \
+           FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::int4[], \
+                       $6::timestamptz[], $7::text[], $8::uuid[], $9::timestamptz[], $10::int4[], \
+                       $11::bytea[]) \
+             AS v(id, expected, status, attempts, max_attempts, run_at, last_error, lease_owner, \
+                  lease_expires_at, version, last_hash) \
+           WHERE t.id = v.id AND t.version = v.expected \
+           RETURNING 1 \
+         ), held AS ( \
+           INSERT INTO task_leases (task_id, expires_at) \
+           SELECT * FROM UNNEST($13::uuid[], $14::timestamptz[]) \
+           ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at \
+         ), freed AS ( \
+           DELETE FROM task_leases WHERE task_id = ANY($15) \
+         ) \
+         SELECT count(*) FROM updated",
     )
     .bind(afters.iter().map(|t| t.id).collect::<Vec<_>>())
     .bind(items.iter().map(|(b, _, _)| b.version).collect::<Vec<_>>())
@@ -184,9 +213,12 @@ pub async fn record_batch(
     .bind(afters.iter().map(|t| t.version).collect::<Vec<_>>())
     .bind(&hashes)
     .bind(at)
-    .execute(tx.conn())
+    .bind(&held.0)
+    .bind(&held.1)
+    .bind(&freed)
+    .fetch_one(tx.conn())
     .await?;
-    if updated.rows_affected() != items.len() as u64 {
+    if updated != items.len() as i64 {
         let (first, _, _) = &items[0];
         return Err(StoreError::VersionConflict {
             task_id: first.id,

@@ -176,7 +176,7 @@ pub async fn enqueue(
     // outbox rows of exactly the tasks that were inserted. Relays are woken after the commit by
     // the caller (see `OutboxWaker`): a NOTIFY inside the statement would serialize every
     // enqueue's commit on Postgres's notification lock.
-    let inserted: Vec<TaskRow> = sqlx::query_as(&format!(
+    let inserted: Vec<(Uuid, i64)> = sqlx::query_as(
         "WITH input AS ( \
            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
                                 $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[], \
@@ -191,7 +191,7 @@ pub async fn enqueue(
                   hash, event_position(slot), $11, $11, owner \
            FROM input ORDER BY slot \
            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-           RETURNING {cols} \
+           RETURNING id, enqueued_position, run_at \
          ), event AS ( \
            INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
                                     occurred_at, prev_hash, hash) \
@@ -202,9 +202,8 @@ pub async fn enqueue(
            INSERT INTO outbox (task_id, attempt, available_at) \
            SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot \
          ) \
-         SELECT task.* FROM task",
-        cols = TASK_COLUMNS
-    ))
+         SELECT task.id, task.enqueued_position FROM task",
+    )
     .bind(ids_unique(&ids, &first_of_key))
     .bind(&types)
     .bind(&payloads)
@@ -220,7 +219,42 @@ pub async fn enqueue(
     .fetch_all(tx.conn())
     .await?;
 
-    let mut created: HashMap<Uuid, TaskRow> = inserted.into_iter().map(|r| (r.id, r)).collect();
+    // The rows just written are rebuilt from what was sent rather than read back: only the
+    // position, which the database assigns, comes back.
+    let positions: HashMap<Uuid, i64> = inserted.into_iter().collect();
+    let mut created: HashMap<Uuid, TaskRow> = HashMap::with_capacity(positions.len());
+    let unique = requests
+        .iter()
+        .zip(&first_of_key)
+        .zip(&ids)
+        .filter(|((_, first), _)| first.is_none());
+    for (k, ((req, _), id)) in unique.enumerate() {
+        let Some(&enqueued_position) = positions.get(id) else {
+            continue;
+        };
+        created.insert(
+            *id,
+            TaskRow {
+                id: *id,
+                task_type: req.task_type.as_str().to_owned(),
+                payload: std::mem::take(&mut payloads[k]),
+                status: TaskStatus::Queued.as_str().to_owned(),
+                attempts: 0,
+                max_attempts: req.max_attempts,
+                run_at: run_ats[k],
+                idempotency_key: req.idempotency_key.clone(),
+                last_error: None,
+                version: 1,
+                last_hash: rows.hashes[k].clone(),
+                enqueued_position,
+                lease_owner: None,
+                lease_expires_at: None,
+                created_at: now,
+                updated_at: now,
+                owner: req.owner.clone(),
+            },
+        );
+    }
 
     // Requests whose key was taken before this call: fetch the holders and compare.
     let (taken_owners, taken): (Vec<&str>, Vec<String>) = requests
@@ -374,7 +408,8 @@ pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
         .await?)
 }
 
-/// Extends the leases `worker` holds on these attempts `(task, attempt)` to now + `lease`;
+/// Extends the leases `worker` holds on these attempts `(task, attempt)` to now + `lease` (in
+/// the task rows and in `task_leases`, where the rescuer looks for expired ones);
 /// returns the attempts it still holds (one missing from the answer was taken over or ended: its
 /// handler must stop).
 pub async fn renew_leases(
@@ -384,10 +419,16 @@ pub async fn renew_leases(
     lease: std::time::Duration,
 ) -> Result<Vec<(Uuid, i32)>> {
     Ok(sqlx::query_as(
-        "UPDATE tasks t SET lease_expires_at = now() + $4 \
-         FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt) \
-         WHERE t.id = v.id AND t.attempts = v.attempt AND t.lease_owner = $3 \
-         RETURNING t.id, t.attempts",
+        "WITH renewed AS ( \
+           UPDATE tasks t SET lease_expires_at = now() + $4 \
+           FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt) \
+           WHERE t.id = v.id AND t.attempts = v.attempt AND t.lease_owner = $3 \
+           RETURNING t.id, t.attempts, t.lease_expires_at \
+         ), moved AS ( \
+           UPDATE task_leases l SET expires_at = r.lease_expires_at \
+           FROM renewed r WHERE l.task_id = r.id \
+         ) \
+         SELECT id, attempts FROM renewed",
     )
     .bind(attempts.iter().map(|a| a.0).collect::<Vec<_>>())
     .bind(attempts.iter().map(|a| a.1).collect::<Vec<_>>())

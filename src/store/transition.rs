@@ -236,10 +236,12 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
             live_grace,
         } => {
             let rows = sqlx::query_as(&format!(
-                "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now FROM tasks \
-                 WHERE lease_owner IS NOT NULL AND lease_expires_at < now() \
+                "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now \
+                 FROM task_leases l JOIN tasks ON tasks.id = l.task_id \
+                 WHERE l.expires_at < now() \
+                   AND lease_owner IS NOT NULL AND lease_expires_at < now() \
                    AND (lease_owner <> ALL($2) OR lease_expires_at < now() - $3) \
-                 ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+                 ORDER BY l.expires_at LIMIT $1 FOR UPDATE OF tasks SKIP LOCKED"
             ))
             .bind(limit)
             .bind(live_owners)

@@ -109,6 +109,20 @@ where
     }
 }
 
+/// Makes the lease of task `id` run out a second ago, as a stalled worker's would: in its row
+/// and in `task_leases`, where the rescuer looks for expired leases.
+pub async fn expire_lease(pool: &PgPool, id: uuid::Uuid) {
+    sqlx::query(
+        "WITH t AS (UPDATE tasks SET lease_expires_at = now() - interval '1 second' \
+                    WHERE id = $1 RETURNING id, lease_expires_at) \
+         UPDATE task_leases l SET expires_at = t.lease_expires_at FROM t WHERE l.task_id = t.id",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// Row counts of the three tables enqueue writes.
 pub async fn counts(pool: &PgPool) -> (i64, i64, i64) {
     let q = |t: &str| format!("SELECT count(*) FROM {t}");
