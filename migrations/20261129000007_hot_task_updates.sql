@@ -18,6 +18,9 @@
 --   in, a longer scan for a rare state on a large table.
 -- - New pages of `tasks` are filled to half, leaving room on each page for the updates of the
 --   rows it holds.
+-- - The outbox's foreign key to `tasks` goes: its check ran a query per outbox row and locked the
+--   task's row (a WAL record each) at every enqueue and retry. Outbox rows are written only with
+--   their task, in the same statement or transaction, and tasks are never deleted.
 CREATE TABLE task_leases (
     task_id    uuid        PRIMARY KEY,
     expires_at timestamptz NOT NULL
@@ -41,3 +44,5 @@ DROP INDEX tasks_lease_idx;
 DROP INDEX tasks_status_position_idx;
 
 ALTER TABLE tasks SET (fillfactor = 50);
+
+ALTER TABLE outbox DROP CONSTRAINT outbox_task_id_fkey;

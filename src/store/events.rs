@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{canonical_bytes, chain_hash, db_time};
-use crate::domain::{Task, TaskEvent};
+use crate::domain::{Task, TaskEvent, TaskType};
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -50,6 +50,8 @@ impl StoredEvent {
 #[derive(Debug, Default)]
 pub(crate) struct EventRows {
     pub task_ids: Vec<Uuid>,
+    /// The task's type, stored beside each event (outside the hashed content).
+    pub task_types: Vec<&'static str>,
     pub sequences: Vec<i32>,
     pub types: Vec<&'static str>,
     pub versions: Vec<i16>,
@@ -68,6 +70,7 @@ impl EventRows {
         &mut self,
         tx: &mut Tx,
         task_id: Uuid,
+        task_type: TaskType,
         first_sequence: i32,
         prev_hash: Option<&[u8]>,
         events: &[TaskEvent],
@@ -89,6 +92,7 @@ impl EventRows {
             );
             let hash = chain_hash(prev.as_deref(), &canonical).to_vec();
             self.task_ids.push(task_id);
+            self.task_types.push(task_type.as_str());
             self.sequences.push(sequence);
             self.types.push(event.type_name());
             self.versions.push(event.version());
@@ -139,6 +143,7 @@ pub async fn record_batch(
         let hash = rows.push_stream(
             tx,
             before.id,
+            before.task_type,
             before.version + 1,
             Some(last_hash),
             events,
@@ -232,12 +237,14 @@ pub async fn record_batch(
 /// Inserts prepared event rows in one statement.
 pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
     let sql = "INSERT INTO task_events \
-           (position, task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash) \
+           (position, task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, \
+            hash, task_type) \
          SELECT event_position(e.slot), e.task_id, e.sequence, e.event_type, e.event_version, \
-                e.data, e.occurred_at, e.prev_hash, e.hash \
+                e.data, e.occurred_at, e.prev_hash, e.hash, e.task_type \
          FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int2[], $5::jsonb[], \
-                     $6::timestamptz[], $7::bytea[], $8::bytea[], $9::int8[]) \
-           AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash, slot)";
+                     $6::timestamptz[], $7::bytea[], $8::bytea[], $9::int8[], $10::text[]) \
+           AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash, \
+                slot, task_type)";
     let result = sqlx::query(sql)
         .bind(&rows.task_ids)
         .bind(&rows.sequences)
@@ -248,6 +255,7 @@ pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
         .bind(&rows.prev_hashes)
         .bind(&rows.hashes)
         .bind(&rows.slots)
+        .bind(&rows.task_types)
         .execute(tx.conn())
         .await;
     match result {

@@ -128,12 +128,22 @@ impl Tx {
     }
 }
 
-/// Planner settings of the service's sessions. The engine's statements touch a few hundred rows
-/// by key in tables that stay in cache; with the default `random_page_cost` (4, for spinning
-/// disks) Postgres prefers a sequential scan of the whole `tasks` or `outbox` table to a few
-/// hundred index lookups as soon as a batch is large, and every batch then costs time in
-/// proportion to the table. 1.1 is the usual value for data in memory or on SSDs.
-pub const SESSION_SETTINGS: [(&str, &str); 1] = [("random_page_cost", "1.1")];
+/// Planner settings of the service's sessions. Every statement the service runs reads or writes
+/// rows by key, or an ordered index range with a limit (the relay's due rows, a page of the log,
+/// a projector's batch), in tables that stay in cache. Postgres plans them from statistics, and
+/// on queue tables that churn thousands of rows a second those are always stale (or absent where
+/// autovacuum is off): it then picks a sequential scan of the whole `tasks` or `outbox` table,
+/// or a bitmap scan of the whole log past a cursor followed by a sort, for a batch of a few
+/// hundred rows, and every batch costs time in proportion to the table. So:
+///
+/// - `random_page_cost` 1.1, the usual value for data in memory or on SSDs;
+/// - sequential and bitmap scans only where no index can answer (they stay possible: a
+///   disabled plan type is only made expensive).
+pub const SESSION_SETTINGS: [(&str, &str); 3] = [
+    ("random_page_cost", "1.1"),
+    ("enable_seqscan", "off"),
+    ("enable_bitmapscan", "off"),
+];
 
 /// Connects to Postgres with a pool of `max_connections` (sessions get [`SESSION_SETTINGS`]).
 pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {

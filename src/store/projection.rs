@@ -22,7 +22,8 @@ use super::{Result, Tx};
 
 /// The next batch of the log (up to `limit` events after the checkpoint, below the commit-safe
 /// horizon, in log order) as the totals projector needs it: counted in SQL per task type, event
-/// type and attempt duration, so a batch of a thousand events comes back as a handful of rows.
+/// type and attempt duration, so a batch of a thousand events comes back as a handful of rows
+/// (the type is stored with each event: no lookup per event).
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct EventCount {
     /// The task's type (from its projection row, else from its `enqueued` event).
@@ -53,13 +54,17 @@ pub struct TaskTouched {
 
 /// The batch of the log after `after` (shared by both reads below).
 const BATCH: &str = "batch AS ( \
-       SELECT e.position, e.task_id, e.event_type, e.data FROM task_events e \
+       SELECT e.position, e.task_id, e.event_type, e.task_type, \
+              CASE WHEN e.event_type IN ('attempt_succeeded', 'attempt_failed') \
+                   THEN (e.data->>'duration_ms')::int8 END AS duration_ms \
+       FROM task_events e \
        WHERE e.position > $1 AND e.position < event_log_horizon() \
        ORDER BY e.position LIMIT $2)";
 
-/// The type of the task `task_id` names (a primary-key lookup of a plain column; the task's
-/// `enqueued` event, whose data holds the whole payload, only when the row is gone).
-const TASK_TYPE: &str = "coalesce((SELECT t.task_type FROM tasks t WHERE t.id = b.task_id), \
+/// The type of the task of event `b`: stored with the event (events written before the column
+/// existed fall back to the task's row, then to its `enqueued` event).
+const TASK_TYPE: &str = "coalesce(b.task_type, \
+       (SELECT t.task_type FROM tasks t WHERE t.id = b.task_id), \
        (SELECT f.data->>'task_type' FROM task_events f \
         WHERE f.task_id = b.task_id AND f.sequence = 1))";
 
@@ -86,10 +91,7 @@ pub async fn try_lock(tx: &mut Tx, name: &str) -> Result<Option<i64>> {
 pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<EventCount>> {
     Ok(sqlx::query_as(&format!(
         "WITH {BATCH} \
-         SELECT {TASK_TYPE} AS task_type, b.event_type, \
-                CASE WHEN b.event_type IN ('attempt_succeeded', 'attempt_failed') \
-                     THEN (b.data->>'duration_ms')::int8 END AS duration_ms, \
-                count(*) AS count, \
+         SELECT {TASK_TYPE} AS task_type, b.event_type, b.duration_ms, count(*) AS count, \
                 max(max(b.position)) OVER () AS last_position, \
                 (sum(count(*)) OVER ())::int8 AS batch_events \
          FROM batch b GROUP BY 1, 2, 3"
@@ -104,16 +106,19 @@ pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Even
 pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<TaskTouched>> {
     Ok(sqlx::query_as(&format!(
         "WITH {BATCH}, touched AS ( \
-           SELECT b.task_id, bool_or(b.event_type = 'attempt_succeeded') AS succeeded, \
+           SELECT b.task_id, min(b.task_type) AS task_type, \
+                  bool_or(b.event_type = 'attempt_succeeded') AS succeeded, \
                   max(max(b.position)) OVER () AS last_position, \
                   (sum(count(*)) OVER ())::int8 AS batch_events \
            FROM batch b GROUP BY b.task_id) \
          SELECT b.task_id, b.succeeded, b.last_position, b.batch_events, \
                 CASE WHEN b.succeeded THEN {TASK_TYPE} END AS task_type, \
-                CASE WHEN b.succeeded THEN f.data->'payload' END AS payload, \
-                CASE WHEN b.succeeded THEN f.data->'invalidates' END AS invalidates \
+                f.payload, f.invalidates \
          FROM touched b \
-         LEFT JOIN task_events f ON b.succeeded AND f.task_id = b.task_id AND f.sequence = 1"
+         LEFT JOIN LATERAL ( \
+           SELECT f.data->'payload' AS payload, f.data->'invalidates' AS invalidates \
+           FROM task_events f \
+           WHERE b.succeeded AND f.task_id = b.task_id AND f.sequence = 1) f ON true"
     ))
     .bind(after)
     .bind(limit)

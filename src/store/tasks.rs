@@ -163,7 +163,15 @@ pub async fn enqueue(
         let id = Uuid::now_v7();
         ids.push(id);
         let event = Task::enqueue(req.clone());
-        rows.push_stream(tx, id, 1, None, std::slice::from_ref(&event), now);
+        rows.push_stream(
+            tx,
+            id,
+            req.task_type,
+            1,
+            None,
+            std::slice::from_ref(&event),
+            now,
+        );
         types.push(req.task_type.as_str());
         payloads.push(req.payload.as_json().clone());
         max_attempts.push(req.max_attempts);
@@ -194,9 +202,9 @@ pub async fn enqueue(
            RETURNING id, enqueued_position, run_at \
          ), event AS ( \
            INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
-                                    occurred_at, prev_hash, hash) \
+                                    occurred_at, prev_hash, hash, task_type) \
            SELECT task.enqueued_position, task.id, 1, 'enqueued', i.event_version, i.data, $11, \
-                  NULL, i.hash \
+                  NULL, i.hash, i.task_type \
            FROM task JOIN input i USING (id) \
          ), outbox_row AS ( \
            INSERT INTO outbox (task_id, attempt, available_at) \
