@@ -64,13 +64,12 @@ pub(crate) struct EventRows {
 }
 
 impl EventRows {
-    /// Adds `events` of one task, the first numbered `first_sequence` and chained to
-    /// `prev_hash`; returns the hash of the last one.
+    /// Adds `events` of the task `(id, type)`, the first numbered `first_sequence` and chained
+    /// to `prev_hash`; returns the hash of the last one.
     pub fn push_stream(
         &mut self,
         tx: &mut Tx,
-        task_id: Uuid,
-        task_type: TaskType,
+        (task_id, task_type): (Uuid, TaskType),
         first_sequence: i32,
         prev_hash: Option<&[u8]>,
         events: &[TaskEvent],
@@ -142,8 +141,7 @@ pub async fn record_batch(
         }
         let hash = rows.push_stream(
             tx,
-            before.id,
-            before.task_type,
+            (before.id, before.task_type),
             before.version + 1,
             Some(last_hash),
             events,

@@ -165,8 +165,7 @@ pub async fn enqueue(
         let event = Task::enqueue(req.clone());
         rows.push_stream(
             tx,
-            id,
-            req.task_type,
+            (id, req.task_type),
             1,
             None,
             std::slice::from_ref(&event),
