@@ -32,6 +32,11 @@
 //!    of an `appendfsync everysec` file) and is published again. A delivery that simply waits
 //!    in a long queue is in the set and is never published twice. Each pass checks the next
 //!    window of published rows, so a backlog of any size is covered in turn.
+//! 5. **The lease index.** Step 2 finds running attempts through `task_leases`, which every lease
+//!    change writes in the same statement. A process built before that table existed (during a
+//!    rolling deploy) writes leases without it, so the first pass and every
+//!    [`LEASE_INDEX_EVERY`] after add any lease missing from it (one scan of `tasks`), and drop
+//!    rows left for attempts that ended long ago.
 
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
@@ -53,6 +58,9 @@ use crate::worker::{push_dead_letters, retry_decision, WorkerConfig, WorkerError
 /// How long after its lease ran out an attempt of a live worker process is left to that process
 /// (it covers a database outage of a couple of minutes; past it the attempt is taken over).
 pub const LIVE_OWNER_GRACE: Duration = Duration::from_secs(120);
+
+/// How often the lease index is checked against the leases in `tasks` (step 5).
+pub const LEASE_INDEX_EVERY: Duration = Duration::from_secs(600);
 
 /// Rescuer settings.
 #[derive(Clone)]
@@ -100,6 +108,8 @@ pub struct Rescued {
     pub republished_lost: u64,
     /// Processing entries whose task is not in this database, put back on the queue.
     pub returned_unknown: usize,
+    /// Leases found in `tasks` that `task_leases` did not list, now listed.
+    pub leases_indexed: u64,
 }
 
 pub struct Rescuer {
@@ -109,6 +119,8 @@ pub struct Rescuer {
     config: RescuerConfig,
     /// Where the next check of published deliveries starts (`None`: from the oldest).
     cursor: Mutex<Option<(DateTime<Utc>, i64)>>,
+    /// When the lease index was last checked (`None`: never, so the first pass does).
+    lease_index_checked: Mutex<Option<std::time::Instant>>,
     binding: Binding,
     metrics: Metrics,
 }
@@ -128,6 +140,7 @@ impl Rescuer {
             keys,
             config,
             cursor: Mutex::new(None),
+            lease_index_checked: Mutex::new(None),
         }
     }
 
@@ -147,6 +160,22 @@ impl Rescuer {
                 tracing::warn!(
                     deliveries = out.republished_after_loss,
                     "Redis had lost its queue; re-publishing from Postgres"
+                );
+            }
+        }
+        let due = self
+            .lease_index_checked
+            .lock()
+            .expect("lease index clock")
+            .is_none_or(|at| at.elapsed() >= LEASE_INDEX_EVERY);
+        if due {
+            out.leases_indexed = tasks::index_leases(&self.pool).await?;
+            *self.lease_index_checked.lock().expect("lease index clock") =
+                Some(std::time::Instant::now());
+            if out.leases_indexed > 0 {
+                tracing::warn!(
+                    leases = out.leases_indexed,
+                    "leases missing from the lease index (written by an older process) added"
                 );
             }
         }

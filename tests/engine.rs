@@ -289,6 +289,45 @@ async fn a_duplicate_delivery_runs_once_and_is_counted(pool: PgPool) {
 }
 
 #[sqlx::test]
+async fn a_lease_missing_from_the_lease_index_is_still_taken_over(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+
+    let worker = async { e.step().await };
+    let takeover = async {
+        common::eventually(Duration::from_secs(10), "the attempt to start", || async {
+            (e.status(id).await == "running").then_some(())
+        })
+        .await;
+        // as a process built before `task_leases` existed leaves a lease: in `tasks` alone
+        common::expire_lease(&pool, id).await;
+        sqlx::query("DELETE FROM task_leases WHERE task_id = $1")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let rescued = e.rescuer.run_once().await.unwrap();
+        assert_eq!(rescued.leases_indexed, 1, "the lease is listed again");
+        assert_eq!(rescued.leases_expired, 1, "and taken over");
+        gate.add_permits(1);
+    };
+    let (processed, ()) = tokio::join!(worker, takeover);
+    assert_eq!(processed, Processed::Fenced(id));
+    assert_eq!(e.status(id).await, "retrying");
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM task_leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(leases, 0, "a lease taken over leaves the index");
+}
+
+#[sqlx::test]
 async fn a_worker_whose_lease_was_taken_over_cannot_record_its_outcome(pool: PgPool) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let script = Arc::new(Script {

@@ -415,6 +415,30 @@ pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
         .await?)
 }
 
+/// Lists in `task_leases` every lease held in `tasks` that it does not list (leases written by a
+/// process older than the table), and drops the rows of leases that ran out over ten minutes ago
+/// on tasks no longer holding one (the rescuer takes an expired lease over within minutes, so
+/// such a row is left over, never live). Returns how many leases were added. Scans `tasks`.
+pub async fn index_leases(pool: &PgPool) -> Result<u64> {
+    let added = sqlx::query(
+        "INSERT INTO task_leases (task_id, expires_at) \
+         SELECT id, lease_expires_at FROM tasks \
+         WHERE lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL \
+         ON CONFLICT (task_id) DO NOTHING",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "DELETE FROM task_leases l USING tasks t \
+         WHERE t.id = l.task_id AND l.expires_at < now() - interval '10 minutes' \
+           AND t.lease_owner IS NULL",
+    )
+    .execute(pool)
+    .await?;
+    Ok(added)
+}
+
 /// Extends the leases `worker` holds on these attempts `(task, attempt)` to now + `lease` (in
 /// the task rows and in `task_leases`, where the rescuer looks for expired ones);
 /// returns the attempts it still holds (one missing from the answer was taken over or ended: its
