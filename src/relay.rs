@@ -162,13 +162,13 @@ impl Relay {
         for d in &due {
             let dispatched = applied
                 .get(d.task_id)
-                .is_some_and(|c| c.before.next_attempt() == d.attempt);
-            if dispatched && sent.insert(d.task_id) {
+                .filter(|c| c.before.next_attempt() == d.attempt);
+            if let Some(change) = dispatched.filter(|_| sent.insert(d.task_id)) {
                 publish_ids.push(d.id);
                 deliveries.push(Delivery {
                     task_id: d.task_id,
                     attempt: d.attempt,
-                    task_type: d.task_type.clone(),
+                    task_type: change.after.task_type.to_string(),
                 });
             } else if !unreadable.contains(&d.task_id) {
                 // rows of unreadable tasks stay for a build that can read them

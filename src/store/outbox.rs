@@ -21,18 +21,17 @@ pub struct DueRow {
     pub id: i64,
     pub task_id: Uuid,
     pub attempt: i32,
-    pub task_type: String,
 }
 
 /// Locks up to `limit` due, unpublished rows for this transaction, oldest first.
 pub async fn claim_due(tx: &mut Tx, limit: i64) -> Result<Vec<DueRow>> {
     Ok(sqlx::query_as(
-        "SELECT o.id, o.task_id, o.attempt, t.task_type \
-         FROM outbox o JOIN tasks t ON t.id = o.task_id \
+        "SELECT o.id, o.task_id, o.attempt \
+         FROM outbox o \
          WHERE o.published_at IS NULL AND o.available_at <= now() \
          ORDER BY o.available_at, o.id \
          LIMIT $1 \
-         FOR UPDATE OF o SKIP LOCKED",
+         FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(tx.conn())
