@@ -103,7 +103,8 @@ impl Projector {
     /// Reads up to one batch of events after the checkpoint, applies them and advances the
     /// checkpoint, all in one transaction.
     pub async fn run_once(&self) -> Result<Step> {
-        let mut tx = Tx::begin(&self.pool).await?;
+        // replayable: a step lost in a crash leaves its checkpoint behind (see `Tx`)
+        let mut tx = Tx::begin_replayable(&self.pool).await?;
         match self.step(&mut tx).await {
             Ok(step) => {
                 // also ends the read-only steps: the advisory lock is released at once

@@ -132,7 +132,8 @@ impl Relay {
                 );
             }
         }
-        let mut tx = Tx::begin(&self.pool).await?;
+        // replayable: a batch lost in a crash leaves its rows unpublished (see `Tx`)
+        let mut tx = Tx::begin_replayable(&self.pool).await?;
         let due = outbox::claim_due(&mut tx, self.config.batch).await?;
         if due.is_empty() {
             return Ok(Batch::default());

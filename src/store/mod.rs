@@ -86,6 +86,20 @@ impl Tx {
 
     /// A connection without an explicit transaction (see [`Conn::Autocommit`]): for a caller
     /// that writes with a single statement.
+    /// A transaction whose loss in a crash is harmless because it is replayed: a relay batch
+    /// (its rows stay unpublished and are pushed again; the claim refuses the duplicate) or a
+    /// projector step (its checkpoint stays behind and the same events are applied again). It
+    /// commits without waiting for the WAL to reach the disk (`synchronous_commit = off`):
+    /// Postgres flushes it within a fraction of a second, and any later durable commit, such as
+    /// the claim of a delivery it published, flushes it first (the WAL is written in order).
+    pub async fn begin_replayable(pool: &PgPool) -> Result<Tx> {
+        let mut tx = Tx::begin(pool).await?;
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(tx.conn())
+            .await?;
+        Ok(tx)
+    }
+
     pub async fn autocommit(pool: &PgPool) -> Result<Tx> {
         Ok(Tx {
             inner: Conn::Autocommit(pool.acquire().await?),
