@@ -37,7 +37,10 @@ pub async fn verify(pool: &PgPool, task: Option<Uuid>) -> Result<VerifyReport> {
     let sql = "SELECT position, task_id, sequence, event_type, event_version, data, occurred_at, \
                recorded_at, prev_hash, hash FROM task_events \
                WHERE ($1::uuid IS NULL OR task_id = $1) ORDER BY task_id, sequence";
-    let mut rows = sqlx::query_as::<_, StoredEvent>(sql).bind(task).fetch(pool);
+    let mut scan = super::Tx::begin_scan(pool).await?;
+    let mut rows = sqlx::query_as::<_, StoredEvent>(sql)
+        .bind(task)
+        .fetch(scan.conn());
     let mut current: Option<(Uuid, i32, Vec<u8>)> = None;
     while let Some(e) = rows.try_next().await? {
         report.events += 1;

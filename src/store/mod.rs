@@ -100,6 +100,20 @@ impl Tx {
         Ok(tx)
     }
 
+    /// A transaction for a read of a whole table (the audit, the counts per status): it plans
+    /// with sequential and bitmap scans allowed again (see [`SESSION_SETTINGS`]), which is what
+    /// such a read needs.
+    pub async fn begin_scan(pool: &PgPool) -> Result<Tx> {
+        let mut tx = Tx::begin(pool).await?;
+        sqlx::query(
+            "SELECT set_config('enable_seqscan', 'on', true), \
+                    set_config('enable_bitmapscan', 'on', true)",
+        )
+        .execute(tx.conn())
+        .await?;
+        Ok(tx)
+    }
+
     pub async fn autocommit(pool: &PgPool) -> Result<Tx> {
         Ok(Tx {
             inner: Conn::Autocommit(pool.acquire().await?),
@@ -152,7 +166,8 @@ impl Tx {
 ///
 /// - `random_page_cost` 1.1, the usual value for data in memory or on SSDs;
 /// - sequential and bitmap scans only where no index can answer (they stay possible: a
-///   disabled plan type is only made expensive).
+///   disabled plan type is only made expensive). The few reads of a whole table run in
+///   [`Tx::begin_scan`], which allows them again.
 pub const SESSION_SETTINGS: [(&str, &str); 3] = [
     ("random_page_cost", "1.1"),
     ("enable_seqscan", "off"),

@@ -320,12 +320,15 @@ pub async fn checkpoints(pool: &PgPool) -> Result<Vec<Checkpoint>> {
 
 /// Current task counts per type and status, from the `tasks` projection.
 pub async fn status_counts(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
-    Ok(sqlx::query_as(
+    let mut scan = super::Tx::begin_scan(pool).await?;
+    let counts = sqlx::query_as(
         "SELECT task_type, status, count(*) FROM tasks GROUP BY task_type, status \
          ORDER BY task_type, status",
     )
-    .fetch_all(pool)
-    .await?)
+    .fetch_all(scan.conn())
+    .await?;
+    scan.commit().await?;
+    Ok(counts)
 }
 
 #[cfg(test)]

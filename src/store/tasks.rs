@@ -420,13 +420,14 @@ pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
 /// on tasks no longer holding one (the rescuer takes an expired lease over within minutes, so
 /// such a row is left over, never live). Returns how many leases were added. Scans `tasks`.
 pub async fn index_leases(pool: &PgPool) -> Result<u64> {
+    let mut scan = Tx::begin_scan(pool).await?;
     let added = sqlx::query(
         "INSERT INTO task_leases (task_id, expires_at) \
          SELECT id, lease_expires_at FROM tasks \
          WHERE lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL \
          ON CONFLICT (task_id) DO NOTHING",
     )
-    .execute(pool)
+    .execute(scan.conn())
     .await?
     .rows_affected();
     sqlx::query(
@@ -434,8 +435,9 @@ pub async fn index_leases(pool: &PgPool) -> Result<u64> {
          WHERE t.id = l.task_id AND l.expires_at < now() - interval '10 minutes' \
            AND t.lease_owner IS NULL",
     )
-    .execute(pool)
+    .execute(scan.conn())
     .await?;
+    scan.commit().await?;
     Ok(added)
 }
 
