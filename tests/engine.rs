@@ -288,23 +288,32 @@ async fn a_duplicate_delivery_runs_once_and_is_counted(pool: PgPool) {
     assert_eq!(started, 1);
 }
 
-#[sqlx::test]
-async fn a_lease_missing_from_the_lease_index_is_still_taken_over(pool: PgPool) {
+/// An engine whose handler waits at `gate`, and one task published for it.
+async fn held_at_the_gate(
+    pool: &PgPool,
+) -> (
+    common::engine::Engine,
+    uuid::Uuid,
+    Arc<tokio::sync::Semaphore>,
+) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let script = Arc::new(Script {
         gate: Some(gate.clone()),
         ..Script::default()
     });
     let e = engine(pool.clone(), script, config(0.0)).await;
-    let id = enqueue(&pool, 1, 3).await[0];
+    let id = enqueue(pool, 1, 3).await[0];
     e.relay_once().await;
+    (e, id, gate)
+}
+
+#[sqlx::test]
+async fn a_lease_missing_from_the_lease_index_is_still_taken_over(pool: PgPool) {
+    let (e, id, gate) = held_at_the_gate(&pool).await;
 
     let worker = async { e.step().await };
     let takeover = async {
-        common::eventually(Duration::from_secs(10), "the attempt to start", || async {
-            (e.status(id).await == "running").then_some(())
-        })
-        .await;
+        e.until_running(id).await;
         // as a process built before `task_leases` existed leaves a lease: in `tasks` alone
         common::expire_lease(&pool, id).await;
         sqlx::query("DELETE FROM task_leases WHERE task_id = $1")
@@ -329,21 +338,11 @@ async fn a_lease_missing_from_the_lease_index_is_still_taken_over(pool: PgPool) 
 
 #[sqlx::test]
 async fn a_worker_whose_lease_was_taken_over_cannot_record_its_outcome(pool: PgPool) {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let script = Arc::new(Script {
-        gate: Some(gate.clone()),
-        ..Script::default()
-    });
-    let e = engine(pool.clone(), script, config(0.0)).await;
-    let id = enqueue(&pool, 1, 3).await[0];
-    e.relay_once().await;
+    let (e, id, gate) = held_at_the_gate(&pool).await;
 
     let worker = async { e.step().await };
     let takeover = async {
-        common::eventually(Duration::from_secs(10), "the attempt to start", || async {
-            (e.status(id).await == "running").then_some(())
-        })
-        .await;
+        e.until_running(id).await;
         // the worker stalls past its lease; a rescuer takes the attempt over
         common::expire_lease(&pool, id).await;
         let rescued = e.rescuer.run_once().await.unwrap();
@@ -659,10 +658,7 @@ async fn a_handler_stopped_because_its_attempt_was_taken_over_records_attempt_st
 
     let worker = async { e.step().await };
     let takeover = async {
-        common::eventually(Duration::from_secs(10), "the attempt to start", || async {
-            (e.status(id).await == "running").then_some(())
-        })
-        .await;
+        e.until_running(id).await;
         // the worker stalls past its lease (no heartbeat: it is not a live process) and a
         // rescuer takes the attempt over; a renewal may slip in between, so try until it does
         common::eventually(

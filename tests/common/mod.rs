@@ -406,6 +406,14 @@ pub mod engine {
                 .await
                 .unwrap()
         }
+
+        /// Waits until task `id` is running (its attempt claimed).
+        pub async fn until_running(&self, id: Uuid) {
+            super::eventually(Duration::from_secs(10), "the attempt to start", || async {
+                (self.status(id).await == "running").then_some(())
+            })
+            .await;
+        }
     }
 }
 
