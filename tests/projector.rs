@@ -674,3 +674,48 @@ async fn a_batch_of_patterns_costs_one_pass_over_the_keys(pool: PgPool) {
     assert_eq!(present(&cache, &doomed_refs).await, Vec::<String>::new());
     assert_eq!(present(&cache, &kept_refs).await.len(), kept.len());
 }
+
+#[sqlx::test]
+async fn replayable_and_scan_transactions_carry_their_settings(pool: PgPool) {
+    // a pool of the service's own sessions (seq and bitmap scans off)
+    let service = arnela::store::connect((*pool.connect_options()).clone(), 2)
+        .await
+        .unwrap();
+    let show = |name: &'static str| format!("SHOW {name}");
+    let mut plain = arnela::store::Tx::begin(&service).await.unwrap();
+    let seq: String = sqlx::query_scalar(&show("enable_seqscan"))
+        .fetch_one(plain.conn())
+        .await
+        .unwrap();
+    assert_eq!(
+        seq, "off",
+        "the service's sessions plan without sequential scans"
+    );
+    plain.rollback().await.unwrap();
+
+    let mut replayable = arnela::store::Tx::begin_replayable(&service).await.unwrap();
+    let sync: String = sqlx::query_scalar(&show("synchronous_commit"))
+        .fetch_one(replayable.conn())
+        .await
+        .unwrap();
+    assert_eq!(sync, "off");
+    replayable.commit().await.unwrap();
+
+    let mut scan = arnela::store::Tx::begin_scan(&service).await.unwrap();
+    for name in ["enable_seqscan", "enable_bitmapscan"] {
+        let v: String = sqlx::query_scalar(&show(name))
+            .fetch_one(scan.conn())
+            .await
+            .unwrap();
+        assert_eq!(v, "on", "{name}");
+    }
+    scan.commit().await.unwrap();
+
+    // the settings end with their transaction
+    let mut after = arnela::store::Tx::begin(&service).await.unwrap();
+    let sync: String = sqlx::query_scalar(&show("synchronous_commit"))
+        .fetch_one(after.conn())
+        .await
+        .unwrap();
+    assert_eq!(sync, "on");
+}

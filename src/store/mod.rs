@@ -84,8 +84,6 @@ impl Tx {
         })
     }
 
-    /// A connection without an explicit transaction (see [`Conn::Autocommit`]): for a caller
-    /// that writes with a single statement.
     /// A transaction whose loss in a crash is harmless because it is replayed: a relay batch
     /// (its rows stay unpublished and are pushed again; the claim refuses the duplicate) or a
     /// projector step (its checkpoint stays behind and the same events are applied again). It
@@ -93,27 +91,37 @@ impl Tx {
     /// Postgres flushes it within a fraction of a second, and any later durable commit, such as
     /// the claim of a delivery it published, flushes it first (the WAL is written in order).
     pub async fn begin_replayable(pool: &PgPool) -> Result<Tx> {
-        let mut tx = Tx::begin(pool).await?;
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(tx.conn())
-            .await?;
-        Ok(tx)
+        Tx::begin_with(pool, &[("synchronous_commit", "off")]).await
     }
 
     /// A transaction for a read of a whole table (the audit, the counts per status): it plans
     /// with sequential and bitmap scans allowed again (see [`SESSION_SETTINGS`]), which is what
     /// such a read needs.
     pub async fn begin_scan(pool: &PgPool) -> Result<Tx> {
-        let mut tx = Tx::begin(pool).await?;
-        sqlx::query(
-            "SELECT set_config('enable_seqscan', 'on', true), \
-                    set_config('enable_bitmapscan', 'on', true)",
+        Tx::begin_with(
+            pool,
+            &[("enable_seqscan", "on"), ("enable_bitmapscan", "on")],
         )
+        .await
+    }
+
+    /// A transaction with these settings for its duration, set in one statement.
+    async fn begin_with(pool: &PgPool, settings: &[(&str, &str)]) -> Result<Tx> {
+        let mut tx = Tx::begin(pool).await?;
+        let (names, values): (Vec<&str>, Vec<&str>) = settings.iter().copied().unzip();
+        sqlx::query(
+            "SELECT set_config(s.name, s.value, true) \
+             FROM UNNEST($1::text[], $2::text[]) AS s(name, value)",
+        )
+        .bind(names)
+        .bind(values)
         .execute(tx.conn())
         .await?;
         Ok(tx)
     }
 
+    /// A connection without an explicit transaction (see [`Conn::Autocommit`]): for a caller
+    /// that writes with a single statement.
     pub async fn autocommit(pool: &PgPool) -> Result<Tx> {
         Ok(Tx {
             inner: Conn::Autocommit(pool.acquire().await?),
