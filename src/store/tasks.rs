@@ -419,12 +419,18 @@ pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
 /// process older than the table), and drops the rows of leases that ran out over ten minutes ago
 /// on tasks no longer holding one (the rescuer takes an expired lease over within minutes, so
 /// such a row is left over, never live). Returns how many leases were added. Scans `tasks`.
+///
+/// The rows are locked as they are read: a task whose transition is under way is skipped (that
+/// transition writes the index itself), and one whose transition committed since this statement
+/// began is read again, so a lease just given up is not listed again after its transition
+/// removed it.
 pub async fn index_leases(pool: &PgPool) -> Result<u64> {
     let mut scan = Tx::begin_scan(pool).await?;
     let added = sqlx::query(
         "INSERT INTO task_leases (task_id, expires_at) \
          SELECT id, lease_expires_at FROM tasks \
          WHERE lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL \
+         FOR UPDATE SKIP LOCKED \
          ON CONFLICT (task_id) DO NOTHING",
     )
     .execute(scan.conn())
