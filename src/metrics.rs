@@ -65,14 +65,17 @@ const BATCH_BUCKETS: &[f64] = &[
 pub enum SkipReason {
     /// Its task is not in this process's database: it was put back on the queue.
     TaskNotFound,
+    /// Its task type is paused: it went back to the outbox, to be published on resume.
+    TypePaused,
 }
 
 impl SkipReason {
-    pub const ALL: [SkipReason; 1] = [SkipReason::TaskNotFound];
+    pub const ALL: [SkipReason; 2] = [SkipReason::TaskNotFound, SkipReason::TypePaused];
 
     pub fn as_str(self) -> &'static str {
         match self {
             SkipReason::TaskNotFound => "task_not_found",
+            SkipReason::TypePaused => "type_paused",
         }
     }
 }

@@ -43,19 +43,6 @@ async fn del(redis: &redis::aio::ConnectionManager, keys: &[String]) {
         .unwrap();
 }
 
-/// Deletes the test's own keys (never anything else on the shared server).
-async fn delete_prefix(prefix: &str) {
-    let mut c = common::redis().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        del(&c, &keys).await;
-    }
-}
-
 /// A delivery of a task no database here holds, pushed by hand.
 async fn push_foreign(e: &Engine) -> (Uuid, String) {
     let id = Uuid::new_v4();
@@ -165,7 +152,7 @@ async fn a_process_on_another_database_refuses_to_start_and_names_both(pool: PgP
     assert_eq!(get(&redis, keys.database()).await, Some(bound));
     drop(_first);
     drop_database(&pool, &name_b).await;
-    delete_prefix(&prefix).await;
+    common::delete_prefix(&prefix).await;
 }
 
 #[sqlx::test]
@@ -182,7 +169,7 @@ async fn a_delivery_of_a_task_not_in_this_database_is_left_on_the_queue(pool: Pg
     assert_eq!(e.range(e.keys.tasks()).await, vec![raw], "put back, once");
     assert_eq!(e.len(e.keys.processing()).await, 0);
     assert_eq!(skipped(&e.metrics), 2.0);
-    delete_prefix(e.keys.prefix()).await;
+    common::delete_prefix(e.keys.prefix()).await;
 }
 
 #[sqlx::test]
@@ -201,7 +188,7 @@ async fn a_worker_with_nothing_but_unknown_deliveries_backs_off(pool: PgPool) {
     );
     assert_eq!(e.range(e.keys.tasks()).await, vec![raw]);
     assert_eq!(skipped(&e.metrics), 7.0);
-    delete_prefix(e.keys.prefix()).await;
+    common::delete_prefix(e.keys.prefix()).await;
 }
 
 #[sqlx::test]
@@ -216,7 +203,7 @@ async fn a_rescuer_puts_back_a_processing_entry_of_an_unknown_task(pool: PgPool)
     assert_eq!(pass.stale_entries, 0);
     assert_eq!(e.range(e.keys.tasks()).await, vec![raw]);
     assert_eq!(e.len(e.keys.processing()).await, 0);
-    delete_prefix(e.keys.prefix()).await;
+    common::delete_prefix(e.keys.prefix()).await;
 }
 
 #[sqlx::test]
@@ -285,7 +272,7 @@ async fn serve_runs_its_tasks_and_keeps_a_foreign_delivery(pool: PgPool) {
     let copies = waiting.iter().chain(&taken).filter(|r| **r == raw).count();
     assert_eq!(copies, 1, "waiting {waiting:?}, taken {taken:?}");
     drop(_serve);
-    delete_prefix(&prefix).await;
+    common::delete_prefix(&prefix).await;
 }
 
 #[sqlx::test]
@@ -311,7 +298,7 @@ async fn the_next_relay_or_rescuer_step_binds_a_flushed_namespace_again(pool: Pg
     assert_eq!(pass, Default::default());
     assert_eq!(stored().await, Some(ours), "the rescuer re-binds");
     assert!(get(&e.redis, e.keys.seeded()).await.is_some());
-    delete_prefix(e.keys.prefix()).await;
+    common::delete_prefix(e.keys.prefix()).await;
 }
 
 #[sqlx::test]
@@ -353,5 +340,5 @@ async fn a_namespace_bound_elsewhere_later_stops_every_step(pool: PgPool) {
     );
     assert_eq!(e.len(e.keys.tasks()).await, 1, "the delivery was not taken");
     assert_eq!(e.status(id).await, "queued");
-    delete_prefix(e.keys.prefix()).await;
+    common::delete_prefix(e.keys.prefix()).await;
 }

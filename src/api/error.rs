@@ -421,10 +421,15 @@ statuses! {
     TaskFailures: [400, 401, 404, 500, 503];
     /// `GET /tasks/{id}/events`.
     HistoryFailures: [400, 401, 403, 404, 500, 503];
-    /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`.
+    /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`, pausing and resuming task types,
+    /// the bulk dead-letter actions.
     OperatorFailures: [400, 401, 403, 404, 409, 500, 503];
-    /// `GET /stats`.
+    /// `GET /stats` and `GET /task-types`.
     StatsFailures: [401, 403, 500, 503];
+    /// `GET /whoami`: every role may ask.
+    WhoamiFailures: [401, 500, 503];
+    /// `GET /tasks/{id}/verify`.
+    VerifyFailures: [400, 401, 403, 404, 500, 503];
 }
 
 /// The failure of an operation whose documented statuses are `S`. An [`ApiError`] of another

@@ -1,6 +1,7 @@
 //! The HTTP API (poem-openapi): one API struct per resource, one response enum per operation,
 //! errors mapped in [`error`], access control in [`auth`]. Swagger UI is served at `/docs`, the
-//! spec at `/openapi.json`, the Prometheus scrape at `/metrics` ([`metrics`]).
+//! spec at `/openapi.json`, the Prometheus scrape at `/metrics` ([`metrics`]), the operator
+//! console at `/ui` ([`ui`]).
 
 pub mod auth;
 pub mod contract;
@@ -10,9 +11,11 @@ pub mod health;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod operations;
 pub mod spec;
 pub mod stats;
 pub mod tasks;
+pub mod ui;
 
 use poem::middleware::Tracing;
 use poem::{Endpoint, EndpointExt, Route};
@@ -50,6 +53,7 @@ type Apis = (
     tasks::TasksApi,
     events::EventsApi,
     stats::StatsApi,
+    operations::OperationsApi,
     health::HealthApi,
     metrics::MetricsApi,
 );
@@ -102,6 +106,7 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         tasks::TasksApi { ctx: ctx.clone() },
         events::EventsApi { ctx: ctx.clone() },
         stats::StatsApi { ctx: ctx.clone() },
+        operations::OperationsApi { ctx: ctx.clone() },
         health::HealthApi { ctx: ctx.clone() },
         metrics::MetricsApi { ctx },
     );
@@ -112,6 +117,7 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
     let docs = api.swagger_ui_html().replace(&produced, &document);
     Route::new()
         .nest("/", api)
+        .nest("/ui", ui::routes())
         .at(
             "/docs",
             poem::endpoint::make_sync(move |_| poem::web::Html(docs.clone())),

@@ -10,7 +10,7 @@ use super::auth::{BearerAuth, Claims, Role};
 use super::contract::{Documented, TaskBatch, TaskRequest};
 use super::error::{
     ApiError, EnqueueFailures, ErrorBody, ErrorCode, Failure, HistoryFailures, ListFailures,
-    OperatorFailures, TaskFailures,
+    OperatorFailures, TaskFailures, VerifyFailures,
 };
 use super::model::{
     BatchRequest, BatchResult, EnqueueRequest, Event, TaskPage, TaskStatusName, TaskTypeName,
@@ -25,7 +25,7 @@ use crate::domain::{
     validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
 };
 use crate::store::tasks::{self, Enqueued, TaskFilter};
-use crate::store::{events, operator, Tx};
+use crate::store::{audit, events, operator, Tx};
 
 /// Most tasks in one batch.
 pub const MAX_BATCH: usize = 1000;
@@ -82,6 +82,26 @@ pub enum HistoryResponse {
     /// Every event of the task, in order.
     #[oai(status = 200)]
     Ok(Json<Vec<Event>>),
+}
+
+/// The verdict on one task's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq, poem_openapi::Object, serde::Deserialize)]
+pub struct ChainVerdict {
+    pub task_id: Uuid,
+    /// Every link holds.
+    pub ok: bool,
+    /// Events checked.
+    pub events: u64,
+    /// The first problem found; absent when `ok`.
+    #[oai(skip_serializing_if_is_none)]
+    pub problem: Option<String>,
+}
+
+#[derive(ApiResponse)]
+pub enum VerifyResponse {
+    /// The verdict.
+    #[oai(status = 200)]
+    Ok(Json<ChainVerdict>),
 }
 
 #[derive(ApiResponse)]
@@ -260,7 +280,8 @@ impl TasksApi {
     /// Cancel a task
     ///
     /// A queued or scheduled task never runs; a running attempt is allowed to end but its
-    /// outcome is not retried. Recorded as a `cancelled` event. 409 if the task already ended.
+    /// outcome is not retried; a dead task is discarded (it leaves the dead letters). Recorded
+    /// as a `cancelled` event. 409 if the task succeeded or was cancelled already.
     ///
     /// Roles: admin. The token's subject is recorded as who cancelled it.
     #[oai(
@@ -310,6 +331,38 @@ impl TasksApi {
         )))
     }
 
+    /// Check a task's hash chain
+    ///
+    /// Recomputes every event's hash from its stored content and checks the links, the
+    /// numbering and that the task's projection points at the last event (as `arnela audit
+    /// verify --task`). `ok` is false with the first problem found.
+    ///
+    /// Roles: auditor, admin.
+    #[oai(
+        path = "/tasks/:id/verify",
+        method = "get",
+        operation_id = "verify_task"
+    )]
+    async fn verify(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+    ) -> Result<VerifyResponse, Failure<VerifyFailures>> {
+        auth.require(&[Role::Auditor])?;
+        let report = audit::verify(&self.ctx.pool, Some(id.0)).await?;
+        if report.events == 0 {
+            return Err(ApiError::not_found(format!("task {} not found", id.0)).into());
+        }
+        Ok(VerifyResponse::Ok(Json(ChainVerdict {
+            task_id: id.0,
+            ok: report.broken.is_none(),
+            events: report.events,
+            problem: report
+                .broken
+                .map(|b| format!("event {}: {}", b.sequence, b.reason)),
+        })))
+    }
+
     /// List tasks
     ///
     /// Oldest first, filtered by type, status and creation time, paged by the `next_after`
@@ -332,6 +385,9 @@ impl TasksApi {
         created_from: Query<Option<DateTime<Utc>>>,
         /// Only tasks created before this time (RFC 3339).
         created_to: Query<Option<DateTime<Utc>>>,
+        /// Only the task enqueued with this idempotency key (by any tenant).
+        #[oai(validator(min_length = 1, max_length = 255))]
+        idempotency_key: Query<Option<String>>,
         /// The `next_after` of the previous page.
         #[oai(validator(minimum(value = "0")))]
         after: Query<Option<i64>>,
@@ -345,6 +401,7 @@ impl TasksApi {
             status: status.0.map(TaskStatus::from),
             created_from: created_from.0,
             created_to: created_to.0,
+            idempotency_key: idempotency_key.0,
         };
         let limit = limit.0.unwrap_or(50);
         let after = after.0.unwrap_or(0);

@@ -388,9 +388,10 @@ impl Task {
     }
 
     /// An operator cancels a waiting task; a running one is cancelled too and its outcome, when
-    /// it arrives, is not retried.
+    /// it arrives, is not retried; a dead one is discarded (it leaves the dead letters).
     pub fn cancel(&self, reason: String, by: String) -> Result<TaskEvent, InvalidTransition> {
-        if self.status.is_terminal() {
+        // a dead task may be cancelled too: the operator discards the dead letter
+        if matches!(self.status, TaskStatus::Succeeded | TaskStatus::Cancelled) {
             return Err(InvalidTransition {
                 action: "cancel",
                 status: self.status,

@@ -8,6 +8,7 @@
 //!   completion, rescuer, operator): lock, decide, record, and the outbox changes derived from
 //!   the events;
 //! - [`outbox`]: deliveries waiting to be published or in transit;
+//! - [`pauses`]: task types an operator paused;
 //! - [`projection`]: projector checkpoints and the read models projected from the log;
 //! - [`audit`]: re-checks the hash chains;
 //! - [`database_identity`]: which database this is (the Redis namespace is bound to it).
@@ -19,6 +20,7 @@ pub mod audit;
 pub mod events;
 pub mod operator;
 pub mod outbox;
+pub mod pauses;
 pub mod projection;
 pub mod tasks;
 pub mod transition;

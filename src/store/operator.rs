@@ -1,6 +1,8 @@
-//! Operator actions on one task: requeue a dead task, cancel a waiting or running one. Each is
-//! one [`transition::apply`]: the operator only decides the event.
+//! Operator actions: requeue a dead task, cancel a waiting, running or dead one, one task at a
+//! time or every dead letter matching a filter. Each is a [`transition::apply`]: the operator
+//! only decides the event.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -8,7 +10,7 @@ use super::tasks::{self, TaskRow};
 use super::transition::{self, Lock, Payload, Target};
 use super::{Result, StoreError, Tx};
 use crate::domain::task::MAX_TOTAL_ATTEMPTS;
-use crate::domain::{Task, TaskEvent};
+use crate::domain::{Task, TaskEvent, TaskStatus, TaskType};
 
 /// Gives a dead task `extra_attempts` more attempts and queues it now; refused when the task
 /// would have more than [`MAX_TOTAL_ATTEMPTS`] in all.
@@ -52,4 +54,110 @@ where
     let row = tasks::get_for_update(&mut tx, id).await?;
     tx.commit().await?;
     Ok(row)
+}
+
+/// Which dead letters a bulk action takes.
+#[derive(Debug, Clone, Default)]
+pub struct DeadFilter {
+    pub task_type: Option<TaskType>,
+    /// A case-insensitive part of the reason (`last_error`).
+    pub reason: Option<String>,
+    /// Dead-lettered at or after this time.
+    pub failed_from: Option<DateTime<Utc>>,
+    /// Dead-lettered before this time.
+    pub failed_to: Option<DateTime<Utc>>,
+}
+
+/// What to do with each dead letter a filter matches.
+#[derive(Debug, Clone)]
+pub enum DeadAction {
+    /// Requeue with this many new attempts (a task that would pass the budget is left dead).
+    Requeue { extra_attempts: i32 },
+    /// Discard (`cancelled`), with this reason.
+    Cancel { reason: String },
+}
+
+/// The outcome of a bulk action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bulk {
+    /// Dead letters matching the filter when they were listed.
+    pub matched: u64,
+    /// Tasks changed (a task that left `dead` meanwhile, or would pass the attempt budget, is
+    /// not).
+    pub changed: u64,
+}
+
+/// Tasks changed per transaction of a bulk action.
+const BULK_CHUNK: usize = 500;
+
+/// The ids of the dead letters `filter` matches, oldest first. `tasks` has no index on the
+/// status (see migration 7), so this reads the table: an operator's action, not a hot path.
+pub async fn dead_letters(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<Uuid>> {
+    let mut tx = Tx::begin_scan(pool).await?;
+    let ids = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE status = $1 \
+           AND ($2::text IS NULL OR task_type = $2) \
+           AND ($3::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($3)) > 0) \
+           AND ($4::timestamptz IS NULL OR updated_at >= $4) \
+           AND ($5::timestamptz IS NULL OR updated_at < $5) \
+         ORDER BY updated_at, id",
+    )
+    .bind(TaskStatus::Dead.as_str())
+    .bind(filter.task_type.map(TaskType::as_str))
+    .bind(filter.reason.as_deref())
+    .bind(filter.failed_from)
+    .bind(filter.failed_to)
+    .fetch_all(tx.conn())
+    .await?;
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// Applies `action` to every dead letter `filter` matches, [`BULK_CHUNK`] tasks per
+/// transaction; `dry_run` only counts them. Each change is the same event as the one-task
+/// action, recorded with `by`. Returns the ids changed with the counts.
+pub async fn bulk(
+    pool: &PgPool,
+    filter: &DeadFilter,
+    action: &DeadAction,
+    by: &str,
+    dry_run: bool,
+) -> Result<(Bulk, Vec<Uuid>)> {
+    let ids = dead_letters(pool, filter).await?;
+    let mut outcome = Bulk {
+        matched: ids.len() as u64,
+        changed: 0,
+    };
+    if dry_run {
+        return Ok((outcome, Vec::new()));
+    }
+    let mut changed = Vec::new();
+    for chunk in ids.chunks(BULK_CHUNK) {
+        let mut tx = Tx::begin(pool).await?;
+        let applied = transition::apply(
+            &mut tx,
+            Target::Ids(chunk, Lock::Wait, Payload::Skip),
+            |task, _| {
+                if task.status != TaskStatus::Dead {
+                    return Ok(None);
+                }
+                Ok(match action {
+                    DeadAction::Requeue { extra_attempts } => {
+                        (task.attempts + extra_attempts <= MAX_TOTAL_ATTEMPTS)
+                            .then(|| task.requeue(*extra_attempts, by.to_owned()))
+                            .transpose()?
+                    }
+                    DeadAction::Cancel { reason } => {
+                        Some(task.cancel(reason.clone(), by.to_owned())?)
+                    }
+                }
+                .map(|e| vec![e]))
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        changed.extend(applied.changed.iter().map(|c| c.after.id));
+    }
+    outcome.changed = changed.len() as u64;
+    Ok((outcome, changed))
 }

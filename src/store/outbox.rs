@@ -23,16 +23,25 @@ pub struct DueRow {
     pub attempt: i32,
 }
 
-/// Locks up to `limit` due, unpublished rows for this transaction, oldest first.
+/// Rows of a paused task type are not published: `NOT_PAUSED` holds for a row of `outbox o`
+/// whose task's type is not paused. While no type is paused (almost always) the first arm is
+/// true, computed once per statement, and the task is not looked up at all.
+const NOT_PAUSED: &str = "(NOT EXISTS (SELECT 1 FROM task_type_pauses) \
+     OR NOT EXISTS (SELECT 1 FROM tasks t JOIN task_type_pauses p ON p.task_type = t.task_type \
+                    WHERE t.id = o.task_id))";
+
+/// Locks up to `limit` due, unpublished rows for this transaction, oldest first, skipping rows
+/// of paused task types (each batch steps over them: a large backlog of a paused type slows the
+/// relays until it is resumed).
 pub async fn claim_due(tx: &mut Tx, limit: i64) -> Result<Vec<DueRow>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as(&format!(
         "SELECT o.id, o.task_id, o.attempt \
          FROM outbox o \
-         WHERE o.published_at IS NULL AND o.available_at <= now() \
+         WHERE o.published_at IS NULL AND o.available_at <= now() AND {NOT_PAUSED} \
          ORDER BY o.available_at, o.id \
          LIMIT $1 \
-         FOR UPDATE SKIP LOCKED",
-    )
+         FOR UPDATE SKIP LOCKED"
+    ))
     .bind(limit)
     .fetch_all(tx.conn())
     .await?)
@@ -172,23 +181,39 @@ pub async fn published_before(
     .await?)
 }
 
-/// When the next unpublished row falls due, if any.
+/// When the next unpublished row of a type that is not paused falls due, if any.
 pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
-    Ok(
-        sqlx::query_scalar("SELECT min(available_at) FROM outbox WHERE published_at IS NULL")
-            .fetch_one(pool)
-            .await?,
-    )
-}
-
-/// Unpublished rows that are due, and the age in seconds of the oldest.
-pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
-    Ok(sqlx::query_as(
-        "SELECT count(*), coalesce(extract(epoch FROM now() - min(available_at))::float8, 0) \
-         FROM outbox WHERE published_at IS NULL AND available_at <= now()",
-    )
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT min(available_at) FROM outbox o WHERE published_at IS NULL AND {NOT_PAUSED}"
+    ))
     .fetch_one(pool)
     .await?)
+}
+
+/// Unpublished rows that are due (of types not paused), and the age in seconds of the oldest.
+pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(available_at))::float8, 0) \
+         FROM outbox o WHERE published_at IS NULL AND available_at <= now() AND {NOT_PAUSED}"
+    ))
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Gives deliveries back to the outbox unpublished: `(task, attempt)` pairs a worker took from
+/// Redis but will not claim (their type is paused). The relays publish them again once they may.
+pub async fn unpublish(tx: &mut Tx, deliveries: &[(Uuid, i32)]) -> Result<u64> {
+    let (tasks, attempts): (Vec<Uuid>, Vec<i32>) = deliveries.iter().copied().unzip();
+    Ok(sqlx::query(
+        "UPDATE outbox o SET published_at = NULL \
+         FROM UNNEST($1::uuid[], $2::int4[]) AS d(task_id, attempt) \
+         WHERE o.task_id = d.task_id AND o.attempt = d.attempt AND o.published_at IS NOT NULL",
+    )
+    .bind(&tasks)
+    .bind(&attempts)
+    .execute(tx.conn())
+    .await?
+    .rows_affected())
 }
 
 /// The channel relays `LISTEN` on.

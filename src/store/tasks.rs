@@ -363,6 +363,7 @@ pub struct TaskFilter {
     pub status: Option<TaskStatus>,
     pub created_from: Option<DateTime<Utc>>,
     pub created_to: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
 }
 
 /// Up to `limit` tasks after the cursor `after` (an `enqueued_position`), oldest first.
@@ -392,6 +393,9 @@ pub async fn list(
     }
     if let Some(to) = filter.created_to {
         q.push(" AND created_at < ").push_bind(to);
+    }
+    if let Some(key) = &filter.idempotency_key {
+        q.push(" AND idempotency_key = ").push_bind(key.clone());
     }
     q.push(" ORDER BY enqueued_position LIMIT ")
         .push_bind(limit);

@@ -55,7 +55,7 @@ use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, Ta
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, FailedCopy, Keys, QueueError};
 use crate::store::transition::{self, DeadLetter, Lock, Payload, Target};
-use crate::store::{StoreError, Tx};
+use crate::store::{outbox, pauses, StoreError, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
 /// Errors that stop one step of a worker (the loop logs them and carries on).
@@ -177,6 +177,9 @@ pub enum Processed {
     /// The delivery's task is not in this database: it was put back on the queue for the
     /// deployment whose database holds it.
     Skipped(Uuid),
+    /// The delivery's task type is paused: the delivery went back to the outbox unpublished,
+    /// and the relays publish it again once the type is resumed.
+    Paused(Uuid),
 }
 
 /// Takes deliveries, claims them, runs their handlers and records their outcomes. A
@@ -360,26 +363,44 @@ impl Worker {
         let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
 
         let mut tx = Tx::begin(&self.pool).await?;
+        // read in the claim's own transaction: a type paused before this claim is never started
+        let paused = pauses::paused_in(&mut tx).await?;
+        let mut held = Vec::new();
         let applied = transition::apply(
             &mut tx,
             Target::Ids(&ids, Lock::Wait, Payload::Load),
             |task, now| {
-                let event = self.decide_claim(task, wanted[&task.id], now, now + lease);
+                let attempt = wanted[&task.id];
+                let event = self.decide_claim(task, attempt, now, now + lease);
+                if event.is_some() && paused.contains(&task.task_type) {
+                    held.push((task.id, attempt));
+                    return Ok(None);
+                }
                 Ok(event.map(|e| vec![e]))
             },
         )
         .await?;
+        if !held.is_empty() {
+            outbox::unpublish(&mut tx, &held).await?;
+        }
         tx.commit().await?;
+        let held: HashSet<Uuid> = held.into_iter().map(|(id, _)| id).collect();
 
         let mut claimed = Vec::new();
         let mut refused = Vec::new();
         // a task this database does not hold is another deployment's: never dropped
         let missing: HashSet<Uuid> = applied.missing.iter().copied().collect();
         let mut unknown = Vec::new();
+        let mut given_back = Vec::new();
         let mut used = HashSet::with_capacity(applied.changed.len());
         for (raw, d) in deliveries {
             if missing.contains(&d.task_id) {
                 unknown.push((raw, d.task_id));
+                continue;
+            }
+            if held.contains(&d.task_id) && wanted[&d.task_id] == d.attempt && used.insert(d.task_id)
+            {
+                given_back.push((raw, d.task_id));
                 continue;
             }
             let change = applied
@@ -427,6 +448,7 @@ impl Worker {
             }
         }
         done.extend(self.leave_unknown(&mut conn, unknown).await);
+        done.extend(self.give_back_paused(&mut conn, given_back).await);
         self.pause_if_only_skipped(&claimed, &done).await;
         Ok((claimed, done))
     }
@@ -698,7 +720,8 @@ pub fn attempt_outcome(p: &Processed) -> Option<&'static str> {
         | Processed::Duplicate(_)
         | Processed::Returned(_)
         | Processed::Undecodable
-        | Processed::Skipped(_) => return None,
+        | Processed::Skipped(_)
+        | Processed::Paused(_) => return None,
     })
 }
 

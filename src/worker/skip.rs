@@ -1,7 +1,7 @@
 //! Deliveries of tasks this database does not hold: never dropped, put back on the queue for
 //! the deployment whose database holds them (one Redis namespace serves one database, see
 //! [`crate::binding`]; this is the second line of defence when that is broken, e.g. by a
-//! process of an older build).
+//! process of an older build). And deliveries of paused task types, given back to the outbox.
 
 use redis::aio::ConnectionManager;
 use std::sync::atomic::Ordering;
@@ -44,13 +44,41 @@ impl Worker {
             .collect()
     }
 
+    /// Acknowledges deliveries of paused types, whose outbox rows the claim made unpublished
+    /// again. A failed acknowledgement leaves an entry on the processing list, which the
+    /// rescuer handles like any orphan (a later claim finds it paused or already running).
+    pub(super) async fn give_back_paused(
+        &self,
+        conn: &mut ConnectionManager,
+        given_back: Vec<(String, Uuid)>,
+    ) -> Vec<Processed> {
+        if given_back.is_empty() {
+            return Vec::new();
+        }
+        let raws: Vec<&str> = given_back.iter().map(|(r, _)| r.as_str()).collect();
+        if let Err(e) = queue::ack_many(conn, &self.keys, &raws).await {
+            tracing::error!(error = %e, "cannot acknowledge deliveries of paused types; the rescuer will");
+        }
+        self.metrics
+            .observe_skipped(SkipReason::TypePaused, given_back.len() as u64);
+        given_back
+            .into_iter()
+            .map(|(_, id)| {
+                tracing::info!(task.id = %id, reason = SkipReason::TypePaused.as_str(), "delivery of a paused task type given back to the outbox");
+                Processed::Paused(id)
+            })
+            .collect()
+    }
+
     /// Backs off after a batch of nothing but deliveries of unknown tasks, so a queue holding
     /// only those is not taken round and round at full speed: [`SKIP_PAUSE_MIN`], doubling while
     /// such batches follow each other, at most [`SKIP_PAUSE_MAX`]. Any other batch resets it.
     pub(super) async fn pause_if_only_skipped(&self, claimed: &[Claimed], done: &[Processed]) {
         let only_skipped = claimed.is_empty()
             && !done.is_empty()
-            && done.iter().all(|p| matches!(p, Processed::Skipped(_)));
+            && done
+                .iter()
+                .all(|p| matches!(p, Processed::Skipped(_) | Processed::Paused(_)));
         if !only_skipped {
             self.skip_streak.store(0, Ordering::Relaxed);
             return;

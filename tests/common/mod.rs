@@ -30,6 +30,23 @@ pub fn unique_prefix() -> String {
     format!("test-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Deletes the test's own keys (never anything else on the shared server).
+pub async fn delete_prefix(prefix: &str) {
+    let mut c = redis().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        redis::cmd("DEL")
+            .arg(&keys)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
 /// The `JWT_SECRET` of every API the tests build or start.
 pub const JWT_SECRET: &str = "test-jwt-secret-of-more-than-32-characters";
 

@@ -1,0 +1,244 @@
+//! The operator console and its operations with real processes: the console in a real browser
+//! (Debian's Chromium driven by `tests/ui/console.mjs` with playwright-core), pausing a task type
+//! across worker processes, and the operator CLI against a live service.
+
+mod common;
+
+use arnela::api::auth::Role;
+use common::process::{arnela, free_port, Proc};
+use common::{database_url, eventually, redis_url, token, unique_prefix};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use uuid::Uuid;
+use wiremock::matchers::{body_string_contains, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const TWILIO_MESSAGES: &str = "/2010-04-01/Accounts/AC0123/Messages.json";
+
+/// A live `arnela serve` (SMS to a fake Twilio) and an HTTP client with tokens of each role.
+struct Live {
+    url: String,
+    http: reqwest::Client,
+    _serve: Proc,
+}
+
+impl Live {
+    fn start(pool: &PgPool, prefix: &str, twilio: &str, extra: &[(&str, &str)]) -> Live {
+        let port = free_port();
+        let port_s = port.to_string();
+        let mut env = vec![
+            ("APP_PORT", port_s.as_str()),
+            ("TWILIO_BASE_URL", twilio),
+            ("TWILIO_ACCOUNT_SID", "AC0123"),
+            ("TWILIO_AUTH_TOKEN", "twilio-auth-token"),
+            ("TWILIO_SMS_FROM", "+34910000000"),
+            ("TWILIO_RATE_LIMIT_PER_SEC", "0"),
+        ];
+        env.extend_from_slice(extra);
+        let serve = arnela("serve", &database_url(pool), &redis_url(), prefix, &env);
+        Live {
+            url: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            _serve: serve,
+        }
+    }
+
+    async fn ready(&self) {
+        let url = format!("{}/health/live", self.url);
+        eventually(Duration::from_secs(60), "the service to answer", || {
+            let req = self.http.get(&url);
+            async move { req.send().await.ok().filter(|r| r.status().is_success()) }
+        })
+        .await;
+    }
+
+    async fn call(&self, role: Role, m: reqwest::Method, path: &str, body: Value) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(m, format!("{}{path}", self.url))
+            .bearer_auth(token(role));
+        if !body.is_null() {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("the service answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn enqueue(&self, body: Value) -> Uuid {
+        let (status, task) = self
+            .call(Role::Admin, reqwest::Method::POST, "/tasks", body)
+            .await;
+        assert_eq!(status, 201, "{task}");
+        task["id"].as_str().unwrap().parse().unwrap()
+    }
+}
+
+fn sms(message: &str) -> Value {
+    json!({"type": "send_sms", "max_attempts": 1,
+           "payload": {"phone": "+34600000001", "message": message}})
+}
+
+fn email(subject: &str) -> Value {
+    json!({"type": "send_email",
+           "payload": {"to": "ana@example.com", "subject": subject, "body": "<p>hello</p>"}})
+}
+
+
+async fn until_status(pool: &PgPool, ids: &[Uuid], status: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{} tasks to be {status}", ids.len()),
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status = $2",
+            )
+            .bind(ids)
+            .bind(status)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            (n == ids.len() as i64).then_some(())
+        },
+    )
+    .await;
+}
+
+async fn event_count(pool: &PgPool, ids: &[Uuid], event_type: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM task_events WHERE task_id = ANY($1) AND event_type = $2")
+        .bind(ids)
+        .bind(event_type)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// A fake Twilio: messages containing `fail-once` are refused (permanently) the first time,
+/// messages containing `fail-always` every time, everything else is accepted.
+async fn twilio() -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TWILIO_MESSAGES))
+        .and(body_string_contains("fail-once"))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 21610, "message": "unsubscribed recipient"})),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TWILIO_MESSAGES))
+        .and(body_string_contains("fail-always"))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 21211, "message": "the number is not valid"})),
+        )
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path(TWILIO_MESSAGES))
+        .respond_with(
+            ResponseTemplate::new(201).set_body_json(json!({"sid": "SM0123", "status": "queued"})),
+        )
+        .with_priority(3)
+        .mount(&server)
+        .await;
+    server
+}
+
+fn ui_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui")
+}
+
+/// `node` with playwright-core installed in `tests/ui` (`npm ci` there when it is missing) and
+/// the system Chromium. Missing tools fail the test: `.ci/run` installs them.
+fn browser_tools() -> (PathBuf, String) {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} is missing: install Debian's chromium (apt-get install chromium) or set CHROMIUM"
+    );
+    let dir = ui_dir();
+    if !dir.join("node_modules/playwright-core").exists() {
+        let ok = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is installed")
+            .success();
+        assert!(ok, "npm ci in tests/ui");
+    }
+    (dir, chromium)
+}
+
+#[sqlx::test]
+async fn the_console_works_in_a_real_browser(pool: PgPool) {
+    let (dir, chromium) = browser_tools();
+    let fake = twilio().await;
+    let prefix = unique_prefix();
+    let live = Live::start(&pool, &prefix, &fake.uri(), &[]);
+    live.ready().await;
+
+    let succeeded = live.enqueue(email("Your appointment")).await;
+    let dead = live.enqueue(sms("fail-once: reminder")).await;
+    let mut bulk = Vec::new();
+    for i in 0..3 {
+        bulk.push(live.enqueue(sms(&format!("fail-always {i}"))).await);
+    }
+    until_status(&pool, &[succeeded], "succeeded").await;
+    until_status(&pool, &[dead], "dead").await;
+    until_status(&pool, &bulk, "dead").await;
+
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
+    let out = Command::new("node")
+        .arg("console.mjs")
+        .current_dir(&dir)
+        .env("CHROMIUM", &chromium)
+        .env("ARNELA_URL", &live.url)
+        .env("ADMIN_TOKEN", token(Role::Admin))
+        .env("AUDITOR_TOKEN", token(Role::Auditor))
+        .env("SCREENSHOT_DIR", &shots)
+        .env("SUCCEEDED_TASK_ID", succeeded.to_string())
+        .env("DEAD_TASK_ID", dead.to_string())
+        .env("BULK_TYPE", "send_sms")
+        .env("BULK_REASON", "code 21211")
+        .env("BULK_COUNT", bulk.len().to_string())
+        .env("PAUSE_TYPE", "send_whatsapp")
+        .output()
+        .expect("node runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the browser test failed:\n{log}");
+
+    // what the clicks did, read from the log: one requeue each, by the admin
+    let by: Vec<String> = sqlx::query_scalar(
+        "SELECT data->>'by' FROM task_events WHERE event_type = 'requeued' ORDER BY task_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(by, vec!["test-admin"; 1 + bulk.len()], "{log}");
+    assert_eq!(event_count(&pool, &[dead], "requeued").await, 1);
+    assert_eq!(event_count(&pool, &bulk, "requeued").await, 3);
+    until_status(&pool, &[dead], "succeeded").await;
+    let paused: i64 = sqlx::query_scalar("SELECT count(*) FROM task_type_pauses")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(paused, 0, "the type was resumed");
+    for name in ["overview.png", "timeline.png", "dead-letters.png", "auditor-timeline.png"] {
+        assert!(shots.join(name).exists(), "{name} was saved");
+    }
+    drop(live);
+    common::delete_prefix(&prefix).await;
+}
