@@ -52,6 +52,14 @@ pub enum Command {
         #[arg(long)]
         patterns: bool,
     },
+    /// Operator commands against a running service: list, show, retry, cancel, bulk actions
+    /// on dead letters, pause and resume task types, follow the event log.
+    Tasks {
+        #[command(flatten)]
+        target: crate::ops::Target,
+        #[command(subcommand)]
+        command: crate::ops::TasksCommand,
+    },
     /// Auditor tools.
     Audit {
         #[command(subcommand)]

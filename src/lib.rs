@@ -51,6 +51,7 @@ pub mod config;
 pub mod domain;
 pub mod healthcheck;
 pub mod metrics;
+pub mod ops;
 pub mod projector;
 pub mod queue;
 pub mod relay;

@@ -83,6 +83,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Tasks { target, command } => {
+            arnela::ops::run(target, command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Healthcheck { url } => {
             let url = match url {
                 Some(u) => u,

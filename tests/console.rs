@@ -66,7 +66,10 @@ impl Live {
         let resp = req.send().await.expect("the service answers");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn enqueue(&self, body: Value) -> Uuid {
@@ -88,20 +91,18 @@ fn email(subject: &str) -> Value {
            "payload": {"to": "ana@example.com", "subject": subject, "body": "<p>hello</p>"}})
 }
 
-
 async fn until_status(pool: &PgPool, ids: &[Uuid], status: &str) {
     eventually(
         Duration::from_secs(60),
         &format!("{} tasks to be {status}", ids.len()),
         || async {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM tasks WHERE id = ANY($1) AND status = $2",
-            )
-            .bind(ids)
-            .bind(status)
-            .fetch_one(pool)
-            .await
-            .unwrap();
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM tasks WHERE id = ANY($1) AND status = $2")
+                    .bind(ids)
+                    .bind(status)
+                    .fetch_one(pool)
+                    .await
+                    .unwrap();
             (n == ids.len() as i64).then_some(())
         },
     )
@@ -109,12 +110,14 @@ async fn until_status(pool: &PgPool, ids: &[Uuid], status: &str) {
 }
 
 async fn event_count(pool: &PgPool, ids: &[Uuid], event_type: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM task_events WHERE task_id = ANY($1) AND event_type = $2")
-        .bind(ids)
-        .bind(event_type)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT count(*) FROM task_events WHERE task_id = ANY($1) AND event_type = $2",
+    )
+    .bind(ids)
+    .bind(event_type)
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }
 
 /// A fake Twilio: messages containing `fail-once` are refused (permanently) the first time,
@@ -236,9 +239,293 @@ async fn the_console_works_in_a_real_browser(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(paused, 0, "the type was resumed");
-    for name in ["overview.png", "timeline.png", "dead-letters.png", "auditor-timeline.png"] {
+    for name in [
+        "overview.png",
+        "timeline.png",
+        "dead-letters.png",
+        "auditor-timeline.png",
+    ] {
         assert!(shots.join(name).exists(), "{name} was saved");
     }
+    drop(live);
+    common::delete_prefix(&prefix).await;
+}
+
+/// `arnela tasks …` against the live service with `token`; returns success, stdout, stderr.
+fn cli(live: &Live, role: Role, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_arnela"))
+        .arg("tasks")
+        .args(args)
+        .env("ARNELA_URL", &live.url)
+        .env("ARNELA_TOKEN", token(role))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("arnela runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[sqlx::test]
+async fn the_operator_cli_works_against_a_live_service(pool: PgPool) {
+    let fake = twilio().await;
+    let prefix = unique_prefix();
+    let live = Live::start(&pool, &prefix, &fake.uri(), &[]);
+    live.ready().await;
+    let done = live.enqueue(email("Reminder")).await;
+    let dead = vec![
+        live.enqueue(sms("fail-always a")).await,
+        live.enqueue(sms("fail-always b")).await,
+    ];
+    until_status(&pool, &[done], "succeeded").await;
+    until_status(&pool, &dead, "dead").await;
+    // listings show a task once every older transaction has ended: wait for the listing
+    eventually(
+        Duration::from_secs(30),
+        "the tasks to be listed",
+        || async {
+            let (ok, out, _) = cli(&live, Role::Auditor, &["list", "--json"]);
+            (ok && serde_json::from_str::<Vec<Value>>(&out).ok()?.len() == 3).then_some(())
+        },
+    )
+    .await;
+
+    let (ok, out, err) = cli(
+        &live,
+        Role::Auditor,
+        &["list", "--status", "succeeded", "--json"],
+    );
+    assert!(ok, "{err}");
+    let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], json!(done));
+
+    let (ok, out, err) = cli(
+        &live,
+        Role::Auditor,
+        &["list", "--type", "send_sms", "--since", "1h"],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("ID"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" dead ")).count(),
+        2,
+        "{out}"
+    );
+    assert!(out.contains("code 21211"), "{out}");
+
+    let (ok, out, err) = cli(&live, Role::Auditor, &["show", &done.to_string()]);
+    assert!(ok, "{err}");
+    for event in [
+        "enqueued",
+        "dispatched",
+        "attempt_started",
+        "attempt_succeeded",
+    ] {
+        assert!(out.contains(event), "{event} in {out}");
+    }
+    assert!(out.contains("hash chain intact (4 events)"), "{out}");
+
+    // bulk actions count first, act only with --yes
+    let (ok, out, err) = cli(&live, Role::Admin, &["retry-dead", "--type", "send_sms"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("2 dead letter(s) match; nothing changed"),
+        "{out}"
+    );
+    assert_eq!(event_count(&pool, &dead, "requeued").await, 0);
+    let (ok, out, err) = cli(
+        &live,
+        Role::Admin,
+        &[
+            "cancel-dead",
+            "--type",
+            "send_sms",
+            "--reason",
+            "21211",
+            "--yes",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("2 dead letter(s) matched, 2 changed"), "{out}");
+    until_status(&pool, &dead, "cancelled").await;
+
+    let (ok, out, err) = cli(&live, Role::Admin, &["pause", "send_whatsapp"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("send_whatsapp: paused since"), "{out}");
+    let (ok, out, _) = cli(&live, Role::Auditor, &["types", "--json"]);
+    assert!(ok);
+    let types: Value = serde_json::from_str(&out).unwrap();
+    let paused: Vec<&Value> = types["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["paused"] == json!(true))
+        .map(|t| &t["type"])
+        .collect();
+    assert_eq!(paused, [&json!("send_whatsapp")]);
+    let (ok, out, _) = cli(&live, Role::Admin, &["resume", "send_whatsapp"]);
+    assert!(ok && out.contains("send_whatsapp: active"), "{out}");
+
+    // an auditor is refused every action; a finished task cannot be requeued
+    let (ok, _, err) = cli(&live, Role::Auditor, &["pause", "send_sms"]);
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, _, err) = cli(&live, Role::Auditor, &["retry-dead", "--yes"]);
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, _, err) = cli(&live, Role::Admin, &["retry", &done.to_string()]);
+    assert!(!ok && err.contains("409"), "{err}");
+
+    // the log from its start: the first events, one JSON document per line
+    let (ok, out, err) = cli(
+        &live,
+        Role::Auditor,
+        &["tail", "--after", "0", "--count", "3", "--json"],
+    );
+    assert!(ok, "{err}");
+    let events: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert!(events
+        .iter()
+        .all(|e| e["type"] == json!("enqueued") || e["sequence"].as_i64() > Some(0)));
+    drop(live);
+    common::delete_prefix(&prefix).await;
+}
+
+#[sqlx::test]
+async fn a_paused_type_stays_queued_across_worker_processes_until_resumed(pool: PgPool) {
+    let fake = twilio().await;
+    let prefix = unique_prefix();
+    let db = database_url(&pool);
+    let sms_env = [
+        ("TWILIO_BASE_URL", fake.uri()),
+        ("TWILIO_ACCOUNT_SID", "AC0123".to_owned()),
+        ("TWILIO_AUTH_TOKEN", "twilio-auth-token".to_owned()),
+        ("TWILIO_SMS_FROM", "+34910000000".to_owned()),
+        ("TWILIO_RATE_LIMIT_PER_SEC", "0".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = sms_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let port = free_port();
+    let mut api_env = env.clone();
+    let port_s = port.to_string();
+    api_env.push(("APP_PORT", &port_s));
+    let live = Live {
+        url: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::new(),
+        _serve: arnela("api", &db, &redis_url(), &prefix, &api_env),
+    };
+    live.ready().await;
+    let _relay = arnela("relay", &db, &redis_url(), &prefix, &env);
+
+    // published to Redis before the pause: no worker runs yet
+    let mut sms_ids = Vec::new();
+    for i in 0..10 {
+        sms_ids.push(live.enqueue(sms(&format!("reminder {i}"))).await);
+    }
+    let published = |want: i64| {
+        let pool = pool.clone();
+        let ids = sms_ids.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE task_id = ANY($1) AND published_at IS NOT NULL",
+            )
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (n == want).then_some(())
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "the deliveries to be published",
+        || published(10),
+    )
+    .await;
+    let (status, state) = live
+        .call(
+            Role::Admin,
+            reqwest::Method::POST,
+            "/task-types/send_sms/pause",
+            Value::Null,
+        )
+        .await;
+    assert_eq!((status, &state["paused"]), (200, &json!(true)), "{state}");
+
+    // two worker processes take the deliveries and give them back; other types run
+    let _w1 = arnela("worker", &db, &redis_url(), &prefix, &env);
+    let mut w2 = arnela("worker", &db, &redis_url(), &prefix, &env);
+    let mut emails = Vec::new();
+    for i in 0..10 {
+        emails.push(live.enqueue(email(&format!("Appointment {i}"))).await);
+    }
+    until_status(&pool, &emails, "succeeded").await;
+    eventually(
+        Duration::from_secs(30),
+        "the deliveries to be given back",
+        || {
+            let pool = pool.clone();
+            let ids = sms_ids.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM outbox WHERE task_id = ANY($1) AND published_at IS NULL",
+                )
+                .bind(&ids)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                (n == 10).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // a worker killed and started again, and more tasks enqueued: still paused
+    w2.kill9();
+    let _w3 = arnela("worker", &db, &redis_url(), &prefix, &env);
+    for i in 10..15 {
+        sms_ids.push(live.enqueue(sms(&format!("reminder {i}"))).await);
+    }
+    let more_emails = vec![live.enqueue(email("After the restart")).await];
+    until_status(&pool, &more_emails, "succeeded").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(event_count(&pool, &sms_ids, "attempt_started").await, 0);
+    until_status(&pool, &sms_ids, "queued").await;
+    let keys = arnela::queue::Keys::new(prefix.clone());
+    let (waiting, taken): (i64, i64) = redis::pipe()
+        .llen(keys.tasks())
+        .llen(keys.processing())
+        .query_async(&mut common::redis().await)
+        .await
+        .unwrap();
+    assert_eq!(
+        (waiting, taken),
+        (0, 0),
+        "no delivery of the paused type waits in Redis"
+    );
+    assert!(fake
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .all(|r| r.url.path() != TWILIO_MESSAGES));
+
+    let (status, state) = live
+        .call(
+            Role::Admin,
+            reqwest::Method::POST,
+            "/task-types/send_sms/resume",
+            Value::Null,
+        )
+        .await;
+    assert_eq!((status, &state["paused"]), (200, &json!(false)), "{state}");
+    until_status(&pool, &sms_ids, "succeeded").await;
+    assert_eq!(event_count(&pool, &sms_ids, "attempt_started").await, 15);
+    assert_eq!(event_count(&pool, &sms_ids, "attempt_succeeded").await, 15);
     drop(live);
     common::delete_prefix(&prefix).await;
 }

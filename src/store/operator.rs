@@ -142,11 +142,10 @@ pub async fn bulk(
                     return Ok(None);
                 }
                 Ok(match action {
-                    DeadAction::Requeue { extra_attempts } => {
-                        (task.attempts + extra_attempts <= MAX_TOTAL_ATTEMPTS)
-                            .then(|| task.requeue(*extra_attempts, by.to_owned()))
-                            .transpose()?
-                    }
+                    DeadAction::Requeue { extra_attempts } => (task.attempts + extra_attempts
+                        <= MAX_TOTAL_ATTEMPTS)
+                        .then(|| task.requeue(*extra_attempts, by.to_owned()))
+                        .transpose()?,
                     DeadAction::Cancel { reason } => {
                         Some(task.cancel(reason.clone(), by.to_owned())?)
                     }

@@ -398,7 +398,9 @@ impl Worker {
                 unknown.push((raw, d.task_id));
                 continue;
             }
-            if held.contains(&d.task_id) && wanted[&d.task_id] == d.attempt && used.insert(d.task_id)
+            if held.contains(&d.task_id)
+                && wanted[&d.task_id] == d.attempt
+                && used.insert(d.task_id)
             {
                 given_back.push((raw, d.task_id));
                 continue;
