@@ -82,6 +82,28 @@ fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
             200,
         ),
         Op::new(Method::GET, "/stats", &[Auditor, Admin], 200),
+        Op::new(
+            Method::GET,
+            format!("/tasks/{task}/verify"),
+            &[Auditor, Admin],
+            200,
+        ),
+        Op::new(Method::GET, "/whoami", &[Producer, Auditor, Admin], 200),
+        Op::new(Method::GET, "/task-types", &[Auditor, Admin], 200),
+        Op::new(
+            Method::POST,
+            "/task-types/send_whatsapp/pause",
+            &[Admin],
+            200,
+        ),
+        Op::new(
+            Method::POST,
+            "/task-types/send_whatsapp/resume",
+            &[Admin],
+            200,
+        ),
+        Op::new(Method::POST, "/dead-letters/retry", &[Admin], 200).body(json!({"dry_run": true})),
+        Op::new(Method::POST, "/dead-letters/cancel", &[Admin], 200).body(json!({"dry_run": true})),
         Op::new(Method::GET, "/health", &[Auditor, Admin], 200),
         Op::new(Method::GET, "/metrics", &[Auditor, Admin], 200),
     ]
@@ -93,6 +115,8 @@ fn template(path: &str) -> String {
         .map(|seg| {
             if Uuid::parse_str(seg).is_ok() {
                 "{id}"
+            } else if seg.parse::<arnela::domain::TaskType>().is_ok() {
+                "{task_type}"
             } else {
                 seg
             }

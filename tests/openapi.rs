@@ -117,6 +117,12 @@ fn documented(spec: &Value) -> BTreeMap<(String, String), BTreeSet<u16>> {
     out
 }
 
+/// The paths of the operator's operations probed below.
+const PAUSE: &str = "/task-types/{task_type}/pause";
+const RESUME: &str = "/task-types/{task_type}/resume";
+const RETRY_DEAD: &str = "/dead-letters/retry";
+const CANCEL_DEAD: &str = "/dead-letters/cancel";
+
 /// Drives every operation into every outcome it has (wrong token, wrong role, bad input, missing
 /// task, conflict, oversized or non-JSON body, success, and a closed database), and compares the
 /// statuses seen with the ones the spec documents: none undocumented, none documented in vain.
@@ -160,6 +166,9 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
     let queued = seed(sms("seed", "hola")).await;
     let missing = uuid::Uuid::new_v4();
     let batch = |key: &str, message: &str| json!({"tasks": [sms(key, message)]});
+    // a time range that ends before it starts
+    let backwards =
+        json!({"failed_from": "2026-02-01T00:00:00Z", "failed_to": "2026-01-01T00:00:00Z"});
 
     let probes = vec![
         // POST /tasks
@@ -306,6 +315,93 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             format!("/tasks/{queued}/cancel"),
             admin,
         ),
+        // GET /tasks/{id}/verify
+        probe(
+            Method::GET,
+            "/tasks/{id}/verify",
+            format!("/tasks/{queued}/verify"),
+            auditor,
+        ),
+        probe(
+            Method::GET,
+            "/tasks/{id}/verify",
+            format!("/tasks/{queued}/verify"),
+            None,
+        ),
+        probe(
+            Method::GET,
+            "/tasks/{id}/verify",
+            format!("/tasks/{queued}/verify"),
+            producer,
+        ),
+        probe(
+            Method::GET,
+            "/tasks/{id}/verify",
+            "/tasks/x/verify",
+            auditor,
+        ),
+        probe(
+            Method::GET,
+            "/tasks/{id}/verify",
+            format!("/tasks/{missing}/verify"),
+            auditor,
+        ),
+        // the operator's operations
+        probe(Method::GET, "/whoami", "/whoami", producer),
+        probe(Method::GET, "/whoami", "/whoami", None),
+        probe(Method::GET, "/task-types", "/task-types", auditor),
+        probe(Method::GET, "/task-types", "/task-types", None),
+        probe(Method::GET, "/task-types", "/task-types", producer),
+        probe(
+            Method::POST,
+            PAUSE,
+            "/task-types/send_whatsapp/pause",
+            admin,
+        ),
+        probe(Method::POST, PAUSE, "/task-types/send_whatsapp/pause", None),
+        probe(
+            Method::POST,
+            PAUSE,
+            "/task-types/send_whatsapp/pause",
+            auditor,
+        ),
+        probe(Method::POST, PAUSE, "/task-types/send_fax/pause", admin),
+        probe(
+            Method::POST,
+            RESUME,
+            "/task-types/send_whatsapp/resume",
+            admin,
+        ),
+        probe(
+            Method::POST,
+            RESUME,
+            "/task-types/send_whatsapp/resume",
+            None,
+        ),
+        probe(
+            Method::POST,
+            RESUME,
+            "/task-types/send_whatsapp/resume",
+            auditor,
+        ),
+        probe(Method::POST, RESUME, "/task-types/send_fax/resume", admin),
+        // dead letters in bulk (counted only: the dead task above stays for the probes before)
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).json(json!({"dry_run": true})),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, None).json(json!({"dry_run": true})),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, auditor).json(json!({"dry_run": true})),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).raw("application/json", "{"),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).raw("text/plain", "x"),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).oversized(2 * 1024 * 1024),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).stalled(),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).json(backwards.clone()),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).json(json!({"dry_run": true})),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, None).json(json!({"dry_run": true})),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, auditor).json(json!({"dry_run": true})),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).raw("application/json", "{"),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).raw("text/plain", "x"),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).oversized(2 * 1024 * 1024),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).stalled(),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).json(backwards),
         // GET /events
         probe(Method::GET, "/events", "/events", auditor),
         probe(Method::GET, "/events", "/events", None),
@@ -380,6 +476,17 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(Method::GET, "/stats", "/stats", auditor),
         probe(Method::GET, "/health", "/health", auditor),
         probe(Method::GET, "/health/ready", "/health/ready", None),
+        probe(
+            Method::GET,
+            "/tasks/{id}/verify",
+            format!("/tasks/{queued}/verify"),
+            auditor,
+        ),
+        probe(Method::GET, "/task-types", "/task-types", auditor),
+        probe(Method::POST, PAUSE, "/task-types/send_sms/pause", admin),
+        probe(Method::POST, RESUME, "/task-types/send_sms/resume", admin),
+        probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).json(json!({"dry_run": true})),
+        probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).json(json!({"dry_run": true})),
     ];
     for p in &unavailable {
         let status = send(&c, p).await;

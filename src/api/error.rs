@@ -421,13 +421,16 @@ statuses! {
     TaskFailures: [400, 401, 404, 500, 503];
     /// `GET /tasks/{id}/events`.
     HistoryFailures: [400, 401, 403, 404, 500, 503];
-    /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`, pausing and resuming task types,
-    /// the bulk dead-letter actions.
+    /// `POST /tasks/{id}/retry` and `POST /tasks/{id}/cancel`.
     OperatorFailures: [400, 401, 403, 404, 409, 500, 503];
     /// `GET /stats` and `GET /task-types`.
     StatsFailures: [401, 403, 500, 503];
-    /// `GET /whoami`: every role may ask.
-    WhoamiFailures: [401, 500, 503];
+    /// `GET /whoami`: every role may ask, and nothing is read.
+    WhoamiFailures: [401, 500];
+    /// `POST /task-types/{type}/pause` and `.../resume`.
+    TypeFailures: [400, 401, 403, 500, 503];
+    /// `POST /dead-letters/retry` and `POST /dead-letters/cancel` (a JSON body).
+    BulkFailures: [400, 401, 403, 408, 413, 415, 422, 500, 503];
     /// `GET /tasks/{id}/verify`.
     VerifyFailures: [400, 401, 403, 404, 500, 503];
 }

@@ -10,7 +10,7 @@
 //!   `HTTP_BODY_BUDGET_MB`; a request whose body would pass it gets 503 `overloaded` (one
 //!   producer with many large requests cannot make the service hold gigabytes);
 //! - **bodies**: never read ahead. A body is read only by the operation that takes one, after
-//!   routing and after the bearer token is checked; an enqueue whose announced `Content-Length`
+//!   routing and after the bearer token is checked; a request whose announced `Content-Length`
 //!   is over `MAX_BODY_BYTES` is refused with 413 at once, a chunked body as soon as it passes;
 //!   a body that does not arrive within `HTTP_BODY_TIMEOUT_SECS` is refused with 408;
 //! - **idle connections** are closed after `HTTP_IDLE_TIMEOUT_SECS` without a byte.
@@ -197,6 +197,15 @@ fn refusal(status: StatusCode, code: ErrorCode, message: String) -> Response {
     resp
 }
 
+/// The operations that read a request body (all `POST`): the enqueues and the bulk actions on
+/// dead letters.
+const BODY_PATHS: [&str; 4] = [
+    "/tasks",
+    "/tasks/batch",
+    "/dead-letters/retry",
+    "/dead-letters/cancel",
+];
+
 /// Middleware: the in-flight limit and the body limits (see the module docs).
 pub async fn guard<E: Endpoint>(
     ep: E,
@@ -238,9 +247,9 @@ pub async fn guard<E: Endpoint>(
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    // Only the enqueue operations read a body; elsewhere an announced one is never read.
-    let reads_body = req.method() == poem::http::Method::POST
-        && matches!(req.uri().path(), "/tasks" | "/tasks/batch");
+    // Only these operations read a body; elsewhere an announced one is never read.
+    let reads_body =
+        req.method() == poem::http::Method::POST && BODY_PATHS.contains(&req.uri().path());
     if !reads_body {
         // nothing will read the body: no wrapper to pay for
         return ep.call(req).await.map(IntoResponse::into_response);

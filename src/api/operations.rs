@@ -7,7 +7,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use super::auth::{BearerAuth, Role};
-use super::error::{ApiError, Failure, OperatorFailures, StatsFailures, WhoamiFailures};
+use super::error::{ApiError, BulkFailures, Failure, StatsFailures, TypeFailures, WhoamiFailures};
 use super::model::TaskTypeName;
 use super::ApiContext;
 use crate::cache::keys;
@@ -171,7 +171,7 @@ impl OperationsApi {
         &self,
         auth: BearerAuth,
         task_type: Path<TaskTypeName>,
-    ) -> Result<TaskTypeResponse, Failure<OperatorFailures>> {
+    ) -> Result<TaskTypeResponse, Failure<TypeFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let t = TaskType::from(task_type.0);
         let p = pauses::pause(&self.ctx.pool, t, by).await?;
@@ -194,7 +194,7 @@ impl OperationsApi {
         &self,
         auth: BearerAuth,
         task_type: Path<TaskTypeName>,
-    ) -> Result<TaskTypeResponse, Failure<OperatorFailures>> {
+    ) -> Result<TaskTypeResponse, Failure<TypeFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let t = TaskType::from(task_type.0);
         if pauses::resume(&self.ctx.pool, t).await? {
@@ -221,7 +221,7 @@ impl OperationsApi {
         &self,
         auth: BearerAuth,
         filter: Json<DeadLetterFilter>,
-    ) -> Result<BulkResponse, Failure<OperatorFailures>> {
+    ) -> Result<BulkResponse, Failure<BulkFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let action = DeadAction::Requeue {
             extra_attempts: DEFAULT_MAX_ATTEMPTS,
@@ -245,7 +245,7 @@ impl OperationsApi {
         &self,
         auth: BearerAuth,
         filter: Json<DeadLetterFilter>,
-    ) -> Result<BulkResponse, Failure<OperatorFailures>> {
+    ) -> Result<BulkResponse, Failure<BulkFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let action = DeadAction::Cancel {
             reason: "discarded dead letter".into(),
@@ -260,7 +260,7 @@ impl OperationsApi {
         filter: DeadLetterFilter,
         action: DeadAction,
         by: &str,
-    ) -> Result<BulkResponse, Failure<OperatorFailures>> {
+    ) -> Result<BulkResponse, Failure<BulkFailures>> {
         if let (Some(from), Some(to)) = (filter.failed_from, filter.failed_to) {
             if from >= to {
                 return Err(ApiError::from(crate::domain::FieldError::new(
