@@ -120,6 +120,18 @@ async fn event_count(pool: &PgPool, ids: &[Uuid], event_type: &str) -> i64 {
     .unwrap()
 }
 
+/// Outbox rows of these tasks that are published (`true`) or waiting to be (`false`).
+async fn outbox_rows(pool: &PgPool, ids: &[Uuid], published: bool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox WHERE task_id = ANY($1) AND (published_at IS NOT NULL) = $2",
+    )
+    .bind(ids)
+    .bind(published)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// A fake Twilio: messages containing `fail-once` are refused (permanently) the first time,
 /// messages containing `fail-always` every time, everything else is accepted.
 async fn twilio() -> MockServer {
@@ -426,24 +438,10 @@ async fn a_paused_type_stays_queued_across_worker_processes_until_resumed(pool: 
     for i in 0..10 {
         sms_ids.push(live.enqueue(sms(&format!("reminder {i}"))).await);
     }
-    let published = |want: i64| {
-        let pool = pool.clone();
-        let ids = sms_ids.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM outbox WHERE task_id = ANY($1) AND published_at IS NOT NULL",
-            )
-            .bind(&ids)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            (n == want).then_some(())
-        }
-    };
     eventually(
         Duration::from_secs(30),
         "the deliveries to be published",
-        || published(10),
+        || async { (outbox_rows(&pool, &sms_ids, true).await == 10).then_some(()) },
     )
     .await;
     let (status, state) = live
@@ -467,20 +465,7 @@ async fn a_paused_type_stays_queued_across_worker_processes_until_resumed(pool: 
     eventually(
         Duration::from_secs(30),
         "the deliveries to be given back",
-        || {
-            let pool = pool.clone();
-            let ids = sms_ids.clone();
-            async move {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM outbox WHERE task_id = ANY($1) AND published_at IS NULL",
-                )
-                .bind(&ids)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                (n == 10).then_some(())
-            }
-        },
+        || async { (outbox_rows(&pool, &sms_ids, false).await == 10).then_some(()) },
     )
     .await;
 
