@@ -2,7 +2,8 @@
 # Arnela's benchmark, all figures from one run on one machine:
 #
 #   1. the physical limit: pgbench running the enqueue statement (bench/enqueue.pgbench) at the
-#      same concurrencies as the HTTP enqueue levels;
+#      same concurrencies as the HTTP enqueue levels, and the 1,000-task batch statement
+#      (bench/enqueue-batch.pgbench) from 2 clients as the batch enqueue sends it;
 #   2. Arnela (release build) with the default settings, measured by `arnela bench`: single and
 #      batch enqueue, end to end, enqueue → start latency at half the end-to-end rate, a
 #      sustained stream at 80% of it for 60 s, and end to end again after 1,000,000 more tasks
@@ -62,6 +63,11 @@ for c in 1 8 32 64; do
     PGB[$c]="${tps:-0}"
     log "pgbench enqueue statement, $c clients: ${PGB[$c]} tx/s"
 done
+# the batch statement (1,000 tasks) from 2 clients, as the batch enqueue below sends it
+tps=$(pgbench -h 127.0.0.1 -U postgres -n -c 2 -j 2 -T "$PGBENCH_SECONDS" -f bench/enqueue-batch.pgbench "$DB" 2>"$OUT/pgbench.err" \
+    | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
+PGB_BATCH=$(python3 -c "print(round(float('${tps:-0}') * 1000))")
+log "pgbench batch statement (1,000 tasks), 2 clients: $PGB_BATCH tasks/s"
 psql -h 127.0.0.1 -U postgres -d "$DB" -qc "TRUNCATE outbox, task_events, tasks"
 
 start_service() {
@@ -137,9 +143,10 @@ fi
 echo "$PEER" >"$OUT/bullmq.json"
 
 # --- report ----------------------------------------------------------------------------------
-python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$(git rev-parse --short HEAD)" <<'PY' | tee "$OUT/report.md"
+python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$(git rev-parse --short HEAD)" "$PGB_BATCH" <<'PY' | tee "$OUT/report.md"
 import json, os, sys, datetime, platform
-out, p1, p8, p32, p64, commit = sys.argv[1:7]
+out, p1, p8, p32, p64, commit, pgb_batch = sys.argv[1:8]
+pgb_batch = float(pgb_batch)
 pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
 d = json.load(open(f"{out}/default.json"))
 h = json.load(open(f"{out}/history.json"))
@@ -162,6 +169,9 @@ peer_add = peer.get("add_per_second")
 peer_run = peer.get("processed_per_second")
 ratio_add = f"{d['batch_1000_tasks_per_second'] / peer_add:.2f}" if peer_add else "–"
 print(f"| POST /tasks/batch ×1000 | {d['batch_1000_tasks_per_second']:.0f} tasks/s | BullMQ addBulk: {peer_add or 0:.0f} jobs/s | {ratio_add} |")
+ratio_stmt = f"{d['batch_1000_tasks_per_second'] / pgb_batch:.2f}" if pgb_batch else "–"
+print(f"| POST /tasks/batch ×1000, against the statement alone | {d['batch_1000_tasks_per_second']:.0f} tasks/s "
+      f"| pgbench batch statement, 2 clients: {pgb_batch:.0f} tasks/s | {ratio_stmt} |")
 e2e = d['end_to_end_tasks_per_second']
 ratio = f"{e2e / peer_run:.2f}" if peer_run else "–"
 print(f"| end to end, {d['end_to_end_tasks']} no-op tasks, default settings | {e2e:.0f} tasks/s "
@@ -195,7 +205,7 @@ targets = [
     ("end to end ≥ 0.75 × BullMQ's processing rate", f"{e2e / peer_run:.2f} ×" if peer_run else "no peer", bool(peer_run) and e2e >= 0.75 * peer_run),
     ("after 1,000,000 tasks ≥ 0.9 × the fresh rate", f"{after / e2e:.2f} ×" if e2e and after else "not run", bool(e2e and after) and after >= 0.9 * e2e),
     ("enqueue → start p99 ≤ 25 ms at half the end-to-end rate", f"{d['start_latency_p99_ms']:.1f} ms", d['start_latency_p99_ms'] <= 25),
-    ("batch enqueue ≥ 50,000 tasks/s", f"{d['batch_1000_tasks_per_second']:.0f} tasks/s", d['batch_1000_tasks_per_second'] >= 50000),
+    ("batch enqueue ≥ 50,000 tasks/s", f"{d['batch_1000_tasks_per_second']:.0f} tasks/s (the statement alone in pgbench: {pgb_batch:.0f})", d['batch_1000_tasks_per_second'] >= 50000),
     ("single POST /tasks ≥ 0.8 × pgbench at 32 connections", f"{single32 / pg[32]:.2f} ×" if pg[32] else "no pgbench", bool(pg[32]) and single32 >= 0.8 * pg[32]),
     ("service RSS ≤ 100 MB", f"{rss:.1f} MB" if rss is not None else "unknown", rss is not None and rss <= 100),
     ("stream at 80% for 60 s: no task older than 5 s at the end", f"{d.get('stream_oldest_open_age_s', 0):.2f} s" if d.get('stream_tasks') else "not run", bool(d.get('stream_tasks')) and d['stream_oldest_open_age_s'] <= 5),
