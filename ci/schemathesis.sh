@@ -6,9 +6,9 @@
 # (user postgres, trust auth) and Redis on 127.0.0.1:6379. Exits non-zero if Schemathesis
 # reports a failure or an error.
 #
-# Tunables (environment): ST_MAX_EXAMPLES (per operation, default 200), ST_SEED (default 42),
+# Tunables (environment): ST_MAX_EXAMPLES (per operation, default 100), ST_SEED (default 42),
 # ST_WORKERS (default 2), ST_TIME_LIMIT (hard cap on the Schemathesis run in seconds,
-# default 170), ST_CHECKS (comma-separated Schemathesis checks), PGHOST/PGPORT/PGUSER, REDIS_URL.
+# default 300), ST_CHECKS (comma-separated Schemathesis checks), PGHOST/PGPORT/PGUSER, REDIS_URL.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,10 +18,10 @@ ST_VERSION="4.32.5"
 VENV="$ROOT/target/schemathesis-venv"
 BIN="$ROOT/target/debug/arnela"
 REPORT_DIR="$ROOT/target/schemathesis-report"
-MAX_EXAMPLES="${ST_MAX_EXAMPLES:-200}"
+MAX_EXAMPLES="${ST_MAX_EXAMPLES:-100}"
 SEED="${ST_SEED:-42}"
 WORKERS="${ST_WORKERS:-2}"
-TIME_LIMIT="${ST_TIME_LIMIT:-170}"
+TIME_LIMIT="${ST_TIME_LIMIT:-300}"
 PGHOST="${PGHOST:-127.0.0.1}"
 PGPORT="${PGPORT:-5432}"
 PGUSER="${PGUSER:-postgres}"

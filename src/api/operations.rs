@@ -53,10 +53,10 @@ pub struct TaskTypeList {
     pub types: Vec<TaskTypeState>,
 }
 
-/// Which dead letters a bulk action takes, and whether only to count them.
+/// Which dead letters a bulk action takes (`type`: only dead letters of this type), and whether
+/// only to count them.
 #[derive(Debug, Clone, Default, Object, serde::Serialize)]
 pub struct DeadLetterFilter {
-    /// Only dead letters of this type.
     #[oai(rename = "type")]
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub task_type: Option<TaskTypeName>,
