@@ -624,8 +624,9 @@ impl Metrics {
         families.push(SkipReason::ALL.iter().fold(
             Family::counter(
                 "arnela_deliveries_skipped_total",
-                "Deliveries this process's workers and rescuer put back on the queue instead of \
-                 working them, by reason (task_not_found: the task is not in this database).",
+                "Deliveries this process's workers and rescuer did not work, by reason \
+                 (task_not_found: the task is not in this database, put back on the queue; \
+                 type_paused: its type is paused, given back to the outbox).",
             ),
             |family, reason| {
                 let n = skipped.get(reason).copied().unwrap_or(0);
