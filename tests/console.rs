@@ -25,24 +25,28 @@ struct Live {
     _serve: Proc,
 }
 
+/// The environment that sends SMS to the fake Twilio at `uri`.
+fn twilio_env(uri: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("TWILIO_BASE_URL", uri.to_owned()),
+        ("TWILIO_ACCOUNT_SID", "AC0123".to_owned()),
+        ("TWILIO_AUTH_TOKEN", "twilio-auth-token".to_owned()),
+        ("TWILIO_SMS_FROM", "+34910000000".to_owned()),
+        ("TWILIO_RATE_LIMIT_PER_SEC", "0".to_owned()),
+    ]
+}
+
 impl Live {
-    fn start(pool: &PgPool, prefix: &str, twilio: &str, extra: &[(&str, &str)]) -> Live {
+    /// `arnela serve` (or `role`, when it serves the API) on a free port, SMS to `twilio`.
+    fn start(pool: &PgPool, prefix: &str, twilio: &str, role: &str) -> Live {
         let port = free_port();
-        let port_s = port.to_string();
-        let mut env = vec![
-            ("APP_PORT", port_s.as_str()),
-            ("TWILIO_BASE_URL", twilio),
-            ("TWILIO_ACCOUNT_SID", "AC0123"),
-            ("TWILIO_AUTH_TOKEN", "twilio-auth-token"),
-            ("TWILIO_SMS_FROM", "+34910000000"),
-            ("TWILIO_RATE_LIMIT_PER_SEC", "0"),
-        ];
-        env.extend_from_slice(extra);
-        let serve = arnela("serve", &database_url(pool), &redis_url(), prefix, &env);
+        let mut env = twilio_env(twilio);
+        env.push(("APP_PORT", port.to_string()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         Live {
             url: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
-            _serve: serve,
+            _serve: arnela(role, &database_url(pool), &redis_url(), prefix, &env),
         }
     }
 
@@ -198,7 +202,7 @@ async fn the_console_works_in_a_real_browser(pool: PgPool) {
     let (dir, chromium) = browser_tools();
     let fake = twilio().await;
     let prefix = unique_prefix();
-    let live = Live::start(&pool, &prefix, &fake.uri(), &[]);
+    let live = Live::start(&pool, &prefix, &fake.uri(), "serve");
     live.ready().await;
 
     let succeeded = live.enqueue(email("Your appointment")).await;
@@ -284,7 +288,7 @@ fn cli(live: &Live, role: Role, args: &[&str]) -> (bool, String, String) {
 async fn the_operator_cli_works_against_a_live_service(pool: PgPool) {
     let fake = twilio().await;
     let prefix = unique_prefix();
-    let live = Live::start(&pool, &prefix, &fake.uri(), &[]);
+    let live = Live::start(&pool, &prefix, &fake.uri(), "serve");
     live.ready().await;
     let done = live.enqueue(email("Reminder")).await;
     let dead = vec![
@@ -413,23 +417,9 @@ async fn a_paused_type_stays_queued_across_worker_processes_until_resumed(pool: 
     let fake = twilio().await;
     let prefix = unique_prefix();
     let db = database_url(&pool);
-    let sms_env = [
-        ("TWILIO_BASE_URL", fake.uri()),
-        ("TWILIO_ACCOUNT_SID", "AC0123".to_owned()),
-        ("TWILIO_AUTH_TOKEN", "twilio-auth-token".to_owned()),
-        ("TWILIO_SMS_FROM", "+34910000000".to_owned()),
-        ("TWILIO_RATE_LIMIT_PER_SEC", "0".to_owned()),
-    ];
+    let sms_env = twilio_env(&fake.uri());
     let env: Vec<(&str, &str)> = sms_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let port = free_port();
-    let mut api_env = env.clone();
-    let port_s = port.to_string();
-    api_env.push(("APP_PORT", &port_s));
-    let live = Live {
-        url: format!("http://127.0.0.1:{port}"),
-        http: reqwest::Client::new(),
-        _serve: arnela("api", &db, &redis_url(), &prefix, &api_env),
-    };
+    let live = Live::start(&pool, &prefix, &fake.uri(), "api");
     live.ready().await;
     let _relay = arnela("relay", &db, &redis_url(), &prefix, &env);
 
