@@ -19,6 +19,7 @@ use crate::projector::{Projection, Projector};
 use crate::queue::{self, Keys};
 use crate::relay::{Relay, RelayConfig};
 use crate::rescuer::{Rescuer, RescuerConfig};
+use crate::scheduler::Scheduler;
 use crate::store;
 use crate::worker::handler::Registry;
 use crate::worker::log_channel::LogChannel;
@@ -258,6 +259,15 @@ impl App {
         .with_metrics(self.metrics.clone())
     }
 
+    /// The scheduler (run by every process with the relay role).
+    pub fn scheduler(&self) -> Scheduler {
+        Scheduler::new(
+            self.pool.clone(),
+            self.waker.clone(),
+            self.settings.engine.scheduler_poll,
+        )
+    }
+
     pub fn rescuer(&self) -> Rescuer {
         let e = &self.settings.engine;
         Rescuer::new(
@@ -334,6 +344,12 @@ impl App {
             });
         }
         if roles.relay {
+            let scheduler = self.scheduler();
+            let shutdown = self.shutdown.clone();
+            set.spawn(async move {
+                scheduler.run(shutdown).await;
+                Ok(())
+            });
             let relay = self.relay();
             let shutdown = self.shutdown.clone();
             set.spawn(async move {

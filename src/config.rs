@@ -220,6 +220,9 @@ pub struct EngineSettings {
     /// How often an idle projector looks for new events (`PROJECTOR_INTERVAL_MS`, 100): the
     /// bound on how long a cached read can lag behind a committed event.
     pub projector_interval: Duration,
+    /// Longest sleep of the scheduler between steps (`SCHEDULER_POLL_MS`, 1000): how soon a
+    /// schedule created or resumed by another process is seen. Due slots wake it sooner.
+    pub scheduler_poll: Duration,
 }
 
 /// All settings of the service.
@@ -626,6 +629,7 @@ fn engine_settings<'a>(
         republish_after: secs("REPUBLISH_AFTER_SECS", 10)?,
         log_channel_delay: millis("LOG_CHANNEL_DELAY_MS", 0)?,
         projector_interval: millis("PROJECTOR_INTERVAL_MS", 100)?.max(Duration::from_millis(10)),
+        scheduler_poll: millis("SCHEDULER_POLL_MS", 1000)?.max(Duration::from_millis(10)),
     })
 }
 

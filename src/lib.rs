@@ -56,5 +56,6 @@ pub mod projector;
 pub mod queue;
 pub mod relay;
 pub mod rescuer;
+pub mod scheduler;
 pub mod store;
 pub mod worker;

@@ -109,14 +109,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let pool = connect_db().await?;
             let report = arnela::store::audit::verify(&pool, task).await?;
+            // Schedules' change logs are checked with the whole log (not for one task).
+            let (schedule_events, broken_schedules) = match task {
+                None => arnela::store::schedules::verify(&pool).await?,
+                Some(_) => (0, Vec::new()),
+            };
+            for b in &broken_schedules {
+                println!(
+                    "BROKEN: schedule {} event {}: {}",
+                    b.schedule_id, b.sequence, b.reason
+                );
+            }
             match report.broken {
-                None => {
+                None if broken_schedules.is_empty() => {
                     println!(
-                        "ok: {} tasks, {} events, every hash chain verifies",
-                        report.tasks, report.events
+                        "ok: {} tasks, {} events, {} schedule events, every hash chain verifies",
+                        report.tasks, report.events, schedule_events
                     );
                     Ok(ExitCode::SUCCESS)
                 }
+                None => Ok(ExitCode::from(2)),
                 Some(b) => {
                     println!(
                         "BROKEN: task {} event {}: {}",

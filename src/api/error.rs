@@ -433,6 +433,12 @@ statuses! {
     BulkFailures: [400, 401, 403, 408, 413, 415, 422, 500, 503];
     /// `GET /tasks/{id}/verify`.
     VerifyFailures: [400, 401, 403, 404, 500, 503];
+    /// `POST /schedules` (a JSON body).
+    CreateScheduleFailures: [400, 401, 403, 408, 413, 415, 422, 500, 503];
+    /// `PATCH /schedules/{id}` (a JSON body).
+    UpdateScheduleFailures: [400, 401, 403, 404, 408, 413, 415, 422, 500, 503];
+    /// `GET /schedules/{id}`, its events, pause, resume and `DELETE`.
+    ScheduleFailures: [400, 401, 403, 404, 500, 503];
 }
 
 /// The failure of an operation whose documented statuses are `S`. An [`ApiError`] of another

@@ -199,12 +199,20 @@ fn refusal(status: StatusCode, code: ErrorCode, message: String) -> Response {
 
 /// The operations that read a request body (all `POST`): the enqueues and the bulk actions on
 /// dead letters.
-const BODY_PATHS: [&str; 4] = [
+const BODY_PATHS: [&str; 5] = [
     "/tasks",
     "/tasks/batch",
     "/dead-letters/retry",
     "/dead-letters/cancel",
+    "/schedules",
 ];
+
+/// Whether the operation `method path` reads a JSON body: the POSTs of [`BODY_PATHS`] and a
+/// schedule's PATCH.
+fn reads_body(method: &poem::http::Method, path: &str) -> bool {
+    (method == poem::http::Method::POST && BODY_PATHS.contains(&path))
+        || (method == poem::http::Method::PATCH && path.starts_with("/schedules/"))
+}
 
 /// Middleware: the in-flight limit and the body limits (see the module docs).
 pub async fn guard<E: Endpoint>(
@@ -248,9 +256,7 @@ pub async fn guard<E: Endpoint>(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     // Only these operations read a body; elsewhere an announced one is never read.
-    let reads_body =
-        req.method() == poem::http::Method::POST && BODY_PATHS.contains(&req.uri().path());
-    if !reads_body {
+    if !reads_body(req.method(), req.uri().path()) {
         // nothing will read the body: no wrapper to pay for
         return ep.call(req).await.map(IntoResponse::into_response);
     }

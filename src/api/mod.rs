@@ -12,6 +12,7 @@ pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod operations;
+pub mod schedules;
 pub mod spec;
 pub mod stats;
 pub mod tasks;
@@ -54,6 +55,7 @@ type Apis = (
     events::EventsApi,
     stats::StatsApi,
     operations::OperationsApi,
+    schedules::SchedulesApi,
     health::HealthApi,
     metrics::MetricsApi,
 );
@@ -107,6 +109,7 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         events::EventsApi { ctx: ctx.clone() },
         stats::StatsApi { ctx: ctx.clone() },
         operations::OperationsApi { ctx: ctx.clone() },
+        schedules::SchedulesApi { ctx: ctx.clone() },
         health::HealthApi { ctx: ctx.clone() },
         metrics::MetricsApi { ctx },
     );

@@ -5,6 +5,7 @@ pub mod appointment;
 pub mod event;
 pub mod payload;
 pub mod retry;
+pub mod schedule;
 pub mod task;
 
 pub use event::{FailureKind, TaskEvent};

@@ -22,6 +22,7 @@ pub mod operator;
 pub mod outbox;
 pub mod pauses;
 pub mod projection;
+pub mod schedules;
 pub mod tasks;
 pub mod transition;
 
