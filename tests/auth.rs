@@ -104,6 +104,48 @@ fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
         ),
         Op::new(Method::POST, "/dead-letters/retry", &[Admin], 200).body(json!({"dry_run": true})),
         Op::new(Method::POST, "/dead-letters/cancel", &[Admin], 200).body(json!({"dry_run": true})),
+        Op::new(Method::POST, "/schedules", &[Admin], 201).body(json!({
+            "name": "reminders", "cron": "0 9 * * *", "time_zone": "Europe/Madrid",
+            "type": "send_sms", "payload": {"phone": "+34600000000", "message": "cita"},
+        })),
+        Op::new(Method::GET, "/schedules", &[Auditor, Admin], 200),
+        Op::new(
+            Method::GET,
+            format!("/schedules/{missing}"),
+            &[Auditor, Admin],
+            404,
+        ),
+        Op::new(
+            Method::PATCH,
+            format!("/schedules/{missing}"),
+            &[Admin],
+            404,
+        )
+        .body(json!({"name": "renamed"})),
+        Op::new(
+            Method::DELETE,
+            format!("/schedules/{missing}"),
+            &[Admin],
+            404,
+        ),
+        Op::new(
+            Method::POST,
+            format!("/schedules/{missing}/pause"),
+            &[Admin],
+            404,
+        ),
+        Op::new(
+            Method::POST,
+            format!("/schedules/{missing}/resume"),
+            &[Admin],
+            404,
+        ),
+        Op::new(
+            Method::GET,
+            format!("/schedules/{missing}/events"),
+            &[Auditor, Admin],
+            404,
+        ),
         Op::new(Method::GET, "/health", &[Auditor, Admin], 200),
         Op::new(Method::GET, "/metrics", &[Auditor, Admin], 200),
     ]

@@ -122,6 +122,11 @@ const PAUSE: &str = "/task-types/{task_type}/pause";
 const RESUME: &str = "/task-types/{task_type}/resume";
 const RETRY_DEAD: &str = "/dead-letters/retry";
 const CANCEL_DEAD: &str = "/dead-letters/cancel";
+const SCHEDULES: &str = "/schedules";
+const SCHEDULE: &str = "/schedules/{id}";
+const SCHEDULE_PAUSE: &str = "/schedules/{id}/pause";
+const SCHEDULE_RESUME: &str = "/schedules/{id}/resume";
+const SCHEDULE_EVENTS: &str = "/schedules/{id}/events";
 
 /// Drives every operation into every outcome it has (wrong token, wrong role, bad input, missing
 /// task, conflict, oversized or non-JSON body, success, and a closed database), and compares the
@@ -169,6 +174,15 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
     // a time range that ends before it starts
     let backwards =
         json!({"failed_from": "2026-02-01T00:00:00Z", "failed_to": "2026-01-01T00:00:00Z"});
+    // Two schedules: one to change, pause and read, one to delete.
+    let schedule = json!({"name": "reminders", "cron": "0 9 * * *", "time_zone": "Europe/Madrid",
+                          "type": "send_sms", "payload": {"phone": "+34600111222", "message": "cita"}});
+    let (_, kept) = common::post(&seeder, "/schedules", &schedule).await;
+    let kept = kept["id"].as_str().unwrap().to_owned();
+    let (_, doomed) = common::post(&seeder, "/schedules", &schedule).await;
+    let doomed = doomed["id"].as_str().unwrap().to_owned();
+    let one = format!("/schedules/{kept}");
+    let gone = format!("/schedules/{missing}");
 
     let probes = vec![
         // POST /tasks
@@ -402,6 +416,54 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).oversized(2 * 1024 * 1024),
         probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).stalled(),
         probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).json(backwards),
+        // schedules
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin).json(schedule.clone()),
+        probe(Method::POST, SCHEDULES, SCHEDULES, None).json(schedule.clone()),
+        probe(Method::POST, SCHEDULES, SCHEDULES, auditor).json(schedule.clone()),
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin).raw("application/json", "{"),
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin).raw("text/plain", "x"),
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin).oversized(2 * 1024 * 1024),
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin).stalled(),
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin)
+            .json(json!({"name": "x", "cron": "99 * * * *", "time_zone": "UTC", "type": "send_sms", "payload": {}})),
+        probe(Method::GET, SCHEDULES, SCHEDULES, auditor),
+        probe(Method::GET, SCHEDULES, SCHEDULES, None),
+        probe(Method::GET, SCHEDULES, SCHEDULES, producer),
+        probe(Method::GET, SCHEDULES, "/schedules?limit=0", auditor),
+        probe(Method::GET, SCHEDULE, one.clone(), auditor),
+        probe(Method::GET, SCHEDULE, one.clone(), None),
+        probe(Method::GET, SCHEDULE, one.clone(), producer),
+        probe(Method::GET, SCHEDULE, "/schedules/x", auditor),
+        probe(Method::GET, SCHEDULE, gone.clone(), auditor),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).json(json!({"name": "renamed"})),
+        probe(Method::PATCH, SCHEDULE, one.clone(), None).json(json!({"name": "renamed"})),
+        probe(Method::PATCH, SCHEDULE, one.clone(), auditor).json(json!({"name": "renamed"})),
+        probe(Method::PATCH, SCHEDULE, gone.clone(), admin).json(json!({"name": "renamed"})),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).json(json!({"time_zone": "Nowhere"})),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).raw("application/json", "{"),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).raw("text/plain", "x"),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).oversized(2 * 1024 * 1024),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).stalled(),
+        probe(Method::POST, SCHEDULE_PAUSE, format!("{one}/pause"), admin),
+        probe(Method::POST, SCHEDULE_PAUSE, format!("{one}/pause"), None),
+        probe(Method::POST, SCHEDULE_PAUSE, format!("{one}/pause"), auditor),
+        probe(Method::POST, SCHEDULE_PAUSE, "/schedules/x/pause", admin),
+        probe(Method::POST, SCHEDULE_PAUSE, format!("{gone}/pause"), admin),
+        probe(Method::POST, SCHEDULE_RESUME, format!("{one}/resume"), admin),
+        probe(Method::POST, SCHEDULE_RESUME, format!("{one}/resume"), None),
+        probe(Method::POST, SCHEDULE_RESUME, format!("{one}/resume"), auditor),
+        probe(Method::POST, SCHEDULE_RESUME, "/schedules/x/resume", admin),
+        probe(Method::POST, SCHEDULE_RESUME, format!("{gone}/resume"), admin),
+        probe(Method::GET, SCHEDULE_EVENTS, format!("{one}/events"), auditor),
+        probe(Method::GET, SCHEDULE_EVENTS, format!("{one}/events"), None),
+        probe(Method::GET, SCHEDULE_EVENTS, format!("{one}/events"), producer),
+        probe(Method::GET, SCHEDULE_EVENTS, "/schedules/x/events", auditor),
+        probe(Method::GET, SCHEDULE_EVENTS, format!("{gone}/events"), auditor),
+        probe(Method::DELETE, SCHEDULE, format!("/schedules/{doomed}"), admin),
+        probe(Method::DELETE, SCHEDULE, format!("/schedules/{doomed}"), admin),
+        probe(Method::DELETE, SCHEDULE, one.clone(), None),
+        probe(Method::DELETE, SCHEDULE, one.clone(), auditor),
+        probe(Method::DELETE, SCHEDULE, "/schedules/x", admin),
         // GET /events
         probe(Method::GET, "/events", "/events", auditor),
         probe(Method::GET, "/events", "/events", None),
@@ -487,6 +549,24 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(Method::POST, RESUME, "/task-types/send_sms/resume", admin),
         probe(Method::POST, RETRY_DEAD, RETRY_DEAD, admin).json(json!({"dry_run": true})),
         probe(Method::POST, CANCEL_DEAD, CANCEL_DEAD, admin).json(json!({"dry_run": true})),
+        probe(Method::POST, SCHEDULES, SCHEDULES, admin).json(schedule.clone()),
+        probe(Method::GET, SCHEDULES, SCHEDULES, auditor),
+        probe(Method::GET, SCHEDULE, one.clone(), auditor),
+        probe(Method::PATCH, SCHEDULE, one.clone(), admin).json(json!({"name": "again"})),
+        probe(Method::DELETE, SCHEDULE, one.clone(), admin),
+        probe(Method::POST, SCHEDULE_PAUSE, format!("{one}/pause"), admin),
+        probe(
+            Method::POST,
+            SCHEDULE_RESUME,
+            format!("{one}/resume"),
+            admin,
+        ),
+        probe(
+            Method::GET,
+            SCHEDULE_EVENTS,
+            format!("{one}/events"),
+            auditor,
+        ),
     ];
     for p in &unavailable {
         let status = send(&c, p).await;
