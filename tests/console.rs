@@ -214,6 +214,19 @@ async fn the_console_works_in_a_real_browser(pool: PgPool) {
     until_status(&pool, &[succeeded], "succeeded").await;
     until_status(&pool, &[dead], "dead").await;
     until_status(&pool, &bulk, "dead").await;
+    // a schedule firing every two seconds (e-mails to the log channel)
+    let (status, schedule) = live
+        .call(
+            Role::Admin,
+            reqwest::Method::POST,
+            "/schedules",
+            json!({"name": "reminder run", "cron": "*/2 * * * * *", "time_zone": "Europe/Madrid",
+                   "type": "send_email",
+                   "payload": {"to": "ana@example.com", "subject": "Reminder", "body": "<p>Tomorrow</p>"}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{schedule}");
+    let schedule = schedule["id"].as_str().unwrap().to_owned();
 
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots");
     let out = Command::new("node")
@@ -230,6 +243,7 @@ async fn the_console_works_in_a_real_browser(pool: PgPool) {
         .env("BULK_REASON", "code 21211")
         .env("BULK_COUNT", bulk.len().to_string())
         .env("PAUSE_TYPE", "send_whatsapp")
+        .env("SCHEDULE_ID", &schedule)
         .output()
         .expect("node runs");
     let log = format!(
@@ -255,11 +269,25 @@ async fn the_console_works_in_a_real_browser(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(paused, 0, "the type was resumed");
+    let schedule_events: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT event_type, data->>'by' FROM schedule_events ORDER BY sequence")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        schedule_events,
+        [
+            ("created".to_owned(), Some("test-admin".to_owned())),
+            ("paused".to_owned(), Some("test-admin".to_owned()))
+        ],
+        "{log}"
+    );
     for name in [
         "overview.png",
         "timeline.png",
         "dead-letters.png",
         "auditor-timeline.png",
+        "schedule.png",
     ] {
         assert!(shots.join(name).exists(), "{name} was saved");
     }

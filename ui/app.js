@@ -301,6 +301,7 @@ async function route() {
   }
 
   const taskMatch = path.match(/^\/tasks\/(.+)$/);
+  const scheduleMatch = path.match(/^\/schedules\/(.+)$/);
   if (path === '/' || path === '/overview') {
     setActiveNav('overview');
     renderOverview(gen);
@@ -313,6 +314,12 @@ async function route() {
   } else if (path === '/dead') {
     setActiveNav('dead');
     renderDead(gen);
+  } else if (path === '/schedules') {
+    setActiveNav('schedules');
+    renderSchedules(gen);
+  } else if (scheduleMatch) {
+    setActiveNav('schedules');
+    renderSchedule(gen, decodeURIComponent(scheduleMatch[1]));
   } else {
     setActiveNav(null);
     setChildren(main(), pageHeading('Not found'),
@@ -891,6 +898,131 @@ async function renderTimeline(gen, id) {
   }
 
   setChildren(main(), heading, back, flash, actionMsg, actions, fields, eventsSection);
+  focusHeading();
+}
+
+// ---------------------------------------------------------------- schedules
+
+/** Pause or resume button of a schedule (admins only); reloads the page when done. */
+function schedulePauseButton(s, messageArea) {
+  if (!isAdmin()) return null;
+  const action = s.paused ? 'resume' : 'pause';
+  const button = h('button', { type: 'button', class: s.paused ? '' : 'secondary', testid: `action-schedule-${action}`, 'data-schedule': s.id },
+    s.paused ? 'Resume' : 'Pause');
+  button.addEventListener('click', async () => {
+    button.disabled = true;
+    try {
+      await api('POST', `/schedules/${encodeURIComponent(s.id)}/${action}`);
+      state.flash = { text: `Schedule “${s.name}” ${s.paused ? 'resumed' : 'paused'}.`, kind: 'ok' };
+      route();
+    } catch (err) {
+      setChildren(messageArea, messageBox(`${action} failed: ${err.message}`, 'error', 'action-error-message'));
+      button.disabled = false;
+    }
+  });
+  return button;
+}
+
+async function renderSchedules(gen) {
+  const flash = takeFlash();
+  setChildren(main(), pageHeading('Schedules'), flash, h('p', { class: 'loading' }, 'Loading…'));
+  focusHeading();
+  const messageArea = h('div', {});
+  let schedules = [];
+  try {
+    let after;
+    do {
+      const page = await api('GET', `/schedules${query({ limit: 500, after })}`);
+      schedules = schedules.concat(page.schedules);
+      after = page.next_after;
+    } while (after && schedules.length < 2000 && gen === state.generation);
+  } catch (err) {
+    if (gen !== state.generation) return;
+    setChildren(main(), pageHeading('Schedules'), flash, messageBox(`Schedules unavailable: ${err.message}`));
+    return;
+  }
+  if (gen !== state.generation) return;
+  const rows = schedules.map((s) => h('tr', { testid: 'schedule-row', 'data-schedule': s.id },
+    h('td', {}, h('a', { href: `#/schedules/${encodeURIComponent(s.id)}`, testid: 'schedule-link' }, s.name)),
+    h('td', { class: 'mono' }, s.cron),
+    h('td', {}, s.time_zone),
+    h('td', {}, s.type),
+    h('td', { testid: 'schedule-next' }, s.paused ? h('span', { class: 'badge', 'data-paused': 'true' }, 'paused') : timeEl(s.next_run_at)),
+    h('td', {}, timeEl(s.last_run_at)),
+    h('td', {}, schedulePauseButton(s, messageArea))));
+  setChildren(main(), pageHeading('Schedules'), flash, messageArea,
+    schedules.length
+      ? tableWrap('Schedules', ['Name', 'Cron', 'Time zone', 'Type', 'Next run', 'Last run', ''], rows, { testid: 'schedule-table' })
+      : h('p', { testid: 'schedule-empty' }, 'No schedules. Create one with POST /schedules (see /docs).'));
+  focusHeading();
+}
+
+async function renderSchedule(gen, id) {
+  const flash = takeFlash();
+  setChildren(main(), pageHeading('Schedule'), flash, h('p', { class: 'loading' }, 'Loading…'));
+  focusHeading();
+  const enc = encodeURIComponent(id);
+  const [scheduleR, eventsR] = await Promise.allSettled([
+    api('GET', `/schedules/${enc}`),
+    api('GET', `/schedules/${enc}/events`),
+  ]);
+  if (gen !== state.generation) return;
+  const back = h('p', {}, h('a', { href: '#/schedules' }, '← Back to schedules'));
+  const events = eventsR.status === 'fulfilled' && Array.isArray(eventsR.value) ? eventsR.value : [];
+  const eventsSection = h('section', { 'aria-labelledby': 'schedule-events-heading' },
+    h('h2', { id: 'schedule-events-heading' }, 'Change log'),
+    eventsR.status === 'rejected' && eventsR.reason.status !== 404 ? messageBox(`Change log unavailable: ${eventsR.reason.message}`) : null,
+    h('ol', { class: 'timeline', testid: 'schedule-event-list' }, events.map((ev) => h('li', { testid: 'schedule-event', 'data-event-type': ev.type, class: 'event' },
+      h('div', { class: 'event-head' },
+        h('span', { class: 'seq' }, `#${ev.sequence}`), ' ',
+        h('strong', { class: 'event-type' }, ev.type), ' ',
+        h('time', { datetime: ev.occurred_at, title: ev.occurred_at }, fmtTime(ev.occurred_at))),
+      h('details', {},
+        h('summary', {}, 'Data'),
+        h('pre', { class: 'json' }, JSON.stringify(ev.data, null, 2)),
+        h('p', { class: 'hint mono hash' }, `hash ${ev.hash}`))))));
+  if (scheduleR.status === 'rejected') {
+    const err = scheduleR.reason;
+    const text = err.status === 404 ? `No schedule with id “${id}” (it may have been deleted).` : err.message;
+    setChildren(main(), pageHeading('Schedule'), back, messageBox(text, 'error', 'schedule-error'), events.length ? eventsSection : null);
+    focusHeading();
+    return;
+  }
+  const s = scheduleR.value;
+  const messageArea = h('div', {});
+  const pause = schedulePauseButton(s, messageArea);
+  const details = h('section', { 'aria-labelledby': 'schedule-fields-heading', class: 'card' },
+    h('h2', { id: 'schedule-fields-heading' }, 'Details'),
+    kv([
+      ['ID', h('span', { class: 'mono' }, s.id)],
+      ['Cron', h('span', { class: 'mono' }, s.cron), 'schedule-cron'],
+      ['Time zone', s.time_zone],
+      ['Type', s.type],
+      ['Attempts per task', String(s.max_attempts)],
+      ['Missed slots', s.missed_runs === 'catch_up' ? `catch up (the last ${s.catch_up_limit})` : 'skip'],
+      ['State', s.paused ? 'paused' : 'active', 'schedule-state'],
+      ['Owner', s.owner],
+      ['Created', timeEl(s.created_at)],
+      ['Updated', timeEl(s.updated_at)],
+    ], 'schedule-fields'),
+    h('h3', {}, 'Payload'),
+    h('pre', { class: 'json', tabindex: '0' }, JSON.stringify(s.payload, null, 2)));
+  const next = h('section', { 'aria-labelledby': 'schedule-next-heading' },
+    h('h2', { id: 'schedule-next-heading' }, 'Next runs'),
+    s.next_runs.length
+      ? h('ol', { testid: 'schedule-next-runs' }, s.next_runs.map((t) => h('li', {}, timeEl(t))))
+      : h('p', {}, s.paused ? 'Paused: no run is planned.' : 'The expression matches no later time.'));
+  const runs = s.recent_runs ?? [];
+  const past = h('section', { 'aria-labelledby': 'schedule-runs-heading' },
+    h('h2', { id: 'schedule-runs-heading' }, 'Past slots'),
+    runs.length
+      ? tableWrap('Past slots', ['Slot', 'Task', 'Status'], runs.map((r) => h('tr', { testid: 'schedule-run' },
+        h('td', {}, timeEl(r.slot)),
+        h('td', {}, h('a', { href: `#/tasks/${encodeURIComponent(r.task_id)}`, class: 'mono' }, r.task_id)),
+        h('td', {}, r.status ? statusBadge(r.status) : '—'))))
+      : h('p', { testid: 'schedule-no-runs' }, 'No slot has fired yet.'));
+  setChildren(main(), h('h1', { tabindex: '-1', testid: 'page-title' }, 'Schedule ', s.name), back, flash, messageArea,
+    pause ? h('div', { class: 'buttons' }, pause) : null, details, next, past, eventsSection);
   focusHeading();
 }
 

@@ -3,7 +3,7 @@
 //
 //   ARNELA_URL=http://127.0.0.1:8080 ADMIN_TOKEN=… AUDITOR_TOKEN=… SCREENSHOT_DIR=… \
 //   SUCCEEDED_TASK_ID=… DEAD_TASK_ID=… BULK_TYPE=send_sms BULK_REASON=… BULK_COUNT=3 \
-//   PAUSE_TYPE=send_whatsapp node console.mjs
+//   PAUSE_TYPE=send_whatsapp SCHEDULE_ID=… node console.mjs
 //
 // Exits 0 only when every step passed.
 
@@ -13,7 +13,7 @@ import { chromium } from 'playwright-core';
 
 const REQUIRED = [
   'ARNELA_URL', 'ADMIN_TOKEN', 'AUDITOR_TOKEN', 'SUCCEEDED_TASK_ID', 'DEAD_TASK_ID',
-  'BULK_TYPE', 'BULK_REASON', 'BULK_COUNT', 'PAUSE_TYPE',
+  'BULK_TYPE', 'BULK_REASON', 'BULK_COUNT', 'PAUSE_TYPE', 'SCHEDULE_ID',
 ];
 const missing = REQUIRED.filter((k) => !process.env[k]);
 if (missing.length) {
@@ -223,6 +223,30 @@ async function run(browser) {
     check(entry?.paused === false, `GET /task-types says ${env.PAUSE_TYPE} is no longer paused`);
   });
 
+  await step('schedules: the list, one schedule\'s next runs and past slots, pause', async () => {
+    await page.locator(tid('nav-schedules')).click();
+    const row = page.locator(`${tid('schedule-row')}[data-schedule="${env.SCHEDULE_ID}"]`);
+    await row.waitFor();
+    await row.locator(tid('schedule-link')).click();
+    await page.locator(tid('schedule-next-runs')).waitFor();
+    const next = await page.locator(`${tid('schedule-next-runs')} li`).count();
+    check(next === 5, `five next runs are shown (got ${next})`);
+    // past slots appear as the schedule fires: reload until one is listed
+    for (let i = 0; i < 30 && await page.locator(tid('schedule-run')).count() === 0; i += 1) {
+      await page.waitForTimeout(500);
+      await page.evaluate(() => window.dispatchEvent(new HashChangeEvent('hashchange')));
+      await page.locator(tid('schedule-fields')).waitFor();
+    }
+    check(await page.locator(tid('schedule-run')).count() > 0, 'a past slot and its task are listed');
+    check((await page.locator(tid('schedule-event')).first().getAttribute('data-event-type')) === 'created',
+      'the change log starts with the creation');
+    await shot(page, 'schedule.png');
+    await page.locator(tid('action-schedule-pause')).click();
+    await page.locator(tid('schedule-state')).filter({ hasText: 'paused' }).waitFor();
+    const s = await apiCall('GET', `/schedules/${env.SCHEDULE_ID}`, env.ADMIN_TOKEN);
+    check(s.body?.paused === true, 'GET /schedules/{id} says it is paused');
+  });
+
   await step('auditor: signed in, sees no action anywhere, and the API refuses actions', async () => {
     await page.locator(tid('signout')).click();
     await page.locator(tid('signin-token')).waitFor({ state: 'visible' });
@@ -237,11 +261,15 @@ async function run(browser) {
     await shot(page, 'auditor-timeline.png');
     await openDeadLetters(page);
     await countActions(page, 'dead letters');
+    await page.locator(tid('nav-schedules')).click();
+    await page.locator(tid('schedule-row')).first().waitFor();
+    await countActions(page, 'schedules');
 
     const attempts = [
       ['POST', `/tasks/${env.DEAD_TASK_ID}/retry`, undefined],
       ['POST', '/dead-letters/retry', { dry_run: false }],
       ['POST', `/task-types/${env.PAUSE_TYPE}/pause`, undefined],
+      ['POST', `/schedules/${env.SCHEDULE_ID}/resume`, undefined],
     ];
     for (const [method, p, body] of attempts) {
       const res = await apiCall(method, p, env.AUDITOR_TOKEN, body);
