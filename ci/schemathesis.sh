@@ -138,8 +138,15 @@ batch='{"tasks":[{"type":"sync_calendar","payload":{"event_id":"evt-2","action":
 ids="$(seed /tasks/batch "$batch" | jq -er '.tasks[].id')"
 mapfile -t -O "${#TASK_IDS[@]}" TASK_IDS <<<"$ids"
 log "seeded tasks: ${TASK_IDS[*]}"
+# A schedule (a yearly slot, so it fires nothing during the run): the schedule operations are
+# then tested with an existing id too, and GET /schedules returns a real document.
+schedule='{"name":"st reminders","cron":"0 9 1 1 *","time_zone":"Europe/Madrid","type":"send_sms","payload":{"phone":"+34600111222","message":"Recordatorio"}}'
+SCHEDULE_ID="$(seed /schedules "$schedule" | jq -er .id)"
+TASK_IDS+=("$SCHEDULE_ID")
+log "seeded schedule: $SCHEDULE_ID"
 
-# Dictionaries steer part of the generated values to ones the API accepts: existing task ids,
+# Dictionaries steer part of the generated values to ones the API accepts: existing task and
+# schedule ids,
 # real task types and statuses. The rest stays random, so 404s and 422s are still exercised.
 CONFIG="$WORK/schemathesis.toml"
 {

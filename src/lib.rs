@@ -58,4 +58,5 @@ pub mod relay;
 pub mod rescuer;
 pub mod scheduler;
 pub mod store;
+pub mod telemetry;
 pub mod worker;

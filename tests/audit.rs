@@ -26,6 +26,7 @@ fn new_sms(message: &str) -> NewTask {
         idempotency_key: None,
         invalidates: Vec::new(),
         owner: String::new(),
+        trace: None,
     }
 }
 

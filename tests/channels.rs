@@ -61,6 +61,7 @@ fn task(task_type: TaskType, attempt: i32, payload: Value) -> TaskContext {
         attempt,
         payload,
         idempotency_key: format!("{task_id}:{attempt}"),
+        trace: None,
     }
 }
 

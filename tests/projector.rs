@@ -182,6 +182,7 @@ async fn a_late_commit_is_projected_later_never_skipped(pool: PgPool) {
         idempotency_key: None,
         invalidates: Vec::new(),
         owner: String::new(),
+        trace: None,
     }];
     arnela::store::tasks::enqueue(&mut open, news, chrono::Utc::now())
         .await

@@ -527,6 +527,17 @@ pub struct EnqueuedData {
     pub invalidates: Option<Vec<String>>,
     /// Who the task belongs to (absent for tasks written before owners were recorded).
     pub owner: Option<String>,
+    /// The W3C trace context of the enqueuing request (absent for tasks written before it was
+    /// recorded).
+    pub trace: Option<TraceData>,
+}
+
+/// A W3C trace context.
+#[derive(Debug, Clone, Object)]
+pub struct TraceData {
+    /// `00-{trace id}-{parent span id}-{flags}`.
+    pub traceparent: String,
+    pub tracestate: Option<String>,
 }
 
 /// The data of `dispatched`: a delivery for `attempt` was put on the Redis queue.

@@ -138,4 +138,5 @@ pub fn endpoint(ctx: ApiContext) -> impl Endpoint {
         .around(error::json_errors)
         .around(move |ep, req| metrics::track(ep, req, registry.clone(), routes.clone()))
         .with(Tracing)
+        .around(crate::telemetry::server_span)
 }

@@ -129,9 +129,18 @@ impl TasksApi {
         &self,
         auth: BearerAuth,
         body: Json<Documented<TaskRequest, EnqueueRequest>>,
+        /// W3C trace context: the task's attempts continue this trace (an invalid value is
+        /// ignored and a new trace started, as when it is absent).
+        traceparent: Header<Option<String>>,
+        /// W3C vendor trace state, kept with `traceparent`.
+        tracestate: Header<Option<String>>,
     ) -> Result<EnqueueResponse, Failure<EnqueueFailures>> {
         let claims = auth.require(&[Role::Producer])?;
-        let new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon, claims)?;
+        let mut new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon, claims)?;
+        new.trace = Some(crate::telemetry::context_for_enqueue(
+            traceparent.0.as_deref(),
+            tracestate.0.as_deref(),
+        ));
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
@@ -158,6 +167,10 @@ impl TasksApi {
         &self,
         auth: BearerAuth,
         body: Json<Documented<TaskBatch, BatchRequest>>,
+        /// W3C trace context shared by every task of the batch (see `POST /tasks`).
+        traceparent: Header<Option<String>>,
+        /// W3C vendor trace state, kept with `traceparent`.
+        tracestate: Header<Option<String>>,
     ) -> Result<BatchResponse, Failure<EnqueueFailures>> {
         let claims = auth.require(&[Role::Producer])?;
         let requests = body.0.value.tasks;
@@ -170,12 +183,16 @@ impl TasksApi {
             .into());
         }
         let now = Utc::now();
+        let trace = crate::telemetry::context_for_enqueue(
+            traceparent.0.as_deref(),
+            tracestate.0.as_deref(),
+        );
         let mut news = Vec::with_capacity(requests.len());
         for (i, r) in requests.into_iter().enumerate() {
-            news.push(
-                parse_request(r, now, self.ctx.schedule_horizon, claims)
-                    .map_err(|e| e.within(&format!("tasks[{i}].")))?,
-            );
+            let mut new = parse_request(r, now, self.ctx.schedule_horizon, claims)
+                .map_err(|e| e.within(&format!("tasks[{i}].")))?;
+            new.trace = Some(trace.clone());
+            news.push(new);
         }
         let mut tx = writer(&self.ctx.pool, &news).await?;
         let results = tasks::enqueue(&mut tx, news, Utc::now()).await?;
@@ -550,5 +567,6 @@ pub fn parse_request(
         idempotency_key,
         invalidates,
         owner: claims.owner().to_owned(),
+        trace: None,
     })
 }

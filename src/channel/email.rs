@@ -11,6 +11,7 @@
 //! credentials) is permanent, 4xx (greylisting, mailbox busy), timeouts and connection failures
 //! are retryable.
 
+use crate::telemetry;
 use futures::future::BoxFuture;
 use lettre::message::{header::ContentType, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
@@ -20,6 +21,7 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use tracing::Instrument;
 
 use super::classify::{self, ProviderDetail};
 use super::config::{EmailSettings, EmailTransport, SmtpTls};
@@ -197,7 +199,11 @@ impl EmailChannel {
                     ),
             )
             .map_err(|e| HandlerError::permanent(format!("smtp: cannot build the message: {e}")))?;
-        let response = smtp.send(message).await.map_err(|e| smtp_failure(&e))?;
+        let response = smtp
+            .send(message)
+            .instrument(telemetry::client_span("smtp", "send"))
+            .await
+            .map_err(|e| smtp_failure(&e))?;
         Ok(json!({
             "channel": "smtp",
             "message_id": message_id,
@@ -234,11 +240,12 @@ impl EmailChannel {
                 {"type": "text/html", "value": content.html},
             ],
         });
-        let response = client
+        let request = client
             .post(url.clone())
             .bearer_auth(api_key.expose())
-            .json(&body)
-            .send()
+            .json(&body);
+        let response = async { telemetry::traced(request).send().await }
+            .instrument(telemetry::client_span("sendgrid", "send mail"))
             .await
             .map_err(|e| classify::transport_failure("sendgrid", &e))?;
         let status = response.status();

@@ -20,6 +20,7 @@
 //! a local date-time without one; either way the event carries `time_zone` (or
 //! `GOOGLE_CALENDAR_TIME_ZONE`), which Google uses for local times and for display.
 
+use crate::telemetry;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use futures::future::BoxFuture;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -29,6 +30,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use super::classify::{self, ProviderDetail};
 use super::config::GoogleSettings;
@@ -322,8 +324,8 @@ impl GoogleCalendarChannel {
         if let Some(b) = body {
             request = request.json(b);
         }
-        request
-            .send()
+        async { telemetry::traced(request).send().await }
+            .instrument(telemetry::client_span("google_calendar", "event"))
             .await
             .map_err(|e| classify::transport_failure("google calendar", &e))
     }

@@ -7,11 +7,13 @@
 //! Twilio takes no idempotency key: a retry after a timeout may send a second message, which is
 //! why a timeout is only retried (by the engine's retry policy) and never repeated in place.
 
+use crate::telemetry;
 use futures::future::BoxFuture;
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use tracing::Instrument;
 
 use super::classify::{self, ProviderDetail};
 use super::config::{TwilioSender, TwilioSettings};
@@ -132,15 +134,16 @@ impl TwilioChannel {
     }
 
     async fn post(&self, form: &[(&str, String)]) -> HandlerResult {
-        let response = self
+        let request = self
             .client
             .post(self.messages_url.clone())
             .basic_auth(
                 &self.settings.auth_user,
                 Some(self.settings.auth_secret.expose()),
             )
-            .form(form)
-            .send()
+            .form(form);
+        let response = async { telemetry::traced(request).send().await }
+            .instrument(telemetry::client_span("twilio", "create message"))
             .await
             .map_err(|e| classify::transport_failure("twilio", &e))?;
         let status = response.status();

@@ -46,6 +46,10 @@ pub enum TaskEvent {
         /// Who the task belongs to (absent when empty, so older events keep their hash).
         #[serde(default, skip_serializing_if = "String::is_empty")]
         owner: String,
+        /// The W3C trace context of the request that enqueued the task (absent in events
+        /// stored before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<super::TraceContext>,
     },
     /// The relay put a delivery for `attempt` on the Redis queue.
     Dispatched { attempt: i32 },

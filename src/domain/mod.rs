@@ -7,8 +7,10 @@ pub mod payload;
 pub mod retry;
 pub mod schedule;
 pub mod task;
+pub mod trace;
 
 pub use event::{FailureKind, TaskEvent};
 pub use payload::{validate_invalidates, validate_payload, FieldError, TaskType, ValidPayload};
 pub use retry::RetryPolicy;
 pub use task::{NewTask, RetryDecision, Task, TaskStatus};
+pub use trace::TraceContext;

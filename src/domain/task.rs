@@ -121,6 +121,8 @@ pub struct Task {
     pub version: i32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The trace the task belongs to (see [`super::TraceContext`]).
+    pub trace: Option<super::TraceContext>,
 }
 
 /// What a producer asks for.
@@ -137,6 +139,8 @@ pub struct NewTask {
     /// Who the task belongs to: the enqueuing token's `tenant` claim, else its subject. Producers
     /// see and deduplicate only their own tasks. Empty for tasks written before owners existed.
     pub owner: String,
+    /// The trace of the request that enqueued it.
+    pub trace: Option<super::TraceContext>,
 }
 
 /// What the retry policy decided for a failed attempt.
@@ -159,6 +163,7 @@ impl Task {
             idempotency_key: new.idempotency_key,
             invalidates: new.invalidates,
             owner: new.owner,
+            trace: new.trace,
         }
     }
 
@@ -171,6 +176,7 @@ impl Task {
             max_attempts,
             run_at,
             idempotency_key,
+            trace,
             ..
         } = first
         else {
@@ -194,6 +200,7 @@ impl Task {
             version: 1,
             created_at: at,
             updated_at: at,
+            trace: trace.clone(),
         }
     }
 
@@ -460,6 +467,7 @@ mod tests {
             idempotency_key: None,
             invalidates: Vec::new(),
             owner: String::new(),
+            trace: None,
         });
         Task::from_first(Uuid::nil(), &first, t0())
     }

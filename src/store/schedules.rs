@@ -19,7 +19,7 @@ use super::tasks::{self, Enqueued};
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{canonical_bytes, chain_hash, db_time};
 use crate::domain::schedule::{due, slot_key, Cadence, MissedRuns};
-use crate::domain::{validate_payload, NewTask, TaskType, ValidPayload};
+use crate::domain::{validate_payload, NewTask, TaskType, TraceContext, ValidPayload};
 
 /// A row of `schedules`.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -503,6 +503,8 @@ pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Fired> {
                 idempotency_key: Some(slot_key(s.id, *slot)),
                 invalidates: Vec::new(),
                 owner: s.owner.clone(),
+                // each slot's task starts a trace of its own
+                trace: Some(TraceContext::new_root()),
             });
             slots.push((s.id, *slot));
         }

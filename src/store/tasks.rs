@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::events::EventRows;
 use super::{Result, StoreError, Tx};
 use crate::domain::event::db_time;
-use crate::domain::{NewTask, Task, TaskStatus, TaskType};
+use crate::domain::{NewTask, Task, TaskStatus, TaskType, TraceContext};
 
 /// A row of the `tasks` projection.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -38,16 +38,20 @@ pub struct TaskRow {
     pub updated_at: DateTime<Utc>,
     /// Who the task belongs to ('' for tasks written before owners existed).
     pub owner: String,
+    /// The W3C trace context it was enqueued with (NULL for tasks written before it was kept).
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 pub(crate) const TASK_COLUMNS: &str = "id, task_type, payload, status, attempts, max_attempts, \
     run_at, idempotency_key, last_error, version, last_hash, enqueued_position, lease_owner, \
-    lease_expires_at, created_at, updated_at, owner";
+    lease_expires_at, created_at, updated_at, owner, traceparent, tracestate";
 
 /// [`TASK_COLUMNS`] with a JSON `null` for the payload, for readers that decide without it.
 pub(crate) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb AS payload, \
     status, attempts, max_attempts, run_at, idempotency_key, last_error, version, last_hash, \
-    enqueued_position, lease_owner, lease_expires_at, created_at, updated_at, owner";
+    enqueued_position, lease_owner, lease_expires_at, created_at, updated_at, owner, traceparent, \
+    tracestate";
 
 impl TaskRow {
     /// The domain state held by this row and the hash the task's next event chains to, without
@@ -74,6 +78,10 @@ impl TaskRow {
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            trace: self.traceparent.map(|traceparent| TraceContext {
+                traceparent,
+                tracestate: self.tracestate,
+            }),
         };
         Ok((task, self.last_hash))
     }
@@ -99,6 +107,10 @@ impl TaskRow {
             version: self.version,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            trace: self.traceparent.clone().map(|traceparent| TraceContext {
+                traceparent,
+                tracestate: self.tracestate.clone(),
+            }),
         })
     }
 }
@@ -140,6 +152,8 @@ pub async fn enqueue(
     let mut run_ats = Vec::with_capacity(requests.len());
     let mut keys = Vec::with_capacity(requests.len());
     let mut owners = Vec::with_capacity(requests.len());
+    let mut traceparents = Vec::with_capacity(requests.len());
+    let mut tracestates = Vec::with_capacity(requests.len());
     let mut by_key: HashMap<(&str, &str), usize> = HashMap::new();
     let mut first_of_key: Vec<Option<usize>> = Vec::with_capacity(requests.len());
 
@@ -177,6 +191,8 @@ pub async fn enqueue(
         run_ats.push(db_time(req.run_at));
         keys.push(req.idempotency_key.clone());
         owners.push(req.owner.as_str());
+        traceparents.push(req.trace.as_ref().map(|t| t.traceparent.as_str()));
+        tracestates.push(req.trace.as_ref().and_then(|t| t.tracestate.as_deref()));
     }
 
     // One statement: the projection rows (skipping keys already in use), then the events and
@@ -187,15 +203,15 @@ pub async fn enqueue(
         "WITH input AS ( \
            SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
                                 $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[], \
-                                $12::text[]) \
+                                $12::text[], $13::text[], $14::text[]) \
              AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, hash, slot, \
-                  event_version, data, owner) \
+                  event_version, data, owner, traceparent, tracestate) \
          ), task AS ( \
            INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at, \
                               idempotency_key, version, last_hash, enqueued_position, \
-                              created_at, updated_at, owner) \
+                              created_at, updated_at, owner, traceparent, tracestate) \
            SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1, \
-                  hash, event_position(slot), $11, $11, owner \
+                  hash, event_position(slot), $11, $11, owner, traceparent, tracestate \
            FROM input ORDER BY slot \
            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
            RETURNING id, enqueued_position, run_at \
@@ -223,6 +239,8 @@ pub async fn enqueue(
     .bind(&rows.data)
     .bind(now)
     .bind(&owners)
+    .bind(&traceparents)
+    .bind(&tracestates)
     .fetch_all(tx.conn())
     .await?;
 
@@ -259,6 +277,8 @@ pub async fn enqueue(
                 created_at: now,
                 updated_at: now,
                 owner: req.owner.clone(),
+                traceparent: req.trace.as_ref().map(|t| t.traceparent.clone()),
+                tracestate: req.trace.as_ref().and_then(|t| t.tracestate.clone()),
             },
         );
     }

@@ -21,6 +21,8 @@ pub struct TaskContext {
     /// `{task_id}:{attempt}`: stable across redeliveries of the same attempt, so providers that
     /// accept an idempotency key can drop a repeated request.
     pub idempotency_key: String,
+    /// The trace the task belongs to (its attempt's span continues it).
+    pub trace: Option<crate::domain::TraceContext>,
 }
 
 /// A failed attempt, and what to do next. Retry and dead-lettering are decided from this type,

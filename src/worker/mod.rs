@@ -423,6 +423,7 @@ impl Worker {
                         attempt,
                         payload: after.payload.clone(),
                         idempotency_key: format!("{id}:{attempt}"),
+                        trace: after.trace.clone(),
                     },
                 });
                 continue;
@@ -483,11 +484,11 @@ impl Worker {
         hard_stop: &CancellationToken,
     ) -> Finished {
         let ctx = &claimed.ctx;
-        let span = tracing::info_span!(
-            "attempt",
-            task.id = %ctx.task_id,
-            task.r#type = %ctx.task_type,
-            attempt = ctx.attempt
+        let span = crate::telemetry::attempt_span(
+            ctx.task_id,
+            ctx.task_type,
+            ctx.attempt,
+            ctx.trace.as_ref(),
         );
         let started = Instant::now();
         self.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -607,7 +608,8 @@ impl Worker {
         let id = task.id;
         let attempt = f.claimed.ctx.attempt;
         if !task.is_held_by(self.id, attempt) {
-            tracing::warn!(task.id = %id, attempt, "lease was taken over; outcome not recorded");
+            let trace_id = f.claimed.ctx.trace.as_ref().map_or("", |t| t.trace_id());
+            tracing::warn!(task.id = %id, attempt, trace_id, "lease was taken over; outcome not recorded");
             // the run is not recorded, but a handler stopped for it is (never a silent stop)
             return Ok(matches!(f.ending, Ending::LeaseLost).then(|| {
                 let stopped = TaskEvent::AttemptStopped {

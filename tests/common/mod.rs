@@ -952,6 +952,7 @@ pub async fn enqueue_tasks(
                 invalidates: Vec::new(),
                 // the tenant of `token(Role::Producer)`
                 owner: "test-producer".into(),
+                trace: None,
             })
             .collect();
         let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())
