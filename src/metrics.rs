@@ -11,7 +11,8 @@
 //!   the counters of every registered [`CacheStats`] ([`Metrics::register_cache`]);
 //! - **cluster figures** are read at scrape time by [`Collector`]s: queue depths and live
 //!   workers from Redis ([`QueueCollector`]), the outbox backlog from Postgres
-//!   ([`OutboxCollector`]). A collector that fails or does not answer within the collect timeout
+//!   ([`OutboxCollector`]), the age of the oldest waiting delivery from both
+//!   ([`QueueAgeCollector`]). A collector that fails or does not answer within the collect timeout
 //!   does not fail the scrape: its families are left out, `arnela_scrape_source_up{source}`
 //!   drops to 0 and `arnela_scrape_errors_total{source}` counts the failure; the error is
 //!   logged once per outage (when the source goes down), and its recovery once.
@@ -37,7 +38,7 @@ use std::time::Duration;
 
 use crate::cache::CacheStats;
 use crate::domain::TaskType;
-use crate::queue::{self, Keys, QueueError};
+use crate::queue::{self, Delivery, Keys, QueueError};
 use crate::store::{outbox, projection, StoreError};
 
 /// The `Content-Type` of a scrape.
@@ -388,7 +389,8 @@ impl Metrics {
     }
 
     /// A registry with the cluster collectors: queue depths and live workers from Redis, the
-    /// outbox backlog from Postgres.
+    /// outbox backlog from Postgres, the queue's oldest delivery age from both, the projected
+    /// figures.
     pub fn for_cluster(
         pool: PgPool,
         redis: ConnectionManager,
@@ -396,7 +398,15 @@ impl Metrics {
         timeout: Duration,
     ) -> Metrics {
         let metrics = Metrics::with_collect_timeout(timeout);
-        metrics.add_collector(Arc::new(QueueCollector { redis, keys }));
+        metrics.add_collector(Arc::new(QueueCollector {
+            redis: redis.clone(),
+            keys: keys.clone(),
+        }));
+        metrics.add_collector(Arc::new(QueueAgeCollector {
+            redis,
+            keys,
+            pool: pool.clone(),
+        }));
         metrics.add_collector(Arc::new(OutboxCollector { pool: pool.clone() }));
         metrics.add_collector(Arc::new(ProjectionCollector { pool }));
         metrics
@@ -766,6 +776,43 @@ impl Collector for OutboxCollector {
                 )
                 .with(&[], age.max(0.0)),
             ])
+        })
+    }
+}
+
+/// How long the oldest delivery waiting on the Redis queue has been there (source `queue_age`):
+/// the entry at the right end of `{prefix}:tasks` (where workers take from), aged from its
+/// outbox row's `published_at` by Postgres's clock. An entry that does not decode, or whose
+/// published row is gone (its task was cancelled or already claimed, or it belongs to another
+/// database), reads 0, as does an empty queue. It reads both stores, so it has a source of its
+/// own: sharing `redis` would count a failure twice and let a Postgres failure mark Redis down.
+pub struct QueueAgeCollector {
+    pub redis: ConnectionManager,
+    pub keys: Keys,
+    pub pool: PgPool,
+}
+
+impl Collector for QueueAgeCollector {
+    fn source(&self) -> &'static str {
+        "queue_age"
+    }
+
+    fn collect(&self) -> BoxFuture<'_, Result<Vec<Family>>> {
+        Box::pin(async move {
+            let mut conn = self.redis.clone();
+            let oldest = queue::oldest_waiting(&mut conn, &self.keys).await?;
+            let age = match oldest.as_deref().and_then(Delivery::decode) {
+                Some(d) => outbox::published_age(&self.pool, d.task_id, d.attempt)
+                    .await?
+                    .unwrap_or(0.0),
+                None => 0.0,
+            };
+            Ok(vec![Family::gauge(
+                "arnela_queue_oldest_age_seconds",
+                "How long the oldest delivery waiting on the Redis queue has been there (since \
+                 its outbox row was published; 0 when the queue is empty).",
+            )
+            .with(&[], age.max(0.0))])
         })
     }
 }

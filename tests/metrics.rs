@@ -7,7 +7,8 @@ mod common;
 use arnela::cache::{keys, Cache, Ttl};
 use arnela::domain::TaskType;
 use arnela::metrics::{
-    Family, HistogramValue, Metrics, OutboxCollector, ProjectionCollector, QueueCollector,
+    Family, HistogramValue, Metrics, OutboxCollector, ProjectionCollector, QueueAgeCollector,
+    QueueCollector,
 };
 use arnela::projector::{Projection, Projector};
 use arnela::worker::handler::HandlerError;
@@ -32,6 +33,11 @@ fn api_over(e: &Engine) -> TestClient<impl Endpoint> {
     e.metrics.add_collector(Arc::new(QueueCollector {
         redis: e.redis.clone(),
         keys: e.keys.clone(),
+    }));
+    e.metrics.add_collector(Arc::new(QueueAgeCollector {
+        redis: e.redis.clone(),
+        keys: e.keys.clone(),
+        pool: e.pool.clone(),
     }));
     e.metrics.add_collector(Arc::new(OutboxCollector {
         pool: e.pool.clone(),
@@ -129,6 +135,7 @@ async fn every_family_is_present_with_its_type(pool: PgPool) {
         ("arnela_cache_loads_total", Counter),
         ("arnela_queue_depth", Gauge),
         ("arnela_workers_live", Gauge),
+        ("arnela_queue_oldest_age_seconds", Gauge),
         ("arnela_outbox_backlog", Gauge),
         ("arnela_outbox_oldest_due_age_seconds", Gauge),
         ("arnela_scrape_source_up", Gauge),
@@ -140,7 +147,7 @@ async fn every_family_is_present_with_its_type(pool: PgPool) {
             "{family} has a series"
         );
     }
-    for source in ["redis", "postgres"] {
+    for source in ["redis", "queue_age", "postgres"] {
         assert_eq!(
             value(&exp, "arnela_scrape_source_up", &[("source", source)]),
             Some(1.0)
@@ -271,6 +278,77 @@ async fn attempts_relay_batches_and_queue_depths_follow_the_engine(pool: PgPool)
 }
 
 #[sqlx::test]
+async fn queue_age_is_the_age_of_the_oldest_waiting_delivery_since_it_was_published(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let c = api_over(&e);
+    let age = |exp: &Exposition| value(exp, "arnela_queue_oldest_age_seconds", &[]);
+    let queue_age_up =
+        |exp: &Exposition| value(exp, "arnela_scrape_source_up", &[("source", "queue_age")]);
+
+    let exp = scrape(&c).await;
+    assert_eq!(age(&exp), Some(0.0), "an empty queue reads 0");
+
+    // two deliveries on the queue: the one workers take next (the right end) published 90 s
+    // ago, the other 10 s ago
+    let ids = common::enqueue_tasks(&pool, TaskType::SendSms, 2, 3).await;
+    assert_eq!(e.relay_once().await, 2);
+    let mut conn = e.redis.clone();
+    let next: String = redis::cmd("LINDEX")
+        .arg(e.keys.tasks())
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let next = arnela::queue::Delivery::decode(&next).unwrap().task_id;
+    let other = *ids.iter().find(|id| **id != next).unwrap();
+    for (id, ago) in [(next, 90), (other, 10)] {
+        sqlx::query(
+            "UPDATE outbox SET published_at = now() - make_interval(secs => $2) \
+             WHERE task_id = $1 AND published_at IS NOT NULL",
+        )
+        .bind(id)
+        .bind(f64::from(ago))
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let exp = scrape(&c).await;
+    let oldest = age(&exp).expect("the family is present");
+    assert!((90.0..200.0).contains(&oldest), "oldest age {oldest}");
+    assert_eq!(queue_age_up(&exp), Some(1.0));
+
+    // an entry that does not decode at the right end reads 0 without failing the source
+    let _: () = redis::cmd("RPUSH")
+        .arg(e.keys.tasks())
+        .arg("not a delivery")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let exp = scrape(&c).await;
+    assert_eq!(age(&exp), Some(0.0));
+    assert_eq!(queue_age_up(&exp), Some(1.0));
+    let _: Option<String> = redis::cmd("RPOP")
+        .arg(e.keys.tasks())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // the worker takes the oldest: the other one is now the oldest
+    assert!(matches!(e.step().await, Processed::Succeeded(_)));
+    let exp = scrape(&c).await;
+    let oldest = age(&exp).unwrap();
+    assert!((10.0..90.0).contains(&oldest), "oldest age {oldest}");
+
+    assert!(matches!(e.step().await, Processed::Succeeded(_)));
+    let exp = scrape(&c).await;
+    assert_eq!(age(&exp), Some(0.0), "the queue is empty again");
+    assert_eq!(
+        value(&exp, "arnela_queue_depth", &[("list", "tasks")]),
+        Some(0.0)
+    );
+}
+
+#[sqlx::test]
 async fn cache_hits_misses_and_loads_are_counted_per_key_family(pool: PgPool) {
     let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
     let cache = Cache::new(e.redis.clone(), e.keys.prefix());
@@ -327,7 +405,8 @@ async fn a_scrape_without_redis_still_answers_with_the_postgres_families(pool: P
         assert_eq!(value(&exp, "arnela_outbox_backlog", &[]), Some(0.0));
         assert!(
             !exp.families.contains_key("arnela_queue_depth")
-                && !exp.families.contains_key("arnela_workers_live"),
+                && !exp.families.contains_key("arnela_workers_live")
+                && !exp.families.contains_key("arnela_queue_oldest_age_seconds"),
             "the Redis families are left out, not reported as 0"
         );
         assert_eq!(

@@ -446,6 +446,17 @@ pub async fn depths(conn: &mut ConnectionManager, keys: &Keys) -> Result<(i64, i
         .await?)
 }
 
+/// The oldest delivery waiting on the queue, raw (`LINDEX tasks -1`: the relays push on the
+/// left and workers take from the right), or `None` when the queue is empty. Decode it with
+/// [`Delivery::decode`].
+pub async fn oldest_waiting(conn: &mut ConnectionManager, keys: &Keys) -> Result<Option<String>> {
+    Ok(redis::cmd("LINDEX")
+        .arg(keys.tasks())
+        .arg(-1)
+        .query_async(conn)
+        .await?)
+}
+
 /// Puts an entry that could not be decoded on the failed list, with the reason.
 pub async fn push_failed_raw(
     conn: &mut ConnectionManager,

@@ -200,6 +200,21 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
     .await?)
 }
 
+/// Seconds since the delivery `(task_id, attempt)` was published, by the database's clock, or
+/// `None` when no published row of it exists (the task was claimed, cancelled or finished, or
+/// the delivery belongs to another database). Of two published rows of the same attempt, the
+/// earlier counts.
+pub async fn published_age(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<Option<f64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(published_at))::float8 \
+         FROM outbox WHERE task_id = $1 AND attempt = $2 AND published_at IS NOT NULL",
+    )
+    .bind(task_id)
+    .bind(attempt)
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Gives deliveries back to the outbox unpublished: `(task, attempt)` pairs a worker took from
 /// Redis but will not claim (their type is paused). The relays publish them again once they may.
 pub async fn unpublish(tx: &mut Tx, deliveries: &[(Uuid, i32)]) -> Result<u64> {
