@@ -71,9 +71,7 @@ impl App {
             .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
         let keys = Keys::new(settings.redis.key_prefix.clone());
         check_binding(&pool, &redis, &keys).await?;
-        store::migrate(&pool)
-            .await
-            .context("cannot apply database migrations")?;
+        check_role_and_schema(&pool, settings.app_env == crate::config::AppEnv::Production).await?;
         Ok(App::from_parts(settings, pool, redis))
     }
 
@@ -417,6 +415,52 @@ async fn check_binding(
         "the Redis namespace serves this database"
     );
     Ok(())
+}
+
+/// Refuses, in production, a role that could rewrite the event log (a superuser, or the log's
+/// owner, who may disable its triggers): the service runs as a member of `arnela_runtime` and
+/// the migrations as the owner (`arnela migrate`). Applies pending migrations outside
+/// production; in production they must have been applied by `arnela migrate` first.
+async fn check_role_and_schema(pool: &PgPool, production: bool) -> anyhow::Result<()> {
+    let powers = store::role_powers(pool)
+        .await
+        .context("cannot read the database role's privileges")?;
+    let what = if powers.superuser {
+        Some("a superuser")
+    } else if powers.owns_log {
+        Some("the owner of the event log")
+    } else {
+        None
+    };
+    if let (true, Some(what)) = (production, what) {
+        anyhow::bail!(
+            "refusing to start in production as database role {:?}, which is {what}: it could \
+             disable the event log's triggers and rewrite history. Run the migrations as the \
+             owner (`arnela migrate` with DB_MIGRATION_USER and DB_MIGRATION_PASSWORD) and the \
+             service as a role that is a member of arnela_runtime (README, \"Audit\")",
+            powers.role
+        );
+    }
+    if let Some(what) = what {
+        tracing::warn!(role = %powers.role, "the service's database role is {what} (refused in production)");
+    }
+    let pending = store::pending_migrations(pool)
+        .await
+        .context("cannot read the applied migrations")?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    if production || !powers.may_migrate {
+        anyhow::bail!(
+            "{} database migrations are not applied (first: {}); run `arnela migrate` with the \
+             owner's credentials (DB_MIGRATION_USER, DB_MIGRATION_PASSWORD) first",
+            pending.len(),
+            pending[0]
+        );
+    }
+    store::migrate(pool)
+        .await
+        .context("cannot apply database migrations")
 }
 
 /// Listens on `addr` (port 0 picks a free one); returns the acceptor and the bound address.

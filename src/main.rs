@@ -25,6 +25,98 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `arnela audit verify`: every chain (tasks and schedules) or one task's; every broken link is
+/// printed (text or `--json`), and the exit status is 2 when any is found.
+async fn audit_verify(
+    pool: &sqlx::PgPool,
+    task: Option<uuid::Uuid>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use std::io::{IsTerminal, Write};
+    let started = std::time::Instant::now();
+    let report = match task {
+        Some(id) => arnela::store::audit::verify_task(pool, id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("task {id} has no events and no projection row"))?,
+        None => {
+            let terminal = std::io::stderr().is_terminal() && !json;
+            let mut last_shown = std::time::Instant::now();
+            arnela::store::audit::verify(pool, |p| {
+                if terminal && last_shown.elapsed() >= Duration::from_millis(500) {
+                    last_shown = std::time::Instant::now();
+                    let rate = p.events as f64 / started.elapsed().as_secs_f64().max(0.001);
+                    eprint!(
+                        "\rverified {} tasks, {} events ({rate:.0} events/s), {} broken   ",
+                        p.tasks, p.events, p.broken
+                    );
+                    std::io::stderr().flush().ok();
+                }
+            })
+            .await?
+        }
+    };
+    // schedules' change logs are checked with the whole log (not for one task)
+    let (schedule_events, broken_schedules) = match task {
+        None => arnela::store::schedules::verify(pool).await?,
+        Some(_) => (0, Vec::new()),
+    };
+    let ok = report.ok() && broken_schedules.is_empty();
+    let seconds = started.elapsed().as_secs_f64();
+    if json {
+        let doc = serde_json::json!({
+            "ok": ok,
+            "tasks": report.tasks,
+            "events": report.events,
+            "schedule_events": schedule_events,
+            "broken_total": report.broken_total,
+            "broken": report.broken,
+            "broken_schedules": broken_schedules,
+            "seconds": seconds,
+        });
+        println!("{doc}");
+    } else {
+        if std::io::stderr().is_terminal() && task.is_none() {
+            eprintln!();
+        }
+        for b in &report.broken {
+            println!(
+                "BROKEN: task {} event {}: {}",
+                b.task_id, b.sequence, b.reason
+            );
+        }
+        if report.broken_total > report.broken.len() as u64 {
+            println!(
+                "... and {} more broken tasks",
+                report.broken_total - report.broken.len() as u64
+            );
+        }
+        for b in &broken_schedules {
+            println!(
+                "BROKEN: schedule {} event {}: {}",
+                b.schedule_id, b.sequence, b.reason
+            );
+        }
+        if ok {
+            println!(
+                "ok: {} tasks, {} events, {} schedule events, every hash chain verifies ({seconds:.1} s)",
+                report.tasks, report.events, schedule_events
+            );
+        } else {
+            println!(
+                "FAILED: {} of {} tasks and {} schedules have a broken chain",
+                report.broken_total,
+                report.tasks,
+                broken_schedules.len()
+            );
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Openapi { output } => {
@@ -86,44 +178,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let pool = connect_db().await?;
+            // the tables' owner, when the service's own role is a runtime role
+            let settings = Settings::from_env()?;
+            let mut options = settings.database.connect_options()?;
+            if let Ok(user) = std::env::var("DB_MIGRATION_USER") {
+                if !user.trim().is_empty() {
+                    options = options.username(user.trim());
+                    let password = std::env::var("DB_MIGRATION_PASSWORD").unwrap_or_default();
+                    options = options.password(&password);
+                }
+            }
+            let pool = arnela::store::connect(options, 2).await?;
             arnela::store::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { task },
+            command: AuditCommand::Verify { task, json },
         } => {
             let pool = connect_db().await?;
-            let report = arnela::store::audit::verify(&pool, task).await?;
-            // Schedules' change logs are checked with the whole log (not for one task).
-            let (schedule_events, broken_schedules) = match task {
-                None => arnela::store::schedules::verify(&pool).await?,
-                Some(_) => (0, Vec::new()),
-            };
-            for b in &broken_schedules {
-                println!(
-                    "BROKEN: schedule {} event {}: {}",
-                    b.schedule_id, b.sequence, b.reason
-                );
-            }
-            match report.broken {
-                None if broken_schedules.is_empty() => {
-                    println!(
-                        "ok: {} tasks, {} events, {} schedule events, every hash chain verifies",
-                        report.tasks, report.events, schedule_events
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                None => Ok(ExitCode::from(2)),
-                Some(b) => {
-                    println!(
-                        "BROKEN: task {} event {}: {}",
-                        b.task_id, b.sequence, b.reason
-                    );
-                    Ok(ExitCode::from(2))
-                }
-            }
+            audit_verify(&pool, task, json).await
         }
         Command::Serve | Command::Api | Command::Relay | Command::Worker => {
             let roles = match cli.command {

@@ -368,84 +368,138 @@ async fn the_log_refuses_updates_and_deletes(pool: PgPool) {
 }
 
 #[sqlx::test]
-async fn verify_names_the_first_altered_or_missing_event(pool: PgPool) {
+async fn verify_names_every_broken_chain_at_its_first_bad_link(pool: PgPool) {
     let c = client(pool.clone()).await;
     let mut ids = Vec::new();
-    for i in 0..3 {
+    for i in 0..6 {
         let (_, t) = post(&c, "/tasks", &sms(&format!("m{i}"))).await;
         let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
         dispatch(&pool, id, 2).await;
         ids.push(id);
     }
-    let report = audit::verify(&pool, None).await.unwrap();
-    assert_eq!((report.tasks, report.events, report.broken), (3, 9, None));
+    let report = audit::verify(&pool, |_| {}).await.unwrap();
+    assert_eq!((report.tasks, report.events, report.ok()), (6, 18, true));
 
-    // An edited payload is caught at the edited event.
+    // Five ways to break a chain, one task each; the sixth task stays intact.
     tamper(
         &pool,
         "UPDATE task_events SET data = jsonb_set(data, '{attempt}', '7') WHERE task_id = $1 AND sequence = 2",
         ids[1],
     )
     .await;
-    let broken = audit::verify(&pool, None)
-        .await
-        .unwrap()
-        .broken
-        .expect("caught");
-    assert_eq!((broken.task_id, broken.sequence), (ids[1], 2));
-    assert!(broken.reason.contains("altered"), "{}", broken.reason);
-
-    // The CLI says the same and exits non-zero.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"))
-        .args(["audit", "verify"])
-        .env("DATABASE_URL", database_url(&pool))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains(&ids[1].to_string()) && stdout.contains("event 2"),
-        "{stdout}"
-    );
-    // ... and one task's chain can be checked alone.
-    let ok = audit::verify(&pool, Some(ids[0])).await.unwrap();
-    assert_eq!((ok.events, ok.broken), (3, None));
-
-    // A removed last event is caught through the projection.
     tamper(
         &pool,
         "DELETE FROM task_events WHERE task_id = $1 AND sequence = 3",
         ids[2],
     )
     .await;
-    let broken = audit::verify(&pool, Some(ids[2]))
-        .await
-        .unwrap()
-        .broken
-        .expect("caught");
-    assert_eq!((broken.task_id, broken.sequence), (ids[2], 3));
-    assert!(broken.reason.contains("removed"), "{}", broken.reason);
-
-    // A removed middle event is caught as a gap.
     tamper(
         &pool,
         "DELETE FROM task_events WHERE task_id = $1 AND sequence = 2",
         ids[0],
     )
     .await;
-    let broken = audit::verify(&pool, Some(ids[0]))
+    // a whole history removed, the projection row left
+    tamper(&pool, "DELETE FROM task_events WHERE task_id = $1", ids[3]).await;
+    // a projection row removed, its events left
+    sqlx::query("DELETE FROM outbox WHERE task_id = $1")
+        .bind(ids[4])
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM task_leases WHERE task_id = $1")
+        .bind(ids[4])
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM tasks WHERE id = $1")
+        .bind(ids[4])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let report = audit::verify(&pool, |_| {}).await.unwrap();
+    assert!(!report.ok());
+    assert_eq!(report.broken_total, 5, "{report:?}");
+    let found = |id: Uuid| report.broken.iter().find(|b| b.task_id == id).cloned();
+    let b = found(ids[1]).expect("the altered event");
+    assert_eq!(b.sequence, 2);
+    assert!(b.reason.contains("altered"), "{}", b.reason);
+    let b = found(ids[2]).expect("the removed tail");
+    assert_eq!(b.sequence, 3);
+    assert!(b.reason.contains("removed"), "{}", b.reason);
+    let b = found(ids[0]).expect("the gap");
+    assert_eq!(b.sequence, 3);
+    assert!(b.reason.contains("missing"), "{}", b.reason);
+    let b = found(ids[3]).expect("the removed history");
+    assert!(b.reason.contains("no events"), "{}", b.reason);
+    let b = found(ids[4]).expect("the removed projection row");
+    assert!(b.reason.contains("no projection row"), "{}", b.reason);
+    assert!(found(ids[5]).is_none());
+
+    // One task's verdict.
+    let ok = audit::verify_task(&pool, ids[5]).await.unwrap().unwrap();
+    assert_eq!((ok.events, ok.ok()), (3, true));
+    let bad = audit::verify_task(&pool, ids[3]).await.unwrap().unwrap();
+    assert_eq!(bad.broken.len(), 1);
+    assert!(audit::verify_task(&pool, Uuid::now_v7())
         .await
         .unwrap()
-        .broken
-        .expect("caught");
-    assert_eq!((broken.task_id, broken.sequence), (ids[0], 3));
-    assert!(broken.reason.contains("missing"), "{}", broken.reason);
+        .is_none());
+    let (status, verdict) = common::get(&c, &format!("/audit/verify/{}", ids[1])).await;
+    assert_eq!(status, 200);
+    assert_eq!(verdict["ok"], false);
+    assert!(
+        verdict["problem"].as_str().unwrap().starts_with("event 2:"),
+        "{verdict}"
+    );
+
+    // The CLI names all five, as text and as JSON, and exits 2.
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"));
+        cmd.args(["audit", "verify"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd
+            .env("DATABASE_URL", database_url(&pool))
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, stdout) = run(false);
+    assert_eq!(code, Some(2), "{stdout}");
+    for id in &ids[..5] {
+        assert!(stdout.contains(&format!("BROKEN: task {id}")), "{stdout}");
+    }
+    assert!(!stdout.contains(&ids[5].to_string()), "{stdout}");
+    let (code, stdout) = run(true);
+    assert_eq!(code, Some(2));
+    let doc: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON document");
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["broken_total"], 5);
+    assert_eq!(doc["broken"].as_array().unwrap().len(), 5);
+}
+
+#[sqlx::test]
+async fn verify_reads_the_log_in_pages_of_tasks(pool: PgPool) {
+    let n = audit::PAGE_TASKS as usize * 2 + 500;
+    let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
+    let news = (0..n).map(|i| new_sms(&format!("m{i}"))).collect();
+    arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut pages = Vec::new();
+    let report = audit::verify(&pool, |p| pages.push(p.tasks)).await.unwrap();
+    assert!(report.ok());
+    assert_eq!(report.tasks, n as u64);
+    let page = audit::PAGE_TASKS as u64;
+    assert_eq!(pages, vec![page, 2 * page, n as u64]);
 }
 
 #[sqlx::test]
@@ -463,4 +517,188 @@ async fn verify_passes_on_an_untouched_log_through_the_cli(pool: PgPool) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 tasks, 1 events"));
+}
+
+/// A login role of the test's own, member of `arnela_runtime` (dropped by [`drop_role`]).
+async fn runtime_role(pool: &PgPool) -> String {
+    let role = format!("rt_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE arnela_runtime"))
+        .execute(pool)
+        .await
+        .unwrap();
+    role
+}
+
+async fn drop_role(pool: &PgPool, role: &str) {
+    sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The test's database as `role` (the local server trusts loopback connections).
+async fn pool_as(pool: &PgPool, role: &str) -> PgPool {
+    let options = pool.connect_options().as_ref().clone().username(role);
+    arnela::store::connect(options, 2).await.unwrap()
+}
+
+#[sqlx::test]
+async fn the_log_refuses_truncate_even_to_a_superuser(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    post(&c, "/tasks", &sms("x")).await;
+    for table in ["task_events", "schedule_events"] {
+        let err = sqlx::query(&format!("TRUNCATE {table} CASCADE"))
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{table}: {err}");
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 1);
+}
+
+#[sqlx::test]
+async fn the_runtime_role_appends_to_the_log_but_cannot_rewrite_it(pool: PgPool) {
+    let role = runtime_role(&pool).await;
+    let runtime = pool_as(&pool, &role).await;
+    let powers = arnela::store::role_powers(&runtime).await.unwrap();
+    assert_eq!(
+        (powers.superuser, powers.owns_log, powers.may_migrate),
+        (false, false, false),
+        "{powers:?}"
+    );
+    let owner = arnela::store::role_powers(&pool).await.unwrap();
+    assert!(owner.superuser && owner.owns_log, "{owner:?}");
+
+    // The service's writes work: enqueue (tasks, events, outbox) and a transition.
+    let mut tx = Tx::begin(&runtime).await.unwrap();
+    let made = tasks::enqueue(&mut tx, vec![new_sms("hola")], Utc::now())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let id = made[0].row().id;
+    dispatch(&runtime, id, 1).await;
+    assert_eq!(events::history(&runtime, id).await.unwrap().len(), 2);
+
+    // Rewriting the log is refused by privilege, not only by trigger.
+    for sql in [
+        "UPDATE task_events SET data = '{}'",
+        "DELETE FROM task_events",
+        "TRUNCATE task_events",
+        "ALTER TABLE task_events DISABLE TRIGGER task_events_append_only",
+        "DROP TRIGGER task_events_append_only ON task_events",
+        "UPDATE schedule_events SET data = '{}'",
+        "DELETE FROM _sqlx_migrations",
+    ] {
+        let err = sqlx::query(sql).execute(&runtime).await.unwrap_err();
+        let code = err
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("42501"), "{sql}: {err}");
+    }
+    runtime.close().await;
+    drop_role(&pool, &role).await;
+}
+
+#[sqlx::test]
+async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool) {
+    use common::process::{arnela_command, free_port, run_to_exit, spawn};
+    let prefix = common::unique_prefix();
+    let production = [
+        ("APP_ENV", "production"),
+        ("ALLOW_LOG_CHANNEL", "true"),
+        ("RUST_LOG", "warn"),
+    ];
+    // As the superuser the tests connect with: refused before anything starts.
+    let cmd = arnela_command(
+        "serve",
+        &database_url(&pool),
+        &common::redis_url(),
+        &prefix,
+        &production,
+    );
+    let (status, stderr) = run_to_exit(cmd, Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(
+        stderr.contains("refusing to start in production") && stderr.contains("superuser"),
+        "{stderr}"
+    );
+
+    // As a member of arnela_runtime: it starts and runs a task through every role.
+    let role = runtime_role(&pool).await;
+    let url =
+        database_url(&pool).replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let port = free_port().to_string();
+    let mut env = production.to_vec();
+    env.push(("APP_PORT", port.as_str()));
+    let serve = spawn(
+        arnela_command("serve", &url, &common::redis_url(), &prefix, &env),
+        "serve",
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(60), "the service to answer", || {
+        let req = http.get(format!("{base}/health/live"));
+        async move { req.send().await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await;
+    let resp = http
+        .post(format!("{base}/tasks"))
+        .bearer_auth(common::token(arnela::api::auth::Role::Producer))
+        .json(&sms("desde producción"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let id: Uuid = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    eventually(Duration::from_secs(60), "the task to succeed", || {
+        let pool = pool.clone();
+        async move {
+            let s: String = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (s == "succeeded").then_some(())
+        }
+    })
+    .await;
+    // the projectors and the health page work under the role too
+    let health = http
+        .get(format!("{base}/health"))
+        .bearer_auth(common::token(arnela::api::auth::Role::Auditor))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    drop(serve);
+    common::delete_prefix(&prefix).await;
+    // the role's sessions end with the process; then it can be dropped
+    eventually(
+        Duration::from_secs(10),
+        "the role's sessions to end",
+        || {
+            let pool = pool.clone();
+            let role = role.clone();
+            async move {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = $1")
+                        .bind(&role)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                (n == 0).then_some(())
+            }
+        },
+    )
+    .await;
+    drop_role(&pool, &role).await;
 }

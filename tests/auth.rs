@@ -88,6 +88,12 @@ fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
             &[Auditor, Admin],
             200,
         ),
+        Op::new(
+            Method::GET,
+            format!("/audit/verify/{task}"),
+            &[Auditor, Admin],
+            200,
+        ),
         Op::new(Method::GET, "/whoami", &[Producer, Auditor, Admin], 200),
         Op::new(Method::GET, "/task-types", &[Auditor, Admin], 200),
         Op::new(
@@ -165,6 +171,8 @@ fn template(path: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("/")
+        // the one operation whose id parameter has another name
+        .replace("/audit/verify/{id}", "/audit/verify/{task_id}")
 }
 
 fn now() -> i64 {

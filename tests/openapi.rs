@@ -123,6 +123,7 @@ const RESUME: &str = "/task-types/{task_type}/resume";
 const RETRY_DEAD: &str = "/dead-letters/retry";
 const CANCEL_DEAD: &str = "/dead-letters/cancel";
 const SCHEDULES: &str = "/schedules";
+const AUDIT_VERIFY: &str = "/audit/verify/{task_id}";
 const SCHEDULE: &str = "/schedules/{id}";
 const SCHEDULE_PAUSE: &str = "/schedules/{id}/pause";
 const SCHEDULE_RESUME: &str = "/schedules/{id}/resume";
@@ -360,6 +361,11 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             format!("/tasks/{missing}/verify"),
             auditor,
         ),
+        probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{queued}"), auditor),
+        probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{queued}"), None),
+        probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{queued}"), producer),
+        probe(Method::GET, AUDIT_VERIFY, "/audit/verify/x", auditor),
+        probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{missing}"), auditor),
         // the operator's operations
         probe(Method::GET, "/whoami", "/whoami", producer),
         probe(Method::GET, "/whoami", "/whoami", None),
@@ -542,6 +548,12 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             Method::GET,
             "/tasks/{id}/verify",
             format!("/tasks/{queued}/verify"),
+            auditor,
+        ),
+        probe(
+            Method::GET,
+            AUDIT_VERIFY,
+            format!("/audit/verify/{queued}"),
             auditor,
         ),
         probe(Method::GET, "/task-types", "/task-types", auditor),

@@ -1,12 +1,13 @@
 //! `/events`: the global event log for auditors, in commit-safe order.
 
-use poem_openapi::param::Query;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, OpenApi, Tags};
 
 use super::auth::{BearerAuth, Role};
-use super::error::{Failure, ListFailures};
+use super::error::{Failure, ListFailures, VerifyFailures};
 use super::model::{Event, EventPage};
+use super::tasks::{verdict, VerifyResponse};
 use super::ApiContext;
 use crate::store::events;
 
@@ -57,5 +58,29 @@ impl EventsApi {
             events: rows.into_iter().map(Event::from).collect(),
             next_after,
         })))
+    }
+
+    /// An auditor's verdict on one task's hash chain
+    ///
+    /// Recomputes every event's hash from its stored content and checks the links, the
+    /// numbering and that the task's projection points at the last event, as `arnela audit
+    /// verify --task` does (the same verdict as `GET /tasks/{id}/verify`). 404 when the task has
+    /// neither events nor a projection row.
+    ///
+    /// Roles: auditor, admin.
+    #[oai(
+        path = "/audit/verify/:task_id",
+        method = "get",
+        operation_id = "audit_verify_task"
+    )]
+    async fn verify(
+        &self,
+        auth: BearerAuth,
+        task_id: Path<uuid::Uuid>,
+    ) -> Result<VerifyResponse, Failure<VerifyFailures>> {
+        auth.require(&[Role::Auditor])?;
+        Ok(VerifyResponse::Ok(Json(
+            verdict(&self.ctx.pool, task_id.0).await?,
+        )))
     }
 }

@@ -366,18 +366,9 @@ impl TasksApi {
         id: Path<Uuid>,
     ) -> Result<VerifyResponse, Failure<VerifyFailures>> {
         auth.require(&[Role::Auditor])?;
-        let report = audit::verify(&self.ctx.pool, Some(id.0)).await?;
-        if report.events == 0 {
-            return Err(ApiError::not_found(format!("task {} not found", id.0)).into());
-        }
-        Ok(VerifyResponse::Ok(Json(ChainVerdict {
-            task_id: id.0,
-            ok: report.broken.is_none(),
-            events: report.events,
-            problem: report
-                .broken
-                .map(|b| format!("event {}: {}", b.sequence, b.reason)),
-        })))
+        Ok(VerifyResponse::Ok(Json(
+            verdict(&self.ctx.pool, id.0).await?,
+        )))
     }
 
     /// List tasks
@@ -463,6 +454,22 @@ async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
 /// Turns a request into a validated [`NewTask`], naming the first bad field.
 /// `run_at` may be at most `horizon` ahead; a time in the past counts as now (a time far in the
 /// past would otherwise jump ahead of the whole queue).
+/// The verdict on task `id`'s chain (404 when the task has neither events nor a row).
+pub async fn verdict(pool: &sqlx::PgPool, id: Uuid) -> Result<ChainVerdict, ApiError> {
+    let report = audit::verify_task(pool, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
+    Ok(ChainVerdict {
+        task_id: id,
+        ok: report.ok(),
+        events: report.events,
+        problem: report
+            .broken
+            .first()
+            .map(|b| format!("event {}: {}", b.sequence, b.reason)),
+    })
+}
+
 pub fn parse_request(
     r: EnqueueRequest,
     now: DateTime<Utc>,

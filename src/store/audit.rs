@@ -4,18 +4,29 @@
 //! For each task, events must be numbered 1, 2, 3, ... without gaps, each must link to the hash of
 //! the one before (the first to none), each stored hash must equal the hash recomputed from the
 //! stored content, and the projection's `last_hash` and `version` must point at the last event (so
-//! a removed tail is caught too).
+//! a removed tail is caught too). A projection row without any event, and events without a
+//! projection row, are broken as well.
+//!
+//! [`verify`] walks the log in pages of tasks (by id), each read in its own short read-only
+//! transaction, so a run over millions of events holds no snapshot for long (it never holds back
+//! the commit-safe horizon of `/events`, `GET /tasks` and the projectors) and keeps one page in
+//! memory. It reports every broken chain, one link per task (the first that does not hold).
 
-use futures::TryStreamExt;
 use sqlx::PgPool;
+use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::events::StoredEvent;
 use super::Result;
 use crate::domain::event::{canonical_bytes, chain_hash};
 
-/// The first broken link found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Tasks per page of [`verify`].
+pub const PAGE_TASKS: i64 = 1000;
+/// Broken links kept in a report; more are counted only.
+pub const MAX_REPORTED: usize = 10_000;
+
+/// A broken link: the first of its task.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BrokenLink {
     pub task_id: Uuid,
     /// The sequence number of the first event that does not verify (or the projection's version).
@@ -24,59 +35,208 @@ pub struct BrokenLink {
 }
 
 /// What a verification run saw.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct VerifyReport {
     pub tasks: u64,
     pub events: u64,
-    pub broken: Option<BrokenLink>,
+    /// Broken links, in task id order (at most [`MAX_REPORTED`]).
+    pub broken: Vec<BrokenLink>,
+    /// Every broken chain found, also those beyond [`MAX_REPORTED`].
+    pub broken_total: u64,
 }
 
-/// Verifies every chain, or only `task`'s, stopping at the first broken link.
-pub async fn verify(pool: &PgPool, task: Option<Uuid>) -> Result<VerifyReport> {
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.broken_total == 0
+    }
+
+    fn add(&mut self, b: BrokenLink) {
+        self.broken_total += 1;
+        if self.broken.len() < MAX_REPORTED {
+            self.broken.push(b);
+        }
+    }
+}
+
+/// Progress of a run, after each page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub tasks: u64,
+    pub events: u64,
+    pub broken: u64,
+}
+
+/// Verifies every chain, page by page (see the module's doc), calling `progress` after each page.
+pub async fn verify(pool: &PgPool, mut progress: impl FnMut(Progress)) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let sql = "SELECT position, task_id, sequence, event_type, event_version, data, occurred_at, \
-               recorded_at, prev_hash, hash FROM task_events \
-               WHERE ($1::uuid IS NULL OR task_id = $1) ORDER BY task_id, sequence";
-    let mut scan = super::Tx::begin_scan(pool).await?;
-    let mut rows = sqlx::query_as::<_, StoredEvent>(sql)
-        .bind(task)
-        .fetch(scan.conn());
-    let mut current: Option<(Uuid, i32, Vec<u8>)> = None;
-    while let Some(e) = rows.try_next().await? {
-        report.events += 1;
-        let (expected_seq, prev) = match &current {
-            Some((id, seq, hash)) if *id == e.task_id => (seq + 1, Some(hash.clone())),
-            Some((id, seq, hash)) => {
-                if let Some(b) = check_projection(pool, *id, *seq, hash).await? {
-                    report.broken = Some(b);
-                    return Ok(report);
-                }
-                report.tasks += 1;
-                (1, None)
-            }
-            None => {
-                report.tasks += 1;
-                (1, None)
-            }
-        };
-        if let Some(reason) = check_event(&e, expected_seq, prev.as_deref()) {
-            report.broken = Some(BrokenLink {
-                task_id: e.task_id,
-                sequence: e.sequence,
-                reason,
-            });
+    let mut after = Uuid::nil();
+    loop {
+        let (last, done) = verify_page(pool, after, &mut report).await?;
+        progress(Progress {
+            tasks: report.tasks,
+            events: report.events,
+            broken: report.broken_total,
+        });
+        if done {
             return Ok(report);
         }
-        current = Some((e.task_id, e.sequence, e.hash));
+        after = last;
     }
-    drop(rows);
-    if let Some((id, seq, hash)) = current {
-        report.broken = check_projection(pool, id, seq, &hash).await?;
+}
+
+/// Verifies one task's chain. `None` when the task has neither events nor a projection row.
+pub async fn verify_task(pool: &PgPool, id: Uuid) -> Result<Option<VerifyReport>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let heads = heads_where(&mut tx, "id = $1", id, None).await?;
+    let events = events_where(&mut tx, "task_id = $1", id, None).await?;
+    tx.commit().await?;
+    if heads.is_empty() && events.is_empty() {
+        return Ok(None);
     }
-    if let (Some(id), 0) = (task, report.events) {
-        report.broken = check_projection(pool, id, 0, &[]).await?;
+    let mut report = VerifyReport::default();
+    check_tasks(&heads, &events, &mut report);
+    Ok(Some(report))
+}
+
+/// The head of a task's chain as its projection row holds it.
+#[derive(sqlx::FromRow)]
+struct Head {
+    id: Uuid,
+    version: i32,
+    last_hash: Vec<u8>,
+}
+
+/// Checks the tasks with ids in `(after, upper]`, where `upper` is the [`PAGE_TASKS`]-th task
+/// id after `after` (or everything that is left). Returns `upper` and whether the log is done.
+async fn verify_page(
+    pool: &PgPool,
+    after: Uuid,
+    report: &mut VerifyReport,
+) -> Result<(Uuid, bool)> {
+    let mut tx = pool.begin().await?;
+    // one snapshot for the page: the heads and the events agree with each other
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let upper: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM tasks WHERE id > $1 ORDER BY id OFFSET $2 LIMIT 1")
+            .bind(after)
+            .bind(PAGE_TASKS - 1)
+            .fetch_optional(&mut *tx)
+            .await?;
+    // the last page runs to the end of both tables (events of tasks without a row included)
+    let heads = heads_where(&mut tx, "id > $1", after, upper).await?;
+    let events = events_where(&mut tx, "task_id > $1", after, upper).await?;
+    tx.commit().await?;
+    check_tasks(&heads, &events, report);
+    Ok((upper.unwrap_or(after), upper.is_none()))
+}
+
+async fn heads_where(
+    tx: &mut sqlx::PgConnection,
+    condition: &str,
+    from: Uuid,
+    upper: Option<Uuid>,
+) -> Result<Vec<Head>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT id, version, last_hash FROM tasks \
+         WHERE {condition} AND ($2::uuid IS NULL OR id <= $2) ORDER BY id"
+    ))
+    .bind(from)
+    .bind(upper)
+    .fetch_all(tx)
+    .await?)
+}
+
+async fn events_where(
+    tx: &mut sqlx::PgConnection,
+    condition: &str,
+    from: Uuid,
+    upper: Option<Uuid>,
+) -> Result<Vec<StoredEvent>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT position, task_id, sequence, event_type, event_version, data, occurred_at, \
+                recorded_at, prev_hash, hash FROM task_events \
+         WHERE {condition} AND ($2::uuid IS NULL OR task_id <= $2) ORDER BY task_id, sequence"
+    ))
+    .bind(from)
+    .bind(upper)
+    .fetch_all(tx)
+    .await?)
+}
+
+/// Checks every task of a page: its events (in task, sequence order) against its head.
+fn check_tasks(heads: &[Head], events: &[StoredEvent], report: &mut VerifyReport) {
+    let heads: HashMap<Uuid, &Head> = heads.iter().map(|h| (h.id, h)).collect();
+    let mut seen = std::collections::HashSet::new();
+    for chain in events.chunk_by(|a, b| a.task_id == b.task_id) {
+        let id = chain[0].task_id;
+        seen.insert(id);
+        report.tasks += 1;
+        report.events += chain.len() as u64;
+        if let Some(b) = check_chain(chain, heads.get(&id).copied()) {
+            report.add(b);
+        }
     }
-    Ok(report)
+    let mut bare: Vec<&Head> = heads
+        .values()
+        .filter(|h| !seen.contains(&h.id))
+        .copied()
+        .collect();
+    bare.sort_by_key(|h| h.id);
+    for h in bare {
+        report.tasks += 1;
+        report.add(BrokenLink {
+            task_id: h.id,
+            sequence: 1,
+            reason: format!(
+                "the task is at version {} but has no events (its history was removed)",
+                h.version
+            ),
+        });
+    }
+    report.broken.sort_by_key(|b| b.task_id);
+}
+
+/// The first broken link of one task's events (all of the same task, in sequence order).
+fn check_chain(chain: &[StoredEvent], head: Option<&Head>) -> Option<BrokenLink> {
+    let task_id = chain[0].task_id;
+    let broken = |sequence, reason: String| {
+        Some(BrokenLink {
+            task_id,
+            sequence,
+            reason,
+        })
+    };
+    let mut prev: Option<&[u8]> = None;
+    for (i, e) in chain.iter().enumerate() {
+        if let Some(reason) = check_event(e, i as i32 + 1, prev) {
+            return broken(e.sequence, reason);
+        }
+        prev = Some(&e.hash);
+    }
+    let last = chain.last().expect("a chain has an event");
+    match head {
+        None => broken(
+            last.sequence,
+            "events exist for a task with no projection row".into(),
+        ),
+        Some(h) if h.version != last.sequence => broken(
+            last.sequence + 1,
+            format!(
+                "the task is at version {} but its history ends at event {} (events were removed)",
+                h.version, last.sequence
+            ),
+        ),
+        Some(h) if h.last_hash != last.hash => broken(
+            last.sequence,
+            "the task's last hash differs from its last event's".into(),
+        ),
+        Some(_) => None,
+    }
 }
 
 fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<&[u8]>) -> Option<String> {
@@ -101,35 +261,4 @@ fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<&[u8]>) -> Optio
         return Some("content does not match its hash (the event was altered)".into());
     }
     None
-}
-
-async fn check_projection(
-    pool: &PgPool,
-    task_id: Uuid,
-    last_seq: i32,
-    last_hash: &[u8],
-) -> Result<Option<BrokenLink>> {
-    let row: Option<(i32, Vec<u8>)> =
-        sqlx::query_as("SELECT version, last_hash FROM tasks WHERE id = $1")
-            .bind(task_id)
-            .fetch_optional(pool)
-            .await?;
-    let broken = |sequence, reason: &str| BrokenLink {
-        task_id,
-        sequence,
-        reason: reason.to_owned(),
-    };
-    Ok(match row {
-        None if last_seq == 0 => None,
-        None => Some(broken(last_seq, "events exist for a task with no projection row")),
-        Some((version, _)) if version != last_seq => Some(broken(
-            last_seq + 1,
-            &format!("the task is at version {version} but its history ends at event {last_seq} (events were removed)"),
-        )),
-        Some((_, hash)) if hash != last_hash => Some(broken(
-            last_seq,
-            "the task's last hash differs from its last event's",
-        )),
-        Some(_) => None,
-    })
 }

@@ -201,6 +201,57 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// The migrations of this build not yet applied to the database (all of them on a new one).
+pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>> {
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await?;
+    let applied: Vec<i64> = match table {
+        Some(_) => {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(pool)
+                .await?
+        }
+        None => Vec::new(),
+    };
+    Ok(MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
+/// What the connected role may do to the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolePowers {
+    pub role: String,
+    pub superuser: bool,
+    /// It owns `task_events` (or acts as a role that does): it could disable the log's
+    /// triggers and rewrite history. False before the first migration.
+    pub owns_log: bool,
+    /// It may create the schema's tables (run the migrations).
+    pub may_migrate: bool,
+}
+
+/// The connected role's powers over the event log (see [`RolePowers`]).
+pub async fn role_powers(pool: &PgPool) -> Result<RolePowers> {
+    let (role, superuser, owns_log, may_migrate): (String, bool, bool, bool) = sqlx::query_as(
+        "SELECT current_user::text, r.rolsuper, \
+                coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE') \
+                          FROM pg_class c WHERE c.oid = to_regclass('task_events')), false), \
+                r.rolsuper OR has_schema_privilege(current_schema(), 'CREATE') \
+         FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(RolePowers {
+        role,
+        superuser,
+        owns_log,
+        may_migrate,
+    })
+}
+
 /// Which database a pool is connected to: the cluster's system identifier (from
 /// `pg_control_system()`, the same on a streaming replica promoted in its place, different for a
 /// new cluster or a dump restored elsewhere) and the database's name. No host, user or password.

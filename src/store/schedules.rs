@@ -584,7 +584,7 @@ pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
 }
 
 /// The first broken link of a schedule's chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BrokenSchedule {
     pub schedule_id: Uuid,
     pub sequence: i32,
