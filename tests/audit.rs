@@ -702,3 +702,20 @@ async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool)
     .await;
     drop_role(&pool, &role).await;
 }
+
+#[sqlx::test]
+async fn numbers_jsonb_normalises_still_verify(pool: PgPool) {
+    let c = client(pool.clone()).await;
+    // -0.0 is stored by jsonb as 0.0: a producer must not be able to plant a broken chain
+    let body = serde_json::from_str::<Value>(
+        r#"{"type": "sync_calendar", "payload": {"event_id": "evt-0", "action": "create",
+            "appointment_data": {"starts_at": "2030-01-01T10:00:00Z", "summary": "Revisión",
+                                 "clinic_ref": -0.0, "weights": [-0.0, 1.5, 1e2, -7]}}}"#,
+    )
+    .unwrap();
+    let (status, task) = post(&c, "/tasks", &body).await;
+    assert_eq!(status, 201, "{task}");
+    let id: Uuid = task["id"].as_str().unwrap().parse().unwrap();
+    let report = audit::verify_task(&pool, id).await.unwrap().unwrap();
+    assert!(report.ok(), "{report:?}");
+}

@@ -173,6 +173,21 @@ pub fn db_time(t: DateTime<Utc>) -> DateTime<Utc> {
     t.trunc_subsecs(6)
 }
 
+/// Makes `v` what jsonb gives back, so that an event's hash, computed before it is stored, holds
+/// for the stored copy: `-0.0` becomes `0.0` (Postgres's numeric has no negative zero). Other
+/// numbers already come back as they went in (serde_json writes the shortest form that reads
+/// back as the same number, and numeric keeps every digit).
+pub fn jsonb_stable(v: &mut Value) {
+    match v {
+        Value::Number(n) if n.is_f64() && n.as_f64().is_some_and(|f| f == 0.0) => {
+            *v = Value::from(0.0);
+        }
+        Value::Array(items) => items.iter_mut().for_each(jsonb_stable),
+        Value::Object(map) => map.values_mut().for_each(jsonb_stable),
+        _ => {}
+    }
+}
+
 /// The bytes an event's hash covers: a JSON document with sorted keys holding the task id, the
 /// sequence number, the type name and version, the data and the time, in that fixed form.
 pub fn canonical_bytes(

@@ -16,7 +16,7 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::{Result, StoreError, Tx};
-use crate::domain::event::{canonical_bytes, chain_hash, db_time};
+use crate::domain::event::{canonical_bytes, chain_hash, db_time, jsonb_stable};
 use crate::domain::{Task, TaskEvent, TaskType};
 
 /// One stored event.
@@ -80,7 +80,8 @@ impl EventRows {
         let first_slot = tx.reserve(events.len());
         for (i, event) in events.iter().enumerate() {
             let sequence = first_sequence + i as i32;
-            let data = event.data();
+            let mut data = event.data();
+            jsonb_stable(&mut data);
             let canonical = canonical_bytes(
                 task_id,
                 sequence,

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::tasks::{self, Enqueued};
 use super::{Result, StoreError, Tx};
-use crate::domain::event::{canonical_bytes, chain_hash, db_time};
+use crate::domain::event::{canonical_bytes, chain_hash, db_time, jsonb_stable};
 use crate::domain::schedule::{due, slot_key, Cadence, MissedRuns};
 use crate::domain::{validate_payload, NewTask, TaskType, TraceContext, ValidPayload};
 
@@ -125,10 +125,11 @@ async fn append(
     id: Uuid,
     (version, prev): (i32, Option<&[u8]>),
     event_type: &'static str,
-    data: Value,
+    mut data: Value,
     at: DateTime<Utc>,
 ) -> Result<(i32, Vec<u8>)> {
     let sequence = version + 1;
+    jsonb_stable(&mut data);
     let at = db_time(at);
     let canonical = canonical_bytes(id, sequence, event_type, EVENT_VERSION, &data, at);
     let hash = chain_hash(prev, &canonical).to_vec();
