@@ -197,29 +197,7 @@ pub async fn create(
     let (version, hash) = append(&mut tx, row.id, (0, None), "created", data, now).await?;
     row.version = version;
     row.last_hash = hash;
-    sqlx::query(&format!(
-        "INSERT INTO schedules ({COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
-    ))
-    .bind(row.id)
-    .bind(&row.name)
-    .bind(&row.cron)
-    .bind(&row.time_zone)
-    .bind(&row.task_type)
-    .bind(&row.payload)
-    .bind(row.max_attempts)
-    .bind(&row.missed_runs)
-    .bind(row.catch_up_limit)
-    .bind(row.paused)
-    .bind(row.next_run_at)
-    .bind(row.last_run_at)
-    .bind(&row.owner)
-    .bind(row.version)
-    .bind(&row.last_hash)
-    .bind(row.created_at)
-    .bind(row.updated_at)
-    .execute(tx.conn())
-    .await?;
+    save(&mut tx, &row).await?;
     tx.commit().await?;
     Ok(row)
 }
@@ -254,13 +232,16 @@ async fn lock(tx: &mut Tx, id: Uuid) -> Result<ScheduleRow> {
     .ok_or(StoreError::NotFound(id))
 }
 
+/// Writes `s` whole: inserts a new schedule or replaces the stored one.
 async fn save(tx: &mut Tx, s: &ScheduleRow) -> Result<()> {
-    sqlx::query(
-        "UPDATE schedules SET name = $2, cron = $3, time_zone = $4, task_type = $5, payload = $6, \
-           max_attempts = $7, missed_runs = $8, catch_up_limit = $9, paused = $10, \
-           next_run_at = $11, version = $12, last_hash = $13, updated_at = $14 \
-         WHERE id = $1",
-    )
+    sqlx::query(&format!(
+        "INSERT INTO schedules ({COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+         ON CONFLICT (id) DO UPDATE SET name = $2, cron = $3, time_zone = $4, task_type = $5, \
+           payload = $6, max_attempts = $7, missed_runs = $8, catch_up_limit = $9, \
+           paused = $10, next_run_at = $11, last_run_at = $12, version = $14, \
+           last_hash = $15, updated_at = $17"
+    ))
     .bind(s.id)
     .bind(&s.name)
     .bind(&s.cron)
@@ -272,8 +253,11 @@ async fn save(tx: &mut Tx, s: &ScheduleRow) -> Result<()> {
     .bind(s.catch_up_limit)
     .bind(s.paused)
     .bind(s.next_run_at)
+    .bind(s.last_run_at)
+    .bind(&s.owner)
     .bind(s.version)
     .bind(&s.last_hash)
+    .bind(s.created_at)
     .bind(s.updated_at)
     .execute(tx.conn())
     .await?;
