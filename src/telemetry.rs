@@ -99,10 +99,14 @@ fn exporter() -> anyhow::Result<SdkTracerProvider> {
         .build())
 }
 
-/// The trace context a task enqueued now keeps: the current span's while spans are exported
-/// (a child of the request's `traceparent`, see [`server_span`]); otherwise the request's own
-/// valid `traceparent`, or a new trace.
-pub fn context_for_enqueue(traceparent: Option<&str>, tracestate: Option<&str>) -> TraceContext {
+/// The trace context a task enqueued now keeps: while spans are exported, the current span's (a
+/// child of the request's `traceparent`, or the root of a new trace, see [`server_span`]);
+/// otherwise the request's own valid `traceparent`, or none (nothing is recorded, so nothing
+/// is kept: no cost when tracing is off).
+pub fn context_for_enqueue(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> Option<TraceContext> {
     let incoming = traceparent.and_then(|t| TraceContext::parse(t, tracestate));
     if active() {
         let cx = Span::current().context();
@@ -110,15 +114,21 @@ pub fn context_for_enqueue(traceparent: Option<&str>, tracestate: Option<&str>) 
         let sc = span.span_context();
         if sc.is_valid() {
             let state = incoming.and_then(|i| i.tracestate);
-            return TraceContext::from_ids(
+            return Some(TraceContext::from_ids(
                 u128::from_be_bytes(sc.trace_id().to_bytes()),
                 u64::from_be_bytes(sc.span_id().to_bytes()),
                 sc.is_sampled(),
                 state,
-            );
+            ));
         }
     }
-    incoming.unwrap_or_else(TraceContext::new_root)
+    incoming
+}
+
+/// The trace context of a task no request enqueued (a schedule's slot): a new trace while spans
+/// are exported, none otherwise.
+pub fn context_for_new_trace() -> Option<TraceContext> {
+    active().then(TraceContext::new_root)
 }
 
 /// The span of one attempt: its log lines carry the task, the attempt and the trace id, and

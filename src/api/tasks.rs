@@ -137,10 +137,10 @@ impl TasksApi {
     ) -> Result<EnqueueResponse, Failure<EnqueueFailures>> {
         let claims = auth.require(&[Role::Producer])?;
         let mut new = parse_request(body.0.value, Utc::now(), self.ctx.schedule_horizon, claims)?;
-        new.trace = Some(crate::telemetry::context_for_enqueue(
+        new.trace = crate::telemetry::context_for_enqueue(
             traceparent.0.as_deref(),
             tracestate.0.as_deref(),
-        ));
+        );
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
         let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
         tx.commit().await?;
@@ -191,7 +191,7 @@ impl TasksApi {
         for (i, r) in requests.into_iter().enumerate() {
             let mut new = parse_request(r, now, self.ctx.schedule_horizon, claims)
                 .map_err(|e| e.within(&format!("tasks[{i}].")))?;
-            new.trace = Some(trace.clone());
+            new.trace = trace.clone();
             news.push(new);
         }
         let mut tx = writer(&self.ctx.pool, &news).await?;

@@ -19,7 +19,7 @@ use super::tasks::{self, Enqueued};
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{canonical_bytes, chain_hash, db_time, jsonb_stable};
 use crate::domain::schedule::{due, slot_key, Cadence, MissedRuns};
-use crate::domain::{validate_payload, NewTask, TaskType, TraceContext, ValidPayload};
+use crate::domain::{validate_payload, NewTask, TaskType, ValidPayload};
 
 /// A row of `schedules`.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -489,7 +489,7 @@ pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Fired> {
                 invalidates: Vec::new(),
                 owner: s.owner.clone(),
                 // each slot's task starts a trace of its own
-                trace: Some(TraceContext::new_root()),
+                trace: crate::telemetry::context_for_new_trace(),
             });
             slots.push((s.id, *slot));
         }
