@@ -393,7 +393,7 @@ fn is_json_response(resp: &Response) -> bool {
 }
 
 /// The statuses an operation's failures may have: the spec documents exactly these, and
-/// `tests/contract.rs` checks that each is reached and no other.
+/// `tests/it/openapi.rs` checks that each is reached and no other.
 pub trait Statuses: Send + Sync + 'static {
     const LIST: &'static [u16];
 }

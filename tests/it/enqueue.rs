@@ -1,6 +1,6 @@
 //! The enqueue path: atomic writes, idempotency, validation, batches.
 
-mod common;
+use crate::common;
 
 use common::{client, counts, post, sms};
 use serde_json::{json, Value};

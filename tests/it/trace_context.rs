@@ -2,7 +2,7 @@
 //! spans over OTLP (HTTP, JSON encoding) to a receiver in the test, and an SMS's trace is
 //! followed from the producer's `traceparent` to the Twilio call.
 
-mod common;
+use crate::common;
 
 use arnela::api::auth::Role;
 use common::process::{arnela_command, free_port, spawn};

@@ -1,7 +1,7 @@
 //! The delivery engine driven step by step: relay → worker → outcome, retries, dead letters,
 //! duplicates, fencing, time limits, recovery, operator actions and graceful shutdown.
 
-mod common;
+use crate::common;
 
 use arnela::domain::TaskType;
 use arnela::queue::{self, Delivery};

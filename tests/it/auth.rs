@@ -2,7 +2,7 @@
 //! whatever is wrong with it) and a role it allows (403 otherwise); the probes and the documents
 //! need none; tokens never show in responses or logs; `arnela token` signs what the API accepts.
 
-mod common;
+use crate::common;
 
 use arnela::api::auth::{Auth, Claims, Role};
 use arnela::config::Secret;

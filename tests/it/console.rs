@@ -2,7 +2,7 @@
 //! (Debian's Chromium driven by `tests/ui/console.mjs` with playwright-core), pausing a task type
 //! across worker processes, and the operator CLI against a live service.
 
-mod common;
+use crate::common;
 
 use arnela::api::auth::Role;
 use common::process::{arnela, free_port, Proc};

@@ -1,7 +1,7 @@
 //! Graceful shutdown: running attempts finish within the drain deadline or are released; nothing
 //! stays claimed and no delivery is lost.
 
-mod common;
+use crate::common;
 
 use arnela::domain::TaskType;
 use arnela::worker::WorkerPool;

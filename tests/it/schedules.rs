@@ -2,7 +2,7 @@
 //! exactly one task per slot with real `arnela serve` processes (three at once; one killed in
 //! the middle of a step).
 
-mod common;
+use crate::common;
 
 use arnela::api::auth::Role;
 use arnela::domain::schedule::{Cadence, MissedRuns};
@@ -471,7 +471,8 @@ async fn a_process_killed_mid_step_neither_skips_nor_duplicates_a_slot(pool: PgP
             async move {
                 let waiting: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM pg_locks \
-                 WHERE relation = 'schedule_runs'::regclass AND NOT granted",
+                 WHERE relation = 'schedule_runs'::regclass AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 )
                 .fetch_one(&pool)
                 .await
@@ -483,7 +484,7 @@ async fn a_process_killed_mid_step_neither_skips_nor_duplicates_a_slot(pool: PgP
     .await;
     let in_flight: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND wait_event_type = 'Lock' \
-         AND query LIKE 'INSERT INTO schedule_runs%'",
+         AND query LIKE 'INSERT INTO schedule_runs%' AND datname = current_database()",
     )
     .fetch_one(&pool)
     .await

@@ -7,7 +7,7 @@
 //! attempt was recorded as `lease_expired`: the outcomes were kept and recorded when Postgres
 //! came back, and no attempt whose outcome was known ran again.
 
-mod common;
+use crate::common;
 
 use arnela::domain::TaskType;
 use chrono::{DateTime, Utc};

@@ -2,7 +2,7 @@
 //! follow requests, the engine and the cache, a scrape without Redis still answers, and
 //! `METRICS_ADDR` serves the scrape from any role.
 
-mod common;
+use crate::common;
 
 use arnela::cache::{keys, Cache, Ttl};
 use arnela::domain::TaskType;

@@ -2,7 +2,7 @@
 //! SendGrid and Google HTTP APIs, a small SMTP server for SMTP. Each fake checks the exact
 //! request, and each provider answer maps to success, a permanent or a retryable failure.
 
-mod common;
+use crate::common;
 
 use arnela::app::App;
 use arnela::channel::google::{calendar_event_id, GoogleCalendarChannel, SCOPE};

@@ -1,7 +1,7 @@
 //! Crash safety with real processes: a worker killed with SIGKILL mid-task, Redis flushed in the
 //! middle of a run, and several relay and worker processes sharing the work.
 
-mod common;
+use crate::common;
 
 use arnela::domain::TaskType;
 use chrono::{DateTime, Utc};

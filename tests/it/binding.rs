@@ -2,7 +2,7 @@
 //! to work, a delivery of a task this database does not hold is left on the queue (logged,
 //! counted, without spinning), and the binding comes back with the next re-seed after a flush.
 
-mod common;
+use crate::common;
 
 use arnela::domain::TaskType;
 use arnela::queue::{Delivery, Keys};

@@ -1,6 +1,6 @@
 //! History, the global log in commit-safe order, paging, and the tamper-evident hash chain.
 
-mod common;
+use crate::common;
 
 use arnela::domain::{NewTask, TaskType};
 use arnela::store::{audit, events, tasks, Tx};

@@ -5,7 +5,7 @@
 //! task the API acknowledged has succeeded exactly once within the README's recovery bound, the
 //! hash chains verify, and `GET /events` pages through every event exactly once.
 
-mod common;
+use crate::common;
 
 use arnela::api::auth::Role;
 use chrono::{DateTime, Utc};

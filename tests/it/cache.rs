@@ -1,7 +1,7 @@
 //! The cache service against real Redis: every operation, a stopped Redis, an undecodable
 //! value, 100 concurrent misses, and a pattern delete over 50,000 keys.
 
-mod common;
+use crate::common;
 
 use arnela::cache::{keys, Cache, Ttl};
 use common::process::{free_port, redis_server};

@@ -2,7 +2,7 @@
 //! event log, resumed from their checkpoints without duplicates or gaps, shared by several
 //! instances; the API's cached reads are never stale once the events are projected.
 
-mod common;
+use crate::common;
 
 use arnela::cache::{keys, Cache, Invalidation, Ttl};
 use arnela::domain::TaskType;

@@ -1,7 +1,7 @@
 //! `/health`: 200 with the seed's shape when both dependencies answer, 503 when one does not,
 //! and back to 200 when it returns.
 
-mod common;
+use crate::common;
 
 use arnela::api::ApiContext;
 use arnela::queue::Keys;

@@ -1,7 +1,7 @@
 //! The committed OpenAPI document is what the code produces; each operation documents exactly
 //! the statuses it can answer with; the documented examples are accepted.
 
-mod common;
+use crate::common;
 
 use arnela::api::auth::Role;
 use arnela::worker::handler::HandlerError;
