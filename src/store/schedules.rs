@@ -648,5 +648,19 @@ pub async fn verify(pool: &PgPool) -> Result<(u64, Vec<BrokenSchedule>)> {
             });
         }
     }
+    // a chain that does not end in `deleted` belongs to a schedule that must still exist
+    let mut gone: Vec<(Uuid, i32)> = last
+        .iter()
+        .filter(|(id, (_, _, deleted))| !deleted && !heads.contains_key(id) && !bad.contains(id))
+        .map(|(id, (sequence, _, _))| (*id, *sequence))
+        .collect();
+    gone.sort();
+    for (schedule_id, sequence) in gone {
+        broken.push(BrokenSchedule {
+            schedule_id,
+            sequence,
+            reason: "the schedule's row was removed without a deleted event".into(),
+        });
+    }
     Ok((events.len() as u64, broken))
 }

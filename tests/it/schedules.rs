@@ -225,6 +225,20 @@ async fn a_schedule_is_created_changed_paused_and_deleted_with_a_chained_change_
     assert_eq!(broken.len(), 1);
     assert_eq!(broken[0].sequence, 3);
     assert!(broken[0].reason.contains("altered"), "{}", broken[0].reason);
+
+    // A schedule's row removed behind the API's back is found too.
+    let (_, other) = post(&c, "/schedules", &sms_schedule("0 9 * * *", "UTC")).await;
+    sqlx::query("DELETE FROM schedules WHERE id = $1")
+        .bind(Uuid::parse_str(other["id"].as_str().unwrap()).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, broken) = schedules::verify(&pool).await.unwrap();
+    assert_eq!(broken.len(), 2, "{broken:?}");
+    assert!(
+        broken.iter().any(|b| b.reason.contains("removed without")),
+        "{broken:?}"
+    );
 }
 
 #[sqlx::test]
