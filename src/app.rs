@@ -341,6 +341,18 @@ impl App {
                 Ok(())
             });
         }
+        if let (true, Some(key)) = (roles.relay, &self.settings.audit_signing_key) {
+            let checkpointer = crate::checkpointer::Checkpointer {
+                pool: self.pool.clone(),
+                key: key.clone(),
+                interval: self.settings.audit_checkpoint_interval,
+            };
+            let shutdown = self.shutdown.clone();
+            set.spawn(async move {
+                checkpointer.run(shutdown).await;
+                Ok(())
+            });
+        }
         if roles.relay {
             let scheduler = self.scheduler();
             let shutdown = self.shutdown.clone();

@@ -93,5 +93,15 @@ pub enum AuditCommand {
         /// Print the report as one JSON document.
         #[arg(long)]
         json: bool,
+        /// The Ed25519 public key (64 hex digits) every checkpoint must be signed with; default
+        /// the public key of AUDIT_SIGNING_KEY when that is set.
+        #[arg(long, env = "AUDIT_PUBLIC_KEY")]
+        public_key: Option<String>,
     },
+    /// Print a new AUDIT_SIGNING_KEY and its public key (connects to nothing).
+    Keygen,
+    /// Write a checkpoint of the log now (signed with AUDIT_SIGNING_KEY).
+    Checkpoint,
+    /// Print every checkpoint as JSON lines, for an auditor to keep outside the database.
+    Checkpoints,
 }

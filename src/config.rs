@@ -256,6 +256,11 @@ pub struct Settings {
     /// processes without the API, e.g. workers); unset by default.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub engine: EngineSettings,
+    /// Signs the log's checkpoints (`AUDIT_SIGNING_KEY`, 64 hex digits: an Ed25519 seed; made
+    /// with `arnela audit keygen`). Unset: no checkpoints are written.
+    pub audit_signing_key: Option<ed25519_dalek::SigningKey>,
+    /// How often a checkpoint is written (`AUDIT_CHECKPOINT_SECS`, 60).
+    pub audit_checkpoint_interval: Duration,
     /// The delivery channels (`EMAIL_*`, `SMTP_*`, `SENDGRID_*`, `TWILIO_*`, `GOOGLE_*`).
     pub channels: crate::channel::ChannelSettings,
 }
@@ -475,6 +480,13 @@ impl Settings {
             .transpose()?;
         let engine = engine_settings(&get)?;
         let channels = crate::channel::ChannelSettings::from_vars(vars, app_env)?;
+        let audit_signing_key = get("AUDIT_SIGNING_KEY")
+            .map(crate::domain::checkpoint::signing_key)
+            .transpose()
+            .map_err(|m| err("AUDIT_SIGNING_KEY", m))?;
+        let audit_checkpoint_interval = Duration::from_secs(
+            parse_or(get("AUDIT_CHECKPOINT_SECS"), "AUDIT_CHECKPOINT_SECS", 60u64)?.max(1),
+        );
         Ok(Settings {
             app_env,
             port,
@@ -492,6 +504,8 @@ impl Settings {
             health_timeout: Duration::from_millis(health_timeout_ms),
             metrics_addr,
             engine,
+            audit_signing_key,
+            audit_checkpoint_interval,
             channels,
         })
     }

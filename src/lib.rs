@@ -46,6 +46,7 @@ pub mod bench;
 pub mod binding;
 pub mod cache;
 pub mod channel;
+pub mod checkpointer;
 pub mod cli;
 pub mod config;
 pub mod domain;

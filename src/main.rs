@@ -31,6 +31,7 @@ async fn audit_verify(
     pool: &sqlx::PgPool,
     task: Option<uuid::Uuid>,
     json: bool,
+    trusted: Option<[u8; 32]>,
 ) -> anyhow::Result<ExitCode> {
     use std::io::{IsTerminal, Write};
     let started = std::time::Instant::now();
@@ -60,7 +61,15 @@ async fn audit_verify(
         None => arnela::store::schedules::verify(pool).await?,
         Some(_) => (0, Vec::new()),
     };
-    let ok = report.ok() && broken_schedules.is_empty();
+    // the checkpoints too (not for one task)
+    let checkpoints = match task {
+        None => {
+            Some(arnela::store::checkpoints::verify(pool, trusted.as_ref().map(|k| &k[..])).await?)
+        }
+        Some(_) => None,
+    };
+    let checkpoint_problems: &[String] = checkpoints.as_ref().map_or(&[], |c| &c.broken);
+    let ok = report.ok() && broken_schedules.is_empty() && checkpoint_problems.is_empty();
     let seconds = started.elapsed().as_secs_f64();
     if json {
         let doc = serde_json::json!({
@@ -71,6 +80,7 @@ async fn audit_verify(
             "broken_total": report.broken_total,
             "broken": report.broken,
             "broken_schedules": broken_schedules,
+            "checkpoints": checkpoints,
             "seconds": seconds,
         });
         println!("{doc}");
@@ -96,6 +106,21 @@ async fn audit_verify(
                 b.schedule_id, b.sequence, b.reason
             );
         }
+        for p in checkpoint_problems {
+            println!("BROKEN: {p}");
+        }
+        if let Some(c) = &checkpoints {
+            println!(
+                "checkpoints: {} ({} task heads){}",
+                c.checkpoints,
+                c.heads,
+                if c.checkpoints == 0 {
+                    ", none written yet (AUDIT_SIGNING_KEY)"
+                } else {
+                    ""
+                }
+            );
+        }
         if ok {
             println!(
                 "ok: {} tasks, {} events, {} schedule events, every hash chain verifies ({seconds:.1} s)",
@@ -103,10 +128,11 @@ async fn audit_verify(
             );
         } else {
             println!(
-                "FAILED: {} of {} tasks and {} schedules have a broken chain",
+                "FAILED: {} of {} tasks and {} schedules have a broken chain; {} checkpoint problems",
                 report.broken_total,
                 report.tasks,
-                broken_schedules.len()
+                broken_schedules.len(),
+                checkpoint_problems.len()
             );
         }
     }
@@ -194,10 +220,58 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
-            command: AuditCommand::Verify { task, json },
+            command:
+                AuditCommand::Verify {
+                    task,
+                    json,
+                    public_key,
+                },
         } => {
             let pool = connect_db().await?;
-            audit_verify(&pool, task, json).await
+            let trusted = match public_key {
+                Some(k) => Some(
+                    arnela::domain::checkpoint::verifying_key(&k)
+                        .map_err(|m| anyhow::anyhow!("--public-key {m}"))?
+                        .to_bytes(),
+                ),
+                None => Settings::from_env()?
+                    .audit_signing_key
+                    .map(|k| k.verifying_key().to_bytes()),
+            };
+            audit_verify(&pool, task, json, trusted).await
+        }
+        Command::Audit {
+            command: AuditCommand::Keygen,
+        } => {
+            let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            println!("AUDIT_SIGNING_KEY={}", hex::encode(key.to_bytes()));
+            println!(
+                "AUDIT_PUBLIC_KEY={}",
+                hex::encode(key.verifying_key().to_bytes())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Checkpoint,
+        } => {
+            let key = Settings::from_env()?
+                .audit_signing_key
+                .ok_or_else(|| anyhow::anyhow!("AUDIT_SIGNING_KEY is not set"))?;
+            let pool = connect_db().await?;
+            match arnela::store::checkpoints::write(&pool, &key).await? {
+                Some(c) => println!("checkpoint {}: {} tasks", c.seq, c.tasks),
+                None => println!("nothing new since the last checkpoint"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Checkpoints,
+        } => {
+            let pool = connect_db().await?;
+            for c in arnela::store::checkpoints::list(&pool).await? {
+                println!("{}", serde_json::to_string(&c)?);
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Serve | Command::Api | Command::Relay | Command::Worker => {
             let roles = match cli.command {

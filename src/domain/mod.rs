@@ -2,6 +2,7 @@
 //! No I/O happens here; every other module depends on this one and not the other way round.
 
 pub mod appointment;
+pub mod checkpoint;
 pub mod event;
 pub mod payload;
 pub mod retry;

@@ -17,6 +17,7 @@
 //! that carries the task commit together or not at all.
 
 pub mod audit;
+pub mod checkpoints;
 pub mod events;
 pub mod operator;
 pub mod outbox;

@@ -608,10 +608,13 @@ async fn the_runtime_role_appends_to_the_log_but_cannot_rewrite_it(pool: PgPool)
 async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool) {
     use common::process::{arnela_command, free_port, run_to_exit, spawn};
     let prefix = common::unique_prefix();
+    let signing = "33".repeat(32);
     let production = [
         ("APP_ENV", "production"),
         ("ALLOW_LOG_CHANNEL", "true"),
         ("RUST_LOG", "warn"),
+        ("AUDIT_SIGNING_KEY", signing.as_str()),
+        ("AUDIT_CHECKPOINT_SECS", "1"),
     ];
     // As the superuser the tests connect with: refused before anything starts.
     let cmd = arnela_command(
@@ -679,6 +682,18 @@ async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool)
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+    // the checkpointer writes signed checkpoints under the role too
+    eventually(Duration::from_secs(30), "a checkpoint", || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_checkpoints")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (n > 0).then_some(())
+        }
+    })
+    .await;
     drop(serve);
     common::delete_prefix(&prefix).await;
     // the role's sessions end with the process; then it can be dropped
@@ -718,4 +733,147 @@ async fn numbers_jsonb_normalises_still_verify(pool: PgPool) {
     let id: Uuid = task["id"].as_str().unwrap().parse().unwrap();
     let report = audit::verify_task(&pool, id).await.unwrap().unwrap();
     assert!(report.ok(), "{report:?}");
+}
+
+#[sqlx::test]
+async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
+    use arnela::domain::checkpoint::signing_key;
+    use arnela::store::checkpoints;
+    let key = signing_key(&"11".repeat(32)).unwrap();
+    let public = key.verifying_key().to_bytes();
+    let c = client(pool.clone()).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let (_, t) = post(&c, "/tasks", &sms(&format!("c{i}"))).await;
+        let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+        dispatch(&pool, id, 1).await;
+        ids.push(id);
+    }
+    // Checkpoints cover the log up to its commit-safe horizon, which a transaction of another
+    // test running on this server may hold back for a moment: write until all four are in.
+    let recorded = |pool: PgPool, key: ed25519_dalek::SigningKey| async move {
+        checkpoints::write(&pool, &key).await.unwrap();
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT task_id) FROM audit_checkpoint_heads")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (n == 4).then_some(())
+    };
+    eventually(
+        Duration::from_secs(30),
+        "checkpoints of the four tasks",
+        || recorded(pool.clone(), key.clone()),
+    )
+    .await;
+    assert!(
+        checkpoints::write(&pool, &key).await.unwrap().is_none(),
+        "nothing new"
+    );
+    let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
+    assert_eq!((report.heads, report.broken.len()), (4, 0));
+    let ours = report.checkpoints;
+
+    // A whole history removed with its task row, and a tail cut with last_hash rewritten to
+    // match: every remaining chain still verifies on its own ...
+    tamper(&pool, "DELETE FROM task_events WHERE task_id = $1", ids[0]).await;
+    for table in ["outbox", "task_leases"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE task_id = $1"))
+            .bind(ids[0])
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("DELETE FROM tasks WHERE id = $1")
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    tamper(
+        &pool,
+        "DELETE FROM task_events WHERE task_id = $1 AND sequence = 2",
+        ids[1],
+    )
+    .await;
+    sqlx::query(
+        "UPDATE tasks SET version = 1, \
+           last_hash = (SELECT hash FROM task_events WHERE task_id = $1 AND sequence = 1) \
+         WHERE id = $1",
+    )
+    .bind(ids[1])
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(audit::verify(&pool, |_| {}).await.unwrap().ok());
+    // ... but the checkpoint recorded both heads.
+    let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
+    assert_eq!(report.broken.len(), 2, "{:?}", report.broken);
+    for id in &ids[..2] {
+        assert!(
+            report
+                .broken
+                .iter()
+                .any(|p| p.contains(&id.to_string()) && p.contains("missing or altered")),
+            "{:?}",
+            report.broken
+        );
+    }
+
+    // The CLI reports them, with the key from AUDIT_SIGNING_KEY, and exits 2.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"))
+        .args(["audit", "verify"])
+        .env("DATABASE_URL", database_url(&pool))
+        .env("AUDIT_SIGNING_KEY", "11".repeat(32))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(stdout.contains(&format!("task {}", ids[0])), "{stdout}");
+
+    // A checkpoint signed with another key is refused against the trusted one; an altered one
+    // no longer matches its hash.
+    dispatch(&pool, ids[2], 1).await;
+    let stranger = signing_key(&"22".repeat(32)).unwrap();
+    let forged = eventually(
+        Duration::from_secs(30),
+        "a checkpoint by another key",
+        || {
+            let (pool, stranger) = (pool.clone(), stranger.clone());
+            async move { checkpoints::write(&pool, &stranger).await.unwrap() }
+        },
+    )
+    .await;
+    assert_eq!(forged.seq, ours as i64 + 1);
+    let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
+    let expected = format!("checkpoint {}: signed with another key", forged.seq);
+    assert!(
+        report.broken.iter().any(|p| p.starts_with(&expected)),
+        "{:?}",
+        report.broken
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    for sql in [
+        "ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only",
+        "UPDATE audit_checkpoints SET tasks = 3 WHERE seq = 1",
+        "ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_append_only",
+    ] {
+        sqlx::query(sql).execute(&mut *conn).await.unwrap();
+    }
+    drop(conn);
+    let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
+    assert!(
+        report
+            .broken
+            .iter()
+            .any(|p| p.starts_with("checkpoint 1: content does not match")),
+        "{:?}",
+        report.broken
+    );
+    // and the runtime role may add checkpoints but not change them
+    let err = sqlx::query("DELETE FROM audit_checkpoints")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
 }

@@ -1,0 +1,229 @@
+//! Signed checkpoints of the log (see [`crate::domain::checkpoint`] and migration 13):
+//! [`write`] is the checkpointer's one step; [`verify`] re-checks every checkpoint and every
+//! head it recorded against the log as it is now.
+
+use chrono::{DateTime, Utc};
+use ed25519_dalek::SigningKey;
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use super::Result;
+use crate::domain::checkpoint::{checkpoint_hash, merkle_root, sign, signature_holds, Head};
+
+/// A stored checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, FromRow, serde::Serialize)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub created_at: DateTime<Utc>,
+    pub upto_position: i64,
+    pub tasks: i32,
+    #[serde(with = "hex_bytes")]
+    pub merkle_root: Vec<u8>,
+    #[serde(with = "hex_opt")]
+    pub prev_hash: Option<Vec<u8>>,
+    #[serde(with = "hex_bytes")]
+    pub hash: Vec<u8>,
+    #[serde(with = "hex_bytes")]
+    pub public_key: Vec<u8>,
+    #[serde(with = "hex_bytes")]
+    pub signature: Vec<u8>,
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+}
+
+mod hex_opt {
+    pub fn serialize<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&hex::encode(v)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+const COLUMNS: &str = "seq, created_at, upto_position, tasks, merkle_root, prev_hash, hash, \
+    public_key, signature";
+
+/// Writes the next checkpoint: the heads of the tasks whose history grew since the previous one,
+/// up to the log's horizon now, signed with `key`. Returns it, or `None` when nothing changed
+/// (or another process wrote the same checkpoint first).
+pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>> {
+    let mut tx = pool.begin().await?;
+    // one snapshot: the horizon and the heads read below agree
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await?;
+    let last: Option<(i64, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, upto_position, hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    let (seq, from, prev) = match &last {
+        Some((seq, upto, hash)) => (seq + 1, *upto, Some(hash.as_slice())),
+        None => (1, 0, None),
+    };
+    let horizon: i64 = sqlx::query_scalar("SELECT event_log_horizon()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let rows: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (task_id) task_id, sequence, hash FROM task_events \
+         WHERE position >= $1 AND position < $2 ORDER BY task_id, sequence DESC",
+    )
+    .bind(from)
+    .bind(horizon)
+    .fetch_all(&mut *tx)
+    .await?;
+    if rows.is_empty() {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let heads: Vec<Head> = rows
+        .into_iter()
+        .map(|(task_id, version, hash)| Head {
+            task_id,
+            version,
+            hash,
+        })
+        .collect();
+    let root = merkle_root(&heads);
+    let tasks = heads.len() as i32;
+    let hash = checkpoint_hash(seq, horizon, tasks, &root, prev);
+    let checkpoint = Checkpoint {
+        seq,
+        created_at: crate::domain::event::db_time(Utc::now()),
+        upto_position: horizon,
+        tasks,
+        merkle_root: root.to_vec(),
+        prev_hash: prev.map(<[u8]>::to_vec),
+        hash: hash.to_vec(),
+        public_key: key.verifying_key().to_bytes().to_vec(),
+        signature: sign(key, &hash),
+    };
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO audit_checkpoints ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (seq) DO NOTHING"
+    ))
+    .bind(checkpoint.seq)
+    .bind(checkpoint.created_at)
+    .bind(checkpoint.upto_position)
+    .bind(checkpoint.tasks)
+    .bind(&checkpoint.merkle_root)
+    .bind(&checkpoint.prev_hash)
+    .bind(&checkpoint.hash)
+    .bind(&checkpoint.public_key)
+    .bind(&checkpoint.signature)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    sqlx::query(
+        "INSERT INTO audit_checkpoint_heads (seq, task_id, version, head_hash) \
+         SELECT $1, * FROM UNNEST($2::uuid[], $3::int4[], $4::bytea[])",
+    )
+    .bind(seq)
+    .bind(heads.iter().map(|h| h.task_id).collect::<Vec<_>>())
+    .bind(heads.iter().map(|h| h.version).collect::<Vec<_>>())
+    .bind(heads.iter().map(|h| h.hash.clone()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(checkpoint))
+}
+
+/// Every checkpoint, in order.
+pub async fn list(pool: &PgPool) -> Result<Vec<Checkpoint>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM audit_checkpoints ORDER BY seq"
+    ))
+    .fetch_all(pool)
+    .await?)
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckpointReport {
+    pub checkpoints: u64,
+    pub heads: u64,
+    /// Every problem, in checkpoint order.
+    pub broken: Vec<String>,
+}
+
+/// Re-checks the checkpoint chain: numbering, links, hashes, signatures (by the key each was
+/// signed with, which must be `trusted` when given), each Merkle root over the heads stored
+/// with it, and that every head it recorded is still in the log with the same hash (a task's
+/// history cannot have been removed, cut short or rewritten since).
+pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointReport> {
+    let mut report = CheckpointReport::default();
+    let mut prev: Option<Vec<u8>> = None;
+    for (i, c) in list(pool).await?.into_iter().enumerate() {
+        report.checkpoints += 1;
+        let mut problem =
+            |what: String| report.broken.push(format!("checkpoint {}: {what}", c.seq));
+        if c.seq != i as i64 + 1 {
+            problem(format!(
+                "expected checkpoint {} (a checkpoint is missing)",
+                i + 1
+            ));
+        }
+        if c.prev_hash != prev {
+            problem("does not link to the previous checkpoint's hash".into());
+        }
+        let heads: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
+            "SELECT task_id, version, head_hash FROM audit_checkpoint_heads \
+             WHERE seq = $1 ORDER BY task_id",
+        )
+        .bind(c.seq)
+        .fetch_all(pool)
+        .await?;
+        let heads: Vec<Head> = heads
+            .into_iter()
+            .map(|(task_id, version, hash)| Head {
+                task_id,
+                version,
+                hash,
+            })
+            .collect();
+        if merkle_root(&heads).as_slice() != c.merkle_root || heads.len() as i32 != c.tasks {
+            problem("its recorded heads do not give its Merkle root (heads were changed)".into());
+        }
+        let hash = checkpoint_hash(
+            c.seq,
+            c.upto_position,
+            c.tasks,
+            &c.merkle_root,
+            prev.as_deref(),
+        );
+        if hash.as_slice() != c.hash {
+            problem("content does not match its hash (the checkpoint was altered)".into());
+        }
+        if !signature_holds(&c.public_key, &c.hash, &c.signature) {
+            problem("the signature does not hold (forged or altered)".into());
+        }
+        if trusted.is_some_and(|k| k != c.public_key.as_slice()) {
+            problem("signed with another key than the trusted one".into());
+        }
+        let gone: Vec<(Uuid, i32)> = sqlx::query_as(
+            "SELECT h.task_id, h.version FROM audit_checkpoint_heads h \
+             LEFT JOIN task_events e ON e.task_id = h.task_id AND e.sequence = h.version \
+             WHERE h.seq = $1 AND e.hash IS DISTINCT FROM h.head_hash ORDER BY h.task_id",
+        )
+        .bind(c.seq)
+        .fetch_all(pool)
+        .await?;
+        for (task, version) in gone {
+            problem(format!(
+                "task {task}: event {version} it recorded is missing or altered (the history \
+                 was removed, cut short or rewritten)"
+            ));
+        }
+        report.heads += heads.len() as u64;
+        prev = Some(c.hash.clone());
+    }
+    Ok(report)
+}
