@@ -17,6 +17,43 @@ enum ApiTags {
     Events,
 }
 
+/// A signed checkpoint of the log (see README, "Audit"); binary fields are hex.
+#[derive(Debug, Clone, PartialEq, Eq, poem_openapi::Object, serde::Deserialize)]
+pub struct CheckpointView {
+    /// 1, 2, 3, ...
+    pub seq: i64,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// It covers the events whose position is below this.
+    pub upto_position: i64,
+    /// Task heads it records.
+    pub tasks: i32,
+    pub merkle_root: String,
+    /// The previous checkpoint's hash (absent for the first).
+    #[oai(skip_serializing_if_is_none)]
+    pub prev_hash: Option<String>,
+    /// SHA-256 over the number, `upto_position`, `tasks`, `merkle_root` and `prev_hash`.
+    pub hash: String,
+    /// The Ed25519 key it is signed with.
+    pub public_key: String,
+    /// The Ed25519 signature of `hash`.
+    pub signature: String,
+}
+
+/// A page of checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, poem_openapi::Object, serde::Deserialize)]
+pub struct CheckpointPage {
+    pub checkpoints: Vec<CheckpointView>,
+    /// Pass as `after` to continue: the last number returned, or the `after` given.
+    pub next_after: i64,
+}
+
+#[derive(ApiResponse)]
+pub enum CheckpointsResponse {
+    /// A page of checkpoints, oldest first.
+    #[oai(status = 200)]
+    Ok(Json<CheckpointPage>),
+}
+
 #[derive(ApiResponse)]
 pub enum LogResponse {
     /// A page of the log.
@@ -56,6 +93,57 @@ impl EventsApi {
         let next_after = rows.last().map_or(after, |e| e.position);
         Ok(LogResponse::Ok(Json(EventPage {
             events: rows.into_iter().map(Event::from).collect(),
+            next_after,
+        })))
+    }
+
+    /// Read the signed checkpoints
+    ///
+    /// The checkpoints after number `after`, oldest first, for an auditor to keep outside the
+    /// database and check against the public key they were given (`arnela audit verify` checks
+    /// them against the log). Empty when `AUDIT_SIGNING_KEY` was never set.
+    ///
+    /// Roles: auditor, admin.
+    #[oai(
+        path = "/audit/checkpoints",
+        method = "get",
+        operation_id = "read_audit_checkpoints"
+    )]
+    async fn checkpoints(
+        &self,
+        auth: BearerAuth,
+        /// The last checkpoint number already read (0 to start from the first).
+        #[oai(validator(minimum(value = "0")))]
+        after: Query<Option<i64>>,
+        /// Page size (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+        limit: Query<Option<u32>>,
+    ) -> Result<CheckpointsResponse, Failure<ListFailures>> {
+        auth.require(&[Role::Auditor])?;
+        let after = after.0.unwrap_or(0);
+        let rows = crate::store::checkpoints::page(
+            &self.ctx.pool,
+            after,
+            i64::from(limit.0.unwrap_or(100)),
+        )
+        .await?;
+        let next_after = rows.last().map_or(after, |c| c.seq);
+        let checkpoints = rows
+            .into_iter()
+            .map(|c| CheckpointView {
+                seq: c.seq,
+                created_at: c.created_at,
+                upto_position: c.upto_position,
+                tasks: c.tasks,
+                merkle_root: hex::encode(c.merkle_root),
+                prev_hash: c.prev_hash.map(hex::encode),
+                hash: hex::encode(c.hash),
+                public_key: hex::encode(c.public_key),
+                signature: hex::encode(c.signature),
+            })
+            .collect();
+        Ok(CheckpointsResponse::Ok(Json(CheckpointPage {
+            checkpoints,
             next_after,
         })))
     }

@@ -138,9 +138,16 @@ pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>
 
 /// Every checkpoint, in order.
 pub async fn list(pool: &PgPool) -> Result<Vec<Checkpoint>> {
+    page(pool, 0, i64::MAX).await
+}
+
+/// Up to `limit` checkpoints after number `after`, in order.
+pub async fn page(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Checkpoint>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_checkpoints ORDER BY seq"
+        "SELECT {COLUMNS} FROM audit_checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2"
     ))
+    .bind(after)
+    .bind(limit)
     .fetch_all(pool)
     .await?)
 }

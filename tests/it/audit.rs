@@ -773,6 +773,13 @@ async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
     let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
     assert_eq!((report.heads, report.broken.len()), (4, 0));
     let ours = report.checkpoints;
+    // auditors read them over the API, signed with the public key they were given
+    let (status, page) = get(&c, "/audit/checkpoints").await;
+    assert_eq!(status, 200, "{page}");
+    let listed = page["checkpoints"].as_array().unwrap();
+    assert_eq!(listed.len() as u64, ours);
+    assert_eq!(listed[0]["public_key"], json!(hex::encode(public)));
+    assert_eq!(page["next_after"], json!(ours));
 
     // A whole history removed with its task row, and a tail cut with last_hash rewritten to
     // match: every remaining chain still verifies on its own ...

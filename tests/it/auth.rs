@@ -94,6 +94,7 @@ fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
             &[Auditor, Admin],
             200,
         ),
+        Op::new(Method::GET, "/audit/checkpoints", &[Auditor, Admin], 200),
         Op::new(Method::GET, "/whoami", &[Producer, Auditor, Admin], 200),
         Op::new(Method::GET, "/task-types", &[Auditor, Admin], 200),
         Op::new(

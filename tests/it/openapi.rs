@@ -124,6 +124,7 @@ const RETRY_DEAD: &str = "/dead-letters/retry";
 const CANCEL_DEAD: &str = "/dead-letters/cancel";
 const SCHEDULES: &str = "/schedules";
 const AUDIT_VERIFY: &str = "/audit/verify/{task_id}";
+const CHECKPOINTS: &str = "/audit/checkpoints";
 const SCHEDULE: &str = "/schedules/{id}";
 const SCHEDULE_PAUSE: &str = "/schedules/{id}/pause";
 const SCHEDULE_RESUME: &str = "/schedules/{id}/resume";
@@ -365,6 +366,10 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
         probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{queued}"), None),
         probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{queued}"), producer),
         probe(Method::GET, AUDIT_VERIFY, "/audit/verify/x", auditor),
+        probe(Method::GET, CHECKPOINTS, CHECKPOINTS, auditor),
+        probe(Method::GET, CHECKPOINTS, CHECKPOINTS, None),
+        probe(Method::GET, CHECKPOINTS, CHECKPOINTS, producer),
+        probe(Method::GET, CHECKPOINTS, "/audit/checkpoints?limit=0", auditor),
         probe(Method::GET, AUDIT_VERIFY, format!("/audit/verify/{missing}"), auditor),
         // the operator's operations
         probe(Method::GET, "/whoami", "/whoami", producer),
@@ -556,6 +561,7 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             format!("/audit/verify/{queued}"),
             auditor,
         ),
+        probe(Method::GET, CHECKPOINTS, CHECKPOINTS, auditor),
         probe(Method::GET, "/task-types", "/task-types", auditor),
         probe(Method::POST, PAUSE, "/task-types/send_sms/pause", admin),
         probe(Method::POST, RESUME, "/task-types/send_sms/resume", admin),
