@@ -269,7 +269,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let pool = connect_db().await?;
             for c in arnela::store::checkpoints::list(&pool).await? {
-                println!("{}", serde_json::to_string(&c)?);
+                let view = arnela::api::events::CheckpointView::from(c);
+                println!("{}", serde_json::to_string(&view)?);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -18,7 +18,9 @@ enum ApiTags {
 }
 
 /// A signed checkpoint of the log (see README, "Audit"); binary fields are hex.
-#[derive(Debug, Clone, PartialEq, Eq, poem_openapi::Object, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, poem_openapi::Object, serde::Serialize, serde::Deserialize,
+)]
 pub struct CheckpointView {
     /// 1, 2, 3, ...
     pub seq: i64,
@@ -37,6 +39,22 @@ pub struct CheckpointView {
     pub public_key: String,
     /// The Ed25519 signature of `hash`.
     pub signature: String,
+}
+
+impl From<crate::store::checkpoints::Checkpoint> for CheckpointView {
+    fn from(c: crate::store::checkpoints::Checkpoint) -> Self {
+        CheckpointView {
+            seq: c.seq,
+            created_at: c.created_at,
+            upto_position: c.upto_position,
+            tasks: c.tasks,
+            merkle_root: hex::encode(c.merkle_root),
+            prev_hash: c.prev_hash.map(hex::encode),
+            hash: hex::encode(c.hash),
+            public_key: hex::encode(c.public_key),
+            signature: hex::encode(c.signature),
+        }
+    }
 }
 
 /// A page of checkpoints.
@@ -128,20 +146,7 @@ impl EventsApi {
         )
         .await?;
         let next_after = rows.last().map_or(after, |c| c.seq);
-        let checkpoints = rows
-            .into_iter()
-            .map(|c| CheckpointView {
-                seq: c.seq,
-                created_at: c.created_at,
-                upto_position: c.upto_position,
-                tasks: c.tasks,
-                merkle_root: hex::encode(c.merkle_root),
-                prev_hash: c.prev_hash.map(hex::encode),
-                hash: hex::encode(c.hash),
-                public_key: hex::encode(c.public_key),
-                signature: hex::encode(c.signature),
-            })
-            .collect();
+        let checkpoints = rows.into_iter().map(CheckpointView::from).collect();
         Ok(CheckpointsResponse::Ok(Json(CheckpointPage {
             checkpoints,
             next_after,

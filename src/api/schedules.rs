@@ -16,7 +16,7 @@ use super::error::{
 use super::model::{TaskStatusName, TaskTypeName};
 use super::ApiContext;
 use crate::domain::schedule::{Cadence, MissedRuns};
-use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use crate::domain::task::DEFAULT_MAX_ATTEMPTS;
 use crate::domain::{validate_payload, FieldError, TaskType};
 use crate::store::schedules::{self, NewSchedule, ScheduleChange, ScheduleEvent, ScheduleRow};
 use crate::store::StoreError;
@@ -44,6 +44,15 @@ enum ApiTags {
 pub enum MissedRunsName {
     Skip,
     CatchUp,
+}
+
+impl From<MissedRuns> for MissedRunsName {
+    fn from(m: MissedRuns) -> Self {
+        match m {
+            MissedRuns::Skip => MissedRunsName::Skip,
+            MissedRuns::CatchUp { .. } => MissedRunsName::CatchUp,
+        }
+    }
 }
 
 /// A new schedule.
@@ -380,10 +389,7 @@ impl SchedulesApi {
         let missed = match (u.missed_runs, u.catch_up_limit) {
             (None, None) => None,
             (m, limit) => {
-                let m = m.unwrap_or(match current.missed() {
-                    MissedRuns::Skip => MissedRunsName::Skip,
-                    MissedRuns::CatchUp { .. } => MissedRunsName::CatchUp,
-                });
+                let m = m.unwrap_or_else(|| current.missed().into());
                 Some(missed_runs(m, limit)?)
             }
         };
@@ -550,11 +556,7 @@ fn view(row: ScheduleRow, recent_runs: Option<Vec<ScheduleRun>>) -> Result<Sched
         }
         _ => Vec::new(),
     };
-    let missed_runs = match row.missed() {
-        MissedRuns::Skip => MissedRunsName::Skip,
-        MissedRuns::CatchUp { .. } => MissedRunsName::CatchUp,
-    };
-    debug_assert!(row.max_attempts <= MAX_MAX_ATTEMPTS);
+    let missed_runs = row.missed().into();
     Ok(ScheduleView {
         id: row.id,
         name: row.name,

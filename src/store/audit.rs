@@ -86,10 +86,7 @@ pub async fn verify(pool: &PgPool, mut progress: impl FnMut(Progress)) -> Result
 
 /// Verifies one task's chain. `None` when the task has neither events nor a projection row.
 pub async fn verify_task(pool: &PgPool, id: Uuid) -> Result<Option<VerifyReport>> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = super::begin_snapshot(pool, true).await?;
     let heads = heads_where(&mut tx, "id = $1", id, None).await?;
     let events = events_where(&mut tx, "task_id = $1", id, None).await?;
     tx.commit().await?;
@@ -116,11 +113,8 @@ async fn verify_page(
     after: Uuid,
     report: &mut VerifyReport,
 ) -> Result<(Uuid, bool)> {
-    let mut tx = pool.begin().await?;
     // one snapshot for the page: the heads and the events agree with each other
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = super::begin_snapshot(pool, true).await?;
     let upper: Option<Uuid> =
         sqlx::query_scalar("SELECT id FROM tasks WHERE id > $1 ORDER BY id OFFSET $2 LIMIT 1")
             .bind(after)

@@ -11,37 +11,17 @@ use super::Result;
 use crate::domain::checkpoint::{checkpoint_hash, merkle_root, sign, signature_holds, Head};
 
 /// A stored checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, FromRow, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct Checkpoint {
     pub seq: i64,
     pub created_at: DateTime<Utc>,
     pub upto_position: i64,
     pub tasks: i32,
-    #[serde(with = "hex_bytes")]
     pub merkle_root: Vec<u8>,
-    #[serde(with = "hex_opt")]
     pub prev_hash: Option<Vec<u8>>,
-    #[serde(with = "hex_bytes")]
     pub hash: Vec<u8>,
-    #[serde(with = "hex_bytes")]
     pub public_key: Vec<u8>,
-    #[serde(with = "hex_bytes")]
     pub signature: Vec<u8>,
-}
-
-mod hex_bytes {
-    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(v))
-    }
-}
-
-mod hex_opt {
-    pub fn serialize<S: serde::Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(v) => s.serialize_str(&hex::encode(v)),
-            None => s.serialize_none(),
-        }
-    }
 }
 
 const COLUMNS: &str = "seq, created_at, upto_position, tasks, merkle_root, prev_hash, hash, \
@@ -51,11 +31,8 @@ const COLUMNS: &str = "seq, created_at, upto_position, tasks, merkle_root, prev_
 /// up to the log's horizon now, signed with `key`. Returns it, or `None` when nothing changed
 /// (or another process wrote the same checkpoint first).
 pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>> {
-    let mut tx = pool.begin().await?;
     // one snapshot: the horizon and the heads read below agree
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = super::begin_snapshot(pool, false).await?;
     let last: Option<(i64, i64, Vec<u8>)> = sqlx::query_as(
         "SELECT seq, upto_position, hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
     )

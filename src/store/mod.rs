@@ -202,6 +202,22 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// A `REPEATABLE READ` transaction (read-only when `read_only`): every statement in it sees
+/// one snapshot, for reads that must agree with each other (a verify page, a checkpoint).
+pub async fn begin_snapshot(
+    pool: &PgPool,
+    read_only: bool,
+) -> Result<Transaction<'static, Postgres>> {
+    let mut tx = pool.begin().await?;
+    let sql = if read_only {
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+    } else {
+        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"
+    };
+    sqlx::query(sql).execute(&mut *tx).await?;
+    Ok(tx)
+}
+
 /// The migrations of this build not yet applied to the database (all of them on a new one).
 pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>> {
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
