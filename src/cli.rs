@@ -97,6 +97,19 @@ pub enum AuditCommand {
         /// the public key of AUDIT_SIGNING_KEY when that is set.
         #[arg(long, env = "AUDIT_PUBLIC_KEY")]
         public_key: Option<String>,
+        /// An exported copy of the checkpoints (`arnela audit checkpoints > FILE`): each must
+        /// still be in the database, unchanged.
+        #[arg(long, value_name = "FILE")]
+        checkpoints: Option<PathBuf>,
+    },
+    /// Check an exported copy of the checkpoints without the database: numbering, links, hashes
+    /// and signatures; exits 2 if any does not hold.
+    VerifyCheckpoints {
+        /// The export: JSON lines as `arnela audit checkpoints` prints them.
+        file: PathBuf,
+        /// The Ed25519 public key (64 hex digits) every checkpoint must be signed with.
+        #[arg(long, env = "AUDIT_PUBLIC_KEY")]
+        public_key: Option<String>,
     },
     /// Print a new AUDIT_SIGNING_KEY and its public key (connects to nothing).
     Keygen,

@@ -27,11 +27,44 @@ async fn main() -> ExitCode {
 
 /// `arnela audit verify`: every chain (tasks and schedules) or one task's; every broken link is
 /// printed (text or `--json`), and the exit status is 2 when any is found.
+/// Reads an exported copy of the checkpoints: JSON lines as `arnela audit checkpoints` prints.
+fn read_checkpoints(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<arnela::store::checkpoints::Checkpoint>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            let view: arnela::api::events::CheckpointView = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+            view.try_into()
+                .map_err(|m: String| anyhow::anyhow!("{} line {}: {m}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// The trusted public key: `--public-key` / AUDIT_PUBLIC_KEY, else AUDIT_SIGNING_KEY's.
+fn trusted_key(public_key: Option<String>) -> anyhow::Result<Option<[u8; 32]>> {
+    Ok(match public_key {
+        Some(k) => Some(
+            arnela::domain::checkpoint::verifying_key(&k)
+                .map_err(|m| anyhow::anyhow!("--public-key {m}"))?
+                .to_bytes(),
+        ),
+        None => Settings::from_env()?
+            .audit_signing_key
+            .map(|k| k.verifying_key().to_bytes()),
+    })
+}
+
 async fn audit_verify(
     pool: &sqlx::PgPool,
     task: Option<uuid::Uuid>,
     json: bool,
     trusted: Option<[u8; 32]>,
+    exported: Option<Vec<arnela::store::checkpoints::Checkpoint>>,
 ) -> anyhow::Result<ExitCode> {
     use std::io::{IsTerminal, Write};
     let started = std::time::Instant::now();
@@ -62,12 +95,16 @@ async fn audit_verify(
         Some(_) => (0, Vec::new()),
     };
     // the checkpoints too (not for one task)
-    let checkpoints = match task {
+    let mut checkpoints = match task {
         None => {
             Some(arnela::store::checkpoints::verify(pool, trusted.as_ref().map(|k| &k[..])).await?)
         }
         Some(_) => None,
     };
+    if let (Some(report), Some(exported)) = (checkpoints.as_mut(), exported) {
+        let missing = arnela::store::checkpoints::compare_exported(pool, &exported).await?;
+        report.broken.extend(missing);
+    }
     let checkpoint_problems: &[String] = checkpoints.as_ref().map_or(&[], |c| &c.broken);
     let ok = report.ok() && broken_schedules.is_empty() && checkpoint_problems.is_empty();
     let seconds = started.elapsed().as_secs_f64();
@@ -225,20 +262,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     task,
                     json,
                     public_key,
+                    checkpoints,
                 },
         } => {
+            let exported = checkpoints.as_deref().map(read_checkpoints).transpose()?;
+            let trusted = trusted_key(public_key)?;
             let pool = connect_db().await?;
-            let trusted = match public_key {
-                Some(k) => Some(
-                    arnela::domain::checkpoint::verifying_key(&k)
-                        .map_err(|m| anyhow::anyhow!("--public-key {m}"))?
-                        .to_bytes(),
-                ),
-                None => Settings::from_env()?
-                    .audit_signing_key
-                    .map(|k| k.verifying_key().to_bytes()),
-            };
-            audit_verify(&pool, task, json, trusted).await
+            audit_verify(&pool, task, json, trusted, exported).await
+        }
+        Command::Audit {
+            command: AuditCommand::VerifyCheckpoints { file, public_key },
+        } => {
+            let exported = read_checkpoints(&file)?;
+            let trusted = trusted_key(public_key)?;
+            if trusted.is_none() {
+                eprintln!(
+                    "warning: no --public-key (AUDIT_PUBLIC_KEY): each signature is checked \
+                     against the key stored beside it, which proves nothing about who signed"
+                );
+            }
+            let problems = arnela::store::checkpoints::verify_exported(
+                &exported,
+                trusted.as_ref().map(|k| &k[..]),
+            );
+            for p in &problems {
+                println!("BROKEN: {p}");
+            }
+            if problems.is_empty() {
+                let key = exported.last().map(|c| hex::encode(&c.public_key));
+                println!(
+                    "ok: {} checkpoints, each linked, hashed and signed{}",
+                    exported.len(),
+                    key.map_or(String::new(), |k| format!(" (key {k})"))
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("FAILED: {} problems", problems.len());
+                Ok(ExitCode::from(2))
+            }
         }
         Command::Audit {
             command: AuditCommand::Keygen,

@@ -641,9 +641,13 @@ macro_rules! event_schema {
             pub data: $data,
             pub occurred_at: DateTime<Utc>,
             pub recorded_at: DateTime<Utc>,
-            /// SHA-256 (hex) over this event's canonical content and `prev_hash`.
+            /// SHA-256 (hex) over `prev_hash` and this event's canonical content; from
+            /// `hash_version` 2 on also over `position` and `recorded_at` (README, "Audit").
             #[oai(validator(pattern = "^[0-9a-f]{64}$"))]
             pub hash: String,
+            /// The form of `hash`: 1 for events stored before version 2 existed, then 2.
+            #[oai(validator(minimum(value = "1"), maximum(value = "2")))]
+            pub hash_version: i16,
             /// The hash of the previous event of the same task (absent for the first).
             #[oai(validator(pattern = "^[0-9a-f]{64}$"))]
             pub prev_hash: Option<String>,

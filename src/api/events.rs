@@ -57,6 +57,32 @@ impl From<crate::store::checkpoints::Checkpoint> for CheckpointView {
     }
 }
 
+impl TryFrom<CheckpointView> for crate::store::checkpoints::Checkpoint {
+    type Error = String;
+
+    /// Reads an exported checkpoint back (hex fields decoded).
+    fn try_from(v: CheckpointView) -> Result<Self, String> {
+        let bytes = |field: &str, s: &str| {
+            hex::decode(s).map_err(|_| format!("checkpoint {}: {field} is not hex", v.seq))
+        };
+        Ok(crate::store::checkpoints::Checkpoint {
+            seq: v.seq,
+            created_at: v.created_at,
+            upto_position: v.upto_position,
+            tasks: v.tasks,
+            merkle_root: bytes("merkle_root", &v.merkle_root)?,
+            prev_hash: v
+                .prev_hash
+                .as_deref()
+                .map(|p| bytes("prev_hash", p))
+                .transpose()?,
+            hash: bytes("hash", &v.hash)?,
+            public_key: bytes("public_key", &v.public_key)?,
+            signature: bytes("signature", &v.signature)?,
+        })
+    }
+}
+
 /// A page of checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq, poem_openapi::Object, serde::Deserialize)]
 pub struct CheckpointPage {

@@ -212,8 +212,11 @@ pub struct EventView {
     pub data: Value,
     pub occurred_at: DateTime<Utc>,
     pub recorded_at: DateTime<Utc>,
-    /// SHA-256 (hex) over this event's canonical content and `prev_hash`.
+    /// SHA-256 (hex) over `prev_hash` and this event's canonical content; from `hash_version` 2
+    /// on also over `position` and `recorded_at`.
     pub hash: String,
+    /// The form of `hash` (1 or 2).
+    pub hash_version: i16,
     /// The hash of the previous event of the same task (absent for the first).
     #[oai(skip_serializing_if_is_none)]
     pub prev_hash: Option<String>,
@@ -231,6 +234,7 @@ impl From<StoredEvent> for EventView {
             occurred_at: e.occurred_at,
             recorded_at: e.recorded_at,
             hash: hex::encode(e.hash),
+            hash_version: e.hash_version,
             prev_hash: e.prev_hash.map(hex::encode),
         }
     }

@@ -106,6 +106,51 @@ pub fn signature_holds(public_key: &[u8], hash: &[u8], signature: &[u8]) -> bool
     key.verify(hash, &Signature::from_bytes(&sig)).is_ok()
 }
 
+/// The fields of a signed checkpoint that its chain, its hash and its signature cover.
+#[derive(Debug, Clone, Copy)]
+pub struct Link<'a> {
+    pub seq: i64,
+    pub upto_position: i64,
+    pub tasks: i32,
+    pub merkle_root: &'a [u8],
+    pub prev_hash: Option<&'a [u8]>,
+    pub hash: &'a [u8],
+    pub public_key: &'a [u8],
+    pub signature: &'a [u8],
+}
+
+/// What is wrong with checkpoint `c`, the `expected_seq`-th of a chain whose previous checkpoint
+/// has the hash `prev`: its number, its link, its hash, its signature, and (when `trusted` is
+/// given) the key it is signed with. Needs nothing but the checkpoints themselves, so it runs on
+/// an exported copy as well as on the database's.
+pub fn check_link(
+    c: &Link<'_>,
+    expected_seq: i64,
+    prev: Option<&[u8]>,
+    trusted: Option<&[u8]>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    if c.seq != expected_seq {
+        problems.push(format!(
+            "expected checkpoint {expected_seq} (a checkpoint is missing)"
+        ));
+    }
+    if c.prev_hash != prev {
+        problems.push("does not link to the previous checkpoint's hash".into());
+    }
+    let hash = checkpoint_hash(c.seq, c.upto_position, c.tasks, c.merkle_root, prev);
+    if hash.as_slice() != c.hash {
+        problems.push("content does not match its hash (the checkpoint was altered)".into());
+    }
+    if !signature_holds(c.public_key, c.hash, c.signature) {
+        problems.push("the signature does not hold (forged or altered)".into());
+    }
+    if trusted.is_some_and(|k| k != c.public_key) {
+        problems.push("signed with another key than the trusted one".into());
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -188,9 +188,14 @@ pub fn jsonb_stable(v: &mut Value) {
     }
 }
 
-/// The bytes an event's hash covers: a JSON document with sorted keys holding the task id, the
-/// sequence number, the type name and version, the data and the time, in that fixed form.
+/// The form of an event's hash new events are stored with (see [`event_hash`]).
+pub const HASH_VERSION: i16 = 2;
+
+/// The canonical JSON document of an event: sorted keys holding the task id, the sequence
+/// number, the type name and version, the data and the time, in that fixed form; from hash
+/// version 2 on also `"hash_version"`, so a document of one version never reads as another's.
 pub fn canonical_bytes(
+    hash_version: i16,
     task_id: Uuid,
     sequence: i32,
     event_type: &str,
@@ -205,6 +210,8 @@ pub fn canonical_bytes(
         data: &'a Value,
         event_type: &'a str,
         event_version: i16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hash_version: Option<i16>,
         occurred_at: String,
         sequence: i32,
         task_id: Uuid,
@@ -213,6 +220,7 @@ pub fn canonical_bytes(
         data,
         event_type,
         event_version,
+        hash_version: (hash_version >= 2).then_some(hash_version),
         occurred_at: db_time(occurred_at).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         sequence,
         task_id,
@@ -220,12 +228,37 @@ pub fn canonical_bytes(
     .expect("canonical document serializes")
 }
 
-/// `SHA-256(prev_hash || canonical_bytes)`; the first event of a task chains to 32 zero bytes.
-pub fn chain_hash(prev_hash: Option<&[u8]>, canonical: &[u8]) -> [u8; 32] {
+/// Where and when an event was stored: its global position and `recorded_at`, which hash
+/// version 2 covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub position: i64,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// An event's hash. Version 1: `SHA-256(prev_hash || document)`. Version 2:
+/// `SHA-256(prev_hash || document || position || recorded_at)`, the last two as 8 bytes
+/// big-endian (`recorded_at` in microseconds since the Unix epoch), which is what the SQL
+/// function `event_hash_v2` computes. The first event of a task chains to 32 zero bytes.
+pub fn event_hash(
+    prev_hash: Option<&[u8]>,
+    document: &[u8],
+    placed: Option<Placement>,
+) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev_hash.unwrap_or(&[0u8; 32]));
-    h.update(canonical);
+    h.update(document);
+    if let Some(p) = placed {
+        h.update(p.position.to_be_bytes());
+        h.update(db_time(p.recorded_at).timestamp_micros().to_be_bytes());
+    }
     h.finalize().into()
+}
+
+/// `SHA-256(prev_hash || canonical)` (hash version 1, and the schedules' chains); the first event
+/// chains to 32 zero bytes.
+pub fn chain_hash(prev_hash: Option<&[u8]>, canonical: &[u8]) -> [u8; 32] {
+    event_hash(prev_hash, canonical, None)
 }
 
 #[cfg(test)]
@@ -248,7 +281,17 @@ mod tests {
             "occurred_at": db_time(at).to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
         }))
         .unwrap();
-        assert_eq!(canonical_bytes(id, 7, "enqueued", 2, &data, at), expected);
+        assert_eq!(
+            canonical_bytes(1, id, 7, "enqueued", 2, &data, at),
+            expected
+        );
+        // version 2 adds the key `hash_version`, in its sorted place
+        let mut v2: Value = serde_json::from_slice(&expected).unwrap();
+        v2["hash_version"] = json!(2);
+        assert_eq!(
+            canonical_bytes(2, id, 7, "enqueued", 2, &data, at),
+            serde_json::to_vec(&v2).unwrap()
+        );
     }
 
     #[test]
@@ -272,9 +315,10 @@ mod tests {
         let t = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456789Z")
             .unwrap()
             .with_timezone(&Utc);
-        let base = canonical_bytes(id, 1, "enqueued", 1, &json!({"a": 1, "b": [1, 2]}), t);
+        let base = canonical_bytes(1, id, 1, "enqueued", 1, &json!({"a": 1, "b": [1, 2]}), t);
         // key order of the data does not matter, nanoseconds below the microsecond do not either
         let same = canonical_bytes(
+            1,
             id,
             1,
             "enqueued",
@@ -287,6 +331,7 @@ mod tests {
         assert_ne!(h, chain_hash(Some(&[1u8; 32]), &base));
         let variants = [
             canonical_bytes(
+                1,
                 Uuid::from_u128(1),
                 1,
                 "enqueued",
@@ -294,11 +339,12 @@ mod tests {
                 &json!({"a": 1, "b": [1, 2]}),
                 t,
             ),
-            canonical_bytes(id, 2, "enqueued", 1, &json!({"a": 1, "b": [1, 2]}), t),
-            canonical_bytes(id, 1, "dispatched", 1, &json!({"a": 1, "b": [1, 2]}), t),
-            canonical_bytes(id, 1, "enqueued", 2, &json!({"a": 1, "b": [1, 2]}), t),
-            canonical_bytes(id, 1, "enqueued", 1, &json!({"a": 2, "b": [1, 2]}), t),
+            canonical_bytes(1, id, 2, "enqueued", 1, &json!({"a": 1, "b": [1, 2]}), t),
+            canonical_bytes(1, id, 1, "dispatched", 1, &json!({"a": 1, "b": [1, 2]}), t),
+            canonical_bytes(1, id, 1, "enqueued", 2, &json!({"a": 1, "b": [1, 2]}), t),
+            canonical_bytes(1, id, 1, "enqueued", 1, &json!({"a": 2, "b": [1, 2]}), t),
             canonical_bytes(
+                1,
                 id,
                 1,
                 "enqueued",
@@ -310,5 +356,40 @@ mod tests {
         for v in variants {
             assert_ne!(chain_hash(None, &v), h);
         }
+    }
+
+    #[test]
+    fn version_2_covers_the_position_and_the_recording_time() {
+        let t = DateTime::parse_from_rfc3339("2026-11-30T03:04:05.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let doc = canonical_bytes(2, Uuid::nil(), 1, "enqueued", 1, &json!({}), t);
+        let placed = Placement {
+            position: (1234 << 20) + 7,
+            recorded_at: t,
+        };
+        let h = event_hash(None, &doc, Some(placed));
+        // the formula, spelled out: prev (zeros) || document || position || microseconds
+        let mut d = Sha256::new();
+        d.update([0u8; 32]);
+        d.update(&doc);
+        d.update(((1234i64 << 20) + 7).to_be_bytes());
+        d.update(1_796_007_845_123_456i64.to_be_bytes());
+        assert_eq!(h, <[u8; 32]>::from(d.finalize()));
+        assert_ne!(
+            h,
+            chain_hash(None, &doc),
+            "version 1 leaves the placement out"
+        );
+        let moved = Placement {
+            position: placed.position + 1,
+            ..placed
+        };
+        let later = Placement {
+            recorded_at: t + chrono::Duration::microseconds(1),
+            ..placed
+        };
+        assert_ne!(event_hash(None, &doc, Some(moved)), h);
+        assert_ne!(event_hash(None, &doc, Some(later)), h);
     }
 }

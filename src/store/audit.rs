@@ -16,9 +16,9 @@ use sqlx::PgPool;
 use std::collections::HashMap;
 use uuid::Uuid;
 
-use super::events::StoredEvent;
+use super::events::{StoredEvent, EVENT_COLUMNS};
 use super::Result;
-use crate::domain::event::{canonical_bytes, chain_hash};
+use crate::domain::event::{canonical_bytes, event_hash, Placement};
 
 /// Tasks per page of [`verify`].
 pub const PAGE_TASKS: i64 = 1000;
@@ -152,8 +152,7 @@ async fn events_where(
     upper: Option<Uuid>,
 ) -> Result<Vec<StoredEvent>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT position, task_id, sequence, event_type, event_version, data, occurred_at, \
-                recorded_at, prev_hash, hash FROM task_events \
+        "SELECT {EVENT_COLUMNS} FROM task_events \
          WHERE {condition} AND ($2::uuid IS NULL OR task_id <= $2) ORDER BY task_id, sequence"
     ))
     .bind(from)
@@ -205,12 +204,12 @@ fn check_chain(chain: &[StoredEvent], head: Option<&Head>) -> Option<BrokenLink>
             reason,
         })
     };
-    let mut prev: Option<&[u8]> = None;
+    let mut prev: Option<&StoredEvent> = None;
     for (i, e) in chain.iter().enumerate() {
         if let Some(reason) = check_event(e, i as i32 + 1, prev) {
             return broken(e.sequence, reason);
         }
-        prev = Some(&e.hash);
+        prev = Some(e);
     }
     let last = chain.last().expect("a chain has an event");
     match head {
@@ -233,17 +232,34 @@ fn check_chain(chain: &[StoredEvent], head: Option<&Head>) -> Option<BrokenLink>
     }
 }
 
-fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<&[u8]>) -> Option<String> {
+fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<&StoredEvent>) -> Option<String> {
     if e.sequence != expected_seq {
         return Some(format!(
             "expected event {expected_seq}, found {} (an event is missing)",
             e.sequence
         ));
     }
-    if e.prev_hash.as_deref() != prev {
+    let prev_hash = prev.map(|p| p.hash.as_slice());
+    if e.prev_hash.as_deref() != prev_hash {
         return Some("does not link to the previous event's hash".into());
     }
-    let canonical = canonical_bytes(
+    if prev.is_some_and(|p| e.hash_version < p.hash_version) {
+        return Some(format!(
+            "hash version {} after version {} (a chain never goes back)",
+            e.hash_version,
+            prev.map_or(0, |p| p.hash_version)
+        ));
+    }
+    let placed = match e.hash_version {
+        1 => None,
+        2 => Some(Placement {
+            position: e.position,
+            recorded_at: e.recorded_at,
+        }),
+        v => return Some(format!("unknown hash version {v}")),
+    };
+    let document = canonical_bytes(
+        e.hash_version,
         e.task_id,
         e.sequence,
         &e.event_type,
@@ -251,8 +267,11 @@ fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<&[u8]>) -> Optio
         &e.data,
         e.occurred_at,
     );
-    if chain_hash(prev, &canonical).as_slice() != e.hash.as_slice() {
-        return Some("content does not match its hash (the event was altered)".into());
+    if event_hash(prev_hash, &document, placed).as_slice() != e.hash.as_slice() {
+        return Some(
+            "content, position or recording time does not match its hash (the event was altered)"
+                .into(),
+        );
     }
     None
 }

@@ -8,7 +8,7 @@ use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
 
 use super::Result;
-use crate::domain::checkpoint::{checkpoint_hash, merkle_root, sign, signature_holds, Head};
+use crate::domain::checkpoint::{check_link, checkpoint_hash, merkle_root, sign, Head, Link};
 
 /// A stored checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
@@ -22,6 +22,65 @@ pub struct Checkpoint {
     pub hash: Vec<u8>,
     pub public_key: Vec<u8>,
     pub signature: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// The fields its chain, hash and signature cover.
+    pub fn link(&self) -> Link<'_> {
+        Link {
+            seq: self.seq,
+            upto_position: self.upto_position,
+            tasks: self.tasks,
+            merkle_root: &self.merkle_root,
+            prev_hash: self.prev_hash.as_deref(),
+            hash: &self.hash,
+            public_key: &self.public_key,
+            signature: &self.signature,
+        }
+    }
+}
+
+/// Checks an exported copy of the checkpoints (every one from the first, in order) without the
+/// database: numbering, links, hashes and signatures (and the key, when `trusted` is given).
+/// Returns every problem, each naming its checkpoint.
+pub fn verify_exported(checkpoints: &[Checkpoint], trusted: Option<&[u8]>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut prev: Option<&[u8]> = None;
+    for (i, c) in checkpoints.iter().enumerate() {
+        let found = check_link(&c.link(), i as i64 + 1, prev, trusted);
+        problems.extend(
+            found
+                .into_iter()
+                .map(|p| format!("checkpoint {}: {p}", c.seq)),
+        );
+        prev = Some(&c.hash);
+    }
+    problems
+}
+
+/// Compares an exported copy with the database's checkpoints: every exported checkpoint must
+/// still be there, unchanged. Finds the newest checkpoints removed (with their heads' events
+/// rewritten after them), which the database alone cannot show.
+pub async fn compare_exported(pool: &PgPool, exported: &[Checkpoint]) -> Result<Vec<String>> {
+    let stored: std::collections::HashMap<i64, Checkpoint> =
+        list(pool).await?.into_iter().map(|c| (c.seq, c)).collect();
+    let mut problems = Vec::new();
+    for c in exported {
+        match stored.get(&c.seq) {
+            None => problems.push(format!(
+                "checkpoint {}: in the exported copy but no longer in the database (removed)",
+                c.seq
+            )),
+            Some(s) if s.link().hash != c.hash || s.signature != c.signature => {
+                problems.push(format!(
+                    "checkpoint {}: differs from the exported copy (replaced)",
+                    c.seq
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(problems)
 }
 
 const COLUMNS: &str = "seq, created_at, upto_position, tasks, merkle_root, prev_hash, hash, \
@@ -147,17 +206,7 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
     let mut prev: Option<Vec<u8>> = None;
     for (i, c) in list(pool).await?.into_iter().enumerate() {
         report.checkpoints += 1;
-        let mut problem =
-            |what: String| report.broken.push(format!("checkpoint {}: {what}", c.seq));
-        if c.seq != i as i64 + 1 {
-            problem(format!(
-                "expected checkpoint {} (a checkpoint is missing)",
-                i + 1
-            ));
-        }
-        if c.prev_hash != prev {
-            problem("does not link to the previous checkpoint's hash".into());
-        }
+        let mut problems = check_link(&c.link(), i as i64 + 1, prev.as_deref(), trusted);
         let heads: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
             "SELECT task_id, version, head_hash FROM audit_checkpoint_heads \
              WHERE seq = $1 ORDER BY task_id",
@@ -174,23 +223,8 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
             })
             .collect();
         if merkle_root(&heads).as_slice() != c.merkle_root || heads.len() as i32 != c.tasks {
-            problem("its recorded heads do not give its Merkle root (heads were changed)".into());
-        }
-        let hash = checkpoint_hash(
-            c.seq,
-            c.upto_position,
-            c.tasks,
-            &c.merkle_root,
-            prev.as_deref(),
-        );
-        if hash.as_slice() != c.hash {
-            problem("content does not match its hash (the checkpoint was altered)".into());
-        }
-        if !signature_holds(&c.public_key, &c.hash, &c.signature) {
-            problem("the signature does not hold (forged or altered)".into());
-        }
-        if trusted.is_some_and(|k| k != c.public_key.as_slice()) {
-            problem("signed with another key than the trusted one".into());
+            problems
+                .push("its recorded heads do not give its Merkle root (heads were changed)".into());
         }
         let gone: Vec<(Uuid, i32)> = sqlx::query_as(
             "SELECT h.task_id, h.version FROM audit_checkpoint_heads h \
@@ -201,11 +235,16 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
         .fetch_all(pool)
         .await?;
         for (task, version) in gone {
-            problem(format!(
+            problems.push(format!(
                 "task {task}: event {version} it recorded is missing or altered (the history \
                  was removed, cut short or rewritten)"
             ));
         }
+        report.broken.extend(
+            problems
+                .into_iter()
+                .map(|p| format!("checkpoint {}: {p}", c.seq)),
+        );
         report.heads += heads.len() as u64;
         prev = Some(c.hash.clone());
     }

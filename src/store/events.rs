@@ -16,7 +16,9 @@ use sqlx::FromRow;
 use uuid::Uuid;
 
 use super::{Result, StoreError, Tx};
-use crate::domain::event::{canonical_bytes, chain_hash, db_time, jsonb_stable};
+use crate::domain::event::{
+    canonical_bytes, db_time, event_hash, jsonb_stable, Placement, HASH_VERSION,
+};
 use crate::domain::{Task, TaskEvent, TaskType};
 
 /// One stored event.
@@ -32,6 +34,8 @@ pub struct StoredEvent {
     pub recorded_at: DateTime<Utc>,
     pub prev_hash: Option<Vec<u8>>,
     pub hash: Vec<u8>,
+    /// The form of `hash` (1 or 2, see [`crate::domain::event::event_hash`]).
+    pub hash_version: i16,
 }
 
 impl StoredEvent {
@@ -46,7 +50,8 @@ impl StoredEvent {
     }
 }
 
-/// Events ready to insert: numbered, timed and hashed.
+/// Events ready to insert: numbered, timed and hashed (hash version 2, see
+/// [`crate::domain::event::event_hash`]).
 #[derive(Debug, Default)]
 pub(crate) struct EventRows {
     pub task_ids: Vec<Uuid>,
@@ -58,14 +63,29 @@ pub(crate) struct EventRows {
     pub data: Vec<Value>,
     pub occurred_at: Vec<DateTime<Utc>>,
     pub prev_hashes: Vec<Option<Vec<u8>>>,
+    /// The hashes, when the placement is known here ([`EventRows::push_stream`]).
     pub hashes: Vec<Vec<u8>>,
+    /// The canonical documents, when the statement that assigns the positions hashes them
+    /// ([`EventRows::push_first`]).
+    pub documents: Vec<Vec<u8>>,
     /// Offset of each event within the transaction (the low bits of its position).
     pub slots: Vec<i64>,
+    /// The transaction's position of slot 0 and start time, when known here.
+    base: Option<(i64, DateTime<Utc>)>,
 }
 
 impl EventRows {
+    /// Rows for a transaction whose placement is read from it ([`Tx::placement_base`]).
+    pub async fn placed(tx: &mut Tx) -> Result<EventRows> {
+        Ok(EventRows {
+            base: Some(tx.placement_base().await?),
+            ..EventRows::default()
+        })
+    }
+
     /// Adds `events` of the task `(id, type)`, the first numbered `first_sequence` and chained
-    /// to `prev_hash`; returns the hash of the last one.
+    /// to `prev_hash`; returns the hash of the last one. Only for rows made by
+    /// [`EventRows::placed`].
     pub fn push_stream(
         &mut self,
         tx: &mut Tx,
@@ -75,14 +95,17 @@ impl EventRows {
         events: &[TaskEvent],
         at: DateTime<Utc>,
     ) -> Vec<u8> {
+        let (base, recorded_at) = self.base.expect("events hashed here are placed");
         let at = db_time(at);
         let mut prev = prev_hash.map(<[u8]>::to_vec);
         let first_slot = tx.reserve(events.len());
         for (i, event) in events.iter().enumerate() {
             let sequence = first_sequence + i as i32;
+            let slot = first_slot + i as i64;
             let mut data = event.data();
             jsonb_stable(&mut data);
-            let canonical = canonical_bytes(
+            let document = canonical_bytes(
+                HASH_VERSION,
                 task_id,
                 sequence,
                 event.type_name(),
@@ -90,20 +113,62 @@ impl EventRows {
                 &data,
                 at,
             );
-            let hash = chain_hash(prev.as_deref(), &canonical).to_vec();
-            self.task_ids.push(task_id);
-            self.task_types.push(task_type.as_str());
-            self.sequences.push(sequence);
-            self.types.push(event.type_name());
-            self.versions.push(event.version());
-            self.data.push(data);
-            self.occurred_at.push(at);
+            let placed = Placement {
+                position: base + slot,
+                recorded_at,
+            };
+            let hash = event_hash(prev.as_deref(), &document, Some(placed)).to_vec();
+            self.push_row((task_id, task_type), sequence, event, data, at, slot);
             self.prev_hashes.push(prev.take());
             self.hashes.push(hash.clone());
-            self.slots.push(first_slot + i as i64);
             prev = Some(hash);
         }
         prev.unwrap_or_default()
+    }
+
+    /// Adds the first event of a new task, leaving its hash to the statement that inserts it
+    /// (`event_hash_v2` over the document, the position assigned there and `now()`).
+    pub fn push_first(
+        &mut self,
+        tx: &mut Tx,
+        (task_id, task_type): (Uuid, TaskType),
+        event: &TaskEvent,
+        at: DateTime<Utc>,
+    ) {
+        let at = db_time(at);
+        let slot = tx.reserve(1);
+        let mut data = event.data();
+        jsonb_stable(&mut data);
+        self.documents.push(canonical_bytes(
+            HASH_VERSION,
+            task_id,
+            1,
+            event.type_name(),
+            event.version(),
+            &data,
+            at,
+        ));
+        self.push_row((task_id, task_type), 1, event, data, at, slot);
+        self.prev_hashes.push(None);
+    }
+
+    fn push_row(
+        &mut self,
+        (task_id, task_type): (Uuid, TaskType),
+        sequence: i32,
+        event: &TaskEvent,
+        data: Value,
+        at: DateTime<Utc>,
+        slot: i64,
+    ) {
+        self.task_ids.push(task_id);
+        self.task_types.push(task_type.as_str());
+        self.sequences.push(sequence);
+        self.types.push(event.type_name());
+        self.versions.push(event.version());
+        self.data.push(data);
+        self.occurred_at.push(at);
+        self.slots.push(slot);
     }
 }
 
@@ -132,7 +197,7 @@ pub async fn record_batch(
         return Ok(Vec::new());
     }
     let at = db_time(at);
-    let mut rows = EventRows::default();
+    let mut rows = EventRows::placed(tx).await?;
     let mut afters = Vec::with_capacity(items.len());
     let mut hashes = Vec::with_capacity(items.len());
     for (before, last_hash, events) in items {
@@ -235,11 +300,12 @@ pub async fn record_batch(
 
 /// Inserts prepared event rows in one statement.
 pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
+    let (base, recorded_at) = rows.base.expect("inserted rows are placed");
     let sql = "INSERT INTO task_events \
            (position, task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, \
-            hash, task_type) \
-         SELECT event_position(e.slot), e.task_id, e.sequence, e.event_type, e.event_version, \
-                e.data, e.occurred_at, e.prev_hash, e.hash, e.task_type \
+            hash, task_type, recorded_at, hash_version) \
+         SELECT $11 + e.slot, e.task_id, e.sequence, e.event_type, e.event_version, \
+                e.data, e.occurred_at, e.prev_hash, e.hash, e.task_type, $12, $13 \
          FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int2[], $5::jsonb[], \
                      $6::timestamptz[], $7::bytea[], $8::bytea[], $9::int8[], $10::text[]) \
            AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash, \
@@ -255,6 +321,9 @@ pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
         .bind(&rows.hashes)
         .bind(&rows.slots)
         .bind(&rows.task_types)
+        .bind(base)
+        .bind(recorded_at)
+        .bind(HASH_VERSION)
         .execute(tx.conn())
         .await;
     match result {
@@ -271,8 +340,8 @@ pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
     }
 }
 
-const EVENT_COLUMNS: &str = "position, task_id, sequence, event_type, event_version, data, \
-                             occurred_at, recorded_at, prev_hash, hash";
+pub(crate) const EVENT_COLUMNS: &str = "position, task_id, sequence, event_type, event_version, \
+                             data, occurred_at, recorded_at, prev_hash, hash, hash_version";
 
 /// A task's full history, in order.
 pub async fn history(pool: &sqlx::PgPool, task_id: Uuid) -> Result<Vec<StoredEvent>> {

@@ -27,6 +27,7 @@ pub mod schedules;
 pub mod tasks;
 pub mod transition;
 
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::time::Duration;
@@ -68,6 +69,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Tx {
     inner: Conn,
     appended: i64,
+    /// The position of slot 0 and the start time of this transaction, once read.
+    base: Option<(i64, DateTime<Utc>)>,
 }
 
 enum Conn {
@@ -85,6 +88,7 @@ impl Tx {
         Ok(Tx {
             inner: Conn::Transaction(pool.begin().await?),
             appended: 0,
+            base: None,
         })
     }
 
@@ -130,6 +134,7 @@ impl Tx {
         Ok(Tx {
             inner: Conn::Autocommit(pool.acquire().await?),
             appended: 0,
+            base: None,
         })
     }
 
@@ -154,6 +159,33 @@ impl Tx {
             Conn::Transaction(t) => t,
             Conn::Autocommit(c) => c,
         }
+    }
+
+    /// The position of slot 0 of this transaction and its start time (`now()`, which
+    /// `recorded_at` is), read once: hash version 2 of the events it appends covers both. Slot
+    /// `n` is at the position `base + n` (see [`Tx::reserve`]).
+    pub(crate) async fn placement_base(&mut self) -> Result<(i64, DateTime<Utc>)> {
+        if let Some(base) = self.base {
+            return Ok(base);
+        }
+        if matches!(self.inner, Conn::Autocommit(_)) {
+            // each statement would be a transaction of its own, with a position of its own
+            return Err(StoreError::Corrupt(
+                "events appended outside a transaction must be hashed in their statement".into(),
+            ));
+        }
+        let base: (i64, DateTime<Utc>) = sqlx::query_as("SELECT event_position(0), now()")
+            .fetch_one(self.conn())
+            .await?;
+        self.base = Some(base);
+        Ok(base)
+    }
+
+    /// Records the placement base read by a statement of this transaction that had to run
+    /// anyway (`event_position(0)` and `now()`).
+    pub(crate) fn set_placement_base(&mut self, position_base: i64, now: DateTime<Utc>) {
+        debug_assert!(matches!(self.inner, Conn::Transaction(_)));
+        self.base = Some((position_base, now));
     }
 
     /// Reserves `n` position slots and returns the first.

@@ -131,7 +131,7 @@ async fn append(
     let sequence = version + 1;
     jsonb_stable(&mut data);
     let at = db_time(at);
-    let canonical = canonical_bytes(id, sequence, event_type, EVENT_VERSION, &data, at);
+    let canonical = canonical_bytes(1, id, sequence, event_type, EVENT_VERSION, &data, at);
     let hash = chain_hash(prev, &canonical).to_vec();
     sqlx::query(
         "INSERT INTO schedule_events (schedule_id, sequence, event_type, data, occurred_at, \
@@ -605,6 +605,7 @@ pub async fn verify(pool: &PgPool) -> Result<(u64, Vec<BrokenSchedule>)> {
             None => (1, None),
         };
         let canonical = canonical_bytes(
+            1,
             e.schedule_id,
             e.sequence,
             &e.event_type,

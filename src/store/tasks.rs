@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::events::EventRows;
 use super::{Result, StoreError, Tx};
-use crate::domain::event::db_time;
+use crate::domain::event::{db_time, HASH_VERSION};
 use crate::domain::{NewTask, Task, TaskStatus, TaskType, TraceContext};
 
 /// A row of the `tasks` projection.
@@ -177,14 +177,7 @@ pub async fn enqueue(
         let id = Uuid::now_v7();
         ids.push(id);
         let event = Task::enqueue(req.clone());
-        rows.push_stream(
-            tx,
-            (id, req.task_type),
-            1,
-            None,
-            std::slice::from_ref(&event),
-            now,
-        );
+        rows.push_first(tx, (id, req.task_type), &event, now);
         types.push(req.task_type.as_str());
         payloads.push(req.payload.as_json().clone());
         max_attempts.push(req.max_attempts);
@@ -199,33 +192,45 @@ pub async fn enqueue(
     // outbox rows of exactly the tasks that were inserted. Relays are woken after the commit by
     // the caller (see `OutboxWaker`): a NOTIFY inside the statement would serialize every
     // enqueue's commit on Postgres's notification lock.
-    let inserted: Vec<(Uuid, i64)> = sqlx::query_as(
-        "WITH input AS ( \
-           SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
-                                $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[], \
-                                $12::text[], $13::text[], $14::text[]) \
-             AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, hash, slot, \
+    // The event's hash (version 2, as the SQL function `event_hash_v2` computes it) covers its
+    // position, assigned here, and `now()`: both are computed once per row in `input` and shared
+    // by the task row and its event. Spelled out rather than calling the function, which
+    // Postgres would run as a function call of its own for every row.
+    let inserted: Vec<(Uuid, i64, Vec<u8>)> = sqlx::query_as(
+        "WITH stamp AS ( \
+           SELECT int8send((extract(epoch FROM now()) * 1000000)::bigint) AS recorded \
+         ), input AS MATERIALIZED ( \
+           SELECT i.*, p.position, \
+                  sha256('\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea \
+                         || i.document || int8send(p.position) || stamp.recorded) AS hash \
+           FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
+                       $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[], \
+                       $12::text[], $13::text[], $14::text[]) \
+             AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, document, slot, \
                   event_version, data, owner, traceparent, tracestate) \
+           CROSS JOIN LATERAL (SELECT event_position(i.slot) AS position) p \
+           CROSS JOIN stamp \
          ), task AS ( \
            INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at, \
                               idempotency_key, version, last_hash, enqueued_position, \
                               created_at, updated_at, owner, traceparent, tracestate) \
            SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1, \
-                  hash, event_position(slot), $11, $11, owner, traceparent, tracestate \
+                  hash, position, $11, $11, owner, traceparent, tracestate \
            FROM input ORDER BY slot \
            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-           RETURNING id, enqueued_position, run_at \
+           RETURNING id, enqueued_position, run_at, last_hash \
          ), event AS ( \
            INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
-                                    occurred_at, prev_hash, hash, task_type) \
+                                    occurred_at, prev_hash, hash, task_type, recorded_at, \
+                                    hash_version) \
            SELECT task.enqueued_position, task.id, 1, 'enqueued', i.event_version, i.data, $11, \
-                  NULL, i.hash, i.task_type \
+                  NULL, task.last_hash, i.task_type, now(), $15 \
            FROM task JOIN input i USING (id) \
          ), outbox_row AS ( \
            INSERT INTO outbox (task_id, attempt, available_at) \
            SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot \
          ) \
-         SELECT task.id, task.enqueued_position FROM task",
+         SELECT task.id, task.enqueued_position, task.last_hash FROM task",
     )
     .bind(ids_unique(&ids, &first_of_key))
     .bind(&types)
@@ -233,7 +238,7 @@ pub async fn enqueue(
     .bind(&max_attempts)
     .bind(&run_ats)
     .bind(&keys)
-    .bind(&rows.hashes)
+    .bind(&rows.documents)
     .bind(&rows.slots)
     .bind(&rows.versions)
     .bind(&rows.data)
@@ -241,12 +246,16 @@ pub async fn enqueue(
     .bind(&owners)
     .bind(&traceparents)
     .bind(&tracestates)
+    .bind(HASH_VERSION)
     .fetch_all(tx.conn())
     .await?;
 
     // The rows just written are rebuilt from what was sent rather than read back: only the
     // position, which the database assigns, comes back.
-    let positions: HashMap<Uuid, i64> = inserted.into_iter().collect();
+    let mut positions: HashMap<Uuid, (i64, Vec<u8>)> = inserted
+        .into_iter()
+        .map(|(id, position, hash)| (id, (position, hash)))
+        .collect();
     let mut created: HashMap<Uuid, TaskRow> = HashMap::with_capacity(positions.len());
     let unique = requests
         .iter()
@@ -254,7 +263,7 @@ pub async fn enqueue(
         .zip(&ids)
         .filter(|((_, first), _)| first.is_none());
     for (k, ((req, _), id)) in unique.enumerate() {
-        let Some(&enqueued_position) = positions.get(id) else {
+        let Some((enqueued_position, last_hash)) = positions.remove(id) else {
             continue;
         };
         created.insert(
@@ -270,7 +279,7 @@ pub async fn enqueue(
                 idempotency_key: req.idempotency_key.clone(),
                 last_error: None,
                 version: 1,
-                last_hash: rows.hashes[k].clone(),
+                last_hash,
                 enqueued_position,
                 lease_owner: None,
                 lease_expires_at: None,

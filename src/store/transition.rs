@@ -116,6 +116,9 @@ struct LockedRow {
     #[sqlx(flatten)]
     row: TaskRow,
     db_now: DateTime<Utc>,
+    /// The transaction's position of slot 0, read with the lock so that hashing the events
+    /// costs no round trip of its own (see [`Tx::placement_base`]).
+    position_base: i64,
 }
 
 /// Locks the target tasks, asks `decide` for each one's events (`None` or an empty list: no
@@ -126,13 +129,14 @@ where
     F: FnMut(&Task, DateTime<Utc>) -> Result<Option<Vec<TaskEvent>>>,
 {
     let (locked, requested) = lock(tx, target).await?;
-    let Some(now) = locked.first().map(|l| l.db_now) else {
+    let Some((now, base)) = locked.first().map(|l| (l.db_now, l.position_base)) else {
         return Ok(Applied {
             now: super::tasks::db_now(tx).await?,
             missing: requested,
             ..Applied::default()
         });
     };
+    tx.set_placement_base(base, now);
     let mut applied = Applied {
         now,
         ..Applied::default()
@@ -222,7 +226,7 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
                 Payload::Skip => TASK_COLUMNS_NO_PAYLOAD,
             };
             let rows = sqlx::query_as(&format!(
-                "SELECT {columns}, now() AS db_now FROM tasks \
+                "SELECT {columns}, now() AS db_now, event_position(0) AS position_base FROM tasks \
                  WHERE id = ANY($1) ORDER BY id FOR UPDATE{skip}"
             ))
             .bind(&ids)
@@ -236,7 +240,8 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
             live_grace,
         } => {
             let rows = sqlx::query_as(&format!(
-                "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now \
+                "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now, \
+                        event_position(0) AS position_base \
                  FROM task_leases l JOIN tasks ON tasks.id = l.task_id \
                  WHERE l.expires_at < now() \
                    AND lease_owner IS NOT NULL AND lease_expires_at < now() \
