@@ -130,6 +130,7 @@ impl App {
             cache: self.cache.clone(),
             auth,
             metrics: self.metrics.clone(),
+            data_key: self.settings.audit_data_key.clone(),
         })
     }
 
@@ -239,6 +240,7 @@ impl App {
                 base_ms: e.retry_base_ms,
                 cap_ms: e.retry_cap_ms,
             },
+            data_key: self.settings.audit_data_key.clone(),
             ..WorkerConfig::default()
         }
     }
@@ -264,6 +266,7 @@ impl App {
             self.waker.clone(),
             self.settings.engine.scheduler_poll,
         )
+        .with_data_key(self.settings.audit_data_key.clone())
     }
 
     pub fn rescuer(&self) -> Rescuer {
@@ -293,6 +296,12 @@ impl App {
             self.api_context()?;
             if self.settings.jwt_secret.expose().len() < 32 {
                 tracing::warn!("JWT_SECRET is shorter than 32 characters (refused in production)");
+            }
+            if self.settings.audit_data_key.is_none() {
+                tracing::warn!(
+                    "AUDIT_DATA_KEY is not set: personal fields of new tasks are stored as they \
+                     come and cannot be erased (README, \"Audit\")"
+                );
             }
         }
         let metrics_listener = match self.settings.metrics_addr {

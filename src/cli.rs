@@ -111,7 +111,8 @@ pub enum AuditCommand {
         #[arg(long, env = "AUDIT_PUBLIC_KEY")]
         public_key: Option<String>,
     },
-    /// Print a new AUDIT_SIGNING_KEY and its public key (connects to nothing).
+    /// Print a new AUDIT_SIGNING_KEY, its public key, and a new AUDIT_DATA_KEY (connects to
+    /// nothing).
     Keygen,
     /// Write a checkpoint of the log now (signed with AUDIT_SIGNING_KEY).
     Checkpoint,

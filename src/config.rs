@@ -261,6 +261,10 @@ pub struct Settings {
     pub audit_signing_key: Option<ed25519_dalek::SigningKey>,
     /// How often a checkpoint is written (`AUDIT_CHECKPOINT_SECS`, 60).
     pub audit_checkpoint_interval: Duration,
+    /// Wraps the tasks' data keys (`AUDIT_DATA_KEY`, 64 hex digits; made with
+    /// `arnela audit keygen`). Set: the personal fields of new tasks are stored sealed and can
+    /// be erased (`POST /tasks/{id}/erase`). Unset: they are stored as they came.
+    pub audit_data_key: Option<std::sync::Arc<crate::domain::sealing::MasterKey>>,
     /// The delivery channels (`EMAIL_*`, `SMTP_*`, `SENDGRID_*`, `TWILIO_*`, `GOOGLE_*`).
     pub channels: crate::channel::ChannelSettings,
 }
@@ -484,6 +488,11 @@ impl Settings {
             .map(crate::domain::checkpoint::signing_key)
             .transpose()
             .map_err(|m| err("AUDIT_SIGNING_KEY", m))?;
+        let audit_data_key = get("AUDIT_DATA_KEY")
+            .map(crate::domain::sealing::MasterKey::from_hex)
+            .transpose()
+            .map_err(|m| err("AUDIT_DATA_KEY", m))?
+            .map(std::sync::Arc::new);
         let audit_checkpoint_interval = Duration::from_secs(
             parse_or(get("AUDIT_CHECKPOINT_SECS"), "AUDIT_CHECKPOINT_SECS", 60u64)?.max(1),
         );
@@ -506,6 +515,7 @@ impl Settings {
             engine,
             audit_signing_key,
             audit_checkpoint_interval,
+            audit_data_key,
             channels,
         })
     }
@@ -523,7 +533,7 @@ fn env_vars() -> Result<HashMap<String, String>, ConfigError> {
 }
 
 /// The settings that may be read from a file with `NAME_FILE`: the secrets.
-pub const FILE_SECRETS: [&str; 11] = [
+pub const FILE_SECRETS: [&str; 13] = [
     "JWT_SECRET",
     "JWT_PREVIOUS_SECRETS",
     "DB_PASSWORD",
@@ -535,6 +545,8 @@ pub const FILE_SECRETS: [&str; 11] = [
     "TWILIO_AUTH_TOKEN",
     "TWILIO_API_KEY_SECRET",
     "GOOGLE_SERVICE_ACCOUNT_JSON",
+    "AUDIT_SIGNING_KEY",
+    "AUDIT_DATA_KEY",
 ];
 
 /// Fills each secret `NAME` of [`FILE_SECRETS`] from the file `NAME_FILE` names (Docker

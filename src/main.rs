@@ -310,6 +310,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "AUDIT_PUBLIC_KEY={}",
                 hex::encode(key.verifying_key().to_bytes())
             );
+            println!(
+                "AUDIT_DATA_KEY={}",
+                arnela::domain::sealing::MasterKey::generate_hex()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit {

@@ -515,7 +515,7 @@ fn details(event_type: &Value, data: &Value) -> String {
         ],
         "dead_lettered" => vec![field("reason")],
         "requeued" => vec![field("by").map(|b| format!("by {b}"))],
-        "cancelled" => vec![field("by").map(|b| format!("by {b}")), field("reason")],
+        "cancelled" | "erased" => vec![field("by").map(|b| format!("by {b}")), field("reason")],
         "attempt_started" => vec![
             field("attempt").map(|a| format!("attempt {a}")),
             field("worker_id").map(|w| format!("worker {w}")),

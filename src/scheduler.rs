@@ -8,9 +8,11 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::sealing::MasterKey;
 use crate::store::outbox::OutboxWaker;
 use crate::store::schedules::{self, Fired};
 use crate::store::Result;
@@ -24,17 +26,30 @@ pub struct Scheduler {
     waker: OutboxWaker,
     /// The longest sleep between steps.
     poll: Duration,
+    /// Seals the personal fields of the tasks it creates (`AUDIT_DATA_KEY`).
+    data_key: Option<Arc<MasterKey>>,
 }
 
 impl Scheduler {
     pub fn new(pool: PgPool, waker: OutboxWaker, poll: Duration) -> Scheduler {
-        Scheduler { pool, waker, poll }
+        Scheduler {
+            pool,
+            waker,
+            poll,
+            data_key: None,
+        }
+    }
+
+    /// Seals the personal fields of the tasks it creates with data keys wrapped under `key`.
+    pub fn with_data_key(mut self, key: Option<Arc<MasterKey>>) -> Scheduler {
+        self.data_key = key;
+        self
     }
 
     /// Fires every slot due at `now` (see [`schedules::fire_due`]) and wakes the relays if a
     /// task was created.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Fired> {
-        let fired = schedules::fire_due(&self.pool, now).await?;
+        let fired = schedules::fire_due(&self.pool, now, self.data_key.as_deref()).await?;
         if fired.created > 0 {
             self.waker.wake();
             tracing::debug!(

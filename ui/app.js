@@ -768,6 +768,7 @@ function eventSummary(ev) {
       add('New max attempts', d.max_attempts);
       break;
     case 'cancelled':
+    case 'erased':
       add('By', d.by);
       add('Reason', d.reason);
       break;

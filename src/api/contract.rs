@@ -517,7 +517,8 @@ described!(
 #[derive(Debug, Clone, Object)]
 pub struct EnqueuedData {
     pub task_type: super::model::TaskTypeName,
-    /// The payload of the task's type (see the request schemas).
+    /// The payload of the task's type (see the request schemas); its personal fields read
+    /// `"[erased]"` once the task was erased.
     pub payload: BTreeMap<String, Value>,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
@@ -617,6 +618,14 @@ pub struct CancelledData {
     pub by: String,
 }
 
+/// The data of `erased`.
+#[derive(Debug, Clone, Object)]
+pub struct ErasedData {
+    pub reason: String,
+    /// The admin's token subject.
+    pub by: String,
+}
+
 macro_rules! event_schema {
     ($(#[$doc:meta])* $event:ident, $tag_ty:ident, $tag:literal, $data:ty) => {
         /// The event type.
@@ -699,6 +708,10 @@ event_schema!(
     /// An operator cancelled the task.
     CancelledEvent, CancelledType, "cancelled", CancelledData
 );
+event_schema!(
+    /// An admin erased the task's personal data (its data key was destroyed).
+    ErasedEvent, ErasedType, "erased", ErasedData
+);
 
 described!(
     /// One event of a task's history; `type` says what its `data` holds.
@@ -720,6 +733,7 @@ described!(
             member::<DeadLetteredEvent>("dead_lettered"),
             member::<RequeuedEvent>("requeued"),
             member::<CancelledEvent>("cancelled"),
+            member::<ErasedEvent>("erased"),
         ],
     )
 );

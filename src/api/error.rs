@@ -41,6 +41,9 @@ pub enum ErrorCode {
     RequestTimeout,
     /// 409: a requeue would give the task more attempts than a task may have in all (100).
     AttemptBudgetExhausted,
+    /// 409: the task's personal fields were stored without a data key (before
+    /// `AUDIT_DATA_KEY` was set), so they cannot be erased.
+    NotErasable,
     /// 413: the body is larger than the limit.
     PayloadTooLarge,
     /// 415: the body is not `application/json`.
@@ -301,6 +304,13 @@ impl From<StoreError> for ApiError {
                 "the task changed while the request was processed; retry it",
             ))),
             StoreError::Transition(t) => t.into(),
+            StoreError::NotErasable(id) => ApiError::Conflict(Json(ErrorBody::new(
+                ErrorCode::NotErasable,
+                format!(
+                    "task {id} was stored without a data key (before AUDIT_DATA_KEY was set): \
+                     its personal data cannot be erased"
+                ),
+            ))),
             StoreError::AttemptBudget { used, max, .. } => {
                 ApiError::Conflict(Json(ErrorBody::new(
                     ErrorCode::AttemptBudgetExhausted,

@@ -133,7 +133,8 @@ impl EventsApi {
         auth.require(&[Role::Auditor])?;
         let after = after.0.unwrap_or(0);
         let limit = limit.0.unwrap_or(100);
-        let rows = events::global_log(&self.ctx.pool, after, i64::from(limit)).await?;
+        let mut rows = events::global_log(&self.ctx.pool, after, i64::from(limit)).await?;
+        self.ctx.open_events(&mut rows).await?;
         let next_after = rows.last().map_or(after, |e| e.position);
         Ok(LogResponse::Ok(Json(EventPage {
             events: rows.into_iter().map(Event::from).collect(),

@@ -48,6 +48,29 @@ pub struct ApiContext {
     pub auth: auth::Auth,
     /// This application's metrics registry (shared with its relay, workers and caches).
     pub metrics: crate::metrics::Metrics,
+    /// Seals personal fields of new tasks and opens them on reads (`AUDIT_DATA_KEY`).
+    pub data_key: Option<std::sync::Arc<crate::domain::sealing::MasterKey>>,
+}
+
+impl ApiContext {
+    /// Opens the sealed personal fields of task rows before they are shown (see
+    /// [`crate::store::data_keys::open_rows`]).
+    pub async fn open_rows(
+        &self,
+        rows: &mut [crate::store::tasks::TaskRow],
+    ) -> Result<(), crate::store::StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        crate::store::data_keys::open_rows(&mut conn, self.data_key.as_deref(), rows).await
+    }
+
+    /// Opens the sealed parts of events before they are shown.
+    pub async fn open_events(
+        &self,
+        events: &mut [crate::store::events::StoredEvent],
+    ) -> Result<(), crate::store::StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        crate::store::data_keys::open_events(&mut conn, self.data_key.as_deref(), events).await
+    }
 }
 
 type Apis = (

@@ -111,7 +111,8 @@ pub struct TaskView {
     #[oai(rename = "type")]
     #[serde(rename = "type")]
     pub task_type: TaskTypeName,
-    /// The payload of the task's type, as it was enqueued.
+    /// The payload of the task's type, as it was enqueued; its personal fields read
+    /// `"[erased]"` once the task was erased (`POST /tasks/{id}/erase`).
     pub payload: Value,
     pub status: TaskStatusName,
     /// Attempts started so far.

@@ -142,7 +142,8 @@ impl TasksApi {
             tracestate.0.as_deref(),
         );
         let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
-        let result = tasks::enqueue(&mut tx, vec![new], Utc::now()).await?;
+        let result =
+            tasks::enqueue(&mut tx, vec![new], Utc::now(), self.ctx.data_key.as_deref()).await?;
         tx.commit().await?;
         self.ctx.waker.wake();
         match result.into_iter().next() {
@@ -195,7 +196,8 @@ impl TasksApi {
             news.push(new);
         }
         let mut tx = writer(&self.ctx.pool, &news).await?;
-        let results = tasks::enqueue(&mut tx, news, Utc::now()).await?;
+        let results =
+            tasks::enqueue(&mut tx, news, Utc::now(), self.ctx.data_key.as_deref()).await?;
         tx.commit().await?;
         self.ctx.waker.wake();
         let created = results
@@ -244,7 +246,12 @@ impl TasksApi {
         let not_found = || ApiError::not_found(format!("task {} not found", id.0));
         let load = || async {
             match tasks::get(pool, id.0).await? {
-                Some(row) => view(row),
+                Some(row) => {
+                    let mut rows = [row];
+                    self.ctx.open_rows(&mut rows).await?;
+                    let [row] = rows;
+                    view(row)
+                }
                 None => Err(ApiError::not_found(format!("task {} not found", id.0))),
             }
         };
@@ -289,8 +296,10 @@ impl TasksApi {
     ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let extra = attempts.0.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-        let row = operator::requeue(&self.ctx.pool, id.0, extra, by).await?;
+        let mut rows = [operator::requeue(&self.ctx.pool, id.0, extra, by).await?];
         self.forget(id.0).await;
+        self.ctx.open_rows(&mut rows).await?;
+        let [row] = rows;
         Ok(OperatorResponse::Ok(Json(view(row)?)))
     }
 
@@ -318,8 +327,50 @@ impl TasksApi {
         let reason = reason
             .0
             .unwrap_or_else(|| "cancelled by an operator".into());
-        let row = operator::cancel(&self.ctx.pool, id.0, reason, by).await?;
+        let mut rows = [operator::cancel(&self.ctx.pool, id.0, reason, by).await?];
         self.forget(id.0).await;
+        self.ctx.open_rows(&mut rows).await?;
+        let [row] = rows;
+        Ok(OperatorResponse::Ok(Json(view(row)?)))
+    }
+
+    /// Erase a task's personal data
+    ///
+    /// Destroys the task's data key: the personal fields of its payload (recipient, message,
+    /// appointment details) and its provider results, stored sealed under that key, can no
+    /// longer be read by anyone, and show as `"[erased]"`. Recorded as an `erased` event; the
+    /// history keeps every event and still verifies. A task that could still run (queued,
+    /// retrying, dead) is cancelled first. Erasing twice changes nothing (200).
+    ///
+    /// 409 `invalid_transition` while an attempt runs (cancel it, or wait for it to end);
+    /// 409 `not_erasable` for a task stored before `AUDIT_DATA_KEY` was set.
+    ///
+    /// Roles: admin. The token's subject is recorded as who erased it.
+    #[oai(
+        path = "/tasks/:id/erase",
+        method = "post",
+        operation_id = "erase_task"
+    )]
+    async fn erase(
+        &self,
+        auth: BearerAuth,
+        id: Path<Uuid>,
+        /// Why (for example the data subject's request), for the audit trail.
+        #[oai(validator(min_length = 1, max_length = 500, pattern = r"^[^\u0000]*$"))]
+        reason: Query<Option<String>>,
+    ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
+        let by = &auth.require(&[Role::Admin])?.sub;
+        let reason = reason
+            .0
+            .unwrap_or_else(|| "personal data erased on request".into());
+        let row = match operator::erase(&self.ctx.pool, id.0, reason, by).await? {
+            operator::Erasure::Erased(row) | operator::Erasure::AlreadyErased(row) => row,
+        };
+        // the cached view holds the opened fields
+        self.forget(id.0).await;
+        let mut rows = [row];
+        self.ctx.open_rows(&mut rows).await?;
+        let [row] = rows;
         Ok(OperatorResponse::Ok(Json(view(row)?)))
     }
 
@@ -339,7 +390,8 @@ impl TasksApi {
         id: Path<Uuid>,
     ) -> Result<HistoryResponse, Failure<HistoryFailures>> {
         auth.require(&[Role::Auditor])?;
-        let events = events::history(&self.ctx.pool, id.0).await?;
+        let mut events = events::history(&self.ctx.pool, id.0).await?;
+        self.ctx.open_events(&mut events).await?;
         if events.is_empty() {
             return Err(ApiError::not_found(format!("task {} not found", id.0)).into());
         }
@@ -413,7 +465,8 @@ impl TasksApi {
         };
         let limit = limit.0.unwrap_or(50);
         let after = after.0.unwrap_or(0);
-        let rows = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
+        let mut rows = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
+        self.ctx.open_rows(&mut rows).await?;
         let next_after = (rows.len() == limit as usize)
             .then(|| rows.last().map(|r| r.enqueued_position))
             .flatten();

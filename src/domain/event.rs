@@ -95,6 +95,9 @@ pub enum TaskEvent {
     Requeued { max_attempts: i32, by: String },
     /// An operator cancelled the task.
     Cancelled { reason: String, by: String },
+    /// An admin erased the task's personal data: its data key was destroyed, so the sealed
+    /// fields of its payload and results can no longer be read (the events stay, and verify).
+    Erased { reason: String, by: String },
 }
 
 impl TaskEvent {
@@ -112,6 +115,7 @@ impl TaskEvent {
             TaskEvent::DeadLettered { .. } => "dead_lettered",
             TaskEvent::Requeued { .. } => "requeued",
             TaskEvent::Cancelled { .. } => "cancelled",
+            TaskEvent::Erased { .. } => "erased",
         }
     }
 

@@ -7,6 +7,7 @@ pub mod event;
 pub mod payload;
 pub mod retry;
 pub mod schedule;
+pub mod sealing;
 pub mod task;
 pub mod trace;
 

@@ -258,6 +258,8 @@ impl Task {
                 // a running attempt keeps its lease so that its outcome can still be recorded
                 self.status = TaskStatus::Cancelled;
             }
+            // the data is gone, the state stays
+            TaskEvent::Erased { .. } => {}
         }
         self.version += 1;
         self.updated_at = at;
@@ -407,6 +409,29 @@ impl Task {
         Ok(TaskEvent::Cancelled { reason, by })
     }
 
+    /// An admin erases the task's personal data. A task that could still run is cancelled first
+    /// (it has nothing left to send); a running one must end first: its handler holds the data.
+    pub fn erase(&self, reason: String, by: String) -> Result<Vec<TaskEvent>, InvalidTransition> {
+        let erased = TaskEvent::Erased {
+            reason: reason.clone(),
+            by: by.clone(),
+        };
+        match self.status {
+            TaskStatus::Running => Err(InvalidTransition {
+                action: "erase",
+                status: self.status,
+            }),
+            TaskStatus::Succeeded | TaskStatus::Cancelled => Ok(vec![erased]),
+            TaskStatus::Queued | TaskStatus::Retrying | TaskStatus::Dead => Ok(vec![
+                TaskEvent::Cancelled {
+                    reason: format!("erased: {reason}"),
+                    by,
+                },
+                erased,
+            ]),
+        }
+    }
+
     /// The worker gives the running attempt back unfinished.
     pub fn release(&self, reason: String) -> Result<TaskEvent, InvalidTransition> {
         if self.status != TaskStatus::Running {
@@ -481,6 +506,28 @@ mod tests {
             )
             .unwrap();
         task.apply(&e, t0());
+    }
+
+    #[test]
+    fn erasing_cancels_what_could_still_run_and_waits_for_a_running_attempt() {
+        let erase = |t: &Task| t.erase("request".into(), "admin".into());
+        let types = |events: Vec<TaskEvent>| -> Vec<&'static str> {
+            events.iter().map(TaskEvent::type_name).collect()
+        };
+        let mut task = new_task(3);
+        assert_eq!(types(erase(&task).unwrap()), ["cancelled", "erased"]);
+        task.apply(&task.dispatch(1).unwrap(), t0());
+        start(&mut task);
+        assert!(erase(&task).is_err(), "the handler holds the data");
+        task.apply(&task.succeed(json!({}), 1).unwrap(), t0());
+        let events = erase(&task).unwrap();
+        assert_eq!(types(events.clone()), ["erased"]);
+        let version = task.version;
+        task.apply(&events[0], t0());
+        assert_eq!(
+            (task.status, task.version),
+            (TaskStatus::Succeeded, version + 1)
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 pub mod audit;
 pub mod checkpoints;
+pub mod data_keys;
 pub mod events;
 pub mod operator;
 pub mod outbox;
@@ -54,6 +55,10 @@ pub enum StoreError {
     /// A requeue would give the task more attempts than a task may have.
     #[error("task {task_id} has had {used} attempts; a task may have at most {max}")]
     AttemptBudget { task_id: Uuid, used: i32, max: i32 },
+    /// The task's personal fields were stored as they came (before `AUDIT_DATA_KEY` was set):
+    /// erasing them would mean rewriting the append-only log.
+    #[error("task {0} was stored without a data key: its personal data cannot be erased")]
+    NotErasable(Uuid),
     /// A stored row that cannot be read back (an unknown event type, a bad status).
     #[error("corrupt row: {0}")]
     Corrupt(String),

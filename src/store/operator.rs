@@ -1,5 +1,5 @@
 //! Operator actions: requeue a dead task, cancel a waiting, running or dead one, one task at a
-//! time or every dead letter matching a filter. Each is a [`transition::apply`]: the operator
+//! time or every dead letter matching a filter; erase a task's personal data. Each is a [`transition::apply`]: the operator
 //! only decides the event.
 
 use chrono::{DateTime, Utc};
@@ -9,6 +9,7 @@ use uuid::Uuid;
 use super::tasks::{self, TaskRow};
 use super::transition::{self, Lock, Payload, Target};
 use super::{Result, StoreError, Tx};
+use crate::domain::sealing::payload_is_sealed;
 use crate::domain::task::MAX_TOTAL_ATTEMPTS;
 use crate::domain::{Task, TaskEvent, TaskStatus, TaskType};
 
@@ -35,6 +36,46 @@ pub async fn cancel(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result
         Ok(task.cancel(reason.clone(), by.to_owned())?)
     })
     .await
+}
+
+/// What [`erase`] did.
+#[derive(Debug)]
+pub enum Erasure {
+    /// The data key was destroyed and an `erased` event recorded (after a `cancelled` one for a
+    /// task that could still run).
+    Erased(TaskRow),
+    /// It was erased before: nothing changed.
+    AlreadyErased(TaskRow),
+}
+
+/// Erases task `id`'s personal data: destroys its data key and records `erased` (see
+/// [`Task::erase`]), in one transaction. Refused for a running task, and for a task stored
+/// before its fields were sealed (nothing could erase them without rewriting the log).
+pub async fn erase(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result<Erasure> {
+    let mut tx = Tx::begin(pool).await?;
+    let row = tasks::get_for_update(&mut tx, id).await?;
+    let sealed = row
+        .task_type
+        .parse::<TaskType>()
+        .is_ok_and(|t| payload_is_sealed(t, &row.payload));
+    if !super::data_keys::exists(tx.conn(), id).await? {
+        tx.rollback().await?;
+        return if sealed {
+            Ok(Erasure::AlreadyErased(row))
+        } else {
+            Err(StoreError::NotErasable(id))
+        };
+    }
+    transition::apply(
+        &mut tx,
+        Target::Ids(&[id], Lock::Wait, Payload::Skip),
+        |task, _| Ok(Some(task.erase(reason.clone(), by.to_owned())?)),
+    )
+    .await?;
+    super::data_keys::destroy(tx.conn(), id).await?;
+    let row = tasks::get_for_update(&mut tx, id).await?;
+    tx.commit().await?;
+    Ok(Erasure::Erased(row))
 }
 
 async fn act<F>(pool: &PgPool, id: Uuid, decide: F) -> Result<TaskRow>

@@ -446,7 +446,11 @@ pub const STEP_SCHEDULES: i64 = 100;
 /// schedules not locked by another process, in one transaction (see the module's doc). A
 /// schedule that can no longer be read (an expression or payload this build refuses) is logged
 /// and left as it is.
-pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Fired> {
+pub async fn fire_due(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    master: Option<&crate::domain::sealing::MasterKey>,
+) -> Result<Fired> {
     let now = db_time(now);
     let mut tx = Tx::begin(pool).await?;
     let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
@@ -500,7 +504,7 @@ pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Fired> {
         fired.schedules += 1;
     }
 
-    let enqueued = tasks::enqueue(&mut tx, requests, now).await?;
+    let enqueued = tasks::enqueue(&mut tx, requests, now, master).await?;
     for e in &enqueued {
         match e {
             Enqueued::Created(_) => fired.created += 1,

@@ -15,7 +15,8 @@ use uuid::Uuid;
 use super::events::EventRows;
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{db_time, HASH_VERSION};
-use crate::domain::{NewTask, Task, TaskStatus, TaskType, TraceContext};
+use crate::domain::sealing::{seal_payload, DataKey, MasterKey};
+use crate::domain::{NewTask, Task, TaskEvent, TaskStatus, TaskType, TraceContext};
 
 /// A row of the `tasks` projection.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -138,16 +139,24 @@ impl Enqueued {
 /// request each time (the later ones get the first's task); a key already held by a different
 /// request fails the whole call with [`StoreError::IdempotencyConflict`], so the caller's
 /// transaction can be rolled back and a batch stays all-or-nothing.
+///
+/// With `master` (`AUDIT_DATA_KEY`), each new task gets a data key: the personal fields of its
+/// payload are stored sealed, in its row and its `enqueued` event, and the key is stored wrapped
+/// in `task_data_keys` (see [`crate::domain::sealing`]). The rows returned hold the payloads as
+/// they were asked for.
 pub async fn enqueue(
     tx: &mut Tx,
     requests: Vec<NewTask>,
     now: DateTime<Utc>,
+    master: Option<&MasterKey>,
 ) -> Result<Vec<Enqueued>> {
     let now = db_time(now);
     let mut rows = EventRows::default();
     let mut ids = Vec::with_capacity(requests.len());
     let mut types = Vec::with_capacity(requests.len());
     let mut payloads = Vec::with_capacity(requests.len());
+    let mut plain_payloads = Vec::with_capacity(requests.len());
+    let mut wrapped_keys: (Vec<Uuid>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
     let mut max_attempts = Vec::with_capacity(requests.len());
     let mut run_ats = Vec::with_capacity(requests.len());
     let mut keys = Vec::with_capacity(requests.len());
@@ -176,10 +185,21 @@ pub async fn enqueue(
         first_of_key.push(None);
         let id = Uuid::now_v7();
         ids.push(id);
-        let event = Task::enqueue(req.clone());
+        let mut event = Task::enqueue(req.clone());
+        let mut payload = req.payload.as_json().clone();
+        if let Some(master) = master {
+            let key = DataKey::generate();
+            seal_payload(req.task_type, &mut payload, &key, id);
+            if let TaskEvent::Enqueued { payload: p, .. } = &mut event {
+                p.clone_from(&payload);
+            }
+            wrapped_keys.0.push(id);
+            wrapped_keys.1.push(master.wrap(&key, id));
+        }
         rows.push_first(tx, (id, req.task_type), &event, now);
         types.push(req.task_type.as_str());
-        payloads.push(req.payload.as_json().clone());
+        payloads.push(payload);
+        plain_payloads.push(req.payload.as_json().clone());
         max_attempts.push(req.max_attempts);
         run_ats.push(db_time(req.run_at));
         keys.push(req.idempotency_key.clone());
@@ -229,6 +249,10 @@ pub async fn enqueue(
          ), outbox_row AS ( \
            INSERT INTO outbox (task_id, attempt, available_at) \
            SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot \
+         ), data_key AS ( \
+           INSERT INTO task_data_keys (task_id, wrapped_key) \
+           SELECT k.id, k.wrapped FROM UNNEST($16::uuid[], $17::bytea[]) AS k(id, wrapped) \
+           JOIN task USING (id) \
          ) \
          SELECT task.id, task.enqueued_position, task.last_hash FROM task",
     )
@@ -247,6 +271,8 @@ pub async fn enqueue(
     .bind(&traceparents)
     .bind(&tracestates)
     .bind(HASH_VERSION)
+    .bind(&wrapped_keys.0)
+    .bind(&wrapped_keys.1)
     .fetch_all(tx.conn())
     .await?;
 
@@ -271,7 +297,7 @@ pub async fn enqueue(
             TaskRow {
                 id: *id,
                 task_type: req.task_type.as_str().to_owned(),
-                payload: std::mem::take(&mut payloads[k]),
+                payload: std::mem::take(&mut plain_payloads[k]),
                 status: TaskStatus::Queued.as_str().to_owned(),
                 attempts: 0,
                 max_attempts: req.max_attempts,
@@ -302,7 +328,7 @@ pub async fn enqueue(
         .unzip();
     let mut holders: HashMap<(String, String), TaskRow> = HashMap::new();
     if !taken.is_empty() {
-        let existing: Vec<TaskRow> = sqlx::query_as(&format!(
+        let mut existing: Vec<TaskRow> = sqlx::query_as(&format!(
             "SELECT {TASK_COLUMNS} FROM tasks \
              WHERE (owner, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
         ))
@@ -310,6 +336,8 @@ pub async fn enqueue(
         .bind(&taken)
         .fetch_all(tx.conn())
         .await?;
+        // compared with the requests, and returned, as they were asked for
+        super::data_keys::open_rows(tx.conn(), master, &mut existing).await?;
         for row in existing {
             if let Some(key) = row.idempotency_key.clone() {
                 holders.insert((row.owner.clone(), key), row);

@@ -195,6 +195,7 @@ where
                 TaskEvent::Enqueued { .. }
                 | TaskEvent::Dispatched { .. }
                 | TaskEvent::AttemptStopped { .. }
+                | TaskEvent::Erased { .. }
                 | TaskEvent::AttemptSucceeded { .. }
                 | TaskEvent::AttemptFailed { .. } => {}
             }

@@ -50,6 +50,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::binding::{Binding, BindingError};
+use crate::domain::sealing::{open_payload, payload_is_sealed, DataKey, MasterKey, Opening};
 use crate::domain::task::InvalidTransition;
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::metrics::Metrics;
@@ -125,6 +126,8 @@ pub struct WorkerConfig {
     pub block: Duration,
     pub retry: RetryPolicy,
     pub jitter: Jitter,
+    /// Opens the sealed personal fields of the tasks it runs (`AUDIT_DATA_KEY`).
+    pub data_key: Option<Arc<MasterKey>>,
 }
 
 impl Default for WorkerConfig {
@@ -134,6 +137,7 @@ impl Default for WorkerConfig {
             block: Duration::from_secs(1),
             retry: RetryPolicy::default(),
             jitter: Arc::new(rand::random::<f64>),
+            data_key: None,
         }
     }
 }
@@ -209,6 +213,20 @@ pub struct Worker {
 pub struct Claimed {
     raw: String,
     pub ctx: TaskContext,
+    /// The task's data key, which its provider result is sealed with (tasks whose payload was
+    /// sealed).
+    data_key: Option<DataKey>,
+}
+
+impl Claimed {
+    /// A provider result as it is recorded: sealed with the task's data key, if it has one.
+    fn sealed(&self, result: &serde_json::Value) -> serde_json::Value {
+        crate::store::data_keys::seal_result(
+            self.data_key.as_ref(),
+            self.ctx.task_id,
+            result.clone(),
+        )
+    }
 }
 
 /// How a handler run ended.
@@ -383,6 +401,7 @@ impl Worker {
         if !held.is_empty() {
             outbox::unpublish(&mut tx, &held).await?;
         }
+        let keys = self.data_keys(&mut tx, &applied).await?;
         tx.commit().await?;
         let held: HashSet<Uuid> = held.into_iter().map(|(id, _)| id).collect();
 
@@ -415,16 +434,26 @@ impl Worker {
             let after = &change.after;
             if matches!(change.events[..], [TaskEvent::AttemptStarted { .. }]) {
                 let (id, attempt) = (after.id, after.attempts);
+                let mut payload = after.payload.clone();
+                let data_key = keys.get(&id).cloned();
+                if payload_is_sealed(after.task_type, &payload) {
+                    let how = data_key.as_ref().map_or(Opening::Erased, Opening::Key);
+                    if let Err(e) = open_payload(after.task_type, &mut payload, id, how) {
+                        // the handler sees the envelopes and fails on them
+                        tracing::error!(task.id = %id, error = %e, "cannot open the task's payload");
+                    }
+                }
                 claimed.push(Claimed {
                     raw,
                     ctx: TaskContext {
                         task_id: id,
                         task_type: after.task_type,
                         attempt,
-                        payload: after.payload.clone(),
+                        payload,
                         idempotency_key: format!("{id}:{attempt}"),
                         trace: after.trace.clone(),
                     },
+                    data_key,
                 });
                 continue;
             }
@@ -454,6 +483,28 @@ impl Worker {
         done.extend(self.give_back_paused(&mut conn, given_back).await);
         self.pause_if_only_skipped(&claimed, &done).await;
         Ok((claimed, done))
+    }
+
+    /// The data keys of the claimed tasks whose payload is sealed (one query, and only when
+    /// there are some): their payloads are opened for the handlers, their results sealed.
+    async fn data_keys(
+        &self,
+        tx: &mut Tx,
+        applied: &transition::Applied,
+    ) -> Result<HashMap<Uuid, DataKey>> {
+        let Some(master) = self.config.data_key.as_deref() else {
+            return Ok(HashMap::new());
+        };
+        let sealed: Vec<Uuid> = applied
+            .changed
+            .iter()
+            .filter(|c| payload_is_sealed(c.after.task_type, &c.after.payload))
+            .map(|c| c.after.id)
+            .collect();
+        if sealed.is_empty() {
+            return Ok(HashMap::new());
+        }
+        Ok(crate::store::data_keys::keys(tx.conn(), master, &sealed).await?)
     }
 
     /// The event that claims `attempt` now, a dead letter for a type without a handler, or
@@ -623,7 +674,7 @@ impl Worker {
         let duration_ms = f.duration_ms;
         if task.status == TaskStatus::Cancelled {
             let event = match &f.ending {
-                Ending::Done(Ok(result)) => task.succeed(result.clone(), duration_ms)?,
+                Ending::Done(Ok(result)) => task.succeed(f.claimed.sealed(result), duration_ms)?,
                 _ => task
                     .fail(
                         FailureKind::Retryable,
@@ -638,7 +689,7 @@ impl Worker {
         }
         let result = match &f.ending {
             Ending::Done(Ok(result)) => (
-                vec![task.succeed(result.clone(), duration_ms)?],
+                vec![task.succeed(f.claimed.sealed(result), duration_ms)?],
                 Processed::Succeeded(id),
             ),
             Ending::Interrupted => (

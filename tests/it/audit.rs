@@ -89,7 +89,7 @@ async fn a_task_history_is_in_order_and_chained(pool: PgPool) {
 #[sqlx::test]
 async fn an_appender_with_a_stale_version_gets_a_conflict(pool: PgPool) {
     let mut tx = Tx::begin(&pool).await.unwrap();
-    let created = tasks::enqueue(&mut tx, vec![new_sms("x")], Utc::now())
+    let created = tasks::enqueue(&mut tx, vec![new_sms("x")], Utc::now(), None)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -121,9 +121,14 @@ async fn an_appender_with_a_stale_version_gets_a_conflict(pool: PgPool) {
 async fn the_global_log_waits_for_a_late_commit_instead_of_skipping_it(pool: PgPool) {
     let c = client(pool.clone()).await;
     let mut slow = Tx::begin(&pool).await.unwrap();
-    let a = tasks::enqueue(&mut slow, vec![new_sms("first, commits last")], Utc::now())
-        .await
-        .unwrap();
+    let a = tasks::enqueue(
+        &mut slow,
+        vec![new_sms("first, commits last")],
+        Utc::now(),
+        None,
+    )
+    .await
+    .unwrap();
     let (_, b) = post(&c, "/tasks", &sms("second, commits first")).await;
 
     // B is committed but A, which holds a lower position, is not: the log shows neither yet.
@@ -179,6 +184,7 @@ async fn paging_sees_every_row_once_while_commits_land_out_of_order(pool: PgPool
                         .map(|i| new_sms(&format!("w{w} r{round} #{i}")))
                         .collect(),
                     Utc::now(),
+                    None,
                 )
                 .await
                 .unwrap();
@@ -490,7 +496,7 @@ async fn verify_reads_the_log_in_pages_of_tasks(pool: PgPool) {
     let n = audit::PAGE_TASKS as usize * 2 + 500;
     let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
     let news = (0..n).map(|i| new_sms(&format!("m{i}"))).collect();
-    arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())
+    arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now(), None)
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -575,7 +581,7 @@ async fn the_runtime_role_appends_to_the_log_but_cannot_rewrite_it(pool: PgPool)
 
     // The service's writes work: enqueue (tasks, events, outbox) and a transition.
     let mut tx = Tx::begin(&runtime).await.unwrap();
-    let made = tasks::enqueue(&mut tx, vec![new_sms("hola")], Utc::now())
+    let made = tasks::enqueue(&mut tx, vec![new_sms("hola")], Utc::now(), None)
         .await
         .unwrap();
     tx.commit().await.unwrap();

@@ -81,6 +81,12 @@ fn operations(task: Uuid, to_cancel: Uuid) -> Vec<Op> {
             &[Admin],
             200,
         ),
+        Op::new(
+            Method::POST,
+            format!("/tasks/{missing}/erase"),
+            &[Admin],
+            404,
+        ),
         Op::new(Method::GET, "/stats", &[Auditor, Admin], 200),
         Op::new(
             Method::GET,

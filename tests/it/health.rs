@@ -268,6 +268,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         cache: arnela::cache::Cache::new(redis.clone(), "health-test"),
         auth: common::auth(),
         metrics: Default::default(),
+        data_key: None,
     };
     let c = client_for(ctx);
     assert_eq!(get(&c, "/health").await.0, 200);

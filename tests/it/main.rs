@@ -13,6 +13,7 @@ mod console;
 mod crash;
 mod engine;
 mod enqueue;
+mod erasure;
 mod health;
 mod metrics;
 mod openapi;

@@ -171,6 +171,29 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
     e.relay_once().await;
     assert!(matches!(e.step().await, Processed::DeadLettered(_)));
     let queued = seed(sms("seed", "hola")).await;
+    // a task stored before AUDIT_DATA_KEY was set: its fields cannot be erased
+    let plain = {
+        let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
+        let new = arnela::domain::NewTask {
+            task_type: arnela::domain::TaskType::SendSms,
+            payload: arnela::domain::validate_payload(
+                arnela::domain::TaskType::SendSms,
+                json!({"phone": "+34600111222", "message": "plain"}),
+            )
+            .unwrap(),
+            max_attempts: 3,
+            run_at: chrono::Utc::now(),
+            idempotency_key: None,
+            invalidates: Vec::new(),
+            owner: String::new(),
+            trace: None,
+        };
+        let made = arnela::store::tasks::enqueue(&mut tx, vec![new], chrono::Utc::now(), None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        made[0].row().id
+    };
     let missing = uuid::Uuid::new_v4();
     let batch = |key: &str, message: &str| json!({"tasks": [sms(key, message)]});
     // a time range that ends before it starts
@@ -329,6 +352,44 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             Method::POST,
             "/tasks/{id}/cancel",
             format!("/tasks/{queued}/cancel"),
+            admin,
+        ),
+        // POST /tasks/{id}/erase (after the cancel: the queued task is cancelled by now)
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{queued}/erase?reason=request%20of%20the%20patient"),
+            admin,
+        ),
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{queued}/erase"),
+            admin,
+        ),
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{queued}/erase"),
+            None,
+        ),
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{queued}/erase"),
+            producer,
+        ),
+        probe(Method::POST, "/tasks/{id}/erase", "/tasks/x/erase", admin),
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{plain}/erase"),
+            admin,
+        ),
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{missing}/erase"),
             admin,
         ),
         // GET /tasks/{id}/verify
@@ -543,6 +604,12 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             Method::POST,
             "/tasks/{id}/cancel",
             format!("/tasks/{queued}/cancel"),
+            admin,
+        ),
+        probe(
+            Method::POST,
+            "/tasks/{id}/erase",
+            format!("/tasks/{queued}/erase"),
             admin,
         ),
         probe(Method::GET, "/events", "/events", auditor),

@@ -184,7 +184,7 @@ async fn a_late_commit_is_projected_later_never_skipped(pool: PgPool) {
         owner: String::new(),
         trace: None,
     }];
-    arnela::store::tasks::enqueue(&mut open, news, chrono::Utc::now())
+    arnela::store::tasks::enqueue(&mut open, news, chrono::Utc::now(), None)
         .await
         .unwrap();
     // later transactions commit first

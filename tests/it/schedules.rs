@@ -348,20 +348,20 @@ async fn a_step_fires_each_due_slot_once_and_records_skipped_ones(pool: PgPool) 
         .unwrap();
 
     // Three slots due at t0 + 2 s.
-    let fired = schedules::fire_due(&pool, t0 + ChronoDuration::seconds(2))
+    let fired = schedules::fire_due(&pool, t0 + ChronoDuration::seconds(2), None)
         .await
         .unwrap();
     assert_eq!((fired.schedules, fired.created, fired.skipped), (1, 3, 0));
     // The same instant again: nothing is due any more.
-    let again = schedules::fire_due(&pool, t0 + ChronoDuration::seconds(2))
+    let again = schedules::fire_due(&pool, t0 + ChronoDuration::seconds(2), None)
         .await
         .unwrap();
     assert_eq!(again.created, 0);
     // Two steps racing for the next slot: one task.
     let at = t0 + ChronoDuration::seconds(3);
     let (a, b) = tokio::join!(
-        schedules::fire_due(&pool, at),
-        schedules::fire_due(&pool, at)
+        schedules::fire_due(&pool, at, None),
+        schedules::fire_due(&pool, at, None)
     );
     assert_eq!(a.unwrap().created + b.unwrap().created, 1);
     assert_eq!(assert_each_slot_once(&pool, id).await, 4);
@@ -383,7 +383,7 @@ async fn a_step_fires_each_due_slot_once_and_records_skipped_ones(pool: PgPool) 
     // An hour later (every scheduler down): the missed slots are skipped, recorded, and the
     // ones within the grace fire.
     let later = t0 + ChronoDuration::hours(1);
-    let fired = schedules::fire_due(&pool, later).await.unwrap();
+    let fired = schedules::fire_due(&pool, later, None).await.unwrap();
     assert_eq!(fired.skipped, 1);
     assert_eq!(
         fired.created, 31,
@@ -413,6 +413,7 @@ async fn a_step_fires_each_due_slot_once_and_records_skipped_ones(pool: PgPool) 
     let fired = schedules::fire_due(
         &pool,
         later + ChronoDuration::hours(1) + ChronoDuration::minutes(5),
+        None,
     )
     .await
     .unwrap();
@@ -422,7 +423,7 @@ async fn a_step_fires_each_due_slot_once_and_records_skipped_ones(pool: PgPool) 
     schedules::set_paused(&pool, id, true, "test", Utc::now())
         .await
         .unwrap();
-    let fired = schedules::fire_due(&pool, later + ChronoDuration::hours(5))
+    let fired = schedules::fire_due(&pool, later + ChronoDuration::hours(5), None)
         .await
         .unwrap();
     assert_eq!(fired, schedules::Fired::default());

@@ -94,7 +94,16 @@ pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiCo
         channels: Default::default(),
         waker: arnela::store::outbox::OutboxWaker::spawn(pool, Duration::from_millis(2)),
         auth: auth(),
+        // every API test runs with personal fields sealed, as a production deployment does
+        data_key: Some(std::sync::Arc::new(data_key())),
     }
+}
+
+/// The master key the tests seal personal fields with (`AUDIT_DATA_KEY`).
+pub const DATA_KEY_HEX: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
+
+pub fn data_key() -> arnela::domain::sealing::MasterKey {
+    arnela::domain::sealing::MasterKey::from_hex(DATA_KEY_HEX).unwrap()
 }
 
 /// The API over the test's database, every request sent with an admin token.
@@ -296,6 +305,8 @@ pub mod engine {
                 cap_ms: 60_000,
             },
             jitter: Arc::new(move || jitter),
+            // the engine tests run with sealed payloads, as the API tests do
+            data_key: Some(Arc::new(super::data_key())),
         }
     }
 
@@ -955,7 +966,7 @@ pub async fn enqueue_tasks(
                 trace: None,
             })
             .collect();
-        let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now())
+        let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now(), None)
             .await
             .unwrap();
         tx.commit().await.unwrap();
