@@ -72,6 +72,7 @@ impl App {
         let keys = Keys::new(settings.redis.key_prefix.clone());
         check_binding(&pool, &redis, &keys).await?;
         check_role_and_schema(&pool, settings.app_env == crate::config::AppEnv::Production).await?;
+        check_data_key(&pool, settings.audit_data_key.as_deref()).await?;
         Ok(App::from_parts(settings, pool, redis))
     }
 
@@ -442,6 +443,30 @@ async fn check_binding(
 /// owner, who may disable its triggers): the service runs as a member of `arnela_runtime` and
 /// the migrations as the owner (`arnela migrate`). Applies pending migrations outside
 /// production; in production they must have been applied by `arnela migrate` first.
+/// Refuses to start without `AUDIT_DATA_KEY` when the database holds sealed tasks, or with a
+/// key that does not open them: such a process would run those tasks with their personal fields
+/// unreadable (dead-lettering them) and seal new ones under a key nobody else holds.
+async fn check_data_key(
+    pool: &PgPool,
+    key: Option<&crate::domain::sealing::MasterKey>,
+) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    let Some((task, wrapped)) = store::data_keys::any(&mut conn).await? else {
+        return Ok(());
+    };
+    match key {
+        None => anyhow::bail!(
+            "this database holds tasks sealed with AUDIT_DATA_KEY (task {task} and others): set \
+             AUDIT_DATA_KEY to the key they were sealed with"
+        ),
+        Some(k) if k.unwrap(&wrapped, task).is_err() => anyhow::bail!(
+            "AUDIT_DATA_KEY does not open the data key of task {task}: it is not the key this \
+             database's tasks were sealed with"
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
 async fn check_role_and_schema(pool: &PgPool, production: bool) -> anyhow::Result<()> {
     let powers = store::role_powers(pool)
         .await

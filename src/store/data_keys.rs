@@ -60,6 +60,16 @@ async fn load(
     Ok(out)
 }
 
+/// One stored data key (wrapped), if any: what a process checks its master key against at
+/// start-up.
+pub async fn any(conn: &mut sqlx::PgConnection) -> Result<Option<(Uuid, Vec<u8>)>> {
+    Ok(
+        sqlx::query_as("SELECT task_id, wrapped_key FROM task_data_keys LIMIT 1")
+            .fetch_optional(conn)
+            .await?,
+    )
+}
+
 /// Whether `id` still has a data key.
 pub async fn exists(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
     Ok(

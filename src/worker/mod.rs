@@ -437,7 +437,11 @@ impl Worker {
                 let mut payload = after.payload.clone();
                 let data_key = keys.get(&id).cloned();
                 if payload_is_sealed(after.task_type, &payload) {
-                    let how = data_key.as_ref().map_or(Opening::Erased, Opening::Key);
+                    let how = match (&data_key, &self.config.data_key) {
+                        (Some(k), _) => Opening::Key(k),
+                        (None, Some(_)) => Opening::Erased,
+                        (None, None) => Opening::NoMasterKey,
+                    };
                     if let Err(e) = open_payload(after.task_type, &mut payload, id, how) {
                         // the handler sees the envelopes and fails on them
                         tracing::error!(task.id = %id, error = %e, "cannot open the task's payload");

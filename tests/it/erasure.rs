@@ -211,3 +211,84 @@ async fn a_waiting_task_is_cancelled_when_erased_and_never_runs(pool: PgPool) {
         Vec::<String>::new()
     );
 }
+
+#[sqlx::test]
+async fn a_process_without_the_data_key_of_sealed_tasks_refuses_to_start(pool: PgPool) {
+    use common::process::{arnela_command, run_to_exit, spawn};
+    let c = client(pool.clone()).await;
+    let (_, task) = post(
+        &c,
+        "/tasks",
+        &json!({"type": "send_sms", "payload": {"phone": PHONE, "message": "hola"}}),
+    )
+    .await;
+    let id = task["id"].as_str().unwrap().to_owned();
+    let prefix = common::unique_prefix();
+    let url = common::database_url(&pool);
+    let worker = |extra: &[(&str, &str)]| {
+        arnela_command("worker", &url, &common::redis_url(), &prefix, extra)
+    };
+    // without the key, or with another one, it would dead-letter the sealed tasks
+    let (status, stderr) = run_to_exit(worker(&[]), Duration::from_secs(60));
+    assert!(!status.success());
+    assert!(stderr.contains("set AUDIT_DATA_KEY"), "{stderr}");
+    let other = "17".repeat(32);
+    let (status, stderr) = run_to_exit(
+        worker(&[("AUDIT_DATA_KEY", other.as_str())]),
+        Duration::from_secs(60),
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("does not open the data key"), "{stderr}");
+    // with it, the worker process opens the payload and runs the task
+    let mut relay = spawn(
+        arnela_command(
+            "relay",
+            &url,
+            &common::redis_url(),
+            &prefix,
+            &[("AUDIT_DATA_KEY", common::DATA_KEY_HEX)],
+        ),
+        "relay",
+    );
+    let mut run = spawn(
+        worker(&[("AUDIT_DATA_KEY", common::DATA_KEY_HEX)]),
+        "worker",
+    );
+    let id: Uuid = id.parse().unwrap();
+    common::eventually(Duration::from_secs(30), "the task to succeed", || {
+        let pool = pool.clone();
+        async move {
+            let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            (status == "succeeded").then_some(())
+        }
+    })
+    .await;
+    // its result was sealed by the worker process, and reads open it
+    let (_, history) = get(&c, &format!("/tasks/{id}/events")).await;
+    let success = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "attempt_succeeded")
+        .cloned()
+        .unwrap();
+    let stored: Value = sqlx::query_scalar(
+        "SELECT data->'result' FROM task_events WHERE task_id = $1 AND event_type = 'attempt_succeeded'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(stored.get("$sealed").is_some(), "{stored}");
+    assert!(success["data"]["result"].is_object(), "{success}");
+    assert!(
+        success["data"]["result"].get("$sealed").is_none(),
+        "{success}"
+    );
+    run.kill9();
+    relay.kill9();
+}
