@@ -63,6 +63,17 @@ impl ApiContext {
         crate::store::data_keys::open_rows(&mut conn, self.data_key.as_deref(), rows).await
     }
 
+    /// [`ApiContext::open_rows`] for one row.
+    pub async fn open_row(
+        &self,
+        row: crate::store::tasks::TaskRow,
+    ) -> Result<crate::store::tasks::TaskRow, crate::store::StoreError> {
+        let mut rows = [row];
+        self.open_rows(&mut rows).await?;
+        let [row] = rows;
+        Ok(row)
+    }
+
     /// Opens the sealed parts of events before they are shown.
     pub async fn open_events(
         &self,

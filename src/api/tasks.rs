@@ -246,12 +246,7 @@ impl TasksApi {
         let not_found = || ApiError::not_found(format!("task {} not found", id.0));
         let load = || async {
             match tasks::get(pool, id.0).await? {
-                Some(row) => {
-                    let mut rows = [row];
-                    self.ctx.open_rows(&mut rows).await?;
-                    let [row] = rows;
-                    view(row)
-                }
+                Some(row) => view(self.ctx.open_row(row).await?),
                 None => Err(ApiError::not_found(format!("task {} not found", id.0))),
             }
         };
@@ -296,11 +291,8 @@ impl TasksApi {
     ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let extra = attempts.0.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-        let mut rows = [operator::requeue(&self.ctx.pool, id.0, extra, by).await?];
-        self.forget(id.0).await;
-        self.ctx.open_rows(&mut rows).await?;
-        let [row] = rows;
-        Ok(OperatorResponse::Ok(Json(view(row)?)))
+        let row = operator::requeue(&self.ctx.pool, id.0, extra, by).await?;
+        self.acted_on(row).await
     }
 
     /// Cancel a task
@@ -327,11 +319,8 @@ impl TasksApi {
         let reason = reason
             .0
             .unwrap_or_else(|| "cancelled by an operator".into());
-        let mut rows = [operator::cancel(&self.ctx.pool, id.0, reason, by).await?];
-        self.forget(id.0).await;
-        self.ctx.open_rows(&mut rows).await?;
-        let [row] = rows;
-        Ok(OperatorResponse::Ok(Json(view(row)?)))
+        let row = operator::cancel(&self.ctx.pool, id.0, reason, by).await?;
+        self.acted_on(row).await
     }
 
     /// Erase a task's personal data
@@ -366,12 +355,7 @@ impl TasksApi {
         let row = match operator::erase(&self.ctx.pool, id.0, reason, by).await? {
             operator::Erasure::Erased(row) | operator::Erasure::AlreadyErased(row) => row,
         };
-        // the cached view holds the opened fields
-        self.forget(id.0).await;
-        let mut rows = [row];
-        self.ctx.open_rows(&mut rows).await?;
-        let [row] = rows;
-        Ok(OperatorResponse::Ok(Json(view(row)?)))
+        self.acted_on(row).await
     }
 
     /// A task's full history
@@ -483,6 +467,17 @@ impl TasksApi {
 impl TasksApi {
     /// Drops the cached view of a task this request changed, so the caller reads its own write
     /// at once (the projector drops it too, moments later; a failure here is only logged).
+    /// The answer of an operator action: the task's new state, after its cached view (which
+    /// holds opened personal fields) is dropped.
+    async fn acted_on(
+        &self,
+        row: tasks::TaskRow,
+    ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
+        self.forget(row.id).await;
+        let row = self.ctx.open_row(row).await?;
+        Ok(OperatorResponse::Ok(Json(view(row)?)))
+    }
+
     async fn forget(&self, id: Uuid) {
         if let Err(e) = self.ctx.cache.delete(&keys::task(id)).await {
             tracing::warn!(task.id = %id, error = %e, "cannot drop the cached task; the projector will");
