@@ -215,7 +215,7 @@ impl Family {
                     .windows(2)
                     .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
                 let finite = h.buckets.iter().all(|(b, _)| b.is_finite());
-                let within = h.buckets.last().map_or(true, |(_, c)| *c <= h.count);
+                let within = h.buckets.last().is_none_or(|(_, c)| *c <= h.count);
                 if !(ordered && finite && within) {
                     return Some(
                         "histogram buckets need ascending finite bounds and cumulative counts \

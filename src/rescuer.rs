@@ -167,7 +167,7 @@ impl Rescuer {
             .lease_index_checked
             .lock()
             .expect("lease index clock")
-            .map_or(true, |at| at.elapsed() >= LEASE_INDEX_EVERY);
+            .is_none_or(|at| at.elapsed() >= LEASE_INDEX_EVERY);
         if due {
             out.leases_indexed = tasks::index_leases(&self.pool).await?;
             *self.lease_index_checked.lock().expect("lease index clock") =

@@ -317,7 +317,7 @@ fn literal(payload: &Value) -> Result<RenderedEmail, HandlerError> {
     let subject = text("subject")?.to_owned();
     let body = text("body")?;
     let (html, text) = if looks_like_html(body) {
-        (body.to_owned(), html_to_text(body))
+        (body.to_owned(), html_to_text(body)?)
     } else {
         (text_to_html(body), body.to_owned())
     };
@@ -355,77 +355,20 @@ fn text_to_html(text: &str) -> String {
     )
 }
 
-/// The readable text of an HTML body: tags dropped (block ends become line breaks), `head`,
-/// `style` and `script` skipped, common entities decoded.
-fn html_to_text(html: &str) -> String {
-    let mut out = String::with_capacity(html.len());
-    let mut rest = html;
-    let mut skip_until: Option<&str> = None;
-    while let Some(start) = rest.find('<') {
-        if skip_until.is_none() {
-            out.push_str(&rest[..start]);
-        }
-        let Some(end) = rest[start..].find('>') else {
-            rest = "";
-            break;
-        };
-        let tag = rest[start + 1..start + end].trim().to_ascii_lowercase();
-        rest = &rest[start + end + 1..];
-        let name: String = tag
-            .trim_start_matches('/')
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect();
-        if let Some(closing) = skip_until {
-            if tag.starts_with('/') && name == closing {
-                skip_until = None;
-            }
-            continue;
-        }
-        match name.as_str() {
-            "head" | "style" | "script" if !tag.starts_with('/') => {
-                skip_until = Some(match name.as_str() {
-                    "head" => "head",
-                    "style" => "style",
-                    _ => "script",
-                })
-            }
-            "br" | "p" | "div" | "tr" | "li" | "h1" | "h2" | "h3" | "h4" | "table" => {
-                out.push('\n');
-                if name == "p" && tag.starts_with('/') {
-                    out.push('\n');
-                }
-            }
-            _ => {}
-        }
-    }
-    if skip_until.is_none() {
-        out.push_str(rest);
-    }
-    let decoded = out
-        .replace("&nbsp;", " ")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&amp;", "&");
-    let mut text = String::new();
-    let mut blank = 0;
-    for line in decoded
+/// The readable text of an HTML body (html2text's plain rendering without decorations: markup
+/// and styles dropped, paragraphs and line breaks kept, entities decoded), without trailing
+/// white space on lines. A body it cannot render is a permanent failure of the task.
+fn html_to_text(html: &str) -> Result<String, HandlerError> {
+    let text = html2text::config::plain_no_decorate()
+        .no_link_wrapping()
+        .string_from_read(html.as_bytes(), 10_000)
+        .map_err(|e| HandlerError::permanent(format!("the HTML body cannot be read: {e}")))?;
+    // a non-breaking space is a space to a reader of plain text
+    let lines: Vec<String> = text
         .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-    {
-        if line.is_empty() {
-            blank += 1;
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(if blank > 0 { "\n\n" } else { "\n" });
-        }
-        blank = 0;
-        text.push_str(&line);
-    }
-    text
+        .map(|l| l.replace('\u{a0}', " ").trim_end().to_owned())
+        .collect();
+    Ok(lines.join("\n").trim().to_owned())
 }
 
 #[cfg(test)]
@@ -436,7 +379,7 @@ mod tests {
     fn an_html_body_gets_a_text_alternative() {
         let html = "<html><head><style>p {color: red}</style></head><body><p>Hola Ana,</p><p>Su cita es el <b>lunes</b>&nbsp;a las 10:00.<br>Gracias &amp; hasta pronto</p></body></html>";
         assert_eq!(
-            html_to_text(html),
+            html_to_text(html).unwrap(),
             "Hola Ana,\n\nSu cita es el lunes a las 10:00.\nGracias & hasta pronto"
         );
         let r = literal(&json!({"subject": "Cita", "body": html})).unwrap();

@@ -12,7 +12,7 @@
 //! Undefined variables are errors (strict mode): a task missing data fails permanently instead of
 //! sending "Hola ,".
 
-use chrono::{DateTime, Datelike, NaiveDateTime, Timelike, Weekday};
+use chrono::{DateTime, NaiveDateTime, Timelike};
 use minijinja::{AutoEscape, Environment, ErrorKind, State, UndefinedBehavior};
 use serde_json::{Map, Value};
 
@@ -289,61 +289,17 @@ fn locale_of(state: &State) -> String {
         .unwrap_or_else(|| DEFAULT_LOCALE.to_owned())
 }
 
-/// `martes, 1 de diciembre de 2026` / `Tuesday, 1 December 2026`.
+/// `martes, 1 de diciembre de 2026` / `Tuesday, 1 December 2026` (names from chrono's locale
+/// data).
 fn long_date(state: &State, value: String) -> Result<String, minijinja::Error> {
     let t = local_time(&value)?;
-    const ES_DAYS: [&str; 7] = [
-        "lunes",
-        "martes",
-        "miércoles",
-        "jueves",
-        "viernes",
-        "sábado",
-        "domingo",
-    ];
-    const ES_MONTHS: [&str; 12] = [
-        "enero",
-        "febrero",
-        "marzo",
-        "abril",
-        "mayo",
-        "junio",
-        "julio",
-        "agosto",
-        "septiembre",
-        "octubre",
-        "noviembre",
-        "diciembre",
-    ];
-    let day = t.weekday().num_days_from_monday() as usize;
-    let month = t.month0() as usize;
     Ok(match locale_of(state).as_str() {
-        "en" => format!(
-            "{}, {} {}",
-            weekday_en(t.weekday()),
-            t.day(),
-            t.format("%B %Y")
-        ),
-        _ => format!(
-            "{}, {} de {} de {}",
-            ES_DAYS[day],
-            t.day(),
-            ES_MONTHS[month],
-            t.year()
-        ),
+        "en" => t.format("%A, %-d %B %Y").to_string(),
+        _ => t
+            .date()
+            .format_localized("%A, %-d de %B de %Y", chrono::Locale::es_ES)
+            .to_string(),
     })
-}
-
-fn weekday_en(d: Weekday) -> &'static str {
-    match d {
-        Weekday::Mon => "Monday",
-        Weekday::Tue => "Tuesday",
-        Weekday::Wed => "Wednesday",
-        Weekday::Thu => "Thursday",
-        Weekday::Fri => "Friday",
-        Weekday::Sat => "Saturday",
-        Weekday::Sun => "Sunday",
-    }
 }
 
 /// `10:00` (24-hour clock, both languages).
@@ -356,6 +312,18 @@ fn hour(value: String) -> Result<String, minijinja::Error> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn spanish_day_and_month_names_carry_their_accents() {
+        let day = |d: u32| {
+            chrono::NaiveDate::from_ymd_opt(2026, 12, d)
+                .unwrap()
+                .format_localized("%A %B", chrono::Locale::es_ES)
+                .to_string()
+        };
+        assert_eq!(day(2), "miércoles diciembre");
+        assert_eq!(day(5), "sábado diciembre");
+    }
 
     fn templates() -> Templates {
         Templates::new("Clínica Arnela").unwrap()

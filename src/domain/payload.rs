@@ -401,29 +401,14 @@ fn check_no_nul(path: &str, value: &Value) -> Result<(), FieldError> {
     }
 }
 
-/// A pragmatic address check: one `@`, a non-empty local part of at most 64 bytes, a dotted
-/// domain of letters, digits and hyphens, no white space, 254 bytes at most.
+/// An address lettre accepts (RFC 5321/6531: a local part and a domain, UTF-8 allowed) whose
+/// domain has a dot (a dotless domain is an error in a clinic's data, not a host on the local
+/// network), 254 bytes at most.
 pub fn is_email(s: &str) -> bool {
-    if s.len() > 254 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return false;
-    }
-    let Some((local, domain)) = s.split_once('@') else {
-        return false;
-    };
-    if local.is_empty() || local.len() > 64 || domain.contains('@') {
-        return false;
-    }
-    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
-        return false;
-    }
-    let labels: Vec<&str> = domain.split('.').collect();
-    labels.len() >= 2
-        && labels.iter().all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+    s.len() <= 254
+        && s.parse::<lettre::Address>().is_ok_and(|a| {
+            let domain = a.domain();
+            domain.contains('.') && !domain.starts_with('[')
         })
 }
 

@@ -140,7 +140,7 @@ impl Leases {
                     let heartbeat_lost = liveness
                         .as_ref()
                         .and_then(|l| l.since_last())
-                        .map_or(true, |d| d >= super::HEARTBEAT_TTL * 2 / 3);
+                        .is_none_or(|d| d >= super::HEARTBEAT_TTL * 2 / 3);
                     if last_ok.elapsed() >= lease * 2 / 3 && heartbeat_lost {
                         tracing::error!("neither leases nor the heartbeat could be renewed; stopping every attempt");
                         for token in self.map().values() {

@@ -575,3 +575,44 @@ async fn redis_over_tls_is_verified_with_redis_ca_cert() {
     server.wait().unwrap();
     assert!(refused.is_err(), "a certificate of another CA is refused");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_healthcheck_command_passes_on_a_2xx_answer_only() {
+    use wiremock::matchers::path;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(path("/health/live"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&server)
+        .await;
+    Mock::given(path("/down"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&server)
+        .await;
+    let check = |url: String| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_arnela"))
+                .args(["healthcheck", "--url", &url])
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap()
+        })
+    };
+    let ok = check(format!("{}/health/live", server.uri()))
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let down = check(format!("{}/down", server.uri())).await.unwrap();
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("answered 503"));
+    // nothing listening
+    let closed = check(format!("http://127.0.0.1:{}/health/live", free_port()))
+        .await
+        .unwrap();
+    assert!(!closed.status.success());
+    assert!(String::from_utf8_lossy(&closed.stderr).contains("cannot reach"));
+}
