@@ -42,6 +42,7 @@
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod binding;
 pub mod cache;

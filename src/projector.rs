@@ -192,7 +192,11 @@ impl Projector {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     tracing::error!(projector = self.name(), error = %e, failures, "projector step failed");
-                    (idle * 2u32.saturating_pow(failures.min(8))).min(Duration::from_secs(5))
+                    crate::backoff::Backoff {
+                        base: idle.max(crate::backoff::Backoff::LOOP.base),
+                        max: crate::backoff::Backoff::LOOP.max,
+                    }
+                    .delay(failures)
                 }
             };
             tokio::select! {

@@ -235,7 +235,7 @@ impl Relay {
                 continue;
             }
             let wait = if failures > 0 {
-                Duration::from_millis(100 * u64::from(failures.min(50)))
+                crate::backoff::Backoff::LOOP.delay(failures)
             } else {
                 self.until_next_due().await
             };

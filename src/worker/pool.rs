@@ -244,7 +244,7 @@ impl WorkerPool {
                 Err(e) => {
                     failures += 1;
                     tracing::error!(error = %e, "taking or claiming deliveries failed");
-                    let pause = Duration::from_millis(100 * u64::from(failures.min(50)));
+                    let pause = crate::backoff::Backoff::LOOP.delay(failures);
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
                         () = shutdown.cancelled() => {}
