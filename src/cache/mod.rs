@@ -227,13 +227,14 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// A cache whose keys all start with `{prefix}:cache:`.
+    /// A cache whose keys all start with `{prefix}:cache:` (see [`crate::queue::Keys`]).
     pub fn new(conn: ConnectionManager, prefix: &str) -> Cache {
+        let keys = crate::queue::Keys::new(prefix);
         Cache {
             conn,
-            prefix: format!("{prefix}:cache:"),
-            gen_prefix: format!("{prefix}:cache-gen:"),
-            channel: format!("{prefix}:cache:invalidations"),
+            prefix: keys.cache_prefix(),
+            gen_prefix: keys.cache_generation_prefix(),
+            channel: keys.cache_invalidations(),
             flights: Arc::default(),
             stats: Arc::default(),
         }

@@ -71,6 +71,22 @@ impl Keys {
     pub fn worker_counts(&self) -> String {
         format!("{}:workers:count", self.prefix)
     }
+
+    /// What every cached value's key starts with (the cache adds its own key, see
+    /// [`crate::cache::keys`]).
+    pub fn cache_prefix(&self) -> String {
+        format!("{}:cache:", self.prefix)
+    }
+
+    /// What the generation counter of a cache key starts with (the guarded writes).
+    pub fn cache_generation_prefix(&self) -> String {
+        format!("{}:cache-gen:", self.prefix)
+    }
+
+    /// The channel cache invalidations are published on.
+    pub fn cache_invalidations(&self) -> String {
+        format!("{}:cache:invalidations", self.prefix)
+    }
 }
 
 impl Default for Keys {
