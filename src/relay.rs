@@ -21,7 +21,6 @@
 
 use chrono::Utc;
 use redis::aio::ConnectionManager;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -32,6 +31,7 @@ use crate::binding::{Binding, BindingError};
 use crate::domain::TaskStatus;
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys, QueueError};
+use crate::store::outbox::OutboxListener;
 use crate::store::transition::{self, Lock, Payload, Target};
 use crate::store::{outbox, StoreError, Tx};
 
@@ -253,10 +253,8 @@ impl Relay {
         tracing::info!("relay stopped");
     }
 
-    async fn listen(&self) -> Result<PgListener> {
-        let mut l = PgListener::connect_with(&self.pool).await?;
-        l.listen(CHANNEL).await?;
-        Ok(l)
+    async fn listen(&self) -> Result<OutboxListener> {
+        Ok(OutboxListener::connect(&self.pool).await?)
     }
 
     /// The poll interval, or less if a scheduled row falls due sooner.
@@ -275,11 +273,9 @@ impl Relay {
     }
 }
 
-async fn wait_notification(
-    listener: &mut Option<PgListener>,
-) -> std::result::Result<(), sqlx::Error> {
+async fn wait_notification(listener: &mut Option<OutboxListener>) -> crate::store::Result<()> {
     match listener {
-        Some(l) => l.recv().await.map(|_| ()),
+        Some(l) => l.recv().await,
         None => std::future::pending().await,
     }
 }

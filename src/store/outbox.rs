@@ -234,6 +234,23 @@ pub async fn unpublish(tx: &mut Tx, deliveries: &[(Uuid, i32)]) -> Result<u64> {
 /// The channel relays `LISTEN` on.
 pub const CHANNEL: &str = "arnela_outbox";
 
+/// A relay's subscription to [`CHANNEL`] (`LISTEN` on a connection of its own).
+pub struct OutboxListener(sqlx::postgres::PgListener);
+
+impl OutboxListener {
+    pub async fn connect(pool: &PgPool) -> Result<OutboxListener> {
+        let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+        l.listen(CHANNEL).await?;
+        Ok(OutboxListener(l))
+    }
+
+    /// Waits for the next notification; an error means the connection was lost.
+    pub async fn recv(&mut self) -> Result<()> {
+        self.0.recv().await?;
+        Ok(())
+    }
+}
+
 /// Wakes the relays after new outbox rows commit: `NOTIFY arnela_outbox`, sent from a
 /// background task at most once per `min_interval` however many enqueues asked for it. Sending
 /// it inside every enqueue would make all enqueue commits queue on Postgres's notification lock;
