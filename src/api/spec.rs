@@ -94,6 +94,7 @@ fn envelope(position: i64, sequence: i32, event_type: &str, data: Value, prev: b
         "occurred_at": "2026-11-29T12:00:01Z",
         "recorded_at": "2026-11-29T12:00:01Z",
         "hash": "5c2f0b8e1d7a4c3b9e6f2a1d0c8b7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b",
+        "hash_version": 2,
     });
     if prev {
         e["prev_hash"] = json!("9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b");
@@ -229,6 +230,16 @@ pub fn examples() -> Vec<(&'static str, Value)> {
                 2,
                 "cancelled",
                 json!({"reason": "patient called to cancel", "by": "maria.ops"}),
+                true,
+            ),
+        ),
+        (
+            "ErasedEvent",
+            envelope(
+                1070,
+                6,
+                "erased",
+                json!({"reason": "data subject request", "by": "maria.ops"}),
                 true,
             ),
         ),
