@@ -341,7 +341,7 @@ impl HealthApi {
 
     async fn ping_db(&self, timeout: Duration) -> Ping {
         let started = Instant::now();
-        let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.ctx.pool);
+        let ping = crate::store::ping(&self.ctx.pool);
         let ok = within(timeout, "database ping", ping).await.is_some();
         Ping {
             ok,
@@ -352,8 +352,7 @@ impl HealthApi {
     async fn ping_redis(&self, timeout: Duration) -> Ping {
         let started = Instant::now();
         let mut conn = self.ctx.redis.clone();
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut conn);
+        let ping = crate::queue::ping(&mut conn);
         let ok = within(timeout, "redis ping", ping).await.is_some();
         Ping {
             ok,

@@ -41,6 +41,12 @@ pub enum QueueError {
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
+/// One `PING`: whether Redis answers (for `/health`).
+pub async fn ping(conn: &mut ConnectionManager) -> Result<()> {
+    redis::cmd("PING").query_async::<String>(conn).await?;
+    Ok(())
+}
+
 /// Where Redis is: the connection (`redis://`, or TLS with `rediss://` / `REDIS_TLS`) and the
 /// certificate authority to trust for TLS, when not the system's (`REDIS_CA_CERT`).
 #[derive(Debug, Clone)]

@@ -234,6 +234,12 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<
     Ok(pool)
 }
 
+/// One round trip: whether Postgres answers (for `/health`).
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
 /// Applies the embedded migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
