@@ -14,6 +14,17 @@ pub struct Head {
     pub hash: Vec<u8>,
 }
 
+impl From<(Uuid, i32, Vec<u8>)> for Head {
+    /// A head as stored: task id, version, hash.
+    fn from((task_id, version, hash): (Uuid, i32, Vec<u8>)) -> Head {
+        Head {
+            task_id,
+            version,
+            hash,
+        }
+    }
+}
+
 /// The Merkle root over `heads` (sorted by task id by the caller): leaves are
 /// `sha256(0x00 ‖ task id ‖ version ‖ hash)`, inner nodes `sha256(0x01 ‖ left ‖ right)`, an
 /// odd node is carried up as it is. The root of no heads is `sha256("")`.

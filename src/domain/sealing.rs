@@ -182,27 +182,37 @@ pub fn is_envelope(v: &Value) -> bool {
     envelope_text(v).is_some()
 }
 
-/// The personal fields of a payload of `task_type`, as paths (`appointment_data.summary`);
-/// `appointment_data` holds every field but the identifiers and times in [`APPOINTMENT_KEPT`].
-pub fn personal_fields(task_type: TaskType, payload: &Value) -> Vec<String> {
-    let top: &[&str] = match task_type {
+/// The top-level personal fields of a payload of `task_type`.
+fn personal_top_fields(task_type: TaskType) -> &'static [&'static str] {
+    match task_type {
         TaskType::SendEmail => &["to", "subject", "body", "data"],
         TaskType::SendSms | TaskType::SendWhatsapp => &["phone", "message", "data"],
         TaskType::SyncCalendar => &[],
-    };
-    let mut out: Vec<String> = top
+    }
+}
+
+/// The personal fields of `appointment_data`: every one but the identifiers and times.
+fn personal_appointment_fields(payload: &Value) -> impl Iterator<Item = (&String, &Value)> {
+    payload
+        .get("appointment_data")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| !APPOINTMENT_KEPT.contains(&k.as_str()) && !v.is_null())
+}
+
+/// The personal fields of a payload of `task_type`, as paths (`appointment_data.summary`);
+/// `appointment_data` holds every field but the identifiers and times in [`APPOINTMENT_KEPT`].
+pub fn personal_fields(task_type: TaskType, payload: &Value) -> Vec<String> {
+    let mut out: Vec<String> = personal_top_fields(task_type)
         .iter()
         .filter(|f| payload.get(**f).is_some_and(|v| !v.is_null()))
         .map(|f| (*f).to_owned())
         .collect();
     if task_type == TaskType::SyncCalendar {
-        if let Some(Value::Object(data)) = payload.get("appointment_data") {
-            out.extend(
-                data.iter()
-                    .filter(|(k, v)| !APPOINTMENT_KEPT.contains(&k.as_str()) && !v.is_null())
-                    .map(|(k, _)| format!("appointment_data.{k}")),
-            );
-        }
+        out.extend(
+            personal_appointment_fields(payload).map(|(k, _)| format!("appointment_data.{k}")),
+        );
     }
     out
 }
@@ -220,15 +230,14 @@ pub fn seal_payload(task_type: TaskType, payload: &mut Value, key: &DataKey, tas
     }
 }
 
-/// Whether any personal field of `payload` is sealed.
+/// Whether any personal field of `payload` is sealed (without allocating: it runs for every
+/// claimed task).
 pub fn payload_is_sealed(task_type: TaskType, payload: &Value) -> bool {
-    personal_fields(task_type, payload)
+    personal_top_fields(task_type)
         .iter()
-        .any(|p| path_value(payload, p).is_some_and(is_envelope))
-}
-
-fn path_value<'a>(payload: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.').try_fold(payload, |v, part| v.get(part))
+        .any(|f| payload.get(*f).is_some_and(is_envelope))
+        || (task_type == TaskType::SyncCalendar
+            && personal_appointment_fields(payload).any(|(_, v)| is_envelope(v)))
 }
 
 /// How a sealed value is shown when it cannot be opened.

@@ -116,14 +116,7 @@ pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>
         tx.rollback().await?;
         return Ok(None);
     }
-    let heads: Vec<Head> = rows
-        .into_iter()
-        .map(|(task_id, version, hash)| Head {
-            task_id,
-            version,
-            hash,
-        })
-        .collect();
+    let heads: Vec<Head> = rows.into_iter().map(Head::from).collect();
     let root = merkle_root(&heads);
     let tasks = heads.len() as i32;
     let hash = checkpoint_hash(seq, horizon, tasks, &root, prev);
@@ -214,14 +207,7 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
         .bind(c.seq)
         .fetch_all(pool)
         .await?;
-        let heads: Vec<Head> = heads
-            .into_iter()
-            .map(|(task_id, version, hash)| Head {
-                task_id,
-                version,
-                hash,
-            })
-            .collect();
+        let heads: Vec<Head> = heads.into_iter().map(Head::from).collect();
         if merkle_root(&heads).as_slice() != c.merkle_root || heads.len() as i32 != c.tasks {
             problems
                 .push("its recorded heads do not give its Merkle root (heads were changed)".into());
