@@ -73,6 +73,10 @@ impl App {
         check_binding(&pool, &redis, &keys).await?;
         check_role_and_schema(&pool, settings.app_env == crate::config::AppEnv::Production).await?;
         check_data_key(&pool, settings.audit_data_key.as_deref()).await?;
+        // this month's and the next months' partitions of the log, before anything is appended
+        store::retention::ensure_partitions(&pool, chrono::Utc::now())
+            .await
+            .context("cannot make the event log's monthly partitions")?;
         Ok(App::from_parts(settings, pool, redis))
     }
 
@@ -270,6 +274,15 @@ impl App {
         .with_data_key(self.settings.audit_data_key.clone())
     }
 
+    /// The maintenance loop (run by every process with the relay role).
+    pub fn maintenance(&self) -> crate::maintenance::Maintenance {
+        crate::maintenance::Maintenance {
+            pool: self.pool.clone(),
+            retention: self.settings.retention_finished_tasks,
+            interval: self.settings.maintenance_interval,
+        }
+    }
+
     pub fn rescuer(&self) -> Rescuer {
         let e = &self.settings.engine;
         Rescuer::new(
@@ -364,6 +377,12 @@ impl App {
             });
         }
         if roles.relay {
+            let maintenance = self.maintenance();
+            let shutdown = self.shutdown.clone();
+            set.spawn(async move {
+                maintenance.run(shutdown).await;
+                Ok(())
+            });
             let scheduler = self.scheduler();
             let shutdown = self.shutdown.clone();
             set.spawn(async move {

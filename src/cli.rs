@@ -101,6 +101,36 @@ pub enum AuditCommand {
         /// still be in the database, unchanged.
         #[arg(long, value_name = "FILE")]
         checkpoints: Option<PathBuf>,
+        /// Check archives instead, without any database (`arnela audit archive` wrote them;
+        /// the data file or its manifest, repeated oldest first to link chains across them).
+        #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["task", "checkpoints"])]
+        archive: Vec<PathBuf>,
+    },
+    /// Archive the event log's months before `--before` (e.g. 2026-06): write each closed
+    /// monthly partition, with the checkpoints naming its events, to a signed
+    /// `.jsonl.zst` file and manifest in `--dir`, verify them, then drop the partition. Runs as
+    /// the tables' owner (DB_MIGRATION_USER, as `arnela migrate`) and needs AUDIT_SIGNING_KEY.
+    Archive {
+        /// The first month kept (YYYY-MM); every month before it is archived.
+        #[arg(long, value_parser = parse_month)]
+        before: chrono::DateTime<chrono::Utc>,
+        /// Where the archive files go.
+        #[arg(long, default_value = "archives")]
+        dir: PathBuf,
+        /// How long to wait for the log's lock when dropping a partition, in seconds.
+        #[arg(long, default_value_t = 10)]
+        lock_timeout_secs: u64,
+    },
+    /// Verify archives and put their events back into the database DATABASE_URL names (a
+    /// scratch database, migrated), where `arnela audit verify` then checks them; runs as the
+    /// tables' owner (DB_MIGRATION_USER).
+    Restore {
+        /// The archives (data files or manifests), oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The Ed25519 public key (64 hex digits) every manifest must be signed with.
+        #[arg(long, env = "AUDIT_PUBLIC_KEY")]
+        public_key: Option<String>,
     },
     /// Check an exported copy of the checkpoints without the database: numbering, links, hashes
     /// and signatures; exits 2 if any does not hold.
@@ -118,4 +148,14 @@ pub enum AuditCommand {
     Checkpoint,
     /// Print every checkpoint as JSON lines, for an auditor to keep outside the database.
     Checkpoints,
+}
+
+/// `YYYY-MM`: the first instant of that month, UTC.
+pub fn parse_month(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let day = chrono::NaiveDate::parse_from_str(&format!("{}-01", s.trim()), "%Y-%m-%d")
+        .map_err(|_| format!("{s:?} is not a month (YYYY-MM)"))?;
+    Ok(crate::store::retention::Partition::of(
+        day.and_hms_opt(0, 0, 0).expect("midnight").and_utc(),
+    )
+    .starts_at)
 }

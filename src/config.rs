@@ -261,6 +261,13 @@ pub struct Settings {
     pub audit_signing_key: Option<ed25519_dalek::SigningKey>,
     /// How often a checkpoint is written (`AUDIT_CHECKPOINT_SECS`, 60).
     pub audit_checkpoint_interval: Duration,
+    /// How long a finished task's projection row is kept after its last change
+    /// (`RETENTION_FINISHED_TASKS_DAYS`; 0, the default, keeps it forever). Its history stays in
+    /// the log until that month is archived.
+    pub retention_finished_tasks: Option<chrono::Duration>,
+    /// How often the maintenance loop runs: next months' log partitions, retention
+    /// (`MAINTENANCE_INTERVAL_SECS`, 3600).
+    pub maintenance_interval: Duration,
     /// Wraps the tasks' data keys (`AUDIT_DATA_KEY`, 64 hex digits; made with
     /// `arnela audit keygen`). Set: the personal fields of new tasks are stored sealed and can
     /// be erased (`POST /tasks/{id}/erase`). Unset: they are stored as they came.
@@ -496,6 +503,25 @@ impl Settings {
         let audit_checkpoint_interval = Duration::from_secs(
             parse_or(get("AUDIT_CHECKPOINT_SECS"), "AUDIT_CHECKPOINT_SECS", 60u64)?.max(1),
         );
+        let retention_days: i64 = parse_or(
+            get("RETENTION_FINISHED_TASKS_DAYS"),
+            "RETENTION_FINISHED_TASKS_DAYS",
+            0i64,
+        )?;
+        if !(0..=36_600).contains(&retention_days) {
+            return Err(err(
+                "RETENTION_FINISHED_TASKS_DAYS",
+                format!("{retention_days} is not 0 (keep) to 36600 days"),
+            ));
+        }
+        let maintenance_interval = Duration::from_secs(
+            parse_or(
+                get("MAINTENANCE_INTERVAL_SECS"),
+                "MAINTENANCE_INTERVAL_SECS",
+                3600u64,
+            )?
+            .clamp(1, 86_400),
+        );
         Ok(Settings {
             app_env,
             port,
@@ -515,6 +541,9 @@ impl Settings {
             engine,
             audit_signing_key,
             audit_checkpoint_interval,
+            retention_finished_tasks: (retention_days > 0)
+                .then(|| chrono::Duration::days(retention_days)),
+            maintenance_interval,
             audit_data_key,
             channels,
         })

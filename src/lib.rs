@@ -42,6 +42,7 @@
 
 pub mod api;
 pub mod app;
+pub mod archive;
 pub mod backoff;
 pub mod bench;
 pub mod binding;
@@ -52,6 +53,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod healthcheck;
+pub mod maintenance;
 pub mod metrics;
 pub mod ops;
 pub mod projector;

@@ -241,20 +241,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            // the tables' owner, when the service's own role is a runtime role
-            let settings = Settings::from_env()?;
-            let mut options = settings.database.connect_options()?;
-            if let Ok(user) = std::env::var("DB_MIGRATION_USER") {
-                if !user.trim().is_empty() {
-                    options = options.username(user.trim());
-                    let password = std::env::var("DB_MIGRATION_PASSWORD").unwrap_or_default();
-                    options = options.password(&password);
-                }
-            }
-            let pool = arnela::store::connect(options, 2).await?;
+            let pool = connect_owner().await?;
             arnela::store::migrate(&pool).await?;
             tracing::info!("migrations applied");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    task: _,
+                    json,
+                    public_key,
+                    checkpoints: _,
+                    archive,
+                },
+        } if !archive.is_empty() => {
+            let trusted = trusted_key(public_key)?;
+            let checks = arnela::archive::verify_files(&archive, trusted.as_ref().map(|k| &k[..]));
+            Ok(report_archives(&checks, json, trusted.is_some()))
         }
         Command::Audit {
             command:
@@ -263,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     json,
                     public_key,
                     checkpoints,
+                    archive: _,
                 },
         } => {
             let exported = checkpoints.as_deref().map(read_checkpoints).transpose()?;
@@ -300,6 +305,60 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("FAILED: {} problems", problems.len());
                 Ok(ExitCode::from(2))
             }
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Archive {
+                    before,
+                    dir,
+                    lock_timeout_secs,
+                },
+        } => {
+            let key = Settings::from_env()?.audit_signing_key.ok_or_else(|| {
+                anyhow::anyhow!("AUDIT_SIGNING_KEY is not set: archives are signed")
+            })?;
+            let pool = connect_owner().await?;
+            let done = arnela::archive::archive_before(
+                &pool,
+                before,
+                &dir,
+                &key,
+                Duration::from_secs(lock_timeout_secs.max(1)),
+            )
+            .await?;
+            for a in &done {
+                println!(
+                    "archived {}: {} events of {} tasks, {} checkpoints, into {} (manifest {}); \
+                     partition dropped, {} anchors kept",
+                    a.partition,
+                    a.events,
+                    a.tasks,
+                    a.checkpoints,
+                    a.data_file.display(),
+                    a.manifest_file.display(),
+                    a.anchors
+                );
+            }
+            if done.is_empty() {
+                println!("no partition ends by {}", before.format("%Y-%m"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Restore { files, public_key },
+        } => {
+            let trusted = trusted_key(public_key)?;
+            let pool = connect_owner().await?;
+            let (checks, inserted) =
+                arnela::archive::restore(&pool, &files, trusted.as_ref().map(|k| &k[..])).await?;
+            if checks.iter().any(|c| !c.ok()) {
+                return Ok(report_archives(&checks, false, trusted.is_some()));
+            }
+            println!(
+                "restored {inserted} events from {} archives; check them with `arnela audit verify`",
+                checks.len()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit {
             command: AuditCommand::Keygen,
@@ -374,7 +433,64 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A small pool for the one-shot database commands (`migrate`, `audit verify`).
+/// Prints what checking archives found; exit status 2 when any does not hold.
+fn report_archives(
+    checks: &[arnela::archive::ArchiveCheck],
+    json: bool,
+    trusted: bool,
+) -> ExitCode {
+    let ok = checks.iter().all(|c| c.ok());
+    if json {
+        let doc = serde_json::json!({ "ok": ok, "archives": checks });
+        println!("{doc}");
+    } else {
+        if !trusted {
+            eprintln!(
+                "warning: no --public-key (AUDIT_PUBLIC_KEY): each manifest's signature is \
+                 checked against the key written in it, which proves nothing about who signed"
+            );
+        }
+        for c in checks {
+            for p in &c.problems {
+                println!("BROKEN: {}: {p}", c.file);
+            }
+            println!(
+                "{}: {} ({}): {} events of {} tasks, {} checkpoints, {} checkpoint heads \
+                 checked, {} chains continuing from an earlier archive",
+                if c.ok() { "ok" } else { "FAILED" },
+                c.file,
+                c.partition,
+                c.events,
+                c.tasks,
+                c.checkpoints,
+                c.heads_checked,
+                c.continued
+            );
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+/// A small pool as the tables' owner (DB_MIGRATION_USER and DB_MIGRATION_PASSWORD, when the
+/// service's own role is a runtime role), for `migrate`, `audit archive` and `audit restore`.
+async fn connect_owner() -> anyhow::Result<sqlx::PgPool> {
+    let settings = Settings::from_env()?;
+    let mut options = settings.database.connect_options()?;
+    if let Ok(user) = std::env::var("DB_MIGRATION_USER") {
+        if !user.trim().is_empty() {
+            options = options.username(user.trim());
+            let password = std::env::var("DB_MIGRATION_PASSWORD").unwrap_or_default();
+            options = options.password(&password);
+        }
+    }
+    Ok(arnela::store::connect(options, 2).await?)
+}
+
+/// A small pool for the one-shot database commands (`audit verify`, `audit checkpoint`).
 async fn connect_db() -> anyhow::Result<sqlx::PgPool> {
     let settings = Settings::from_env()?;
     Ok(arnela::store::connect(settings.database.connect_options()?, 2).await?)

@@ -25,7 +25,7 @@ use crate::domain::{
     validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
 };
 use crate::store::tasks::{self, Enqueued, TaskFilter};
-use crate::store::{audit, events, operator, Tx};
+use crate::store::{audit, events, operator, retention, Tx};
 
 /// Most tasks in one batch.
 pub const MAX_BATCH: usize = 1000;
@@ -247,7 +247,11 @@ impl TasksApi {
         let load = || async {
             match tasks::get(pool, id.0).await? {
                 Some(row) => view(self.ctx.open_row(row).await?),
-                None => Err(ApiError::not_found(format!("task {} not found", id.0))),
+                // retention removed the row: what is left of it (payload "[retired]")
+                None => match retention::retired(pool, id.0).await? {
+                    Some(r) if r.status.parse::<TaskStatus>().is_ok() => view(r.into_row(false)),
+                    _ => Err(ApiError::not_found(format!("task {} not found", id.0))),
+                },
             }
         };
         let bypass = cache_control

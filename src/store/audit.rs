@@ -13,7 +13,7 @@
 //! memory. It reports every broken chain, one link per task (the first that does not hold).
 
 use sqlx::PgPool;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::events::{StoredEvent, EVENT_COLUMNS};
@@ -84,26 +84,36 @@ pub async fn verify(pool: &PgPool, mut progress: impl FnMut(Progress)) -> Result
     }
 }
 
-/// Verifies one task's chain. `None` when the task has neither events nor a projection row.
+/// Verifies one task's chain. `None` when the task has neither events nor a head.
 pub async fn verify_task(pool: &PgPool, id: Uuid) -> Result<Option<VerifyReport>> {
     let mut tx = super::begin_snapshot(pool, true).await?;
-    let heads = heads_where(&mut tx, "id = $1", id, None).await?;
+    let heads = heads_where(&mut tx, "= $1", id, None).await?;
+    let anchors = anchors_where(&mut tx, "= $1", id, None).await?;
     let events = events_where(&mut tx, "task_id = $1", id, None).await?;
     tx.commit().await?;
-    if heads.is_empty() && events.is_empty() {
+    if heads.is_empty() && events.is_empty() && anchors.is_empty() {
         return Ok(None);
     }
     let mut report = VerifyReport::default();
-    check_tasks(&heads, &events, &mut report);
+    check_tasks(&heads, &anchors, &events, &mut report);
     Ok(Some(report))
 }
 
-/// The head of a task's chain as its projection row holds it.
+/// The head of a task's chain as its projection row (or, once retention removed that,
+/// `retired_tasks`) holds it.
 #[derive(sqlx::FromRow)]
 struct Head {
     id: Uuid,
     version: i32,
     last_hash: Vec<u8>,
+}
+
+/// Where a task's history continues from an archive: its last archived event.
+#[derive(sqlx::FromRow)]
+pub(crate) struct Anchor {
+    pub task_id: Uuid,
+    pub sequence: i32,
+    pub hash: Vec<u8>,
 }
 
 /// Checks the tasks with ids in `(after, upper]`, where `upper` is the [`PAGE_TASKS`]-th task
@@ -115,17 +125,21 @@ async fn verify_page(
 ) -> Result<(Uuid, bool)> {
     // one snapshot for the page: the heads and the events agree with each other
     let mut tx = super::begin_snapshot(pool, true).await?;
-    let upper: Option<Uuid> =
-        sqlx::query_scalar("SELECT id FROM tasks WHERE id > $1 ORDER BY id OFFSET $2 LIMIT 1")
-            .bind(after)
-            .bind(PAGE_TASKS - 1)
-            .fetch_optional(&mut *tx)
-            .await?;
-    // the last page runs to the end of both tables (events of tasks without a row included)
-    let heads = heads_where(&mut tx, "id > $1", after, upper).await?;
+    let upper: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM (SELECT id FROM tasks WHERE id > $1 \
+                         UNION ALL SELECT id FROM retired_tasks WHERE id > $1) heads \
+         ORDER BY id OFFSET $2 LIMIT 1",
+    )
+    .bind(after)
+    .bind(PAGE_TASKS - 1)
+    .fetch_optional(&mut *tx)
+    .await?;
+    // the last page runs to the end of every table (events of tasks without a head included)
+    let heads = heads_where(&mut tx, "> $1", after, upper).await?;
+    let anchors = anchors_where(&mut tx, "> $1", after, upper).await?;
     let events = events_where(&mut tx, "task_id > $1", after, upper).await?;
     tx.commit().await?;
-    check_tasks(&heads, &events, report);
+    check_tasks(&heads, &anchors, &events, report);
     Ok((upper.unwrap_or(after), upper.is_none()))
 }
 
@@ -137,7 +151,29 @@ async fn heads_where(
 ) -> Result<Vec<Head>> {
     Ok(sqlx::query_as(&format!(
         "SELECT id, version, last_hash FROM tasks \
-         WHERE {condition} AND ($2::uuid IS NULL OR id <= $2) ORDER BY id"
+         WHERE id {condition} AND ($2::uuid IS NULL OR id <= $2) \
+         UNION ALL \
+         SELECT id, version, last_hash FROM retired_tasks \
+         WHERE id {condition} AND ($2::uuid IS NULL OR id <= $2) \
+         ORDER BY id"
+    ))
+    .bind(from)
+    .bind(upper)
+    .fetch_all(tx)
+    .await?)
+}
+
+/// The newest anchor of each task in the range.
+async fn anchors_where(
+    tx: &mut sqlx::PgConnection,
+    condition: &str,
+    from: Uuid,
+    upper: Option<Uuid>,
+) -> Result<Vec<Anchor>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT DISTINCT ON (task_id) task_id, sequence, hash FROM task_event_anchors \
+         WHERE task_id {condition} AND ($2::uuid IS NULL OR task_id <= $2) \
+         ORDER BY task_id, sequence DESC"
     ))
     .bind(from)
     .bind(upper)
@@ -161,42 +197,42 @@ async fn events_where(
     .await?)
 }
 
-/// Checks every task of a page: its events (in task, sequence order) against its head.
-fn check_tasks(heads: &[Head], events: &[StoredEvent], report: &mut VerifyReport) {
-    let heads: HashMap<Uuid, &Head> = heads.iter().map(|h| (h.id, h)).collect();
-    let mut seen = std::collections::HashSet::new();
+/// Checks every task of a page: its events (in task, sequence order) from its anchor (if its
+/// oldest events were archived) to its head.
+fn check_tasks(
+    heads: &[Head],
+    anchors: &[Anchor],
+    events: &[StoredEvent],
+    report: &mut VerifyReport,
+) {
+    type Parts<'a> = (Option<&'a Head>, Option<&'a Anchor>, &'a [StoredEvent]);
+    let mut tasks: BTreeMap<Uuid, Parts<'_>> = BTreeMap::new();
+    for h in heads {
+        tasks.entry(h.id).or_default().0 = Some(h);
+    }
+    for a in anchors {
+        tasks.entry(a.task_id).or_default().1 = Some(a);
+    }
     for chain in events.chunk_by(|a, b| a.task_id == b.task_id) {
-        let id = chain[0].task_id;
-        seen.insert(id);
+        tasks.entry(chain[0].task_id).or_default().2 = chain;
+    }
+    for (id, (head, anchor, chain)) in tasks {
         report.tasks += 1;
         report.events += chain.len() as u64;
-        if let Some(b) = check_chain(chain, heads.get(&id).copied()) {
+        if let Some(b) = check_chain(id, chain, anchor, head) {
             report.add(b);
         }
     }
-    let mut bare: Vec<&Head> = heads
-        .values()
-        .filter(|h| !seen.contains(&h.id))
-        .copied()
-        .collect();
-    bare.sort_by_key(|h| h.id);
-    for h in bare {
-        report.tasks += 1;
-        report.add(BrokenLink {
-            task_id: h.id,
-            sequence: 1,
-            reason: format!(
-                "the task is at version {} but has no events (its history was removed)",
-                h.version
-            ),
-        });
-    }
-    report.broken.sort_by_key(|b| b.task_id);
 }
 
-/// The first broken link of one task's events (all of the same task, in sequence order).
-fn check_chain(chain: &[StoredEvent], head: Option<&Head>) -> Option<BrokenLink> {
-    let task_id = chain[0].task_id;
+/// The first broken link of one task's events (in sequence order, possibly none), read from
+/// its anchor (the last archived event) when there is one, up to its head.
+fn check_chain(
+    task_id: Uuid,
+    chain: &[StoredEvent],
+    anchor: Option<&Anchor>,
+    head: Option<&Head>,
+) -> Option<BrokenLink> {
     let broken = |sequence, reason: String| {
         Some(BrokenLink {
             task_id,
@@ -204,50 +240,102 @@ fn check_chain(chain: &[StoredEvent], head: Option<&Head>) -> Option<BrokenLink>
             reason,
         })
     };
-    let mut prev: Option<&StoredEvent> = None;
+    // where the stored events start: after the anchor when the ones before were archived
+    let continues = anchor.filter(|a| chain.first().is_none_or(|e| e.sequence == a.sequence + 1));
+    let mut prev: Option<Link<'_>> = continues.map(|a| Link {
+        hash: &a.hash,
+        hash_version: 0,
+    });
+    let first = continues.map_or(1, |a| a.sequence + 1);
     for (i, e) in chain.iter().enumerate() {
-        if let Some(reason) = check_event(e, i as i32 + 1, prev) {
+        if let Some(reason) = check_event(e, first + i as i32, prev) {
             return broken(e.sequence, reason);
         }
-        prev = Some(e);
+        prev = Some(Link {
+            hash: &e.hash,
+            hash_version: e.hash_version,
+        });
     }
-    let last = chain.last().expect("a chain has an event");
+    // an archive's anchor inside the stored events (a restored archive) must match them
+    if let Some(a) = anchor.filter(|_| continues.is_none()) {
+        match chain.iter().find(|e| e.sequence == a.sequence) {
+            Some(e) if e.hash == a.hash => {}
+            Some(_) => {
+                return broken(
+                    a.sequence,
+                    "differs from the event the archive recorded (the event was altered)".into(),
+                )
+            }
+            None => {
+                return broken(
+                    a.sequence,
+                    format!(
+                        "event {} was archived but the stored history ends at event {}",
+                        a.sequence,
+                        chain.last().map_or(0, |e| e.sequence)
+                    ),
+                )
+            }
+        }
+    }
+    let (last_sequence, last_hash) = match (chain.last(), continues) {
+        (Some(e), _) => (e.sequence, e.hash.as_slice()),
+        (None, Some(a)) => (a.sequence, a.hash.as_slice()),
+        (None, None) => {
+            let version = head.map_or(0, |h| h.version);
+            return broken(
+                1,
+                format!(
+                    "the task is at version {version} but has no events (its history was removed)"
+                ),
+            );
+        }
+    };
     match head {
         None => broken(
-            last.sequence,
+            last_sequence,
             "events exist for a task with no projection row".into(),
         ),
-        Some(h) if h.version != last.sequence => broken(
-            last.sequence + 1,
+        Some(h) if h.version != last_sequence => broken(
+            last_sequence + 1,
             format!(
-                "the task is at version {} but its history ends at event {} (events were removed)",
-                h.version, last.sequence
+                "the task is at version {} but its history ends at event {last_sequence} \
+                 (events were removed)",
+                h.version
             ),
         ),
-        Some(h) if h.last_hash != last.hash => broken(
-            last.sequence,
+        Some(h) if h.last_hash != last_hash => broken(
+            last_sequence,
             "the task's last hash differs from its last event's".into(),
         ),
         Some(_) => None,
     }
 }
 
-fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<&StoredEvent>) -> Option<String> {
+/// The event a stored event links to: its hash and hash version (0 for an archived event).
+#[derive(Debug, Clone, Copy)]
+pub struct Link<'a> {
+    pub hash: &'a [u8],
+    pub hash_version: i16,
+}
+
+/// What is wrong with event `e`, expected to be number `expected_seq` and to follow `prev`
+/// (`None` for a task's first event): its number, its link, its hash version, its hash.
+pub fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<Link<'_>>) -> Option<String> {
     if e.sequence != expected_seq {
         return Some(format!(
             "expected event {expected_seq}, found {} (an event is missing)",
             e.sequence
         ));
     }
-    let prev_hash = prev.map(|p| p.hash.as_slice());
+    let prev_hash = prev.map(|p| p.hash);
     if e.prev_hash.as_deref() != prev_hash {
         return Some("does not link to the previous event's hash".into());
     }
-    if prev.is_some_and(|p| e.hash_version < p.hash_version) {
+    if let Some(p) = prev.filter(|p| e.hash_version < p.hash_version) {
         return Some(format!(
             "hash version {} after version {} (a chain never goes back)",
-            e.hash_version,
-            prev.map_or(0, |p| p.hash_version)
+            e.hash_version, p.hash_version
         ));
     }
     let placed = match e.hash_version {

@@ -186,6 +186,8 @@ pub async fn page(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Checkpoin
 pub struct CheckpointReport {
     pub checkpoints: u64,
     pub heads: u64,
+    /// Heads whose event is now in an archive (covered by the task's anchor).
+    pub archived_heads: u64,
     /// Every problem, in checkpoint order.
     pub broken: Vec<String>,
 }
@@ -212,15 +214,23 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
             problems
                 .push("its recorded heads do not give its Merkle root (heads were changed)".into());
         }
-        let gone: Vec<(Uuid, i32)> = sqlx::query_as(
-            "SELECT h.task_id, h.version FROM audit_checkpoint_heads h \
+        // a head whose event was archived is checked against the archive (`arnela audit
+        // verify --archive`); here it must be covered by its task's anchor
+        let gone: Vec<(Uuid, i32, bool)> = sqlx::query_as(
+            "SELECT h.task_id, h.version, e.hash IS NULL AND EXISTS ( \
+                      SELECT FROM task_event_anchors a WHERE a.task_id = h.task_id \
+                        AND (a.sequence > h.version \
+                             OR (a.sequence = h.version AND a.hash = h.head_hash))) \
+             FROM audit_checkpoint_heads h \
              LEFT JOIN task_events e ON e.task_id = h.task_id AND e.sequence = h.version \
              WHERE h.seq = $1 AND e.hash IS DISTINCT FROM h.head_hash ORDER BY h.task_id",
         )
         .bind(c.seq)
         .fetch_all(pool)
         .await?;
-        for (task, version) in gone {
+        let (archived, gone): (Vec<_>, Vec<_>) = gone.into_iter().partition(|g| g.2);
+        report.archived_heads += archived.len() as u64;
+        for (task, version, _) in gone {
             problems.push(format!(
                 "task {task}: event {version} it recorded is missing or altered (the history \
                  was removed, cut short or rewritten)"

@@ -329,7 +329,9 @@ pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
     match result {
         Ok(_) => Ok(()),
         Err(sqlx::Error::Database(db))
-            if db.constraint() == Some("task_events_task_id_sequence_key") =>
+            if db
+                .constraint()
+                .is_some_and(|c| c.ends_with("_task_id_sequence_key")) =>
         {
             Err(StoreError::VersionConflict {
                 task_id: rows.task_ids.first().copied().unwrap_or_default(),

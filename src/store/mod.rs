@@ -16,6 +16,7 @@
 //! Writers take a [`Tx`] so that every event, the projection row it changes and the outbox row
 //! that carries the task commit together or not at all.
 
+pub mod archive;
 pub mod audit;
 pub mod checkpoints;
 pub mod data_keys;
@@ -24,6 +25,7 @@ pub mod operator;
 pub mod outbox;
 pub mod pauses;
 pub mod projection;
+pub mod retention;
 pub mod schedules;
 pub mod tasks;
 pub mod transition;

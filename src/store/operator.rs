@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::retention;
 use super::tasks::{self, TaskRow};
 use super::transition::{self, Lock, Payload, Target};
 use super::{Result, StoreError, Tx};
@@ -53,7 +54,10 @@ pub enum Erasure {
 /// before its fields were sealed (nothing could erase them without rewriting the log).
 pub async fn erase(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result<Erasure> {
     let mut tx = Tx::begin(pool).await?;
-    let row = tasks::get_for_update(&mut tx, id).await?;
+    let row = match tasks::get_for_update(&mut tx, id).await {
+        Err(StoreError::NotFound(_)) => return erase_retired(tx, id, reason, by).await,
+        found => found?,
+    };
     let sealed = row
         .task_type
         .parse::<TaskType>()
@@ -76,6 +80,50 @@ pub async fn erase(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result<
     let row = tasks::get_for_update(&mut tx, id).await?;
     tx.commit().await?;
     Ok(Erasure::Erased(row))
+}
+
+/// [`erase`] for a task retention moved out of the projection (its head is in
+/// `retired_tasks`, and it has finished, so nothing is cancelled first).
+async fn erase_retired(mut tx: Tx, id: Uuid, reason: String, by: &str) -> Result<Erasure> {
+    let Some(mut task) = retention::retired_for_update(&mut tx, id).await? else {
+        tx.rollback().await?;
+        return Err(StoreError::NotFound(id));
+    };
+    let task_type: TaskType = task
+        .task_type
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("task {id} has type {:?}", task.task_type)))?;
+    if !super::data_keys::exists(tx.conn(), id).await? {
+        let erased = retention::was_erased(tx.conn(), id).await?;
+        tx.rollback().await?;
+        return if erased {
+            Ok(Erasure::AlreadyErased(task.into_row(true)))
+        } else {
+            Err(StoreError::NotErasable(id))
+        };
+    }
+    let now = crate::domain::event::db_time(Utc::now());
+    let event = TaskEvent::Erased {
+        reason,
+        by: by.to_owned(),
+    };
+    let mut rows = super::events::EventRows::placed(&mut tx).await?;
+    let hash = rows.push_stream(
+        &mut tx,
+        (id, task_type),
+        task.version + 1,
+        Some(&task.last_hash),
+        std::slice::from_ref(&event),
+        now,
+    );
+    super::events::insert(&mut tx, &rows).await?;
+    task.version += 1;
+    task.last_hash = hash;
+    task.updated_at = now;
+    retention::advance_retired(&mut tx, &task).await?;
+    super::data_keys::destroy(tx.conn(), id).await?;
+    tx.commit().await?;
+    Ok(Erasure::Erased(task.into_row(true)))
 }
 
 async fn act<F>(pool: &PgPool, id: Uuid, decide: F) -> Result<TaskRow>

@@ -19,6 +19,7 @@ mod metrics;
 mod openapi;
 mod outage;
 mod projector;
+mod retention;
 mod schedules;
 mod shutdown;
 mod soak;
