@@ -231,6 +231,9 @@ impl TasksApi {
     /// (`PROJECTOR_INTERVAL_MS`), never longer once the event is projected. A request with
     /// `Cache-Control: no-cache` reads Postgres directly.
     ///
+    /// A finished task retired by retention (`RETENTION_FINISHED_TASKS_DAYS`) still reads, with
+    /// its payload as `"[retired]"` and without its idempotency key and last error.
+    ///
     /// Roles: producer, auditor, admin.
     #[oai(path = "/tasks/:id", method = "get", operation_id = "get_task")]
     async fn get(
@@ -333,7 +336,9 @@ impl TasksApi {
     /// appointment details) and its provider results, stored sealed under that key, can no
     /// longer be read by anyone, and show as `"[erased]"`. Recorded as an `erased` event; the
     /// history keeps every event and still verifies. A task that could still run (queued,
-    /// retrying, dead) is cancelled first. Erasing twice changes nothing (200).
+    /// retrying, dead) is cancelled first. Erasing twice changes nothing (200). A task retired
+    /// by retention (`RETENTION_FINISHED_TASKS_DAYS`) is erased too; its payload reads
+    /// `"[erased]"`.
     ///
     /// 409 `invalid_transition` while an attempt runs (cancel it, or wait for it to end);
     /// 409 `not_erasable` for a task stored before `AUDIT_DATA_KEY` was set.

@@ -5,7 +5,9 @@
 //! the one before (the first to none), each stored hash must equal the hash recomputed from the
 //! stored content, and the projection's `last_hash` and `version` must point at the last event (so
 //! a removed tail is caught too). A projection row without any event, and events without a
-//! projection row, are broken as well.
+//! projection row, are broken as well. The head of a task retention retired is its row in
+//! `retired_tasks`; a history whose oldest events were archived starts at its anchor (its last
+//! archived event, `task_event_anchors`): the first event still stored must link to it.
 //!
 //! [`verify`] walks the log in pages of tasks (by id), each read in its own short read-only
 //! transaction, so a run over millions of events holds no snapshot for long (it never holds back
@@ -125,13 +127,15 @@ async fn verify_page(
 ) -> Result<(Uuid, bool)> {
     // one snapshot for the page: the heads and the events agree with each other
     let mut tx = super::begin_snapshot(pool, true).await?;
+    // each side limited first, so that both are read by index, a page at most
     let upper: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM (SELECT id FROM tasks WHERE id > $1 \
-                         UNION ALL SELECT id FROM retired_tasks WHERE id > $1) heads \
-         ORDER BY id OFFSET $2 LIMIT 1",
+        "SELECT id FROM ((SELECT id FROM tasks WHERE id > $1 ORDER BY id LIMIT $2) \
+                         UNION ALL \
+                         (SELECT id FROM retired_tasks WHERE id > $1 ORDER BY id LIMIT $2)) heads \
+         ORDER BY id OFFSET $2 - 1 LIMIT 1",
     )
     .bind(after)
-    .bind(PAGE_TASKS - 1)
+    .bind(PAGE_TASKS)
     .fetch_optional(&mut *tx)
     .await?;
     // the last page runs to the end of every table (events of tasks without a head included)

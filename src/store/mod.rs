@@ -11,6 +11,9 @@
 //! - [`pauses`]: task types an operator paused;
 //! - [`projection`]: projector checkpoints and the read models projected from the log;
 //! - [`audit`]: re-checks the hash chains;
+//! - [`checkpoints`]: the signed checkpoints of the log;
+//! - [`retention`]: the log's monthly partitions and the retirement of finished tasks;
+//! - [`archive`]: reading, removing and restoring archived months of the log;
 //! - [`database_identity`]: which database this is (the Redis namespace is bound to it).
 //!
 //! Writers take a [`Tx`] so that every event, the projection row it changes and the outbox row

@@ -532,3 +532,54 @@ async fn finished_tasks_are_retired_and_still_read_verify_and_erase(pool: PgPool
         "{report:?}"
     );
 }
+
+#[sqlx::test]
+async fn the_archive_commands_run_as_the_owner_only(pool: PgPool) {
+    let seed = "55".repeat(32);
+    let key = signing_key(&seed).unwrap();
+    two_old_months(&pool, &key).await;
+    let role = format!("rt_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE arnela_runtime"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    // the service's own URL, as the runtime role
+    let url = common::database_url(&pool).replacen("postgres@", &format!("{role}@"), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let archive = |owner: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"));
+        cmd.args(["audit", "archive", "--before", "2026-06", "--dir"])
+            .arg(dir.path())
+            .env("DATABASE_URL", &url)
+            .env("AUDIT_SIGNING_KEY", &seed);
+        if let Some(owner) = owner {
+            cmd.env("DB_MIGRATION_USER", owner);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = archive(None);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("permission denied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let done = archive(Some("postgres"));
+    let text = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        text.contains("archived task_events_p202605: 4 events of 2 tasks"),
+        "{text}"
+    );
+    assert!(!text.contains("p202606"), "June is kept: {text}");
+    assert_eq!(count_events(&pool).await, 2);
+    assert!(audit::verify(&pool, |_| {}).await.unwrap().ok());
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
