@@ -891,11 +891,13 @@ async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
     // test running on this server may hold back for a moment: write until all four are in.
     let recorded = |pool: PgPool, key: ed25519_dalek::SigningKey| async move {
         checkpoints::write(&pool, &key).await.unwrap();
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(DISTINCT task_id) FROM audit_checkpoint_heads")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        // each task's last event (its second): a checkpoint may have seen only its first
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT task_id) FROM audit_checkpoint_heads WHERE version = 2",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         (n == 4).then_some(())
     };
     eventually(
@@ -909,7 +911,7 @@ async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
         "nothing new"
     );
     let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
-    assert_eq!((report.heads, report.broken.len()), (4, 0));
+    assert!(report.heads >= 4 && report.broken.is_empty(), "{report:?}");
     let ours = report.checkpoints;
     // auditors read them over the API, signed with the public key they were given
     let (status, page) = get(&c, "/audit/checkpoints").await;
@@ -952,7 +954,16 @@ async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
     assert!(audit::verify(&pool, |_| {}).await.unwrap().ok());
     // ... but the checkpoint recorded both heads.
     let report = checkpoints::verify(&pool, Some(&public)).await.unwrap();
-    assert_eq!(report.broken.len(), 2, "{:?}", report.broken);
+    // (a task's first event may have been a head too, of an earlier checkpoint)
+    assert!(
+        report.broken.len() >= 2
+            && report
+                .broken
+                .iter()
+                .all(|p| p.contains(&ids[0].to_string()) || p.contains(&ids[1].to_string())),
+        "{:?}",
+        report.broken
+    );
     for id in &ids[..2] {
         assert!(
             report
