@@ -274,37 +274,55 @@ pub async fn restore(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    for chain in events.chunk_by(|a, b| a.task_id == b.task_id) {
-        let (first, last) = (&chain[0], &chain[chain.len() - 1]);
-        if let (true, Some(prev)) = (first.sequence > 1, &first.prev_hash) {
-            sqlx::query(
-                "INSERT INTO task_event_anchors (task_id, sequence, hash, archive) \
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            )
-            .bind(first.task_id)
-            .bind(first.sequence - 1)
-            .bind(prev)
-            .bind(archive)
-            .execute(&mut *tx)
-            .await?;
-        }
-        sqlx::query(
-            "INSERT INTO retired_tasks (id, task_type, status, owner, attempts, max_attempts, \
-               run_at, version, last_hash, created_at, updated_at) \
-             VALUES ($1, coalesce($2, ''), 'restored', '', 0, 0, $5, $3, $4, $5, $6) \
-             ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
-               last_hash = excluded.last_hash, updated_at = excluded.updated_at \
-             WHERE retired_tasks.version < excluded.version",
-        )
-        .bind(first.task_id)
-        .bind(&last.task_type)
-        .bind(last.sequence)
-        .bind(&last.hash)
-        .bind(first.occurred_at)
-        .bind(last.recorded_at)
-        .execute(&mut *tx)
-        .await?;
-    }
+    // where a chain continues from an archive not restored, and each chain's head
+    let chains: Vec<(&ArchivedEvent, &ArchivedEvent)> = events
+        .chunk_by(|a, b| a.task_id == b.task_id)
+        .map(|c| (&c[0], &c[c.len() - 1]))
+        .collect();
+    let links: Vec<(Uuid, i32, Vec<u8>)> = chains
+        .iter()
+        .filter(|(first, _)| first.sequence > 1)
+        .filter_map(|(first, _)| {
+            let link = first.prev_hash.clone()?;
+            Some((first.task_id, first.sequence - 1, link))
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO task_event_anchors (task_id, sequence, hash, archive) \
+         SELECT l.*, $4 FROM UNNEST($1::uuid[], $2::int4[], $3::bytea[]) AS l \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(links.iter().map(|l| l.0).collect::<Vec<_>>())
+    .bind(links.iter().map(|l| l.1).collect::<Vec<_>>())
+    .bind(links.iter().map(|l| l.2.clone()).collect::<Vec<_>>())
+    .bind(archive)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO retired_tasks (id, task_type, status, owner, attempts, max_attempts, \
+           run_at, version, last_hash, created_at, updated_at) \
+         SELECT h.id, coalesce(h.task_type, ''), 'restored', '', 0, 0, h.created_at, h.version, \
+                h.last_hash, h.created_at, h.updated_at \
+         FROM UNNEST($1::uuid[], $2::text[], $3::int4[], $4::bytea[], $5::timestamptz[], \
+                     $6::timestamptz[]) \
+           AS h(id, task_type, version, last_hash, created_at, updated_at) \
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version, \
+           last_hash = excluded.last_hash, updated_at = excluded.updated_at \
+         WHERE retired_tasks.version < excluded.version",
+    )
+    .bind(chains.iter().map(|c| c.0.task_id).collect::<Vec<_>>())
+    .bind(
+        chains
+            .iter()
+            .map(|c| c.1.task_type.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(chains.iter().map(|c| c.1.sequence).collect::<Vec<_>>())
+    .bind(chains.iter().map(|c| c.1.hash.clone()).collect::<Vec<_>>())
+    .bind(chains.iter().map(|c| c.0.occurred_at).collect::<Vec<_>>())
+    .bind(chains.iter().map(|c| c.1.recorded_at).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(added)
 }
