@@ -463,7 +463,11 @@ async fn history(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     report.history_events_in_table =
-        sqlx::query_scalar("SELECT reltuples::bigint FROM pg_class WHERE relname = 'task_events'")
+        // the log is partitioned by month: the estimate is the partitions' sum
+        sqlx::query_scalar(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM pg_inherits i \
+             JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'task_events'::regclass",
+        )
             .fetch_one(pool)
             .await?;
     let ids: Vec<uuid::Uuid> =
