@@ -635,6 +635,9 @@ pub async fn restore(
     files: &[PathBuf],
     trusted: Option<&[u8]>,
 ) -> anyhow::Result<(Vec<ArchiveCheck>, u64)> {
+    if let Some(refusal) = store_archive::live_database(pool).await? {
+        bail!("{refusal}: restore into a scratch database (created and migrated for it)");
+    }
     let checks = verify_files(files, trusted);
     if checks.iter().any(|c| !c.ok()) {
         return Ok((checks, 0));

@@ -217,6 +217,21 @@ pub async fn archived(pool: &PgPool) -> Result<Vec<(String, i64, DateTime<Utc>)>
     .await?)
 }
 
+/// Why the database `pool` points at is a service's own rather than a scratch database, if it
+/// is: it holds tasks, or archived a month itself.
+pub async fn live_database(pool: &PgPool) -> Result<Option<String>> {
+    let (tasks, archived): (bool, Option<String>) = sqlx::query_as(
+        "SELECT EXISTS (SELECT FROM tasks), (SELECT min(name) FROM task_event_archives)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(match (tasks, archived) {
+        (true, _) => Some("this database holds tasks".into()),
+        (false, Some(name)) => Some(format!("this database archived {name} itself")),
+        (false, None) => None,
+    })
+}
+
 /// Puts archived events back (into a scratch database, for an auditor's queries): makes their
 /// month's partition, inserts them as they were stored, records where a chain continues from
 /// an earlier archive (its anchor, from the first event's link) and each chain's head in

@@ -340,7 +340,16 @@ async fn archive_drop_verify_offline_and_restore(pool: PgPool) {
         "another key is not trusted"
     );
 
-    // Restore both into a scratch database: its log verifies there.
+    // Not into the database that archived them, nor any with tasks of its own ...
+    let err = archive::restore(&pool, &both, Some(&public))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("archived task_events_p202605 itself"),
+        "{err}"
+    );
+    // ... but into a scratch database: its log verifies there.
     let scratch = format!("scratch_{}", Uuid::new_v4().simple());
     sqlx::query(&format!("CREATE DATABASE {scratch}"))
         .execute(&pool)
