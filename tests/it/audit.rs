@@ -1011,7 +1011,7 @@ async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
     let mut conn = pool.acquire().await.unwrap();
     for sql in [
         "ALTER TABLE audit_checkpoints DISABLE TRIGGER audit_checkpoints_append_only",
-        "UPDATE audit_checkpoints SET tasks = 3 WHERE seq = 1",
+        "UPDATE audit_checkpoints SET tasks = tasks + 1 WHERE seq = 1",
         "ALTER TABLE audit_checkpoints ENABLE TRIGGER audit_checkpoints_append_only",
     ] {
         sqlx::query(sql).execute(&mut *conn).await.unwrap();
