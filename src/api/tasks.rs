@@ -386,7 +386,15 @@ impl TasksApi {
         let mut events = events::history(&self.ctx.pool, id.0).await?;
         self.ctx.open_events(&mut events).await?;
         if events.is_empty() {
-            return Err(ApiError::not_found(format!("task {} not found", id.0)).into());
+            let message = match retention::archived_in(&self.ctx.pool, id.0).await? {
+                Some(archive) => format!(
+                    "the history of task {} is archived ({archive}): check it with \
+                     `arnela audit verify --archive`",
+                    id.0
+                ),
+                None => format!("task {} not found", id.0),
+            };
+            return Err(ApiError::not_found(message).into());
         }
         Ok(HistoryResponse::Ok(Json(
             events.into_iter().map(Event::from).collect(),

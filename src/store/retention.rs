@@ -223,6 +223,16 @@ pub(crate) async fn advance_retired(tx: &mut super::Tx, task: &RetiredTask) -> R
     Ok(())
 }
 
+/// The archive holding task `id`'s newest archived event, if any of its history was archived.
+pub async fn archived_in(pool: &PgPool, id: uuid::Uuid) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT archive FROM task_event_anchors WHERE task_id = $1 ORDER BY sequence DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Whether task `id`'s history records an erasure (in the partitions still here).
 pub(crate) async fn was_erased(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<bool> {
     Ok(sqlx::query_scalar(

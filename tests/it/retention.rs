@@ -302,6 +302,14 @@ async fn archive_drop_verify_offline_and_restore(pool: PgPool) {
     assert_eq!(report.tasks, 3);
     let cps = checkpoints::verify(&pool, Some(&public)).await.unwrap();
     assert!(cps.broken.is_empty(), "{cps:?}");
+    // the history endpoint says where a history went
+    let c = client(pool.clone()).await;
+    let (status, body) = get(&c, &format!("/tasks/{}/events", history.b)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.to_string().contains("archived (task_events_p202605)"),
+        "{body}"
+    );
     assert!(cps.archived_heads >= 4, "{cps:?}");
 
     // Offline: both archives together (A's June event links to its May one), June's alone
