@@ -5,7 +5,9 @@ use crate::common;
 use arnela::domain::{NewTask, TaskType};
 use arnela::store::{audit, events, tasks, Tx};
 use chrono::Utc;
-use common::{client, database_url, eventually, get, post, sms};
+use common::{
+    client, database_url, drop_role, eventually, get, pool_as, post, runtime_role, sms, tamper,
+};
 use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -347,19 +349,6 @@ async fn the_task_listing_filters_and_pages(pool: PgPool) {
     assert_eq!(status, 400);
 }
 
-async fn tamper(pool: &PgPool, sql: &str, id: Uuid) {
-    let mut conn = pool.acquire().await.unwrap();
-    sqlx::query("ALTER TABLE task_events DISABLE TRIGGER task_events_append_only")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
-    sqlx::query("ALTER TABLE task_events ENABLE TRIGGER task_events_append_only")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-}
-
 #[sqlx::test]
 async fn the_log_refuses_updates_and_deletes(pool: PgPool) {
     let c = client(pool.clone()).await;
@@ -523,29 +512,6 @@ async fn verify_passes_on_an_untouched_log_through_the_cli(pool: PgPool) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 tasks, 1 events"));
-}
-
-/// A login role of the test's own, member of `arnela_runtime` (dropped by [`drop_role`]).
-async fn runtime_role(pool: &PgPool) -> String {
-    let role = format!("rt_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE arnela_runtime"))
-        .execute(pool)
-        .await
-        .unwrap();
-    role
-}
-
-async fn drop_role(pool: &PgPool, role: &str) {
-    sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
-        .execute(pool)
-        .await
-        .unwrap();
-}
-
-/// The test's database as `role` (the local server trusts loopback connections).
-async fn pool_as(pool: &PgPool, role: &str) -> PgPool {
-    let options = pool.connect_options().as_ref().clone().username(role);
-    arnela::store::connect(options, 2).await.unwrap()
 }
 
 #[sqlx::test]

@@ -9,7 +9,7 @@ use arnela::domain::event::{canonical_bytes, event_hash, Placement, HASH_VERSION
 use arnela::store::retention::{self, Partition};
 use arnela::store::{audit, checkpoints};
 use chrono::{DateTime, TimeZone, Utc};
-use common::{client, get, post, sms};
+use common::{client, drop_role, get, pool_as, post, runtime_role, sms, tamper};
 use serde_json::json;
 use sqlx::PgPool;
 use std::io::{Read, Write};
@@ -148,13 +148,8 @@ async fn partitions_are_made_ahead_and_by_the_owner_only(pool: PgPool) {
 
     // The runtime role may have the next months made, but reaches a partition only through
     // the log: it can neither read nor rewrite, truncate or drop one directly.
-    let role = format!("rt_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE arnela_runtime"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let options = pool.connect_options().as_ref().clone().username(&role);
-    let runtime = arnela::store::connect(options, 2).await.unwrap();
+    let role = runtime_role(&pool).await;
+    let runtime = pool_as(&pool, &role).await;
     let created = retention::ensure_partitions(&runtime, now + chrono::Duration::days(400))
         .await
         .unwrap();
@@ -183,10 +178,7 @@ async fn partitions_are_made_ahead_and_by_the_owner_only(pool: PgPool) {
         .unwrap_err();
     assert!(err.to_string().contains("append-only"), "{err}");
     runtime.close().await;
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_role(&pool, &role).await;
 }
 
 /// Two old months of history: task A spans both (events 1–2 in May, 3 in June), B is all in
@@ -434,19 +426,12 @@ async fn archive_drop_verify_offline_and_restore(pool: PgPool) {
 async fn a_partition_that_does_not_verify_is_not_dropped(pool: PgPool) {
     let key = signing_key(&"44".repeat(32)).unwrap();
     let history = two_old_months(&pool, &key).await;
-    let mut conn = pool.acquire().await.unwrap();
-    for sql in [
-        "ALTER TABLE task_events DISABLE TRIGGER task_events_append_only",
+    tamper(
+        &pool,
         "UPDATE task_events SET data = '{\"forged\": true}' WHERE task_id = $1 AND sequence = 1",
-        "ALTER TABLE task_events ENABLE TRIGGER task_events_append_only",
-    ] {
-        sqlx::query(sql)
-            .bind(history.b)
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
-    drop(conn);
+        history.b,
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let err = archive::archive_before(
         &pool,
@@ -527,20 +512,13 @@ async fn finished_tasks_are_retired_and_still_read_verify_and_erase(pool: PgPool
     assert_eq!(keys, 0);
 
     // a retired task's tail removed is still found (its head is kept)
-    let mut conn = pool.acquire().await.unwrap();
-    for sql in [
-        "ALTER TABLE task_events DISABLE TRIGGER task_events_append_only",
+    tamper(
+        &pool,
         "DELETE FROM task_events WHERE task_id = $1 \
            AND sequence = (SELECT max(sequence) FROM task_events WHERE task_id = $1)",
-        "ALTER TABLE task_events ENABLE TRIGGER task_events_append_only",
-    ] {
-        sqlx::query(sql)
-            .bind(ids[1])
-            .execute(&mut *conn)
-            .await
-            .unwrap();
-    }
-    drop(conn);
+        ids[1],
+    )
+    .await;
     let report = audit::verify(&pool, |_| {}).await.unwrap();
     assert_eq!(report.broken.len(), 1, "{report:?}");
     assert_eq!(report.broken[0].task_id, ids[1]);
@@ -555,11 +533,7 @@ async fn the_archive_commands_run_as_the_owner_only(pool: PgPool) {
     let seed = "55".repeat(32);
     let key = signing_key(&seed).unwrap();
     two_old_months(&pool, &key).await;
-    let role = format!("rt_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE arnela_runtime"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    let role = runtime_role(&pool).await;
     // the service's own URL, as the runtime role
     let url = common::database_url(&pool).replacen("postgres@", &format!("{role}@"), 1);
     let dir = tempfile::tempdir().unwrap();
@@ -595,8 +569,5 @@ async fn the_archive_commands_run_as_the_owner_only(pool: PgPool) {
     assert!(!text.contains("p202606"), "June is kept: {text}");
     assert_eq!(count_events(&pool).await, 2);
     assert!(audit::verify(&pool, |_| {}).await.unwrap().ok());
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&pool)
-        .await
-        .unwrap();
+    drop_role(&pool, &role).await;
 }

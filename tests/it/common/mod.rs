@@ -1004,3 +1004,41 @@ pub async fn histories(pool: &PgPool, ids: &[uuid::Uuid]) -> String {
     }
     out
 }
+
+/// Runs `sql` (binding `id` as `$1`) on the event log with its append-only trigger disabled, as
+/// an owner tampering with history would.
+pub async fn tamper(pool: &sqlx::PgPool, sql: &str, id: uuid::Uuid) {
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("ALTER TABLE task_events DISABLE TRIGGER task_events_append_only")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
+    sqlx::query("ALTER TABLE task_events ENABLE TRIGGER task_events_append_only")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+/// A login role of the test's own, member of `arnela_runtime` (dropped by [`drop_role`]).
+pub async fn runtime_role(pool: &sqlx::PgPool) -> String {
+    let role = format!("rt_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE arnela_runtime"))
+        .execute(pool)
+        .await
+        .unwrap();
+    role
+}
+
+pub async fn drop_role(pool: &sqlx::PgPool, role: &str) {
+    sqlx::query(&format!("DROP ROLE IF EXISTS {role}"))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// The test's database as `role` (the local server trusts loopback connections).
+pub async fn pool_as(pool: &sqlx::PgPool, role: &str) -> sqlx::PgPool {
+    let options = pool.connect_options().as_ref().clone().username(role);
+    arnela::store::connect(options, 2).await.unwrap()
+}
