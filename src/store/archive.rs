@@ -111,22 +111,26 @@ pub async fn checkpoints_naming(
     ))
     .fetch_all(pool)
     .await?;
-    let mut found = Vec::with_capacity(seqs.len());
-    for seq in seqs {
-        let checkpoint = super::checkpoints::page(pool, seq - 1, 1)
-            .await?
-            .pop()
-            .ok_or_else(|| super::StoreError::Corrupt(format!("checkpoint {seq} vanished")))?;
-        let heads: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
-            "SELECT task_id, version, head_hash FROM audit_checkpoint_heads \
-             WHERE seq = $1 ORDER BY task_id",
-        )
-        .bind(seq)
-        .fetch_all(pool)
-        .await?;
-        found.push((checkpoint, heads.into_iter().map(Head::from).collect()));
-    }
-    Ok(found)
+    // two queries for the month, not two per checkpoint (a month holds tens of thousands)
+    let checkpoints = super::checkpoints::numbered(pool, &seqs).await?;
+    let heads: Vec<(i64, Uuid, i32, Vec<u8>)> = sqlx::query_as(
+        "SELECT seq, task_id, version, head_hash FROM audit_checkpoint_heads \
+         WHERE seq = ANY($1) ORDER BY seq, task_id",
+    )
+    .bind(&seqs)
+    .fetch_all(pool)
+    .await?;
+    let mut heads = heads.into_iter().peekable();
+    Ok(checkpoints
+        .into_iter()
+        .map(|c| {
+            let mut own = Vec::new();
+            while let Some((_, task, version, hash)) = heads.next_if(|h| h.0 == c.seq) {
+                own.push(Head::from((task, version, hash)));
+            }
+            (c, own)
+        })
+        .collect())
 }
 
 /// Of the links `(task, sequence, hash)` a partition's chains continue from, the ones no

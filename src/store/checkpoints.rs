@@ -181,6 +181,16 @@ pub async fn page(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Checkpoin
     .await?)
 }
 
+/// The checkpoints numbered `seqs`, in order.
+pub(crate) async fn numbered(pool: &PgPool, seqs: &[i64]) -> Result<Vec<Checkpoint>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM audit_checkpoints WHERE seq = ANY($1) ORDER BY seq"
+    ))
+    .bind(seqs)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// What [`verify`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CheckpointReport {
