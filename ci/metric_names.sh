@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every metric name the alert rules, their unit tests and the Grafana dashboard use must be a
-# family the service exports: defined in src/ (`Family::counter|gauge|histogram("arnela_…")`)
+# family the service exports: defined in src/ (`Family::counter|gauge|histogram("arnela_…")`, or the registry's
+# `counter|gauge|histogram(r, "arnela_…")`)
 # and listed in README "Metrics". `_bucket`, `_sum` and `_count` are accepted on histograms
 # only. A renamed or misspelt family fails here instead of leaving an alert that never fires or
 # a panel that stays empty.
@@ -23,8 +24,11 @@ def log(msg):
 defined = {}
 for path in sorted(pathlib.Path("src").rglob("*.rs")):
     text = path.read_text()
-    # `Family::counter("arnela_…"`, and helpers named after the type (`counter("arnela_…"`).
-    for kind, name in re.findall(r'\b(counter|gauge|histogram)\(\s*"(arnela_[a-z0-9_]+)"', text):
+    # `Family::counter("arnela_…"`, and the registry's helpers named after the type, which take
+    # the registry first (`counter(r, "arnela_…"`).
+    for kind, name in re.findall(
+        r'\b(counter|gauge|histogram)\(\s*(?:\w+,\s*)?"(arnela_[a-z0-9_]+)"', text
+    ):
         defined[name] = kind
 if len(defined) < 10:
     log(f"FAILED: found only {len(defined)} families in src/; has Family:: changed?")

@@ -1,6 +1,7 @@
 //! `/metrics`: the Prometheus scrape of this process (see [`crate::metrics`]), and the HTTP
 //! middleware that counts the API's requests by route template.
 
+use poem::http::Method;
 use poem::PathPattern;
 use poem::{Endpoint, IntoResponse, Request, Response};
 use poem_openapi::payload::PlainText;
@@ -11,7 +12,7 @@ use std::time::Instant;
 
 use super::auth::{BearerAuth, Denied, Role};
 use super::ApiContext;
-use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::metrics::{Format, Metrics};
 
 #[derive(Tags)]
 enum ApiTags {
@@ -49,7 +50,7 @@ impl MetricsApi {
     async fn metrics(&self, auth: BearerAuth) -> Result<MetricsResponse, Denied> {
         auth.require(&[Role::Auditor])?;
         Ok(MetricsResponse::Scrape(PlainText(
-            self.ctx.metrics.scrape().await,
+            self.ctx.metrics.scrape(Format::Prometheus).await,
         )))
     }
 }
@@ -102,21 +103,60 @@ pub async fn track<E: Endpoint>(
         .and_then(|id| routes.get(id.0))
         .map(String::as_str)
         .or(pattern.map(|p| &*p.0));
-    metrics.observe_http(&method, route, status.as_u16(), started.elapsed());
+    metrics.observe_http(
+        method_label(&method),
+        route,
+        status.as_u16(),
+        started.elapsed(),
+    );
     result
 }
 
+/// The bounded label of an HTTP method (`other` for extension methods).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// A server of `/metrics` alone (the `METRICS_ADDR` listener): no API, no auth; meant for a
-/// private network.
+/// private network. It answers in OpenMetrics text when the `Accept` header asks for it (as
+/// Prometheus does), else in the Prometheus text format 0.0.4.
 pub fn standalone(metrics: Metrics) -> impl Endpoint {
     poem::Route::new().at(
         "/metrics",
-        poem::get(poem::endpoint::make(move |_req| {
+        poem::get(poem::endpoint::make(move |req: Request| {
             let metrics = metrics.clone();
+            let format = Format::from_accept(
+                req.headers()
+                    .get(poem::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
             async move {
-                let body = metrics.scrape().await;
-                Response::builder().content_type(CONTENT_TYPE).body(body)
+                let body = metrics.scrape(format).await;
+                Response::builder()
+                    .content_type(format.content_type())
+                    .body(body)
             }
         })),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extension_methods_share_one_label() {
+        let odd = Method::from_bytes(b"BREW").unwrap();
+        assert_eq!(method_label(&odd), "other");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+    }
 }

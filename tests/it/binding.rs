@@ -63,7 +63,7 @@ async fn push_foreign(e: &Engine) -> (Uuid, String) {
 }
 
 fn skipped(metrics: &arnela::metrics::Metrics) -> f64 {
-    counter(&metrics.render(&[]))
+    counter(&metrics.render(arnela::metrics::Format::Prometheus, Vec::new()))
 }
 
 /// The value of `arnela_deliveries_skipped_total{reason="task_not_found"}` in a scrape.

@@ -7,8 +7,8 @@ use crate::common;
 use arnela::cache::{keys, Cache, Ttl};
 use arnela::domain::TaskType;
 use arnela::metrics::{
-    Family, HistogramValue, Metrics, OutboxCollector, ProjectionCollector, QueueAgeCollector,
-    QueueCollector,
+    Family, Format, HistogramValue, Metrics, OutboxCollector, ProjectionCollector,
+    QueueAgeCollector, QueueCollector,
 };
 use arnela::projector::{Projection, Projector};
 use arnela::worker::handler::HandlerError;
@@ -428,23 +428,26 @@ async fn a_scrape_without_redis_still_answers_with_the_postgres_families(pool: P
 fn extra_families_render_with_escaped_labels_and_valid_histograms() {
     let metrics = Metrics::new();
     let awkward = "quote \" backslash \\ newline \n end";
-    let text = metrics.render(&[
-        Family::counter("arnela_tasks_succeeded_total", "Tasks that succeeded.")
-            .with(&[("type", "send_sms")], 5.0)
-            .with(&[("type", awkward)], 1.0),
-        Family::histogram(
-            "arnela_task_attempt_seconds",
-            "Attempt durations from events,\nprojected.",
-        )
-        .with_histogram(
-            &[("type", "send_email")],
-            HistogramValue {
-                buckets: vec![(0.5, 2), (1.0, 3)],
-                count: 4,
-                sum: 3.25,
-            },
-        ),
-    ]);
+    let text = metrics.render(
+        Format::Prometheus,
+        vec![
+            Family::counter("arnela_tasks_succeeded_total", "Tasks that succeeded.")
+                .with(&[("type", "send_sms")], 5.0)
+                .with(&[("type", awkward)], 1.0),
+            Family::histogram(
+                "arnela_task_attempt_seconds",
+                "Attempt durations from events,\nprojected.",
+            )
+            .with_histogram(
+                &[("type", "send_email")],
+                HistogramValue {
+                    buckets: vec![(0.5, 2), (1.0, 3)],
+                    count: 4,
+                    sum: 3.25,
+                },
+            ),
+        ],
+    );
     let exp = parse(&text);
     assert_eq!(
         value(&exp, "arnela_tasks_succeeded_total", &[("type", awkward)]),
@@ -530,9 +533,41 @@ async fn metrics_addr_serves_the_scrape_from_a_worker_only_process(pool: PgPool)
     .await;
     assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
     assert_eq!(
-        kind(&exp, "arnela_worker_attempts_total"),
+        kind(&exp, "arnela_deliveries_skipped_total"),
         PrometheusType::Counter
     );
+
+    // Prometheus's own Accept header gets OpenMetrics text, which parses as such.
+    let resp = http
+        .get(&url)
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let open = openmetrics_parser::openmetrics::parse_openmetrics(&text)
+        .unwrap_or_else(|e| panic!("not valid OpenMetrics ({e}):\n{text}"));
+    let workers = open.families["arnela_workers_live"]
+        .iter_samples()
+        .next()
+        .map(|s| s.value.clone());
+    assert!(
+        matches!(workers, Some(openmetrics_parser::OpenMetricsValue::Gauge(g)) if g.as_f64() == 2.0),
+        "{workers:?}"
+    );
+    assert!(
+        open.families.contains_key("arnela_deliveries_skipped"),
+        "counters are named without _total in OpenMetrics:\n{text}"
+    );
+
     let other = http
         .get(format!("http://127.0.0.1:{port}/tasks"))
         .send()
