@@ -24,10 +24,10 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::classify::{self, ProviderDetail};
-use super::config::{EmailSettings, EmailTransport, SmtpTls};
 use super::ratelimit::RateLimiter;
 use super::template::{RenderedEmail, TemplateRef, Templates};
 use super::{http_client, ChannelError};
+use crate::config::channels::{EmailSettings, EmailTransport, SmtpTls};
 use crate::config::Secret;
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};
 use crate::worker::log_channel::mask_email;

@@ -33,9 +33,9 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::classify::{self, ProviderDetail};
-use super::config::GoogleSettings;
 use super::ratelimit::RateLimiter;
 use super::{http_client, ChannelError};
+use crate::config::channels::GoogleSettings;
 use crate::config::Secret;
 use crate::domain::appointment::Appointment;
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};

@@ -7,8 +7,8 @@
 //! | `sync_calendar` | [`google`] | the Google Calendar v3 events API, service-account token |
 //!
 //! A type whose provider is not configured goes to the `log` channel
-//! ([`crate::worker::log_channel`]), which records what would be sent. [`config`] reads the
-//! settings, [`template`] renders the clinic's messages, [`classify`] turns provider answers into
+//! ([`crate::worker::log_channel`]), which records what would be sent. [`crate::config::channels`]
+//! reads the settings, [`template`] renders the clinic's messages, [`classify`] turns provider answers into
 //! retryable or permanent failures, and [`ratelimit`] spaces requests to each provider.
 //! [`build`] assembles one handler per task type; `App::registry` registers them.
 //!
@@ -16,7 +16,6 @@
 //! timeout; provider base URLs are configurable so that tests point them at local fakes.
 
 pub mod classify;
-pub mod config;
 pub mod email;
 pub mod google;
 pub mod ratelimit;
@@ -27,7 +26,7 @@ use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::ChannelSettings;
+pub use crate::config::channels::ChannelSettings;
 
 use crate::domain::TaskType;
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use tracing::Instrument;
 
 use super::classify::{self, ProviderDetail};
-use super::config::{TwilioSender, TwilioSettings};
 use super::ratelimit::RateLimiter;
 use super::template::{TemplateRef, Templates, TextMedium};
 use super::{http_client, ChannelError};
+use crate::config::channels::{TwilioSender, TwilioSettings};
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};
 use crate::worker::log_channel::mask_phone;
 

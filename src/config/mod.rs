@@ -5,11 +5,16 @@
 //! or malformed stops start-up with one message naming the variable. Secrets are held in
 //! [`Secret`], whose `Debug` and `Display` never show the value.
 
+use reqwest::Url;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
+
+pub mod channels;
+
+pub use channels::ChannelSettings;
 
 /// A value that must never be printed.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -47,6 +52,71 @@ fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         var,
         message: message.into(),
+    }
+}
+
+/// Variable lookup: trimmed, empty counts as unset.
+struct Vars<'a>(&'a HashMap<String, String>);
+
+impl<'a> Vars<'a> {
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn parse_or<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| {
+                err(
+                    var,
+                    format!("{v:?} is not a valid {}", std::any::type_name::<T>()),
+                )
+            }),
+        }
+    }
+
+    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+        let ms: u64 = self.parse_or(var, default)?;
+        if ms == 0 {
+            return Err(err(var, "must be at least 1"));
+        }
+        Ok(Duration::from_millis(ms))
+    }
+
+    fn rate(&self, var: &'static str, default: f64) -> Result<f64, ConfigError> {
+        let r: f64 = self.parse_or(var, default)?;
+        if !r.is_finite() || r < 0.0 {
+            return Err(err(
+                var,
+                "must be a number of requests per second ≥ 0 (0: no limit)",
+            ));
+        }
+        Ok(r)
+    }
+
+    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
+        match self.get(var).map(|v| v.to_ascii_lowercase()) {
+            None => Ok(false),
+            Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
+            Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
+            Some(_) => Err(err(var, "must be true or false")),
+        }
+    }
+
+    /// A provider URL: http(s), and https in production.
+    fn url(&self, var: &'static str, default: &str, production: bool) -> Result<Url, ConfigError> {
+        parse_url(var, self.get(var).unwrap_or(default), production)
+    }
+}
+
+/// A provider URL: http(s), and https in production.
+fn parse_url(var: &'static str, value: &str, production: bool) -> Result<Url, ConfigError> {
+    let url = Url::parse(value).map_err(|_| err(var, "is not a valid URL"))?;
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if !production => Ok(url),
+        "http" => Err(err(var, "must be an https:// URL in production")),
+        _ => Err(err(var, "must be an http:// or https:// URL")),
     }
 }
 
@@ -273,7 +343,7 @@ pub struct Settings {
     /// be erased (`POST /tasks/{id}/erase`). Unset: they are stored as they came.
     pub audit_data_key: Option<std::sync::Arc<crate::domain::sealing::MasterKey>>,
     /// The delivery channels (`EMAIL_*`, `SMTP_*`, `SENDGRID_*`, `TWILIO_*`, `GOOGLE_*`).
-    pub channels: crate::channel::ChannelSettings,
+    pub channels: ChannelSettings,
 }
 
 /// Secrets published in the seed document or examples: never acceptable in production.
@@ -300,7 +370,8 @@ impl Settings {
 
     /// `JWT_SECRET` from a map of variables; see [`Settings::jwt_secret_from_env`].
     pub fn jwt_secret_from_vars(vars: &HashMap<String, String>) -> Result<Secret, ConfigError> {
-        let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let v = Vars(vars);
+        let get = |name: &str| v.get(name);
         let app_env = match get("APP_ENV") {
             Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
             None => AppEnv::Development,
@@ -316,14 +387,15 @@ impl Settings {
 
     /// Builds settings from a map of variables (the environment, in tests a literal map).
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Settings, ConfigError> {
-        let get = |name: &str| vars.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let v = Vars(vars);
+        let get = |name: &str| v.get(name);
         let app_env = match get("APP_ENV") {
             Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
             None => AppEnv::Development,
         };
         let production = app_env == AppEnv::Production;
 
-        let port = parse_or(get("APP_PORT"), "APP_PORT", 8080u16)?;
+        let port = v.parse_or("APP_PORT", 8080u16)?;
         let ssl_mode = match get("DB_SSLMODE") {
             Some(v) => PgSslMode::from_str(v).map_err(|_| {
                 err(
@@ -335,14 +407,14 @@ impl Settings {
         };
         let database = DatabaseSettings {
             host: get("DB_HOST").unwrap_or("localhost").to_owned(),
-            port: parse_or(get("DB_PORT"), "DB_PORT", 5432u16)?,
+            port: v.parse_or("DB_PORT", 5432u16)?,
             user: get("DB_USER").unwrap_or("postgres").to_owned(),
             password: Secret::new(get("DB_PASSWORD").unwrap_or_default()),
             name: get("DB_NAME").unwrap_or("arnela_db").to_owned(),
             ssl_mode,
             ssl_root_cert: get("DB_SSLROOTCERT").map(str::to_owned),
             url: get("DATABASE_URL").map(Secret::new),
-            max_connections: parse_or(get("DB_MAX_CONNECTIONS"), "DB_MAX_CONNECTIONS", 20u32)?,
+            max_connections: v.parse_or("DB_MAX_CONNECTIONS", 20u32)?,
         };
         if database.max_connections == 0 {
             return Err(err("DB_MAX_CONNECTIONS", "must be at least 1"));
@@ -357,10 +429,10 @@ impl Settings {
 
         let redis = RedisSettings {
             host: get("REDIS_HOST").unwrap_or("localhost").to_owned(),
-            port: parse_or(get("REDIS_PORT"), "REDIS_PORT", 6379u16)?,
+            port: v.parse_or("REDIS_PORT", 6379u16)?,
             username: get("REDIS_USERNAME").map(str::to_owned),
             password: Secret::new(get("REDIS_PASSWORD").unwrap_or_default()),
-            db: parse_or(get("REDIS_DB"), "REDIS_DB", 0i64)?,
+            db: v.parse_or("REDIS_DB", 0i64)?,
             url: get("REDIS_URL").map(Secret::new),
             key_prefix: get("ARNELA_KEY_PREFIX").unwrap_or("arnela").to_owned(),
             tls: match get("REDIS_TLS") {
@@ -431,13 +503,8 @@ impl Settings {
             }
         }
 
-        let max_body_bytes = parse_or(
-            get("MAX_BODY_BYTES"),
-            "MAX_BODY_BYTES",
-            8 * 1024 * 1024usize,
-        )?;
-        let horizon_days = parse_or(
-            get("SCHEDULE_HORIZON_DAYS"),
+        let max_body_bytes = v.parse_or("MAX_BODY_BYTES", 8 * 1024 * 1024usize)?;
+        let horizon_days = v.parse_or(
             "SCHEDULE_HORIZON_DAYS",
             crate::domain::task::DEFAULT_SCHEDULE_HORIZON_DAYS,
         )?;
@@ -447,38 +514,24 @@ impl Settings {
                 format!("{horizon_days} is not 1 to 3660 days"),
             ));
         }
-        let http_max_connections = parse_or(
-            get("HTTP_MAX_CONNECTIONS"),
-            "HTTP_MAX_CONNECTIONS",
-            1024usize,
-        )?;
-        let http_max_in_flight =
-            parse_or(get("HTTP_MAX_IN_FLIGHT"), "HTTP_MAX_IN_FLIGHT", 256usize)?;
+        let http_max_connections = v.parse_or("HTTP_MAX_CONNECTIONS", 1024usize)?;
+        let http_max_in_flight = v.parse_or("HTTP_MAX_IN_FLIGHT", 256usize)?;
         if http_max_connections == 0 || http_max_in_flight == 0 {
             return Err(err(
                 "HTTP_MAX_CONNECTIONS",
                 "HTTP_MAX_CONNECTIONS and HTTP_MAX_IN_FLIGHT must be at least 1",
             ));
         }
-        let http_body_budget_mb =
-            parse_or(get("HTTP_BODY_BUDGET_MB"), "HTTP_BODY_BUDGET_MB", 64usize)?;
+        let http_body_budget_mb = v.parse_or("HTTP_BODY_BUDGET_MB", 64usize)?;
         if http_body_budget_mb.saturating_mul(1024 * 1024) < max_body_bytes {
             return Err(err(
                 "HTTP_BODY_BUDGET_MB",
                 "must hold at least one body of MAX_BODY_BYTES",
             ));
         }
-        let http_body_timeout = parse_or(
-            get("HTTP_BODY_TIMEOUT_SECS"),
-            "HTTP_BODY_TIMEOUT_SECS",
-            30u64,
-        )?;
-        let http_idle_timeout = parse_or(
-            get("HTTP_IDLE_TIMEOUT_SECS"),
-            "HTTP_IDLE_TIMEOUT_SECS",
-            60u64,
-        )?;
-        let health_timeout_ms = parse_or(get("HEALTH_TIMEOUT_MS"), "HEALTH_TIMEOUT_MS", 1000u64)?;
+        let http_body_timeout = v.parse_or("HTTP_BODY_TIMEOUT_SECS", 30u64)?;
+        let http_idle_timeout = v.parse_or("HTTP_IDLE_TIMEOUT_SECS", 60u64)?;
+        let health_timeout_ms = v.parse_or("HEALTH_TIMEOUT_MS", 1000u64)?;
         let metrics_addr = get("METRICS_ADDR")
             .map(|v| {
                 v.parse().map_err(|_| {
@@ -489,8 +542,8 @@ impl Settings {
                 })
             })
             .transpose()?;
-        let engine = engine_settings(&get)?;
-        let channels = crate::channel::ChannelSettings::from_vars(vars, app_env)?;
+        let engine = engine_settings(&v)?;
+        let channels = ChannelSettings::from_vars(vars, app_env)?;
         let audit_signing_key = get("AUDIT_SIGNING_KEY")
             .map(crate::domain::checkpoint::signing_key)
             .transpose()
@@ -500,14 +553,9 @@ impl Settings {
             .transpose()
             .map_err(|m| err("AUDIT_DATA_KEY", m))?
             .map(std::sync::Arc::new);
-        let audit_checkpoint_interval = Duration::from_secs(
-            parse_or(get("AUDIT_CHECKPOINT_SECS"), "AUDIT_CHECKPOINT_SECS", 60u64)?.max(1),
-        );
-        let retention_days: i64 = parse_or(
-            get("RETENTION_FINISHED_TASKS_DAYS"),
-            "RETENTION_FINISHED_TASKS_DAYS",
-            0i64,
-        )?;
+        let audit_checkpoint_interval =
+            Duration::from_secs(v.parse_or("AUDIT_CHECKPOINT_SECS", 60u64)?.max(1));
+        let retention_days: i64 = v.parse_or("RETENTION_FINISHED_TASKS_DAYS", 0i64)?;
         if !(0..=36_600).contains(&retention_days) {
             return Err(err(
                 "RETENTION_FINISHED_TASKS_DAYS",
@@ -515,12 +563,8 @@ impl Settings {
             ));
         }
         let maintenance_interval = Duration::from_secs(
-            parse_or(
-                get("MAINTENANCE_INTERVAL_SECS"),
-                "MAINTENANCE_INTERVAL_SECS",
-                3600u64,
-            )?
-            .clamp(1, 86_400),
+            v.parse_or("MAINTENANCE_INTERVAL_SECS", 3600u64)?
+                .clamp(1, 86_400),
         );
         Ok(Settings {
             app_env,
@@ -613,20 +657,19 @@ pub fn with_files(
     Ok(vars)
 }
 
-fn engine_settings<'a>(
-    get: &dyn Fn(&str) -> Option<&'a str>,
-) -> Result<EngineSettings, ConfigError> {
+fn engine_settings(v: &Vars) -> Result<EngineSettings, ConfigError> {
+    let get = |name: &str| v.get(name);
     let secs = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
-        let v = parse_or(get(var), var, default)?;
-        if v == 0 {
+        let n = v.parse_or(var, default)?;
+        if n == 0 {
             return Err(err(var, "must be at least 1"));
         }
-        Ok(Duration::from_secs(v))
+        Ok(Duration::from_secs(n))
     };
     let millis = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(parse_or(get(var), var, default)?))
+        Ok(Duration::from_millis(v.parse_or(var, default)?))
     };
-    let workers = parse_or(get("WORKERS"), "WORKERS", 5usize)?;
+    let workers = v.parse_or("WORKERS", 5usize)?;
     if !(1..=1000).contains(&workers) {
         return Err(err("WORKERS", "must be 1 to 1000"));
     }
@@ -653,15 +696,15 @@ fn engine_settings<'a>(
             handler_timeouts.push((t, secs(var, 30)?));
         }
     }
-    let retry_base_ms = parse_or(get("RETRY_BASE_MS"), "RETRY_BASE_MS", 1000i64)?;
-    let retry_cap_ms = parse_or(get("RETRY_CAP_MS"), "RETRY_CAP_MS", 600_000i64)?;
+    let retry_base_ms = v.parse_or("RETRY_BASE_MS", 1000i64)?;
+    let retry_cap_ms = v.parse_or("RETRY_CAP_MS", 600_000i64)?;
     if retry_base_ms < 0 || retry_cap_ms < retry_base_ms {
         return Err(err(
             "RETRY_CAP_MS",
             "must be at least RETRY_BASE_MS, both non-negative",
         ));
     }
-    let relay_batch = parse_or(get("RELAY_BATCH"), "RELAY_BATCH", 500i64)?;
+    let relay_batch = v.parse_or("RELAY_BATCH", 500i64)?;
     if !(1..=10_000).contains(&relay_batch) {
         return Err(err("RELAY_BATCH", "must be 1 to 10000"));
     }
@@ -686,22 +729,6 @@ fn engine_settings<'a>(
         projector_interval: millis("PROJECTOR_INTERVAL_MS", 100)?.max(Duration::from_millis(10)),
         scheduler_poll: millis("SCHEDULER_POLL_MS", 1000)?.max(Duration::from_millis(10)),
     })
-}
-
-fn parse_or<T: FromStr>(
-    value: Option<&str>,
-    var: &'static str,
-    default: T,
-) -> Result<T, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => v.parse().map_err(|_| {
-            err(
-                var,
-                format!("{v:?} is not a valid {}", std::any::type_name::<T>()),
-            )
-        }),
-    }
 }
 
 fn check_production_secret(

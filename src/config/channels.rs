@@ -10,10 +10,9 @@
 use reqwest::Url;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::time::Duration;
 
-use crate::config::{AppEnv, ConfigError, Secret};
+use super::{err, parse_url, AppEnv, ConfigError, Secret, Vars};
 use crate::domain::payload::{is_e164, is_email};
 use crate::domain::TaskType;
 
@@ -144,74 +143,6 @@ struct ServiceAccountKey {
     private_key_id: Option<String>,
     #[serde(default)]
     token_uri: Option<String>,
-}
-
-fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        var,
-        message: message.into(),
-    }
-}
-
-/// Variable lookup: trimmed, empty counts as unset.
-struct Vars<'a>(&'a HashMap<String, String>);
-
-impl<'a> Vars<'a> {
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.0.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
-    }
-
-    fn parse_or<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError> {
-        match self.get(var) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| err(var, format!("{v:?} is not a valid number"))),
-        }
-    }
-
-    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        let ms: u64 = self.parse_or(var, default)?;
-        if ms == 0 {
-            return Err(err(var, "must be at least 1"));
-        }
-        Ok(Duration::from_millis(ms))
-    }
-
-    fn rate(&self, var: &'static str, default: f64) -> Result<f64, ConfigError> {
-        let r: f64 = self.parse_or(var, default)?;
-        if !r.is_finite() || r < 0.0 {
-            return Err(err(
-                var,
-                "must be a number of requests per second ≥ 0 (0: no limit)",
-            ));
-        }
-        Ok(r)
-    }
-
-    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
-        match self.get(var).map(|v| v.to_ascii_lowercase()) {
-            None => Ok(false),
-            Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
-            Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
-            Some(_) => Err(err(var, "must be true or false")),
-        }
-    }
-
-    /// A provider URL: http(s), and https in production.
-    fn url(&self, var: &'static str, default: &str, production: bool) -> Result<Url, ConfigError> {
-        parse_url(var, self.get(var).unwrap_or(default), production)
-    }
-}
-
-fn parse_url(var: &'static str, value: &str, production: bool) -> Result<Url, ConfigError> {
-    let url = Url::parse(value).map_err(|_| err(var, "is not a valid URL"))?;
-    match url.scheme() {
-        "https" => Ok(url),
-        "http" if !production => Ok(url),
-        "http" => Err(err(var, "must be an https:// URL in production")),
-        _ => Err(err(var, "must be an http:// or https:// URL")),
-    }
 }
 
 impl ChannelSettings {
