@@ -4,7 +4,7 @@
 #   1. the physical limit: pgbench running the enqueue statement (bench/enqueue.pgbench) at the
 #      same concurrencies as the HTTP enqueue levels, and the 1,000-task batch statement
 #      (bench/enqueue-batch.pgbench) from 2 clients as the batch enqueue sends it;
-#   2. Arnela (release build) with the default settings, measured by `arnela bench`: single and
+#   2. Arnela (release build) with the default settings, measured by `arnela-bench`: single and
 #      batch enqueue, end to end, enqueue → start latency at half the end-to-end rate, a
 #      sustained stream at 80% of it for 60 s, and end to end again after 1,000,000 more tasks
 #      went through the same tables; then cached reads and history reads on a large log;
@@ -36,7 +36,8 @@ mkdir -p "$OUT"
 PORT="${BENCH_PORT:-18480}"
 DB="arnela_bench_$$"
 BIN=target/release/arnela
-# The service and `arnela bench` (which signs an admin token with it) share a secret of this run.
+BENCH=target/release/arnela-bench
+# The service and `arnela-bench` (which signs an admin token with it) share a secret of this run.
 JWT_SECRET="bench-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
 export JWT_SECRET
 SERVICE_PID=""
@@ -49,7 +50,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --locked --bin arnela >&2
+cargo build --release --locked --bin arnela --bin arnela-bench >&2
 
 createdb -h 127.0.0.1 -U postgres "$DB"
 DBURL="postgres://postgres@127.0.0.1:5432/$DB"
@@ -94,14 +95,14 @@ stop_service() {
 
 # --- 2. Arnela, default settings ---------------------------------------------------------------
 start_service default
-"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --seconds "$SECONDS_PER_LEVEL" \
+"$BENCH" --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --seconds "$SECONDS_PER_LEVEL" \
     --tasks "$TASKS" --stream-seconds "$STREAM_SECONDS" --churn "$CHURN" \
     --service-pid "$SERVICE_PID" --json "$OUT/default.json" >"$OUT/default.md"
 stop_service
 
 # --- 2b. GET /tasks/{id}: uncached, cached, cached while the tasks run ------------------------
 start_service reads
-"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --reads-only \
+"$BENCH" --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --reads-only \
     --seconds "$SECONDS_PER_LEVEL" --readers 16 --json "$OUT/reads.json" >"$OUT/reads.md"
 stop_service
 
@@ -128,7 +129,7 @@ VACUUM ANALYZE task_events;
 UPDATE projector_checkpoints SET position = (SELECT max(position) FROM task_events);
 SQL
 start_service history
-"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --history-only \
+"$BENCH" --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --history-only \
     --service-pid "$SERVICE_PID" --json "$OUT/history.json" >"$OUT/history.md"
 stop_service
 

@@ -285,6 +285,7 @@ impl App {
 
     pub fn rescuer(&self) -> Rescuer {
         let e = &self.settings.engine;
+        let worker = self.worker_config();
         Rescuer::new(
             self.pool.clone(),
             self.redis.clone(),
@@ -293,7 +294,8 @@ impl App {
                 interval: e.rescuer_interval,
                 grace: e.orphan_grace,
                 republish_after: e.republish_after,
-                worker: self.worker_config(),
+                retry: worker.retry,
+                jitter: worker.jitter,
                 ..RescuerConfig::default()
             },
         )

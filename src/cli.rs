@@ -65,15 +65,6 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
-    /// Measure a running service: enqueue rates and latencies, end-to-end throughput, start
-    /// latency at a fixed offered rate, peak RSS (see `bench/run.sh` for the full comparison).
-    Bench {
-        #[command(flatten)]
-        options: crate::bench::BenchOptions,
-        /// Also write the figures as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
     /// Exit 0 if the local API answers /health/live (for container health checks).
     Healthcheck {
         /// The URL to check; default http://127.0.0.1:$APP_PORT/health/live.

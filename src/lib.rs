@@ -6,9 +6,10 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: [`domain`] (pure) ← [`store`] (the only SQL) ← [`api`],
-//! [`relay`], [`worker`], [`rescuer`], [`projector`]; Redis lives in [`queue`] and [`cache`].
-//! Everything is wired in [`app`].
+//! Dependencies point one way, from the layers of CONTRIBUTING ("Layers", checked by
+//! `tests/it/layers.rs`): [`domain`] (pure) ← [`store`] (the only SQL) and [`queue`] (Redis) ←
+//! [`config`], [`binding`], [`cache`] ← [`metrics`] ← the engine ([`worker`], [`relay`],
+//! [`rescuer`], [`projector`], …) ← [`channel`] and [`api`] ← [`app`], which wires everything.
 //!
 //! - [`domain`]: task types and payload validation, events and their hash chain, the task state
 //!   machine, the retry policy. No I/O.
@@ -31,12 +32,12 @@
 //!   attempt durations, cache invalidations (`Projector::run_once` is one batch).
 //! - [`cache`]: cache-aside over Redis with single-flight misses, generation-guarded writes, the
 //!   key builders and the invalidation rules.
-//! - [`metrics`]: the Prometheus registry shared by a process's roles, the scrape-time
-//!   collectors of cluster figures, and the text-format encoder.
+//! - [`metrics`]: the Prometheus registry (`prometheus-client`) shared by a process's roles and
+//!   the scrape-time collectors of cluster figures.
 //! - [`config`]: typed settings from the environment, validated once.
 //! - [`app`]: builds the application without starting it; owns pools and the shutdown token.
-//! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe;
-//!   [`bench`]: the load generator of `arnela bench`.
+//! - [`cli`]: the `arnela` command line; [`healthcheck`]: the container health probe. The load
+//!   generator is a binary of its own (`arnela-bench`, `bench/src`), outside this library.
 
 #![forbid(unsafe_code)]
 
@@ -44,7 +45,6 @@ pub mod api;
 pub mod app;
 pub mod archive;
 pub mod backoff;
-pub mod bench;
 pub mod binding;
 pub mod cache;
 pub mod channel;

@@ -1,7 +1,7 @@
 //! The `arnela` binary: parse the command line, start telemetry, load settings, run.
 
 use anyhow::Context;
-use arnela::api::auth::{Auth, Role};
+use arnela::api::auth::Auth;
 use arnela::app::{shutdown_signal, App, Roles};
 use arnela::cli::{AuditCommand, Cli, Command};
 use arnela::config::Settings;
@@ -211,18 +211,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 auth.mint_for(role, ttl, &subject, tenant.as_deref())
             };
             println!("{token}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench { options, json } => {
-            // The load generator acts as an admin for the run's length (and a margin).
-            let auth = Auth::new(&Settings::jwt_secret_from_env()?)?;
-            let token = auth.mint(Role::Admin, Duration::from_secs(24 * 3600), "bench");
-            let report = arnela::bench::run(&options, &token).await?;
-            println!("{}", arnela::bench::table(&report));
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Tasks { target, command } => {

@@ -47,13 +47,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::binding::Binding;
-use crate::domain::{FailureKind, Task, TaskStatus};
+use crate::binding::{Binding, BindingError};
+use crate::domain::retry::Jitter;
+use crate::domain::{FailureKind, RetryPolicy, Task, TaskStatus};
 use crate::metrics::{Metrics, SkipReason};
-use crate::queue::{self, Delivery, Keys};
+use crate::queue::{self, Delivery, Keys, QueueError};
 use crate::store::transition::{self, Target};
-use crate::store::{outbox, tasks, Tx};
-use crate::worker::{push_dead_letters, retry_decision, WorkerConfig, WorkerError};
+use crate::store::{outbox, tasks, StoreError, Tx};
 
 /// How long after its lease ran out an attempt of a live worker process is left to that process
 /// (it covers a database outage of a couple of minutes; past it the attempt is taken over).
@@ -61,6 +61,24 @@ pub const LIVE_OWNER_GRACE: Duration = Duration::from_secs(120);
 
 /// How often the lease index is checked against the leases in `tasks` (step 5).
 pub const LEASE_INDEX_EVERY: Duration = Duration::from_secs(600);
+
+/// Why a rescuer pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RescuerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// The Redis namespace serves another database: nothing is touched.
+    #[error(transparent)]
+    Binding(#[from] BindingError),
+}
+
+impl From<crate::domain::task::InvalidTransition> for RescuerError {
+    fn from(e: crate::domain::task::InvalidTransition) -> Self {
+        RescuerError::Store(e.into())
+    }
+}
 
 /// Rescuer settings.
 #[derive(Clone)]
@@ -75,8 +93,9 @@ pub struct RescuerConfig {
     pub scan: isize,
     /// Published deliveries checked against Redis per pass.
     pub reconcile_batch: i64,
-    /// Backoff for attempts whose lease expired.
-    pub worker: WorkerConfig,
+    /// Backoff for attempts whose lease expired (the workers' policy).
+    pub retry: RetryPolicy,
+    pub jitter: Jitter,
 }
 
 impl Default for RescuerConfig {
@@ -88,7 +107,8 @@ impl Default for RescuerConfig {
             batch: 100,
             scan: 1000,
             reconcile_batch: 2000,
-            worker: WorkerConfig::default(),
+            retry: RetryPolicy::default(),
+            jitter: std::sync::Arc::new(rand::random::<f64>),
         }
     }
 }
@@ -151,7 +171,7 @@ impl Rescuer {
     }
 
     /// One pass of every check.
-    pub async fn run_once(&self) -> Result<Rescued, WorkerError> {
+    pub async fn run_once(&self) -> Result<Rescued, RescuerError> {
         let mut out = Rescued::default();
         let mut conn = self.redis.clone();
         if self.binding.mark_seeded(&mut conn).await?.0 {
@@ -188,7 +208,7 @@ impl Rescuer {
         Ok(out)
     }
 
-    async fn expire_leases(&self, conn: &mut ConnectionManager) -> Result<usize, WorkerError> {
+    async fn expire_leases(&self, conn: &mut ConnectionManager) -> Result<usize, RescuerError> {
         // an attempt of a process whose heartbeat is current is left to that process, which
         // renews it or records its outcome once it reaches the database again
         let live_owners: Vec<Uuid> = queue::live_processes(conn, &self.keys)
@@ -205,7 +225,10 @@ impl Rescuer {
         let applied = transition::apply(&mut tx, target, |task, now| {
             let worker = task.lease_owner.map(|w| w.to_string()).unwrap_or_default();
             let error = format!("lease expired: worker {worker} stopped renewing it");
-            let decision = retry_decision(&self.config.worker, task.attempts, None);
+            let decision = self
+                .config
+                .retry
+                .decision(task.attempts, &self.config.jitter, None);
             Ok(Some(task.fail(
                 FailureKind::LeaseExpired,
                 error,
@@ -219,13 +242,13 @@ impl Rescuer {
         for c in &applied.changed {
             tracing::warn!(task.id = %c.after.id, attempt = c.before.attempts, "lease expired; attempt recorded as failed");
         }
-        push_dead_letters(conn, &self.keys, &applied.dead_letters).await?;
+        queue::push_dead_letters(conn, &self.keys, &applied.dead_letters).await?;
         Ok(applied.changed.len())
     }
 
     /// Re-publishes published deliveries that Redis no longer holds in transit; checks the next
     /// window of published rows.
-    async fn reconcile(&self, conn: &mut ConnectionManager) -> Result<u64, WorkerError> {
+    async fn reconcile(&self, conn: &mut ConnectionManager) -> Result<u64, RescuerError> {
         let after = *self.cursor.lock().expect("rescuer cursor");
         let rows = outbox::published_before(
             &self.pool,
@@ -274,7 +297,7 @@ impl Rescuer {
     async fn sweep_processing(
         &self,
         conn: &mut ConnectionManager,
-    ) -> Result<(usize, usize, usize), WorkerError> {
+    ) -> Result<(usize, usize, usize), RescuerError> {
         let (entries, len) = queue::processing(conn, &self.keys, self.config.scan).await?;
         let now_ms = Utc::now().timestamp_millis();
         let grace_ms = self.config.grace.as_millis() as i64;
@@ -354,7 +377,7 @@ impl Rescuer {
         &self,
         conn: &mut ConnectionManager,
         unknown: Vec<(String, Uuid)>,
-    ) -> Result<usize, WorkerError> {
+    ) -> Result<usize, RescuerError> {
         if unknown.is_empty() {
             return Ok(0);
         }

@@ -5,6 +5,14 @@
 //! arriving together. A provider's own `Retry-After` wins when it is longer. The caller passes
 //! the random draw in, so the policy is deterministic under test.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::task::RetryDecision;
+
+/// Source of the uniform draw in `[0, 1)` for the jitter (injected in tests).
+pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
+
 /// Backoff settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -24,6 +32,18 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// When to deliver the next attempt after `failed_attempt` failed: the delay drawn with
+    /// `jitter`, at least the handler's `retry_after` (a provider's `Retry-After`).
+    pub fn decision(
+        &self,
+        failed_attempt: i32,
+        jitter: &Jitter,
+        retry_after: Option<Duration>,
+    ) -> RetryDecision {
+        let requested = retry_after.map(|d| d.as_millis().min(i64::MAX as u128) as i64);
+        RetryDecision::RetryAfterMs(self.delay_ms(failed_attempt, jitter(), requested))
+    }
+
     /// The ceiling of the delay after `failed_attempt` (1-based) failed.
     pub fn ceiling_ms(&self, failed_attempt: i32) -> i64 {
         let exp = failed_attempt.clamp(1, 63) as u32 - 1;

@@ -143,6 +143,16 @@ pub struct NewTask {
     pub trace: Option<super::TraceContext>,
 }
 
+/// A task that reached `dead`: the copy for the failed list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub task_id: Uuid,
+    pub task_type: TaskType,
+    pub attempts: i32,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
 /// What the retry policy decided for a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryDecision {

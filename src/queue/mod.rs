@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use uuid::Uuid;
 
+use crate::domain::task::DeadLetter;
+
 /// The most entries kept on the failed list (older copies are trimmed; Postgres keeps all).
 pub const FAILED_LIST_CAP: isize = 10_000;
 
@@ -256,6 +258,25 @@ pub async fn push_failed(
 ) -> Result<()> {
     let entry = serde_json::to_string(copy).expect("failed copies serialize");
     push_failed_entry(conn, keys, entry).await
+}
+
+/// Puts the copies of dead-lettered tasks on the failed list (after their transition committed).
+pub async fn push_dead_letters(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+    dead: &[DeadLetter],
+) -> Result<()> {
+    for d in dead {
+        let copy = FailedCopy {
+            task_id: d.task_id,
+            task_type: d.task_type.to_string(),
+            attempts: d.attempts,
+            reason: d.reason.clone(),
+            failed_at: d.at,
+        };
+        push_failed(conn, keys, &copy).await?;
+    }
+    Ok(())
 }
 
 /// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`].

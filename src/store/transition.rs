@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::tasks::{TaskRow, TASK_COLUMNS, TASK_COLUMNS_NO_PAYLOAD};
 use super::{events, outbox, Result, Tx};
-use crate::domain::{Task, TaskEvent, TaskType};
+use crate::domain::{Task, TaskEvent};
 
 /// How rows that another transaction holds are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,15 +66,7 @@ pub enum Target<'a> {
     },
 }
 
-/// A task that reached `dead`: the copy for the failed list.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadLetter {
-    pub task_id: Uuid,
-    pub task_type: TaskType,
-    pub attempts: i32,
-    pub reason: String,
-    pub at: DateTime<Utc>,
-}
+pub use crate::domain::task::DeadLetter;
 
 /// One task's change: its state before, the events appended and its state after.
 #[derive(Debug, Clone)]

@@ -54,8 +54,8 @@ use crate::domain::sealing::{open_payload, payload_is_sealed, DataKey, MasterKey
 use crate::domain::task::InvalidTransition;
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::metrics::Metrics;
-use crate::queue::{self, Delivery, FailedCopy, Keys, QueueError};
-use crate::store::transition::{self, DeadLetter, Lock, Payload, Target};
+use crate::queue::{self, Delivery, Keys, QueueError};
+use crate::store::transition::{self, Lock, Payload, Target};
 use crate::store::{outbox, pauses, StoreError, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
@@ -114,8 +114,7 @@ impl WorkerError {
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 
-/// Source of the uniform draw for backoff jitter (injected in tests).
-pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
+pub use crate::domain::retry::Jitter;
 
 /// Worker settings.
 #[derive(Clone)]
@@ -469,7 +468,8 @@ impl Worker {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             done.push(Processed::DeadLettered(after.id));
         }
-        if let Err(e) = push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await {
+        if let Err(e) = queue::push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await
+        {
             tracing::error!(error = %e, "cannot copy dead letters to the failed list");
         }
         if !refused.is_empty() {
@@ -635,7 +635,7 @@ impl Worker {
         }
 
         let mut conn = self.commands.clone();
-        push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await?;
+        queue::push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await?;
         let raws: Vec<&str> = finished.iter().map(|f| f.claimed.raw.as_str()).collect();
         queue::ack_many(&mut conn, &self.keys, &raws).await?;
         for p in &processed {
@@ -752,7 +752,10 @@ impl Worker {
         duration_ms: i64,
         now: DateTime<Utc>,
     ) -> Result<(Vec<TaskEvent>, Processed), InvalidTransition> {
-        let decision = retry_decision(&self.config, task.attempts, retry_after);
+        let decision = self
+            .config
+            .retry
+            .decision(task.attempts, &self.config.jitter, retry_after);
         let events = task.fail(kind, error, duration_ms, now, decision)?;
         let processed = if events
             .iter()
@@ -782,33 +785,4 @@ pub fn attempt_outcome(p: &Processed) -> Option<&'static str> {
         | Processed::Skipped(_)
         | Processed::Paused(_) => return None,
     })
-}
-
-/// The retry policy's answer for a failed `attempt`.
-pub fn retry_decision(
-    config: &WorkerConfig,
-    attempt: i32,
-    retry_after: Option<Duration>,
-) -> RetryDecision {
-    let requested = retry_after.map(|d| d.as_millis().min(i64::MAX as u128) as i64);
-    RetryDecision::RetryAfterMs(config.retry.delay_ms(attempt, (config.jitter)(), requested))
-}
-
-/// Puts the copies of dead-lettered tasks on the failed list (after their transition committed).
-pub async fn push_dead_letters(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    dead: &[DeadLetter],
-) -> Result<(), QueueError> {
-    for d in dead {
-        let copy = FailedCopy {
-            task_id: d.task_id,
-            task_type: d.task_type.to_string(),
-            attempts: d.attempts,
-            reason: d.reason.clone(),
-            failed_at: d.at,
-        };
-        queue::push_failed(conn, keys, &copy).await?;
-    }
-    Ok(())
 }

@@ -7,6 +7,7 @@ use crate::common;
 use arnela::domain::TaskType;
 use arnela::queue::{Delivery, Keys};
 use arnela::relay::RelayError;
+use arnela::rescuer::RescuerError;
 use arnela::worker::{Processed, WorkerError};
 use common::engine::{config, engine, Engine, Script};
 use common::process::{arnela, arnela_command, free_port, run_to_exit};
@@ -331,7 +332,7 @@ async fn a_namespace_bound_elsewhere_later_stops_every_step(pool: PgPool) {
     ));
     assert!(matches!(
         e.rescuer.run_once().await,
-        Err(WorkerError::Binding(_))
+        Err(RescuerError::Binding(_))
     ));
     assert_eq!(
         get(&e.redis, e.keys.seeded()).await,

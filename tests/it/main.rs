@@ -15,6 +15,7 @@ mod engine;
 mod enqueue;
 mod erasure;
 mod health;
+mod layers;
 mod metrics;
 mod openapi;
 mod outage;

@@ -359,7 +359,8 @@ pub mod engine {
                 keys.clone(),
                 RescuerConfig {
                     grace: Duration::ZERO,
-                    worker: config,
+                    retry: config.retry,
+                    jitter: config.jitter.clone(),
                     ..RescuerConfig::default()
                 },
             ),

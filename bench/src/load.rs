@@ -1,4 +1,4 @@
-//! `arnela bench`: a load generator for a running Arnela. It measures, against the service at
+//! The load generator for a running Arnela. It measures, against the service at
 //! `--url` and its database:
 //!
 //! - single `POST /tasks` at several concurrencies (closed loop): requests/s, p50, p99;
@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What to run (the options of `arnela bench`).
+/// What to run (the options of `arnela-bench`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
     /// The service's base URL.
