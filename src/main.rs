@@ -351,7 +351,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Keygen,
         } => {
-            let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+            let mut seed = [0u8; ed25519_dalek::SECRET_KEY_LENGTH];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+                .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
             println!("AUDIT_SIGNING_KEY={}", hex::encode(key.to_bytes()));
             println!(
                 "AUDIT_PUBLIC_KEY={}",

@@ -386,7 +386,7 @@ async fn read_run(
             while started.elapsed() < run {
                 let id = {
                     let ids = ids.read().expect("ids");
-                    ids[rand::Rng::gen_range(&mut rand::thread_rng(), 0..ids.len())]
+                    ids[rand::random_range(0..ids.len())]
                 };
                 let mut req = client.get(format!("{url}/tasks/{id}"));
                 if bypass {

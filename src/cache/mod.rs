@@ -17,7 +17,6 @@
 pub mod invalidation;
 pub mod keys;
 
-use rand::Rng;
 use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -63,7 +62,7 @@ impl Ttl {
 
     fn jittered_ms(self) -> u64 {
         let base = self.base().as_millis() as u64;
-        base + rand::thread_rng().gen_range(0..=base / 20)
+        base + rand::random_range(0..=base / 20)
     }
 }
 

@@ -1,7 +1,6 @@
 //! W3C trace context (`traceparent`, `tracestate`): the trace a task belongs to, carried from
 //! the request that enqueued it to every attempt and provider call.
 
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 /// Longest `tracestate` kept (the W3C limit); a longer or unprintable one is dropped.
@@ -61,9 +60,8 @@ impl TraceContext {
 
     /// A new trace: random trace and parent ids, sampled.
     pub fn new_root() -> TraceContext {
-        let mut rng = rand::thread_rng();
-        let trace: u128 = rng.gen_range(1..=u128::MAX);
-        let span: u64 = rng.gen_range(1..=u64::MAX);
+        let trace: u128 = rand::random_range(1..=u128::MAX);
+        let span: u64 = rand::random_range(1..=u64::MAX);
         TraceContext::from_ids(trace, span, true, None)
     }
 

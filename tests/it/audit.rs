@@ -8,7 +8,6 @@ use chrono::Utc;
 use common::{
     client, database_url, drop_role, eventually, get, pool_as, post, runtime_role, sms, tamper,
 };
-use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::{BTreeSet, HashSet};
@@ -190,7 +189,7 @@ async fn paging_sees_every_row_once_while_commits_land_out_of_order(pool: PgPool
                 )
                 .await
                 .unwrap();
-                let pause = rand::thread_rng().gen_range(2..40);
+                let pause = rand::random_range(2..40);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
                 if round % 5 == 4 {
                     // rolled back: must never be seen
