@@ -1146,3 +1146,29 @@ async fn an_exported_copy_of_the_checkpoints_is_checked_without_the_database(poo
         "{stdout}"
     );
 }
+
+#[test]
+fn keygen_draws_a_new_signing_key_whose_public_half_it_prints() {
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arnela"))
+            .args(["audit", "keygen"])
+            .output()
+            .expect("arnela audit keygen runs");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let value = |name: &str| -> [u8; 32] {
+            let hex_value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+            hex::decode(hex_value).unwrap().try_into().unwrap()
+        };
+        (value("AUDIT_SIGNING_KEY"), value("AUDIT_PUBLIC_KEY"))
+    };
+    let (secret, public) = run();
+    let signing = ed25519_dalek::SigningKey::from_bytes(&secret);
+    assert_eq!(signing.verifying_key().to_bytes(), public);
+    let (again, _) = run();
+    assert_ne!(secret, again, "each run draws a new key");
+    assert_ne!(secret, [0u8; 32]);
+}
