@@ -186,18 +186,19 @@ struct Key {
 }
 
 impl Key {
-    fn new(secret: &Secret) -> Key {
+    /// The keys of a secret; `None` for an empty one.
+    fn new(secret: &Secret) -> Option<Key> {
         use sha2::{Digest, Sha256};
         let bytes = secret.expose().as_bytes();
         let digest = Sha256::new()
             .chain_update(b"arnela-jwt-kid:")
             .chain_update(bytes)
             .finalize();
-        Key {
+        Some(Key {
             kid: hex::encode(&digest[..8]),
-            encoding: EncodingKey::from_secret(bytes),
-            decoding: DecodingKey::from_secret(bytes),
-        }
+            encoding: EncodingKey::from_secret(bytes).ok()?,
+            decoding: DecodingKey::from_secret(bytes).ok()?,
+        })
     }
 }
 
@@ -230,9 +231,6 @@ impl Auth {
     /// Signs with `current` and also accepts tokens signed with any of `previous`: a secret is
     /// rotated by making it previous, rolling the tokens, then dropping it.
     pub fn rotating(current: &Secret, previous: &[Secret]) -> Result<Auth, AuthError> {
-        if current.is_empty() || previous.iter().any(Secret::is_empty) {
-            return Err(AuthError::NoSecret);
-        }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = LEEWAY_SECS;
@@ -241,10 +239,16 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[AUDIENCE]);
+        let current = Key::new(current).ok_or(AuthError::NoSecret)?;
+        let previous = previous
+            .iter()
+            .map(Key::new)
+            .collect::<Option<Vec<Key>>>()
+            .ok_or(AuthError::NoSecret)?;
         Ok(Auth {
             keys: Arc::new(Keys {
-                current: Key::new(current),
-                previous: previous.iter().map(Key::new).collect(),
+                current,
+                previous,
                 validation,
             }),
         })
@@ -498,7 +502,7 @@ mod tests {
         let unnamed = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
             &claims,
-            &EncodingKey::from_secret(b"one-secret"),
+            &EncodingKey::from_secret(b"one-secret").unwrap(),
         )
         .unwrap();
         assert_eq!(

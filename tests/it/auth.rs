@@ -213,7 +213,7 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
         claims_part(&admin)
     );
-    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes());
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).unwrap();
     let hs256 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     let no_exp = jsonwebtoken::encode(
         &hs256,
