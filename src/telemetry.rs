@@ -62,7 +62,10 @@ pub fn init() -> Guard {
         Ok(provider) => {
             let tracer = provider.tracer("arnela");
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-            let level = std::env::var("OTEL_SPAN_LEVEL").unwrap_or_else(|_| "info".into());
+            let level = std::env::var("OTEL_SPAN_LEVEL")
+                .ok()
+                .filter(|l| !l.trim().is_empty())
+                .unwrap_or_else(|| "info".into());
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_filter(EnvFilter::new(level));

@@ -12,6 +12,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+pub mod catalogue;
 pub mod channels;
 
 pub use channels::ChannelSettings;

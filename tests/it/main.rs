@@ -22,6 +22,7 @@ mod outage;
 mod projector;
 mod retention;
 mod schedules;
+mod settings_doc;
 mod shutdown;
 mod soak;
 mod trace_context;
