@@ -238,8 +238,8 @@ impl RedisSettings {
                 .expose()
                 .into_connection_info()
                 .map_err(|_| err("REDIS_URL", "is not a valid redis:// URL")),
-            None => Ok(redis::ConnectionInfo {
-                addr: if self.tls {
+            None => {
+                let addr = if self.tls {
                     redis::ConnectionAddr::TcpTls {
                         host: self.host.clone(),
                         port: self.port,
@@ -248,15 +248,21 @@ impl RedisSettings {
                     }
                 } else {
                     redis::ConnectionAddr::Tcp(self.host.clone(), self.port)
-                },
-                redis: redis::RedisConnectionInfo {
-                    db: self.db,
-                    username: self.username.clone(),
-                    password: (!self.password.is_empty())
-                        .then(|| self.password.expose().to_owned()),
-                    protocol: redis::ProtocolVersion::RESP2,
-                },
-            }),
+                };
+                let mut handshake = redis::RedisConnectionInfo::default()
+                    .set_db(self.db)
+                    .set_protocol(redis::ProtocolVersion::RESP2);
+                if let Some(user) = &self.username {
+                    handshake = handshake.set_username(user);
+                }
+                if !self.password.is_empty() {
+                    handshake = handshake.set_password(self.password.expose());
+                }
+                let info = addr
+                    .into_connection_info()
+                    .map_err(|_| err("REDIS_HOST", "is not a valid address"))?;
+                Ok(info.set_redis_settings(handshake))
+            }
         }
     }
 }
@@ -793,7 +799,7 @@ mod tests {
             "k3y-0f-at-least-thirty-two-characters!!"
         );
         assert_eq!(
-            s.redis.connection_info().unwrap().redis.username.as_deref(),
+            s.redis.connection_info().unwrap().redis_settings().username(),
             Some("arnela")
         );
         let both = with_files(vars(&[("JWT_SECRET_FILE", path), ("JWT_SECRET", "x")]));
@@ -884,6 +890,6 @@ mod tests {
         let pg = s.database.connect_options().unwrap();
         assert_eq!((pg.get_host(), pg.get_port()), ("db.internal", 6543));
         let r = s.redis.connection_info().unwrap();
-        assert_eq!(r.redis.db, 2);
+        assert_eq!(r.redis_settings().db(), 2);
     }
 }

@@ -84,13 +84,15 @@ pub async fn connect_with_timeout(
         )?,
         None => redis::Client::open(target.info)?,
     };
-    // Retry delays: 1 s, then doubling, at most 2 s apart (the crate's default factor would
-    // wait 100 s before the second retry).
+    // Reconnection: two retries, 10 ms and 20 ms after the failure (at most 2 s apart), so a
+    // restarted Redis is used again at once and one that is down fails the call quickly; the
+    // loops above retry with their own backoff.
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(3))
-        .set_response_timeout(timeout)
-        .set_factor(2)
-        .set_max_delay(2000)
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(timeout))
+        .set_min_delay(Duration::from_millis(10))
+        .set_exponent_base(2.0)
+        .set_max_delay(Duration::from_secs(2))
         .set_number_of_retries(2);
     Ok(ConnectionManager::new_with_config(client, config).await?)
 }
