@@ -52,6 +52,7 @@ pub mod checkpointer;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod engine;
 pub mod healthcheck;
 pub mod maintenance;
 pub mod metrics;

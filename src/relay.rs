@@ -27,13 +27,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::binding::{Binding, BindingError};
+use crate::binding::Binding;
 use crate::domain::TaskStatus;
 use crate::metrics::Metrics;
-use crate::queue::{self, Delivery, Keys, QueueError};
+use crate::queue::{self, Delivery, Keys};
 use crate::store::outbox::OutboxListener;
 use crate::store::transition::{self, Lock, Payload, Target};
-use crate::store::{outbox, StoreError, Tx};
+use crate::store::{outbox, Tx};
 
 /// The shortest sleep between batches when nothing was claimed (rows another relay holds must
 /// not make this one spin).
@@ -42,22 +42,8 @@ const MIN_WAIT: Duration = Duration::from_millis(10);
 /// The channel enqueues notify (see [`outbox::OutboxWaker`]).
 pub use crate::store::outbox::CHANNEL;
 
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-    /// The Redis namespace serves another database: nothing is published.
-    #[error(transparent)]
-    Binding(#[from] BindingError),
-}
-
-impl From<sqlx::Error> for RelayError {
-    fn from(e: sqlx::Error) -> Self {
-        RelayError::Store(e.into())
-    }
-}
+/// Errors that stop one relay batch (the loop logs them and carries on).
+pub type RelayError = crate::engine::StepError;
 
 pub type Result<T, E = RelayError> = std::result::Result<T, E>;
 

@@ -47,13 +47,13 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::binding::{Binding, BindingError};
+use crate::binding::Binding;
 use crate::domain::retry::Jitter;
 use crate::domain::{FailureKind, RetryPolicy, Task, TaskStatus};
 use crate::metrics::{Metrics, SkipReason};
-use crate::queue::{self, Delivery, Keys, QueueError};
+use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Target};
-use crate::store::{outbox, tasks, StoreError, Tx};
+use crate::store::{outbox, tasks, Tx};
 
 /// How long after its lease ran out an attempt of a live worker process is left to that process
 /// (it covers a database outage of a couple of minutes; past it the attempt is taken over).
@@ -63,22 +63,7 @@ pub const LIVE_OWNER_GRACE: Duration = Duration::from_secs(120);
 pub const LEASE_INDEX_EVERY: Duration = Duration::from_secs(600);
 
 /// Why a rescuer pass stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum RescuerError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-    /// The Redis namespace serves another database: nothing is touched.
-    #[error(transparent)]
-    Binding(#[from] BindingError),
-}
-
-impl From<crate::domain::task::InvalidTransition> for RescuerError {
-    fn from(e: crate::domain::task::InvalidTransition) -> Self {
-        RescuerError::Store(e.into())
-    }
-}
+pub type RescuerError = crate::engine::StepError;
 
 /// Rescuer settings.
 #[derive(Clone)]

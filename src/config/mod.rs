@@ -799,7 +799,11 @@ mod tests {
             "k3y-0f-at-least-thirty-two-characters!!"
         );
         assert_eq!(
-            s.redis.connection_info().unwrap().redis_settings().username(),
+            s.redis
+                .connection_info()
+                .unwrap()
+                .redis_settings()
+                .username(),
             Some("arnela")
         );
         let both = with_files(vars(&[("JWT_SECRET_FILE", path), ("JWT_SECRET", "x")]));

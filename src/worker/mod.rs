@@ -49,68 +49,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::binding::{Binding, BindingError};
+use crate::binding::Binding;
 use crate::domain::sealing::{open_payload, payload_is_sealed, DataKey, MasterKey, Opening};
 use crate::domain::task::InvalidTransition;
 use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
 use crate::metrics::Metrics;
-use crate::queue::{self, Delivery, Keys, QueueError};
+use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Lock, Payload, Target};
-use crate::store::{outbox, pauses, StoreError, Tx};
+use crate::store::{outbox, pauses, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
 /// Errors that stop one step of a worker (the loop logs them and carries on).
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-    /// The Redis namespace serves another database: nothing is taken.
-    #[error(transparent)]
-    Binding(#[from] BindingError),
-}
-
-impl From<crate::domain::task::InvalidTransition> for WorkerError {
-    fn from(e: crate::domain::task::InvalidTransition) -> Self {
-        WorkerError::Store(e.into())
-    }
-}
-
-impl From<redis::RedisError> for WorkerError {
-    fn from(e: redis::RedisError) -> Self {
-        WorkerError::Queue(e.into())
-    }
-}
-
-impl From<sqlx::Error> for WorkerError {
-    fn from(e: sqlx::Error) -> Self {
-        WorkerError::Store(e.into())
-    }
-}
-
-impl WorkerError {
-    /// The database could not be reached (connection refused or lost, pool timed out): worth
-    /// trying again later, unlike an error the database answered with.
-    pub fn is_unavailable(&self) -> bool {
-        let WorkerError::Store(StoreError::Database(e)) = self else {
-            return false;
-        };
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => true,
-            // connection exceptions (08) and a server shutting down or restarting (57)
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
-            _ => false,
-        }
-    }
-}
+pub type WorkerError = crate::engine::StepError;
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 

@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["telemetry"],
     &["store", "queue"],
     &["config", "binding", "cache"],
-    &["metrics"],
+    &["metrics", "engine"],
     &[
         "worker",
         "relay",
