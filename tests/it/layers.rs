@@ -46,7 +46,7 @@ fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
 }
 
-fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+pub(crate) fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src/ is readable") {
         let path = entry.expect("a directory entry").path();
         if path.is_dir() {
@@ -59,7 +59,7 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The code of a source file: without its unit tests (`#[cfg(test)] mod tests` and what
 /// follows) and without comments.
-fn code(text: &str) -> String {
+pub(crate) fn code(text: &str) -> String {
     let text = match text.find("#[cfg(test)]\nmod tests") {
         Some(i) => &text[..i],
         None => text,

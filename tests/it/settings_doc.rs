@@ -47,14 +47,10 @@ const NOT_FORWARDED: &[&str] = &[
 ];
 
 /// The string literals of a piece of Rust that look like variable names (`"DB_HOST"`), outside
-/// comments and unit tests.
+/// comments and unit tests (as [`crate::layers::code`] reads it).
 fn literal_names(source: &str, with_underscore: bool) -> BTreeSet<String> {
-    let code = match source.find("#[cfg(test)]\nmod tests") {
-        Some(i) => &source[..i],
-        None => source,
-    };
     let mut out = BTreeSet::new();
-    for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+    for line in crate::layers::code(source).lines() {
         for (i, part) in line.split('"').enumerate() {
             let looks_like_a_variable = i % 2 == 1
                 && (part.contains('_') || !with_underscore)
@@ -69,17 +65,6 @@ fn literal_names(source: &str, with_underscore: bool) -> BTreeSet<String> {
         }
     }
     out
-}
-
-fn rust_sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_sources(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 /// The generated table between its README markers.
@@ -131,7 +116,7 @@ fn every_variable_the_settings_code_reads_has_a_row_and_every_row_is_read() {
     );
 
     let mut files = Vec::new();
-    rust_sources(&root().join("src"), &mut files);
+    crate::layers::sources(&root().join("src"), &mut files);
     let mut anywhere = BTreeSet::new();
     for f in files.iter().filter(|f| !f.ends_with("config/catalogue.rs")) {
         anywhere.extend(literal_names(&std::fs::read_to_string(f).unwrap(), false));
