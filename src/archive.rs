@@ -23,10 +23,10 @@ use sqlx::PgPool;
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use uuid::Uuid;
 
 use crate::api::events::CheckpointView;
 use crate::domain::checkpoint::{check_link, merkle_root, sign, signature_holds, Head};
+use crate::domain::TaskId;
 use crate::store::archive::{self as store_archive, ArchivedEvent};
 use crate::store::audit::{check_event, Link};
 use crate::store::checkpoints::Checkpoint;
@@ -88,7 +88,7 @@ enum Line {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct HeadLine {
-    task_id: Uuid,
+    task_id: TaskId,
     version: i32,
     hash: String,
 }
@@ -105,7 +105,7 @@ struct ChainEnds {
 /// A chain's task, first sequence and link, last sequence and hash.
 #[derive(Debug)]
 struct Ends {
-    task: Uuid,
+    task: TaskId,
     first: i32,
     link: Option<Vec<u8>>,
     last: i32,
@@ -272,7 +272,7 @@ pub struct ArchiveCheck {
     #[serde(skip)]
     manifest: Option<Manifest>,
     #[serde(skip)]
-    continued_links: Vec<(Uuid, i32, Vec<u8>)>,
+    continued_links: Vec<(TaskId, i32, Vec<u8>)>,
 }
 
 impl ArchiveCheck {
@@ -282,7 +282,7 @@ impl ArchiveCheck {
 }
 
 /// The last event of each task seen in the archives checked so far (for the next one).
-pub type Carried = HashMap<Uuid, (i32, Vec<u8>)>;
+pub type Carried = HashMap<TaskId, (i32, Vec<u8>)>;
 
 /// Checks archives in order (oldest first), without any database: each manifest's signature
 /// (by `trusted` when given), the data file's digest, counts and position range, every event's
@@ -352,7 +352,7 @@ fn check_file(
     let mut lines = std::io::BufReader::new(zstd::Decoder::new(reader)?);
     let mut digest = Sha256::new();
     let mut chains = ChainEnds::default();
-    let mut named: HashMap<(Uuid, i32), Vec<u8>> = HashMap::new();
+    let mut named: HashMap<(TaskId, i32), Vec<u8>> = HashMap::new();
     let mut prev_checkpoint: Option<Checkpoint> = None;
     let mut prev: Option<ArchivedEvent> = None;
     let (mut first_position, mut last_position) = (None::<i64>, None::<i64>);

@@ -2,7 +2,6 @@
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use uuid::Uuid;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,7 +79,7 @@ pub enum AuditCommand {
     Verify {
         /// Only this task.
         #[arg(long)]
-        task: Option<Uuid>,
+        task: Option<crate::domain::TaskId>,
         /// Print the report as one JSON document.
         #[arg(long)]
         json: bool,

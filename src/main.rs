@@ -61,7 +61,7 @@ fn trusted_key(public_key: Option<String>) -> anyhow::Result<Option<[u8; 32]>> {
 
 async fn audit_verify(
     pool: &sqlx::PgPool,
-    task: Option<uuid::Uuid>,
+    task: Option<arnela::domain::TaskId>,
     json: bool,
     trusted: Option<[u8; 32]>,
     exported: Option<Vec<arnela::store::checkpoints::Checkpoint>>,

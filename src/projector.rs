@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::invalidation::{EventFacts, Targets};
 use crate::cache::{keys, Cache, CacheError, Invalidation};
+use crate::domain::EventType;
 use crate::store::projection::{self, EventCount, TaskTouched, TypeTotals};
 use crate::store::{StoreError, Tx};
 
@@ -220,16 +221,19 @@ fn count(counts: &[EventCount]) -> (Vec<TypeTotals>, DurationDeltas) {
     let mut durations = DurationDeltas::new();
     for c in counts {
         let task_type = c.task_type.as_deref().unwrap_or("unknown");
+        let Some(event_type) = c.event_type else {
+            continue;
+        };
         totals
             .entry(task_type)
             .or_insert_with(|| TypeTotals {
                 task_type: task_type.to_owned(),
                 ..TypeTotals::default()
             })
-            .count(&c.event_type, c.count);
-        let outcome = match c.event_type.as_str() {
-            "attempt_succeeded" => "succeeded",
-            "attempt_failed" => "failed",
+            .count(event_type, c.count);
+        let outcome = match event_type {
+            EventType::AttemptSucceeded => "succeeded",
+            EventType::AttemptFailed => "failed",
             _ => continue,
         };
         if let Some(ms) = c.duration_ms {
@@ -252,12 +256,8 @@ fn invalidations(touched: &[TaskTouched]) -> Targets {
         // every event drops the task's own key; only a success drops more (see `add_event`)
         targets.add_event(EventFacts {
             task_id: t.task_id,
-            event_type: if t.succeeded {
-                "attempt_succeeded"
-            } else {
-                "other"
-            },
-            task_type: t.task_type.as_deref(),
+            succeeded: t.succeeded,
+            task_type: t.task_type,
             payload: t.payload.as_ref(),
             declared: t.invalidates.as_ref(),
         });

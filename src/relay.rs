@@ -19,13 +19,13 @@
 //! couple of milliseconds), the due time of the next scheduled row, and a polling interval as the
 //! fallback for missed notifications or a pooler that drops them.
 
+use crate::domain::TaskId;
 use chrono::Utc;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::binding::Binding;
 use crate::domain::TaskStatus;
@@ -124,8 +124,8 @@ impl Relay {
         if due.is_empty() {
             return Ok(Batch::default());
         }
-        let ids: Vec<Uuid> = due.iter().map(|d| d.task_id).collect();
-        let carried: HashSet<(Uuid, i32)> = due.iter().map(|d| (d.task_id, d.attempt)).collect();
+        let ids: Vec<TaskId> = due.iter().map(|d| d.task_id).collect();
+        let carried: HashSet<(TaskId, i32)> = due.iter().map(|d| (d.task_id, d.attempt)).collect();
         let applied = transition::apply(
             &mut tx,
             Target::Ids(&ids, Lock::Wait, Payload::Skip),
@@ -139,7 +139,7 @@ impl Relay {
             },
         )
         .await?;
-        let unreadable: HashSet<Uuid> = applied.unreadable.iter().copied().collect();
+        let unreadable: HashSet<TaskId> = applied.unreadable.iter().copied().collect();
         // one delivery per dispatched task, in outbox order; every other row is dropped (its
         // task moved on, or it repeats a row of the same attempt)
         let mut deliveries = Vec::new();

@@ -38,6 +38,7 @@
 //!    [`LEASE_INDEX_EVERY`] after add any lease missing from it (one scan of `tasks`), and drop
 //!    rows left for attempts that ended long ago.
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
@@ -315,14 +316,14 @@ impl Rescuer {
                 (raw, d)
             })
             .collect();
-        let ids: Vec<Uuid> = decoded
+        let ids: Vec<TaskId> = decoded
             .iter()
             .filter_map(|(_, d)| d.as_ref().map(|d| d.task_id))
             .collect();
-        let rows: HashMap<Uuid, Task> = tasks::get_many(&self.pool, &ids)
+        let rows: HashMap<TaskId, Task> = tasks::get_many(&self.pool, &ids)
             .await?
             .iter()
-            .filter_map(|r| r.to_task().ok().map(|t| (t.id, t)))
+            .map(|r| (r.id, r.to_task()))
             .collect();
         let (mut stale, mut orphans) = (0, 0);
         let mut removed = Vec::new();
@@ -361,7 +362,7 @@ impl Rescuer {
     async fn return_unknown(
         &self,
         conn: &mut ConnectionManager,
-        unknown: Vec<(String, Uuid)>,
+        unknown: Vec<(String, TaskId)>,
     ) -> Result<usize, RescuerError> {
         if unknown.is_empty() {
             return Ok(0);
@@ -401,9 +402,9 @@ enum Verdict {
     /// The attempt is over: the entry is garbage.
     Stale,
     /// The attempt never started: publish it again.
-    Orphan(Uuid, i32),
+    Orphan(TaskId, i32),
     /// The task is not in this database: the entry goes back on the queue for its own.
-    Unknown(Uuid),
+    Unknown(TaskId),
 }
 
 fn judge(d: &Delivery, t: &Task) -> Verdict {

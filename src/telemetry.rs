@@ -137,7 +137,7 @@ pub fn context_for_new_trace() -> Option<TraceContext> {
 /// The span of one attempt: its log lines carry the task, the attempt and the trace id, and
 /// while spans are exported it is a child of the span that enqueued the task.
 pub fn attempt_span(
-    task_id: uuid::Uuid,
+    task_id: crate::domain::TaskId,
     task_type: crate::domain::TaskType,
     attempt: i32,
     trace: Option<&TraceContext>,

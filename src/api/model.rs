@@ -5,7 +5,7 @@ use poem_openapi::{Enum, Object};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::domain::{TaskStatus, TaskType};
+use crate::domain::TaskStatus;
 use crate::store::events::StoredEvent;
 use crate::store::tasks::TaskRow;
 
@@ -59,15 +59,6 @@ pub enum FailureKindName {
     Permanent,
     Timeout,
     LeaseExpired,
-}
-
-/// A stored value the API cannot show: the row does not decode (a bug or a hand edit).
-#[derive(Debug, thiserror::Error)]
-#[error("task {task}: stored {what} {value:?} is not known to this version")]
-pub struct Undecodable {
-    pub task: Uuid,
-    pub what: &'static str,
-    pub value: String,
 }
 
 /// A task to enqueue, as the handler reads it: loosely typed, so that
@@ -141,25 +132,13 @@ pub struct TaskView {
     pub owner: String,
 }
 
-impl TryFrom<TaskRow> for TaskView {
-    type Error = Undecodable;
-
-    fn try_from(r: TaskRow) -> Result<Self, Undecodable> {
-        let task_type = r.task_type.parse::<TaskType>().map_err(|_| Undecodable {
-            task: r.id,
-            what: "type",
-            value: r.task_type.clone(),
-        })?;
-        let status = r.status.parse::<TaskStatus>().map_err(|_| Undecodable {
-            task: r.id,
-            what: "status",
-            value: r.status.clone(),
-        })?;
-        Ok(TaskView {
-            id: r.id,
-            task_type: task_type.into(),
+impl From<TaskRow> for TaskView {
+    fn from(r: TaskRow) -> Self {
+        TaskView {
+            id: r.id.into(),
+            task_type: r.task_type.into(),
             payload: r.payload,
-            status: status.into(),
+            status: r.status.into(),
             attempts: r.attempts,
             max_attempts: r.max_attempts,
             run_at: r.run_at,
@@ -170,7 +149,7 @@ impl TryFrom<TaskRow> for TaskView {
             created_at: r.created_at,
             updated_at: r.updated_at,
             owner: r.owner,
-        })
+        }
     }
 }
 
@@ -227,7 +206,7 @@ impl From<StoredEvent> for EventView {
     fn from(e: StoredEvent) -> Self {
         EventView {
             position: e.position,
-            task_id: e.task_id,
+            task_id: e.task_id.into(),
             sequence: e.sequence,
             event_type: e.event_type,
             version: i32::from(e.event_version),

@@ -331,7 +331,7 @@ impl SchedulesApi {
             .into_iter()
             .map(|r| ScheduleRun {
                 slot: r.slot,
-                task_id: r.task_id,
+                task_id: r.task_id.into(),
                 status: r
                     .status
                     .as_deref()

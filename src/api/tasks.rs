@@ -21,6 +21,7 @@ use crate::cache::invalidation::is_pattern;
 use crate::cache::{keys, Ttl};
 use crate::domain::event::db_time;
 use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
+use crate::domain::TaskId;
 use crate::domain::{
     validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
 };
@@ -248,11 +249,11 @@ impl TasksApi {
         let pool = &self.ctx.pool;
         let not_found = || ApiError::not_found(format!("task {} not found", id.0));
         let load = || async {
-            match tasks::get(pool, id.0).await? {
+            match tasks::get(pool, id.0.into()).await? {
                 Some(row) => view(self.ctx.open_row(row).await?),
                 // retention removed the row: what is left of it (payload "[retired]")
-                None => match retention::retired(pool, id.0).await? {
-                    Some(r) if r.status.parse::<TaskStatus>().is_ok() => view(r.into_row(false)),
+                None => match retention::retired(pool, id.0.into()).await? {
+                    Some(r) => view(r.into_row(false)),
                     _ => Err(ApiError::not_found(format!("task {} not found", id.0))),
                 },
             }
@@ -298,7 +299,7 @@ impl TasksApi {
     ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
         let by = &auth.require(&[Role::Admin])?.sub;
         let extra = attempts.0.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-        let row = operator::requeue(&self.ctx.pool, id.0, extra, by).await?;
+        let row = operator::requeue(&self.ctx.pool, id.0.into(), extra, by).await?;
         self.acted_on(row).await
     }
 
@@ -326,7 +327,7 @@ impl TasksApi {
         let reason = reason
             .0
             .unwrap_or_else(|| "cancelled by an operator".into());
-        let row = operator::cancel(&self.ctx.pool, id.0, reason, by).await?;
+        let row = operator::cancel(&self.ctx.pool, id.0.into(), reason, by).await?;
         self.acted_on(row).await
     }
 
@@ -361,7 +362,7 @@ impl TasksApi {
         let reason = reason
             .0
             .unwrap_or_else(|| "personal data erased on request".into());
-        let row = match operator::erase(&self.ctx.pool, id.0, reason, by).await? {
+        let row = match operator::erase(&self.ctx.pool, id.0.into(), reason, by).await? {
             operator::Erasure::Erased(row) | operator::Erasure::AlreadyErased(row) => row,
         };
         self.acted_on(row).await
@@ -383,10 +384,10 @@ impl TasksApi {
         id: Path<Uuid>,
     ) -> Result<HistoryResponse, Failure<HistoryFailures>> {
         auth.require(&[Role::Auditor])?;
-        let mut events = events::history(&self.ctx.pool, id.0).await?;
+        let mut events = events::history(&self.ctx.pool, id.0.into()).await?;
         self.ctx.open_events(&mut events).await?;
         if events.is_empty() {
-            let message = match retention::archived_in(&self.ctx.pool, id.0).await? {
+            let message = match retention::archived_in(&self.ctx.pool, id.0.into()).await? {
                 Some(archive) => format!(
                     "the history of task {} is archived ({archive}): check it with \
                      `arnela audit verify --archive`",
@@ -495,16 +496,16 @@ impl TasksApi {
         Ok(OperatorResponse::Ok(Json(view(row)?)))
     }
 
-    async fn forget(&self, id: Uuid) {
+    async fn forget(&self, id: TaskId) {
         if let Err(e) = self.ctx.cache.delete(&keys::task(id)).await {
             tracing::warn!(task.id = %id, error = %e, "cannot drop the cached task; the projector will");
         }
     }
 }
 
-/// The API's view of a stored task; a row that does not decode is a 500.
+/// The API's view of a stored task.
 fn view(row: tasks::TaskRow) -> Result<TaskView, ApiError> {
-    TaskView::try_from(row).map_err(|e| ApiError::internal(&e))
+    Ok(TaskView::from(row))
 }
 
 async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
@@ -521,7 +522,7 @@ async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
 /// past would otherwise jump ahead of the whole queue).
 /// The verdict on task `id`'s chain (404 when the task has neither events nor a row).
 pub async fn verdict(pool: &sqlx::PgPool, id: Uuid) -> Result<ChainVerdict, ApiError> {
-    let report = audit::verify_task(pool, id)
+    let report = audit::verify_task(pool, id.into())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("task {id} not found")))?;
     Ok(ChainVerdict {

@@ -12,19 +12,20 @@
 //!   id is missing from the payload is skipped;
 //! - a successful task of any type drops the keys and patterns it declared in `invalidates`.
 
+use crate::domain::{TaskId, TaskType};
 use chrono::DateTime;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use uuid::Uuid;
 
 use super::keys;
 
 /// What the rules need to know about one event.
 #[derive(Debug, Clone, Copy)]
 pub struct EventFacts<'a> {
-    pub task_id: Uuid,
-    pub event_type: &'a str,
-    pub task_type: Option<&'a str>,
+    pub task_id: TaskId,
+    /// The event is an `attempt_succeeded`: the only one that drops more than the task's key.
+    pub succeeded: bool,
+    pub task_type: Option<TaskType>,
     pub payload: Option<&'a Value>,
     /// The task's `invalidates` as enqueued (a JSON array of strings).
     pub declared: Option<&'a Value>,
@@ -54,10 +55,10 @@ impl Targets {
     /// Adds what one event makes stale.
     pub fn add_event(&mut self, e: EventFacts<'_>) {
         self.keys.insert(keys::task(e.task_id));
-        if e.event_type != "attempt_succeeded" {
+        if !e.succeeded {
             return;
         }
-        if e.task_type == Some("sync_calendar") {
+        if e.task_type == Some(TaskType::SyncCalendar) {
             if let Some(payload) = e.payload {
                 self.keys.extend(appointment_keys(payload));
             }
@@ -109,13 +110,13 @@ mod tests {
 
     fn facts<'a>(
         event_type: &'a str,
-        task_type: &'a str,
+        task_type: TaskType,
         payload: &'a Value,
         declared: Option<&'a Value>,
     ) -> EventFacts<'a> {
         EventFacts {
-            task_id: Uuid::nil(),
-            event_type,
+            task_id: TaskId::default(),
+            succeeded: event_type == "attempt_succeeded",
             task_type: Some(task_type),
             payload: Some(payload),
             declared,
@@ -133,7 +134,12 @@ mod tests {
             }
         });
         let mut t = Targets::default();
-        t.add_event(facts("attempt_succeeded", "sync_calendar", &payload, None));
+        t.add_event(facts(
+            "attempt_succeeded",
+            TaskType::SyncCalendar,
+            &payload,
+            None,
+        ));
         let keys: Vec<&str> = t.keys.iter().map(String::as_str).collect();
         assert_eq!(
             keys,
@@ -154,14 +160,19 @@ mod tests {
         let declared = json!(["client:1", "employees:specialty:*"]);
         for event in ["enqueued", "attempt_failed", "dead_lettered"] {
             let mut t = Targets::default();
-            t.add_event(facts(event, "sync_calendar", &payload, Some(&declared)));
+            t.add_event(facts(
+                event,
+                TaskType::SyncCalendar,
+                &payload,
+                Some(&declared),
+            ));
             assert_eq!(t.keys.len(), 1, "{event}: only the task view");
             assert!(t.patterns.is_empty());
         }
         let mut t = Targets::default();
         t.add_event(facts(
             "attempt_succeeded",
-            "sync_calendar",
+            TaskType::SyncCalendar,
             &payload,
             Some(&declared),
         ));
@@ -178,7 +189,12 @@ mod tests {
     fn notifications_drop_only_what_they_declare() {
         let payload = json!({"phone": "+34600000000", "message": "hi"});
         let mut t = Targets::default();
-        t.add_event(facts("attempt_succeeded", "send_sms", &payload, None));
+        t.add_event(facts(
+            "attempt_succeeded",
+            TaskType::SendSms,
+            &payload,
+            None,
+        ));
         assert_eq!(t.keys.len(), 1);
     }
 }

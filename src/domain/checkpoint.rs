@@ -1,22 +1,22 @@
 //! Checkpoints of the whole log: a Merkle root over the heads of the tasks that changed, chained
 //! to the previous checkpoint and signed with Ed25519. Pure: the store reads and writes them.
 
+use super::task::TaskId;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
 /// The head of one task's chain as a checkpoint records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     /// The sequence number of the task's last event.
     pub version: i32,
     pub hash: Vec<u8>,
 }
 
-impl From<(Uuid, i32, Vec<u8>)> for Head {
+impl From<(TaskId, i32, Vec<u8>)> for Head {
     /// A head as stored: task id, version, hash.
-    fn from((task_id, version, hash): (Uuid, i32, Vec<u8>)) -> Head {
+    fn from((task_id, version, hash): (TaskId, i32, Vec<u8>)) -> Head {
         Head {
             task_id,
             version,
@@ -168,7 +168,7 @@ mod tests {
 
     fn head(n: u128, version: i32) -> Head {
         Head {
-            task_id: Uuid::from_u128(n),
+            task_id: TaskId::from(uuid::Uuid::from_u128(n)),
             version,
             hash: vec![n as u8; 32],
         }

@@ -100,23 +100,103 @@ pub enum TaskEvent {
     Erased { reason: String, by: String },
 }
 
+/// The kind of a [`TaskEvent`], without its data: what the projectors and the read models
+/// count and match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    Enqueued,
+    Dispatched,
+    AttemptStarted,
+    AttemptSucceeded,
+    AttemptFailed,
+    RetryScheduled,
+    AttemptReleased,
+    AttemptStopped,
+    DeadLettered,
+    Requeued,
+    Cancelled,
+    Erased,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 12] = [
+        EventType::Enqueued,
+        EventType::Dispatched,
+        EventType::AttemptStarted,
+        EventType::AttemptSucceeded,
+        EventType::AttemptFailed,
+        EventType::RetryScheduled,
+        EventType::AttemptReleased,
+        EventType::AttemptStopped,
+        EventType::DeadLettered,
+        EventType::Requeued,
+        EventType::Cancelled,
+        EventType::Erased,
+    ];
+
+    /// The stable name stored in `task_events.event_type` (the serde tag of [`TaskEvent`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Enqueued => "enqueued",
+            EventType::Dispatched => "dispatched",
+            EventType::AttemptStarted => "attempt_started",
+            EventType::AttemptSucceeded => "attempt_succeeded",
+            EventType::AttemptFailed => "attempt_failed",
+            EventType::RetryScheduled => "retry_scheduled",
+            EventType::AttemptReleased => "attempt_released",
+            EventType::AttemptStopped => "attempt_stopped",
+            EventType::DeadLettered => "dead_lettered",
+            EventType::Requeued => "requeued",
+            EventType::Cancelled => "cancelled",
+            EventType::Erased => "erased",
+        }
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EventType {
+    type Err = UnknownEventType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownEventType(s.to_owned()))
+    }
+}
+
+/// An event type name this version does not know (a newer version may have written it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event type {0:?}")]
+pub struct UnknownEventType(pub String);
+
 impl TaskEvent {
+    /// The event's kind.
+    pub fn event_type(&self) -> EventType {
+        match self {
+            TaskEvent::Enqueued { .. } => EventType::Enqueued,
+            TaskEvent::Dispatched { .. } => EventType::Dispatched,
+            TaskEvent::AttemptStarted { .. } => EventType::AttemptStarted,
+            TaskEvent::AttemptSucceeded { .. } => EventType::AttemptSucceeded,
+            TaskEvent::AttemptFailed { .. } => EventType::AttemptFailed,
+            TaskEvent::RetryScheduled { .. } => EventType::RetryScheduled,
+            TaskEvent::AttemptReleased { .. } => EventType::AttemptReleased,
+            TaskEvent::AttemptStopped { .. } => EventType::AttemptStopped,
+            TaskEvent::DeadLettered { .. } => EventType::DeadLettered,
+            TaskEvent::Requeued { .. } => EventType::Requeued,
+            TaskEvent::Cancelled { .. } => EventType::Cancelled,
+            TaskEvent::Erased { .. } => EventType::Erased,
+        }
+    }
+
     /// The stable type name stored with the event.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            TaskEvent::Enqueued { .. } => "enqueued",
-            TaskEvent::Dispatched { .. } => "dispatched",
-            TaskEvent::AttemptStarted { .. } => "attempt_started",
-            TaskEvent::AttemptSucceeded { .. } => "attempt_succeeded",
-            TaskEvent::AttemptFailed { .. } => "attempt_failed",
-            TaskEvent::RetryScheduled { .. } => "retry_scheduled",
-            TaskEvent::AttemptReleased { .. } => "attempt_released",
-            TaskEvent::AttemptStopped { .. } => "attempt_stopped",
-            TaskEvent::DeadLettered { .. } => "dead_lettered",
-            TaskEvent::Requeued { .. } => "requeued",
-            TaskEvent::Cancelled { .. } => "cancelled",
-            TaskEvent::Erased { .. } => "erased",
-        }
+        self.event_type().as_str()
     }
 
     /// Schema version of the event's data; bump when a field changes meaning.
@@ -268,6 +348,17 @@ pub fn chain_hash(prev_hash: Option<&[u8]>, canonical: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_event_type_name_parses_back_and_is_unique() {
+        let names: std::collections::BTreeSet<&str> =
+            EventType::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(names.len(), EventType::ALL.len());
+        for t in EventType::ALL {
+            assert_eq!(t.as_str().parse::<EventType>(), Ok(t));
+        }
+        assert!("attempt_exploded".parse::<EventType>().is_err());
+    }
     use serde_json::json;
 
     #[test]

@@ -11,8 +11,8 @@ pub mod sealing;
 pub mod task;
 pub mod trace;
 
-pub use event::{FailureKind, TaskEvent};
+pub use event::{EventType, FailureKind, TaskEvent};
 pub use payload::{validate_invalidates, validate_payload, FieldError, TaskType, ValidPayload};
 pub use retry::RetryPolicy;
-pub use task::{NewTask, RetryDecision, Task, TaskStatus};
+pub use task::{NewTask, RetryDecision, Task, TaskId, TaskStatus};
 pub use trace::TraceContext;

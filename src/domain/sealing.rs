@@ -9,11 +9,11 @@
 //! data key: the envelopes stay and the chain still verifies, but nobody can open them again,
 //! and reads show [`ERASED`].
 
+use super::task::TaskId;
 use base64::Engine;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::{Map, Value};
-use uuid::Uuid;
 
 use super::payload::TaskType;
 
@@ -105,12 +105,12 @@ impl MasterKey {
     }
 
     /// `key` encrypted under this master key, bound to its task.
-    pub fn wrap(&self, key: &DataKey, task_id: Uuid) -> Vec<u8> {
+    pub fn wrap(&self, key: &DataKey, task_id: TaskId) -> Vec<u8> {
         seal_bytes(&self.0, &wrap_aad(task_id), &key.raw)
     }
 
     /// The data key of `task_id` from its wrapped form.
-    pub fn unwrap(&self, wrapped: &[u8], task_id: Uuid) -> Result<DataKey, SealError> {
+    pub fn unwrap(&self, wrapped: &[u8], task_id: TaskId) -> Result<DataKey, SealError> {
         let raw: [u8; 32] = open_bytes(&self.0, &wrap_aad(task_id), wrapped)?
             .try_into()
             .map_err(|_| SealError("a data key is 32 bytes"))?;
@@ -118,8 +118,8 @@ impl MasterKey {
     }
 }
 
-fn wrap_aad(task_id: Uuid) -> Vec<u8> {
-    [b"arnela-data-key:".as_slice(), task_id.as_bytes()].concat()
+fn wrap_aad(task_id: TaskId) -> Vec<u8> {
+    [b"arnela-data-key:".as_slice(), task_id.as_uuid().as_bytes()].concat()
 }
 
 /// One task's data key.
@@ -144,7 +144,7 @@ impl DataKey {
     }
 
     /// The envelope of `value`, bound to the task and to `field` (where it is stored).
-    pub fn seal(&self, task_id: Uuid, field: &str, value: &Value) -> Value {
+    pub fn seal(&self, task_id: TaskId, field: &str, value: &Value) -> Value {
         let plain = serde_json::to_vec(value).expect("JSON serializes");
         let sealed = seal_bytes(&aead_key(&self.raw), &field_aad(task_id, field), &plain);
         let mut env = Map::new();
@@ -156,7 +156,7 @@ impl DataKey {
     }
 
     /// The value in `envelope` (sealed for `task_id` and `field`).
-    pub fn open(&self, task_id: Uuid, field: &str, envelope: &Value) -> Result<Value, SealError> {
+    pub fn open(&self, task_id: TaskId, field: &str, envelope: &Value) -> Result<Value, SealError> {
         let text = envelope_text(envelope).ok_or(SealError("not an envelope"))?;
         let sealed = base64::engine::general_purpose::STANDARD
             .decode(text)
@@ -166,8 +166,13 @@ impl DataKey {
     }
 }
 
-fn field_aad(task_id: Uuid, field: &str) -> Vec<u8> {
-    [task_id.as_bytes().as_slice(), b":", field.as_bytes()].concat()
+fn field_aad(task_id: TaskId, field: &str) -> Vec<u8> {
+    [
+        task_id.as_uuid().as_bytes().as_slice(),
+        b":",
+        field.as_bytes(),
+    ]
+    .concat()
 }
 
 fn envelope_text(v: &Value) -> Option<&str> {
@@ -222,7 +227,7 @@ fn field_mut<'a>(payload: &'a mut Value, path: &str) -> Option<&'a mut Value> {
 }
 
 /// Seals the personal fields of `payload` in place.
-pub fn seal_payload(task_type: TaskType, payload: &mut Value, key: &DataKey, task_id: Uuid) {
+pub fn seal_payload(task_type: TaskType, payload: &mut Value, key: &DataKey, task_id: TaskId) {
     for path in personal_fields(task_type, payload) {
         if let Some(v) = field_mut(payload, &path) {
             *v = key.seal(task_id, &path, v);
@@ -253,7 +258,7 @@ pub enum Opening<'a> {
 
 fn open_in_place(
     v: &mut Value,
-    task_id: Uuid,
+    task_id: TaskId,
     field: &str,
     how: Opening<'_>,
 ) -> Result<(), SealError> {
@@ -272,7 +277,7 @@ fn open_in_place(
 pub fn open_payload(
     task_type: TaskType,
     payload: &mut Value,
-    task_id: Uuid,
+    task_id: TaskId,
     how: Opening<'_>,
 ) -> Result<(), SealError> {
     for path in personal_fields(task_type, payload) {
@@ -287,7 +292,7 @@ pub fn open_payload(
 pub const RESULT_FIELD: &str = "result";
 
 /// Opens a sealed provider result in place.
-pub fn open_result(result: &mut Value, task_id: Uuid, how: Opening<'_>) -> Result<(), SealError> {
+pub fn open_result(result: &mut Value, task_id: TaskId, how: Opening<'_>) -> Result<(), SealError> {
     open_in_place(result, task_id, RESULT_FIELD, how)
 }
 
@@ -298,7 +303,7 @@ mod tests {
 
     #[test]
     fn personal_fields_are_sealed_and_opened_and_the_rest_stays_readable() {
-        let id = Uuid::now_v7();
+        let id = TaskId::new();
         let key = DataKey::generate();
         let plain = json!({"event_id": "evt-1", "action": "create", "appointment_data": {
             "appointment_id": "a-1", "starts_at": "2030-01-01T10:00:00Z",
@@ -322,7 +327,7 @@ mod tests {
         assert!(open_payload(
             TaskType::SyncCalendar,
             &mut other,
-            Uuid::now_v7(),
+            TaskId::new(),
             Opening::Key(&key)
         )
         .is_err());
@@ -337,7 +342,7 @@ mod tests {
     fn a_data_key_is_wrapped_for_its_task_only() {
         let master = MasterKey::from_hex(&MasterKey::generate_hex()).unwrap();
         let key = DataKey::generate();
-        let id = Uuid::now_v7();
+        let id = TaskId::new();
         let wrapped = master.wrap(&key, id);
         let sealed = key.seal(id, "phone", &json!("+34600000000"));
         let unwrapped = master.unwrap(&wrapped, id).unwrap();
@@ -345,7 +350,7 @@ mod tests {
             unwrapped.open(id, "phone", &sealed).unwrap(),
             json!("+34600000000")
         );
-        assert!(master.unwrap(&wrapped, Uuid::now_v7()).is_err());
+        assert!(master.unwrap(&wrapped, TaskId::new()).is_err());
         let stranger = MasterKey::from_hex(&"ab".repeat(32)).unwrap();
         assert!(stranger.unwrap(&wrapped, id).is_err());
         assert!(MasterKey::from_hex("abc").is_err());

@@ -30,6 +30,64 @@ pub const MAX_TOTAL_ATTEMPTS: i32 = 100;
 /// How far ahead `run_at` may be by default (`SCHEDULE_HORIZON_DAYS`).
 pub const DEFAULT_SCHEDULE_HORIZON_DAYS: i64 = 366;
 
+/// A task's identity: the key of its event stream, its projection row and its deliveries.
+/// A UUIDv7, so ids sort roughly by creation time.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+#[serde(transparent)]
+pub struct TaskId(Uuid);
+
+impl TaskId {
+    /// A new id, ordered after every id made before it in this process.
+    pub fn new() -> TaskId {
+        TaskId(Uuid::now_v7())
+    }
+
+    pub const fn from_uuid(id: Uuid) -> TaskId {
+        TaskId(id)
+    }
+
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    pub const fn into_uuid(self) -> Uuid {
+        self.0
+    }
+
+    /// The id's 16 bytes, as hashed into events and checkpoints.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl From<Uuid> for TaskId {
+    fn from(id: Uuid) -> TaskId {
+        TaskId(id)
+    }
+}
+
+impl From<TaskId> for Uuid {
+    fn from(id: TaskId) -> Uuid {
+        id.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(TaskId)
+    }
+}
+
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -104,7 +162,7 @@ pub struct InvalidTransition {
 /// The current state of one task, folded from its events.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
-    pub id: Uuid,
+    pub id: TaskId,
     pub task_type: TaskType,
     pub payload: Value,
     pub status: TaskStatus,
@@ -146,7 +204,7 @@ pub struct NewTask {
 /// A task that reached `dead`: the copy for the failed list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub task_type: TaskType,
     pub attempts: i32,
     pub reason: String,
@@ -179,7 +237,7 @@ impl Task {
 
     /// Builds the state from the first event. Panics if it is not `Enqueued`: a stream that
     /// starts otherwise is corrupt and must not be silently folded.
-    pub fn from_first(id: Uuid, first: &TaskEvent, at: DateTime<Utc>) -> Task {
+    pub fn from_first(id: TaskId, first: &TaskEvent, at: DateTime<Utc>) -> Task {
         let TaskEvent::Enqueued {
             task_type,
             payload,
@@ -504,7 +562,7 @@ mod tests {
             owner: String::new(),
             trace: None,
         });
-        Task::from_first(Uuid::nil(), &first, t0())
+        Task::from_first(TaskId::default(), &first, t0())
     }
 
     fn start(task: &mut Task) {

@@ -23,6 +23,7 @@ pub mod keys;
 
 pub use keys::Keys;
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
@@ -106,7 +107,7 @@ pub async fn connect(target: impl Into<RedisTarget>) -> Result<ConnectionManager
 /// Postgres, so nothing secret or personal is copied to Redis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub attempt: i32,
     #[serde(rename = "type")]
     pub task_type: String,
@@ -125,7 +126,7 @@ impl Delivery {
 /// The operator's copy of a dead-lettered task on the failed list.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailedCopy {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     #[serde(rename = "type")]
     pub task_type: String,
     pub attempts: i32,

@@ -6,10 +6,10 @@
 //! These run as the log's owner: the runtime role may not read a partition directly, detach or
 //! drop one, or write anchors.
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use super::checkpoints::Checkpoint;
 use super::retention::Partition;
@@ -20,7 +20,7 @@ use crate::domain::checkpoint::Head;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct ArchivedEvent {
     pub position: i64,
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub sequence: i32,
     pub event_type: String,
     pub event_version: i16,
@@ -62,10 +62,10 @@ const COLUMNS: &str = "position, task_id, sequence, event_type, event_version, d
 pub async fn events_page(
     pool: &PgPool,
     partition: &Partition,
-    after: Option<(Uuid, i32)>,
+    after: Option<(TaskId, i32)>,
     limit: i64,
 ) -> Result<Vec<ArchivedEvent>> {
-    let (task, sequence) = after.unwrap_or((Uuid::nil(), 0));
+    let (task, sequence) = after.unwrap_or((TaskId::default(), 0));
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM {} WHERE (task_id, sequence) > ($1, $2) \
          ORDER BY task_id, sequence LIMIT $3",
@@ -113,7 +113,7 @@ pub async fn checkpoints_naming(
     .await?;
     // two queries for the month, not two per checkpoint (a month holds tens of thousands)
     let checkpoints = super::checkpoints::numbered(pool, &seqs).await?;
-    let heads: Vec<(i64, Uuid, i32, Vec<u8>)> = sqlx::query_as(
+    let heads: Vec<(i64, TaskId, i32, Vec<u8>)> = sqlx::query_as(
         "SELECT seq, task_id, version, head_hash FROM audit_checkpoint_heads \
          WHERE seq = ANY($1) ORDER BY seq, task_id",
     )
@@ -135,7 +135,10 @@ pub async fn checkpoints_naming(
 
 /// Of the links `(task, sequence, hash)` a partition's chains continue from, the ones no
 /// earlier archive recorded as that task's anchor with that hash.
-pub async fn unanchored(pool: &PgPool, links: &[(Uuid, i32, Vec<u8>)]) -> Result<Vec<(Uuid, i32)>> {
+pub async fn unanchored(
+    pool: &PgPool,
+    links: &[(TaskId, i32, Vec<u8>)],
+) -> Result<Vec<(TaskId, i32)>> {
     if links.is_empty() {
         return Ok(Vec::new());
     }
@@ -298,7 +301,7 @@ pub async fn restore(
         .chunk_by(|a, b| a.task_id == b.task_id)
         .map(|c| (&c[0], &c[c.len() - 1]))
         .collect();
-    let links: Vec<(Uuid, i32, Vec<u8>)> = chains
+    let links: Vec<(TaskId, i32, Vec<u8>)> = chains
         .iter()
         .filter(|(first, _)| first.sequence > 1)
         .filter_map(|(first, _)| {

@@ -14,9 +14,9 @@
 //! the commit-safe horizon of `/events`, `GET /tasks` and the projectors) and keeps one page in
 //! memory. It reports every broken chain, one link per task (the first that does not hold).
 
+use crate::domain::TaskId;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
-use uuid::Uuid;
 
 use super::events::{StoredEvent, EVENT_COLUMNS};
 use super::Result;
@@ -30,7 +30,7 @@ pub const MAX_REPORTED: usize = 10_000;
 /// A broken link: the first of its task.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BrokenLink {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     /// The sequence number of the first event that does not verify (or the projection's version).
     pub sequence: i32,
     pub reason: String,
@@ -71,7 +71,7 @@ pub struct Progress {
 /// Verifies every chain, page by page (see the module's doc), calling `progress` after each page.
 pub async fn verify(pool: &PgPool, mut progress: impl FnMut(Progress)) -> Result<VerifyReport> {
     let mut report = VerifyReport::default();
-    let mut after = Uuid::nil();
+    let mut after = TaskId::default();
     loop {
         let (last, done) = verify_page(pool, after, &mut report).await?;
         progress(Progress {
@@ -87,7 +87,7 @@ pub async fn verify(pool: &PgPool, mut progress: impl FnMut(Progress)) -> Result
 }
 
 /// Verifies one task's chain. `None` when the task has neither events nor a head.
-pub async fn verify_task(pool: &PgPool, id: Uuid) -> Result<Option<VerifyReport>> {
+pub async fn verify_task(pool: &PgPool, id: TaskId) -> Result<Option<VerifyReport>> {
     let mut tx = super::begin_snapshot(pool, true).await?;
     let heads = heads_where(&mut tx, "= $1", id, None).await?;
     let anchors = anchors_where(&mut tx, "= $1", id, None).await?;
@@ -105,7 +105,7 @@ pub async fn verify_task(pool: &PgPool, id: Uuid) -> Result<Option<VerifyReport>
 /// `retired_tasks`) holds it.
 #[derive(sqlx::FromRow)]
 struct Head {
-    id: Uuid,
+    id: TaskId,
     version: i32,
     last_hash: Vec<u8>,
 }
@@ -113,7 +113,7 @@ struct Head {
 /// Where a task's history continues from an archive: its last archived event.
 #[derive(sqlx::FromRow)]
 pub(crate) struct Anchor {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub sequence: i32,
     pub hash: Vec<u8>,
 }
@@ -122,13 +122,13 @@ pub(crate) struct Anchor {
 /// id after `after` (or everything that is left). Returns `upper` and whether the log is done.
 async fn verify_page(
     pool: &PgPool,
-    after: Uuid,
+    after: TaskId,
     report: &mut VerifyReport,
-) -> Result<(Uuid, bool)> {
+) -> Result<(TaskId, bool)> {
     // one snapshot for the page: the heads and the events agree with each other
     let mut tx = super::begin_snapshot(pool, true).await?;
     // each side limited first, so that both are read by index, a page at most
-    let upper: Option<Uuid> = sqlx::query_scalar(
+    let upper: Option<TaskId> = sqlx::query_scalar(
         "SELECT id FROM ((SELECT id FROM tasks WHERE id > $1 ORDER BY id LIMIT $2) \
                          UNION ALL \
                          (SELECT id FROM retired_tasks WHERE id > $1 ORDER BY id LIMIT $2)) heads \
@@ -150,8 +150,8 @@ async fn verify_page(
 async fn heads_where(
     tx: &mut sqlx::PgConnection,
     condition: &str,
-    from: Uuid,
-    upper: Option<Uuid>,
+    from: TaskId,
+    upper: Option<TaskId>,
 ) -> Result<Vec<Head>> {
     Ok(sqlx::query_as(&format!(
         "SELECT id, version, last_hash FROM tasks \
@@ -171,8 +171,8 @@ async fn heads_where(
 async fn anchors_where(
     tx: &mut sqlx::PgConnection,
     condition: &str,
-    from: Uuid,
-    upper: Option<Uuid>,
+    from: TaskId,
+    upper: Option<TaskId>,
 ) -> Result<Vec<Anchor>> {
     Ok(sqlx::query_as(&format!(
         "SELECT DISTINCT ON (task_id) task_id, sequence, hash FROM task_event_anchors \
@@ -188,8 +188,8 @@ async fn anchors_where(
 async fn events_where(
     tx: &mut sqlx::PgConnection,
     condition: &str,
-    from: Uuid,
-    upper: Option<Uuid>,
+    from: TaskId,
+    upper: Option<TaskId>,
 ) -> Result<Vec<StoredEvent>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {EVENT_COLUMNS} FROM task_events \
@@ -210,7 +210,7 @@ fn check_tasks(
     report: &mut VerifyReport,
 ) {
     type Parts<'a> = (Option<&'a Head>, Option<&'a Anchor>, &'a [StoredEvent]);
-    let mut tasks: BTreeMap<Uuid, Parts<'_>> = BTreeMap::new();
+    let mut tasks: BTreeMap<TaskId, Parts<'_>> = BTreeMap::new();
     for h in heads {
         tasks.entry(h.id).or_default().0 = Some(h);
     }
@@ -232,7 +232,7 @@ fn check_tasks(
 /// The first broken link of one task's events (in sequence order, possibly none), read from
 /// its anchor (the last archived event) when there is one, up to its head.
 fn check_chain(
-    task_id: Uuid,
+    task_id: TaskId,
     chain: &[StoredEvent],
     anchor: Option<&Anchor>,
     head: Option<&Head>,
@@ -352,7 +352,7 @@ pub fn check_event(e: &StoredEvent, expected_seq: i32, prev: Option<Link<'_>>) -
     };
     let document = canonical_bytes(
         e.hash_version,
-        e.task_id,
+        e.task_id.into_uuid(),
         e.sequence,
         &e.event_type,
         e.event_version,

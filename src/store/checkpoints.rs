@@ -2,10 +2,10 @@
 //! [`write`] is the checkpointer's one step; [`verify`] re-checks every checkpoint and every
 //! head it recorded against the log as it is now.
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
 use sqlx::{FromRow, PgPool};
-use uuid::Uuid;
 
 use super::Result;
 use crate::domain::checkpoint::{check_link, checkpoint_hash, merkle_root, sign, Head, Link};
@@ -104,7 +104,7 @@ pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>
     let horizon: i64 = sqlx::query_scalar("SELECT event_log_horizon()")
         .fetch_one(&mut *tx)
         .await?;
-    let rows: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
+    let rows: Vec<(TaskId, i32, Vec<u8>)> = sqlx::query_as(
         "SELECT DISTINCT ON (task_id) task_id, sequence, hash FROM task_events \
          WHERE position >= $1 AND position < $2 ORDER BY task_id, sequence DESC",
     )
@@ -212,7 +212,7 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
     for (i, c) in list(pool).await?.into_iter().enumerate() {
         report.checkpoints += 1;
         let mut problems = check_link(&c.link(), i as i64 + 1, prev.as_deref(), trusted);
-        let heads: Vec<(Uuid, i32, Vec<u8>)> = sqlx::query_as(
+        let heads: Vec<(TaskId, i32, Vec<u8>)> = sqlx::query_as(
             "SELECT task_id, version, head_hash FROM audit_checkpoint_heads \
              WHERE seq = $1 ORDER BY task_id",
         )
@@ -226,7 +226,7 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
         }
         // a head whose event was archived is checked against the archive (`arnela audit
         // verify --archive`); here it must be covered by its task's anchor
-        let gone: Vec<(Uuid, i32, bool)> = sqlx::query_as(
+        let gone: Vec<(TaskId, i32, bool)> = sqlx::query_as(
             "SELECT h.task_id, h.version, e.hash IS NULL AND EXISTS ( \
                       SELECT FROM task_event_anchors a WHERE a.task_id = h.task_id \
                         AND (a.sequence > h.version \

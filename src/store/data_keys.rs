@@ -1,9 +1,9 @@
 //! The tasks' data keys (migration 15, [`crate::domain::sealing`]): read to open sealed
 //! personal fields, deleted to erase them.
 
+use crate::domain::TaskId;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use uuid::Uuid;
 
 use super::events::StoredEvent;
 use super::tasks::TaskRow;
@@ -15,17 +15,17 @@ use crate::domain::TaskType;
 pub async fn keys(
     conn: &mut sqlx::PgConnection,
     master: &MasterKey,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, DataKey>> {
+    ids: &[TaskId],
+) -> Result<HashMap<TaskId, DataKey>> {
     Ok(load(conn, Some(master), ids).await?.keys)
 }
 
 /// What [`load`] found.
 #[derive(Default)]
 struct Loaded {
-    keys: HashMap<Uuid, DataKey>,
+    keys: HashMap<TaskId, DataKey>,
     /// The ids that have a key row (unwrapped or not).
-    present: HashSet<Uuid>,
+    present: HashSet<TaskId>,
 }
 
 /// Reads the keys of `ids` and unwraps them when this process has the master key. A key that
@@ -34,13 +34,13 @@ struct Loaded {
 async fn load(
     conn: &mut sqlx::PgConnection,
     master: Option<&MasterKey>,
-    ids: &[Uuid],
+    ids: &[TaskId],
 ) -> Result<Loaded> {
     let mut out = Loaded::default();
     if ids.is_empty() {
         return Ok(out);
     }
-    let rows: Vec<(Uuid, Vec<u8>)> =
+    let rows: Vec<(TaskId, Vec<u8>)> =
         sqlx::query_as("SELECT task_id, wrapped_key FROM task_data_keys WHERE task_id = ANY($1)")
             .bind(ids)
             .fetch_all(conn)
@@ -62,7 +62,7 @@ async fn load(
 
 /// One stored data key (wrapped), if any: what a process checks its master key against at
 /// start-up.
-pub async fn any(conn: &mut sqlx::PgConnection) -> Result<Option<(Uuid, Vec<u8>)>> {
+pub async fn any(conn: &mut sqlx::PgConnection) -> Result<Option<(TaskId, Vec<u8>)>> {
     Ok(
         sqlx::query_as("SELECT task_id, wrapped_key FROM task_data_keys LIMIT 1")
             .fetch_optional(conn)
@@ -71,7 +71,7 @@ pub async fn any(conn: &mut sqlx::PgConnection) -> Result<Option<(Uuid, Vec<u8>)
 }
 
 /// Whether `id` still has a data key.
-pub async fn exists(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
+pub async fn exists(conn: &mut sqlx::PgConnection, id: TaskId) -> Result<bool> {
     Ok(
         sqlx::query_scalar("SELECT EXISTS (SELECT FROM task_data_keys WHERE task_id = $1)")
             .bind(id)
@@ -81,7 +81,7 @@ pub async fn exists(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
 }
 
 /// Destroys `id`'s data key; whether there was one.
-pub async fn destroy(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
+pub async fn destroy(conn: &mut sqlx::PgConnection, id: TaskId) -> Result<bool> {
     let done = sqlx::query("DELETE FROM task_data_keys WHERE task_id = $1")
         .bind(id)
         .execute(conn)
@@ -90,7 +90,7 @@ pub async fn destroy(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<bool> {
 }
 
 /// How to show the sealed fields of task `id`.
-fn opening(loaded: &Loaded, id: Uuid) -> Opening<'_> {
+fn opening(loaded: &Loaded, id: TaskId) -> Opening<'_> {
     match loaded.keys.get(&id) {
         Some(key) => Opening::Key(key),
         None if !loaded.present.contains(&id) => Opening::Erased,
@@ -98,7 +98,7 @@ fn opening(loaded: &Loaded, id: Uuid) -> Opening<'_> {
     }
 }
 
-fn corrupt(id: Uuid, e: sealing::SealError) -> StoreError {
+fn corrupt(id: TaskId, e: sealing::SealError) -> StoreError {
     StoreError::Corrupt(format!("task {id}: {e}"))
 }
 
@@ -113,14 +113,13 @@ pub async fn open_rows(
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            let t = r.task_type.parse::<TaskType>().ok()?;
-            sealing::payload_is_sealed(t, &r.payload).then_some((i, t))
+            sealing::payload_is_sealed(r.task_type, &r.payload).then_some((i, r.task_type))
         })
         .collect();
     if sealed.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = sealed.iter().map(|(i, _)| rows[*i].id).collect();
+    let ids: Vec<TaskId> = sealed.iter().map(|(i, _)| rows[*i].id).collect();
     let loaded = load(conn, master, &ids).await?;
     for (i, t) in sealed {
         let row = &mut rows[i];
@@ -162,7 +161,7 @@ pub async fn open_events(
     if sealed.is_empty() {
         return Ok(());
     }
-    let mut ids: Vec<Uuid> = sealed.iter().map(|(i, _)| events[*i].task_id).collect();
+    let mut ids: Vec<TaskId> = sealed.iter().map(|(i, _)| events[*i].task_id).collect();
     ids.sort();
     ids.dedup();
     let loaded = load(conn, master, &ids).await?;
@@ -185,7 +184,7 @@ pub async fn open_events(
 }
 
 /// Seals a provider result of task `id` with its key, when it has one.
-pub fn seal_result(key: Option<&DataKey>, id: Uuid, result: Value) -> Value {
+pub fn seal_result(key: Option<&DataKey>, id: TaskId, result: Value) -> Value {
     match key {
         Some(k) => k.seal(id, sealing::RESULT_FIELD, &result),
         None => result,

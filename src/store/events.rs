@@ -13,19 +13,18 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::FromRow;
-use uuid::Uuid;
 
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{
     canonical_bytes, db_time, event_hash, jsonb_stable, Placement, HASH_VERSION,
 };
-use crate::domain::{Task, TaskEvent, TaskType};
+use crate::domain::{Task, TaskEvent, TaskId, TaskType};
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct StoredEvent {
     pub position: i64,
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub sequence: i32,
     pub event_type: String,
     pub event_version: i16,
@@ -54,7 +53,7 @@ impl StoredEvent {
 /// [`crate::domain::event::event_hash`]).
 #[derive(Debug, Default)]
 pub(crate) struct EventRows {
-    pub task_ids: Vec<Uuid>,
+    pub task_ids: Vec<TaskId>,
     /// The task's type, stored beside each event (outside the hashed content).
     pub task_types: Vec<&'static str>,
     pub sequences: Vec<i32>,
@@ -89,7 +88,7 @@ impl EventRows {
     pub fn push_stream(
         &mut self,
         tx: &mut Tx,
-        (task_id, task_type): (Uuid, TaskType),
+        (task_id, task_type): (TaskId, TaskType),
         first_sequence: i32,
         prev_hash: Option<&[u8]>,
         events: &[TaskEvent],
@@ -106,7 +105,7 @@ impl EventRows {
             jsonb_stable(&mut data);
             let document = canonical_bytes(
                 HASH_VERSION,
-                task_id,
+                task_id.into_uuid(),
                 sequence,
                 event.type_name(),
                 event.version(),
@@ -131,7 +130,7 @@ impl EventRows {
     pub fn push_first(
         &mut self,
         tx: &mut Tx,
-        (task_id, task_type): (Uuid, TaskType),
+        (task_id, task_type): (TaskId, TaskType),
         event: &TaskEvent,
         at: DateTime<Utc>,
     ) {
@@ -141,7 +140,7 @@ impl EventRows {
         jsonb_stable(&mut data);
         self.documents.push(canonical_bytes(
             HASH_VERSION,
-            task_id,
+            task_id.into_uuid(),
             1,
             event.type_name(),
             event.version(),
@@ -154,7 +153,7 @@ impl EventRows {
 
     fn push_row(
         &mut self,
-        (task_id, task_type): (Uuid, TaskType),
+        (task_id, task_type): (TaskId, TaskType),
         sequence: i32,
         event: &TaskEvent,
         data: Value,
@@ -220,8 +219,8 @@ pub async fn record_batch(
     // The rescuer finds running attempts by their expiry in `task_leases`, kept here in the
     // statement that writes the lease itself: a lease taken or moved is upserted, one given up
     // is removed.
-    let mut held: (Vec<Uuid>, Vec<DateTime<Utc>>) = (Vec::new(), Vec::new());
-    let mut freed: Vec<Uuid> = Vec::new();
+    let mut held: (Vec<TaskId>, Vec<DateTime<Utc>>) = (Vec::new(), Vec::new());
+    let mut freed: Vec<TaskId> = Vec::new();
     for ((before, _, _), after) in items.iter().zip(&afters) {
         let lease = |t: &Task| t.lease_owner.and(t.lease_expires_at);
         match (lease(before), lease(after)) {
@@ -346,7 +345,7 @@ pub(crate) const EVENT_COLUMNS: &str = "position, task_id, sequence, event_type,
                              data, occurred_at, recorded_at, prev_hash, hash, hash_version";
 
 /// A task's full history, in order.
-pub async fn history(pool: &sqlx::PgPool, task_id: Uuid) -> Result<Vec<StoredEvent>> {
+pub async fn history(pool: &sqlx::PgPool, task_id: TaskId) -> Result<Vec<StoredEvent>> {
     let sql =
         format!("SELECT {EVENT_COLUMNS} FROM task_events WHERE task_id = $1 ORDER BY sequence");
     Ok(sqlx::query_as(&sql).bind(task_id).fetch_all(pool).await?)

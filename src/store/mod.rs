@@ -32,7 +32,9 @@ pub mod retention;
 pub mod schedules;
 pub mod tasks;
 pub mod transition;
+mod types;
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -51,19 +53,23 @@ pub enum StoreError {
     NotFound(Uuid),
     /// Another writer appended to the task since it was read.
     #[error("task {task_id} changed concurrently (expected version {expected})")]
-    VersionConflict { task_id: Uuid, expected: i32 },
+    VersionConflict { task_id: TaskId, expected: i32 },
     /// The idempotency key is already used by a task with a different request.
     #[error("idempotency key {key:?} is already used by task {existing} with a different request")]
-    IdempotencyConflict { key: String, existing: Uuid },
+    IdempotencyConflict { key: String, existing: TaskId },
     #[error(transparent)]
     Transition(#[from] InvalidTransition),
     /// A requeue would give the task more attempts than a task may have.
     #[error("task {task_id} has had {used} attempts; a task may have at most {max}")]
-    AttemptBudget { task_id: Uuid, used: i32, max: i32 },
+    AttemptBudget {
+        task_id: TaskId,
+        used: i32,
+        max: i32,
+    },
     /// The task's personal fields were stored as they came (before `AUDIT_DATA_KEY` was set):
     /// erasing them would mean rewriting the append-only log.
     #[error("task {0} was stored without a data key: its personal data cannot be erased")]
-    NotErasable(Uuid),
+    NotErasable(TaskId),
     /// A stored row that cannot be read back (an unknown event type, a bad status).
     #[error("corrupt row: {0}")]
     Corrupt(String),

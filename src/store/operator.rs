@@ -4,7 +4,6 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use super::retention;
 use super::tasks::{self, TaskRow};
@@ -12,11 +11,11 @@ use super::transition::{self, Lock, Payload, Target};
 use super::{Result, StoreError, Tx};
 use crate::domain::sealing::payload_is_sealed;
 use crate::domain::task::MAX_TOTAL_ATTEMPTS;
-use crate::domain::{Task, TaskEvent, TaskStatus, TaskType};
+use crate::domain::{Task, TaskEvent, TaskId, TaskStatus, TaskType};
 
 /// Gives a dead task `extra_attempts` more attempts and queues it now; refused when the task
 /// would have more than [`MAX_TOTAL_ATTEMPTS`] in all.
-pub async fn requeue(pool: &PgPool, id: Uuid, extra_attempts: i32, by: &str) -> Result<TaskRow> {
+pub async fn requeue(pool: &PgPool, id: TaskId, extra_attempts: i32, by: &str) -> Result<TaskRow> {
     act(pool, id, |task| {
         let event = task.requeue(extra_attempts, by.to_owned())?;
         if task.attempts + extra_attempts > MAX_TOTAL_ATTEMPTS {
@@ -32,7 +31,7 @@ pub async fn requeue(pool: &PgPool, id: Uuid, extra_attempts: i32, by: &str) -> 
 }
 
 /// Cancels a task that has not ended. Its pending deliveries are removed.
-pub async fn cancel(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result<TaskRow> {
+pub async fn cancel(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Result<TaskRow> {
     act(pool, id, |task| {
         Ok(task.cancel(reason.clone(), by.to_owned())?)
     })
@@ -52,16 +51,13 @@ pub enum Erasure {
 /// Erases task `id`'s personal data: destroys its data key and records `erased` (see
 /// [`Task::erase`]), in one transaction. Refused for a running task, and for a task stored
 /// before its fields were sealed (nothing could erase them without rewriting the log).
-pub async fn erase(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result<Erasure> {
+pub async fn erase(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Result<Erasure> {
     let mut tx = Tx::begin(pool).await?;
     let row = match tasks::get_for_update(&mut tx, id).await {
         Err(StoreError::NotFound(_)) => return erase_retired(tx, id, reason, by).await,
         found => found?,
     };
-    let sealed = row
-        .task_type
-        .parse::<TaskType>()
-        .is_ok_and(|t| payload_is_sealed(t, &row.payload));
+    let sealed = payload_is_sealed(row.task_type, &row.payload);
     if !super::data_keys::exists(tx.conn(), id).await? {
         tx.rollback().await?;
         return if sealed {
@@ -84,15 +80,12 @@ pub async fn erase(pool: &PgPool, id: Uuid, reason: String, by: &str) -> Result<
 
 /// [`erase`] for a task retention moved out of the projection (its head is in
 /// `retired_tasks`, and it has finished, so nothing is cancelled first).
-async fn erase_retired(mut tx: Tx, id: Uuid, reason: String, by: &str) -> Result<Erasure> {
+async fn erase_retired(mut tx: Tx, id: TaskId, reason: String, by: &str) -> Result<Erasure> {
     let Some(mut task) = retention::retired_for_update(&mut tx, id).await? else {
         tx.rollback().await?;
-        return Err(StoreError::NotFound(id));
+        return Err(StoreError::NotFound(id.into()));
     };
-    let task_type: TaskType = task
-        .task_type
-        .parse()
-        .map_err(|_| StoreError::Corrupt(format!("task {id} has type {:?}", task.task_type)))?;
+    let task_type = task.task_type;
     if !super::data_keys::exists(tx.conn(), id).await? {
         let erased = retention::was_erased(tx.conn(), id).await?;
         tx.rollback().await?;
@@ -126,7 +119,7 @@ async fn erase_retired(mut tx: Tx, id: Uuid, reason: String, by: &str) -> Result
     Ok(Erasure::Erased(task.into_row(true)))
 }
 
-async fn act<F>(pool: &PgPool, id: Uuid, decide: F) -> Result<TaskRow>
+async fn act<F>(pool: &PgPool, id: TaskId, decide: F) -> Result<TaskRow>
 where
     F: Fn(&Task) -> Result<TaskEvent>,
 {
@@ -138,7 +131,7 @@ where
     )
     .await?;
     if !applied.missing.is_empty() {
-        return Err(StoreError::NotFound(id));
+        return Err(StoreError::NotFound(id.into()));
     }
     let row = tasks::get_for_update(&mut tx, id).await?;
     tx.commit().await?;
@@ -181,7 +174,7 @@ const BULK_CHUNK: usize = 500;
 
 /// The ids of the dead letters `filter` matches, oldest first. `tasks` has no index on the
 /// status (see migration 7), so this reads the table: an operator's action, not a hot path.
-pub async fn dead_letters(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<Uuid>> {
+pub async fn dead_letters(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<TaskId>> {
     let mut tx = Tx::begin_scan(pool).await?;
     let ids = sqlx::query_scalar(
         "SELECT id FROM tasks WHERE status = $1 \
@@ -211,7 +204,7 @@ pub async fn bulk(
     action: &DeadAction,
     by: &str,
     dry_run: bool,
-) -> Result<(Bulk, Vec<Uuid>)> {
+) -> Result<(Bulk, Vec<TaskId>)> {
     let ids = dead_letters(pool, filter).await?;
     let mut outcome = Bulk {
         matched: ids.len() as u64,

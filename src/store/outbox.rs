@@ -9,9 +9,9 @@
 //! derives from the events). Published rows are thus exactly what Redis should hold, which is
 //! what [`republish_all`] and the rescuer's check against `{prefix}:tasks:transit` rely on.
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool};
-use uuid::Uuid;
 
 use super::{Result, Tx};
 
@@ -19,7 +19,7 @@ use super::{Result, Tx};
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct DueRow {
     pub id: i64,
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub attempt: i32,
 }
 
@@ -71,13 +71,13 @@ pub async fn delete(tx: &mut Tx, ids: &[i64]) -> Result<()> {
 #[derive(Debug, Default)]
 pub(crate) struct Effects {
     /// Tasks whose pending deliveries are no longer wanted (claimed, cancelled, dead, requeued).
-    pub used: Vec<Uuid>,
+    pub used: Vec<TaskId>,
     /// New deliveries `(task, attempt, due)`.
-    pub added: Vec<(Uuid, i32, DateTime<Utc>)>,
+    pub added: Vec<(TaskId, i32, DateTime<Utc>)>,
 }
 
 impl Effects {
-    pub fn add(&mut self, task: Uuid, attempt: i32, due: DateTime<Utc>) {
+    pub fn add(&mut self, task: TaskId, attempt: i32, due: DateTime<Utc>) {
         self.added.push((task, attempt, due));
     }
 }
@@ -135,7 +135,7 @@ pub async fn republish_ids(pool: &PgPool, ids: &[i64]) -> Result<u64> {
 }
 
 /// Marks one task's published delivery of `attempt` unpublished (it was lost in transit).
-pub async fn republish(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<u64> {
+pub async fn republish(pool: &PgPool, task_id: TaskId, attempt: i32) -> Result<u64> {
     Ok(sqlx::query(
         "UPDATE outbox SET published_at = NULL \
          WHERE task_id = $1 AND attempt = $2 AND published_at IS NOT NULL",
@@ -151,7 +151,7 @@ pub async fn republish(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<u64
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct PublishedRow {
     pub id: i64,
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub attempt: i32,
     pub task_type: String,
     pub published_at: DateTime<Utc>,
@@ -204,7 +204,7 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
 /// `None` when no published row of it exists (the task was claimed, cancelled or finished, or
 /// the delivery belongs to another database). Of two published rows of the same attempt, the
 /// earlier counts.
-pub async fn published_age(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result<Option<f64>> {
+pub async fn published_age(pool: &PgPool, task_id: TaskId, attempt: i32) -> Result<Option<f64>> {
     Ok(sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - min(published_at))::float8 \
          FROM outbox WHERE task_id = $1 AND attempt = $2 AND published_at IS NOT NULL",
@@ -217,8 +217,8 @@ pub async fn published_age(pool: &PgPool, task_id: Uuid, attempt: i32) -> Result
 
 /// Gives deliveries back to the outbox unpublished: `(task, attempt)` pairs a worker took from
 /// Redis but will not claim (their type is paused). The relays publish them again once they may.
-pub async fn unpublish(tx: &mut Tx, deliveries: &[(Uuid, i32)]) -> Result<u64> {
-    let (tasks, attempts): (Vec<Uuid>, Vec<i32>) = deliveries.iter().copied().unzip();
+pub async fn unpublish(tx: &mut Tx, deliveries: &[(TaskId, i32)]) -> Result<u64> {
+    let (tasks, attempts): (Vec<TaskId>, Vec<i32>) = deliveries.iter().copied().unzip();
     Ok(sqlx::query(
         "UPDATE outbox o SET published_at = NULL \
          FROM UNNEST($1::uuid[], $2::int4[]) AS d(task_id, attempt) \

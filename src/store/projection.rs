@@ -14,21 +14,25 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{FromRow, PgPool};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgPool, Row};
 use std::collections::BTreeMap;
-use uuid::Uuid;
 
 use super::{Result, Tx};
+use crate::domain::{EventType, TaskId, TaskType};
 
 /// The next batch of the log (up to `limit` events after the checkpoint, below the commit-safe
 /// horizon, in log order) as the totals projector needs it: counted in SQL per task type, event
 /// type and attempt duration, so a batch of a thousand events comes back as a handful of rows
 /// (the type is stored with each event: no lookup per event).
-#[derive(Debug, Clone, PartialEq, FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventCount {
-    /// The task's type (from its projection row, else from its `enqueued` event).
+    /// The task's type (from its projection row, else from its `enqueued` event), as stored:
+    /// the totals keep a row for any name, known to this version or not.
     pub task_type: Option<String>,
-    pub event_type: String,
+    /// `None` for a type this version does not know (a newer one wrote it): such events count
+    /// nowhere, and do not hold up the projection.
+    pub event_type: Option<EventType>,
     /// `duration_ms` of `attempt_succeeded` and `attempt_failed` events.
     pub duration_ms: Option<i64>,
     pub count: i64,
@@ -37,14 +41,28 @@ pub struct EventCount {
     pub batch_events: i64,
 }
 
+impl FromRow<'_, PgRow> for EventCount {
+    fn from_row(row: &PgRow) -> sqlx::Result<Self> {
+        let event_type: &str = row.try_get("event_type")?;
+        Ok(EventCount {
+            task_type: row.try_get("task_type")?,
+            event_type: event_type.parse().ok(),
+            duration_ms: row.try_get("duration_ms")?,
+            count: row.try_get("count")?,
+            last_position: row.try_get("last_position")?,
+            batch_events: row.try_get("batch_events")?,
+        })
+    }
+}
+
 /// The next batch of the log as the cache-invalidation projector needs it: one row per task
 /// with an event in the batch, and for a task that succeeded in it, its type, enqueued payload
 /// and `invalidates` (the only event that invalidates more than the task's own key).
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct TaskTouched {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub succeeded: bool,
-    pub task_type: Option<String>,
+    pub task_type: Option<TaskType>,
     pub payload: Option<Value>,
     pub invalidates: Option<Value>,
     /// The batch's last position and its number of events (the same on every row).
@@ -162,19 +180,23 @@ pub struct TypeTotals {
 }
 
 impl TypeTotals {
-    /// Adds `n` events of the type `event_type` (unknown types count nowhere).
-    pub fn count(&mut self, event_type: &str, n: i64) {
-        match event_type {
-            "enqueued" => self.enqueued += n,
-            "attempt_started" => self.attempts_started += n,
-            "attempt_succeeded" => self.succeeded += n,
-            "attempt_failed" => self.attempts_failed += n,
-            "retry_scheduled" => self.retries += n,
-            "dead_lettered" => self.dead += n,
-            "cancelled" => self.cancelled += n,
-            "requeued" => self.requeued += n,
-            _ => {}
-        }
+    /// Adds `n` events of the type `event_type`.
+    pub fn count(&mut self, event_type: EventType, n: i64) {
+        let total = match event_type {
+            EventType::Enqueued => &mut self.enqueued,
+            EventType::AttemptStarted => &mut self.attempts_started,
+            EventType::AttemptSucceeded => &mut self.succeeded,
+            EventType::AttemptFailed => &mut self.attempts_failed,
+            EventType::RetryScheduled => &mut self.retries,
+            EventType::DeadLettered => &mut self.dead,
+            EventType::Cancelled => &mut self.cancelled,
+            EventType::Requeued => &mut self.requeued,
+            EventType::Dispatched
+            | EventType::AttemptReleased
+            | EventType::AttemptStopped
+            | EventType::Erased => return,
+        };
+        *total += n;
     }
 }
 
@@ -356,7 +378,7 @@ mod tests {
             "attempt_started",
             "attempt_succeeded",
         ] {
-            t.count(e, 1);
+            t.count(e.parse().unwrap(), 1);
         }
         assert_eq!(
             (

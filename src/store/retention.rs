@@ -133,9 +133,9 @@ pub async fn retire_finished(pool: &PgPool, older_than: DateTime<Utc>, limit: i6
 /// A retired task's head: what the projection row said of its chain when it was removed.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct RetiredTask {
-    pub id: uuid::Uuid,
-    pub task_type: String,
-    pub status: String,
+    pub id: crate::domain::TaskId,
+    pub task_type: crate::domain::TaskType,
+    pub status: crate::domain::TaskStatus,
     pub owner: String,
     pub attempts: i32,
     pub max_attempts: i32,
@@ -187,7 +187,7 @@ const RETIRED_COLUMNS: &str = "id, task_type, status, owner, attempts, max_attem
     version, last_hash, created_at, updated_at, retired_at";
 
 /// The retired task `id`, if retention removed its projection row.
-pub async fn retired(pool: &PgPool, id: uuid::Uuid) -> Result<Option<RetiredTask>> {
+pub async fn retired(pool: &PgPool, id: crate::domain::TaskId) -> Result<Option<RetiredTask>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {RETIRED_COLUMNS} FROM retired_tasks WHERE id = $1"
     ))
@@ -199,7 +199,7 @@ pub async fn retired(pool: &PgPool, id: uuid::Uuid) -> Result<Option<RetiredTask
 /// The retired task `id`, locked for an append to its chain.
 pub(crate) async fn retired_for_update(
     tx: &mut super::Tx,
-    id: uuid::Uuid,
+    id: crate::domain::TaskId,
 ) -> Result<Option<RetiredTask>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {RETIRED_COLUMNS} FROM retired_tasks WHERE id = $1 FOR UPDATE"
@@ -224,7 +224,7 @@ pub(crate) async fn advance_retired(tx: &mut super::Tx, task: &RetiredTask) -> R
 }
 
 /// The archive holding task `id`'s newest archived event, if any of its history was archived.
-pub async fn archived_in(pool: &PgPool, id: uuid::Uuid) -> Result<Option<String>> {
+pub async fn archived_in(pool: &PgPool, id: crate::domain::TaskId) -> Result<Option<String>> {
     Ok(sqlx::query_scalar(
         "SELECT archive FROM task_event_anchors WHERE task_id = $1 ORDER BY sequence DESC LIMIT 1",
     )
@@ -234,7 +234,10 @@ pub async fn archived_in(pool: &PgPool, id: uuid::Uuid) -> Result<Option<String>
 }
 
 /// Whether task `id`'s history records an erasure (in the partitions still here).
-pub(crate) async fn was_erased(conn: &mut sqlx::PgConnection, id: uuid::Uuid) -> Result<bool> {
+pub(crate) async fn was_erased(
+    conn: &mut sqlx::PgConnection,
+    id: crate::domain::TaskId,
+) -> Result<bool> {
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT FROM task_events WHERE task_id = $1 AND event_type = 'erased')",
     )

@@ -9,6 +9,7 @@
 //! one's task back from the idempotency key. A process that dies mid-step commits nothing, so the
 //! slot is still due for the next step of any process.
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use sqlx::{FromRow, PgPool};
@@ -409,7 +410,7 @@ pub async fn history(pool: &PgPool, id: Uuid) -> Result<Vec<ScheduleEvent>> {
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct Run {
     pub slot: DateTime<Utc>,
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub status: Option<String>,
 }
 

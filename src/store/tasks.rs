@@ -16,15 +16,15 @@ use super::events::EventRows;
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{db_time, HASH_VERSION};
 use crate::domain::sealing::{seal_payload, DataKey, MasterKey};
-use crate::domain::{NewTask, Task, TaskEvent, TaskStatus, TaskType, TraceContext};
+use crate::domain::{NewTask, Task, TaskEvent, TaskId, TaskStatus, TaskType, TraceContext};
 
 /// A row of the `tasks` projection.
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct TaskRow {
-    pub id: Uuid,
-    pub task_type: String,
+    pub id: TaskId,
+    pub task_type: TaskType,
     pub payload: Value,
-    pub status: String,
+    pub status: TaskStatus,
     pub attempts: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
@@ -57,18 +57,12 @@ pub(crate) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb A
 impl TaskRow {
     /// The domain state held by this row and the hash the task's next event chains to, without
     /// copying the payload.
-    pub fn into_task(self) -> Result<(Task, Vec<u8>)> {
-        let corrupt = |what: String| StoreError::Corrupt(format!("task {}: {what}", self.id));
-        let task_type = self
-            .task_type
-            .parse::<TaskType>()
-            .map_err(|e| corrupt(e.to_string()))?;
-        let status = self.status.parse::<TaskStatus>().map_err(corrupt)?;
+    pub fn into_task(self) -> (Task, Vec<u8>) {
         let task = Task {
             id: self.id,
-            task_type,
+            task_type: self.task_type,
             payload: self.payload,
-            status,
+            status: self.status,
             attempts: self.attempts,
             max_attempts: self.max_attempts,
             run_at: self.run_at,
@@ -84,35 +78,12 @@ impl TaskRow {
                 tracestate: self.tracestate,
             }),
         };
-        Ok((task, self.last_hash))
+        (task, self.last_hash)
     }
 
     /// The domain state held by this row.
-    pub fn to_task(&self) -> Result<Task> {
-        let corrupt = |what: String| StoreError::Corrupt(format!("task {}: {what}", self.id));
-        Ok(Task {
-            id: self.id,
-            task_type: self
-                .task_type
-                .parse::<TaskType>()
-                .map_err(|e| corrupt(e.to_string()))?,
-            payload: self.payload.clone(),
-            status: self.status.parse::<TaskStatus>().map_err(corrupt)?,
-            attempts: self.attempts,
-            max_attempts: self.max_attempts,
-            run_at: self.run_at,
-            idempotency_key: self.idempotency_key.clone(),
-            last_error: self.last_error.clone(),
-            lease_owner: self.lease_owner,
-            lease_expires_at: self.lease_expires_at,
-            version: self.version,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            trace: self.traceparent.clone().map(|traceparent| TraceContext {
-                traceparent,
-                tracestate: self.tracestate.clone(),
-            }),
-        })
+    pub fn to_task(&self) -> Task {
+        self.clone().into_task().0
     }
 }
 
@@ -156,7 +127,7 @@ pub async fn enqueue(
     let mut types = Vec::with_capacity(requests.len());
     let mut payloads = Vec::with_capacity(requests.len());
     let mut plain_payloads = Vec::with_capacity(requests.len());
-    let mut wrapped_keys: (Vec<Uuid>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
+    let mut wrapped_keys: (Vec<TaskId>, Vec<Vec<u8>>) = (Vec::new(), Vec::new());
     let mut max_attempts = Vec::with_capacity(requests.len());
     let mut run_ats = Vec::with_capacity(requests.len());
     let mut keys = Vec::with_capacity(requests.len());
@@ -183,7 +154,7 @@ pub async fn enqueue(
             by_key.insert((req.owner.as_str(), key), i);
         }
         first_of_key.push(None);
-        let id = Uuid::now_v7();
+        let id = TaskId::new();
         ids.push(id);
         let mut event = Task::enqueue(req.clone());
         let mut payload = req.payload.as_json().clone();
@@ -216,7 +187,7 @@ pub async fn enqueue(
     // position, assigned here, and `now()`: both are computed once per row in `input` and shared
     // by the task row and its event. Spelled out rather than calling the function, which
     // Postgres would run as a function call of its own for every row.
-    let inserted: Vec<(Uuid, i64, Vec<u8>)> = sqlx::query_as(
+    let inserted: Vec<(TaskId, i64, Vec<u8>)> = sqlx::query_as(
         "WITH stamp AS ( \
            SELECT int8send((extract(epoch FROM now()) * 1000000)::bigint) AS recorded \
          ), input AS MATERIALIZED ( \
@@ -278,11 +249,11 @@ pub async fn enqueue(
 
     // The rows just written are rebuilt from what was sent rather than read back: only the
     // position, which the database assigns, comes back.
-    let mut positions: HashMap<Uuid, (i64, Vec<u8>)> = inserted
+    let mut positions: HashMap<TaskId, (i64, Vec<u8>)> = inserted
         .into_iter()
         .map(|(id, position, hash)| (id, (position, hash)))
         .collect();
-    let mut created: HashMap<Uuid, TaskRow> = HashMap::with_capacity(positions.len());
+    let mut created: HashMap<TaskId, TaskRow> = HashMap::with_capacity(positions.len());
     let unique = requests
         .iter()
         .zip(&first_of_key)
@@ -296,9 +267,9 @@ pub async fn enqueue(
             *id,
             TaskRow {
                 id: *id,
-                task_type: req.task_type.as_str().to_owned(),
+                task_type: req.task_type,
                 payload: std::mem::take(&mut plain_payloads[k]),
-                status: TaskStatus::Queued.as_str().to_owned(),
+                status: TaskStatus::Queued,
                 attempts: 0,
                 max_attempts: req.max_attempts,
                 run_at: run_ats[k],
@@ -369,8 +340,7 @@ pub async fn enqueue(
                     "idempotency key {key:?} conflicted but has no holder"
                 ))
             })?;
-        let same =
-            holder.task_type == req.task_type.as_str() && &holder.payload == req.payload.as_json();
+        let same = holder.task_type == req.task_type && &holder.payload == req.payload.as_json();
         if !same {
             return Err(StoreError::IdempotencyConflict {
                 key,
@@ -384,7 +354,7 @@ pub async fn enqueue(
 }
 
 /// The ids of the rows to insert: the requests that are not repeats within the call.
-fn ids_unique(ids: &[Uuid], first_of_key: &[Option<usize>]) -> Vec<Uuid> {
+fn ids_unique(ids: &[TaskId], first_of_key: &[Option<usize>]) -> Vec<TaskId> {
     ids.iter()
         .zip(first_of_key)
         .filter(|(_, f)| f.is_none())
@@ -393,7 +363,7 @@ fn ids_unique(ids: &[Uuid], first_of_key: &[Option<usize>]) -> Vec<Uuid> {
 }
 
 /// The current state of one task.
-pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<TaskRow>> {
+pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<TaskRow>> {
     Ok(
         sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
             .bind(id)
@@ -403,14 +373,14 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<TaskRow>> {
 }
 
 /// Reads a task for update in `tx` (locks the row until the transaction ends).
-pub async fn get_for_update(tx: &mut Tx, id: Uuid) -> Result<TaskRow> {
+pub async fn get_for_update(tx: &mut Tx, id: TaskId) -> Result<TaskRow> {
     sqlx::query_as(&format!(
         "SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE"
     ))
     .bind(id)
     .fetch_optional(tx.conn())
     .await?
-    .ok_or(StoreError::NotFound(id))
+    .ok_or(StoreError::NotFound(id.into()))
 }
 
 /// Filters of the task listing; `None` means "any".
@@ -460,7 +430,7 @@ pub async fn list(
 }
 
 /// Reads several tasks without locking them.
-pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<TaskRow>> {
+pub async fn get_many(pool: &PgPool, ids: &[TaskId]) -> Result<Vec<TaskRow>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"
     ))
@@ -514,10 +484,10 @@ pub async fn index_leases(pool: &PgPool) -> Result<u64> {
 /// handler must stop).
 pub async fn renew_leases(
     pool: &PgPool,
-    attempts: &[(Uuid, i32)],
+    attempts: &[(TaskId, i32)],
     worker: Uuid,
     lease: std::time::Duration,
-) -> Result<Vec<(Uuid, i32)>> {
+) -> Result<Vec<(TaskId, i32)>> {
     Ok(sqlx::query_as(
         "WITH renewed AS ( \
            UPDATE tasks t SET lease_expires_at = now() + $4 \

@@ -25,12 +25,13 @@
 //! for the task; the relay finds the task no longer waiting and drops the row itself.
 
 use chrono::{DateTime, Utc};
-use sqlx::FromRow;
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, Row};
 use uuid::Uuid;
 
 use super::tasks::{TaskRow, TASK_COLUMNS, TASK_COLUMNS_NO_PAYLOAD};
 use super::{events, outbox, Result, Tx};
-use crate::domain::{Task, TaskEvent};
+use crate::domain::{Task, TaskEvent, TaskId};
 
 /// How rows that another transaction holds are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +53,7 @@ pub enum Payload {
 #[derive(Debug, Clone, Copy)]
 pub enum Target<'a> {
     /// These tasks (missing ones are reported as `missing`).
-    Ids(&'a [Uuid], Lock, Payload),
+    Ids(&'a [TaskId], Lock, Payload),
     /// Up to `limit` running attempts whose lease ran out, oldest first, skipping locked rows
     /// and attempts of `live_owners` (worker processes whose heartbeat is current: they record
     /// the outcome themselves once they reach the database again) whose lease ran out less than
@@ -84,18 +85,18 @@ pub struct Applied {
     /// Tasks that changed, in id order.
     pub changed: Vec<Changed>,
     /// Tasks locked whose `decide` returned no events.
-    pub unchanged: Vec<Uuid>,
+    pub unchanged: Vec<TaskId>,
     /// Tasks whose row could not be read (logged; left as they are).
-    pub unreadable: Vec<Uuid>,
+    pub unreadable: Vec<TaskId>,
     /// Requested tasks that do not exist (with [`Lock::SkipLocked`], also those held elsewhere).
-    pub missing: Vec<Uuid>,
+    pub missing: Vec<TaskId>,
     /// Copies for the failed list, to push after commit.
     pub dead_letters: Vec<DeadLetter>,
 }
 
 impl Applied {
     /// The change of one task, if it changed.
-    pub fn get(&self, id: Uuid) -> Option<&Changed> {
+    pub fn get(&self, id: TaskId) -> Option<&Changed> {
         self.changed
             .binary_search_by(|c| c.after.id.cmp(&id))
             .ok()
@@ -103,14 +104,10 @@ impl Applied {
     }
 }
 
-#[derive(FromRow)]
-struct LockedRow {
-    #[sqlx(flatten)]
-    row: TaskRow,
-    db_now: DateTime<Utc>,
-    /// The transaction's position of slot 0, read with the lock so that hashing the events
-    /// costs no round trip of its own (see [`Tx::placement_base`]).
-    position_base: i64,
+/// The database's clock and the transaction's position of slot 0, read with the lock so that
+/// hashing the events costs no round trip of its own (see [`Tx::placement_base`]).
+fn clock(row: &PgRow) -> sqlx::Result<(DateTime<Utc>, i64)> {
+    Ok((row.try_get("db_now")?, row.try_get("position_base")?))
 }
 
 /// Locks the target tasks, asks `decide` for each one's events (`None` or an empty list: no
@@ -120,8 +117,8 @@ pub async fn apply<F>(tx: &mut Tx, target: Target<'_>, mut decide: F) -> Result<
 where
     F: FnMut(&Task, DateTime<Utc>) -> Result<Option<Vec<TaskEvent>>>,
 {
-    let (locked, requested) = lock(tx, target).await?;
-    let Some((now, base)) = locked.first().map(|l| (l.db_now, l.position_base)) else {
+    let (rows, requested) = lock(tx, target).await?;
+    let Some((now, base)) = rows.first().map(clock).transpose()? else {
         return Ok(Applied {
             now: super::tasks::db_now(tx).await?,
             missing: requested,
@@ -134,23 +131,29 @@ where
         ..Applied::default()
     };
     if !requested.is_empty() {
-        let found: std::collections::HashSet<Uuid> = locked.iter().map(|l| l.row.id).collect();
+        let found = rows
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<sqlx::Result<std::collections::HashSet<TaskId>>>()?;
         applied.missing = requested
             .into_iter()
             .filter(|id| !found.contains(id))
             .collect();
     }
-    let mut items = Vec::with_capacity(locked.len());
-    for LockedRow { row, .. } in locked {
-        let id = row.id;
-        let (task, last_hash) = match row.into_task() {
-            Ok(t) => t,
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows {
+        // a row that does not decode (a type or status this version does not know) is left
+        // as it is; the others go on
+        let (task, last_hash) = match TaskRow::from_row(&r) {
+            Ok(row) => row.into_task(),
             Err(e) => {
-                tracing::error!(error = %e, "skipping an unreadable task");
+                let id: TaskId = r.try_get("id")?;
+                tracing::error!(task.id = %id, error = %e, "skipping an unreadable task");
                 applied.unreadable.push(id);
                 continue;
             }
         };
+        let id = task.id;
         match decide(&task, now)? {
             Some(events) if !events.is_empty() => items.push((task, last_hash, events)),
             _ => applied.unchanged.push(id),
@@ -203,7 +206,7 @@ where
 }
 
 /// Locks the target rows in id order; returns them and the ids asked for.
-async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uuid>)> {
+async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<PgRow>, Vec<TaskId>)> {
     Ok(match target {
         Target::Ids(ids, lock, payload) => {
             let mut ids = ids.to_vec();
@@ -218,7 +221,7 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
                 Payload::Load => TASK_COLUMNS,
                 Payload::Skip => TASK_COLUMNS_NO_PAYLOAD,
             };
-            let rows = sqlx::query_as(&format!(
+            let rows = sqlx::query(&format!(
                 "SELECT {columns}, now() AS db_now, event_position(0) AS position_base FROM tasks \
                  WHERE id = ANY($1) ORDER BY id FOR UPDATE{skip}"
             ))
@@ -232,7 +235,7 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<LockedRow>, Vec<Uu
             live_owners,
             live_grace,
         } => {
-            let rows = sqlx::query_as(&format!(
+            let rows = sqlx::query(&format!(
                 "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now, \
                         event_position(0) AS position_base \
                  FROM task_leases l JOIN tasks ON tasks.id = l.task_id \

@@ -1,19 +1,19 @@
 //! The handler contract: what a handler gets, what it answers, and the registry that maps task
 //! types to handlers and time limits.
 
+use crate::domain::TaskId;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use uuid::Uuid;
 
 use crate::domain::TaskType;
 
 /// What a handler is given.
 #[derive(Debug, Clone)]
 pub struct TaskContext {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub task_type: TaskType,
     /// 1 for the first attempt.
     pub attempt: i32,

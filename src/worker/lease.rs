@@ -15,6 +15,7 @@
 //! soon take the attempts over) is every token cancelled, so that no attempt runs here and
 //! elsewhere at once.
 
+use crate::domain::TaskId;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use uuid::Uuid;
 use crate::store::tasks;
 
 /// An attempt: task id and attempt number.
-pub type AttemptKey = (Uuid, i32);
+pub type AttemptKey = (TaskId, i32);
 
 /// When the process's heartbeat last reached Redis (shared by the heartbeat loop and the
 /// renewer).

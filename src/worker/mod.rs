@@ -37,6 +37,7 @@ mod skip;
 
 pub use pool::{WorkerPool, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 
+use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use redis::aio::ConnectionManager;
@@ -110,29 +111,29 @@ pub struct WorkerStats {
 pub enum Processed {
     /// No delivery arrived within the block time.
     Idle,
-    Succeeded(Uuid),
+    Succeeded(TaskId),
     /// Failed; the next attempt is scheduled.
-    Retrying(Uuid),
-    DeadLettered(Uuid),
+    Retrying(TaskId),
+    DeadLettered(TaskId),
     /// The delivery was for an attempt that cannot start (already running, finished, cancelled,
     /// not yet due): dropped.
-    Duplicate(Uuid),
+    Duplicate(TaskId),
     /// The worker lost its lease before it could record the outcome: nothing was recorded.
-    Fenced(Uuid),
+    Fenced(TaskId),
     /// Shutdown stopped the handler; the attempt was released to run again.
-    Released(Uuid),
+    Released(TaskId),
     /// Shutdown began after the delivery was taken: it went back to the queue unstarted.
-    Returned(Uuid),
+    Returned(TaskId),
     /// The task was cancelled while the attempt ran: its outcome was recorded, nothing more.
-    CancelledWhileRunning(Uuid),
+    CancelledWhileRunning(TaskId),
     /// The delivery could not be decoded; it was moved to the failed list.
     Undecodable,
     /// The delivery's task is not in this database: it was put back on the queue for the
     /// deployment whose database holds it.
-    Skipped(Uuid),
+    Skipped(TaskId),
     /// The delivery's task type is paused: the delivery went back to the outbox unpublished,
     /// and the relays publish it again once the type is resumed.
-    Paused(Uuid),
+    Paused(TaskId),
 }
 
 /// Takes deliveries, claims them, runs their handlers and records their outcomes. A
@@ -322,11 +323,11 @@ impl Worker {
             return Ok((Vec::new(), done));
         }
         // the attempt each task's first delivery in the batch names (a second one is a duplicate)
-        let mut wanted: HashMap<Uuid, i32> = HashMap::with_capacity(deliveries.len());
+        let mut wanted: HashMap<TaskId, i32> = HashMap::with_capacity(deliveries.len());
         for (_, d) in &deliveries {
             wanted.entry(d.task_id).or_insert(d.attempt);
         }
-        let ids: Vec<Uuid> = wanted.keys().copied().collect();
+        let ids: Vec<TaskId> = wanted.keys().copied().collect();
         let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
 
         let mut tx = Tx::begin(&self.pool).await?;
@@ -352,12 +353,12 @@ impl Worker {
         }
         let keys = self.data_keys(&mut tx, &applied).await?;
         tx.commit().await?;
-        let held: HashSet<Uuid> = held.into_iter().map(|(id, _)| id).collect();
+        let held: HashSet<TaskId> = held.into_iter().map(|(id, _)| id).collect();
 
         let mut claimed = Vec::new();
         let mut refused = Vec::new();
         // a task this database does not hold is another deployment's: never dropped
-        let missing: HashSet<Uuid> = applied.missing.iter().copied().collect();
+        let missing: HashSet<TaskId> = applied.missing.iter().copied().collect();
         let mut unknown = Vec::new();
         let mut given_back = Vec::new();
         let mut used = HashSet::with_capacity(applied.changed.len());
@@ -445,11 +446,11 @@ impl Worker {
         &self,
         tx: &mut Tx,
         applied: &transition::Applied,
-    ) -> Result<HashMap<Uuid, DataKey>> {
+    ) -> Result<HashMap<TaskId, DataKey>> {
         let Some(master) = self.config.data_key.as_deref() else {
             return Ok(HashMap::new());
         };
-        let sealed: Vec<Uuid> = applied
+        let sealed: Vec<TaskId> = applied
             .changed
             .iter()
             .filter(|c| payload_is_sealed(c.after.task_type, &c.after.payload))
@@ -547,12 +548,12 @@ impl Worker {
         if finished.is_empty() {
             return Ok(Vec::new());
         }
-        let by_id: HashMap<Uuid, &Finished> = finished
+        let by_id: HashMap<TaskId, &Finished> = finished
             .iter()
             .map(|f| (f.claimed.ctx.task_id, f))
             .collect();
-        let ids: Vec<Uuid> = by_id.keys().copied().collect();
-        let mut outcomes: HashMap<Uuid, Processed> = HashMap::with_capacity(ids.len());
+        let ids: Vec<TaskId> = by_id.keys().copied().collect();
+        let mut outcomes: HashMap<TaskId, Processed> = HashMap::with_capacity(ids.len());
         let mut tx = Tx::begin(&self.pool).await?;
         let applied = transition::apply(
             &mut tx,

@@ -14,6 +14,7 @@
 //! could start, and an attempt never waits long between its `attempt_started` and its handler.
 //! A claimed attempt that has not started when shutdown begins is released at once.
 
+use crate::domain::TaskId;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -408,7 +409,7 @@ async fn complete_loop(
         }
         let (finished, permits): (Vec<Finished>, Vec<OwnedSemaphorePermit>) =
             batch.into_iter().unzip();
-        let keys: Vec<(Uuid, i32)> = finished
+        let keys: Vec<(TaskId, i32)> = finished
             .iter()
             .map(|f| (f.claimed.ctx.task_id, f.claimed.ctx.attempt))
             .collect();

@@ -3,10 +3,10 @@
 //! [`crate::binding`]; this is the second line of defence when that is broken, e.g. by a
 //! process of an older build). And deliveries of paused task types, given back to the outbox.
 
+use crate::domain::TaskId;
 use redis::aio::ConnectionManager;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use uuid::Uuid;
 
 use super::{Claimed, Processed, Worker};
 use crate::metrics::SkipReason;
@@ -24,7 +24,7 @@ impl Worker {
     pub(super) async fn leave_unknown(
         &self,
         conn: &mut ConnectionManager,
-        unknown: Vec<(String, Uuid)>,
+        unknown: Vec<(String, TaskId)>,
     ) -> Vec<Processed> {
         if unknown.is_empty() {
             return Vec::new();
@@ -50,7 +50,7 @@ impl Worker {
     pub(super) async fn give_back_paused(
         &self,
         conn: &mut ConnectionManager,
-        given_back: Vec<(String, Uuid)>,
+        given_back: Vec<(String, TaskId)>,
     ) -> Vec<Processed> {
         if given_back.is_empty() {
             return Vec::new();

@@ -1,6 +1,7 @@
 //! History, the global log in commit-safe order, paging, and the tamper-evident hash chain.
 
 use crate::common;
+use arnela::domain::TaskId;
 
 use arnela::domain::{NewTask, TaskType};
 use arnela::store::{audit, events, tasks, Tx};
@@ -32,11 +33,11 @@ fn new_sms(message: &str) -> NewTask {
 }
 
 /// Appends `dispatched` events to a task through the store, as the relay will.
-async fn dispatch(pool: &PgPool, id: Uuid, times: usize) {
+async fn dispatch(pool: &PgPool, id: TaskId, times: usize) {
     for _ in 0..times {
         let mut tx = Tx::begin(pool).await.unwrap();
         let row = tasks::get_for_update(&mut tx, id).await.unwrap();
-        let task = row.to_task().unwrap();
+        let task = row.to_task();
         let event = task.dispatch(1).unwrap();
         events::record(&mut tx, &task, &row.last_hash, &[event], Utc::now())
             .await
@@ -49,7 +50,7 @@ async fn dispatch(pool: &PgPool, id: Uuid, times: usize) {
 async fn a_task_history_is_in_order_and_chained(pool: PgPool) {
     let c = client(pool.clone()).await;
     let (_, task) = post(&c, "/tasks", &sms("hola")).await;
-    let id: Uuid = task["id"].as_str().unwrap().parse().unwrap();
+    let id: TaskId = task["id"].as_str().unwrap().parse().unwrap();
     dispatch(&pool, id, 3).await;
 
     let (status, history) = get(&c, &format!("/tasks/{id}/events")).await;
@@ -95,7 +96,7 @@ async fn an_appender_with_a_stale_version_gets_a_conflict(pool: PgPool) {
         .unwrap();
     tx.commit().await.unwrap();
     let row = created[0].row().clone();
-    let task = row.to_task().unwrap();
+    let task = row.to_task();
     dispatch(&pool, row.id, 1).await;
 
     let mut tx = Tx::begin(&pool).await.unwrap();
@@ -367,7 +368,7 @@ async fn verify_names_every_broken_chain_at_its_first_bad_link(pool: PgPool) {
     let mut ids = Vec::new();
     for i in 0..6 {
         let (_, t) = post(&c, "/tasks", &sms(&format!("m{i}"))).await;
-        let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+        let id: TaskId = t["id"].as_str().unwrap().parse().unwrap();
         dispatch(&pool, id, 2).await;
         ids.push(id);
     }
@@ -415,7 +416,7 @@ async fn verify_names_every_broken_chain_at_its_first_bad_link(pool: PgPool) {
     let report = audit::verify(&pool, |_| {}).await.unwrap();
     assert!(!report.ok());
     assert_eq!(report.broken_total, 5, "{report:?}");
-    let found = |id: Uuid| report.broken.iter().find(|b| b.task_id == id).cloned();
+    let found = |id: TaskId| report.broken.iter().find(|b| b.task_id == id).cloned();
     let b = found(ids[1]).expect("the altered event");
     assert_eq!(b.sequence, 2);
     assert!(b.reason.contains("altered"), "{}", b.reason);
@@ -436,7 +437,7 @@ async fn verify_names_every_broken_chain_at_its_first_bad_link(pool: PgPool) {
     assert_eq!((ok.events, ok.ok()), (3, true));
     let bad = audit::verify_task(&pool, ids[3]).await.unwrap().unwrap();
     assert_eq!(bad.broken.len(), 1);
-    assert!(audit::verify_task(&pool, Uuid::now_v7())
+    assert!(audit::verify_task(&pool, TaskId::new())
         .await
         .unwrap()
         .is_none());
@@ -628,7 +629,7 @@ async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool)
         .await
         .unwrap();
     assert_eq!(resp.status(), 201);
-    let id: Uuid = resp.json::<Value>().await.unwrap()["id"]
+    let id: TaskId = resp.json::<Value>().await.unwrap()["id"]
         .as_str()
         .unwrap()
         .parse()
@@ -696,7 +697,7 @@ async fn the_hash_covers_where_and_when_an_event_was_stored(pool: PgPool) {
     let mut ids = Vec::new();
     for i in 0..4 {
         let (_, t) = post(&c, "/tasks", &sms(&format!("p{i}"))).await;
-        let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+        let id: TaskId = t["id"].as_str().unwrap().parse().unwrap();
         dispatch(&pool, id, 1).await;
         ids.push(id);
     }
@@ -710,7 +711,7 @@ async fn the_hash_covers_where_and_when_an_event_was_stored(pool: PgPool) {
     for e in &history {
         let document = canonical_bytes(
             2,
-            e.task_id,
+            e.task_id.into_uuid(),
             e.sequence,
             &e.event_type,
             e.event_version,
@@ -759,7 +760,7 @@ async fn the_hash_covers_where_and_when_an_event_was_stored(pool: PgPool) {
     .await;
     let report = audit::verify(&pool, |_| {}).await.unwrap();
     assert_eq!(report.broken_total, 3, "{report:?}");
-    let found = |id: Uuid| report.broken.iter().find(|b| b.task_id == id).cloned();
+    let found = |id: TaskId| report.broken.iter().find(|b| b.task_id == id).cloned();
     for (id, sequence) in [(ids[0], 2), (ids[1], 1), (ids[2], 2)] {
         let b = found(id).unwrap_or_else(|| panic!("task {id} is reported"));
         assert_eq!(b.sequence, sequence, "{b:?}");
@@ -773,7 +774,7 @@ async fn chains_written_before_version_2_still_verify(pool: PgPool) {
     use arnela::domain::event::{canonical_bytes, chain_hash};
     let c = client(pool.clone()).await;
     let (_, t) = post(&c, "/tasks", &sms("old")).await;
-    let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+    let id: TaskId = t["id"].as_str().unwrap().parse().unwrap();
     dispatch(&pool, id, 1).await;
     // Rewrite the task's events into the version 1 form a database migrated from an older
     // release holds: hashes over the document alone, chained, with `last_hash` to match.
@@ -781,7 +782,7 @@ async fn chains_written_before_version_2_still_verify(pool: PgPool) {
     for e in events::history(&pool, id).await.unwrap() {
         let document = canonical_bytes(
             1,
-            e.task_id,
+            e.task_id.into_uuid(),
             e.sequence,
             &e.event_type,
             e.event_version,
@@ -833,7 +834,7 @@ async fn numbers_jsonb_normalises_still_verify(pool: PgPool) {
     .unwrap();
     let (status, task) = post(&c, "/tasks", &body).await;
     assert_eq!(status, 201, "{task}");
-    let id: Uuid = task["id"].as_str().unwrap().parse().unwrap();
+    let id: TaskId = task["id"].as_str().unwrap().parse().unwrap();
     let report = audit::verify_task(&pool, id).await.unwrap().unwrap();
     assert!(report.ok(), "{report:?}");
 }
@@ -848,7 +849,7 @@ async fn checkpoints_catch_what_the_chains_alone_cannot(pool: PgPool) {
     let mut ids = Vec::new();
     for i in 0..4 {
         let (_, t) = post(&c, "/tasks", &sms(&format!("c{i}"))).await;
-        let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+        let id: TaskId = t["id"].as_str().unwrap().parse().unwrap();
         dispatch(&pool, id, 1).await;
         ids.push(id);
     }
@@ -1009,7 +1010,7 @@ async fn an_exported_copy_of_the_checkpoints_is_checked_without_the_database(poo
     // three checkpoints, each over a task of its own
     for i in 0..3 {
         let (_, t) = post(&c, "/tasks", &sms(&format!("e{i}"))).await;
-        let id: Uuid = t["id"].as_str().unwrap().parse().unwrap();
+        let id: TaskId = t["id"].as_str().unwrap().parse().unwrap();
         eventually(Duration::from_secs(30), "a checkpoint of the task", || {
             let (pool, key) = (pool.clone(), key.clone());
             async move {

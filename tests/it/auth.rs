@@ -327,7 +327,7 @@ async fn every_operation_refuses_a_missing_or_invalid_token_and_a_role_it_does_n
 ) {
     let ids = common::enqueue_tasks(&pool, TaskType::SendSms, 2, 3).await;
     let c = bare_client(pool).await;
-    let ops = operations(ids[0], ids[1]);
+    let ops = operations(ids[0].into(), ids[1].into());
     let refused = refused_headers();
 
     for op in &ops {

@@ -3,6 +3,7 @@
 //! counted, without spinning), and the binding comes back with the next re-seed after a flush.
 
 use crate::common;
+use arnela::domain::TaskId;
 
 use arnela::domain::TaskType;
 use arnela::queue::{Delivery, Keys};
@@ -45,8 +46,8 @@ async fn del(redis: &redis::aio::ConnectionManager, keys: &[String]) {
 }
 
 /// A delivery of a task no database here holds, pushed by hand.
-async fn push_foreign(e: &Engine) -> (Uuid, String) {
-    let id = Uuid::new_v4();
+async fn push_foreign(e: &Engine) -> (TaskId, String) {
+    let id = TaskId::new();
     let raw = Delivery {
         task_id: id,
         attempt: 1,
@@ -213,7 +214,7 @@ async fn serve_runs_its_tasks_and_keeps_a_foreign_delivery(pool: PgPool) {
     let keys = Keys::new(prefix.clone());
     let redis = common::redis().await;
     let raw = Delivery {
-        task_id: Uuid::new_v4(),
+        task_id: TaskId::new(),
         attempt: 1,
         task_type: "send_sms".into(),
     }

@@ -3,6 +3,7 @@
 //! request, and each provider answer maps to success, a permanent or a retryable failure.
 
 use crate::common;
+use arnela::domain::TaskId;
 
 use arnela::app::App;
 use arnela::channel::google::{calendar_event_id, GoogleCalendarChannel, SCOPE};
@@ -21,7 +22,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use uuid::Uuid;
 use wiremock::matchers::{any, basic_auth, bearer_token, header, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
@@ -54,7 +54,7 @@ fn handler(s: &ChannelSettings, t: TaskType, name: &str) -> Arc<dyn Handler> {
 }
 
 fn task(task_type: TaskType, attempt: i32, payload: Value) -> TaskContext {
-    let task_id = Uuid::new_v4();
+    let task_id = TaskId::new();
     TaskContext {
         task_id,
         task_type,
@@ -1086,7 +1086,7 @@ async fn an_sms_template_goes_from_the_api_to_twilio_and_its_sid_into_the_histor
     )
     .await;
     assert_eq!(status, 201, "{created}");
-    let id: Uuid = created["id"].as_str().unwrap().parse().unwrap();
+    let id: TaskId = created["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(engine.relay_once().await, 1);
     assert_eq!(engine.step().await, Processed::Succeeded(id));
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-async fn enqueue(pool: &PgPool, n: usize) -> Vec<Uuid> {
+async fn enqueue(pool: &PgPool, n: usize) -> Vec<arnela::domain::TaskId> {
     common::enqueue_tasks(pool, TaskType::SendWhatsapp, n, 3).await
 }
 

@@ -2,6 +2,7 @@
 //! duplicates, fencing, time limits, recovery, operator actions and graceful shutdown.
 
 use crate::common;
+use arnela::domain::TaskId;
 
 use arnela::domain::TaskType;
 use arnela::queue::{self, Delivery};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-async fn enqueue(pool: &PgPool, n: usize, max_attempts: i32) -> Vec<Uuid> {
+async fn enqueue(pool: &PgPool, n: usize, max_attempts: i32) -> Vec<TaskId> {
     common::enqueue_tasks(pool, TaskType::SendSms, n, max_attempts).await
 }
 
@@ -291,11 +292,7 @@ async fn a_duplicate_delivery_runs_once_and_is_counted(pool: PgPool) {
 /// An engine whose handler waits at `gate`, and one task published for it.
 async fn held_at_the_gate(
     pool: &PgPool,
-) -> (
-    common::engine::Engine,
-    uuid::Uuid,
-    Arc<tokio::sync::Semaphore>,
-) {
+) -> (common::engine::Engine, TaskId, Arc<tokio::sync::Semaphore>) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let script = Arc::new(Script {
         gate: Some(gate.clone()),
@@ -469,7 +466,7 @@ async fn operators_cancel_waiting_tasks_and_requeue_dead_ones_through_the_api(po
     let c = client(pool.clone()).await;
     let (_, a) = post(&c, "/tasks", &common::sms("to cancel")).await;
     let (_, b) = post(&c, "/tasks", &common::sms("to requeue")).await;
-    let (a, b): (Uuid, Uuid) = (
+    let (a, b): (TaskId, TaskId) = (
         a["id"].as_str().unwrap().parse().unwrap(),
         b["id"].as_str().unwrap().parse().unwrap(),
     );

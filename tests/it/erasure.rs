@@ -2,6 +2,7 @@
 //! destroying the task's data key while the log still verifies.
 
 use crate::common;
+use arnela::domain::TaskId;
 
 use arnela::domain::TaskType;
 use arnela::store::audit;
@@ -82,7 +83,7 @@ async fn an_erased_task_keeps_a_verifying_history_and_no_personal_data(pool: PgP
         .register(TaskType::SendSms, keeper.clone());
     let e = engine_with(pool.clone(), registry, config(0.0)).await;
     e.relay_once().await;
-    assert_eq!(e.step().await, Processed::Succeeded(id));
+    assert_eq!(e.step().await, Processed::Succeeded(TaskId::from(id)));
     let seen = keeper.seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0]["phone"], json!(PHONE));
@@ -150,7 +151,11 @@ async fn an_erased_task_keeps_a_verifying_history_and_no_personal_data(pool: PgP
     assert!(!text.contains(PHONE) && !text.contains(NAME), "{text}");
 
     // The history still verifies, and the key is gone: nothing can open the fields again.
-    assert!(audit::verify_task(&pool, id).await.unwrap().unwrap().ok());
+    assert!(audit::verify_task(&pool, TaskId::from(id))
+        .await
+        .unwrap()
+        .unwrap()
+        .ok());
     assert!(audit::verify(&pool, |_| {}).await.unwrap().ok());
     let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM task_data_keys WHERE task_id = $1")
         .bind(id)
@@ -205,7 +210,11 @@ async fn a_waiting_task_is_cancelled_when_erased_and_never_runs(pool: PgPool) {
         .map(|e| e["type"].as_str().unwrap())
         .collect();
     assert_eq!(kinds, ["enqueued", "dispatched", "cancelled", "erased"]);
-    assert!(audit::verify_task(&pool, id).await.unwrap().unwrap().ok());
+    assert!(audit::verify_task(&pool, TaskId::from(id))
+        .await
+        .unwrap()
+        .unwrap()
+        .ok());
     assert_eq!(
         plain_text_rows(&pool, "lucia@example.com").await,
         Vec::<String>::new()

@@ -143,7 +143,7 @@ async fn running(pool: &sqlx::PgPool) -> Vec<(Uuid, i32, Uuid)> {
 /// One task's attempts in the log.
 #[derive(sqlx::FromRow)]
 struct Tally {
-    task_id: Uuid,
+    task_id: arnela::domain::TaskId,
     started: i64,
     succeeded: i64,
     lease_expired: i64,
@@ -163,7 +163,7 @@ impl Tally {
     }
 }
 
-async fn tally(pool: &sqlx::PgPool) -> HashMap<Uuid, Tally> {
+async fn tally(pool: &sqlx::PgPool) -> HashMap<arnela::domain::TaskId, Tally> {
     let rows: Vec<Tally> = sqlx::query_as(
         "SELECT task_id, \
                 count(*) FILTER (WHERE event_type = 'attempt_started') AS started, \
@@ -348,7 +348,7 @@ async fn run(scenario: Scenario) {
 
     // Exactly one attempt and one success per task; no attempt expired.
     let tally = tally(&pool).await;
-    let not_once: Vec<Uuid> = ids
+    let not_once: Vec<arnela::domain::TaskId> = ids
         .iter()
         .filter(|id| !tally.get(id).is_some_and(Tally::once))
         .copied()
@@ -376,7 +376,9 @@ async fn run(scenario: Scenario) {
     let mut kept = 0;
     for (id, attempt, _) in &in_flight {
         assert_eq!(attempts[id], *attempt, "task {id} ran one attempt");
-        let at = tally[id].succeeded_at.unwrap();
+        let at = tally[&arnela::domain::TaskId::from(*id)]
+            .succeeded_at
+            .unwrap();
         if at < stop_began {
             continue;
         }

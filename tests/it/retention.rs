@@ -2,6 +2,7 @@
 //! restored into a scratch database, and finished tasks retired from the projection.
 
 use crate::common;
+use arnela::domain::TaskId;
 
 use arnela::archive::{self, verify_files};
 use arnela::domain::checkpoint::signing_key;
@@ -371,7 +372,7 @@ async fn archive_drop_verify_offline_and_restore(pool: PgPool) {
     assert!(report.ok(), "{report:?}");
     assert_eq!((report.tasks, report.events), (3, 6));
     for id in [history.a, history.b, history.c] {
-        assert!(audit::verify_task(&restored_db, id)
+        assert!(audit::verify_task(&restored_db, TaskId::from(id))
             .await
             .unwrap()
             .unwrap()
@@ -521,7 +522,7 @@ async fn finished_tasks_are_retired_and_still_read_verify_and_erase(pool: PgPool
     .await;
     let report = audit::verify(&pool, |_| {}).await.unwrap();
     assert_eq!(report.broken.len(), 1, "{report:?}");
-    assert_eq!(report.broken[0].task_id, ids[1]);
+    assert_eq!(report.broken[0].task_id, TaskId::from(ids[1]));
     assert!(
         report.broken[0].reason.contains("events were removed"),
         "{report:?}"

@@ -10,9 +10,8 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-async fn enqueue(pool: &PgPool, n: usize) -> Vec<Uuid> {
+async fn enqueue(pool: &PgPool, n: usize) -> Vec<arnela::domain::TaskId> {
     common::enqueue_tasks(pool, TaskType::SendEmail, n, 1).await
 }
 

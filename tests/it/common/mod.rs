@@ -137,7 +137,7 @@ where
 
 /// Makes the lease of task `id` run out a second ago, as a stalled worker's would: in its row
 /// and in `task_leases`, where the rescuer looks for expired leases.
-pub async fn expire_lease(pool: &PgPool, id: uuid::Uuid) {
+pub async fn expire_lease(pool: &PgPool, id: arnela::domain::TaskId) {
     sqlx::query(
         "WITH t AS (UPDATE tasks SET lease_expires_at = now() - interval '1 second' \
                     WHERE id = $1 RETURNING id, lease_expires_at) \
@@ -237,14 +237,13 @@ pub mod engine {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
     use tokio_util::sync::CancellationToken;
-    use uuid::Uuid;
 
     /// Answers from a script (then succeeds), remembering every call; optionally waits for a
     /// gate to open before answering.
     #[derive(Default)]
     pub struct Script {
         pub outcomes: Mutex<VecDeque<HandlerResult>>,
-        pub calls: Mutex<Vec<(Uuid, i32, String)>>,
+        pub calls: Mutex<Vec<(arnela::domain::TaskId, i32, String)>>,
         pub gate: Option<Arc<tokio::sync::Semaphore>>,
         pub delay: Option<Duration>,
     }
@@ -257,7 +256,7 @@ pub mod engine {
             })
         }
 
-        pub fn calls(&self) -> Vec<(Uuid, i32, String)> {
+        pub fn calls(&self) -> Vec<(arnela::domain::TaskId, i32, String)> {
             self.calls.lock().unwrap().clone()
         }
     }
@@ -408,7 +407,7 @@ pub mod engine {
         }
 
         /// Event types of a task's history, in order.
-        pub async fn history(&self, id: Uuid) -> Vec<String> {
+        pub async fn history(&self, id: arnela::domain::TaskId) -> Vec<String> {
             sqlx::query_scalar(
                 "SELECT event_type FROM task_events WHERE task_id = $1 ORDER BY sequence",
             )
@@ -418,7 +417,7 @@ pub mod engine {
             .unwrap()
         }
 
-        pub async fn events(&self, id: Uuid) -> Vec<(String, serde_json::Value)> {
+        pub async fn events(&self, id: arnela::domain::TaskId) -> Vec<(String, serde_json::Value)> {
             sqlx::query_as(
                 "SELECT event_type, data FROM task_events WHERE task_id = $1 ORDER BY sequence",
             )
@@ -428,7 +427,7 @@ pub mod engine {
             .unwrap()
         }
 
-        pub async fn status(&self, id: Uuid) -> String {
+        pub async fn status(&self, id: arnela::domain::TaskId) -> String {
             sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
                 .bind(id)
                 .fetch_one(&self.pool)
@@ -437,7 +436,7 @@ pub mod engine {
         }
 
         /// Waits until task `id` is running (its attempt claimed).
-        pub async fn until_running(&self, id: Uuid) {
+        pub async fn until_running(&self, id: arnela::domain::TaskId) {
             super::eventually(Duration::from_secs(10), "the attempt to start", || async {
                 (self.status(id).await == "running").then_some(())
             })
@@ -939,7 +938,7 @@ pub async fn enqueue_tasks(
     task_type: arnela::domain::TaskType,
     n: usize,
     max_attempts: i32,
-) -> Vec<uuid::Uuid> {
+) -> Vec<arnela::domain::TaskId> {
     use arnela::domain::{validate_payload, NewTask, TaskType};
     let payload = |i: usize| match task_type {
         TaskType::SendEmail => {
@@ -977,9 +976,10 @@ pub async fn enqueue_tasks(
 }
 
 /// Every event of the first ten of `ids`, per task in sequence order, for a failure message.
-pub async fn histories(pool: &PgPool, ids: &[uuid::Uuid]) -> String {
+pub async fn histories(pool: &PgPool, ids: &[impl Into<arnela::domain::TaskId> + Copy]) -> String {
+    let ids: Vec<arnela::domain::TaskId> = ids.iter().map(|&id| id.into()).collect();
     let rows: Vec<(
-        uuid::Uuid,
+        arnela::domain::TaskId,
         String,
         serde_json::Value,
         chrono::DateTime<chrono::Utc>,
@@ -987,11 +987,12 @@ pub async fn histories(pool: &PgPool, ids: &[uuid::Uuid]) -> String {
         "SELECT task_id, event_type, data, recorded_at FROM task_events \
              WHERE task_id = ANY($1) ORDER BY task_id, sequence",
     )
-    .bind(ids)
+    .bind(&ids)
     .fetch_all(pool)
     .await
     .unwrap();
-    let mut per_task: std::collections::BTreeMap<uuid::Uuid, Vec<String>> = Default::default();
+    let mut per_task: std::collections::BTreeMap<arnela::domain::TaskId, Vec<String>> =
+        Default::default();
     for (id, t, data, at) in rows {
         per_task
             .entry(id)
@@ -1008,13 +1009,17 @@ pub async fn histories(pool: &PgPool, ids: &[uuid::Uuid]) -> String {
 
 /// Runs `sql` (binding `id` as `$1`) on the event log with its append-only trigger disabled, as
 /// an owner tampering with history would.
-pub async fn tamper(pool: &sqlx::PgPool, sql: &str, id: uuid::Uuid) {
+pub async fn tamper(pool: &sqlx::PgPool, sql: &str, id: impl Into<arnela::domain::TaskId>) {
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query("ALTER TABLE task_events DISABLE TRIGGER task_events_append_only")
         .execute(&mut *conn)
         .await
         .unwrap();
-    sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
+    sqlx::query(sql)
+        .bind(id.into())
+        .execute(&mut *conn)
+        .await
+        .unwrap();
     sqlx::query("ALTER TABLE task_events ENABLE TRIGGER task_events_append_only")
         .execute(&mut *conn)
         .await
