@@ -4,6 +4,7 @@
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use redis::aio::ConnectionManager;
+use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -310,7 +311,7 @@ impl App {
         if roles.api {
             // Refuse at once, before any other role starts, if the API could not verify tokens.
             self.api_context()?;
-            if self.settings.jwt_secret.expose().len() < 32 {
+            if self.settings.jwt_secret.expose_secret().len() < 32 {
                 tracing::warn!("JWT_SECRET is shorter than 32 characters (refused in production)");
             }
             if self.settings.audit_data_key.is_none() {

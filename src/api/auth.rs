@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::error::{ErrorBody, ErrorCode, RoleName};
-use crate::config::Secret;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Clock skew tolerated when checking `exp`.
 pub const LEEWAY_SECS: u64 = 5;
@@ -187,9 +187,9 @@ struct Key {
 
 impl Key {
     /// The keys of a secret; `None` for an empty one.
-    fn new(secret: &Secret) -> Option<Key> {
+    fn new(secret: &SecretString) -> Option<Key> {
         use sha2::{Digest, Sha256};
-        let bytes = secret.expose().as_bytes();
+        let bytes = secret.expose_secret().as_bytes();
         let digest = Sha256::new()
             .chain_update(b"arnela-jwt-kid:")
             .chain_update(bytes)
@@ -224,13 +224,13 @@ impl fmt::Debug for Auth {
 
 impl Auth {
     /// Keys from the secret; an empty secret is refused (anyone could sign with it).
-    pub fn new(secret: &Secret) -> Result<Auth, AuthError> {
+    pub fn new(secret: &SecretString) -> Result<Auth, AuthError> {
         Auth::rotating(secret, &[])
     }
 
     /// Signs with `current` and also accepts tokens signed with any of `previous`: a secret is
     /// rotated by making it previous, rolling the tokens, then dropping it.
-    pub fn rotating(current: &Secret, previous: &[Secret]) -> Result<Auth, AuthError> {
+    pub fn rotating(current: &SecretString, previous: &[SecretString]) -> Result<Auth, AuthError> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.algorithms = vec![Algorithm::HS256];
         validation.leeway = LEEWAY_SECS;
@@ -475,7 +475,7 @@ mod tests {
     use super::*;
 
     fn auth(secret: &str) -> Auth {
-        Auth::new(&Secret::new(secret)).unwrap()
+        Auth::new(&SecretString::from(secret)).unwrap()
     }
 
     #[test]
@@ -537,7 +537,7 @@ mod tests {
     #[test]
     fn an_empty_secret_is_refused() {
         assert_eq!(
-            Auth::new(&Secret::new("")).unwrap_err(),
+            Auth::new(&SecretString::from("")).unwrap_err(),
             AuthError::NoSecret
         );
     }

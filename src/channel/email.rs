@@ -28,9 +28,9 @@ use super::ratelimit::RateLimiter;
 use super::template::{RenderedEmail, TemplateRef, Templates};
 use super::{http_client, ChannelError};
 use crate::config::channels::{EmailSettings, EmailTransport, SmtpTls};
-use crate::config::Secret;
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};
 use crate::worker::log_channel::mask_email;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Sends one task's e-mail.
 pub struct EmailChannel {
@@ -45,7 +45,7 @@ enum Transport {
     SendGrid {
         client: reqwest::Client,
         url: Url,
-        api_key: Secret,
+        api_key: SecretString,
     },
 }
 
@@ -81,8 +81,10 @@ impl EmailChannel {
                 };
                 let mut builder = builder.port(smtp.port).timeout(Some(settings.timeout));
                 if let Some(user) = smtp.username {
-                    builder = builder
-                        .credentials(Credentials::new(user, smtp.password.expose().to_owned()));
+                    builder = builder.credentials(Credentials::new(
+                        user,
+                        smtp.password.expose_secret().to_owned(),
+                    ));
                 }
                 Transport::Smtp(builder.build())
             }
@@ -215,7 +217,7 @@ impl EmailChannel {
         &self,
         client: &reqwest::Client,
         url: &Url,
-        api_key: &Secret,
+        api_key: &SecretString,
         task: &TaskContext,
         to: &str,
         content: &RenderedEmail,
@@ -242,7 +244,7 @@ impl EmailChannel {
         });
         let request = client
             .post(url.clone())
-            .bearer_auth(api_key.expose())
+            .bearer_auth(api_key.expose_secret())
             .json(&body);
         let response = async { telemetry::traced(request).send().await }
             .instrument(telemetry::client_span("sendgrid", "send mail"))

@@ -36,9 +36,9 @@ use super::classify::{self, ProviderDetail};
 use super::ratelimit::RateLimiter;
 use super::{http_client, ChannelError};
 use crate::config::channels::GoogleSettings;
-use crate::config::Secret;
 use crate::domain::appointment::Appointment;
 use crate::worker::handler::{Handler, HandlerError, HandlerResult, TaskContext};
+use secrecy::{ExposeSecret, SecretString};
 
 /// The OAuth scope asked for: events of calendars the account can write to.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/calendar.events";
@@ -56,7 +56,7 @@ pub fn calendar_event_id(event_id: &str) -> String {
 }
 
 struct CachedToken {
-    token: Secret,
+    token: SecretString,
     expires_at: DateTime<Utc>,
 }
 
@@ -134,7 +134,7 @@ impl GoogleCalendarChannel {
     }
 
     pub fn new(settings: GoogleSettings) -> Result<GoogleCalendarChannel, ChannelError> {
-        let key = EncodingKey::from_rsa_pem(settings.private_key.expose().as_bytes())
+        let key = EncodingKey::from_rsa_pem(settings.private_key.expose_secret().as_bytes())
             .map_err(|_| ChannelError::Key)?;
         let mut events_url = settings.calendar_base_url.clone();
         events_url
@@ -320,7 +320,7 @@ impl GoogleCalendarChannel {
         let mut request = self
             .client
             .request(method.clone(), url.clone())
-            .bearer_auth(token.expose());
+            .bearer_auth(token.expose_secret());
         if let Some(b) = body {
             request = request.json(b);
         }
@@ -331,7 +331,7 @@ impl GoogleCalendarChannel {
     }
 
     /// The cached access token, or a new one.
-    async fn access_token(&self) -> Result<Secret, HandlerError> {
+    async fn access_token(&self) -> Result<SecretString, HandlerError> {
         let mut cached = self.token.lock().await;
         let now = (self.clock)();
         if let Some(t) = cached.as_ref() {
@@ -378,7 +378,7 @@ impl GoogleCalendarChannel {
             })?;
             tracing::debug!(channel = "google_calendar", "access token fetched");
             return Ok(CachedToken {
-                token: Secret::new(token.access_token),
+                token: SecretString::from(token.access_token),
                 expires_at: now + ChronoDuration::seconds(token.expires_in.unwrap_or(3600)),
             });
         }

@@ -10,6 +10,7 @@
 use crate::telemetry;
 use futures::future::BoxFuture;
 use reqwest::{StatusCode, Url};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -139,7 +140,7 @@ impl TwilioChannel {
             .post(self.messages_url.clone())
             .basic_auth(
                 &self.settings.auth_user,
-                Some(self.settings.auth_secret.expose()),
+                Some(self.settings.auth_secret.expose_secret()),
             )
             .form(form);
         let response = async { telemetry::traced(request).send().await }

@@ -5,14 +5,16 @@
 //! configured (a Twilio sender without an account, a Google key without a calendar) stops
 //! start-up with the variable to fix: a typo must not silently turn real deliveries into log
 //! lines. In production a task type without a real channel is refused unless
-//! `ALLOW_LOG_CHANNEL=true`. Credentials are [`Secret`]s and never appear in `Debug` output.
+//! `ALLOW_LOG_CHANNEL=true`. Credentials are [`SecretString`]s and never appear in `Debug` output.
 
 use reqwest::Url;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{err, parse_url, AppEnv, ConfigError, Secret, Vars};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{err, parse_url, AppEnv, ConfigError, Vars};
 use crate::domain::payload::{is_e164, is_email};
 use crate::domain::TaskType;
 
@@ -77,13 +79,13 @@ pub struct SmtpSettings {
     pub port: u16,
     pub tls: SmtpTls,
     pub username: Option<String>,
-    pub password: Secret,
+    pub password: SecretString,
 }
 
 #[derive(Debug, Clone)]
 pub struct SendGridSettings {
     pub base_url: Url,
-    pub api_key: Secret,
+    pub api_key: SecretString,
 }
 
 /// One Twilio channel (SMS or WhatsApp): the account, its credentials and this channel's sender.
@@ -94,7 +96,7 @@ pub struct TwilioSettings {
     /// Basic-auth user: the account SID, or an API key SID (`SK…`).
     pub auth_user: String,
     /// The auth token or the API key secret.
-    pub auth_secret: Secret,
+    pub auth_secret: SecretString,
     pub sender: TwilioSender,
     /// `TWILIO_TIMEOUT_MS` (10000).
     pub timeout: Duration,
@@ -119,7 +121,7 @@ pub struct GoogleSettings {
     pub client_email: String,
     pub private_key_id: Option<String>,
     /// PEM of the service account's RSA key.
-    pub private_key: Secret,
+    pub private_key: SecretString,
     /// `GOOGLE_IMPERSONATE_USER`: the user the service account acts for (domain-wide delegation).
     pub subject: Option<String>,
     /// `GOOGLE_CALENDAR_TIME_ZONE` (`Europe/Madrid`): for appointments that name none.
@@ -274,8 +276,8 @@ fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigErro
             SmtpTls::None => 25,
         };
         let username = v.get("SMTP_USERNAME").map(str::to_owned);
-        let password = Secret::new(v.get("SMTP_PASSWORD").unwrap_or_default());
-        let has_password = !password.is_empty();
+        let password = SecretString::from(v.get("SMTP_PASSWORD").unwrap_or_default());
+        let has_password = !password.expose_secret().is_empty();
         if username.is_some() != has_password {
             return Err(err(
                 "SMTP_PASSWORD",
@@ -303,7 +305,7 @@ fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigErro
         })?;
         EmailTransport::SendGrid(SendGridSettings {
             base_url: v.url("SENDGRID_BASE_URL", SENDGRID_BASE_URL, production)?,
-            api_key: Secret::new(api_key),
+            api_key: SecretString::from(api_key),
         })
     };
     Ok(Some(EmailSettings {
@@ -367,7 +369,7 @@ fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
             if !key.starts_with("SK") {
                 return Err(err("TWILIO_API_KEY_SID", "must be an API key SID (SK…)"));
             }
-            (key.to_owned(), Secret::new(secret))
+            (key.to_owned(), SecretString::from(secret))
         }
         (_, Some(_), None) => {
             return Err(err(
@@ -381,7 +383,7 @@ fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
                 "is required with TWILIO_API_KEY_SECRET",
             ))
         }
-        (Some(token), None, None) => (account_sid.to_owned(), Secret::new(token)),
+        (Some(token), None, None) => (account_sid.to_owned(), SecretString::from(token)),
         (None, None, None) => return Err(err(
             "TWILIO_AUTH_TOKEN",
             "is required with TWILIO_ACCOUNT_SID (or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET)",
@@ -474,7 +476,7 @@ fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigEr
         calendar_id: calendar_id.to_owned(),
         client_email: key.client_email,
         private_key_id: key.private_key_id,
-        private_key: Secret::new(key.private_key),
+        private_key: SecretString::from(key.private_key),
         subject: v.get("GOOGLE_IMPERSONATE_USER").map(str::to_owned),
         time_zone: v
             .get("GOOGLE_CALENDAR_TIME_ZONE")

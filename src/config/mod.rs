@@ -3,12 +3,13 @@
 //! The variable names are the ones the clinic's deployments already set (`APP_*`, `DB_*`,
 //! `REDIS_*`, `JWT_SECRET`); `DATABASE_URL` and `REDIS_URL` override the parts. Anything missing
 //! or malformed stops start-up with one message naming the variable. Secrets are held in
-//! [`Secret`], whose `Debug` and `Display` never show the value.
+//! [`SecretString`]s (`secrecy`): their `Debug` never shows the value, and their memory is
+//! zeroed when they are dropped.
 
 use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use std::collections::HashMap;
-use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -16,30 +17,6 @@ pub mod catalogue;
 pub mod channels;
 
 pub use channels::ChannelSettings;
-
-/// A value that must never be printed.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 /// A setting that is missing or wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,14 +127,14 @@ pub struct DatabaseSettings {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: Secret,
+    pub password: SecretString,
     pub name: String,
     pub ssl_mode: PgSslMode,
     /// The certificate authority that signed the server's certificate (`DB_SSLROOTCERT`, a PEM
     /// file), for `DB_SSLMODE=verify-ca` or `verify-full`.
     pub ssl_root_cert: Option<String>,
     /// `DATABASE_URL`, when set, replaces the parts above.
-    pub url: Option<Secret>,
+    pub url: Option<SecretString>,
     pub max_connections: u32,
 }
 
@@ -165,7 +142,7 @@ impl DatabaseSettings {
     pub fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
         let options = match &self.url {
             Some(url) => {
-                let u = url.expose();
+                let u = url.expose_secret();
                 if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
                     return Err(err("DATABASE_URL", "must be a postgres:// URL"));
                 }
@@ -183,10 +160,10 @@ impl DatabaseSettings {
                     Some(path) => o.ssl_root_cert(path),
                     None => o,
                 };
-                if self.password.is_empty() {
+                if self.password.expose_secret().is_empty() {
                     o
                 } else {
-                    o.password(self.password.expose())
+                    o.password(self.password.expose_secret())
                 }
             }
         };
@@ -201,10 +178,10 @@ pub struct RedisSettings {
     pub port: u16,
     /// An ACL user (`REDIS_USERNAME`); absent: the default user.
     pub username: Option<String>,
-    pub password: Secret,
+    pub password: SecretString,
     pub db: i64,
     /// `REDIS_URL`, when set, replaces the parts above.
-    pub url: Option<Secret>,
+    pub url: Option<SecretString>,
     /// Prefix of every key (`arnela` gives `arnela:tasks`); lets tests and tenants share a server.
     pub key_prefix: String,
     /// TLS to Redis (`REDIS_TLS=true`; a `rediss://` URL says so by itself).
@@ -235,7 +212,7 @@ impl RedisSettings {
         use redis::IntoConnectionInfo;
         match &self.url {
             Some(url) => url
-                .expose()
+                .expose_secret()
                 .into_connection_info()
                 .map_err(|_| err("REDIS_URL", "is not a valid redis:// URL")),
             None => {
@@ -255,8 +232,8 @@ impl RedisSettings {
                 if let Some(user) = &self.username {
                     handshake = handshake.set_username(user);
                 }
-                if !self.password.is_empty() {
-                    handshake = handshake.set_password(self.password.expose());
+                if !self.password.expose_secret().is_empty() {
+                    handshake = handshake.set_password(self.password.expose_secret());
                 }
                 let info = addr
                     .into_connection_info()
@@ -309,10 +286,10 @@ pub struct Settings {
     pub port: u16,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
-    pub jwt_secret: Secret,
+    pub jwt_secret: SecretString,
     /// Earlier secrets whose tokens are still accepted while they are rolled
     /// (`JWT_PREVIOUS_SECRETS`, comma-separated; empty by default).
-    pub jwt_previous: Vec<Secret>,
+    pub jwt_previous: Vec<SecretString>,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
     /// Most HTTP connections open at once (`HTTP_MAX_CONNECTIONS`, 1024).
@@ -371,22 +348,24 @@ impl Settings {
 
     /// Only `JWT_SECRET` (checked as [`Settings::from_env`] checks it in production, and required
     /// here in every environment), for commands that sign tokens and connect to nothing.
-    pub fn jwt_secret_from_env() -> Result<Secret, ConfigError> {
+    pub fn jwt_secret_from_env() -> Result<SecretString, ConfigError> {
         Settings::jwt_secret_from_vars(&env_vars()?)
     }
 
     /// `JWT_SECRET` from a map of variables; see [`Settings::jwt_secret_from_env`].
-    pub fn jwt_secret_from_vars(vars: &HashMap<String, String>) -> Result<Secret, ConfigError> {
+    pub fn jwt_secret_from_vars(
+        vars: &HashMap<String, String>,
+    ) -> Result<SecretString, ConfigError> {
         let v = Vars(vars);
         let get = |name: &str| v.get(name);
         let app_env = match get("APP_ENV") {
             Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
             None => AppEnv::Development,
         };
-        let secret = Secret::new(get("JWT_SECRET").unwrap_or_default());
+        let secret = SecretString::from(get("JWT_SECRET").unwrap_or_default());
         if app_env == AppEnv::Production {
             check_production_secret("JWT_SECRET", &secret, 32)?;
-        } else if secret.is_empty() {
+        } else if secret.expose_secret().is_empty() {
             return Err(err("JWT_SECRET", "is required to sign tokens"));
         }
         Ok(secret)
@@ -416,11 +395,11 @@ impl Settings {
             host: get("DB_HOST").unwrap_or("localhost").to_owned(),
             port: v.parse_or("DB_PORT", 5432u16)?,
             user: get("DB_USER").unwrap_or("postgres").to_owned(),
-            password: Secret::new(get("DB_PASSWORD").unwrap_or_default()),
+            password: SecretString::from(get("DB_PASSWORD").unwrap_or_default()),
             name: get("DB_NAME").unwrap_or("arnela_db").to_owned(),
             ssl_mode,
             ssl_root_cert: get("DB_SSLROOTCERT").map(str::to_owned),
-            url: get("DATABASE_URL").map(Secret::new),
+            url: get("DATABASE_URL").map(SecretString::from),
             max_connections: v.parse_or("DB_MAX_CONNECTIONS", 20u32)?,
         };
         if database.max_connections == 0 {
@@ -438,9 +417,9 @@ impl Settings {
             host: get("REDIS_HOST").unwrap_or("localhost").to_owned(),
             port: v.parse_or("REDIS_PORT", 6379u16)?,
             username: get("REDIS_USERNAME").map(str::to_owned),
-            password: Secret::new(get("REDIS_PASSWORD").unwrap_or_default()),
+            password: SecretString::from(get("REDIS_PASSWORD").unwrap_or_default()),
             db: v.parse_or("REDIS_DB", 0i64)?,
-            url: get("REDIS_URL").map(Secret::new),
+            url: get("REDIS_URL").map(SecretString::from),
             key_prefix: get("ARNELA_KEY_PREFIX").unwrap_or("arnela").to_owned(),
             tls: match get("REDIS_TLS") {
                 None | Some("false") => false,
@@ -465,7 +444,7 @@ impl Settings {
             let tls_url = redis
                 .url
                 .as_ref()
-                .is_some_and(|u| u.expose().starts_with("rediss://"));
+                .is_some_and(|u| u.expose_secret().starts_with("rediss://"));
             if redis.tls && !tls_url {
                 return Err(err(
                     "REDIS_TLS",
@@ -478,7 +457,7 @@ impl Settings {
             && !redis
                 .url
                 .as_ref()
-                .is_some_and(|u| u.expose().starts_with("rediss://"))
+                .is_some_and(|u| u.expose_secret().starts_with("rediss://"))
         {
             return Err(err(
                 "REDIS_CA_CERT",
@@ -487,13 +466,13 @@ impl Settings {
         }
         redis.connection_info()?;
 
-        let jwt_secret = Secret::new(get("JWT_SECRET").unwrap_or_default());
-        let jwt_previous: Vec<Secret> = get("JWT_PREVIOUS_SECRETS")
+        let jwt_secret = SecretString::from(get("JWT_SECRET").unwrap_or_default());
+        let jwt_previous: Vec<SecretString> = get("JWT_PREVIOUS_SECRETS")
             .map(|v| {
                 v.split(',')
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
-                    .map(Secret::new)
+                    .map(SecretString::from)
                     .collect()
             })
             .unwrap_or_default();
@@ -740,17 +719,17 @@ fn engine_settings(v: &Vars) -> Result<EngineSettings, ConfigError> {
 
 fn check_production_secret(
     var: &'static str,
-    secret: &Secret,
+    secret: &SecretString,
     min_len: usize,
 ) -> Result<(), ConfigError> {
-    if secret.is_empty() {
+    if secret.expose_secret().is_empty() {
         return Err(err(var, "is required when APP_ENV=production"));
     }
-    let lower = secret.expose().to_ascii_lowercase();
+    let lower = secret.expose_secret().to_ascii_lowercase();
     if KNOWN_DEFAULT_SECRETS.contains(&lower.as_str()) || lower.starts_with("change-me") {
         return Err(err(var, "is a published default; set a real secret"));
     }
-    if secret.expose().len() < min_len {
+    if secret.expose_secret().len() < min_len {
         return Err(err(
             var,
             format!("must be at least {min_len} characters in production"),
@@ -795,7 +774,7 @@ mod tests {
         .unwrap();
         let s = Settings::from_vars(&filled).unwrap();
         assert_eq!(
-            s.jwt_secret.expose(),
+            s.jwt_secret.expose_secret(),
             "k3y-0f-at-least-thirty-two-characters!!"
         );
         assert_eq!(
@@ -811,6 +790,27 @@ mod tests {
         let missing = with_files(vars(&[("DB_PASSWORD_FILE", "/nonexistent/secret")]));
         assert!(missing.unwrap_err().message.contains("DB_PASSWORD_FILE"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let secrets = [
+            ("JWT_SECRET", "jwt-value-of-at-least-thirty-two-chars"),
+            ("DB_PASSWORD", "db-password-value"),
+            ("REDIS_PASSWORD", "redis-password-value"),
+            ("DATABASE_URL", "postgres://u:url-password@db/arnela"),
+        ];
+        let s = Settings::from_vars(&vars(&secrets)).unwrap();
+        let shown = format!("{s:?}");
+        assert!(shown.contains("REDACTED"), "{shown}");
+        for needle in [
+            "jwt-value",
+            "db-password-value",
+            "redis-password-value",
+            "url-password",
+        ] {
+            assert!(!shown.contains(needle), "{needle} is shown in {shown}");
+        }
     }
 
     #[test]

@@ -5,12 +5,12 @@
 use crate::common;
 
 use arnela::api::auth::{Auth, Claims, Role};
-use arnela::config::Secret;
 use arnela::domain::TaskType;
 use common::{sms, JWT_SECRET};
 use poem::http::Method;
 use poem::test::TestClient;
 use poem::Endpoint;
+use secrecy::SecretString;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::time::Duration;
@@ -205,7 +205,7 @@ fn refused_headers() -> Vec<(&'static str, Option<String>)> {
         patterns: false,
         tenant: None,
     });
-    let other_secret = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
+    let other_secret = Auth::new(&SecretString::from("a-different-secret-of-32-characters!!"))
         .unwrap()
         .mint(Role::Admin, Duration::from_secs(3600), "mallory");
     // {"alg":"none","typ":"JWT"}, the claims of a real admin token, no signature.
@@ -460,7 +460,7 @@ async fn tokens_do_not_appear_in_the_logs(pool: PgPool) {
     let c = bare_client(pool).await;
     let (logs, _guard) = common::logs::capture();
     let valid = common::token(Role::Auditor);
-    let forged = Auth::new(&Secret::new("a-different-secret-of-32-characters!!"))
+    let forged = Auth::new(&SecretString::from("a-different-secret-of-32-characters!!"))
         .unwrap()
         .mint(Role::Admin, Duration::from_secs(60), "mallory");
     for token in [&valid, &forged] {
@@ -625,8 +625,8 @@ async fn producers_see_and_deduplicate_only_their_own_tasks(pool: PgPool) {
 /// A token whose `nbf` has passed is accepted; the 401 body never says why a token was refused.
 #[sqlx::test]
 async fn secrets_rotate_and_refusals_say_nothing_of_why(pool: PgPool) {
-    let old = Secret::new("the-old-secret-of-at-least-32-characters");
-    let new = Secret::new("the-new-secret-of-at-least-32-characters");
+    let old = SecretString::from("the-old-secret-of-at-least-32-characters");
+    let new = SecretString::from("the-new-secret-of-at-least-32-characters");
     let hour = Duration::from_secs(3600);
     let old_token = Auth::new(&old).unwrap().mint(Role::Auditor, hour, "ana");
     let rolling = Auth::rotating(&new, std::slice::from_ref(&old)).unwrap();

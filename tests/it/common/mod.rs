@@ -52,7 +52,7 @@ pub const JWT_SECRET: &str = "test-jwt-secret-of-more-than-32-characters";
 
 /// Signs and verifies with [`JWT_SECRET`].
 pub fn auth() -> Auth {
-    Auth::new(&arnela::config::Secret::new(JWT_SECRET)).expect("a non-empty secret")
+    Auth::new(&secrecy::SecretString::from(JWT_SECRET)).expect("a non-empty secret")
 }
 
 /// A token of `role` valid for an hour (subject `test-<role>`).
