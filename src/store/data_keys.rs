@@ -40,12 +40,15 @@ async fn load(
     if ids.is_empty() {
         return Ok(out);
     }
-    let rows: Vec<(TaskId, Vec<u8>)> =
-        sqlx::query_as("SELECT task_id, wrapped_key FROM task_data_keys WHERE task_id = ANY($1)")
-            .bind(ids)
-            .fetch_all(conn)
-            .await?;
-    for (id, wrapped) in rows {
+    let rows = sqlx::query!(
+        r#"SELECT task_id AS "task_id: TaskId", wrapped_key
+           FROM task_data_keys WHERE task_id = ANY($1)"#,
+        ids as &[TaskId]
+    )
+    .fetch_all(conn)
+    .await?;
+    for row in rows {
+        let (id, wrapped) = (row.task_id, row.wrapped_key);
         out.present.insert(id);
         let Some(master) = master else { continue };
         match master.unwrap(&wrapped, id) {
@@ -63,29 +66,32 @@ async fn load(
 /// One stored data key (wrapped), if any: what a process checks its master key against at
 /// start-up.
 pub async fn any(conn: &mut sqlx::PgConnection) -> Result<Option<(TaskId, Vec<u8>)>> {
-    Ok(
-        sqlx::query_as("SELECT task_id, wrapped_key FROM task_data_keys LIMIT 1")
-            .fetch_optional(conn)
-            .await?,
+    let row = sqlx::query!(
+        r#"SELECT task_id AS "task_id: TaskId", wrapped_key FROM task_data_keys LIMIT 1"#
     )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| (r.task_id, r.wrapped_key)))
 }
 
 /// Whether `id` still has a data key.
 pub async fn exists(conn: &mut sqlx::PgConnection, id: TaskId) -> Result<bool> {
-    Ok(
-        sqlx::query_scalar("SELECT EXISTS (SELECT FROM task_data_keys WHERE task_id = $1)")
-            .bind(id)
-            .fetch_one(conn)
-            .await?,
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT FROM task_data_keys WHERE task_id = $1) AS "exists!""#,
+        id as TaskId
     )
+    .fetch_one(conn)
+    .await?)
 }
 
 /// Destroys `id`'s data key; whether there was one.
 pub async fn destroy(conn: &mut sqlx::PgConnection, id: TaskId) -> Result<bool> {
-    let done = sqlx::query("DELETE FROM task_data_keys WHERE task_id = $1")
-        .bind(id)
-        .execute(conn)
-        .await?;
+    let done = sqlx::query!(
+        "DELETE FROM task_data_keys WHERE task_id = $1",
+        id as TaskId
+    )
+    .execute(conn)
+    .await?;
     Ok(done.rows_affected() > 0)
 }
 

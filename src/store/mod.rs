@@ -190,9 +190,10 @@ impl Tx {
                 "events appended outside a transaction must be hashed in their statement".into(),
             ));
         }
-        let base: (i64, DateTime<Utc>) = sqlx::query_as("SELECT event_position(0), now()")
+        let row = sqlx::query!(r#"SELECT event_position(0) AS "position!", now() AS "now!""#)
             .fetch_one(self.conn())
             .await?;
+        let base = (row.position, row.now);
         self.base = Some(base);
         Ok(base)
     }
@@ -247,7 +248,7 @@ pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<
 
 /// One round trip: whether Postgres answers (for `/health`).
 pub async fn ping(pool: &PgPool) -> Result<()> {
-    sqlx::query("SELECT 1").execute(pool).await?;
+    sqlx::query!("SELECT 1 AS one").fetch_one(pool).await?;
     Ok(())
 }
 
@@ -274,11 +275,12 @@ pub async fn begin_snapshot(
 
 /// The migrations of this build not yet applied to the database (all of them on a new one).
 pub async fn pending_migrations(pool: &PgPool) -> Result<Vec<i64>> {
-    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+    let table = sqlx::query_scalar!("SELECT to_regclass('_sqlx_migrations')::text")
         .fetch_one(pool)
         .await?;
     let applied: Vec<i64> = match table {
         Some(_) => {
+            // not checked: the table is sqlx's own, made by the first migration run
             sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
                 .fetch_all(pool)
                 .await?
@@ -306,15 +308,19 @@ pub struct RolePowers {
 
 /// The connected role's powers over the event log (see [`RolePowers`]).
 pub async fn role_powers(pool: &PgPool) -> Result<RolePowers> {
-    let (role, superuser, owns_log, may_migrate): (String, bool, bool, bool) = sqlx::query_as(
-        "SELECT current_user::text, r.rolsuper, \
-                coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE') \
-                          FROM pg_class c WHERE c.oid = to_regclass('task_events')), false), \
-                r.rolsuper OR has_schema_privilege(current_schema(), 'CREATE') \
-         FROM pg_roles r WHERE r.rolname = current_user",
+    let row = sqlx::query!(
+        r#"SELECT current_user::text AS "role!", r.rolsuper AS "superuser!",
+                  coalesce((SELECT pg_has_role(current_user, c.relowner, 'USAGE')
+                            FROM pg_class c WHERE c.oid = to_regclass('task_events')), false)
+                    AS "owns_log!",
+                  r.rolsuper OR has_schema_privilege(current_schema(), 'CREATE')
+                    AS "may_migrate!"
+           FROM pg_roles r WHERE r.rolname = current_user"#
     )
     .fetch_one(pool)
     .await?;
+    let (role, superuser, owns_log, may_migrate) =
+        (row.role, row.superuser, row.owns_log, row.may_migrate);
     Ok(RolePowers {
         role,
         superuser,
@@ -336,11 +342,13 @@ pub struct DatabaseIdentity {
 
 /// Reads the identity of the database the pool is connected to.
 pub async fn database_identity(pool: &PgPool) -> Result<DatabaseIdentity> {
-    let full = sqlx::query_as::<_, (String, String)>(
-        "SELECT system_identifier::text, current_database()::text FROM pg_control_system()",
+    let full = sqlx::query!(
+        r#"SELECT system_identifier::text AS "id!", current_database()::text AS "database!"
+           FROM pg_control_system()"#
     )
     .fetch_one(pool)
-    .await;
+    .await
+    .map(|r| (r.id, r.database));
     match full {
         Ok((id, database)) => Ok(DatabaseIdentity {
             system_identifier: Some(id),
@@ -348,7 +356,7 @@ pub async fn database_identity(pool: &PgPool) -> Result<DatabaseIdentity> {
         }),
         // insufficient_privilege: fall back to the database's name alone
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
-            let database: String = sqlx::query_scalar("SELECT current_database()::text")
+            let database = sqlx::query_scalar!(r#"SELECT current_database()::text AS "database!""#)
                 .fetch_one(pool)
                 .await?;
             Ok(DatabaseIdentity {

@@ -49,18 +49,19 @@ pub async fn claim_due(tx: &mut Tx, limit: i64) -> Result<Vec<DueRow>> {
 
 /// Marks the rows a relay holds and has published (by key: the relay locked them).
 pub async fn mark_published(tx: &mut Tx, ids: &[i64], at: DateTime<Utc>) -> Result<()> {
-    sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = ANY($1)")
-        .bind(ids)
-        .bind(at)
-        .execute(tx.conn())
-        .await?;
+    sqlx::query!(
+        "UPDATE outbox SET published_at = $2 WHERE id = ANY($1)",
+        ids,
+        at
+    )
+    .execute(tx.conn())
+    .await?;
     Ok(())
 }
 
 /// Removes rows that will never be delivered (the task was cancelled or moved on).
 pub async fn delete(tx: &mut Tx, ids: &[i64]) -> Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-        .bind(ids)
+    sqlx::query!("DELETE FROM outbox WHERE id = ANY($1)", ids)
         .execute(tx.conn())
         .await?;
     Ok(())
@@ -87,25 +88,28 @@ impl Effects {
 /// are skipped rather than waited for (see [`super::transition`]).
 pub(crate) async fn apply_effects(tx: &mut Tx, effects: Effects) -> Result<()> {
     if !effects.used.is_empty() {
-        sqlx::query(
+        sqlx::query!(
             "DELETE FROM outbox WHERE id IN \
              (SELECT id FROM outbox WHERE task_id = ANY($1) FOR UPDATE SKIP LOCKED)",
+            &effects.used as &[TaskId]
         )
-        .bind(&effects.used)
         .execute(tx.conn())
         .await?;
     }
     if !effects.added.is_empty() {
-        sqlx::query(
+        let tasks: Vec<TaskId> = effects.added.iter().map(|r| r.0).collect();
+        let attempts: Vec<i32> = effects.added.iter().map(|r| r.1).collect();
+        let due: Vec<DateTime<Utc>> = effects.added.iter().map(|r| r.2).collect();
+        sqlx::query!(
             "WITH added AS ( \
                INSERT INTO outbox (task_id, attempt, available_at) \
                SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::timestamptz[]) \
              ) SELECT pg_notify($4, '')",
+            &tasks as &[TaskId],
+            &attempts,
+            &due,
+            CHANNEL
         )
-        .bind(effects.added.iter().map(|r| r.0).collect::<Vec<_>>())
-        .bind(effects.added.iter().map(|r| r.1).collect::<Vec<_>>())
-        .bind(effects.added.iter().map(|r| r.2).collect::<Vec<_>>())
-        .bind(CHANNEL)
         .execute(tx.conn())
         .await?;
     }
@@ -116,7 +120,7 @@ pub(crate) async fn apply_effects(tx: &mut Tx, effects: Effects) -> Result<()> {
 /// data). Returns how many. Duplicates this may create are dropped by the claim.
 pub async fn republish_all(pool: &PgPool) -> Result<u64> {
     Ok(
-        sqlx::query("UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL")
+        sqlx::query!("UPDATE outbox SET published_at = NULL WHERE published_at IS NOT NULL")
             .execute(pool)
             .await?
             .rows_affected(),
@@ -125,10 +129,10 @@ pub async fn republish_all(pool: &PgPool) -> Result<u64> {
 
 /// Marks these published rows unpublished (their push may have been lost). Returns how many.
 pub async fn republish_ids(pool: &PgPool, ids: &[i64]) -> Result<u64> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE outbox SET published_at = NULL WHERE id = ANY($1) AND published_at IS NOT NULL",
+        ids
     )
-    .bind(ids)
     .execute(pool)
     .await?
     .rows_affected())
@@ -136,12 +140,12 @@ pub async fn republish_ids(pool: &PgPool, ids: &[i64]) -> Result<u64> {
 
 /// Marks one task's published delivery of `attempt` unpublished (it was lost in transit).
 pub async fn republish(pool: &PgPool, task_id: TaskId, attempt: i32) -> Result<u64> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE outbox SET published_at = NULL \
          WHERE task_id = $1 AND attempt = $2 AND published_at IS NOT NULL",
+        task_id as TaskId,
+        attempt
     )
-    .bind(task_id)
-    .bind(attempt)
     .execute(pool)
     .await?
     .rows_affected())
@@ -166,17 +170,19 @@ pub async fn published_before(
     limit: i64,
 ) -> Result<Vec<PublishedRow>> {
     let (after_at, after_id) = after.unzip();
-    Ok(sqlx::query_as(
-        "SELECT o.id, o.task_id, o.attempt, t.task_type, o.published_at \
-         FROM outbox o JOIN tasks t ON t.id = o.task_id \
-         WHERE o.published_at IS NOT NULL AND o.published_at < now() - $1 \
-           AND ($2::timestamptz IS NULL OR (o.published_at, o.id) > ($2, $3)) \
-         ORDER BY o.published_at, o.id LIMIT $4",
+    Ok(sqlx::query_as!(
+        PublishedRow,
+        r#"SELECT o.id, o.task_id AS "task_id: TaskId", o.attempt, t.task_type,
+                  o.published_at AS "published_at!"
+           FROM outbox o JOIN tasks t ON t.id = o.task_id
+           WHERE o.published_at IS NOT NULL AND o.published_at < now() - $1::interval
+             AND ($2::timestamptz IS NULL OR (o.published_at, o.id) > ($2, $3))
+           ORDER BY o.published_at, o.id LIMIT $4"#,
+        age as std::time::Duration,
+        after_at,
+        after_id,
+        limit
     )
-    .bind(age)
-    .bind(after_at)
-    .bind(after_id)
-    .bind(limit)
     .fetch_all(pool)
     .await?)
 }
@@ -205,12 +211,12 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64)> {
 /// the delivery belongs to another database). Of two published rows of the same attempt, the
 /// earlier counts.
 pub async fn published_age(pool: &PgPool, task_id: TaskId, attempt: i32) -> Result<Option<f64>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "SELECT extract(epoch FROM now() - min(published_at))::float8 \
          FROM outbox WHERE task_id = $1 AND attempt = $2 AND published_at IS NOT NULL",
+        task_id as TaskId,
+        attempt
     )
-    .bind(task_id)
-    .bind(attempt)
     .fetch_one(pool)
     .await?)
 }
@@ -219,13 +225,13 @@ pub async fn published_age(pool: &PgPool, task_id: TaskId, attempt: i32) -> Resu
 /// Redis but will not claim (their type is paused). The relays publish them again once they may.
 pub async fn unpublish(tx: &mut Tx, deliveries: &[(TaskId, i32)]) -> Result<u64> {
     let (tasks, attempts): (Vec<TaskId>, Vec<i32>) = deliveries.iter().copied().unzip();
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE outbox o SET published_at = NULL \
          FROM UNNEST($1::uuid[], $2::int4[]) AS d(task_id, attempt) \
          WHERE o.task_id = d.task_id AND o.attempt = d.attempt AND o.published_at IS NOT NULL",
+        &tasks as &[TaskId],
+        &attempts
     )
-    .bind(&tasks)
-    .bind(&attempts)
     .execute(tx.conn())
     .await?
     .rows_affected())
@@ -277,8 +283,7 @@ impl OutboxWaker {
                         continue;
                     }
                 }
-                if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
-                    .bind(CHANNEL)
+                if let Err(e) = sqlx::query!("SELECT pg_notify($1, '')", CHANNEL)
                     .execute(&pool)
                     .await
                 {

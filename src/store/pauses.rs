@@ -4,14 +4,14 @@
 //! it holds across restarts and for every process at once.
 
 use chrono::{DateTime, Utc};
-use sqlx::{FromRow, PgPool};
+use sqlx::PgPool;
 use std::collections::HashSet;
 
 use super::{Result, Tx};
 use crate::domain::TaskType;
 
 /// A paused type: since when and by whom.
-#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pause {
     pub task_type: String,
     pub paused_at: DateTime<Utc>,
@@ -20,8 +20,9 @@ pub struct Pause {
 
 /// Every paused type.
 pub async fn list(pool: &PgPool) -> Result<Vec<Pause>> {
-    Ok(sqlx::query_as(
-        "SELECT task_type, paused_at, paused_by FROM task_type_pauses ORDER BY task_type",
+    Ok(sqlx::query_as!(
+        Pause,
+        "SELECT task_type, paused_at, paused_by FROM task_type_pauses ORDER BY task_type"
     )
     .fetch_all(pool)
     .await?)
@@ -29,19 +30,21 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Pause>> {
 
 /// Pauses `task_type` (pausing a paused type keeps its first pause). Returns the pause.
 pub async fn pause(pool: &PgPool, task_type: TaskType, by: &str) -> Result<Pause> {
-    Ok(sqlx::query_as(
-        "WITH added AS ( \
-           INSERT INTO task_type_pauses (task_type, paused_by) VALUES ($1, $2) \
-           ON CONFLICT (task_type) DO NOTHING \
-           RETURNING task_type, paused_at, paused_by \
-         ) \
-         SELECT * FROM added \
-         UNION ALL \
-         SELECT task_type, paused_at, paused_by FROM task_type_pauses WHERE task_type = $1 \
-         LIMIT 1",
+    Ok(sqlx::query_as!(
+        Pause,
+        r#"WITH added AS (
+             INSERT INTO task_type_pauses (task_type, paused_by) VALUES ($1, $2)
+             ON CONFLICT (task_type) DO NOTHING
+             RETURNING task_type, paused_at, paused_by
+           )
+           SELECT task_type AS "task_type!", paused_at AS "paused_at!", paused_by AS "paused_by!"
+           FROM added
+           UNION ALL
+           SELECT task_type, paused_at, paused_by FROM task_type_pauses WHERE task_type = $1
+           LIMIT 1"#,
+        task_type.as_str(),
+        by
     )
-    .bind(task_type.as_str())
-    .bind(by)
     .fetch_one(pool)
     .await?)
 }
@@ -49,12 +52,12 @@ pub async fn pause(pool: &PgPool, task_type: TaskType, by: &str) -> Result<Pause
 /// Resumes `task_type`; returns whether it was paused. The relays are woken at commit, so the
 /// type's waiting deliveries are published at once.
 pub async fn resume(pool: &PgPool, task_type: TaskType) -> Result<bool> {
-    let removed: i64 = sqlx::query_scalar(
-        "WITH removed AS (DELETE FROM task_type_pauses WHERE task_type = $1 RETURNING 1) \
-         SELECT count(*) FROM removed, pg_notify($2, '')",
+    let removed = sqlx::query_scalar!(
+        r#"WITH removed AS (DELETE FROM task_type_pauses WHERE task_type = $1 RETURNING 1)
+           SELECT count(*) AS "count!" FROM removed, pg_notify($2, '')"#,
+        task_type.as_str(),
+        super::outbox::CHANNEL
     )
-    .bind(task_type.as_str())
-    .bind(super::outbox::CHANNEL)
     .fetch_one(pool)
     .await?;
     Ok(removed > 0)
@@ -62,7 +65,7 @@ pub async fn resume(pool: &PgPool, task_type: TaskType) -> Result<bool> {
 
 /// The types paused as `tx` sees them (the claim reads them in its own transaction).
 pub async fn paused_in(tx: &mut Tx) -> Result<HashSet<TaskType>> {
-    let names: Vec<String> = sqlx::query_scalar("SELECT task_type FROM task_type_pauses")
+    let names = sqlx::query_scalar!("SELECT task_type FROM task_type_pauses")
         .fetch_all(tx.conn())
         .await?;
     // a name this build does not know pauses nothing it could run
