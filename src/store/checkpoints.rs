@@ -92,26 +92,32 @@ const COLUMNS: &str = "seq, created_at, upto_position, tasks, merkle_root, prev_
 pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>> {
     // one snapshot: the horizon and the heads read below agree
     let mut tx = super::begin_snapshot(pool, false).await?;
-    let last: Option<(i64, i64, Vec<u8>)> = sqlx::query_as(
-        "SELECT seq, upto_position, hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+    let last = sqlx::query!(
+        "SELECT seq, upto_position, hash FROM audit_checkpoints ORDER BY seq DESC LIMIT 1"
     )
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(|r| (r.seq, r.upto_position, r.hash));
     let (seq, from, prev) = match &last {
         Some((seq, upto, hash)) => (seq + 1, *upto, Some(hash.as_slice())),
         None => (1, 0, None),
     };
-    let horizon: i64 = sqlx::query_scalar("SELECT event_log_horizon()")
+    let horizon = sqlx::query_scalar!(r#"SELECT event_log_horizon() AS "horizon!""#)
         .fetch_one(&mut *tx)
         .await?;
-    let rows: Vec<(TaskId, i32, Vec<u8>)> = sqlx::query_as(
-        "SELECT DISTINCT ON (task_id) task_id, sequence, hash FROM task_events \
-         WHERE position >= $1 AND position < $2 ORDER BY task_id, sequence DESC",
+    let rows: Vec<(TaskId, i32, Vec<u8>)> = sqlx::query!(
+        r#"SELECT DISTINCT ON (task_id) task_id AS "task_id!: TaskId", sequence AS "sequence!",
+                  hash AS "hash!"
+           FROM task_events
+           WHERE position >= $1 AND position < $2 ORDER BY task_id, sequence DESC"#,
+        from,
+        horizon
     )
-    .bind(from)
-    .bind(horizon)
     .fetch_all(&mut *tx)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.task_id, r.sequence, r.hash))
+    .collect();
     if rows.is_empty() {
         tx.rollback().await?;
         return Ok(None);
@@ -151,14 +157,17 @@ pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>
         tx.rollback().await?;
         return Ok(None);
     }
-    sqlx::query(
+    let ids: Vec<TaskId> = heads.iter().map(|h| h.task_id).collect();
+    let versions: Vec<i32> = heads.iter().map(|h| h.version).collect();
+    let hashes: Vec<Vec<u8>> = heads.iter().map(|h| h.hash.clone()).collect();
+    sqlx::query!(
         "INSERT INTO audit_checkpoint_heads (seq, task_id, version, head_hash) \
          SELECT $1, * FROM UNNEST($2::uuid[], $3::int4[], $4::bytea[])",
+        seq,
+        &ids as &[TaskId],
+        &versions,
+        &hashes
     )
-    .bind(seq)
-    .bind(heads.iter().map(|h| h.task_id).collect::<Vec<_>>())
-    .bind(heads.iter().map(|h| h.version).collect::<Vec<_>>())
-    .bind(heads.iter().map(|h| h.hash.clone()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -212,13 +221,16 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
     for (i, c) in list(pool).await?.into_iter().enumerate() {
         report.checkpoints += 1;
         let mut problems = check_link(&c.link(), i as i64 + 1, prev.as_deref(), trusted);
-        let heads: Vec<(TaskId, i32, Vec<u8>)> = sqlx::query_as(
-            "SELECT task_id, version, head_hash FROM audit_checkpoint_heads \
-             WHERE seq = $1 ORDER BY task_id",
+        let heads: Vec<(TaskId, i32, Vec<u8>)> = sqlx::query!(
+            r#"SELECT task_id AS "task_id: TaskId", version, head_hash
+               FROM audit_checkpoint_heads WHERE seq = $1 ORDER BY task_id"#,
+            c.seq
         )
-        .bind(c.seq)
         .fetch_all(pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.task_id, r.version, r.head_hash))
+        .collect();
         let heads: Vec<Head> = heads.into_iter().map(Head::from).collect();
         if merkle_root(&heads).as_slice() != c.merkle_root || heads.len() as i32 != c.tasks {
             problems
@@ -226,18 +238,23 @@ pub async fn verify(pool: &PgPool, trusted: Option<&[u8]>) -> Result<CheckpointR
         }
         // a head whose event was archived is checked against the archive (`arnela audit
         // verify --archive`); here it must be covered by its task's anchor
-        let gone: Vec<(TaskId, i32, bool)> = sqlx::query_as(
-            "SELECT h.task_id, h.version, e.hash IS NULL AND EXISTS ( \
-                      SELECT FROM task_event_anchors a WHERE a.task_id = h.task_id \
-                        AND (a.sequence > h.version \
-                             OR (a.sequence = h.version AND a.hash = h.head_hash))) \
-             FROM audit_checkpoint_heads h \
-             LEFT JOIN task_events e ON e.task_id = h.task_id AND e.sequence = h.version \
-             WHERE h.seq = $1 AND e.hash IS DISTINCT FROM h.head_hash ORDER BY h.task_id",
+        let gone: Vec<(TaskId, i32, bool)> = sqlx::query!(
+            r#"SELECT h.task_id AS "task_id: TaskId", h.version,
+                      e.hash IS NULL AND EXISTS (
+                        SELECT FROM task_event_anchors a WHERE a.task_id = h.task_id
+                          AND (a.sequence > h.version
+                               OR (a.sequence = h.version AND a.hash = h.head_hash)))
+                        AS "archived!"
+               FROM audit_checkpoint_heads h
+               LEFT JOIN task_events e ON e.task_id = h.task_id AND e.sequence = h.version
+               WHERE h.seq = $1 AND e.hash IS DISTINCT FROM h.head_hash ORDER BY h.task_id"#,
+            c.seq
         )
-        .bind(c.seq)
         .fetch_all(pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.task_id, r.version, r.archived))
+        .collect();
         let (archived, gone): (Vec<_>, Vec<_>) = gone.into_iter().partition(|g| g.2);
         report.archived_heads += archived.len() as u64;
         for (task, version, _) in gone {
