@@ -14,9 +14,9 @@ FROM rust:1.95.0-bookworm AS builder
 
 WORKDIR /build
 
-# sqlx's query macros must never try to reach a database during `docker build`. If the code
-# uses them, commit the metadata from `cargo sqlx prepare` (`.sqlx/`), add `COPY .sqlx ./.sqlx`
-# next to the COPY lines of step 2, and allow `.sqlx/` in .dockerignore.
+# sqlx's query macros never reach a database during `docker build`: they read the query
+# descriptions committed in `.sqlx/` (copied in step 2; `bash ci/sqlx_check.sh --prepare`
+# rewrites them, see CONTRIBUTING "Checked SQL").
 ENV CARGO_TERM_COLOR=never \
     SQLX_OFFLINE=true
 
@@ -39,6 +39,7 @@ RUN mkdir src \
 #    .dockerignore.)
 COPY src ./src
 COPY migrations ./migrations
+COPY .sqlx ./.sqlx
 RUN cargo build --release --locked --bin arnela
 
 # ---------------------------------------------------------------------------------------------
