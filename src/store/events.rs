@@ -346,23 +346,30 @@ pub(crate) const EVENT_COLUMNS: &str = "position, task_id, sequence, event_type,
 
 /// A task's full history, in order.
 pub async fn history(pool: &sqlx::PgPool, task_id: TaskId) -> Result<Vec<StoredEvent>> {
-    let sql =
-        format!("SELECT {EVENT_COLUMNS} FROM task_events WHERE task_id = $1 ORDER BY sequence");
-    Ok(sqlx::query_as(&sql).bind(task_id).fetch_all(pool).await?)
+    Ok(sqlx::query_as!(
+        StoredEvent,
+        r#"SELECT position, task_id AS "task_id: TaskId", sequence, event_type, event_version,
+                  data, occurred_at, recorded_at, prev_hash, hash, hash_version
+           FROM task_events WHERE task_id = $1 ORDER BY sequence"#,
+        task_id as TaskId
+    )
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Up to `limit` events of the global log after `after`, in commit-safe order (see the module
 /// docs). An empty page means "nothing committed past `after` yet", not "the end".
 pub async fn global_log(pool: &sqlx::PgPool, after: i64, limit: i64) -> Result<Vec<StoredEvent>> {
-    let sql = format!(
-        "SELECT {EVENT_COLUMNS} FROM task_events \
-         WHERE position > $1 \
-           AND position < event_log_horizon() \
-         ORDER BY position LIMIT $2"
-    );
-    Ok(sqlx::query_as(&sql)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?)
+    Ok(sqlx::query_as!(
+        StoredEvent,
+        r#"SELECT position, task_id AS "task_id: TaskId", sequence, event_type, event_version,
+                  data, occurred_at, recorded_at, prev_hash, hash, hash_version
+           FROM task_events
+           WHERE position > $1 AND position < event_log_horizon()
+           ORDER BY position LIMIT $2"#,
+        after,
+        limit
+    )
+    .fetch_all(pool)
+    .await?)
 }

@@ -146,17 +146,17 @@ pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Ta
 
 /// Moves the projector's checkpoint to `position`, counting `events` more read.
 pub async fn advance(tx: &mut Tx, name: &str, position: i64, events: i64) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO projector_checkpoints (name, position, events, updated_at) \
          VALUES ($1, $2, $3, now()) \
          ON CONFLICT (name) DO UPDATE \
            SET position = EXCLUDED.position, \
                events = projector_checkpoints.events + EXCLUDED.events, \
                updated_at = EXCLUDED.updated_at",
+        name,
+        position,
+        events
     )
-    .bind(name)
-    .bind(position)
-    .bind(events)
     .execute(tx.conn())
     .await?;
     Ok(())
@@ -207,7 +207,7 @@ pub async fn add_totals(tx: &mut Tx, deltas: &[TypeTotals]) -> Result<()> {
     }
     let col = |f: fn(&TypeTotals) -> i64| deltas.iter().map(f).collect::<Vec<i64>>();
     let types: Vec<&str> = deltas.iter().map(|d| d.task_type.as_str()).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_totals AS t (task_type, enqueued, attempts_started, succeeded, \
                                        attempts_failed, retries, dead, cancelled, requeued) \
          SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], \
@@ -221,16 +221,16 @@ pub async fn add_totals(tx: &mut Tx, deltas: &[TypeTotals]) -> Result<()> {
            dead = t.dead + EXCLUDED.dead, \
            cancelled = t.cancelled + EXCLUDED.cancelled, \
            requeued = t.requeued + EXCLUDED.requeued",
+        &types as &[&str],
+        &col(|d| d.enqueued),
+        &col(|d| d.attempts_started),
+        &col(|d| d.succeeded),
+        &col(|d| d.attempts_failed),
+        &col(|d| d.retries),
+        &col(|d| d.dead),
+        &col(|d| d.cancelled),
+        &col(|d| d.requeued)
     )
-    .bind(&types)
-    .bind(col(|d| d.enqueued))
-    .bind(col(|d| d.attempts_started))
-    .bind(col(|d| d.succeeded))
-    .bind(col(|d| d.attempts_failed))
-    .bind(col(|d| d.retries))
-    .bind(col(|d| d.dead))
-    .bind(col(|d| d.cancelled))
-    .bind(col(|d| d.requeued))
     .execute(tx.conn())
     .await?;
     Ok(())
@@ -238,10 +238,11 @@ pub async fn add_totals(tx: &mut Tx, deltas: &[TypeTotals]) -> Result<()> {
 
 /// Every type's totals, by type name.
 pub async fn totals(pool: &PgPool) -> Result<Vec<TypeTotals>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        TypeTotals,
         "SELECT task_type, enqueued, attempts_started, succeeded, attempts_failed, retries, \
                 dead, cancelled, requeued \
-         FROM task_totals ORDER BY task_type",
+         FROM task_totals ORDER BY task_type"
     )
     .fetch_all(pool)
     .await?)
@@ -287,17 +288,17 @@ pub async fn add_durations(
     let bounds: Vec<i64> = deltas.keys().map(|k| k.2).collect();
     let counts: Vec<i64> = deltas.values().map(|v| v.0).collect();
     let sums: Vec<i64> = deltas.values().map(|v| v.1).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO attempt_durations AS d (task_type, outcome, le_ms, count, sum_ms) \
          SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[]) \
          ON CONFLICT (task_type, outcome, le_ms) DO UPDATE SET \
            count = d.count + EXCLUDED.count, sum_ms = d.sum_ms + EXCLUDED.sum_ms",
+        &types as &[&str],
+        &outcomes as &[&str],
+        &bounds,
+        &counts,
+        &sums
     )
-    .bind(&types)
-    .bind(&outcomes)
-    .bind(&bounds)
-    .bind(&counts)
-    .bind(&sums)
     .execute(tx.conn())
     .await?;
     Ok(())
@@ -305,9 +306,10 @@ pub async fn add_durations(
 
 /// Every stored bucket, ordered by type, outcome and bound (+Inf last).
 pub async fn durations(pool: &PgPool) -> Result<Vec<DurationBucket>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        DurationBucket,
         "SELECT task_type, outcome, le_ms, count, sum_ms FROM attempt_durations \
-         ORDER BY task_type, outcome, le_ms = -1, le_ms",
+         ORDER BY task_type, outcome, le_ms = -1, le_ms"
     )
     .fetch_all(pool)
     .await?)
@@ -327,14 +329,15 @@ pub struct Checkpoint {
 
 /// Every projector's checkpoint and lag.
 pub async fn checkpoints(pool: &PgPool) -> Result<Vec<Checkpoint>> {
-    Ok(sqlx::query_as(
-        "SELECT c.name, c.position, c.events, c.updated_at, \
-                COALESCE(( \
-                  SELECT extract(epoch FROM now() - e.recorded_at)::float8 \
-                  FROM task_events e \
-                  WHERE e.position > c.position \
-                  ORDER BY e.position LIMIT 1), 0) AS lag_seconds \
-         FROM projector_checkpoints c ORDER BY c.name",
+    Ok(sqlx::query_as!(
+        Checkpoint,
+        r#"SELECT c.name, c.position, c.events, c.updated_at,
+                  COALESCE((
+                    SELECT extract(epoch FROM now() - e.recorded_at)::float8
+                    FROM task_events e
+                    WHERE e.position > c.position
+                    ORDER BY e.position LIMIT 1), 0) AS "lag_seconds!"
+           FROM projector_checkpoints c ORDER BY c.name"#
     )
     .fetch_all(pool)
     .await?)
@@ -343,12 +346,15 @@ pub async fn checkpoints(pool: &PgPool) -> Result<Vec<Checkpoint>> {
 /// Current task counts per type and status, from the `tasks` projection.
 pub async fn status_counts(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
     let mut scan = super::Tx::begin_scan(pool).await?;
-    let counts = sqlx::query_as(
-        "SELECT task_type, status, count(*) FROM tasks GROUP BY task_type, status \
-         ORDER BY task_type, status",
+    let counts = sqlx::query!(
+        r#"SELECT task_type, status, count(*) AS "count!" FROM tasks
+           GROUP BY task_type, status ORDER BY task_type, status"#
     )
     .fetch_all(scan.conn())
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.task_type, r.status, r.count))
+    .collect();
     scan.commit().await?;
     Ok(counts)
 }

@@ -364,20 +364,30 @@ fn ids_unique(ids: &[TaskId], first_of_key: &[Option<usize>]) -> Vec<TaskId> {
 
 /// The current state of one task.
 pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<TaskRow>> {
-    Ok(
-        sqlx::query_as(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?,
+    Ok(sqlx::query_as!(
+        TaskRow,
+        r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
+                  status AS "status: TaskStatus", attempts, max_attempts, run_at, idempotency_key,
+                  last_error, version, last_hash, enqueued_position, lease_owner,
+                  lease_expires_at, created_at, updated_at, owner, traceparent, tracestate
+           FROM tasks WHERE id = $1"#,
+        id as TaskId
     )
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Reads a task for update in `tx` (locks the row until the transaction ends).
 pub async fn get_for_update(tx: &mut Tx, id: TaskId) -> Result<TaskRow> {
-    sqlx::query_as(&format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
+    sqlx::query_as!(
+        TaskRow,
+        r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
+                  status AS "status: TaskStatus", attempts, max_attempts, run_at, idempotency_key,
+                  last_error, version, last_hash, enqueued_position, lease_owner,
+                  lease_expires_at, created_at, updated_at, owner, traceparent, tracestate
+           FROM tasks WHERE id = $1 FOR UPDATE"#,
+        id as TaskId
+    )
     .fetch_optional(tx.conn())
     .await?
     .ok_or(StoreError::NotFound(id.into()))
