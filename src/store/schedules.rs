@@ -134,18 +134,18 @@ async fn append(
     let at = db_time(at);
     let canonical = canonical_bytes(1, id, sequence, event_type, EVENT_VERSION, &data, at);
     let hash = chain_hash(prev, &canonical).to_vec();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO schedule_events (schedule_id, sequence, event_type, data, occurred_at, \
                                       prev_hash, hash) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        id,
+        sequence,
+        event_type,
+        &data,
+        at,
+        prev,
+        &hash
     )
-    .bind(id)
-    .bind(sequence)
-    .bind(event_type)
-    .bind(&data)
-    .bind(at)
-    .bind(prev)
-    .bind(&hash)
     .execute(tx.conn())
     .await?;
     Ok((sequence, hash))
@@ -386,8 +386,7 @@ pub async fn delete(pool: &PgPool, id: Uuid, by: &str, now: DateTime<Utc>) -> Re
         now,
     )
     .await?;
-    sqlx::query("DELETE FROM schedules WHERE id = $1")
-        .bind(id)
+    sqlx::query!("DELETE FROM schedules WHERE id = $1", id)
         .execute(tx.conn())
         .await?;
     tx.commit().await?;
@@ -396,12 +395,13 @@ pub async fn delete(pool: &PgPool, id: Uuid, by: &str, now: DateTime<Utc>) -> Re
 
 /// Every event of schedule `id`, in order (also after it was deleted).
 pub async fn history(pool: &PgPool, id: Uuid) -> Result<Vec<ScheduleEvent>> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        ScheduleEvent,
         "SELECT schedule_id, sequence, event_type, data, occurred_at, recorded_at, prev_hash, \
                 hash \
          FROM schedule_events WHERE schedule_id = $1 ORDER BY sequence",
+        id
     )
-    .bind(id)
     .fetch_all(pool)
     .await?)
 }
@@ -416,13 +416,15 @@ pub struct Run {
 
 /// The `limit` most recent fired slots of schedule `id`, newest first.
 pub async fn runs(pool: &PgPool, id: Uuid, limit: i64) -> Result<Vec<Run>> {
-    Ok(sqlx::query_as(
-        "SELECT r.slot, r.task_id, t.status FROM schedule_runs r \
-         LEFT JOIN tasks t ON t.id = r.task_id \
-         WHERE r.schedule_id = $1 ORDER BY r.slot DESC LIMIT $2",
+    Ok(sqlx::query_as!(
+        Run,
+        r#"SELECT r.slot, r.task_id AS "task_id: TaskId", t.status AS "status?"
+           FROM schedule_runs r
+           LEFT JOIN tasks t ON t.id = r.task_id
+           WHERE r.schedule_id = $1 ORDER BY r.slot DESC LIMIT $2"#,
+        id,
+        limit
     )
-    .bind(id)
-    .bind(limit)
     .fetch_all(pool)
     .await?)
 }
@@ -567,7 +569,7 @@ pub async fn fire_due(
 /// The time of the earliest slot due among active schedules, to sleep until.
 pub async fn next_due(pool: &PgPool) -> Result<Option<DateTime<Utc>>> {
     Ok(
-        sqlx::query_scalar("SELECT min(next_run_at) FROM schedules WHERE NOT paused")
+        sqlx::query_scalar!("SELECT min(next_run_at) FROM schedules WHERE NOT paused")
             .fetch_one(pool)
             .await?,
     )
@@ -584,19 +586,20 @@ pub struct BrokenSchedule {
 /// Re-checks every schedule's event chain (numbering, links, hashes, and the row's last link).
 /// Returns how many events were checked and every schedule whose chain breaks.
 pub async fn verify(pool: &PgPool) -> Result<(u64, Vec<BrokenSchedule>)> {
-    let events: Vec<ScheduleEvent> = sqlx::query_as(
+    let events: Vec<ScheduleEvent> = sqlx::query_as!(
+        ScheduleEvent,
         "SELECT schedule_id, sequence, event_type, data, occurred_at, recorded_at, prev_hash, \
                 hash \
-         FROM schedule_events ORDER BY schedule_id, sequence",
+         FROM schedule_events ORDER BY schedule_id, sequence"
     )
     .fetch_all(pool)
     .await?;
     let heads: HashMap<Uuid, (i32, Vec<u8>)> =
-        sqlx::query_as::<_, (Uuid, i32, Vec<u8>)>("SELECT id, version, last_hash FROM schedules")
+        sqlx::query!("SELECT id, version, last_hash FROM schedules")
             .fetch_all(pool)
             .await?
             .into_iter()
-            .map(|(id, v, h)| (id, (v, h)))
+            .map(|r| (r.id, (r.version, r.last_hash)))
             .collect();
     let mut broken = Vec::new();
     let mut last: HashMap<Uuid, (i32, Vec<u8>, bool)> = HashMap::new();
