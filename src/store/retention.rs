@@ -7,6 +7,7 @@ use chrono::{DateTime, Datelike, Months, NaiveDate, TimeZone, Utc};
 use sqlx::PgPool;
 
 use super::Result;
+use crate::domain::TaskId;
 
 /// Months of partitions kept ready after the current one.
 pub const MONTHS_AHEAD: u32 = 2;
@@ -60,9 +61,10 @@ impl Partition {
 
 /// The monthly partitions of the log, oldest first (the default partition is not listed).
 pub async fn partitions(pool: &PgPool) -> Result<Vec<Partition>> {
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-         WHERE i.inhparent = 'task_events'::regclass",
+    let names = sqlx::query_scalar!(
+        r#"SELECT c.relname::text AS "name!" FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid
+           WHERE i.inhparent = 'task_events'::regclass"#
     )
     .fetch_all(pool)
     .await?;
@@ -83,10 +85,12 @@ pub async fn ensure_partitions(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<
     let mut created = Vec::new();
     for _ in 0..=MONTHS_AHEAD {
         if !existing.contains(&wanted) {
-            let name: String = sqlx::query_scalar("SELECT task_events_partition($1)")
-                .bind(wanted.starts_at)
-                .fetch_one(pool)
-                .await?;
+            let name = sqlx::query_scalar!(
+                r#"SELECT task_events_partition($1) AS "name!""#,
+                wanted.starts_at
+            )
+            .fetch_one(pool)
+            .await?;
             created.push(name);
         }
         wanted = wanted.next();
@@ -211,13 +215,13 @@ pub(crate) async fn retired_for_update(
 
 /// Moves a retired task's head to its new last event (`task`'s version and hash).
 pub(crate) async fn advance_retired(tx: &mut super::Tx, task: &RetiredTask) -> Result<()> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE retired_tasks SET version = $2, last_hash = $3, updated_at = $4 WHERE id = $1",
+        task.id as TaskId,
+        task.version,
+        &task.last_hash,
+        task.updated_at
     )
-    .bind(task.id)
-    .bind(task.version)
-    .bind(&task.last_hash)
-    .bind(task.updated_at)
     .execute(tx.conn())
     .await?;
     Ok(())
@@ -225,10 +229,10 @@ pub(crate) async fn advance_retired(tx: &mut super::Tx, task: &RetiredTask) -> R
 
 /// The archive holding task `id`'s newest archived event, if any of its history was archived.
 pub async fn archived_in(pool: &PgPool, id: crate::domain::TaskId) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "SELECT archive FROM task_event_anchors WHERE task_id = $1 ORDER BY sequence DESC LIMIT 1",
+        id as TaskId
     )
-    .bind(id)
     .fetch_optional(pool)
     .await?)
 }
@@ -238,10 +242,11 @@ pub(crate) async fn was_erased(
     conn: &mut sqlx::PgConnection,
     id: crate::domain::TaskId,
 ) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT FROM task_events WHERE task_id = $1 AND event_type = 'erased')",
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT FROM task_events WHERE task_id = $1 AND event_type = 'erased')
+             AS "erased!""#,
+        id as TaskId
     )
-    .bind(id)
     .fetch_one(conn)
     .await?)
 }
