@@ -149,11 +149,13 @@ impl TasksApi {
         self.ctx.waker.wake();
         match result.into_iter().next() {
             Some(Enqueued::Created(row)) => {
-                let view = view(row)?;
+                let view = TaskView::from(row);
                 let location = format!("/tasks/{}", view.id);
                 Ok(EnqueueResponse::Created(Json(view), location))
             }
-            Some(Enqueued::Existing(row)) => Ok(EnqueueResponse::Existing(Json(view(row)?))),
+            Some(Enqueued::Existing(row)) => {
+                Ok(EnqueueResponse::Existing(Json(TaskView::from(row))))
+            }
             None => Err(ApiError::internal(&"enqueue returned no task").into()),
         }
     }
@@ -208,8 +210,8 @@ impl TasksApi {
         let existing = results.len() as u32 - created;
         let tasks = results
             .into_iter()
-            .map(|r| view(r.row().clone()))
-            .collect::<Result<_, _>>()?;
+            .map(|r| TaskView::from(r.row().clone()))
+            .collect();
         let result = Json(BatchResult {
             tasks,
             created,
@@ -250,10 +252,10 @@ impl TasksApi {
         let not_found = || ApiError::not_found(format!("task {} not found", id.0));
         let load = || async {
             match tasks::get(pool, id.0.into()).await? {
-                Some(row) => view(self.ctx.open_row(row).await?),
+                Some(row) => Ok(TaskView::from(self.ctx.open_row(row).await?)),
                 // retention removed the row: what is left of it (payload "[retired]")
                 None => match retention::retired(pool, id.0.into()).await? {
-                    Some(r) => view(r.into_row(false)),
+                    Some(r) => Ok(TaskView::from(r.into_row(false))),
                     _ => Err(ApiError::not_found(format!("task {} not found", id.0))),
                 },
             }
@@ -473,7 +475,7 @@ impl TasksApi {
             .then(|| rows.last().map(|r| r.enqueued_position))
             .flatten();
         Ok(ListResponse::Ok(Json(TaskPage {
-            items: rows.into_iter().map(view).collect::<Result<_, _>>()?,
+            items: rows.into_iter().map(TaskView::from).collect(),
             next_after,
         })))
     }
@@ -493,7 +495,7 @@ impl TasksApi {
     ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
         self.forget(row.id).await;
         let row = self.ctx.open_row(row).await?;
-        Ok(OperatorResponse::Ok(Json(view(row)?)))
+        Ok(OperatorResponse::Ok(Json(TaskView::from(row))))
     }
 
     async fn forget(&self, id: TaskId) {
@@ -501,11 +503,6 @@ impl TasksApi {
             tracing::warn!(task.id = %id, error = %e, "cannot drop the cached task; the projector will");
         }
     }
-}
-
-/// The API's view of a stored task.
-fn view(row: tasks::TaskRow) -> Result<TaskView, ApiError> {
-    Ok(TaskView::from(row))
 }
 
 async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
