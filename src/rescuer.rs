@@ -322,8 +322,8 @@ impl Rescuer {
             .collect();
         let rows: HashMap<TaskId, Task> = tasks::get_many(&self.pool, &ids)
             .await?
-            .iter()
-            .map(|r| (r.id, r.to_task()))
+            .into_iter()
+            .map(|t| (t.id, t))
             .collect();
         let (mut stale, mut orphans) = (0, 0);
         let mut removed = Vec::new();

@@ -53,25 +53,25 @@ pub struct ApiContext {
 }
 
 impl ApiContext {
-    /// Opens the sealed personal fields of task rows before they are shown (see
-    /// [`crate::store::data_keys::open_rows`]).
-    pub async fn open_rows(
+    /// Opens the sealed personal fields of tasks before they are shown (see
+    /// [`crate::store::data_keys::open_tasks`]).
+    pub async fn open_tasks(
         &self,
-        rows: &mut [crate::store::tasks::TaskRow],
+        tasks: &mut [crate::domain::Task],
     ) -> Result<(), crate::store::StoreError> {
         let mut conn = self.pool.acquire().await?;
-        crate::store::data_keys::open_rows(&mut conn, self.data_key.as_deref(), rows).await
+        crate::store::data_keys::open_tasks(&mut conn, self.data_key.as_deref(), tasks).await
     }
 
-    /// [`ApiContext::open_rows`] for one row.
-    pub async fn open_row(
+    /// [`ApiContext::open_tasks`] for one task.
+    pub async fn open_task(
         &self,
-        row: crate::store::tasks::TaskRow,
-    ) -> Result<crate::store::tasks::TaskRow, crate::store::StoreError> {
-        let mut rows = [row];
-        self.open_rows(&mut rows).await?;
-        let [row] = rows;
-        Ok(row)
+        task: crate::domain::Task,
+    ) -> Result<crate::domain::Task, crate::store::StoreError> {
+        let mut tasks = [task];
+        self.open_tasks(&mut tasks).await?;
+        let [task] = tasks;
+        Ok(task)
     }
 
     /// Opens the sealed parts of events before they are shown.

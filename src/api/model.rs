@@ -7,7 +7,6 @@ use uuid::Uuid;
 
 use crate::domain::TaskStatus;
 use crate::store::events::StoredEvent;
-use crate::store::tasks::TaskRow;
 
 /// The kinds of task.
 #[derive(
@@ -132,8 +131,8 @@ pub struct TaskView {
     pub owner: String,
 }
 
-impl From<TaskRow> for TaskView {
-    fn from(r: TaskRow) -> Self {
+impl From<crate::domain::Task> for TaskView {
+    fn from(r: crate::domain::Task) -> Self {
         TaskView {
             id: r.id.into(),
             task_type: r.task_type.into(),

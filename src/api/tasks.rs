@@ -23,7 +23,7 @@ use crate::domain::event::db_time;
 use crate::domain::task::{DEFAULT_MAX_ATTEMPTS, MAX_MAX_ATTEMPTS};
 use crate::domain::TaskId;
 use crate::domain::{
-    validate_invalidates, validate_payload, FieldError, NewTask, TaskStatus, TaskType,
+    validate_invalidates, validate_payload, FieldError, NewTask, Task, TaskStatus, TaskType,
 };
 use crate::store::tasks::{self, Enqueued, TaskFilter};
 use crate::store::{audit, events, operator, retention, Tx};
@@ -210,7 +210,9 @@ impl TasksApi {
         let existing = results.len() as u32 - created;
         let tasks = results
             .into_iter()
-            .map(|r| TaskView::from(r.row().clone()))
+            .map(|r| match r {
+                Enqueued::Created(t) | Enqueued::Existing(t) => TaskView::from(t),
+            })
             .collect();
         let result = Json(BatchResult {
             tasks,
@@ -252,10 +254,10 @@ impl TasksApi {
         let not_found = || ApiError::not_found(format!("task {} not found", id.0));
         let load = || async {
             match tasks::get(pool, id.0.into()).await? {
-                Some(row) => Ok(TaskView::from(self.ctx.open_row(row).await?)),
+                Some(task) => Ok(TaskView::from(self.ctx.open_task(task).await?)),
                 // retention removed the row: what is left of it (payload "[retired]")
                 None => match retention::retired(pool, id.0.into()).await? {
-                    Some(r) => Ok(TaskView::from(r.into_row(false))),
+                    Some(r) => Ok(TaskView::from(r.into_task(false))),
                     _ => Err(ApiError::not_found(format!("task {} not found", id.0))),
                 },
             }
@@ -469,35 +471,29 @@ impl TasksApi {
         };
         let limit = limit.0.unwrap_or(50);
         let after = after.0.unwrap_or(0);
-        let mut rows = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
-        self.ctx.open_rows(&mut rows).await?;
-        let next_after = (rows.len() == limit as usize)
-            .then(|| rows.last().map(|r| r.enqueued_position))
+        let mut page = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
+        self.ctx.open_tasks(&mut page.tasks).await?;
+        let next_after = (page.tasks.len() == limit as usize)
+            .then_some(page.last_position)
             .flatten();
         Ok(ListResponse::Ok(Json(TaskPage {
-            items: rows.into_iter().map(TaskView::from).collect(),
+            items: page.tasks.into_iter().map(TaskView::from).collect(),
             next_after,
         })))
     }
 }
 
-/// The connection an enqueue writes on. Without idempotency keys the enqueue is one statement,
-/// atomic by itself, so it needs no explicit transaction; with keys a conflict found after the
-/// insert must roll the whole request back, so it runs in one.
 impl TasksApi {
-    /// Drops the cached view of a task this request changed, so the caller reads its own write
-    /// at once (the projector drops it too, moments later; a failure here is only logged).
     /// The answer of an operator action: the task's new state, after its cached view (which
     /// holds opened personal fields) is dropped.
-    async fn acted_on(
-        &self,
-        row: tasks::TaskRow,
-    ) -> Result<OperatorResponse, Failure<OperatorFailures>> {
-        self.forget(row.id).await;
-        let row = self.ctx.open_row(row).await?;
-        Ok(OperatorResponse::Ok(Json(TaskView::from(row))))
+    async fn acted_on(&self, task: Task) -> Result<OperatorResponse, Failure<OperatorFailures>> {
+        self.forget(task.id).await;
+        let task = self.ctx.open_task(task).await?;
+        Ok(OperatorResponse::Ok(Json(TaskView::from(task))))
     }
 
+    /// Drops the cached view of a task this request changed, so the caller reads its own write
+    /// at once (the projector drops it too, moments later; a failure here is only logged).
     async fn forget(&self, id: TaskId) {
         if let Err(e) = self.ctx.cache.delete(&keys::task(id)).await {
             tracing::warn!(task.id = %id, error = %e, "cannot drop the cached task; the projector will");
@@ -505,6 +501,9 @@ impl TasksApi {
     }
 }
 
+/// The connection an enqueue writes on. Without idempotency keys the enqueue is one statement,
+/// atomic by itself, so it needs no explicit transaction; with keys a conflict found after the
+/// insert must roll the whole request back, so it runs in one.
 async fn writer(pool: &sqlx::PgPool, news: &[NewTask]) -> Result<Tx, ApiError> {
     let keyed = news.iter().any(|n| n.idempotency_key.is_some());
     Ok(if keyed {

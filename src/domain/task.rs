@@ -181,6 +181,9 @@ pub struct Task {
     pub updated_at: DateTime<Utc>,
     /// The trace the task belongs to (see [`super::TraceContext`]).
     pub trace: Option<super::TraceContext>,
+    /// Who the task belongs to: the enqueuing token's tenant, else its subject (empty for tasks
+    /// written before owners were recorded).
+    pub owner: String,
 }
 
 /// What a producer asks for.
@@ -245,6 +248,7 @@ impl Task {
             run_at,
             idempotency_key,
             trace,
+            owner,
             ..
         } = first
         else {
@@ -269,6 +273,7 @@ impl Task {
             created_at: at,
             updated_at: at,
             trace: trace.clone(),
+            owner: owner.clone(),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::domain::TaskId;
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 
-use super::events::{StoredEvent, EVENT_COLUMNS};
+use super::events::StoredEvent;
 use super::Result;
 use crate::domain::event::{canonical_bytes, event_hash, Placement};
 
@@ -89,9 +89,9 @@ pub async fn verify(pool: &PgPool, mut progress: impl FnMut(Progress)) -> Result
 /// Verifies one task's chain. `None` when the task has neither events nor a head.
 pub async fn verify_task(pool: &PgPool, id: TaskId) -> Result<Option<VerifyReport>> {
     let mut tx = super::begin_snapshot(pool, true).await?;
-    let heads = heads_where(&mut tx, "= $1", id, None).await?;
-    let anchors = anchors_where(&mut tx, "= $1", id, None).await?;
-    let events = events_where(&mut tx, "task_id = $1", id, None).await?;
+    let heads = heads_in(&mut tx, id, Some(id)).await?;
+    let anchors = anchors_in(&mut tx, id, Some(id)).await?;
+    let events = events_in(&mut tx, id, Some(id)).await?;
     tx.commit().await?;
     if heads.is_empty() && events.is_empty() && anchors.is_empty() {
         return Ok(None);
@@ -128,75 +128,90 @@ async fn verify_page(
     // one snapshot for the page: the heads and the events agree with each other
     let mut tx = super::begin_snapshot(pool, true).await?;
     // each side limited first, so that both are read by index, a page at most
-    let upper: Option<TaskId> = sqlx::query_scalar(
-        "SELECT id FROM ((SELECT id FROM tasks WHERE id > $1 ORDER BY id LIMIT $2) \
-                         UNION ALL \
-                         (SELECT id FROM retired_tasks WHERE id > $1 ORDER BY id LIMIT $2)) heads \
-         ORDER BY id OFFSET $2 - 1 LIMIT 1",
+    let upper = sqlx::query_scalar!(
+        r#"SELECT id AS "id!: TaskId"
+           FROM ((SELECT id FROM tasks WHERE id > $1 ORDER BY id LIMIT $2)
+                 UNION ALL
+                 (SELECT id FROM retired_tasks WHERE id > $1 ORDER BY id LIMIT $2)) heads
+           ORDER BY id OFFSET $2 - 1 LIMIT 1"#,
+        after as TaskId,
+        PAGE_TASKS
     )
-    .bind(after)
-    .bind(PAGE_TASKS)
     .fetch_optional(&mut *tx)
     .await?;
     // the last page runs to the end of every table (events of tasks without a head included)
-    let heads = heads_where(&mut tx, "> $1", after, upper).await?;
-    let anchors = anchors_where(&mut tx, "> $1", after, upper).await?;
-    let events = events_where(&mut tx, "task_id > $1", after, upper).await?;
+    let from = successor(after);
+    let heads = heads_in(&mut tx, from, upper).await?;
+    let anchors = anchors_in(&mut tx, from, upper).await?;
+    let events = events_in(&mut tx, from, upper).await?;
     tx.commit().await?;
     check_tasks(&heads, &anchors, &events, report);
     Ok((upper.unwrap_or(after), upper.is_none()))
 }
 
-async fn heads_where(
-    tx: &mut sqlx::PgConnection,
-    condition: &str,
-    from: TaskId,
-    upper: Option<TaskId>,
-) -> Result<Vec<Head>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT id, version, last_hash FROM tasks \
-         WHERE id {condition} AND ($2::uuid IS NULL OR id <= $2) \
-         UNION ALL \
-         SELECT id, version, last_hash FROM retired_tasks \
-         WHERE id {condition} AND ($2::uuid IS NULL OR id <= $2) \
-         ORDER BY id"
+/// The first id after `id` (the lower bound of the page that follows it).
+fn successor(id: TaskId) -> TaskId {
+    TaskId::from_uuid(uuid::Uuid::from_u128(
+        id.as_uuid().as_u128().saturating_add(1),
     ))
-    .bind(from)
-    .bind(upper)
+}
+
+/// The heads of the tasks with ids in `[from, to]` (`to` `None`: to the end).
+async fn heads_in(
+    tx: &mut sqlx::PgConnection,
+    from: TaskId,
+    to: Option<TaskId>,
+) -> Result<Vec<Head>> {
+    Ok(sqlx::query_as!(
+        Head,
+        r#"SELECT id AS "id!: TaskId", version AS "version!", last_hash AS "last_hash!"
+           FROM tasks WHERE id >= $1 AND ($2::uuid IS NULL OR id <= $2)
+           UNION ALL
+           SELECT id, version, last_hash
+           FROM retired_tasks WHERE id >= $1 AND ($2::uuid IS NULL OR id <= $2)
+           ORDER BY 1"#,
+        from as TaskId,
+        to as Option<TaskId>
+    )
     .fetch_all(tx)
     .await?)
 }
 
 /// The newest anchor of each task in the range.
-async fn anchors_where(
+async fn anchors_in(
     tx: &mut sqlx::PgConnection,
-    condition: &str,
     from: TaskId,
-    upper: Option<TaskId>,
+    to: Option<TaskId>,
 ) -> Result<Vec<Anchor>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT DISTINCT ON (task_id) task_id, sequence, hash FROM task_event_anchors \
-         WHERE task_id {condition} AND ($2::uuid IS NULL OR task_id <= $2) \
-         ORDER BY task_id, sequence DESC"
-    ))
-    .bind(from)
-    .bind(upper)
+    Ok(sqlx::query_as!(
+        Anchor,
+        r#"SELECT DISTINCT ON (task_id) task_id AS "task_id: TaskId", sequence, hash
+           FROM task_event_anchors
+           WHERE task_id >= $1 AND ($2::uuid IS NULL OR task_id <= $2)
+           ORDER BY task_id, sequence DESC"#,
+        from as TaskId,
+        to as Option<TaskId>
+    )
     .fetch_all(tx)
     .await?)
 }
 
-async fn events_where(
+/// The events of the tasks in the range, in task and sequence order.
+async fn events_in(
     tx: &mut sqlx::PgConnection,
-    condition: &str,
     from: TaskId,
-    upper: Option<TaskId>,
+    to: Option<TaskId>,
 ) -> Result<Vec<StoredEvent>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {EVENT_COLUMNS} FROM task_events \
-         WHERE {condition} AND ($2::uuid IS NULL OR task_id <= $2) ORDER BY task_id, sequence"
-    ))
-    .bind(from)
-    .bind(upper)
+    Ok(sqlx::query_as!(
+        StoredEvent,
+        r#"SELECT position, task_id AS "task_id: TaskId", sequence, event_type, event_version,
+                  data, occurred_at, recorded_at, prev_hash, hash, hash_version
+           FROM task_events
+           WHERE task_id >= $1 AND ($2::uuid IS NULL OR task_id <= $2)
+           ORDER BY task_id, sequence"#,
+        from as TaskId,
+        to as Option<TaskId>
+    )
     .fetch_all(tx)
     .await?)
 }

@@ -83,9 +83,6 @@ pub async fn compare_exported(pool: &PgPool, exported: &[Checkpoint]) -> Result<
     Ok(problems)
 }
 
-const COLUMNS: &str = "seq, created_at, upto_position, tasks, merkle_root, prev_hash, hash, \
-    public_key, signature";
-
 /// Writes the next checkpoint: the heads of the tasks whose history grew since the previous one,
 /// up to the log's horizon now, signed with `key`. Returns it, or `None` when nothing changed
 /// (or another process wrote the same checkpoint first).
@@ -137,19 +134,21 @@ pub async fn write(pool: &PgPool, key: &SigningKey) -> Result<Option<Checkpoint>
         public_key: key.verifying_key().to_bytes().to_vec(),
         signature: sign(key, &hash),
     };
-    let inserted = sqlx::query(&format!(
-        "INSERT INTO audit_checkpoints ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         ON CONFLICT (seq) DO NOTHING"
-    ))
-    .bind(checkpoint.seq)
-    .bind(checkpoint.created_at)
-    .bind(checkpoint.upto_position)
-    .bind(checkpoint.tasks)
-    .bind(&checkpoint.merkle_root)
-    .bind(&checkpoint.prev_hash)
-    .bind(&checkpoint.hash)
-    .bind(&checkpoint.public_key)
-    .bind(&checkpoint.signature)
+    let inserted = sqlx::query!(
+        "INSERT INTO audit_checkpoints (seq, created_at, upto_position, tasks, merkle_root,
+                                        prev_hash, hash, public_key, signature)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (seq) DO NOTHING",
+        checkpoint.seq,
+        checkpoint.created_at,
+        checkpoint.upto_position,
+        checkpoint.tasks,
+        &checkpoint.merkle_root,
+        checkpoint.prev_hash.as_deref(),
+        &checkpoint.hash,
+        &checkpoint.public_key,
+        &checkpoint.signature
+    )
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -181,21 +180,27 @@ pub async fn list(pool: &PgPool) -> Result<Vec<Checkpoint>> {
 
 /// Up to `limit` checkpoints after number `after`, in order.
 pub async fn page(pool: &PgPool, after: i64, limit: i64) -> Result<Vec<Checkpoint>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2"
-    ))
-    .bind(after)
-    .bind(limit)
+    Ok(sqlx::query_as!(
+        Checkpoint,
+        "SELECT seq, created_at, upto_position, tasks, merkle_root, prev_hash, hash, public_key,
+                signature
+         FROM audit_checkpoints WHERE seq > $1 ORDER BY seq LIMIT $2",
+        after,
+        limit
+    )
     .fetch_all(pool)
     .await?)
 }
 
 /// The checkpoints numbered `seqs`, in order.
 pub(crate) async fn numbered(pool: &PgPool, seqs: &[i64]) -> Result<Vec<Checkpoint>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM audit_checkpoints WHERE seq = ANY($1) ORDER BY seq"
-    ))
-    .bind(seqs)
+    Ok(sqlx::query_as!(
+        Checkpoint,
+        "SELECT seq, created_at, upto_position, tasks, merkle_root, prev_hash, hash, public_key,
+                signature
+         FROM audit_checkpoints WHERE seq = ANY($1) ORDER BY seq",
+        seqs
+    )
     .fetch_all(pool)
     .await?)
 }

@@ -6,10 +6,9 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
 use super::events::StoredEvent;
-use super::tasks::TaskRow;
 use super::{Result, StoreError};
 use crate::domain::sealing::{self, DataKey, MasterKey, Opening};
-use crate::domain::TaskType;
+use crate::domain::{Task, TaskType};
 
 /// The data keys of those of `ids` that have one (not erased, sealed when written), unwrapped.
 pub async fn keys(
@@ -108,12 +107,12 @@ fn corrupt(id: TaskId, e: sealing::SealError) -> StoreError {
     StoreError::Corrupt(format!("task {id}: {e}"))
 }
 
-/// Opens the sealed personal fields of `rows` in place: plain text with the task's key,
+/// Opens the sealed personal fields of `tasks` in place: plain text with the task's key,
 /// [`sealing::ERASED`] once it was erased, [`sealing::SEALED`] without `AUDIT_DATA_KEY`.
-pub async fn open_rows(
+pub async fn open_tasks(
     conn: &mut sqlx::PgConnection,
     master: Option<&MasterKey>,
-    rows: &mut [TaskRow],
+    rows: &mut [Task],
 ) -> Result<()> {
     let sealed: Vec<(usize, TaskType)> = rows
         .iter()
@@ -153,7 +152,7 @@ fn sealed_parts(e: &StoredEvent) -> Option<Option<TaskType>> {
     }
 }
 
-/// Opens the sealed parts of `events` in place (see [`open_rows`]).
+/// Opens the sealed parts of `events` in place (see [`open_tasks`]).
 pub async fn open_events(
     conn: &mut sqlx::PgConnection,
     master: Option<&MasterKey>,

@@ -18,7 +18,8 @@ use super::{Result, StoreError, Tx};
 use crate::domain::event::{
     canonical_bytes, db_time, event_hash, jsonb_stable, Placement, HASH_VERSION,
 };
-use crate::domain::{Task, TaskEvent, TaskId, TaskType};
+use crate::domain::{Task, TaskEvent, TaskId, TaskStatus, TaskType};
+use uuid::Uuid;
 
 /// One stored event.
 #[derive(Debug, Clone, PartialEq, FromRow)]
@@ -237,53 +238,54 @@ pub async fn record_batch(
 
     // The conditional update is the optimistic lock: a row matches only if nobody appended
     // since it was read, and it stays locked until commit.
-    let updated: i64 = sqlx::query_scalar(
-        "WITH updated AS ( \
-           UPDATE tasks t SET status = v.status, attempts = v.attempts, \
-             max_attempts = v.max_attempts, run_at = v.run_at, last_error = v.last_error, \
-             lease_owner = v.lease_owner, lease_expires_at = v.lease_expires_at, \
-             version = v.version, last_hash = v.last_hash, updated_at = $12 \
-           FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::int4[], \
-                       $6::timestamptz[], $7::text[], $8::uuid[], $9::timestamptz[], $10::int4[], \
-                       $11::bytea[]) \
-             AS v(id, expected, status, attempts, max_attempts, run_at, last_error, lease_owner, \
-                  lease_expires_at, version, last_hash) \
-           WHERE t.id = v.id AND t.version = v.expected \
-           RETURNING 1 \
-         ), held AS ( \
-           INSERT INTO task_leases (task_id, expires_at) \
-           SELECT * FROM UNNEST($13::uuid[], $14::timestamptz[]) \
-           ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at \
-         ), freed AS ( \
-           DELETE FROM task_leases WHERE task_id = ANY($15) \
-         ) \
-         SELECT count(*) FROM updated",
+    let ids: Vec<TaskId> = afters.iter().map(|t| t.id).collect();
+    let expected: Vec<i32> = items.iter().map(|(b, _, _)| b.version).collect();
+    let statuses: Vec<TaskStatus> = afters.iter().map(|t| t.status).collect();
+    let attempts: Vec<i32> = afters.iter().map(|t| t.attempts).collect();
+    let max_attempts: Vec<i32> = afters.iter().map(|t| t.max_attempts).collect();
+    let run_at: Vec<DateTime<Utc>> = afters.iter().map(|t| t.run_at).collect();
+    let last_errors: Vec<Option<String>> = afters.iter().map(|t| t.last_error.clone()).collect();
+    let lease_owners: Vec<Option<Uuid>> = afters.iter().map(|t| t.lease_owner).collect();
+    let lease_expiries: Vec<Option<DateTime<Utc>>> =
+        afters.iter().map(|t| t.lease_expires_at).collect();
+    let versions: Vec<i32> = afters.iter().map(|t| t.version).collect();
+    let updated = sqlx::query_scalar!(
+        r#"WITH updated AS (
+             UPDATE tasks t SET status = v.status, attempts = v.attempts,
+               max_attempts = v.max_attempts, run_at = v.run_at, last_error = v.last_error,
+               lease_owner = v.lease_owner, lease_expires_at = v.lease_expires_at,
+               version = v.version, last_hash = v.last_hash, updated_at = $12
+             FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int4[], $5::int4[],
+                         $6::timestamptz[], $7::text[], $8::uuid[], $9::timestamptz[],
+                         $10::int4[], $11::bytea[])
+               AS v(id, expected, status, attempts, max_attempts, run_at, last_error,
+                    lease_owner, lease_expires_at, version, last_hash)
+             WHERE t.id = v.id AND t.version = v.expected
+             RETURNING 1
+           ), held AS (
+             INSERT INTO task_leases (task_id, expires_at)
+             SELECT * FROM UNNEST($13::uuid[], $14::timestamptz[])
+             ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+           ), freed AS (
+             DELETE FROM task_leases WHERE task_id = ANY($15)
+           )
+           SELECT count(*) AS "updated!" FROM updated"#,
+        &ids as &[TaskId],
+        &expected,
+        &statuses as &[TaskStatus],
+        &attempts,
+        &max_attempts,
+        &run_at,
+        &last_errors as &[Option<String>],
+        &lease_owners as &[Option<Uuid>],
+        &lease_expiries as &[Option<DateTime<Utc>>],
+        &versions,
+        &hashes,
+        at,
+        &held.0 as &[TaskId],
+        &held.1,
+        &freed as &[TaskId]
     )
-    .bind(afters.iter().map(|t| t.id).collect::<Vec<_>>())
-    .bind(items.iter().map(|(b, _, _)| b.version).collect::<Vec<_>>())
-    .bind(afters.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
-    .bind(afters.iter().map(|t| t.attempts).collect::<Vec<_>>())
-    .bind(afters.iter().map(|t| t.max_attempts).collect::<Vec<_>>())
-    .bind(afters.iter().map(|t| t.run_at).collect::<Vec<_>>())
-    .bind(
-        afters
-            .iter()
-            .map(|t| t.last_error.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(afters.iter().map(|t| t.lease_owner).collect::<Vec<_>>())
-    .bind(
-        afters
-            .iter()
-            .map(|t| t.lease_expires_at)
-            .collect::<Vec<_>>(),
-    )
-    .bind(afters.iter().map(|t| t.version).collect::<Vec<_>>())
-    .bind(&hashes)
-    .bind(at)
-    .bind(&held.0)
-    .bind(&held.1)
-    .bind(&freed)
     .fetch_one(tx.conn())
     .await?;
     if updated != items.len() as i64 {
@@ -300,31 +302,32 @@ pub async fn record_batch(
 /// Inserts prepared event rows in one statement.
 pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
     let (base, recorded_at) = rows.base.expect("inserted rows are placed");
-    let sql = "INSERT INTO task_events \
-           (position, task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, \
-            hash, task_type, recorded_at, hash_version) \
-         SELECT $11 + e.slot, e.task_id, e.sequence, e.event_type, e.event_version, \
-                e.data, e.occurred_at, e.prev_hash, e.hash, e.task_type, $12, $13 \
-         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int2[], $5::jsonb[], \
-                     $6::timestamptz[], $7::bytea[], $8::bytea[], $9::int8[], $10::text[]) \
-           AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash, \
-                slot, task_type)";
-    let result = sqlx::query(sql)
-        .bind(&rows.task_ids)
-        .bind(&rows.sequences)
-        .bind(&rows.types)
-        .bind(&rows.versions)
-        .bind(&rows.data)
-        .bind(&rows.occurred_at)
-        .bind(&rows.prev_hashes)
-        .bind(&rows.hashes)
-        .bind(&rows.slots)
-        .bind(&rows.task_types)
-        .bind(base)
-        .bind(recorded_at)
-        .bind(HASH_VERSION)
-        .execute(tx.conn())
-        .await;
+    let result = sqlx::query!(
+        "INSERT INTO task_events
+           (position, task_id, sequence, event_type, event_version, data, occurred_at, prev_hash,
+            hash, task_type, recorded_at, hash_version)
+         SELECT $11 + e.slot, e.task_id, e.sequence, e.event_type, e.event_version,
+                e.data, e.occurred_at, e.prev_hash, e.hash, e.task_type, $12, $13
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::int2[], $5::jsonb[],
+                     $6::timestamptz[], $7::bytea[], $8::bytea[], $9::int8[], $10::text[])
+           AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash, hash,
+                slot, task_type)",
+        &rows.task_ids as &[TaskId],
+        &rows.sequences,
+        &rows.types as &[&str],
+        &rows.versions,
+        &rows.data,
+        &rows.occurred_at,
+        &rows.prev_hashes as &[Option<Vec<u8>>],
+        &rows.hashes,
+        &rows.slots,
+        &rows.task_types as &[&str],
+        base,
+        recorded_at,
+        HASH_VERSION
+    )
+    .execute(tx.conn())
+    .await;
     match result {
         Ok(_) => Ok(()),
         Err(sqlx::Error::Database(db))
@@ -340,9 +343,6 @@ pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
         Err(e) => Err(e.into()),
     }
 }
-
-pub(crate) const EVENT_COLUMNS: &str = "position, task_id, sequence, event_type, event_version, \
-                             data, occurred_at, recorded_at, prev_hash, hash, hash_version";
 
 /// A task's full history, in order.
 pub async fn history(pool: &sqlx::PgPool, task_id: TaskId) -> Result<Vec<StoredEvent>> {

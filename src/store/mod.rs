@@ -133,13 +133,13 @@ impl Tx {
     async fn begin_with(pool: &PgPool, settings: &[(&str, &str)]) -> Result<Tx> {
         let mut tx = Tx::begin(pool).await?;
         let (names, values): (Vec<&str>, Vec<&str>) = settings.iter().copied().unzip();
-        sqlx::query(
-            "SELECT set_config(s.name, s.value, true) \
+        sqlx::query!(
+            "SELECT set_config(s.name, s.value, true)
              FROM UNNEST($1::text[], $2::text[]) AS s(name, value)",
+            &names as &[&str],
+            &values as &[&str]
         )
-        .bind(names)
-        .bind(values)
-        .execute(tx.conn())
+        .fetch_all(tx.conn())
         .await?;
         Ok(tx)
     }

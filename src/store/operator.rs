@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::retention;
-use super::tasks::{self, TaskRow};
+use super::tasks;
 use super::transition::{self, Lock, Payload, Target};
 use super::{Result, StoreError, Tx};
 use crate::domain::sealing::payload_is_sealed;
@@ -15,7 +15,7 @@ use crate::domain::{Task, TaskEvent, TaskId, TaskStatus, TaskType};
 
 /// Gives a dead task `extra_attempts` more attempts and queues it now; refused when the task
 /// would have more than [`MAX_TOTAL_ATTEMPTS`] in all.
-pub async fn requeue(pool: &PgPool, id: TaskId, extra_attempts: i32, by: &str) -> Result<TaskRow> {
+pub async fn requeue(pool: &PgPool, id: TaskId, extra_attempts: i32, by: &str) -> Result<Task> {
     act(pool, id, |task| {
         let event = task.requeue(extra_attempts, by.to_owned())?;
         if task.attempts + extra_attempts > MAX_TOTAL_ATTEMPTS {
@@ -31,7 +31,7 @@ pub async fn requeue(pool: &PgPool, id: TaskId, extra_attempts: i32, by: &str) -
 }
 
 /// Cancels a task that has not ended. Its pending deliveries are removed.
-pub async fn cancel(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Result<TaskRow> {
+pub async fn cancel(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Result<Task> {
     act(pool, id, |task| {
         Ok(task.cancel(reason.clone(), by.to_owned())?)
     })
@@ -43,9 +43,9 @@ pub async fn cancel(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Resu
 pub enum Erasure {
     /// The data key was destroyed and an `erased` event recorded (after a `cancelled` one for a
     /// task that could still run).
-    Erased(TaskRow),
+    Erased(Task),
     /// It was erased before: nothing changed.
-    AlreadyErased(TaskRow),
+    AlreadyErased(Task),
 }
 
 /// Erases task `id`'s personal data: destroys its data key and records `erased` (see
@@ -53,7 +53,7 @@ pub enum Erasure {
 /// before its fields were sealed (nothing could erase them without rewriting the log).
 pub async fn erase(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Result<Erasure> {
     let mut tx = Tx::begin(pool).await?;
-    let row = match tasks::get_for_update(&mut tx, id).await {
+    let (row, _) = match tasks::get_for_update(&mut tx, id).await {
         Err(StoreError::NotFound(_)) => return erase_retired(tx, id, reason, by).await,
         found => found?,
     };
@@ -73,9 +73,9 @@ pub async fn erase(pool: &PgPool, id: TaskId, reason: String, by: &str) -> Resul
     )
     .await?;
     super::data_keys::destroy(tx.conn(), id).await?;
-    let row = tasks::get_for_update(&mut tx, id).await?;
+    let (task, _) = tasks::get_for_update(&mut tx, id).await?;
     tx.commit().await?;
-    Ok(Erasure::Erased(row))
+    Ok(Erasure::Erased(task))
 }
 
 /// [`erase`] for a task retention moved out of the projection (its head is in
@@ -90,7 +90,7 @@ async fn erase_retired(mut tx: Tx, id: TaskId, reason: String, by: &str) -> Resu
         let erased = retention::was_erased(tx.conn(), id).await?;
         tx.rollback().await?;
         return if erased {
-            Ok(Erasure::AlreadyErased(task.into_row(true)))
+            Ok(Erasure::AlreadyErased(task.into_task(true)))
         } else {
             Err(StoreError::NotErasable(id))
         };
@@ -116,10 +116,10 @@ async fn erase_retired(mut tx: Tx, id: TaskId, reason: String, by: &str) -> Resu
     retention::advance_retired(&mut tx, &task).await?;
     super::data_keys::destroy(tx.conn(), id).await?;
     tx.commit().await?;
-    Ok(Erasure::Erased(task.into_row(true)))
+    Ok(Erasure::Erased(task.into_task(true)))
 }
 
-async fn act<F>(pool: &PgPool, id: TaskId, decide: F) -> Result<TaskRow>
+async fn act<F>(pool: &PgPool, id: TaskId, decide: F) -> Result<Task>
 where
     F: Fn(&Task) -> Result<TaskEvent>,
 {
@@ -133,9 +133,9 @@ where
     if !applied.missing.is_empty() {
         return Err(StoreError::NotFound(id.into()));
     }
-    let row = tasks::get_for_update(&mut tx, id).await?;
+    let (task, _) = tasks::get_for_update(&mut tx, id).await?;
     tx.commit().await?;
-    Ok(row)
+    Ok(task)
 }
 
 /// Which dead letters a bulk action takes.
@@ -176,19 +176,19 @@ const BULK_CHUNK: usize = 500;
 /// status (see migration 7), so this reads the table: an operator's action, not a hot path.
 pub async fn dead_letters(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<TaskId>> {
     let mut tx = Tx::begin_scan(pool).await?;
-    let ids = sqlx::query_scalar(
-        "SELECT id FROM tasks WHERE status = $1 \
-           AND ($2::text IS NULL OR task_type = $2) \
-           AND ($3::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($3)) > 0) \
-           AND ($4::timestamptz IS NULL OR updated_at >= $4) \
-           AND ($5::timestamptz IS NULL OR updated_at < $5) \
-         ORDER BY updated_at, id",
+    let ids = sqlx::query_scalar!(
+        r#"SELECT id AS "id: TaskId" FROM tasks WHERE status = $1
+             AND ($2::text IS NULL OR task_type = $2)
+             AND ($3::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($3)) > 0)
+             AND ($4::timestamptz IS NULL OR updated_at >= $4)
+             AND ($5::timestamptz IS NULL OR updated_at < $5)
+           ORDER BY updated_at, id"#,
+        TaskStatus::Dead as TaskStatus,
+        filter.task_type as Option<TaskType>,
+        filter.reason.as_deref(),
+        filter.failed_from,
+        filter.failed_to
     )
-    .bind(TaskStatus::Dead.as_str())
-    .bind(filter.task_type.map(TaskType::as_str))
-    .bind(filter.reason.as_deref())
-    .bind(filter.failed_from)
-    .bind(filter.failed_to)
     .fetch_all(tx.conn())
     .await?;
     tx.commit().await?;

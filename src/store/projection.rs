@@ -89,19 +89,22 @@ const TASK_TYPE: &str = "coalesce(b.task_type, \
 /// Takes the projector's lock for the rest of `tx`; `None` when another instance holds it.
 /// Otherwise returns the checkpoint (0 for a projector that never ran).
 pub async fn try_lock(tx: &mut Tx, name: &str) -> Result<Option<i64>> {
-    let locked: bool =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("arnela.projector.{name}"))
-            .fetch_one(tx.conn())
-            .await?;
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_xact_lock(hashtextextended('arnela.projector.' || $1, 0))
+             AS "locked!""#,
+        name
+    )
+    .fetch_one(tx.conn())
+    .await?;
     if !locked {
         return Ok(None);
     }
-    let position: Option<i64> =
-        sqlx::query_scalar("SELECT position FROM projector_checkpoints WHERE name = $1")
-            .bind(name)
-            .fetch_optional(tx.conn())
-            .await?;
+    let position = sqlx::query_scalar!(
+        "SELECT position FROM projector_checkpoints WHERE name = $1",
+        name
+    )
+    .fetch_optional(tx.conn())
+    .await?;
     Ok(Some(position.unwrap_or(0)))
 }
 

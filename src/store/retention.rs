@@ -7,7 +7,7 @@ use chrono::{DateTime, Datelike, Months, NaiveDate, TimeZone, Utc};
 use sqlx::PgPool;
 
 use super::Result;
-use crate::domain::TaskId;
+use crate::domain::{TaskId, TaskStatus, TaskType};
 
 /// Months of partitions kept ready after the current one.
 pub const MONTHS_AHEAD: u32 = 2;
@@ -106,29 +106,29 @@ pub const FINISHED: [&str; 3] = ["succeeded", "dead", "cancelled"];
 /// any delivery row and lease left with it are deleted, in one transaction. Rows another
 /// transaction holds are skipped. Returns how many were retired.
 pub async fn retire_finished(pool: &PgPool, older_than: DateTime<Utc>, limit: i64) -> Result<u64> {
-    let retired: i64 = sqlx::query_scalar(
-        "WITH gone AS ( \
-           SELECT id FROM tasks \
-           WHERE created_at < $1 AND updated_at < $1 AND status = ANY($2) \
-           ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED \
-         ), kept AS ( \
-           INSERT INTO retired_tasks (id, task_type, status, owner, attempts, max_attempts, \
-             run_at, version, last_hash, created_at, updated_at) \
-           SELECT id, task_type, status, owner, attempts, max_attempts, run_at, version, \
-             last_hash, created_at, updated_at \
-           FROM tasks WHERE id IN (SELECT id FROM gone) \
-           RETURNING id \
-         ), outbox_rows AS ( \
-           DELETE FROM outbox WHERE task_id IN (SELECT id FROM gone) \
-         ), leases AS ( \
-           DELETE FROM task_leases WHERE task_id IN (SELECT id FROM gone) \
-         ), removed AS ( \
-           DELETE FROM tasks WHERE id IN (SELECT id FROM kept) RETURNING 1 \
-         ) SELECT count(*) FROM removed",
+    let retired = sqlx::query_scalar!(
+        r#"WITH gone AS (
+           SELECT id FROM tasks
+           WHERE created_at < $1 AND updated_at < $1 AND status = ANY($2)
+           ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED
+         ), kept AS (
+           INSERT INTO retired_tasks (id, task_type, status, owner, attempts, max_attempts,
+             run_at, version, last_hash, created_at, updated_at)
+           SELECT id, task_type, status, owner, attempts, max_attempts, run_at, version,
+             last_hash, created_at, updated_at
+           FROM tasks WHERE id IN (SELECT id FROM gone)
+           RETURNING id
+         ), outbox_rows AS (
+           DELETE FROM outbox WHERE task_id IN (SELECT id FROM gone)
+         ), leases AS (
+           DELETE FROM task_leases WHERE task_id IN (SELECT id FROM gone)
+         ), removed AS (
+           DELETE FROM tasks WHERE id IN (SELECT id FROM kept) RETURNING 1
+         ) SELECT count(*) AS "retired!" FROM removed"#,
+        older_than,
+        &FINISHED[..] as &[&str],
+        limit
     )
-    .bind(older_than)
-    .bind(&FINISHED[..])
-    .bind(limit)
     .fetch_one(pool)
     .await?;
     Ok(retired as u64)
@@ -157,13 +157,13 @@ pub const RETIRED: &str = "[retired]";
 impl RetiredTask {
     /// The task as the API shows it: its payload, idempotency key and last error are gone
     /// (the payload reads [`RETIRED`], or `"[erased]"` once erased).
-    pub fn into_row(self, erased: bool) -> super::tasks::TaskRow {
+    pub fn into_task(self, erased: bool) -> crate::domain::Task {
         let payload = if erased {
             crate::domain::sealing::ERASED
         } else {
             RETIRED
         };
-        super::tasks::TaskRow {
+        crate::domain::Task {
             id: self.id,
             task_type: self.task_type,
             payload: serde_json::Value::String(payload.into()),
@@ -174,28 +174,26 @@ impl RetiredTask {
             idempotency_key: None,
             last_error: None,
             version: self.version,
-            last_hash: self.last_hash,
-            enqueued_position: 0,
             lease_owner: None,
             lease_expires_at: None,
             created_at: self.created_at,
             updated_at: self.updated_at,
             owner: self.owner,
-            traceparent: None,
-            tracestate: None,
+            trace: None,
         }
     }
 }
 
-const RETIRED_COLUMNS: &str = "id, task_type, status, owner, attempts, max_attempts, run_at, \
-    version, last_hash, created_at, updated_at, retired_at";
-
 /// The retired task `id`, if retention removed its projection row.
 pub async fn retired(pool: &PgPool, id: crate::domain::TaskId) -> Result<Option<RetiredTask>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {RETIRED_COLUMNS} FROM retired_tasks WHERE id = $1"
-    ))
-    .bind(id)
+    Ok(sqlx::query_as!(
+        RetiredTask,
+        r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType",
+                  status AS "status: TaskStatus", owner, attempts, max_attempts, run_at, version,
+                  last_hash, created_at, updated_at, retired_at
+           FROM retired_tasks WHERE id = $1"#,
+        id as TaskId
+    )
     .fetch_optional(pool)
     .await?)
 }
@@ -205,10 +203,14 @@ pub(crate) async fn retired_for_update(
     tx: &mut super::Tx,
     id: crate::domain::TaskId,
 ) -> Result<Option<RetiredTask>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {RETIRED_COLUMNS} FROM retired_tasks WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
+    Ok(sqlx::query_as!(
+        RetiredTask,
+        r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType",
+                  status AS "status: TaskStatus", owner, attempts, max_attempts, run_at, version,
+                  last_hash, created_at, updated_at, retired_at
+           FROM retired_tasks WHERE id = $1 FOR UPDATE"#,
+        id as TaskId
+    )
     .fetch_optional(tx.conn())
     .await?)
 }

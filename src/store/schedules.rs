@@ -44,10 +44,6 @@ pub struct ScheduleRow {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, name, cron, time_zone, task_type, payload, max_attempts, missed_runs, \
-    catch_up_limit, paused, next_run_at, last_run_at, owner, version, last_hash, created_at, \
-    updated_at";
-
 impl ScheduleRow {
     /// The stored expression and zone, read again.
     pub fn cadence(&self) -> Result<Cadence> {
@@ -204,30 +200,42 @@ pub async fn create(
 }
 
 pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<ScheduleRow>> {
-    Ok(
-        sqlx::query_as(&format!("SELECT {COLUMNS} FROM schedules WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(pool)
-            .await?,
+    Ok(sqlx::query_as!(
+        ScheduleRow,
+        "SELECT id, name, cron, time_zone, task_type, payload, max_attempts, missed_runs,
+                  catch_up_limit, paused, next_run_at, last_run_at, owner, version, last_hash,
+                  created_at, updated_at
+         FROM schedules WHERE id = $1",
+        id
     )
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Up to `limit` schedules after the id `after`, oldest first (ids grow with time).
 pub async fn list(pool: &PgPool, after: Option<Uuid>, limit: i64) -> Result<Vec<ScheduleRow>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM schedules WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2"
-    ))
-    .bind(after)
-    .bind(limit)
+    Ok(sqlx::query_as!(
+        ScheduleRow,
+        "SELECT id, name, cron, time_zone, task_type, payload, max_attempts, missed_runs,
+                  catch_up_limit, paused, next_run_at, last_run_at, owner, version, last_hash,
+                  created_at, updated_at
+         FROM schedules WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2",
+        after,
+        limit
+    )
     .fetch_all(pool)
     .await?)
 }
 
 async fn lock(tx: &mut Tx, id: Uuid) -> Result<ScheduleRow> {
-    sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM schedules WHERE id = $1 FOR UPDATE"
-    ))
-    .bind(id)
+    sqlx::query_as!(
+        ScheduleRow,
+        "SELECT id, name, cron, time_zone, task_type, payload, max_attempts, missed_runs,
+                  catch_up_limit, paused, next_run_at, last_run_at, owner, version, last_hash,
+                  created_at, updated_at
+         FROM schedules WHERE id = $1 FOR UPDATE",
+        id
+    )
     .fetch_optional(tx.conn())
     .await?
     .ok_or(StoreError::NotFound(id))
@@ -235,31 +243,33 @@ async fn lock(tx: &mut Tx, id: Uuid) -> Result<ScheduleRow> {
 
 /// Writes `s` whole: inserts a new schedule or replaces the stored one.
 async fn save(tx: &mut Tx, s: &ScheduleRow) -> Result<()> {
-    sqlx::query(&format!(
-        "INSERT INTO schedules ({COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-         ON CONFLICT (id) DO UPDATE SET name = $2, cron = $3, time_zone = $4, task_type = $5, \
-           payload = $6, max_attempts = $7, missed_runs = $8, catch_up_limit = $9, \
-           paused = $10, next_run_at = $11, last_run_at = $12, version = $14, \
-           last_hash = $15, updated_at = $17"
-    ))
-    .bind(s.id)
-    .bind(&s.name)
-    .bind(&s.cron)
-    .bind(&s.time_zone)
-    .bind(&s.task_type)
-    .bind(&s.payload)
-    .bind(s.max_attempts)
-    .bind(&s.missed_runs)
-    .bind(s.catch_up_limit)
-    .bind(s.paused)
-    .bind(s.next_run_at)
-    .bind(s.last_run_at)
-    .bind(&s.owner)
-    .bind(s.version)
-    .bind(&s.last_hash)
-    .bind(s.created_at)
-    .bind(s.updated_at)
+    sqlx::query!(
+        "INSERT INTO schedules (id, name, cron, time_zone, task_type, payload, max_attempts, missed_runs,
+                                catch_up_limit, paused, next_run_at, last_run_at, owner, version, last_hash,
+                                created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+         ON CONFLICT (id) DO UPDATE SET name = $2, cron = $3, time_zone = $4, task_type = $5,
+           payload = $6, max_attempts = $7, missed_runs = $8, catch_up_limit = $9,
+           paused = $10, next_run_at = $11, last_run_at = $12, version = $14,
+           last_hash = $15, updated_at = $17",
+        s.id,
+        &s.name,
+        &s.cron,
+        &s.time_zone,
+        &s.task_type,
+        &s.payload,
+        s.max_attempts,
+        &s.missed_runs,
+        s.catch_up_limit,
+        s.paused,
+        s.next_run_at,
+        s.last_run_at,
+        &s.owner,
+        s.version,
+        &s.last_hash,
+        s.created_at,
+        s.updated_at
+    )
     .execute(tx.conn())
     .await?;
     Ok(())
@@ -456,12 +466,16 @@ pub async fn fire_due(
 ) -> Result<Fired> {
     let now = db_time(now);
     let mut tx = Tx::begin(pool).await?;
-    let rows: Vec<ScheduleRow> = sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM schedules WHERE NOT paused AND next_run_at <= $1 \
-         ORDER BY next_run_at LIMIT $2 FOR UPDATE SKIP LOCKED"
-    ))
-    .bind(now)
-    .bind(STEP_SCHEDULES)
+    let rows = sqlx::query_as!(
+        ScheduleRow,
+        "SELECT id, name, cron, time_zone, task_type, payload, max_attempts, missed_runs,
+                  catch_up_limit, paused, next_run_at, last_run_at, owner, version, last_hash,
+                  created_at, updated_at
+         FROM schedules WHERE NOT paused AND next_run_at <= $1
+         ORDER BY next_run_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        now,
+        STEP_SCHEDULES
+    )
     .fetch_all(tx.conn())
     .await?;
     let mut fired = Fired::default();
@@ -514,14 +528,17 @@ pub async fn fire_due(
             Enqueued::Existing(_) => fired.existing += 1,
         }
     }
-    sqlx::query(
-        "INSERT INTO schedule_runs (schedule_id, slot, task_id) \
-         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[]) \
+    let (slot_schedules, slot_times): (Vec<Uuid>, Vec<DateTime<Utc>>) =
+        slots.iter().copied().unzip();
+    let slot_tasks: Vec<TaskId> = enqueued.iter().map(|e| e.task().id).collect();
+    sqlx::query!(
+        "INSERT INTO schedule_runs (schedule_id, slot, task_id)
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[])
          ON CONFLICT DO NOTHING",
+        &slot_schedules,
+        &slot_times,
+        &slot_tasks as &[TaskId]
     )
-    .bind(slots.iter().map(|s| s.0).collect::<Vec<_>>())
-    .bind(slots.iter().map(|s| s.1).collect::<Vec<_>>())
-    .bind(enqueued.iter().map(|e| e.row().id).collect::<Vec<_>>())
     .execute(tx.conn())
     .await?;
 
@@ -548,18 +565,20 @@ pub async fn fire_due(
         .iter()
         .map(|id| chains.get(id).map(|c| c.1.clone()))
         .collect();
-    sqlx::query(
-        "UPDATE schedules s SET next_run_at = m.next_run_at, last_run_at = m.last_run_at, \
-           version = COALESCE(m.version, s.version), last_hash = COALESCE(m.hash, s.last_hash) \
-         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[]) \
-           AS m(id, next_run_at, last_run_at, version, hash) \
+    let next_runs: Vec<Option<DateTime<Utc>>> = moves.iter().map(|m| m.1).collect();
+    let last_runs: Vec<Option<DateTime<Utc>>> = moves.iter().map(|m| m.2).collect();
+    sqlx::query!(
+        "UPDATE schedules s SET next_run_at = m.next_run_at, last_run_at = m.last_run_at,
+           version = COALESCE(m.version, s.version), last_hash = COALESCE(m.hash, s.last_hash)
+         FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[], $4::int4[], $5::bytea[])
+           AS m(id, next_run_at, last_run_at, version, hash)
          WHERE s.id = m.id",
+        &ids,
+        &next_runs as &[Option<DateTime<Utc>>],
+        &last_runs as &[Option<DateTime<Utc>>],
+        &versions as &[Option<i32>],
+        &hashes as &[Option<Vec<u8>>]
     )
-    .bind(&ids)
-    .bind(moves.iter().map(|m| m.1).collect::<Vec<_>>())
-    .bind(moves.iter().map(|m| m.2).collect::<Vec<_>>())
-    .bind(&versions)
-    .bind(&hashes)
     .execute(tx.conn())
     .await?;
     tx.commit().await?;

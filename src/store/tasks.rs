@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{FromRow, PgPool, QueryBuilder};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use uuid::Uuid;
 
 use super::events::EventRows;
@@ -18,9 +18,10 @@ use crate::domain::event::{db_time, HASH_VERSION};
 use crate::domain::sealing::{seal_payload, DataKey, MasterKey};
 use crate::domain::{NewTask, Task, TaskEvent, TaskId, TaskStatus, TaskType, TraceContext};
 
-/// A row of the `tasks` projection.
+/// A row of the `tasks` projection, as read; the store's callers get a [`Task`] (and, to append,
+/// the hash of its head).
 #[derive(Debug, Clone, PartialEq, FromRow)]
-pub struct TaskRow {
+pub(super) struct TaskRow {
     pub id: TaskId,
     pub task_type: TaskType,
     pub payload: Value,
@@ -44,12 +45,15 @@ pub struct TaskRow {
     pub tracestate: Option<String>,
 }
 
-pub(crate) const TASK_COLUMNS: &str = "id, task_type, payload, status, attempts, max_attempts, \
+/// The columns of [`TaskRow`], for the two reads that are assembled at run time: the listing
+/// (its filters) and the transition's lock (decoded row by row). Every other read of a task is a
+/// checked query that spells them out.
+pub(super) const TASK_COLUMNS: &str = "id, task_type, payload, status, attempts, max_attempts, \
     run_at, idempotency_key, last_error, version, last_hash, enqueued_position, lease_owner, \
     lease_expires_at, created_at, updated_at, owner, traceparent, tracestate";
 
 /// [`TASK_COLUMNS`] with a JSON `null` for the payload, for readers that decide without it.
-pub(crate) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb AS payload, \
+pub(super) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb AS payload, \
     status, attempts, max_attempts, run_at, idempotency_key, last_error, version, last_hash, \
     enqueued_position, lease_owner, lease_expires_at, created_at, updated_at, owner, traceparent, \
     tracestate";
@@ -57,7 +61,7 @@ pub(crate) const TASK_COLUMNS_NO_PAYLOAD: &str = "id, task_type, 'null'::jsonb A
 impl TaskRow {
     /// The domain state held by this row and the hash the task's next event chains to, without
     /// copying the payload.
-    pub fn into_task(self) -> (Task, Vec<u8>) {
+    pub(super) fn into_task(self) -> (Task, Vec<u8>) {
         let task = Task {
             id: self.id,
             task_type: self.task_type,
@@ -77,13 +81,15 @@ impl TaskRow {
                 traceparent,
                 tracestate: self.tracestate,
             }),
+            owner: self.owner,
         };
         (task, self.last_hash)
     }
+}
 
-    /// The domain state held by this row.
-    pub fn to_task(&self) -> Task {
-        self.clone().into_task().0
+impl From<TaskRow> for Task {
+    fn from(row: TaskRow) -> Task {
+        row.into_task().0
     }
 }
 
@@ -91,13 +97,13 @@ impl TaskRow {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Enqueued {
     /// A new task was written.
-    Created(TaskRow),
+    Created(Task),
     /// The idempotency key was already used for the same request: the existing task.
-    Existing(TaskRow),
+    Existing(Task),
 }
 
 impl Enqueued {
-    pub fn row(&self) -> &TaskRow {
+    pub fn task(&self) -> &Task {
         match self {
             Enqueued::Created(r) | Enqueued::Existing(r) => r,
         }
@@ -187,85 +193,82 @@ pub async fn enqueue(
     // position, assigned here, and `now()`: both are computed once per row in `input` and shared
     // by the task row and its event. Spelled out rather than calling the function, which
     // Postgres would run as a function call of its own for every row.
-    let inserted: Vec<(TaskId, i64, Vec<u8>)> = sqlx::query_as(
-        "WITH stamp AS ( \
-           SELECT int8send((extract(epoch FROM now()) * 1000000)::bigint) AS recorded \
-         ), input AS MATERIALIZED ( \
-           SELECT i.*, p.position, \
-                  sha256('\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea \
-                         || i.document || int8send(p.position) || stamp.recorded) AS hash \
-           FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[], \
-                       $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[], \
-                       $12::text[], $13::text[], $14::text[]) \
-             AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, document, slot, \
-                  event_version, data, owner, traceparent, tracestate) \
-           CROSS JOIN LATERAL (SELECT event_position(i.slot) AS position) p \
-           CROSS JOIN stamp \
-         ), task AS ( \
-           INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at, \
-                              idempotency_key, version, last_hash, enqueued_position, \
-                              created_at, updated_at, owner, traceparent, tracestate) \
-           SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1, \
-                  hash, position, $11, $11, owner, traceparent, tracestate \
-           FROM input ORDER BY slot \
-           ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
-           RETURNING id, enqueued_position, run_at, last_hash \
-         ), event AS ( \
-           INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data, \
-                                    occurred_at, prev_hash, hash, task_type, recorded_at, \
-                                    hash_version) \
-           SELECT task.enqueued_position, task.id, 1, 'enqueued', i.event_version, i.data, $11, \
-                  NULL, task.last_hash, i.task_type, now(), $15 \
-           FROM task JOIN input i USING (id) \
-         ), outbox_row AS ( \
-           INSERT INTO outbox (task_id, attempt, available_at) \
-           SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot \
-         ), data_key AS ( \
-           INSERT INTO task_data_keys (task_id, wrapped_key) \
-           SELECT k.id, k.wrapped FROM UNNEST($16::uuid[], $17::bytea[]) AS k(id, wrapped) \
-           JOIN task USING (id) \
-         ) \
-         SELECT task.id, task.enqueued_position, task.last_hash FROM task",
+    let inserted = sqlx::query_scalar!(
+        r#"WITH stamp AS (
+           SELECT int8send((extract(epoch FROM now()) * 1000000)::bigint) AS recorded
+         ), input AS MATERIALIZED (
+           SELECT i.*, p.position,
+                  sha256('\x0000000000000000000000000000000000000000000000000000000000000000'::bytea
+                         || i.document || int8send(p.position) || stamp.recorded) AS hash
+           FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[],
+                       $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[],
+                       $12::text[], $13::text[], $14::text[])
+             AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, document, slot,
+                  event_version, data, owner, traceparent, tracestate)
+           CROSS JOIN LATERAL (SELECT event_position(i.slot) AS position) p
+           CROSS JOIN stamp
+         ), task AS (
+           INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at,
+                              idempotency_key, version, last_hash, enqueued_position,
+                              created_at, updated_at, owner, traceparent, tracestate)
+           SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1,
+                  hash, position, $11, $11, owner, traceparent, tracestate
+           FROM input ORDER BY slot
+           ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+           RETURNING id, enqueued_position, run_at, last_hash
+         ), event AS (
+           INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data,
+                                    occurred_at, prev_hash, hash, task_type, recorded_at,
+                                    hash_version)
+           SELECT task.enqueued_position, task.id, 1, 'enqueued', i.event_version, i.data, $11,
+                  NULL, task.last_hash, i.task_type, now(), $15
+           FROM task JOIN input i USING (id)
+         ), outbox_row AS (
+           INSERT INTO outbox (task_id, attempt, available_at)
+           SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot
+         ), data_key AS (
+           INSERT INTO task_data_keys (task_id, wrapped_key)
+           SELECT k.id, k.wrapped FROM UNNEST($16::uuid[], $17::bytea[]) AS k(id, wrapped)
+           JOIN task USING (id)
+         )
+         SELECT task.id AS "id!: TaskId" FROM task"#,
+        &ids_unique(&ids, &first_of_key) as &[TaskId],
+        &types as &[&str],
+        &payloads,
+        &max_attempts,
+        &run_ats,
+        &keys as &[Option<String>],
+        &rows.documents,
+        &rows.slots,
+        &rows.versions,
+        &rows.data,
+        now,
+        &owners as &[&str],
+        &traceparents as &[Option<&str>],
+        &tracestates as &[Option<&str>],
+        HASH_VERSION,
+        &wrapped_keys.0 as &[TaskId],
+        &wrapped_keys.1
     )
-    .bind(ids_unique(&ids, &first_of_key))
-    .bind(&types)
-    .bind(&payloads)
-    .bind(&max_attempts)
-    .bind(&run_ats)
-    .bind(&keys)
-    .bind(&rows.documents)
-    .bind(&rows.slots)
-    .bind(&rows.versions)
-    .bind(&rows.data)
-    .bind(now)
-    .bind(&owners)
-    .bind(&traceparents)
-    .bind(&tracestates)
-    .bind(HASH_VERSION)
-    .bind(&wrapped_keys.0)
-    .bind(&wrapped_keys.1)
     .fetch_all(tx.conn())
     .await?;
 
     // The rows just written are rebuilt from what was sent rather than read back: only the
     // position, which the database assigns, comes back.
-    let mut positions: HashMap<TaskId, (i64, Vec<u8>)> = inserted
-        .into_iter()
-        .map(|(id, position, hash)| (id, (position, hash)))
-        .collect();
-    let mut created: HashMap<TaskId, TaskRow> = HashMap::with_capacity(positions.len());
+    let mut positions: HashSet<TaskId> = inserted.into_iter().collect();
+    let mut created: HashMap<TaskId, Task> = HashMap::with_capacity(positions.len());
     let unique = requests
         .iter()
         .zip(&first_of_key)
         .zip(&ids)
         .filter(|((_, first), _)| first.is_none());
     for (k, ((req, _), id)) in unique.enumerate() {
-        let Some((enqueued_position, last_hash)) = positions.remove(id) else {
+        if !positions.remove(id) {
             continue;
-        };
+        }
         created.insert(
             *id,
-            TaskRow {
+            Task {
                 id: *id,
                 task_type: req.task_type,
                 payload: std::mem::take(&mut plain_payloads[k]),
@@ -276,15 +279,12 @@ pub async fn enqueue(
                 idempotency_key: req.idempotency_key.clone(),
                 last_error: None,
                 version: 1,
-                last_hash,
-                enqueued_position,
                 lease_owner: None,
                 lease_expires_at: None,
                 created_at: now,
                 updated_at: now,
                 owner: req.owner.clone(),
-                traceparent: req.trace.as_ref().map(|t| t.traceparent.clone()),
-                tracestate: req.trace.as_ref().and_then(|t| t.tracestate.clone()),
+                trace: req.trace.clone(),
             },
         );
     }
@@ -297,21 +297,29 @@ pub async fn enqueue(
         .filter(|((_, first), id)| first.is_none() && !created.contains_key(id))
         .filter_map(|((r, _), _)| Some((r.owner.as_str(), r.idempotency_key.clone()?)))
         .unzip();
-    let mut holders: HashMap<(String, String), TaskRow> = HashMap::new();
+    let mut holders: HashMap<(String, String), Task> = HashMap::new();
     if !taken.is_empty() {
-        let mut existing: Vec<TaskRow> = sqlx::query_as(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks \
-             WHERE (owner, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"
-        ))
-        .bind(&taken_owners)
-        .bind(&taken)
+        let mut existing = sqlx::query_as!(
+            TaskRow,
+            r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
+                      status AS "status: TaskStatus", attempts, max_attempts, run_at, idempotency_key,
+                      last_error, version, last_hash, enqueued_position, lease_owner,
+                      lease_expires_at, created_at, updated_at, owner, traceparent, tracestate
+               FROM tasks
+               WHERE (owner, idempotency_key) IN (SELECT * FROM UNNEST($1::text[], $2::text[]))"#,
+            &taken_owners as &[&str],
+            &taken
+        )
         .fetch_all(tx.conn())
-        .await?;
+        .await?
+        .into_iter()
+        .map(Task::from)
+        .collect::<Vec<_>>();
         // compared with the requests, and returned, as they were asked for
-        super::data_keys::open_rows(tx.conn(), master, &mut existing).await?;
-        for row in existing {
-            if let Some(key) = row.idempotency_key.clone() {
-                holders.insert((row.owner.clone(), key), row);
+        super::data_keys::open_tasks(tx.conn(), master, &mut existing).await?;
+        for task in existing {
+            if let Some(key) = task.idempotency_key.clone() {
+                holders.insert((task.owner.clone(), key), task);
             }
         }
     }
@@ -363,7 +371,7 @@ fn ids_unique(ids: &[TaskId], first_of_key: &[Option<usize>]) -> Vec<TaskId> {
 }
 
 /// The current state of one task.
-pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<TaskRow>> {
+pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<Task>> {
     Ok(sqlx::query_as!(
         TaskRow,
         r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
@@ -374,12 +382,14 @@ pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<TaskRow>> {
         id as TaskId
     )
     .fetch_optional(pool)
-    .await?)
+    .await?
+    .map(Task::from))
 }
 
-/// Reads a task for update in `tx` (locks the row until the transaction ends).
-pub async fn get_for_update(tx: &mut Tx, id: TaskId) -> Result<TaskRow> {
-    sqlx::query_as!(
+/// Reads a task for update in `tx` (locks the row until the transaction ends); returns it with
+/// the hash its next event chains to.
+pub async fn get_for_update(tx: &mut Tx, id: TaskId) -> Result<(Task, Vec<u8>)> {
+    Ok(sqlx::query_as!(
         TaskRow,
         r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
                   status AS "status: TaskStatus", attempts, max_attempts, run_at, idempotency_key,
@@ -390,7 +400,8 @@ pub async fn get_for_update(tx: &mut Tx, id: TaskId) -> Result<TaskRow> {
     )
     .fetch_optional(tx.conn())
     .await?
-    .ok_or(StoreError::NotFound(id.into()))
+    .ok_or(StoreError::NotFound(id.into()))?
+    .into_task())
 }
 
 /// Filters of the task listing; `None` means "any".
@@ -403,20 +414,32 @@ pub struct TaskFilter {
     pub idempotency_key: Option<String>,
 }
 
+/// A page of the task listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskListing {
+    pub tasks: Vec<Task>,
+    /// The cursor of the last task listed (its `enqueued` event's position).
+    pub last_position: Option<i64>,
+}
+
 /// Up to `limit` tasks after the cursor `after` (an `enqueued_position`), oldest first.
 ///
 /// The cursor is the position of the task's `enqueued` event and only tasks below the log
 /// horizon are listed (see [`super::events`]), so paging never skips a task whose enqueue
 /// committed late.
+///
+/// Not a checked query: the filters given are the only conditions written, so that each
+/// combination plans with the indexes it can use (a `$n IS NULL OR ...` condition would plan
+/// without them once Postgres settles on a generic plan).
 pub async fn list(
     pool: &PgPool,
     filter: &TaskFilter,
     after: i64,
     limit: i64,
-) -> Result<Vec<TaskRow>> {
-    let mut q = QueryBuilder::new(format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE enqueued_position > "
-    ));
+) -> Result<TaskListing> {
+    let mut q = QueryBuilder::new("SELECT ");
+    q.push(TASK_COLUMNS)
+        .push(" FROM tasks WHERE enqueued_position > ");
     q.push_bind(after);
     q.push(" AND enqueued_position < event_log_horizon()");
     if let Some(t) = filter.task_type {
@@ -436,22 +459,34 @@ pub async fn list(
     }
     q.push(" ORDER BY enqueued_position LIMIT ")
         .push_bind(limit);
-    Ok(q.build_query_as().fetch_all(pool).await?)
+    let rows: Vec<TaskRow> = q.build_query_as().fetch_all(pool).await?;
+    Ok(TaskListing {
+        last_position: rows.last().map(|r| r.enqueued_position),
+        tasks: rows.into_iter().map(Task::from).collect(),
+    })
 }
 
 /// Reads several tasks without locking them.
-pub async fn get_many(pool: &PgPool, ids: &[TaskId]) -> Result<Vec<TaskRow>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = ANY($1)"
-    ))
-    .bind(ids)
+pub async fn get_many(pool: &PgPool, ids: &[TaskId]) -> Result<Vec<Task>> {
+    Ok(sqlx::query_as!(
+        TaskRow,
+        r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
+                  status AS "status: TaskStatus", attempts, max_attempts, run_at, idempotency_key,
+                  last_error, version, last_hash, enqueued_position, lease_owner,
+                  lease_expires_at, created_at, updated_at, owner, traceparent, tracestate
+           FROM tasks WHERE id = ANY($1)"#,
+        ids as &[TaskId]
+    )
     .fetch_all(pool)
-    .await?)
+    .await?
+    .into_iter()
+    .map(Task::from)
+    .collect())
 }
 
 /// The database's clock, as seen by `tx`.
 pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
-    Ok(sqlx::query_scalar("SELECT now()")
+    Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
         .fetch_one(tx.conn())
         .await?)
 }
@@ -467,20 +502,20 @@ pub async fn db_now(tx: &mut Tx) -> Result<DateTime<Utc>> {
 /// removed it.
 pub async fn index_leases(pool: &PgPool) -> Result<u64> {
     let mut scan = Tx::begin_scan(pool).await?;
-    let added = sqlx::query(
-        "INSERT INTO task_leases (task_id, expires_at) \
-         SELECT id, lease_expires_at FROM tasks \
-         WHERE lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL \
-         FOR UPDATE SKIP LOCKED \
-         ON CONFLICT (task_id) DO NOTHING",
+    let added = sqlx::query!(
+        "INSERT INTO task_leases (task_id, expires_at)
+         SELECT id, lease_expires_at FROM tasks
+         WHERE lease_owner IS NOT NULL AND lease_expires_at IS NOT NULL
+         FOR UPDATE SKIP LOCKED
+         ON CONFLICT (task_id) DO NOTHING"
     )
     .execute(scan.conn())
     .await?
     .rows_affected();
-    sqlx::query(
-        "DELETE FROM task_leases l USING tasks t \
-         WHERE t.id = l.task_id AND l.expires_at < now() - interval '10 minutes' \
-           AND t.lease_owner IS NULL",
+    sqlx::query!(
+        "DELETE FROM task_leases l USING tasks t
+         WHERE t.id = l.task_id AND l.expires_at < now() - interval '10 minutes'
+           AND t.lease_owner IS NULL"
     )
     .execute(scan.conn())
     .await?;
@@ -498,22 +533,26 @@ pub async fn renew_leases(
     worker: Uuid,
     lease: std::time::Duration,
 ) -> Result<Vec<(TaskId, i32)>> {
-    Ok(sqlx::query_as(
-        "WITH renewed AS ( \
-           UPDATE tasks t SET lease_expires_at = now() + $4 \
-           FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt) \
-           WHERE t.id = v.id AND t.attempts = v.attempt AND t.lease_owner = $3 \
-           RETURNING t.id, t.attempts, t.lease_expires_at \
-         ), moved AS ( \
-           UPDATE task_leases l SET expires_at = r.lease_expires_at \
-           FROM renewed r WHERE l.task_id = r.id \
-         ) \
-         SELECT id, attempts FROM renewed",
+    let (ids, numbers): (Vec<TaskId>, Vec<i32>) = attempts.iter().copied().unzip();
+    Ok(sqlx::query!(
+        r#"WITH renewed AS (
+             UPDATE tasks t SET lease_expires_at = now() + $4::interval
+             FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt)
+             WHERE t.id = v.id AND t.attempts = v.attempt AND t.lease_owner = $3
+             RETURNING t.id, t.attempts, t.lease_expires_at
+           ), moved AS (
+             UPDATE task_leases l SET expires_at = r.lease_expires_at
+             FROM renewed r WHERE l.task_id = r.id
+           )
+           SELECT id AS "id!: TaskId", attempts AS "attempts!" FROM renewed"#,
+        &ids as &[TaskId],
+        &numbers,
+        worker,
+        lease as std::time::Duration
     )
-    .bind(attempts.iter().map(|a| a.0).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|a| a.1).collect::<Vec<_>>())
-    .bind(worker)
-    .bind(lease)
     .fetch_all(pool)
-    .await?)
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.attempts))
+    .collect())
 }

@@ -206,6 +206,10 @@ where
 }
 
 /// Locks the target rows in id order; returns them and the ids asked for.
+///
+/// Not checked queries: the rows come back undecoded, so that [`apply`] decodes them one by one
+/// and a row this version cannot read fails only itself; and the statement varies with the lock
+/// and payload wanted.
 async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<PgRow>, Vec<TaskId>)> {
     Ok(match target {
         Target::Ids(ids, lock, payload) => {

@@ -36,10 +36,9 @@ fn new_sms(message: &str) -> NewTask {
 async fn dispatch(pool: &PgPool, id: TaskId, times: usize) {
     for _ in 0..times {
         let mut tx = Tx::begin(pool).await.unwrap();
-        let row = tasks::get_for_update(&mut tx, id).await.unwrap();
-        let task = row.to_task();
+        let (task, head) = tasks::get_for_update(&mut tx, id).await.unwrap();
         let event = task.dispatch(1).unwrap();
-        events::record(&mut tx, &task, &row.last_hash, &[event], Utc::now())
+        events::record(&mut tx, &task, &head, &[event], Utc::now())
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -94,16 +93,17 @@ async fn an_appender_with_a_stale_version_gets_a_conflict(pool: PgPool) {
     let created = tasks::enqueue(&mut tx, vec![new_sms("x")], Utc::now(), None)
         .await
         .unwrap();
+    let (task, head) = tasks::get_for_update(&mut tx, created[0].task().id)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    let row = created[0].row().clone();
-    let task = row.to_task();
-    dispatch(&pool, row.id, 1).await;
+    dispatch(&pool, task.id, 1).await;
 
     let mut tx = Tx::begin(&pool).await.unwrap();
     let stale = events::record(
         &mut tx,
         &task,
-        &row.last_hash,
+        &head,
         &[task.dispatch(1).unwrap()],
         Utc::now(),
     )
@@ -156,7 +156,7 @@ async fn the_global_log_waits_for_a_late_commit_instead_of_skipping_it(pool: PgP
     .await;
     assert_eq!(
         rest[0]["task_id"].as_str().unwrap(),
-        a[0].row().id.to_string()
+        a[0].task().id.to_string()
     );
     assert_eq!(rest[1]["task_id"], b["id"]);
 }
@@ -197,7 +197,7 @@ async fn paging_sees_every_row_once_while_commits_land_out_of_order(pool: PgPool
                     drop(tx);
                 } else {
                     tx.commit().await.unwrap();
-                    committed.extend(made.iter().map(|m| m.row().id));
+                    committed.extend(made.iter().map(|m| m.task().id));
                 }
             }
             committed
@@ -551,7 +551,7 @@ async fn the_runtime_role_appends_to_the_log_but_cannot_rewrite_it(pool: PgPool)
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let id = made[0].row().id;
+    let id = made[0].task().id;
     dispatch(&runtime, id, 1).await;
     assert_eq!(events::history(&runtime, id).await.unwrap().len(), 2);
 

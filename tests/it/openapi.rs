@@ -192,7 +192,7 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        made[0].row().id
+        made[0].task().id
     };
     let missing = uuid::Uuid::new_v4();
     let batch = |key: &str, message: &str| json!({"tasks": [sms(key, message)]});

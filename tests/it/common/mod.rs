@@ -970,7 +970,7 @@ pub async fn enqueue_tasks(
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        ids.extend(made.iter().map(|m| m.row().id));
+        ids.extend(made.iter().map(|m| m.task().id));
     }
     ids
 }
