@@ -372,18 +372,7 @@ fn ids_unique(ids: &[TaskId], first_of_key: &[Option<usize>]) -> Vec<TaskId> {
 
 /// The current state of one task.
 pub async fn get(pool: &PgPool, id: TaskId) -> Result<Option<Task>> {
-    Ok(sqlx::query_as!(
-        TaskRow,
-        r#"SELECT id AS "id: TaskId", task_type AS "task_type: TaskType", payload,
-                  status AS "status: TaskStatus", attempts, max_attempts, run_at, idempotency_key,
-                  last_error, version, last_hash, enqueued_position, lease_owner,
-                  lease_expires_at, created_at, updated_at, owner, traceparent, tracestate
-           FROM tasks WHERE id = $1"#,
-        id as TaskId
-    )
-    .fetch_optional(pool)
-    .await?
-    .map(Task::from))
+    Ok(get_many(pool, &[id]).await?.pop())
 }
 
 /// Reads a task for update in `tx` (locks the row until the transaction ends); returns it with
