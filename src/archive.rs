@@ -53,7 +53,7 @@ pub struct ManifestBody {
     pub data_file: String,
     /// SHA-256 of the data file's uncompressed lines.
     pub data_sha256: String,
-    /// SHA-256 over each chain's ends, in task order (see [`ChainEnds`]).
+    /// SHA-256 over each chain's ends, in task order (see `ChainEnds`).
     pub chains_sha256: String,
     pub created_at: DateTime<Utc>,
 }

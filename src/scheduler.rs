@@ -1,7 +1,7 @@
 //! The scheduler: fires the slots of schedules as they fall due. [`Scheduler::run_once`] is one
-//! step ([`store::schedules::fire_due`]); [`Scheduler::run`] loops around it, sleeping until the
-//! earliest next slot (at most the polling interval, so a schedule created or changed by another
-//! process is seen within it).
+//! step ([`crate::store::schedules::fire_due`]); [`Scheduler::run`] loops around it, sleeping
+//! until the earliest next slot (at most the polling interval, so a schedule created or changed
+//! by another process is seen within it).
 //!
 //! Every process with the relay role runs one; they share the due schedules through row locks,
 //! and each slot gets exactly one task whichever of them fires it.

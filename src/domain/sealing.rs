@@ -207,7 +207,7 @@ fn personal_appointment_fields(payload: &Value) -> impl Iterator<Item = (&String
 }
 
 /// The personal fields of a payload of `task_type`, as paths (`appointment_data.summary`);
-/// `appointment_data` holds every field but the identifiers and times in [`APPOINTMENT_KEPT`].
+/// `appointment_data` holds every field but the identifiers and times in `APPOINTMENT_KEPT`.
 pub fn personal_fields(task_type: TaskType, payload: &Value) -> Vec<String> {
     let mut out: Vec<String> = personal_top_fields(task_type)
         .iter()

@@ -1,5 +1,5 @@
 //! Signed checkpoints of the log (see [`crate::domain::checkpoint`] and migration 13):
-//! [`write`] is the checkpointer's one step; [`verify`] re-checks every checkpoint and every
+//! [`write()`] is the checkpointer's one step; [`verify`] re-checks every checkpoint and every
 //! head it recorded against the log as it is now.
 
 use crate::domain::TaskId;

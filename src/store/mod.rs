@@ -144,7 +144,7 @@ impl Tx {
         Ok(tx)
     }
 
-    /// A connection without an explicit transaction (see [`Conn::Autocommit`]): for a caller
+    /// A connection without an explicit transaction (see `Conn::Autocommit`): for a caller
     /// that writes with a single statement.
     pub async fn autocommit(pool: &PgPool) -> Result<Tx> {
         Ok(Tx {

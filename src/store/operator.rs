@@ -195,7 +195,7 @@ pub async fn dead_letters(pool: &PgPool, filter: &DeadFilter) -> Result<Vec<Task
     Ok(ids)
 }
 
-/// Applies `action` to every dead letter `filter` matches, [`BULK_CHUNK`] tasks per
+/// Applies `action` to every dead letter `filter` matches, `BULK_CHUNK` tasks per
 /// transaction; `dry_run` only counts them. Each change is the same event as the one-task
 /// action, recorded with `by`. Returns the ids changed with the counts.
 pub async fn bulk(
