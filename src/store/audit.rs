@@ -103,7 +103,6 @@ pub async fn verify_task(pool: &PgPool, id: TaskId) -> Result<Option<VerifyRepor
 
 /// The head of a task's chain as its projection row (or, once retention removed that,
 /// `retired_tasks`) holds it.
-#[derive(sqlx::FromRow)]
 struct Head {
     id: TaskId,
     version: i32,
@@ -111,7 +110,6 @@ struct Head {
 }
 
 /// Where a task's history continues from an archive: its last archived event.
-#[derive(sqlx::FromRow)]
 pub(crate) struct Anchor {
     pub task_id: TaskId,
     pub sequence: i32,

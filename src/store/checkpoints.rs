@@ -5,13 +5,13 @@
 use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
-use sqlx::{FromRow, PgPool};
+use sqlx::PgPool;
 
 use super::Result;
 use crate::domain::checkpoint::{check_link, checkpoint_hash, merkle_root, sign, Head, Link};
 
 /// A stored checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub seq: i64,
     pub created_at: DateTime<Utc>,

@@ -135,7 +135,7 @@ pub async fn retire_finished(pool: &PgPool, older_than: DateTime<Utc>, limit: i6
 }
 
 /// A retired task's head: what the projection row said of its chain when it was removed.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetiredTask {
     pub id: crate::domain::TaskId,
     pub task_type: crate::domain::TaskType,

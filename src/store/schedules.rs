@@ -23,7 +23,7 @@ use crate::domain::schedule::{due, slot_key, Cadence, MissedRuns};
 use crate::domain::{validate_payload, NewTask, TaskType, ValidPayload};
 
 /// A row of `schedules`.
-#[derive(Debug, Clone, PartialEq, FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ScheduleRow {
     pub id: Uuid,
     pub name: String,
