@@ -70,6 +70,9 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Print every setting (environment variable) with its default and meaning, as README's
+    /// Markdown tables.
+    Settings,
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,8 +13,15 @@ use std::time::Duration;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (telemetry_vars, telemetry_problem) = match arnela::config::TelemetryVars::from_env() {
+        Ok(vars) => (vars, None),
+        Err(e) => (arnela::config::variables::defaults(), Some(e)),
+    };
     // flushes the last spans when main returns
-    let _telemetry = arnela::telemetry::init();
+    let _telemetry = arnela::telemetry::init(&telemetry_vars);
+    if let Some(e) = telemetry_problem {
+        tracing::error!(error = %e, "a log or trace variable is wrong; using the defaults");
+    }
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -217,11 +224,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             arnela::ops::run(target, command).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Settings => {
+            use arnela::config::variables;
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "## Service\n\n{}", variables::service_table())?;
+            writeln!(out, "## Channels\n\n{}", variables::channels_table())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Healthcheck { url } => {
             let url = match url {
                 Some(u) => u,
                 None => {
-                    let port = std::env::var("APP_PORT").unwrap_or_else(|_| "8080".into());
+                    let port = arnela::config::ServiceVars::from_env()?.app_port;
                     format!("http://127.0.0.1:{port}/health/live")
                 }
             };
@@ -470,13 +485,14 @@ fn report_archives(
 /// service's own role is a runtime role), for `migrate`, `audit archive` and `audit restore`.
 async fn connect_owner() -> anyhow::Result<sqlx::PgPool> {
     let settings = Settings::from_env()?;
-    let mut options = settings.database.connect_options()?;
-    if let Ok(user) = std::env::var("DB_MIGRATION_USER") {
-        if !user.trim().is_empty() {
-            options = options.username(user.trim());
-            let password = std::env::var("DB_MIGRATION_PASSWORD").unwrap_or_default();
-            options = options.password(&password);
-        }
+    let database = &settings.database;
+    let mut options = database.connect_options()?;
+    if let Some(user) = &database.migration_user {
+        options = options
+            .username(user)
+            .password(secrecy::ExposeSecret::expose_secret(
+                &database.migration_password,
+            ));
     }
     Ok(arnela::store::connect(options, 2).await?)
 }

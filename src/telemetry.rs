@@ -42,41 +42,66 @@ impl Drop for Guard {
     }
 }
 
+/// The log and trace variables, read before the settings (so that a settings error is logged).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryVars {
+    /// log filter (`tracing` directives, e.g. `info,arnela=debug`)
+    #[arg(long, env, default_value = "info")]
+    pub rust_log: String,
+    /// `json` for one JSON object per line; otherwise text
+    #[arg(long, env, default_value = "text")]
+    pub log_format: String,
+    /// export spans over OTLP/HTTP to this collector (see [Tracing](#tracing))
+    #[arg(long, env)]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+    /// `http/protobuf` or `http/json` (read by the OpenTelemetry SDK)
+    #[arg(long, env, default_value = "http/protobuf")]
+    pub otel_exporter_otlp_protocol: String,
+    /// headers of the export requests, `name=value,…` (read by the OpenTelemetry SDK)
+    #[arg(long, env)]
+    pub otel_exporter_otlp_headers: Option<String>,
+    /// the `service.name` of the spans
+    #[arg(long, env, default_value = "arnela")]
+    pub otel_service_name: String,
+    /// milliseconds between span exports (read by the OpenTelemetry SDK)
+    #[arg(long, env, default_value_t = 5000)]
+    pub otel_bsp_schedule_delay: u64,
+    /// the least level of exported spans, whatever `RUST_LOG` says
+    #[arg(long, env, default_value = "info")]
+    pub otel_span_level: String,
+}
+
 /// Installs the log output and, with `OTEL_EXPORTER_OTLP_ENDPOINT` set, the span exporter.
 /// `RUST_LOG` filters the log lines only; the exporter takes spans at `info` and above
 /// (`OTEL_SPAN_LEVEL` to change it), whatever the log level.
-pub fn init() -> Guard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+pub fn init(vars: &TelemetryVars) -> Guard {
+    let filter = EnvFilter::try_new(&vars.rust_log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = vars.log_format == "json";
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = if json {
         fmt.json().with_filter(filter).boxed()
     } else {
         fmt.with_filter(filter).boxed()
     };
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .ok()
-        .filter(|e| !e.trim().is_empty());
     let mut problem = None;
-    let otel = endpoint.and_then(|_| match exporter() {
-        Ok(provider) => {
-            let tracer = provider.tracer("arnela");
-            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-            let level = std::env::var("OTEL_SPAN_LEVEL")
-                .ok()
-                .filter(|l| !l.trim().is_empty())
-                .unwrap_or_else(|| "info".into());
-            let layer = tracing_opentelemetry::layer()
-                .with_tracer(tracer)
-                .with_filter(EnvFilter::new(level));
-            PROVIDER.set(provider).ok();
-            Some(layer)
-        }
-        Err(e) => {
-            problem = Some(e);
-            None
-        }
-    });
+    let otel = vars
+        .otel_exporter_otlp_endpoint
+        .as_ref()
+        .and_then(|_| match exporter(vars) {
+            Ok(provider) => {
+                let tracer = provider.tracer("arnela");
+                opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+                let layer = tracing_opentelemetry::layer()
+                    .with_tracer(tracer)
+                    .with_filter(EnvFilter::new(&vars.otel_span_level));
+                PROVIDER.set(provider).ok();
+                Some(layer)
+            }
+            Err(e) => {
+                problem = Some(e);
+                None
+            }
+        });
     tracing_subscriber::registry().with(fmt).with(otel).init();
     if let Some(e) = problem {
         tracing::error!(error = %e, "cannot export traces (OTEL_EXPORTER_OTLP_ENDPOINT); running without");
@@ -86,13 +111,13 @@ pub fn init() -> Guard {
     Guard(())
 }
 
-fn exporter() -> anyhow::Result<SdkTracerProvider> {
+fn exporter(vars: &TelemetryVars) -> anyhow::Result<SdkTracerProvider> {
     // The endpoint, protocol (`http/protobuf` or `http/json`), headers and timeout come from the
     // standard OTEL_EXPORTER_OTLP_* variables; the batch sizes and delay from OTEL_BSP_*.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()?;
-    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "arnela".into());
+    let service = vars.otel_service_name.clone();
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(service)
         .build();

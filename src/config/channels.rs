@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{err, parse_url, AppEnv, ConfigError, Vars};
+use super::variables::{self, ChannelVars};
+use super::{err, parse_url, AppEnv, ConfigError};
 use crate::domain::payload::{is_e164, is_email};
 use crate::domain::TaskType;
 
@@ -153,7 +154,7 @@ impl ChannelSettings {
         vars: &HashMap<String, String>,
         app_env: AppEnv,
     ) -> Result<ChannelSettings, ConfigError> {
-        let v = Vars(vars);
+        let v: ChannelVars = variables::parse(vars)?;
         let production = app_env == AppEnv::Production;
         let (sms, whatsapp) = twilio(&v, production)?;
         let settings = ChannelSettings {
@@ -161,9 +162,9 @@ impl ChannelSettings {
             sms,
             whatsapp,
             calendar: google(&v, production)?,
-            twilio_rate_limit: v.rate("TWILIO_RATE_LIMIT_PER_SEC", 10.0)?,
-            clinic_name: v.get("CLINIC_NAME").unwrap_or("Arnela").to_owned(),
-            allow_log_channel: v.bool("ALLOW_LOG_CHANNEL")?,
+            twilio_rate_limit: v.twilio_rate_limit_per_sec,
+            clinic_name: v.clinic_name,
+            allow_log_channel: v.allow_log_channel,
         };
         if production && !settings.allow_log_channel {
             for t in TaskType::ALL {
@@ -224,19 +225,13 @@ impl ChannelSettings {
     }
 }
 
-fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigError> {
-    let sendgrid_key = v.get("SENDGRID_API_KEY");
-    let smtp_host = v.get("SMTP_HOST");
-    let transport = match v.get("EMAIL_TRANSPORT") {
+fn email(v: &ChannelVars, production: bool) -> Result<Option<EmailSettings>, ConfigError> {
+    let sendgrid_key = v.sendgrid_api_key.as_deref();
+    let smtp_host = v.smtp_host.as_deref();
+    let transport = match v.email_transport.as_deref() {
         Some("log") => return Ok(None),
         Some("smtp") => "smtp",
-        Some("sendgrid") => "sendgrid",
-        Some(_) => {
-            return Err(err(
-                "EMAIL_TRANSPORT",
-                "must be one of smtp, sendgrid, log",
-            ))
-        }
+        Some(_) => "sendgrid",
         None => match (sendgrid_key, smtp_host) {
             (None, None) => return Ok(None),
             (Some(_), None) => "sendgrid",
@@ -250,7 +245,8 @@ fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigErro
         },
     };
     let from = v
-        .get("EMAIL_FROM")
+        .email_from
+        .as_deref()
         .ok_or_else(|| err("EMAIL_FROM", "is required to send e-mail"))?;
     if !is_email(from) {
         return Err(err("EMAIL_FROM", "must be an e-mail address"));
@@ -258,25 +254,24 @@ fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigErro
     let transport = if transport == "smtp" {
         let host =
             smtp_host.ok_or_else(|| err("SMTP_HOST", "is required for EMAIL_TRANSPORT=smtp"))?;
-        let tls = match v.get("SMTP_TLS").unwrap_or("starttls") {
+        let tls = match v.smtp_tls.as_str() {
             "starttls" => SmtpTls::StartTls,
             "tls" => SmtpTls::Tls,
-            "none" if !production => SmtpTls::None,
-            "none" => {
+            _ if !production => SmtpTls::None,
+            _ => {
                 return Err(err(
                     "SMTP_TLS",
                     "none is refused in production (use starttls or tls)",
                 ))
             }
-            _ => return Err(err("SMTP_TLS", "must be one of starttls, tls, none")),
         };
         let default_port = match tls {
             SmtpTls::StartTls => 587,
             SmtpTls::Tls => 465,
             SmtpTls::None => 25,
         };
-        let username = v.get("SMTP_USERNAME").map(str::to_owned);
-        let password = SecretString::from(v.get("SMTP_PASSWORD").unwrap_or_default());
+        let username = v.smtp_username.clone();
+        let password = SecretString::from(v.smtp_password.clone().unwrap_or_default());
         let has_password = !password.expose_secret().is_empty();
         if username.is_some() != has_password {
             return Err(err(
@@ -291,7 +286,7 @@ fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigErro
         }
         EmailTransport::Smtp(SmtpSettings {
             host: host.to_owned(),
-            port: v.parse_or("SMTP_PORT", default_port)?,
+            port: v.smtp_port.unwrap_or(default_port),
             tls,
             username,
             password,
@@ -304,25 +299,26 @@ fn email(v: &Vars, production: bool) -> Result<Option<EmailSettings>, ConfigErro
             )
         })?;
         EmailTransport::SendGrid(SendGridSettings {
-            base_url: v.url("SENDGRID_BASE_URL", SENDGRID_BASE_URL, production)?,
+            base_url: parse_url("SENDGRID_BASE_URL", &v.sendgrid_base_url, production)?,
             api_key: SecretString::from(api_key),
         })
     };
     Ok(Some(EmailSettings {
         from: from.to_owned(),
-        from_name: v.get("EMAIL_FROM_NAME").map(str::to_owned),
+        from_name: v.email_from_name.clone(),
         transport,
-        timeout: v.millis("EMAIL_TIMEOUT_MS", 10_000)?,
-        rate_limit: v.rate("EMAIL_RATE_LIMIT_PER_SEC", 10.0)?,
+        timeout: Duration::from_millis(v.email_timeout_ms),
+        rate_limit: v.email_rate_limit_per_sec,
     }))
 }
 
 type TwilioPair = (Option<TwilioSettings>, Option<TwilioSettings>);
 
-fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
-    let sender = |from_var: &'static str, service_var: &'static str| match (
-        v.get(from_var),
-        v.get(service_var),
+fn twilio(v: &ChannelVars, production: bool) -> Result<TwilioPair, ConfigError> {
+    let sender = |(from_var, from): (&'static str, &Option<String>),
+                  (service_var, service): (&'static str, &Option<String>)| match (
+        from.as_deref(),
+        service.as_deref(),
     ) {
         (None, None) => Ok(None),
         (Some(_), Some(_)) => Err(err(
@@ -343,12 +339,21 @@ fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
             Ok(Some(TwilioSender::MessagingService(sid.to_owned())))
         }
     };
-    let sms = sender("TWILIO_SMS_FROM", "TWILIO_SMS_MESSAGING_SERVICE_SID")?;
-    let whatsapp = sender(
-        "TWILIO_WHATSAPP_FROM",
-        "TWILIO_WHATSAPP_MESSAGING_SERVICE_SID",
+    let sms = sender(
+        ("TWILIO_SMS_FROM", &v.twilio_sms_from),
+        (
+            "TWILIO_SMS_MESSAGING_SERVICE_SID",
+            &v.twilio_sms_messaging_service_sid,
+        ),
     )?;
-    let Some(account_sid) = v.get("TWILIO_ACCOUNT_SID") else {
+    let whatsapp = sender(
+        ("TWILIO_WHATSAPP_FROM", &v.twilio_whatsapp_from),
+        (
+            "TWILIO_WHATSAPP_MESSAGING_SERVICE_SID",
+            &v.twilio_whatsapp_messaging_service_sid,
+        ),
+    )?;
+    let Some(account_sid) = v.twilio_account_sid.as_deref() else {
         if sms.is_some() || whatsapp.is_some() {
             return Err(err(
                 "TWILIO_ACCOUNT_SID",
@@ -361,9 +366,9 @@ fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
         return Err(err("TWILIO_ACCOUNT_SID", "must be an account SID (AC…)"));
     }
     let (auth_user, auth_secret) = match (
-        v.get("TWILIO_AUTH_TOKEN"),
-        v.get("TWILIO_API_KEY_SID"),
-        v.get("TWILIO_API_KEY_SECRET"),
+        v.twilio_auth_token.as_deref(),
+        v.twilio_api_key_sid.as_deref(),
+        v.twilio_api_key_secret.as_deref(),
     ) {
         (_, Some(key), Some(secret)) => {
             if !key.starts_with("SK") {
@@ -389,8 +394,8 @@ fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
             "is required with TWILIO_ACCOUNT_SID (or TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET)",
         )),
     };
-    let base_url = v.url("TWILIO_BASE_URL", TWILIO_BASE_URL, production)?;
-    let timeout = v.millis("TWILIO_TIMEOUT_MS", 10_000)?;
+    let base_url = parse_url("TWILIO_BASE_URL", &v.twilio_base_url, production)?;
+    let timeout = Duration::from_millis(v.twilio_timeout_ms);
     let make = |sender: TwilioSender| TwilioSettings {
         base_url: base_url.clone(),
         account_sid: account_sid.to_owned(),
@@ -402,11 +407,11 @@ fn twilio(v: &Vars, production: bool) -> Result<TwilioPair, ConfigError> {
     Ok((sms.map(make), whatsapp.map(make)))
 }
 
-fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigError> {
+fn google(v: &ChannelVars, production: bool) -> Result<Option<GoogleSettings>, ConfigError> {
     let (key_var, key_json) =
         match (
-            v.get("GOOGLE_SERVICE_ACCOUNT_JSON"),
-            v.get("GOOGLE_SERVICE_ACCOUNT_FILE"),
+            v.google_service_account_json.as_deref(),
+            v.google_service_account_file.as_deref(),
         ) {
             (Some(_), Some(_)) => return Err(err(
                 "GOOGLE_SERVICE_ACCOUNT_FILE",
@@ -423,7 +428,7 @@ fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigEr
                 })?,
             ),
             (None, None) => {
-                if v.get("GOOGLE_CALENDAR_ID").is_some() {
+                if v.google_calendar_id.is_some() {
                     return Err(err(
                         "GOOGLE_SERVICE_ACCOUNT_FILE",
                         "is required with GOOGLE_CALENDAR_ID (or GOOGLE_SERVICE_ACCOUNT_JSON)",
@@ -441,13 +446,13 @@ fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigEr
     })?;
     jsonwebtoken::EncodingKey::from_rsa_pem(key.private_key.as_bytes())
         .map_err(|_| err(key_var, "private_key is not an RSA key in PEM format"))?;
-    let calendar_id = v.get("GOOGLE_CALENDAR_ID").ok_or_else(|| {
+    let calendar_id = v.google_calendar_id.as_deref().ok_or_else(|| {
         err(
             "GOOGLE_CALENDAR_ID",
             "is required with a Google service account",
         )
     })?;
-    let token_url = match v.get("GOOGLE_TOKEN_URL") {
+    let token_url = match v.google_token_url.as_deref() {
         Some(u) => parse_url("GOOGLE_TOKEN_URL", u, production)?,
         None => parse_url(
             key_var,
@@ -455,21 +460,10 @@ fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigEr
             production,
         )?,
     };
-    let send_updates = v.get("GOOGLE_CALENDAR_SEND_UPDATES").unwrap_or("none");
-    if !["all", "externalOnly", "none"].contains(&send_updates) {
-        return Err(err(
-            "GOOGLE_CALENDAR_SEND_UPDATES",
-            "must be one of all, externalOnly, none",
-        ));
-    }
-    let appointment_minutes: u32 = v.parse_or("GOOGLE_APPOINTMENT_MINUTES", 30)?;
-    if !(1..=24 * 60).contains(&appointment_minutes) {
-        return Err(err("GOOGLE_APPOINTMENT_MINUTES", "must be 1 to 1440"));
-    }
     Ok(Some(GoogleSettings {
-        calendar_base_url: v.url(
+        calendar_base_url: parse_url(
             "GOOGLE_CALENDAR_BASE_URL",
-            GOOGLE_CALENDAR_BASE_URL,
+            &v.google_calendar_base_url,
             production,
         )?,
         token_url,
@@ -477,15 +471,12 @@ fn google(v: &Vars, production: bool) -> Result<Option<GoogleSettings>, ConfigEr
         client_email: key.client_email,
         private_key_id: key.private_key_id,
         private_key: SecretString::from(key.private_key),
-        subject: v.get("GOOGLE_IMPERSONATE_USER").map(str::to_owned),
-        time_zone: v
-            .get("GOOGLE_CALENDAR_TIME_ZONE")
-            .unwrap_or("Europe/Madrid")
-            .to_owned(),
-        send_updates: send_updates.to_owned(),
-        appointment_minutes,
-        timeout: v.millis("GOOGLE_TIMEOUT_MS", 10_000)?,
-        rate_limit: v.rate("GOOGLE_RATE_LIMIT_PER_SEC", 5.0)?,
+        subject: v.google_impersonate_user.clone(),
+        time_zone: v.google_calendar_time_zone.clone(),
+        send_updates: v.google_calendar_send_updates.clone(),
+        appointment_minutes: v.google_appointment_minutes,
+        timeout: Duration::from_millis(v.google_timeout_ms),
+        rate_limit: v.google_rate_limit_per_sec,
     }))
 }
 

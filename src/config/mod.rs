@@ -13,77 +13,24 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub mod catalogue;
 pub mod channels;
+pub mod variables;
 
 pub use channels::ChannelSettings;
+pub use variables::{ServiceVars, TelemetryVars};
 
 /// A setting that is missing or wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("configuration error in {var}: {message}")]
 pub struct ConfigError {
-    pub var: &'static str,
+    pub var: String,
     pub message: String,
 }
 
-fn err(var: &'static str, message: impl Into<String>) -> ConfigError {
+fn err(var: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
-        var,
+        var: var.to_owned(),
         message: message.into(),
-    }
-}
-
-/// Variable lookup: trimmed, empty counts as unset.
-struct Vars<'a>(&'a HashMap<String, String>);
-
-impl<'a> Vars<'a> {
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.0.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
-    }
-
-    fn parse_or<T: FromStr>(&self, var: &'static str, default: T) -> Result<T, ConfigError> {
-        match self.get(var) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| {
-                err(
-                    var,
-                    format!("{v:?} is not a valid {}", std::any::type_name::<T>()),
-                )
-            }),
-        }
-    }
-
-    fn millis(&self, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
-        let ms: u64 = self.parse_or(var, default)?;
-        if ms == 0 {
-            return Err(err(var, "must be at least 1"));
-        }
-        Ok(Duration::from_millis(ms))
-    }
-
-    fn rate(&self, var: &'static str, default: f64) -> Result<f64, ConfigError> {
-        let r: f64 = self.parse_or(var, default)?;
-        if !r.is_finite() || r < 0.0 {
-            return Err(err(
-                var,
-                "must be a number of requests per second ≥ 0 (0: no limit)",
-            ));
-        }
-        Ok(r)
-    }
-
-    fn bool(&self, var: &'static str) -> Result<bool, ConfigError> {
-        match self.get(var).map(|v| v.to_ascii_lowercase()) {
-            None => Ok(false),
-            Some(v) if ["1", "true", "yes", "on"].contains(&v.as_str()) => Ok(true),
-            Some(v) if ["0", "false", "no", "off"].contains(&v.as_str()) => Ok(false),
-            Some(_) => Err(err(var, "must be true or false")),
-        }
-    }
-
-    /// A provider URL: http(s), and https in production.
-    fn url(&self, var: &'static str, default: &str, production: bool) -> Result<Url, ConfigError> {
-        parse_url(var, self.get(var).unwrap_or(default), production)
     }
 }
 
@@ -106,21 +53,6 @@ pub enum AppEnv {
     Production,
 }
 
-impl FromStr for AppEnv {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "development" | "dev" => Ok(AppEnv::Development),
-            "test" => Ok(AppEnv::Test),
-            "production" | "prod" => Ok(AppEnv::Production),
-            other => Err(format!(
-                "{other:?} is not one of development, test, production"
-            )),
-        }
-    }
-}
-
 /// Postgres connection settings.
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
@@ -136,6 +68,10 @@ pub struct DatabaseSettings {
     /// `DATABASE_URL`, when set, replaces the parts above.
     pub url: Option<SecretString>,
     pub max_connections: u32,
+    /// The tables' owner (`DB_MIGRATION_USER`, `DB_MIGRATION_PASSWORD`), for the commands that
+    /// change the schema or the log's partitions; unset: the service's own role.
+    pub migration_user: Option<String>,
+    pub migration_password: SecretString,
 }
 
 impl DatabaseSettings {
@@ -356,14 +292,9 @@ impl Settings {
     pub fn jwt_secret_from_vars(
         vars: &HashMap<String, String>,
     ) -> Result<SecretString, ConfigError> {
-        let v = Vars(vars);
-        let get = |name: &str| v.get(name);
-        let app_env = match get("APP_ENV") {
-            Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
-            None => AppEnv::Development,
-        };
-        let secret = SecretString::from(get("JWT_SECRET").unwrap_or_default());
-        if app_env == AppEnv::Production {
+        let v: ServiceVars = variables::parse(vars)?;
+        let secret = SecretString::from(v.jwt_secret.unwrap_or_default());
+        if v.app_env == AppEnv::Production {
             check_production_secret("JWT_SECRET", &secret, 32)?;
         } else if secret.expose_secret().is_empty() {
             return Err(err("JWT_SECRET", "is required to sign tokens"));
@@ -371,40 +302,28 @@ impl Settings {
         Ok(secret)
     }
 
-    /// Builds settings from a map of variables (the environment, in tests a literal map).
+    /// Builds settings from a map of variables (the environment, in tests a literal map): each
+    /// value parsed as [`ServiceVars`] and [`variables::ChannelVars`] declare it, then the checks
+    /// that involve several values or the deployment.
     pub fn from_vars(vars: &HashMap<String, String>) -> Result<Settings, ConfigError> {
-        let v = Vars(vars);
-        let get = |name: &str| v.get(name);
-        let app_env = match get("APP_ENV") {
-            Some(v) => v.parse().map_err(|m| err("APP_ENV", m))?,
-            None => AppEnv::Development,
-        };
+        let v: ServiceVars = variables::parse(vars)?;
+        let engine = engine_settings(&v)?;
+        let app_env = v.app_env;
         let production = app_env == AppEnv::Production;
 
-        let port = v.parse_or("APP_PORT", 8080u16)?;
-        let ssl_mode = match get("DB_SSLMODE") {
-            Some(v) => PgSslMode::from_str(v).map_err(|_| {
-                err(
-                    "DB_SSLMODE",
-                    "must be one of disable, allow, prefer, require, verify-ca, verify-full",
-                )
-            })?,
-            None => PgSslMode::Prefer,
-        };
         let database = DatabaseSettings {
-            host: get("DB_HOST").unwrap_or("localhost").to_owned(),
-            port: v.parse_or("DB_PORT", 5432u16)?,
-            user: get("DB_USER").unwrap_or("postgres").to_owned(),
-            password: SecretString::from(get("DB_PASSWORD").unwrap_or_default()),
-            name: get("DB_NAME").unwrap_or("arnela_db").to_owned(),
-            ssl_mode,
-            ssl_root_cert: get("DB_SSLROOTCERT").map(str::to_owned),
-            url: get("DATABASE_URL").map(SecretString::from),
-            max_connections: v.parse_or("DB_MAX_CONNECTIONS", 20u32)?,
+            host: v.db_host,
+            port: v.db_port,
+            user: v.db_user,
+            password: SecretString::from(v.db_password.unwrap_or_default()),
+            name: v.db_name,
+            ssl_mode: v.db_sslmode,
+            ssl_root_cert: v.db_sslrootcert,
+            url: v.database_url.map(SecretString::from),
+            max_connections: v.db_max_connections,
+            migration_user: v.db_migration_user,
+            migration_password: SecretString::from(v.db_migration_password.unwrap_or_default()),
         };
-        if database.max_connections == 0 {
-            return Err(err("DB_MAX_CONNECTIONS", "must be at least 1"));
-        }
         if database.url.is_some() && database.ssl_root_cert.is_some() {
             return Err(err(
                 "DB_SSLROOTCERT",
@@ -414,51 +333,27 @@ impl Settings {
         database.connect_options()?;
 
         let redis = RedisSettings {
-            host: get("REDIS_HOST").unwrap_or("localhost").to_owned(),
-            port: v.parse_or("REDIS_PORT", 6379u16)?,
-            username: get("REDIS_USERNAME").map(str::to_owned),
-            password: SecretString::from(get("REDIS_PASSWORD").unwrap_or_default()),
-            db: v.parse_or("REDIS_DB", 0i64)?,
-            url: get("REDIS_URL").map(SecretString::from),
-            key_prefix: get("ARNELA_KEY_PREFIX").unwrap_or("arnela").to_owned(),
-            tls: match get("REDIS_TLS") {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(_) => return Err(err("REDIS_TLS", "must be true or false")),
-            },
-            ca_cert: get("REDIS_CA_CERT").map(str::to_owned),
+            host: v.redis_host,
+            port: v.redis_port,
+            username: v.redis_username,
+            password: SecretString::from(v.redis_password.unwrap_or_default()),
+            db: v.redis_db,
+            url: v.redis_url.map(SecretString::from),
+            key_prefix: v.arnela_key_prefix,
+            tls: v.redis_tls,
+            ca_cert: v.redis_ca_cert,
         };
-        if !(0..=15).contains(&redis.db) {
-            return Err(err("REDIS_DB", "must be between 0 and 15"));
-        }
-        if redis
-            .key_prefix
-            .contains(|c: char| c.is_whitespace() || matches!(c, '*' | '?' | '[' | ']' | '\\'))
-        {
+        let tls_url = redis
+            .url
+            .as_ref()
+            .is_some_and(|u| u.expose_secret().starts_with("rediss://"));
+        if redis.url.is_some() && redis.tls && !tls_url {
             return Err(err(
-                "ARNELA_KEY_PREFIX",
-                "must not contain white space or the glob characters * ? [ ] \\",
+                "REDIS_TLS",
+                "REDIS_URL is set: write it as rediss:// for TLS instead",
             ));
         }
-        if redis.url.is_some() && (redis.tls || redis.ca_cert.is_some()) {
-            let tls_url = redis
-                .url
-                .as_ref()
-                .is_some_and(|u| u.expose_secret().starts_with("rediss://"));
-            if redis.tls && !tls_url {
-                return Err(err(
-                    "REDIS_TLS",
-                    "REDIS_URL is set: write it as rediss:// for TLS instead",
-                ));
-            }
-        }
-        if redis.ca_cert.is_some()
-            && !redis.tls
-            && !redis
-                .url
-                .as_ref()
-                .is_some_and(|u| u.expose_secret().starts_with("rediss://"))
-        {
+        if redis.ca_cert.is_some() && !redis.tls && !tls_url {
             return Err(err(
                 "REDIS_CA_CERT",
                 "is only used with TLS: set REDIS_TLS=true or a rediss:// REDIS_URL",
@@ -466,8 +361,10 @@ impl Settings {
         }
         redis.connection_info()?;
 
-        let jwt_secret = SecretString::from(get("JWT_SECRET").unwrap_or_default());
-        let jwt_previous: Vec<SecretString> = get("JWT_PREVIOUS_SECRETS")
+        let jwt_secret = SecretString::from(v.jwt_secret.unwrap_or_default());
+        let jwt_previous: Vec<SecretString> = v
+            .jwt_previous_secrets
+            .as_deref()
             .map(|v| {
                 v.split(',')
                     .map(str::trim)
@@ -489,94 +386,68 @@ impl Settings {
             }
         }
 
-        let max_body_bytes = v.parse_or("MAX_BODY_BYTES", 8 * 1024 * 1024usize)?;
-        let horizon_days = v.parse_or(
-            "SCHEDULE_HORIZON_DAYS",
-            crate::domain::task::DEFAULT_SCHEDULE_HORIZON_DAYS,
-        )?;
-        if !(1..=3660).contains(&horizon_days) {
-            return Err(err(
-                "SCHEDULE_HORIZON_DAYS",
-                format!("{horizon_days} is not 1 to 3660 days"),
-            ));
-        }
-        let http_max_connections = v.parse_or("HTTP_MAX_CONNECTIONS", 1024usize)?;
-        let http_max_in_flight = v.parse_or("HTTP_MAX_IN_FLIGHT", 256usize)?;
-        if http_max_connections == 0 || http_max_in_flight == 0 {
-            return Err(err(
-                "HTTP_MAX_CONNECTIONS",
-                "HTTP_MAX_CONNECTIONS and HTTP_MAX_IN_FLIGHT must be at least 1",
-            ));
-        }
-        let http_body_budget_mb = v.parse_or("HTTP_BODY_BUDGET_MB", 64usize)?;
-        if http_body_budget_mb.saturating_mul(1024 * 1024) < max_body_bytes {
+        let max_body_bytes = v.max_body_bytes;
+        if v.http_body_budget_mb.saturating_mul(1024 * 1024) < max_body_bytes {
             return Err(err(
                 "HTTP_BODY_BUDGET_MB",
                 "must hold at least one body of MAX_BODY_BYTES",
             ));
         }
-        let http_body_timeout = v.parse_or("HTTP_BODY_TIMEOUT_SECS", 30u64)?;
-        let http_idle_timeout = v.parse_or("HTTP_IDLE_TIMEOUT_SECS", 60u64)?;
-        let health_timeout_ms = v.parse_or("HEALTH_TIMEOUT_MS", 1000u64)?;
-        let metrics_addr = get("METRICS_ADDR")
-            .map(|v| {
-                v.parse().map_err(|_| {
-                    err(
-                        "METRICS_ADDR",
-                        format!("{v:?} is not an address like 0.0.0.0:9464"),
-                    )
-                })
-            })
-            .transpose()?;
-        let engine = engine_settings(&v)?;
         let channels = ChannelSettings::from_vars(vars, app_env)?;
-        let audit_signing_key = get("AUDIT_SIGNING_KEY")
+        let audit_signing_key = v
+            .audit_signing_key
+            .as_deref()
             .map(crate::domain::checkpoint::signing_key)
             .transpose()
             .map_err(|m| err("AUDIT_SIGNING_KEY", m))?;
-        let audit_data_key = get("AUDIT_DATA_KEY")
+        let audit_data_key = v
+            .audit_data_key
+            .as_deref()
             .map(crate::domain::sealing::MasterKey::from_hex)
             .transpose()
             .map_err(|m| err("AUDIT_DATA_KEY", m))?
             .map(std::sync::Arc::new);
-        let audit_checkpoint_interval =
-            Duration::from_secs(v.parse_or("AUDIT_CHECKPOINT_SECS", 60u64)?.max(1));
-        let retention_days: i64 = v.parse_or("RETENTION_FINISHED_TASKS_DAYS", 0i64)?;
-        if !(0..=36_600).contains(&retention_days) {
-            return Err(err(
-                "RETENTION_FINISHED_TASKS_DAYS",
-                format!("{retention_days} is not 0 (keep) to 36600 days"),
-            ));
-        }
-        let maintenance_interval = Duration::from_secs(
-            v.parse_or("MAINTENANCE_INTERVAL_SECS", 3600u64)?
-                .clamp(1, 86_400),
-        );
+        let retention_days = v.retention_finished_tasks_days;
         Ok(Settings {
             app_env,
-            port,
+            port: v.app_port,
             database,
             redis,
             jwt_secret,
             jwt_previous,
             max_body_bytes,
-            schedule_horizon: chrono::Duration::days(horizon_days),
-            http_max_connections,
-            http_max_in_flight,
-            http_body_budget: http_body_budget_mb.saturating_mul(1024 * 1024),
-            http_body_timeout: Duration::from_secs(http_body_timeout.clamp(1, 3600)),
-            http_idle_timeout: Duration::from_secs(http_idle_timeout.clamp(1, 24 * 3600)),
-            health_timeout: Duration::from_millis(health_timeout_ms),
-            metrics_addr,
+            schedule_horizon: chrono::Duration::days(v.schedule_horizon_days),
+            http_max_connections: v.http_max_connections,
+            http_max_in_flight: v.http_max_in_flight,
+            http_body_budget: v.http_body_budget_mb.saturating_mul(1024 * 1024),
+            http_body_timeout: Duration::from_secs(v.http_body_timeout_secs.clamp(1, 3600)),
+            http_idle_timeout: Duration::from_secs(v.http_idle_timeout_secs.clamp(1, 24 * 3600)),
+            health_timeout: Duration::from_millis(v.health_timeout_ms),
+            metrics_addr: v.metrics_addr,
             engine,
             audit_signing_key,
-            audit_checkpoint_interval,
+            audit_checkpoint_interval: Duration::from_secs(v.audit_checkpoint_secs),
             retention_finished_tasks: (retention_days > 0)
                 .then(|| chrono::Duration::days(retention_days)),
-            maintenance_interval,
+            maintenance_interval: Duration::from_secs(v.maintenance_interval_secs.clamp(1, 86_400)),
             audit_data_key,
             channels,
         })
+    }
+}
+
+impl ServiceVars {
+    /// The service's variables from `.env` and the environment, each checked alone (for the
+    /// commands that need one of them, such as `healthcheck` its port).
+    pub fn from_env() -> Result<ServiceVars, ConfigError> {
+        variables::parse(&env_vars()?)
+    }
+}
+
+impl TelemetryVars {
+    /// The log and trace variables from `.env` and the environment.
+    pub fn from_env() -> Result<TelemetryVars, ConfigError> {
+        variables::parse(&env_vars()?)
     }
 }
 
@@ -643,77 +514,37 @@ pub fn with_files(
     Ok(vars)
 }
 
-fn engine_settings(v: &Vars) -> Result<EngineSettings, ConfigError> {
-    let get = |name: &str| v.get(name);
-    let secs = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
-        let n = v.parse_or(var, default)?;
-        if n == 0 {
-            return Err(err(var, "must be at least 1"));
-        }
-        Ok(Duration::from_secs(n))
-    };
-    let millis = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(v.parse_or(var, default)?))
-    };
-    let workers = v.parse_or("WORKERS", 5usize)?;
-    if !(1..=1000).contains(&workers) {
-        return Err(err("WORKERS", "must be 1 to 1000"));
+fn engine_settings(v: &ServiceVars) -> Result<EngineSettings, ConfigError> {
+    use crate::domain::TaskType;
+    let handler_timeouts = [
+        (TaskType::SendEmail, v.handler_timeout_send_email_secs),
+        (TaskType::SendSms, v.handler_timeout_send_sms_secs),
+        (TaskType::SendWhatsapp, v.handler_timeout_send_whatsapp_secs),
+        (TaskType::SyncCalendar, v.handler_timeout_sync_calendar_secs),
+    ]
+    .into_iter()
+    .filter_map(|(t, secs)| Some((t, Duration::from_secs(secs?))))
+    .collect();
+    if v.retry_cap_ms < v.retry_base_ms {
+        return Err(err("RETRY_CAP_MS", "must be at least RETRY_BASE_MS"));
     }
-    let mut handler_timeouts = Vec::new();
-    for (t, var) in [
-        (
-            crate::domain::TaskType::SendEmail,
-            "HANDLER_TIMEOUT_SEND_EMAIL_SECS",
-        ),
-        (
-            crate::domain::TaskType::SendSms,
-            "HANDLER_TIMEOUT_SEND_SMS_SECS",
-        ),
-        (
-            crate::domain::TaskType::SendWhatsapp,
-            "HANDLER_TIMEOUT_SEND_WHATSAPP_SECS",
-        ),
-        (
-            crate::domain::TaskType::SyncCalendar,
-            "HANDLER_TIMEOUT_SYNC_CALENDAR_SECS",
-        ),
-    ] {
-        if get(var).is_some() {
-            handler_timeouts.push((t, secs(var, 30)?));
-        }
-    }
-    let retry_base_ms = v.parse_or("RETRY_BASE_MS", 1000i64)?;
-    let retry_cap_ms = v.parse_or("RETRY_CAP_MS", 600_000i64)?;
-    if retry_base_ms < 0 || retry_cap_ms < retry_base_ms {
-        return Err(err(
-            "RETRY_CAP_MS",
-            "must be at least RETRY_BASE_MS, both non-negative",
-        ));
-    }
-    let relay_batch = v.parse_or("RELAY_BATCH", 500i64)?;
-    if !(1..=10_000).contains(&relay_batch) {
-        return Err(err("RELAY_BATCH", "must be 1 to 10000"));
-    }
-    let lease = secs("WORKER_LEASE_SECS", 30)?;
-    if lease < Duration::from_secs(2) {
-        return Err(err("WORKER_LEASE_SECS", "must be at least 2"));
-    }
+    let millis = Duration::from_millis;
     Ok(EngineSettings {
-        workers,
-        lease,
-        handler_timeout: secs("HANDLER_TIMEOUT_SECS", 30)?,
+        workers: usize::from(v.workers),
+        lease: Duration::from_secs(v.worker_lease_secs),
+        handler_timeout: Duration::from_secs(v.handler_timeout_secs),
         handler_timeouts,
-        drain: secs("DRAIN_TIMEOUT_SECS", 25)?,
-        retry_base_ms,
-        retry_cap_ms,
-        relay_batch,
-        relay_poll: millis("RELAY_POLL_MS", 500)?.max(Duration::from_millis(10)),
-        rescuer_interval: millis("RESCUER_INTERVAL_MS", 1000)?.max(Duration::from_millis(50)),
-        orphan_grace: secs("ORPHAN_GRACE_SECS", 30)?,
-        republish_after: secs("REPUBLISH_AFTER_SECS", 10)?,
-        log_channel_delay: millis("LOG_CHANNEL_DELAY_MS", 0)?,
-        projector_interval: millis("PROJECTOR_INTERVAL_MS", 100)?.max(Duration::from_millis(10)),
-        scheduler_poll: millis("SCHEDULER_POLL_MS", 1000)?.max(Duration::from_millis(10)),
+        drain: Duration::from_secs(v.drain_timeout_secs),
+        retry_base_ms: v.retry_base_ms,
+        retry_cap_ms: v.retry_cap_ms,
+        relay_batch: v.relay_batch,
+        relay_poll: millis(v.relay_poll_ms).max(millis(10)),
+        rescuer_interval: millis(v.rescuer_interval_ms).max(millis(50)),
+        orphan_grace: Duration::from_secs(v.orphan_grace_secs),
+        republish_after: Duration::from_secs(v.republish_after_secs),
+        log_channel_delay: millis(v.log_channel_delay_ms),
+        projector_interval: millis(v.projector_interval_ms).max(millis(10)),
+        scheduler_poll: millis(v.scheduler_poll_ms).max(millis(10)),
     })
 }
 

@@ -27,6 +27,9 @@ pub struct StoredEvent {
     pub position: i64,
     pub task_id: TaskId,
     pub sequence: i32,
+    /// The name as stored, hashed and served: an event type this version does not know (from a
+    /// newer version) is still shown and verified, and the projectors skip it
+    /// (they read it as a [`crate::domain::EventType`], and a name that does not parse is none).
     pub event_type: String,
     pub event_version: i16,
     pub data: Value,

@@ -22,7 +22,10 @@ use crate::domain::event::{canonical_bytes, chain_hash, db_time, jsonb_stable};
 use crate::domain::schedule::{due, slot_key, Cadence, MissedRuns};
 use crate::domain::{validate_payload, NewTask, TaskType, ValidPayload};
 
-/// A row of `schedules`.
+/// A row of `schedules`. The task type and missed-runs policy stay the names stored and are
+/// read through [`ScheduleRow::task`] and [`ScheduleRow::missed`], like the cron expression
+/// through [`ScheduleRow::cadence`]: a row holding a name this version does not know (written by
+/// a newer version during a rolling upgrade) fails only itself, not every read that lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduleRow {
     pub id: Uuid,

@@ -1,9 +1,9 @@
-//! Every setting is documented once, in `src/config/catalogue.rs`, and what shows it cannot
-//! drift from it: README's two settings tables are generated from it, every variable the
-//! settings code reads has a row, every row names only variables something reads, `.env.example`
-//! sets only documented variables, and the compose stack forwards every setting to the service.
+//! Every setting is declared once, in `src/config/variables.rs` (clap declarations with `env`),
+//! and what shows it cannot drift from it: README's two settings tables are generated from the
+//! declarations, every variable name the settings code writes is declared, `.env.example` sets
+//! only declared variables, and the compose stack forwards every setting to the service.
 
-use arnela::config::catalogue::{self, Row, CHANNELS, SERVICE};
+use arnela::config::variables;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -14,14 +14,6 @@ fn root() -> &'static Path {
 fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
-
-/// Read by libraries rather than by our code: the log filter and the OpenTelemetry SDK.
-const READ_BY_LIBRARIES: &[&str] = &[
-    "RUST_LOG",
-    "OTEL_EXPORTER_OTLP_PROTOCOL",
-    "OTEL_EXPORTER_OTLP_HEADERS",
-    "OTEL_BSP_SCHEDULE_DELAY",
-];
 
 /// Variables of the compose stack itself (its database roles, ports and project), not the
 /// service's.
@@ -69,7 +61,7 @@ fn literal_names(source: &str, with_underscore: bool) -> BTreeSet<String> {
 
 /// The generated table between its README markers.
 fn readme_table(readme: &str, name: &str) -> String {
-    let start = format!("<!-- settings table \"{name}\": generated from src/config/catalogue.rs");
+    let start = format!("<!-- settings table \"{name}\": generated from src/config/variables.rs");
     let at = readme
         .find(&start)
         .unwrap_or_else(|| panic!("README has no marker for the {name:?} table"));
@@ -82,62 +74,63 @@ fn readme_table(readme: &str, name: &str) -> String {
 }
 
 #[test]
-fn readme_settings_tables_are_the_catalogues() {
+fn readme_settings_tables_are_the_declarations() {
     let readme = read("README.md");
-    for (name, rows) in [("service", SERVICE), ("channels", CHANNELS)] {
+    for (name, generated) in [
+        ("service", variables::service_table()),
+        ("channels", variables::channels_table()),
+    ] {
         let written = readme_table(&readme, name);
-        let generated = catalogue::markdown(rows);
         assert!(
             written == generated,
-            "README's {name:?} settings table differs from src/config/catalogue.rs; \
+            "README's {name:?} settings table differs from src/config/variables.rs; \
              paste this between its markers:\n{generated}"
         );
     }
 }
 
 #[test]
-fn every_variable_the_settings_code_reads_has_a_row_and_every_row_is_read() {
-    let documented: BTreeSet<&str> = catalogue::documented().collect();
-    let mut settings_code = BTreeSet::new();
-    for path in [
-        "src/config/mod.rs",
-        "src/config/channels.rs",
-        "src/telemetry.rs",
-    ] {
-        settings_code.extend(literal_names(&read(path), true));
+fn every_variable_the_code_names_is_declared() {
+    let documented = documented();
+    let mut files = Vec::new();
+    crate::layers::sources(&root().join("src"), &mut files);
+    let mut named = BTreeSet::new();
+    for path in ["src/config/mod.rs", "src/config/channels.rs", "src/main.rs"] {
+        named.extend(literal_names(&read(path), true));
     }
-    let undocumented: Vec<&String> = settings_code
+    for f in &files {
+        let source = std::fs::read_to_string(f).unwrap();
+        // Variables read straight from the environment, outside the declarations.
+        for line in crate::layers::code(&source).lines() {
+            if let Some(at) = line.find("env::var(\"") {
+                named.extend(literal_names(&line[at..], false));
+            }
+        }
+    }
+    let undeclared: Vec<&String> = named
         .iter()
         .filter(|n| !documented.contains(n.as_str()))
         .collect();
     assert!(
-        undocumented.is_empty(),
-        "read by the settings code but in no row of src/config/catalogue.rs: {undocumented:?}"
+        undeclared.is_empty(),
+        "named by the code but declared nowhere in src/config/variables.rs: {undeclared:?}"
     );
+}
 
-    let mut files = Vec::new();
-    crate::layers::sources(&root().join("src"), &mut files);
-    let mut anywhere = BTreeSet::new();
-    for f in files.iter().filter(|f| !f.ends_with("config/catalogue.rs")) {
-        anywhere.extend(literal_names(&std::fs::read_to_string(f).unwrap(), false));
-    }
-    let unread: Vec<&&str> = documented
-        .iter()
-        .filter(|n| !anywhere.contains(**n) && !READ_BY_LIBRARIES.contains(n))
-        .collect();
-    assert!(unread.is_empty(), "documented but read nowhere: {unread:?}");
+fn documented() -> BTreeSet<String> {
+    variables::documented().into_iter().collect()
 }
 
 #[test]
 fn env_example_sets_only_documented_variables() {
-    let documented: BTreeSet<&str> = catalogue::documented().collect();
+    let documented = documented();
     let example = read(".env.example");
     let unknown: Vec<&str> = example
         .lines()
         .map(|l| l.trim_start_matches('#').trim())
         .filter_map(|l| l.split_once('=').map(|(k, _)| k))
         .filter(|k| !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
-        .filter(|k| !documented.contains(k) && !COMPOSE_ONLY.contains(k))
+        .filter(|k| !documented.contains(*k) && !COMPOSE_ONLY.contains(k))
         .collect();
     assert!(
         unknown.is_empty(),
@@ -170,20 +163,18 @@ fn compose_api_environment(compose: &str) -> BTreeSet<String> {
 fn the_compose_stack_forwards_every_setting() {
     let forwarded = compose_api_environment(&read("compose.yaml"));
     assert!(forwarded.len() > 20, "read only {forwarded:?}");
-    let rows: Vec<&Row> = SERVICE.iter().chain(CHANNELS).collect();
-    let missing: Vec<&str> = rows
+    let documented = documented();
+    let missing: Vec<&String> = documented
         .iter()
-        .flat_map(|r| r.vars.iter().copied())
-        .filter(|v| !forwarded.contains(*v) && !NOT_FORWARDED.contains(v))
+        .filter(|v| !forwarded.contains(*v) && !NOT_FORWARDED.contains(&v.as_str()))
         .collect();
     assert!(
         missing.is_empty(),
         "compose.yaml does not forward these settings to the service: {missing:?}"
     );
-    let documented: BTreeSet<&str> = catalogue::documented().collect();
     let unknown: Vec<&String> = forwarded
         .iter()
-        .filter(|k| !documented.contains(k.as_str()))
+        .filter(|k| !documented.contains(*k))
         .collect();
     assert!(
         unknown.is_empty(),
