@@ -515,7 +515,8 @@ pub async fn index_leases(pool: &PgPool) -> Result<u64> {
 /// Extends the leases `worker` holds on these attempts `(task, attempt)` to now + `lease` (in
 /// the task rows and in `task_leases`, where the rescuer looks for expired ones);
 /// returns the attempts it still holds (one missing from the answer was taken over or ended: its
-/// handler must stop).
+/// handler must stop). The rows are locked in id order, as a transition locks them, so a renewal
+/// and a transition on the same attempts wait for each other instead of deadlocking.
 pub async fn renew_leases(
     pool: &PgPool,
     attempts: &[(TaskId, i32)],
@@ -524,10 +525,15 @@ pub async fn renew_leases(
 ) -> Result<Vec<(TaskId, i32)>> {
     let (ids, numbers): (Vec<TaskId>, Vec<i32>) = attempts.iter().copied().unzip();
     Ok(sqlx::query!(
-        r#"WITH renewed AS (
+        r#"WITH held AS (
+             SELECT t.id FROM tasks t
+             JOIN UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt)
+               ON t.id = v.id AND t.attempts = v.attempt
+             WHERE t.lease_owner = $3
+             ORDER BY t.id FOR UPDATE OF t
+           ), renewed AS (
              UPDATE tasks t SET lease_expires_at = now() + $4::interval
-             FROM UNNEST($1::uuid[], $2::int4[]) AS v(id, attempt)
-             WHERE t.id = v.id AND t.attempts = v.attempt AND t.lease_owner = $3
+             FROM held WHERE t.id = held.id
              RETURNING t.id, t.attempts, t.lease_expires_at
            ), moved AS (
              UPDATE task_leases l SET expires_at = r.lease_expires_at

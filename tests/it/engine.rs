@@ -853,3 +853,58 @@ async fn the_rate_limit_is_shared_by_every_process() {
         assert!(gap >= Duration::from_millis(40), "two turns {gap:?} apart");
     }
 }
+
+/// The lease renewer locks the task rows it extends in id order, as every transition does: a
+/// renewal and an outcome recorded at the same time on the same attempts wait for each other
+/// and never deadlock (Postgres would abort one of them after `deadlock_timeout`).
+#[sqlx::test]
+async fn renewing_leases_while_a_transition_locks_the_same_tasks_does_not_deadlock(pool: PgPool) {
+    // enough rows that the renewal's plan looks its tasks up in the order it is given them
+    let mut all = enqueue(&pool, 2000, 3).await;
+    sqlx::query("ANALYZE tasks").execute(&pool).await.unwrap();
+    all.sort_by_key(|id| *id.as_uuid());
+    let (low, high) = (all[0], all[all.len() - 1]);
+    let ids = vec![low, high];
+    let worker = Uuid::now_v7();
+    // both attempts running under `worker`'s lease
+    sqlx::query(
+        "UPDATE tasks SET status = 'running', attempts = 1, lease_owner = $2, \
+                lease_expires_at = now() + interval '30 seconds' WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .bind(worker)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // a transition has locked the first of its rows (in id order) and goes on to the next
+    let mut transition = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(low)
+        .execute(&mut *transition)
+        .await
+        .unwrap();
+    // the renewer is handed the attempts in another order
+    let renewal = tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            arnela::store::tasks::renew_leases(
+                &pool,
+                &[(high, 1), (low, 1)],
+                worker,
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(high)
+        .execute(&mut *transition)
+        .await;
+    assert!(second.is_ok(), "the transition deadlocked: {second:?}");
+    transition.commit().await.unwrap();
+    let mut held = renewal.await.unwrap().expect("the renewal deadlocked");
+    held.sort_by_key(|(id, _)| *id.as_uuid());
+    assert_eq!(held, vec![(low, 1), (high, 1)], "both leases renewed");
+}
