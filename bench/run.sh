@@ -147,9 +147,13 @@ fi
 echo "$PEER" >"$OUT/bullmq.json"
 
 # --- report ----------------------------------------------------------------------------------
-python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$(git rev-parse --short HEAD)" "$PGB_BATCH" <<'PY' | tee "$OUT/report.md"
+# The server's vacuum settings decide the after-churn figure: the queue tables (outbox,
+# task_leases) and tasks are updated at every transition and keep their dead rows until vacuumed.
+PG_VACUUM=$(psql -h 127.0.0.1 -U postgres -At -d "$DB" \
+    -c "SELECT 'autovacuum ' || current_setting('autovacuum') || ', autovacuum_naptime ' || current_setting('autovacuum_naptime') || ', PostgreSQL ' || current_setting('server_version')")
+python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$(git rev-parse --short HEAD)" "$PGB_BATCH" "$PG_VACUUM" <<'PY' | tee "$OUT/report.md"
 import json, os, sys, datetime, platform
-out, p1, p8, p32, p64, commit, pgb_batch = sys.argv[1:8]
+out, p1, p8, p32, p64, commit, pgb_batch, pg_vacuum = sys.argv[1:9]
 pgb_batch = float(pgb_batch)
 pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
 d = json.load(open(f"{out}/default.json"))
@@ -159,6 +163,7 @@ peer = json.load(open(f"{out}/bullmq.json"))
 mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 print(f"Machine: {os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}; "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}")
+print(f"Postgres: {pg_vacuum}")
 print()
 print("| measurement | Arnela | limit or peer | ratio |")
 print("|---|---|---|---|")

@@ -512,6 +512,16 @@ async fn check_role_and_schema(pool: &PgPool, production: bool) -> anyhow::Resul
     if let Some(what) = what {
         tracing::warn!(role = %powers.role, "the service's database role is {what} (refused in production)");
     }
+    if !store::autovacuum_runs(pool)
+        .await
+        .context("cannot read the server's autovacuum setting")?
+    {
+        tracing::warn!(
+            "autovacuum is off on this Postgres server: the outbox, task_leases and tasks tables \
+             keep their dead rows and the engine slows down as they grow; turn it on \
+             (autovacuum = on) or vacuum them on a schedule (README, \"Postgres\")"
+        );
+    }
     let pending = store::pending_migrations(pool)
         .await
         .context("cannot read the applied migrations")?;
