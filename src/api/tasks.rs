@@ -210,9 +210,7 @@ impl TasksApi {
         let existing = results.len() as u32 - created;
         let tasks = results
             .into_iter()
-            .map(|r| match r {
-                Enqueued::Created(t) | Enqueued::Existing(t) => TaskView::from(t),
-            })
+            .map(|r| TaskView::from(r.into_task()))
             .collect();
         let result = Json(BatchResult {
             tasks,

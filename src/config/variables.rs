@@ -422,13 +422,11 @@ fn config_error(command: &Command, e: &clap::Error) -> ConfigError {
         .unwrap_or_else(|| "the environment".to_owned());
     let cause = std::error::Error::source(e)
         .map(|c| c.to_string())
-        .or_else(|| {
-            text(ContextKind::ValidValue)
-                .or_else(|| match e.get(ContextKind::ValidValue) {
-                    Some(ContextValue::Strings(v)) => Some(v.join(", ")),
-                    _ => None,
-                })
-                .map(|valid| format!("must be one of {valid}"))
+        .or_else(|| match e.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(valid)) => {
+                Some(format!("must be one of {}", valid.join(", ")))
+            }
+            _ => None,
         })
         .unwrap_or_else(|| e.kind().to_string());
     let message = match text(ContextKind::InvalidValue) {

@@ -108,6 +108,12 @@ impl Enqueued {
             Enqueued::Created(r) | Enqueued::Existing(r) => r,
         }
     }
+
+    pub fn into_task(self) -> Task {
+        match self {
+            Enqueued::Created(r) | Enqueued::Existing(r) => r,
+        }
+    }
 }
 
 /// Writes the tasks, their `enqueued` events and their outbox rows in `tx`.
