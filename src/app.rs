@@ -47,6 +47,10 @@ impl Roles {
 pub struct App {
     pub settings: Settings,
     pub pool: PgPool,
+    /// Where the audit reads go: the primary, or a standby (`DATABASE_READ_URL`).
+    pub reads: store::replica::Reads,
+    /// Where the relays `LISTEN` for new outbox rows.
+    pub listen: crate::relay::Listen,
     pub redis: ConnectionManager,
     pub keys: Keys,
     pub shutdown: CancellationToken,
@@ -64,21 +68,49 @@ impl App {
     /// (before anything is written to either) and applies migrations.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let pg = settings.database.connect_options()?;
-        let pool = store::connect(pg, settings.database.max_connections)
+        let route = settings.database.route();
+        let pool = store::connect_by(pg, settings.database.max_connections, route)
             .await
             .context("cannot connect to Postgres (check DB_* or DATABASE_URL)")?;
+        if route == store::Route::TransactionPooler {
+            check_pooled_session(&pool).await?;
+        }
         let redis = queue::connect(settings.redis.target()?)
             .await
             .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
         let keys = Keys::new(settings.redis.key_prefix.clone());
         check_binding(&pool, &redis, &keys).await?;
-        check_role_and_schema(&pool, settings.app_env == crate::config::AppEnv::Production).await?;
+        check_role_and_schema(
+            &pool,
+            settings.app_env == crate::config::AppEnv::Production,
+            route,
+        )
+        .await?;
         check_data_key(&pool, settings.audit_data_key.as_deref()).await?;
         // this month's and the next months' partitions of the log, before anything is appended
         store::retention::ensure_partitions(&pool, chrono::Utc::now())
             .await
             .context("cannot make the event log's monthly partitions")?;
-        Ok(App::from_parts(settings, pool, redis))
+        let reads = connect_replica(&settings, &pool).await?;
+        let listen = match settings.database.listen_options()? {
+            Some(direct) => {
+                crate::relay::Listen::Direct(store::connect_lazy(direct, 1, Duration::from_secs(5)))
+            }
+            None if route == store::Route::TransactionPooler => {
+                tracing::info!(
+                    "DB_POOLER=transaction without DATABASE_LISTEN_URL: the relays poll for new \
+                     outbox rows every RELAY_POLL_MS instead of listening"
+                );
+                crate::relay::Listen::Off
+            }
+            None => crate::relay::Listen::Pool,
+        };
+        let mut app = App::from_parts(settings, pool, redis);
+        if let Some(reads) = reads {
+            app.reads = reads;
+        }
+        app.listen = listen;
+        Ok(app)
     }
 
     /// An application over existing connections (tests bring their own database).
@@ -107,6 +139,8 @@ impl App {
             cache,
             metrics,
             settings,
+            reads: store::replica::Reads::primary(pool.clone()),
+            listen: crate::relay::Listen::Pool,
             pool,
             redis,
             keys,
@@ -120,6 +154,7 @@ impl App {
             api::auth::Auth::rotating(&self.settings.jwt_secret, &self.settings.jwt_previous)?;
         Ok(ApiContext {
             pool: self.pool.clone(),
+            reads: self.reads.clone(),
             redis: self.redis.clone(),
             keys: self.keys.clone(),
             health_timeout: self.settings.health_timeout,
@@ -263,6 +298,7 @@ impl App {
             },
         )
         .with_metrics(self.metrics.clone())
+        .with_listen(self.listen.clone())
     }
 
     /// The scheduler (run by every process with the relay role).
@@ -439,6 +475,53 @@ impl App {
     }
 }
 
+/// Behind a transaction pooler the session settings cannot come with the connection: warns
+/// when the role or database does not set them.
+async fn check_pooled_session(pool: &PgPool) -> anyhow::Result<()> {
+    let missing = store::session_settings_missing(pool)
+        .await
+        .context("cannot read the session settings")?;
+    if !missing.is_empty() {
+        tracing::warn!(
+            missing = %missing.join(", "),
+            "DB_POOLER=transaction: the sessions lack the service's planner settings, and on \
+             churning queue tables Postgres may then scan whole tables; set them on the \
+             service's role (ALTER ROLE … SET …; README, \"PgBouncer\")"
+        );
+    }
+    Ok(())
+}
+
+/// The standby of `DATABASE_READ_URL`, checked to hold the primary's database. It need not be
+/// up: while it is not, the reads go to the primary.
+async fn connect_replica(
+    settings: &Settings,
+    primary: &PgPool,
+) -> anyhow::Result<Option<store::replica::Reads>> {
+    let Some(options) = settings.database.read_options()? else {
+        return Ok(None);
+    };
+    let replica = store::connect_lazy(
+        options,
+        settings.database.max_connections,
+        settings.health_timeout,
+    );
+    match store::replica::check_same_database(primary, &replica).await {
+        Ok(None) => {}
+        Ok(Some(mismatch)) => anyhow::bail!(mismatch),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "cannot reach the read replica (DATABASE_READ_URL) yet; reading from the primary until it answers"
+        ),
+    }
+    Ok(Some(store::replica::Reads::with_replica(
+        primary.clone(),
+        replica,
+        settings.database.read_max_lag,
+        settings.health_timeout,
+    )))
+}
+
 /// Binds the Redis namespace to this database if it is unbound; fails, naming both databases,
 /// if it serves another one (see [`crate::binding`]).
 async fn check_binding(
@@ -489,7 +572,11 @@ async fn check_data_key(
     }
 }
 
-async fn check_role_and_schema(pool: &PgPool, production: bool) -> anyhow::Result<()> {
+async fn check_role_and_schema(
+    pool: &PgPool,
+    production: bool,
+    route: store::Route,
+) -> anyhow::Result<()> {
     let powers = store::role_powers(pool)
         .await
         .context("cannot read the database role's privileges")?;
@@ -527,6 +614,16 @@ async fn check_role_and_schema(pool: &PgPool, production: bool) -> anyhow::Resul
         .context("cannot read the applied migrations")?;
     if pending.is_empty() {
         return Ok(());
+    }
+    if route == store::Route::TransactionPooler {
+        // the migrator holds a session lock, which a transaction pooler cannot keep
+        anyhow::bail!(
+            "{} database migrations are not applied (first: {}); behind a transaction pooler \
+             run `arnela migrate` first (it connects straight to Postgres by \
+             DATABASE_LISTEN_URL)",
+            pending.len(),
+            pending[0]
+        );
     }
     if production || !powers.may_migrate {
         anyhow::bail!(

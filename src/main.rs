@@ -486,7 +486,15 @@ fn report_archives(
 async fn connect_owner() -> anyhow::Result<sqlx::PgPool> {
     let settings = Settings::from_env()?;
     let database = &settings.database;
-    let mut options = database.connect_options()?;
+    let mut options = if database.transaction_pooler {
+        // the migrator holds a session lock, which a transaction pooler cannot keep
+        database.listen_options()?.context(
+            "DB_POOLER=transaction: set DATABASE_LISTEN_URL (straight to Postgres) for this \
+             command, or point DATABASE_URL at Postgres itself",
+        )?
+    } else {
+        database.connect_options()?
+    };
     if let Some(user) = &database.migration_user {
         options = options
             .username(user)
@@ -500,5 +508,6 @@ async fn connect_owner() -> anyhow::Result<sqlx::PgPool> {
 /// A small pool for the one-shot database commands (`audit verify`, `audit checkpoint`).
 async fn connect_db() -> anyhow::Result<sqlx::PgPool> {
     let settings = Settings::from_env()?;
-    Ok(arnela::store::connect(settings.database.connect_options()?, 2).await?)
+    let database = &settings.database;
+    Ok(arnela::store::connect_by(database.connect_options()?, 2, database.route()).await?)
 }

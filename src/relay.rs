@@ -65,6 +65,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// How often a relay whose `LISTEN` connection failed tries it again (it polls meanwhile).
+const LISTEN_RETRY: Duration = Duration::from_secs(5);
+
 /// What one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Batch {
@@ -83,6 +86,19 @@ pub struct Relay {
     config: RelayConfig,
     metrics: Metrics,
     binding: Binding,
+    listen: Listen,
+}
+
+/// Where a relay `LISTEN`s for new outbox rows.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    /// On a connection of the relay's pool (Postgres itself, or a pooler in session mode).
+    Pool,
+    /// On this pool's connection straight to Postgres (`DATABASE_LISTEN_URL`): behind a
+    /// transaction pooler a `LISTEN` stays on whichever server session ran it.
+    Direct(PgPool),
+    /// Nowhere: the relay polls every [`RelayConfig::poll`].
+    Off,
 }
 
 impl Relay {
@@ -94,7 +110,14 @@ impl Relay {
             keys,
             config,
             metrics: Metrics::new(),
+            listen: Listen::Pool,
         }
+    }
+
+    /// Listens for new outbox rows there (by default on a connection of the pool).
+    pub fn with_listen(mut self, listen: Listen) -> Relay {
+        self.listen = listen;
+        self
     }
 
     /// Records batches in `metrics` (by default in a registry of the relay's own).
@@ -190,15 +213,19 @@ impl Relay {
 
     /// Publishes until `shutdown`, waking on notifications, due times and the poll interval.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut listener = match self.listen().await {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot LISTEN; relying on polling");
-                None
-            }
-        };
+        let mut listener = None;
+        let mut listen_tried: Option<std::time::Instant> = None;
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
+            // (re)connect the listener, at most every LISTEN_RETRY while it cannot
+            let wants_listener = listener.is_none() && !matches!(self.listen, Listen::Off);
+            if wants_listener && listen_tried.is_none_or(|t| t.elapsed() >= LISTEN_RETRY) {
+                listen_tried = Some(std::time::Instant::now());
+                match self.listen().await {
+                    Ok(l) => listener = l,
+                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN; polling meanwhile"),
+                }
+            }
             let full = match self.run_once().await {
                 Ok(b) => {
                     failures = 0;
@@ -231,7 +258,8 @@ impl Relay {
                 notified = wait_notification(&mut listener) => {
                     if let Err(e) = notified {
                         tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
-                        listener = self.listen().await.ok();
+                        listener = None;
+                        listen_tried = None;
                     }
                 }
             }
@@ -239,8 +267,13 @@ impl Relay {
         tracing::info!("relay stopped");
     }
 
-    async fn listen(&self) -> Result<OutboxListener> {
-        Ok(OutboxListener::connect(&self.pool).await?)
+    async fn listen(&self) -> Result<Option<OutboxListener>> {
+        let pool = match &self.listen {
+            Listen::Pool => &self.pool,
+            Listen::Direct(direct) => direct,
+            Listen::Off => return Ok(None),
+        };
+        Ok(Some(OutboxListener::connect(pool).await?))
     }
 
     /// The poll interval, or less if a scheduled row falls due sooner.

@@ -102,7 +102,15 @@ pub enum CheckpointsResponse {
 pub enum LogResponse {
     /// A page of the log.
     #[oai(status = 200)]
-    Ok(Json<EventPage>),
+    Ok(
+        Json<EventPage>,
+        /// `primary`, or `replica` when a streaming standby (`DATABASE_READ_URL`) served it.
+        #[oai(header = "Arnela-Read-Source")]
+        String,
+        /// How far behind the primary the answer may be, in milliseconds (0 from the primary).
+        #[oai(header = "Arnela-Read-Lag-Ms")]
+        u64,
+    ),
 }
 
 pub struct EventsApi {
@@ -133,13 +141,21 @@ impl EventsApi {
         auth.require(&[Role::Auditor])?;
         let after = after.0.unwrap_or(0);
         let limit = limit.0.unwrap_or(100);
-        let mut rows = events::global_log(&self.ctx.pool, after, i64::from(limit)).await?;
+        let (mut rows, source) = self
+            .ctx
+            .reads
+            .read(|pool| async move { events::global_log(&pool, after, i64::from(limit)).await })
+            .await?;
         self.ctx.open_events(&mut rows).await?;
         let next_after = rows.last().map_or(after, |e| e.position);
-        Ok(LogResponse::Ok(Json(EventPage {
-            events: rows.into_iter().map(Event::from).collect(),
-            next_after,
-        })))
+        Ok(LogResponse::Ok(
+            Json(EventPage {
+                events: rows.into_iter().map(Event::from).collect(),
+                next_after,
+            }),
+            source.name().to_owned(),
+            source.lag_ms(),
+        ))
     }
 
     /// Read the signed checkpoints

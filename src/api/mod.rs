@@ -31,6 +31,8 @@ use crate::queue::Keys;
 #[derive(Clone)]
 pub struct ApiContext {
     pub pool: PgPool,
+    /// Where the audit reads go: the primary, or a standby ([`crate::store::replica`]).
+    pub reads: crate::store::replica::Reads,
     pub redis: ConnectionManager,
     pub keys: Keys,
     pub health_timeout: Duration,

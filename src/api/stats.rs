@@ -12,6 +12,7 @@ use super::ApiContext;
 use crate::cache::{keys, Ttl};
 use crate::domain::{TaskStatus, TaskType};
 use crate::store::projection;
+use crate::store::replica::Source;
 
 #[derive(Tags)]
 enum ApiTags {
@@ -23,7 +24,15 @@ enum ApiTags {
 pub enum StatsResponse {
     /// Totals per task type and current counts per status.
     #[oai(status = 200)]
-    Ok(Json<TaskStats>),
+    Ok(
+        Json<TaskStats>,
+        /// `primary`, or `replica` when a streaming standby (`DATABASE_READ_URL`) served it.
+        #[oai(header = "Arnela-Read-Source")]
+        String,
+        /// How far behind the primary the answer may be, in milliseconds (0 from the primary).
+        #[oai(header = "Arnela-Read-Lag-Ms")]
+        u64,
+    ),
 }
 
 pub struct StatsApi {
@@ -36,25 +45,54 @@ impl StatsApi {
     ///
     /// For each task type: totals counted from the event log by the `totals` projector
     /// (enqueued, attempts, successes, failures, retries, dead letters, cancellations) and how
-    /// many tasks are in each status now.
+    /// many tasks are in each status now. Served from the cache, or, when a read replica is
+    /// configured, from the replica (the headers say which, and how stale it may be).
     ///
     /// Roles: auditor, admin.
     #[oai(path = "/stats", method = "get", operation_id = "task_stats")]
     async fn stats(&self, auth: BearerAuth) -> Result<StatsResponse, Failure<StatsFailures>> {
         auth.require(&[Role::Auditor])?;
+        if self.ctx.reads.has_replica() {
+            // not cached: a value loaded from a lagging standby after the projector dropped
+            // the key would stay in the cache without saying how stale it is
+            let (rows, source) = self
+                .ctx
+                .reads
+                .read(|pool| async move { load_rows(&pool).await })
+                .await?;
+            let stats = build(rows)?;
+            return Ok(StatsResponse::Ok(
+                Json(stats),
+                source.name().to_owned(),
+                source.lag_ms(),
+            ));
+        }
         let pool = &self.ctx.pool;
         let stats = self
             .ctx
             .cache
             .get_or_set(&keys::task_stats(), Ttl::Short, || async {
-                load(pool).await
+                build(load_rows(pool).await?)
             })
             .await?;
-        Ok(StatsResponse::Ok(Json(stats)))
+        let source = Source::Primary;
+        Ok(StatsResponse::Ok(
+            Json(stats),
+            source.name().to_owned(),
+            source.lag_ms(),
+        ))
     }
 }
 
-async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
+/// What the statistics are made of: the `totals` projector's checkpoint, its totals, and the
+/// counts per type and status.
+struct Rows {
+    projected_through: i64,
+    totals: Vec<projection::TypeTotals>,
+    statuses: Vec<(String, String, i64)>,
+}
+
+async fn load_rows(pool: &sqlx::PgPool) -> crate::store::Result<Rows> {
     // the checkpoint first: the totals read next include at least this much of the log
     let projected_through = projection::checkpoints(pool)
         .await?
@@ -63,6 +101,19 @@ async fn load(pool: &sqlx::PgPool) -> Result<TaskStats, ApiError> {
         .map_or(0, |c| c.position);
     let totals = projection::totals(pool).await?;
     let statuses = projection::status_counts(pool).await?;
+    Ok(Rows {
+        projected_through,
+        totals,
+        statuses,
+    })
+}
+
+fn build(rows: Rows) -> Result<TaskStats, ApiError> {
+    let Rows {
+        projected_through,
+        totals,
+        statuses,
+    } = rows;
     let mut types: BTreeMap<TaskTypeName, TypeStats> = BTreeMap::new();
     let blank = |t: TaskTypeName| TypeStats {
         task_type: t,

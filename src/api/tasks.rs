@@ -25,6 +25,7 @@ use crate::domain::TaskId;
 use crate::domain::{
     validate_invalidates, validate_payload, FieldError, NewTask, Task, TaskStatus, TaskType,
 };
+use crate::store::replica::Source;
 use crate::store::tasks::{self, Enqueued, TaskFilter};
 use crate::store::{audit, events, operator, retention, Tx};
 
@@ -82,7 +83,15 @@ pub enum OperatorResponse {
 pub enum HistoryResponse {
     /// Every event of the task, in order.
     #[oai(status = 200)]
-    Ok(Json<Vec<Event>>),
+    Ok(
+        Json<Vec<Event>>,
+        /// `primary`, or `replica` when a streaming standby (`DATABASE_READ_URL`) served it.
+        #[oai(header = "Arnela-Read-Source")]
+        String,
+        /// How far behind the primary the answer may be, in milliseconds (0 from the primary).
+        #[oai(header = "Arnela-Read-Lag-Ms")]
+        u64,
+    ),
 }
 
 /// The verdict on one task's hash chain.
@@ -109,7 +118,15 @@ pub enum VerifyResponse {
 pub enum ListResponse {
     /// A page of tasks, oldest first.
     #[oai(status = 200)]
-    Ok(Json<TaskPage>),
+    Ok(
+        Json<TaskPage>,
+        /// `primary`, or `replica` when a streaming standby (`DATABASE_READ_URL`) served it.
+        #[oai(header = "Arnela-Read-Source")]
+        String,
+        /// How far behind the primary the answer may be, in milliseconds (0 from the primary).
+        #[oai(header = "Arnela-Read-Lag-Ms")]
+        u64,
+    ),
 }
 
 pub struct TasksApi {
@@ -386,7 +403,13 @@ impl TasksApi {
         id: Path<Uuid>,
     ) -> Result<HistoryResponse, Failure<HistoryFailures>> {
         auth.require(&[Role::Auditor])?;
-        let mut events = events::history(&self.ctx.pool, id.0.into()).await?;
+        let task: TaskId = id.0.into();
+        let history = |pool: sqlx::PgPool| async move { events::history(&pool, task).await };
+        let (mut events, mut source) = self.ctx.reads.read(history).await?;
+        if events.is_empty() && source != Source::Primary {
+            // a task enqueued after what the standby has replayed: the primary knows it
+            (events, source) = self.ctx.reads.read_primary(history).await?;
+        }
         self.ctx.open_events(&mut events).await?;
         if events.is_empty() {
             let message = match retention::archived_in(&self.ctx.pool, id.0.into()).await? {
@@ -399,9 +422,11 @@ impl TasksApi {
             };
             return Err(ApiError::not_found(message).into());
         }
-        Ok(HistoryResponse::Ok(Json(
-            events.into_iter().map(Event::from).collect(),
-        )))
+        Ok(HistoryResponse::Ok(
+            Json(events.into_iter().map(Event::from).collect()),
+            source.name().to_owned(),
+            source.lag_ms(),
+        ))
     }
 
     /// Check a task's hash chain
@@ -469,15 +494,24 @@ impl TasksApi {
         };
         let limit = limit.0.unwrap_or(50);
         let after = after.0.unwrap_or(0);
-        let mut page = tasks::list(&self.ctx.pool, &filter, after, i64::from(limit)).await?;
+        let filter = &filter;
+        let (mut page, source) = self
+            .ctx
+            .reads
+            .read(|pool| async move { tasks::list(&pool, filter, after, i64::from(limit)).await })
+            .await?;
         self.ctx.open_tasks(&mut page.tasks).await?;
         let next_after = (page.tasks.len() == limit as usize)
             .then_some(page.last_position)
             .flatten();
-        Ok(ListResponse::Ok(Json(TaskPage {
-            items: page.tasks.into_iter().map(TaskView::from).collect(),
-            next_after,
-        })))
+        Ok(ListResponse::Ok(
+            Json(TaskPage {
+                items: page.tasks.into_iter().map(TaskView::from).collect(),
+                next_after,
+            }),
+            source.name().to_owned(),
+            source.lag_ms(),
+        ))
     }
 }
 

@@ -68,6 +68,14 @@ pub struct DatabaseSettings {
     /// `DATABASE_URL`, when set, replaces the parts above.
     pub url: Option<SecretString>,
     pub max_connections: u32,
+    /// Whether `DATABASE_URL` goes through a transaction pooler (`DB_POOLER=transaction`).
+    pub transaction_pooler: bool,
+    /// A direct connection for the relays' `LISTEN` (`DATABASE_LISTEN_URL`).
+    pub listen_url: Option<SecretString>,
+    /// A streaming standby for the audit reads (`DATABASE_READ_URL`), and how far behind it may
+    /// be before a read goes to the primary instead (`DATABASE_READ_MAX_LAG_MS`).
+    pub read_url: Option<SecretString>,
+    pub read_max_lag: Duration,
     /// The tables' owner (`DB_MIGRATION_USER`, `DB_MIGRATION_PASSWORD`), for the commands that
     /// change the schema or the log's partitions; unset: the service's own role.
     pub migration_user: Option<String>,
@@ -105,6 +113,44 @@ impl DatabaseSettings {
         };
         Ok(options.application_name("arnela"))
     }
+
+    /// How `DATABASE_URL` reaches Postgres (`DB_POOLER`).
+    pub fn route(&self) -> crate::store::Route {
+        if self.transaction_pooler {
+            crate::store::Route::TransactionPooler
+        } else {
+            crate::store::Route::Direct
+        }
+    }
+
+    /// The standby's connection (`DATABASE_READ_URL`), when one is set.
+    pub fn read_options(&self) -> Result<Option<PgConnectOptions>, ConfigError> {
+        let options = url_options("DATABASE_READ_URL", self.read_url.as_ref())?;
+        Ok(options.map(|o| o.application_name("arnela-reads")))
+    }
+
+    /// The direct connection for `LISTEN` (`DATABASE_LISTEN_URL`), when one is set.
+    pub fn listen_options(&self) -> Result<Option<PgConnectOptions>, ConfigError> {
+        let options = url_options("DATABASE_LISTEN_URL", self.listen_url.as_ref())?;
+        Ok(options.map(|o| o.application_name("arnela-listen")))
+    }
+}
+
+/// The options of the `postgres://` URL in variable `var`, when it is set.
+fn url_options(
+    var: &str,
+    url: Option<&SecretString>,
+) -> Result<Option<PgConnectOptions>, ConfigError> {
+    let Some(url) = url else {
+        return Ok(None);
+    };
+    let u = url.expose_secret();
+    if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+        return Err(err(var, "must be a postgres:// URL"));
+    }
+    PgConnectOptions::from_str(u)
+        .map(Some)
+        .map_err(|_| err(var, "is not a valid postgres:// URL"))
 }
 
 /// Redis connection settings.
@@ -321,6 +367,10 @@ impl Settings {
             ssl_root_cert: v.db_sslrootcert,
             url: v.database_url.map(SecretString::from),
             max_connections: v.db_max_connections,
+            transaction_pooler: v.db_pooler == "transaction",
+            listen_url: v.database_listen_url.map(SecretString::from),
+            read_url: v.database_read_url.map(SecretString::from),
+            read_max_lag: Duration::from_millis(v.database_read_max_lag_ms),
             migration_user: v.db_migration_user,
             migration_password: SecretString::from(v.db_migration_password.unwrap_or_default()),
         };
@@ -331,6 +381,8 @@ impl Settings {
             ));
         }
         database.connect_options()?;
+        database.read_options()?;
+        database.listen_options()?;
 
         let redis = RedisSettings {
             host: v.redis_host,
@@ -463,11 +515,13 @@ fn env_vars() -> Result<HashMap<String, String>, ConfigError> {
 }
 
 /// The settings that may be read from a file with `NAME_FILE`: the secrets.
-pub const FILE_SECRETS: [&str; 13] = [
+pub const FILE_SECRETS: [&str; 15] = [
     "JWT_SECRET",
     "JWT_PREVIOUS_SECRETS",
     "DB_PASSWORD",
     "DATABASE_URL",
+    "DATABASE_LISTEN_URL",
+    "DATABASE_READ_URL",
     "REDIS_PASSWORD",
     "REDIS_URL",
     "SMTP_PASSWORD",

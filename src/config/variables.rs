@@ -60,6 +60,18 @@ pub struct ServiceVars {
     /// pool size
     #[arg(long, env, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_max_connections: u32,
+    /// what `DATABASE_URL` (or `DB_HOST`) reaches: `none` (Postgres itself), or a pooler in `session` or `transaction` mode: `transaction` sends no session settings when connecting and `LISTEN`s only on `DATABASE_LISTEN_URL` (see [PgBouncer](#pgbouncer))
+    #[arg(long, env, default_value = "none", value_parser = ["none", "session", "transaction"])]
+    pub db_pooler: String,
+    /// `postgres://…` straight to Postgres, for the relays' `LISTEN` (and, with `DB_POOLER=transaction`, for `arnela migrate`); unset: `LISTEN` on a connection of the pool, or with `DB_POOLER=transaction` nowhere (the relays poll every `RELAY_POLL_MS`)
+    #[arg(long, env)]
+    pub database_listen_url: Option<String>,
+    /// `postgres://…` of a streaming standby of the same database: the audit reads (`GET /events`, `GET /tasks`, `GET /tasks/{id}/events`, `GET /stats`) go there, with the same pool size (see [Read replica](#read-replica)); unset: every read goes to the primary
+    #[arg(long, env)]
+    pub database_read_url: Option<String>,
+    /// a read goes to the primary instead when the standby is further behind than this, unreachable or not in recovery
+    #[arg(long, env, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub database_read_max_lag_ms: u64,
 
     /// Redis host; `REDIS_URL` overrides it and the next four
     #[arg(long, env, default_value = "localhost")]

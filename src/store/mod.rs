@@ -14,6 +14,7 @@
 //! - [`checkpoints`]: the signed checkpoints of the log;
 //! - [`retention`]: the log's monthly partitions and the retirement of finished tasks;
 //! - [`archive`]: reading, removing and restoring archived months of the log;
+//! - [`replica`]: the audit reads a streaming standby may serve, and how stale they may be;
 //! - [`database_identity`]: which database this is (the Redis namespace is bound to it).
 //!
 //! Writers take a [`Tx`] so that every event, the projection row it changes and the outbox row
@@ -28,6 +29,7 @@ pub mod operator;
 pub mod outbox;
 pub mod pauses;
 pub mod projection;
+pub mod replica;
 pub mod retention;
 pub mod schedules;
 pub mod tasks;
@@ -235,15 +237,71 @@ pub const SESSION_SETTINGS: [(&str, &str); 3] = [
     ("enable_bitmapscan", "off"),
 ];
 
+/// What a connection reaches: Postgres (or a pooler in session mode, which keeps a server
+/// session per connection), or a pooler in transaction mode, which hands each transaction to
+/// any server session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Direct,
+    /// PgBouncer ≥ 1.21 with `pool_mode = transaction` and `max_prepared_statements` > 0 (it
+    /// re-prepares the named statements of the pool's statement cache on whichever server
+    /// session runs them). No startup `options` go through it: the [`SESSION_SETTINGS`] must
+    /// be set on the role or database ([`session_settings_missing`]).
+    TransactionPooler,
+}
+
 /// Connects to Postgres with a pool of `max_connections` (sessions get [`SESSION_SETTINGS`]).
 pub async fn connect(options: PgConnectOptions, max_connections: u32) -> Result<PgPool> {
-    let options = options.options(SESSION_SETTINGS);
+    connect_by(options, max_connections, Route::Direct).await
+}
+
+/// Connects with a pool of `max_connections` by `route`.
+pub async fn connect_by(
+    options: PgConnectOptions,
+    max_connections: u32,
+    route: Route,
+) -> Result<PgPool> {
+    let options = match route {
+        Route::Direct => options.options(SESSION_SETTINGS),
+        // PgBouncer refuses startup parameters it does not know (`options`,
+        // `extra_float_digits`) unless told to ignore them, and would then drop them
+        Route::TransactionPooler => options.extra_float_digits(None),
+    };
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// The [`SESSION_SETTINGS`] a session of `pool` does not have (behind a transaction pooler they
+/// come from `ALTER ROLE … SET` or `ALTER DATABASE … SET`, not from the connection).
+pub async fn session_settings_missing(pool: &PgPool) -> Result<Vec<String>> {
+    let (names, wanted): (Vec<&str>, Vec<&str>) = SESSION_SETTINGS.iter().copied().unzip();
+    let missing = sqlx::query_scalar!(
+        r#"SELECT s.name || ' = ' || s.wanted AS "setting!"
+           FROM UNNEST($1::text[], $2::text[]) AS s(name, wanted)
+           WHERE current_setting(s.name) <> s.wanted"#,
+        &names as &[&str],
+        &wanted as &[&str]
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(missing)
+}
+
+/// A pool that connects when first used, waiting at most `acquire_timeout` for a connection
+/// (the read replica's: while it is down, a read goes to the primary without waiting long).
+pub fn connect_lazy(
+    options: PgConnectOptions,
+    max_connections: u32,
+    acquire_timeout: Duration,
+) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .connect_lazy_with(options.options(SESSION_SETTINGS))
 }
 
 /// One round trip: whether Postgres answers (for `/health`).

@@ -253,6 +253,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     let redis = connect_when_up(port).await;
     let ctx = ApiContext {
         pool: pool.clone(),
+        reads: arnela::store::replica::Reads::primary(pool.clone()),
         redis: redis.clone(),
         keys: Keys::new(common::unique_prefix()),
         health_timeout: Duration::from_millis(500),

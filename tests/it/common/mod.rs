@@ -80,6 +80,7 @@ pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiCo
     ApiContext {
         metrics,
         pool: pool.clone(),
+        reads: arnela::store::replica::Reads::primary(pool.clone()),
         cache,
         redis,
         keys,
@@ -634,6 +635,43 @@ pub mod process {
             .unwrap()
             .success();
             assert!(ok, "initdb");
+            let server = PgServer { port, dir };
+            server.resume();
+            server
+        }
+
+        /// A streaming hot standby of `primary` (`pg_basebackup -R`), started on `port`.
+        pub fn standby_of(primary: &PgServer, port: u16) -> PgServer {
+            let dir = std::env::temp_dir().join(format!("arnela-pg-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&dir).unwrap();
+            if is_root() {
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres", dir.to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "chown of the data directory");
+            }
+            let data = dir.join("data");
+            let ok = as_postgres(&[
+                "pg_basebackup",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                data.to_str().unwrap(),
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ])
+            .status()
+            .unwrap()
+            .success();
+            assert!(ok, "pg_basebackup");
             let server = PgServer { port, dir };
             server.resume();
             server

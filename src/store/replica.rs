@@ -1,0 +1,244 @@
+//! Reads that may be served by a streaming standby (`DATABASE_READ_URL`): the audit reads only
+//! (the global log, task lists, histories, statistics). Writes, claims, the engine and every
+//! read that decides a write stay on the primary, which is the only pool they are given.
+//!
+//! **Staleness.** Before each read the standby's replay lag is measured ([`replay_lag`]); the
+//! read goes to the standby only when it is in recovery and at most `max_lag` behind, else to
+//! the primary. Replay only moves forward, so what the read returns is at most that lag older
+//! than the primary was when it was measured; the answer carries it ([`Source`]).
+//!
+//! **Commit-safe order.** A hot standby knows which of the primary's transactions are still
+//! running (it replays their xids, and fills a gap in the xids it has seen as running until the
+//! primary says otherwise), so `pg_current_snapshot()` there has an xmin no later than the
+//! primary's when it wrote the WAL replayed so far: `event_log_horizon()` holds on the standby
+//! as it does on the primary, and a reader of the global log skips nothing however it switches
+//! between the two.
+
+use sqlx::PgPool;
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Result, StoreError};
+
+/// Where a read was served from, and how stale it may be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Source {
+    Primary,
+    /// The standby, at most `lag` behind the primary.
+    Replica {
+        lag: Duration,
+    },
+}
+
+impl Source {
+    /// `primary` or `replica` (the `Arnela-Read-Source` header).
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Primary => "primary",
+            Source::Replica { .. } => "replica",
+        }
+    }
+
+    /// How far behind the primary the answer may be, in milliseconds (0 from the primary;
+    /// the `Arnela-Read-Lag-Ms` header).
+    pub fn lag_ms(self) -> u64 {
+        match self {
+            Source::Primary => 0,
+            Source::Replica { lag } => u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// The primary, and the standby when one is configured.
+#[derive(Clone)]
+pub struct Reads {
+    primary: PgPool,
+    replica: Option<Replica>,
+}
+
+#[derive(Clone)]
+struct Replica {
+    pool: PgPool,
+    max_lag: Duration,
+    /// How long the lag measurement may take before the read goes to the primary.
+    timeout: Duration,
+    /// The last reason a read went to the primary (or that it did not), so that a standby
+    /// that is down or behind is logged once when that starts and once when it ends, not at
+    /// every request.
+    state: Arc<AtomicU8>,
+}
+
+/// Why a read went where it did ([`Replica::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    Serving = 0,
+    Behind = 1,
+    NotStandby = 2,
+    Unreachable = 3,
+}
+
+impl Reads {
+    /// Every read from the primary.
+    pub fn primary(pool: PgPool) -> Reads {
+        Reads {
+            primary: pool,
+            replica: None,
+        }
+    }
+
+    /// Reads from `replica` while it is at most `max_lag` behind; `timeout` bounds the lag's
+    /// measurement.
+    pub fn with_replica(
+        primary: PgPool,
+        replica: PgPool,
+        max_lag: Duration,
+        timeout: Duration,
+    ) -> Reads {
+        Reads {
+            primary,
+            replica: Some(Replica {
+                pool: replica,
+                max_lag,
+                timeout,
+                state: Arc::new(AtomicU8::new(State::Serving as u8)),
+            }),
+        }
+    }
+
+    pub fn has_replica(&self) -> bool {
+        self.replica.is_some()
+    }
+
+    /// Runs `read` on the standby when it may serve it, else (or when the standby fails while
+    /// reading) on the primary. An error of the primary is returned.
+    pub async fn read<T, F, Fut>(&self, read: F) -> Result<(T, Source)>
+    where
+        F: Fn(PgPool) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        if let Some(replica) = &self.replica {
+            if let Some(lag) = replica.usable_lag().await {
+                match read(replica.pool.clone()).await {
+                    Ok(value) => return Ok((value, Source::Replica { lag })),
+                    Err(StoreError::Database(e)) => {
+                        replica.enter(State::Unreachable, &e.to_string());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok((read(self.primary.clone()).await?, Source::Primary))
+    }
+
+    /// Runs `read` on the primary.
+    pub async fn read_primary<T, F, Fut>(&self, read: F) -> Result<(T, Source)>
+    where
+        F: FnOnce(PgPool) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        Ok((read(self.primary.clone()).await?, Source::Primary))
+    }
+}
+
+impl Replica {
+    /// The standby's lag when a read may go there now.
+    async fn usable_lag(&self) -> Option<Duration> {
+        match tokio::time::timeout(self.timeout, replay_lag(&self.pool)).await {
+            Err(_) => {
+                self.enter(State::Unreachable, "the lag was not measured in time");
+                None
+            }
+            Ok(Err(e)) => {
+                self.enter(State::Unreachable, &e.to_string());
+                None
+            }
+            Ok(Ok(None)) => {
+                self.enter(State::NotStandby, "it is not in recovery");
+                None
+            }
+            Ok(Ok(Some(lag))) if lag > self.max_lag => {
+                let why = format!("{} ms behind", lag.as_millis());
+                self.enter(State::Behind, &why);
+                None
+            }
+            Ok(Ok(Some(lag))) => {
+                self.enter(State::Serving, "");
+                Some(lag)
+            }
+        }
+    }
+
+    /// Logs a change of where reads go.
+    fn enter(&self, state: State, why: &str) {
+        let before = self.state.swap(state as u8, Ordering::Relaxed);
+        if before == state as u8 {
+            return;
+        }
+        if state == State::Serving {
+            tracing::info!("the read replica serves the audit reads again");
+        } else {
+            tracing::warn!(
+                reason = why,
+                max_lag_ms = self.max_lag.as_millis() as u64,
+                "the read replica cannot serve reads now; reading from the primary"
+            );
+        }
+    }
+}
+
+/// How far the server behind `pool` is behind its primary: `None` when it is not a standby
+/// (not in recovery: a primary, or a standby that was promoted). Zero when its WAL receiver runs
+/// and it has replayed all the WAL it received; otherwise the age of the last transaction it
+/// replayed (on the primary's clock, as the commit records carry it), which also covers a
+/// standby that lost its primary and replays nothing. (A role without `pg_read_all_stats` sees
+/// the receiver's process but not its status, so a running receiver counts as streaming.)
+pub async fn replay_lag(pool: &PgPool) -> Result<Option<Duration>> {
+    let row = sqlx::query!(
+        r#"SELECT pg_is_in_recovery() AS "standby!",
+                  (pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn()
+                   AND EXISTS (SELECT 1 FROM pg_stat_wal_receiver
+                               WHERE coalesce(status, 'streaming') = 'streaming')) AS "caught_up!",
+                  EXTRACT(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp())::float8
+                      AS "age""#
+    )
+    .fetch_one(pool)
+    .await?;
+    if !row.standby {
+        return Ok(None);
+    }
+    if row.caught_up {
+        return Ok(Some(Duration::ZERO));
+    }
+    // nothing replayed since the standby started: its age is unknown
+    let age = row.age.unwrap_or(f64::INFINITY).max(0.0);
+    Ok(Some(
+        Duration::try_from_secs_f64(age).unwrap_or(Duration::MAX),
+    ))
+}
+
+/// Checks that `replica` holds the same database as `primary` (a standby keeps its primary's
+/// system identifier): reads from another database would be wrong, not stale.
+pub async fn check_same_database(primary: &PgPool, replica: &PgPool) -> Result<Option<String>> {
+    let (p, r) = (
+        super::database_identity(primary).await?,
+        super::database_identity(replica).await?,
+    );
+    let same = p.database == r.database
+        && match (&p.system_identifier, &r.system_identifier) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+    Ok((!same).then(|| {
+        format!(
+            "DATABASE_READ_URL is database {} of system {}, but the primary is database {} of \
+             system {}: a read replica must be a standby of the primary",
+            r.database,
+            r.system_identifier.as_deref().unwrap_or("(unknown)"),
+            p.database,
+            p.system_identifier.as_deref().unwrap_or("(unknown)")
+        )
+    }))
+}
