@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::auth::{BearerAuth, Denied, Role};
 use super::error::RETRY_AFTER_SECS;
 use super::ApiContext;
+use crate::store::replica::State as ReplicaStateOf;
 use crate::store::{outbox, projection};
 
 #[derive(Tags)]
@@ -71,6 +72,31 @@ pub struct Dependencies {
     pub redis: DependencyCheck,
 }
 
+/// Whether the read replica serves the audit reads now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum, serde::Deserialize)]
+#[oai(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// It serves them.
+    Serving,
+    /// Further behind than `DATABASE_READ_MAX_LAG_MS`: the primary serves them.
+    Behind,
+    /// Not in recovery (promoted, or a primary): the primary serves them.
+    NotStandby,
+    /// It does not answer: the primary serves them.
+    Unreachable,
+}
+
+/// The read replica (`DATABASE_READ_URL`). It does not make the service unhealthy: while it
+/// cannot serve, the primary does.
+#[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
+pub struct ReplicaCheck {
+    pub status: ReplicaState,
+    /// How far behind the primary it is (absent when it did not answer or is not a standby).
+    #[oai(skip_serializing_if_is_none)]
+    pub lag_ms: Option<u64>,
+}
+
 /// Lengths of the Redis lists.
 #[derive(Debug, Clone, PartialEq, Object, serde::Deserialize)]
 pub struct QueueDepths {
@@ -120,6 +146,9 @@ pub struct HealthReport {
     pub outbox: Option<OutboxBacklog>,
     /// Empty when Postgres does not answer.
     pub projectors: Vec<ProjectorStatus>,
+    /// Absent when no read replica is configured.
+    #[oai(skip_serializing_if_is_none)]
+    pub read_replica: Option<ReplicaCheck>,
     /// The delivery channel of each task type: `smtp`, `sendgrid`, `twilio_sms`,
     /// `twilio_whatsapp`, `google_calendar`, or `log` (not configured: messages are only logged).
     pub channels: std::collections::BTreeMap<String, String>,
@@ -180,7 +209,8 @@ impl HealthApi {
     ///
     /// Pings Postgres and Redis (each with a short timeout, latency reported); 503 when either
     /// does not answer. Adds the Redis queue depths, the outbox backlog, the projectors' lag,
-    /// the live worker processes, and the cluster-wide task totals projected from events.
+    /// the live worker processes, the cluster-wide task totals projected from events, and the
+    /// read replica's state when one is configured.
     ///
     /// Roles: auditor, admin.
     #[oai(path = "/health", method = "get", operation_id = "health")]
@@ -269,7 +299,7 @@ impl HealthApi {
         let pool = &self.ctx.pool;
         let keys = &self.ctx.keys;
         let (mut c1, mut c2) = (self.ctx.redis.clone(), self.ctx.redis.clone());
-        let (db, redis, processes, depths, outbox, totals, checkpoints) = tokio::join!(
+        let (db, redis, processes, depths, outbox, totals, checkpoints, replica) = tokio::join!(
             self.ping_db(timeout),
             self.ping_redis(timeout),
             within(
@@ -289,6 +319,7 @@ impl HealthApi {
                 "reading projector checkpoints",
                 projection::checkpoints(pool)
             ),
+            self.ctx.reads.replica_state(),
         );
         let healthy = db.ok && redis.ok;
         let totals = totals.unwrap_or_default();
@@ -331,6 +362,15 @@ impl HealthApi {
                 })
                 .collect(),
             channels: self.ctx.channels.clone(),
+            read_replica: replica.map(|(state, lag)| ReplicaCheck {
+                status: match state {
+                    ReplicaStateOf::Serving => ReplicaState::Serving,
+                    ReplicaStateOf::Behind => ReplicaState::Behind,
+                    ReplicaStateOf::NotStandby => ReplicaState::NotStandby,
+                    ReplicaStateOf::Unreachable => ReplicaState::Unreachable,
+                },
+                lag_ms: lag.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
+            }),
         };
         if healthy {
             HealthResponse::Healthy(Json(report))

@@ -70,10 +70,10 @@ struct Replica {
     state: Arc<AtomicU8>,
 }
 
-/// Why a read went where it did ([`Replica::state`]).
+/// Whether the standby serves the audit reads now, and if not why ([`Replica::state`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum State {
+pub enum State {
     Serving = 0,
     Behind = 1,
     NotStandby = 2,
@@ -112,6 +112,13 @@ impl Reads {
         self.replica.is_some()
     }
 
+    /// The standby's state and lag now (for `/health`), when one is configured.
+    pub async fn replica_state(&self) -> Option<(State, Option<Duration>)> {
+        let replica = self.replica.as_ref()?;
+        let (state, lag, _) = replica.measure().await;
+        Some((state, lag))
+    }
+
     /// Runs `read` on the standby when it may serve it, else (or when the standby fails while
     /// reading) on the primary. An error of the primary is returned.
     pub async fn read<T, F, Fut>(&self, read: F) -> Result<(T, Source)>
@@ -146,28 +153,27 @@ impl Reads {
 impl Replica {
     /// The standby's lag when a read may go there now.
     async fn usable_lag(&self) -> Option<Duration> {
+        let (state, lag, why) = self.measure().await;
+        self.enter(state, &why);
+        lag.filter(|_| state == State::Serving)
+    }
+
+    /// Where reads may go now, the lag when it was measured, and why not the standby.
+    async fn measure(&self) -> (State, Option<Duration>, String) {
         match tokio::time::timeout(self.timeout, replay_lag(&self.pool)).await {
-            Err(_) => {
-                self.enter(State::Unreachable, "the lag was not measured in time");
-                None
-            }
-            Ok(Err(e)) => {
-                self.enter(State::Unreachable, &e.to_string());
-                None
-            }
-            Ok(Ok(None)) => {
-                self.enter(State::NotStandby, "it is not in recovery");
-                None
-            }
-            Ok(Ok(Some(lag))) if lag > self.max_lag => {
-                let why = format!("{} ms behind", lag.as_millis());
-                self.enter(State::Behind, &why);
-                None
-            }
-            Ok(Ok(Some(lag))) => {
-                self.enter(State::Serving, "");
-                Some(lag)
-            }
+            Err(_) => (
+                State::Unreachable,
+                None,
+                "the lag was not measured in time".into(),
+            ),
+            Ok(Err(e)) => (State::Unreachable, None, e.to_string()),
+            Ok(Ok(None)) => (State::NotStandby, None, "it is not in recovery".into()),
+            Ok(Ok(Some(lag))) if lag > self.max_lag => (
+                State::Behind,
+                Some(lag),
+                format!("{} ms behind", lag.as_millis()),
+            ),
+            Ok(Ok(Some(lag))) => (State::Serving, Some(lag), String::new()),
         }
     }
 

@@ -137,6 +137,8 @@ async fn audit_reads_go_to_the_standby_within_its_lag_and_to_the_primary_otherwi
     let (status, page, source, _) = read(&c, "/events?after=0").await;
     assert_eq!((status, source.as_str()), (200, "replica"), "{page}");
     assert_eq!(task_ids(&page), vec![first.clone()]);
+    let (_, health) = common::get(&c, "/health").await;
+    assert_eq!(health["read_replica"]["status"], "serving", "{health}");
     let after = page["next_after"].as_i64().unwrap();
 
     // A transaction stays open on the primary with an event; a later one commits and the
@@ -186,6 +188,9 @@ async fn audit_reads_go_to_the_standby_within_its_lag_and_to_the_primary_otherwi
         .await;
     assert_eq!((source.as_str(), lag), ("primary", 0));
     assert!(list.to_string().contains(&newer), "{list}");
+    let (_, health) = common::get(&c, "/health").await;
+    assert_eq!(health["read_replica"]["status"], "behind", "{health}");
+    assert!(health["read_replica"]["lag_ms"].as_u64().unwrap() > 1500);
     let (status, history, source, _) = read(&c, &format!("/tasks/{newer}/events")).await;
     assert_eq!((status, source.as_str()), (200, "primary"), "{history}");
     // with a limit the paused standby is within, the list comes from the standby (without the
@@ -230,6 +235,12 @@ async fn audit_reads_go_to_the_standby_within_its_lag_and_to_the_primary_otherwi
     assert_eq!(status, 201, "{body}");
     let (status, _, source, _) = read(&c, "/stats").await;
     assert_eq!((status, source.as_str()), (200, "primary"));
+    let (status, health) = common::get(&c, "/health").await;
+    assert_eq!(
+        status, 200,
+        "a stopped standby leaves the service healthy: {health}"
+    );
+    assert_eq!(health["read_replica"]["status"], "unreachable", "{health}");
 }
 
 /// `DATABASE_READ_URL` naming another database than the primary's (not a standby of it) stops
