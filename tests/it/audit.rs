@@ -2,35 +2,17 @@
 
 use crate::common;
 use arnela::domain::TaskId;
-
-use arnela::domain::{NewTask, TaskType};
 use arnela::store::{audit, events, tasks, Tx};
 use chrono::Utc;
 use common::{
-    client, database_url, drop_role, eventually, get, pool_as, post, runtime_role, sms, tamper,
+    client, database_url, drop_role, eventually, get, new_sms, pool_as, post, runtime_role, sms,
+    tamper,
 };
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 use uuid::Uuid;
-
-fn new_sms(message: &str) -> NewTask {
-    NewTask {
-        task_type: TaskType::SendSms,
-        payload: arnela::domain::validate_payload(
-            TaskType::SendSms,
-            json!({"phone": "+34123456789", "message": message}),
-        )
-        .unwrap(),
-        max_attempts: 3,
-        run_at: Utc::now(),
-        idempotency_key: None,
-        invalidates: Vec::new(),
-        owner: String::new(),
-        trace: None,
-    }
-}
 
 /// Appends `dispatched` events to a task through the store, as the relay will.
 async fn dispatch(pool: &PgPool, id: TaskId, times: usize) {

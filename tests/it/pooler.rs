@@ -3,7 +3,7 @@
 //! polling without it. PgBouncer ≥ 1.21 must be on the PATH (`ci/pgbouncer.sh` installs it).
 
 use crate::common;
-use common::process::{arnela_command, free_port, spawn, Proc};
+use common::process::{arnela_command, free_port, is_root, spawn, Proc};
 use common::{database_url, eventually};
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -111,14 +111,6 @@ impl Bouncer {
             })
             .unwrap_or_else(|| panic!("no stats for {database}: {stats}"))
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// Starts `serve` through the pooler on a free port and waits until it answers.

@@ -2,34 +2,16 @@
 //! standby made with `pg_basebackup`, started and stopped by the test.
 
 use crate::common;
-use arnela::domain::{NewTask, TaskType};
 use arnela::store::replica::{self, Reads};
 use arnela::store::{tasks, Tx};
 use chrono::Utc;
 use common::process::{free_port, PgServer};
-use common::{client_for, eventually, post, sms};
+use common::{client_for, eventually, new_sms, post, sms};
 use poem::test::TestClient;
 use poem::Endpoint;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::PgPool;
 use std::time::Duration;
-
-fn new_sms(message: &str) -> NewTask {
-    NewTask {
-        task_type: TaskType::SendSms,
-        payload: arnela::domain::validate_payload(
-            TaskType::SendSms,
-            json!({"phone": "+34123456789", "message": message}),
-        )
-        .unwrap(),
-        max_attempts: 3,
-        run_at: Utc::now(),
-        idempotency_key: None,
-        invalidates: Vec::new(),
-        owner: String::new(),
-        trace: None,
-    }
-}
 
 /// A GET's status, body and the two read headers (source, lag in ms).
 async fn read<E: Endpoint>(c: &TestClient<E>, path: &str) -> (u16, Value, String, u64) {

@@ -168,6 +168,24 @@ pub async fn counts(pool: &PgPool) -> (i64, i64, i64) {
     (tasks, events, outbox)
 }
 
+/// A valid SMS task to enqueue through the store.
+pub fn new_sms(message: &str) -> arnela::domain::NewTask {
+    arnela::domain::NewTask {
+        task_type: arnela::domain::TaskType::SendSms,
+        payload: arnela::domain::validate_payload(
+            arnela::domain::TaskType::SendSms,
+            serde_json::json!({"phone": "+34123456789", "message": message}),
+        )
+        .unwrap(),
+        max_attempts: 3,
+        run_at: chrono::Utc::now(),
+        idempotency_key: None,
+        invalidates: Vec::new(),
+        owner: String::new(),
+        trace: None,
+    }
+}
+
 pub fn sms(message: &str) -> serde_json::Value {
     serde_json::json!({
         "type": "send_sms",
@@ -591,7 +609,23 @@ pub mod process {
         cmd
     }
 
-    fn is_root() -> bool {
+    /// A new directory for a server's data, owned by `postgres` when the tests run as root.
+    fn server_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("arnela-pg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        if is_root() {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres", dir.to_str().unwrap()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the data directory");
+        }
+        dir
+    }
+
+    /// Whether the tests run as root (servers then run as `postgres`).
+    pub fn is_root() -> bool {
         Command::new("id")
             .arg("-u")
             .output()
@@ -610,16 +644,7 @@ pub mod process {
 
     impl PgServer {
         pub fn start(port: u16) -> PgServer {
-            let dir = std::env::temp_dir().join(format!("arnela-pg-{}", uuid::Uuid::new_v4()));
-            std::fs::create_dir_all(&dir).unwrap();
-            if is_root() {
-                let ok = Command::new("chown")
-                    .args(["postgres:postgres", dir.to_str().unwrap()])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "chown of the data directory");
-            }
+            let dir = server_dir();
             let data = dir.join("data");
             let ok = as_postgres(&[
                 "initdb",
@@ -642,16 +667,7 @@ pub mod process {
 
         /// A streaming hot standby of `primary` (`pg_basebackup -R`), started on `port`.
         pub fn standby_of(primary: &PgServer, port: u16) -> PgServer {
-            let dir = std::env::temp_dir().join(format!("arnela-pg-{}", uuid::Uuid::new_v4()));
-            std::fs::create_dir_all(&dir).unwrap();
-            if is_root() {
-                let ok = Command::new("chown")
-                    .args(["postgres:postgres", dir.to_str().unwrap()])
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "chown of the data directory");
-            }
+            let dir = server_dir();
             let data = dir.join("data");
             let ok = as_postgres(&[
                 "pg_basebackup",
