@@ -107,6 +107,10 @@ impl App {
         };
         let mut app = App::from_parts(settings, pool, redis);
         if let Some(reads) = reads {
+            app.metrics
+                .add_collector(std::sync::Arc::new(crate::metrics::ReplicaCollector {
+                    reads: reads.clone(),
+                }));
             app.reads = reads;
         }
         app.listen = listen;

@@ -72,6 +72,50 @@ impl Collector for OutboxCollector {
     }
 }
 
+/// The read replica (source `read_replica`): whether it serves the audit reads now and its lag,
+/// measured at scrape time, and the reads each server answered in this process.
+pub struct ReplicaCollector {
+    pub reads: crate::store::replica::Reads,
+}
+
+impl Collector for ReplicaCollector {
+    fn source(&self) -> &'static str {
+        "read_replica"
+    }
+
+    fn collect(&self) -> BoxFuture<'_, Result<Vec<Family>>> {
+        Box::pin(async move {
+            let (replica, primary) = self.reads.served();
+            let mut families = vec![Family::counter(
+                "arnela_audit_reads_total",
+                "Audit reads (the log, task lists, histories, statistics) answered, by the server that answered.",
+            )
+            .with(&[("source", "replica")], replica as f64)
+            .with(&[("source", "primary")], primary as f64)];
+            if let Some((state, lag)) = self.reads.replica_state().await {
+                let serving = state == crate::store::replica::State::Serving;
+                families.push(
+                    Family::gauge(
+                        "arnela_read_replica_serving",
+                        "1 while the read replica serves the audit reads, 0 while the primary does.",
+                    )
+                    .with(&[], if serving { 1.0 } else { 0.0 }),
+                );
+                if let Some(lag) = lag {
+                    families.push(
+                        Family::gauge(
+                            "arnela_read_replica_lag_seconds",
+                            "How far the read replica is behind the primary (absent when it does not answer or is not a standby).",
+                        )
+                        .with(&[], lag.as_secs_f64()),
+                    );
+                }
+            }
+            Ok(families)
+        })
+    }
+}
+
 /// How long the oldest delivery waiting on the Redis queue has been there (source `queue_age`):
 /// the entry at the right end of `{prefix}:tasks` (where workers take from), aged from its
 /// outbox row's `published_at` by Postgres's clock. An entry that does not decode, or whose

@@ -40,7 +40,9 @@ use std::collections::{BTreeMap, HashSet};
 
 mod cluster;
 
-pub use cluster::{OutboxCollector, ProjectionCollector, QueueAgeCollector, QueueCollector};
+pub use cluster::{
+    OutboxCollector, ProjectionCollector, QueueAgeCollector, QueueCollector, ReplicaCollector,
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

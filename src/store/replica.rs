@@ -16,7 +16,7 @@
 
 use sqlx::PgPool;
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +56,14 @@ impl Source {
 pub struct Reads {
     primary: PgPool,
     replica: Option<Replica>,
+    served: Arc<Served>,
+}
+
+/// Reads served so far by each server (for the metrics).
+#[derive(Debug, Default)]
+struct Served {
+    replica: AtomicU64,
+    primary: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -86,6 +94,7 @@ impl Reads {
         Reads {
             primary: pool,
             replica: None,
+            served: Arc::default(),
         }
     }
 
@@ -105,6 +114,7 @@ impl Reads {
                 timeout,
                 state: Arc::new(AtomicU8::new(State::Serving as u8)),
             }),
+            served: Arc::default(),
         }
     }
 
@@ -129,7 +139,10 @@ impl Reads {
         if let Some(replica) = &self.replica {
             if let Some(lag) = replica.usable_lag().await {
                 match read(replica.pool.clone()).await {
-                    Ok(value) => return Ok((value, Source::Replica { lag })),
+                    Ok(value) => {
+                        self.served.replica.fetch_add(1, Ordering::Relaxed);
+                        return Ok((value, Source::Replica { lag }));
+                    }
                     Err(StoreError::Database(e)) => {
                         replica.enter(State::Unreachable, &e.to_string());
                     }
@@ -137,7 +150,17 @@ impl Reads {
                 }
             }
         }
-        Ok((read(self.primary.clone()).await?, Source::Primary))
+        let value = read(self.primary.clone()).await?;
+        self.served.primary.fetch_add(1, Ordering::Relaxed);
+        Ok((value, Source::Primary))
+    }
+
+    /// Audit reads served so far: by the standby, by the primary.
+    pub fn served(&self) -> (u64, u64) {
+        (
+            self.served.replica.load(Ordering::Relaxed),
+            self.served.primary.load(Ordering::Relaxed),
+        )
     }
 
     /// Runs `read` on the primary.
@@ -146,7 +169,9 @@ impl Reads {
         F: FnOnce(PgPool) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        Ok((read(self.primary.clone()).await?, Source::Primary))
+        let value = read(self.primary.clone()).await?;
+        self.served.primary.fetch_add(1, Ordering::Relaxed);
+        Ok((value, Source::Primary))
     }
 }
 

@@ -100,6 +100,10 @@ async fn audit_reads_go_to_the_standby_within_its_lag_and_to_the_primary_otherwi
         Duration::from_millis(1500),
         Duration::from_secs(1),
     );
+    ctx.metrics
+        .add_collector(std::sync::Arc::new(arnela::metrics::ReplicaCollector {
+            reads: ctx.reads.clone(),
+        }));
     let c = client_for(ctx);
 
     // the enqueue goes to the primary; once replayed, the history is read from the standby
@@ -121,6 +125,14 @@ async fn audit_reads_go_to_the_standby_within_its_lag_and_to_the_primary_otherwi
     assert_eq!(task_ids(&page), vec![first.clone()]);
     let (_, health) = common::get(&c, "/health").await;
     assert_eq!(health["read_replica"]["status"], "serving", "{health}");
+    let metrics = c.get("/metrics").send().await.0.into_body();
+    let metrics = metrics.into_string().await.unwrap();
+    for line in [
+        "arnela_read_replica_serving 1.0",
+        "arnela_audit_reads_total{source=\"replica\"} 4.0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
     let after = page["next_after"].as_i64().unwrap();
 
     // A transaction stays open on the primary with an event; a later one commits and the
