@@ -80,6 +80,11 @@ impl Leases {
         token
     }
 
+    /// Whether this worker holds `key` (claimed it and has not recorded its outcome).
+    pub fn holds(&self, key: &AttemptKey) -> bool {
+        self.map().contains_key(key)
+    }
+
     /// Forgets attempts whose outcome is recorded (or given up).
     pub fn release(&self, keys: &[AttemptKey]) {
         let mut map = self.map();

@@ -462,6 +462,41 @@ impl Worker {
         Ok(crate::store::data_keys::keys(tx.conn(), master, &sealed).await?)
     }
 
+    /// Gives back the attempts of a claim whose commit this worker never heard about (the
+    /// connection failed during `COMMIT`): of `wanted`, each attempt this worker holds is
+    /// released (`attempt_released`: queued again under the same attempt number), so it runs
+    /// again at once instead of after its lease and the rescuer's grace for live owners. The
+    /// deliveries were returned to the queue; whichever copy comes first is claimed, the other
+    /// refused as a duplicate. An attempt `held` says this worker runs (claimed again since)
+    /// is left alone. Returns how many were released (none when the claim did not commit).
+    pub async fn settle_unconfirmed(
+        &self,
+        wanted: &[(TaskId, i32)],
+        held: impl Fn(&(TaskId, i32)) -> bool,
+    ) -> Result<usize> {
+        let attempts: HashMap<TaskId, i32> = wanted.iter().copied().collect();
+        let ids: Vec<TaskId> = attempts.keys().copied().collect();
+        let mut tx = Tx::begin(&self.pool).await?;
+        let applied = transition::apply(
+            &mut tx,
+            Target::Ids(&ids, Lock::Wait, Payload::Skip),
+            |task, _now| {
+                let attempt = attempts[&task.id];
+                if task.status == TaskStatus::Running
+                    && task.is_held_by(self.id, attempt)
+                    && !held(&(task.id, attempt))
+                {
+                    let why = "the worker did not hear whether its claim committed".to_owned();
+                    return Ok(Some(vec![task.release(why)?]));
+                }
+                Ok(None)
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(applied.changed.len())
+    }
+
     /// The event that claims `attempt` now, a dead letter for a type without a handler, or
     /// `None` for a duplicate (the attempt is not the task's next, or it cannot start now).
     fn decide_claim(

@@ -237,7 +237,7 @@ impl WorkerPool {
                 mean_us = pace.mean_us.load(Ordering::Relaxed),
                 "claiming"
             );
-            let claimed = match fetch(&worker, permits.len(), &shutdown).await {
+            let claimed = match fetch(&worker, &leases, permits.len(), &shutdown).await {
                 Ok(c) => {
                     failures = 0;
                     c
@@ -355,7 +355,12 @@ async fn run_attempt(
 /// Takes up to `max` deliveries and claims them. A delivery taken after shutdown began, or
 /// whose claim failed (the database is unreachable), goes back to the queue unstarted, so it
 /// does not wait on the processing list for the rescuer's orphan grace.
-async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Result<Vec<Claimed>> {
+async fn fetch(
+    worker: &Arc<Worker>,
+    leases: &Arc<Leases>,
+    max: usize,
+    shutdown: &CancellationToken,
+) -> Result<Vec<Claimed>> {
     let raws = worker.take(max).await?;
     if raws.is_empty() {
         return Ok(Vec::new());
@@ -377,7 +382,47 @@ async fn fetch(worker: &Worker, max: usize, shutdown: &CancellationToken) -> Res
             if let Err(r) = return_all(worker, &decodable).await {
                 tracing::warn!(error = %r, "cannot return deliveries whose claim failed; the rescuer will");
             }
+            let wanted: Vec<(TaskId, i32)> = decodable
+                .iter()
+                .filter_map(|r| queue::Delivery::decode(r))
+                .map(|d| (d.task_id, d.attempt))
+                .collect();
+            tokio::spawn(settle(worker.clone(), leases.clone(), wanted));
             Err(e)
+        }
+    }
+}
+
+/// How long a worker keeps trying to settle a claim whose commit it did not hear about.
+const SETTLE_FOR: Duration = Duration::from_secs(600);
+
+/// Settles a failed claim once Postgres answers (see [`Worker::settle_unconfirmed`]), trying
+/// for [`SETTLE_FOR`]; past that the rescuer takes the attempts over.
+async fn settle(worker: Arc<Worker>, leases: Arc<Leases>, wanted: Vec<(TaskId, i32)>) {
+    let started = std::time::Instant::now();
+    let mut failures = 0u32;
+    loop {
+        match worker
+            .settle_unconfirmed(&wanted, |k| leases.holds(k))
+            .await
+        {
+            Ok(0) => return,
+            Ok(n) => {
+                tracing::warn!(
+                    attempts = n,
+                    "a claim committed although its commit failed here; its attempts were released"
+                );
+                return;
+            }
+            Err(e) if started.elapsed() < SETTLE_FOR => {
+                failures += 1;
+                tracing::debug!(error = %e, "cannot settle a failed claim yet");
+                tokio::time::sleep(crate::backoff::Backoff::LOOP.delay(failures)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot settle a failed claim; the rescuer will take its attempts over");
+                return;
+            }
         }
     }
 }

@@ -908,3 +908,63 @@ async fn renewing_leases_while_a_transition_locks_the_same_tasks_does_not_deadlo
     held.sort_by_key(|(id, _)| *id.as_uuid());
     assert_eq!(held, vec![(low, 1), (high, 1)], "both leases renewed");
 }
+
+/// A claim that committed although the worker saw its `COMMIT` fail (Postgres stopped between
+/// the two): the worker returned the delivery and forgot the attempt, which its live process
+/// would otherwise leave running until the lease and the rescuer's grace for live owners pass.
+/// Settling it releases the attempt at once; it then runs once.
+#[sqlx::test]
+async fn a_claim_whose_commit_the_worker_did_not_hear_is_released_and_runs_once(pool: PgPool) {
+    let script = Script::answering(vec![]);
+    let e = engine(pool.clone(), script.clone(), config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    let raws = e.worker.take(1).await.unwrap();
+    let (claimed, _) = e.worker.claim(raws.clone()).await.unwrap();
+    assert_eq!(claimed.len(), 1, "the claim committed");
+    // what the pool does when the claim reports an error: the deliveries go back to the queue
+    let mut conn = e.redis.clone();
+    queue::return_unstarted(&mut conn, &e.keys, &raws[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        e.step().await,
+        Processed::Duplicate(id),
+        "the attempt is running"
+    );
+
+    // an attempt the worker holds (claimed again since) is left alone
+    let held = e.worker.settle_unconfirmed(&[(id, 1)], |_| true).await;
+    assert_eq!(held.unwrap(), 0);
+    assert_eq!(
+        e.worker
+            .settle_unconfirmed(&[(id, 1)], |_| false)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(e.status(id).await, "queued");
+    assert_eq!(
+        e.worker
+            .settle_unconfirmed(&[(id, 1)], |_| false)
+            .await
+            .unwrap(),
+        0,
+        "nothing left to settle"
+    );
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::Succeeded(id));
+    assert_eq!(script.calls().len(), 1);
+    assert_eq!(
+        e.history(id).await,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_released",
+            "dispatched",
+            "attempt_started",
+            "attempt_succeeded"
+        ]
+    );
+}
