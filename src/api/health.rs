@@ -85,6 +85,8 @@ pub enum ReplicaState {
     NotStandby,
     /// It does not answer: the primary serves them.
     Unreachable,
+    /// It holds another database than the primary's: it is never read.
+    OtherDatabase,
 }
 
 /// The read replica (`DATABASE_READ_URL`). It does not make the service unhealthy: while it
@@ -368,6 +370,7 @@ impl HealthApi {
                     ReplicaStateOf::Behind => ReplicaState::Behind,
                     ReplicaStateOf::NotStandby => ReplicaState::NotStandby,
                     ReplicaStateOf::Unreachable => ReplicaState::Unreachable,
+                    ReplicaStateOf::OtherDatabase => ReplicaState::OtherDatabase,
                 },
                 lag_ms: lag.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
             }),

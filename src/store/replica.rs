@@ -76,6 +76,19 @@ struct Replica {
     /// that is down or behind is logged once when that starts and once when it ends, not at
     /// every request.
     state: Arc<AtomicU8>,
+    /// The primary, to check once that the standby holds its database.
+    primary: PgPool,
+    /// [`Identity`] of the standby's database, once checked.
+    identity: Arc<AtomicU8>,
+}
+
+/// Whether the standby was found to hold the primary's database ([`Replica::identity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Identity {
+    Unchecked = 0,
+    Same = 1,
+    Other = 2,
 }
 
 /// Whether the standby serves the audit reads now, and if not why ([`Replica::state`]).
@@ -86,6 +99,8 @@ pub enum State {
     Behind = 1,
     NotStandby = 2,
     Unreachable = 3,
+    /// It holds another database than the primary's (not a standby of it): never read.
+    OtherDatabase = 4,
 }
 
 impl Reads {
@@ -107,13 +122,15 @@ impl Reads {
         timeout: Duration,
     ) -> Reads {
         Reads {
-            primary,
             replica: Some(Replica {
                 pool: replica,
                 max_lag,
                 timeout,
                 state: Arc::new(AtomicU8::new(State::Serving as u8)),
+                primary: primary.clone(),
+                identity: Arc::new(AtomicU8::new(Identity::Unchecked as u8)),
             }),
+            primary,
             served: Arc::default(),
         }
     }
@@ -183,8 +200,34 @@ impl Replica {
         lag.filter(|_| state == State::Serving)
     }
 
-    /// Where reads may go now, the lag when it was measured, and why not the standby.
+    /// Where reads may go now, the lag when it was measured, and why not the standby. The
+    /// first time the standby answers, it is checked to hold the primary's database (start-up
+    /// checks it too, but a standby down then is only checked here).
     async fn measure(&self) -> (State, Option<Duration>, String) {
+        match self.identity.load(Ordering::Relaxed) {
+            x if x == Identity::Same as u8 => {}
+            x if x == Identity::Other as u8 => {
+                return (State::OtherDatabase, None, "another database".into());
+            }
+            _ => {
+                let check = check_same_database(&self.primary, &self.pool);
+                match tokio::time::timeout(self.timeout, check).await {
+                    Err(_) => {
+                        let why = "its database was not checked in time".into();
+                        return (State::Unreachable, None, why);
+                    }
+                    Ok(Err(e)) => return (State::Unreachable, None, e.to_string()),
+                    Ok(Ok(Some(mismatch))) => {
+                        self.identity
+                            .store(Identity::Other as u8, Ordering::Relaxed);
+                        return (State::OtherDatabase, None, mismatch);
+                    }
+                    Ok(Ok(None)) => {
+                        self.identity.store(Identity::Same as u8, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
         match tokio::time::timeout(self.timeout, replay_lag(&self.pool)).await {
             Err(_) => (
                 State::Unreachable,

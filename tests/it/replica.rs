@@ -251,4 +251,18 @@ async fn a_read_url_of_another_database_is_refused(pool: PgPool) {
         mismatch.contains("a read replica must be a standby of the primary"),
         "{mismatch}"
     );
+    // one that was down at start is checked when it first answers, and never read
+    let reads = Reads::with_replica(
+        pool.clone(),
+        other_pool,
+        Duration::from_secs(5),
+        Duration::from_secs(1),
+    );
+    let (_, source) = reads
+        .read(|pool| async move { arnela::store::events::global_log(&pool, 0, 10).await })
+        .await
+        .unwrap();
+    assert_eq!(source, replica::Source::Primary);
+    let (state, _) = reads.replica_state().await.unwrap();
+    assert_eq!(state, replica::State::OtherDatabase);
 }
