@@ -24,7 +24,9 @@ use chrono::Utc;
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::binding::Binding;
@@ -213,19 +215,10 @@ impl Relay {
 
     /// Publishes until `shutdown`, waking on notifications, due times and the poll interval.
     pub async fn run(&self, shutdown: CancellationToken) {
-        let mut listener = None;
-        let mut listen_tried: Option<std::time::Instant> = None;
+        let stop_listening = shutdown.child_token();
+        let wake = self.spawn_listener(stop_listening.clone());
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            // (re)connect the listener, at most every LISTEN_RETRY while it cannot
-            let wants_listener = listener.is_none() && !matches!(self.listen, Listen::Off);
-            if wants_listener && listen_tried.is_none_or(|t| t.elapsed() >= LISTEN_RETRY) {
-                listen_tried = Some(std::time::Instant::now());
-                match self.listen().await {
-                    Ok(l) => listener = l,
-                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN; polling meanwhile"),
-                }
-            }
             let full = match self.run_once().await {
                 Ok(b) => {
                     failures = 0;
@@ -255,25 +248,48 @@ impl Relay {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(wait) => {}
-                notified = wait_notification(&mut listener) => {
-                    if let Err(e) = notified {
-                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
-                        listener = None;
-                        listen_tried = None;
-                    }
-                }
+                () = wake.notified() => {}
             }
         }
+        stop_listening.cancel();
         tracing::info!("relay stopped");
     }
 
-    async fn listen(&self) -> Result<Option<OutboxListener>> {
+    /// Keeps a `LISTEN` connection (see [`Listen`]) in a task of its own, reconnecting every
+    /// [`LISTEN_RETRY`] while it cannot, so the relay's loop never waits for it; each
+    /// notification (or one that arrived while the loop was busy) wakes the loop once.
+    fn spawn_listener(&self, stop: CancellationToken) -> Arc<Notify> {
+        let wake = Arc::new(Notify::new());
         let pool = match &self.listen {
-            Listen::Pool => &self.pool,
-            Listen::Direct(direct) => direct,
-            Listen::Off => return Ok(None),
+            Listen::Pool => self.pool.clone(),
+            Listen::Direct(direct) => direct.clone(),
+            Listen::Off => return wake,
         };
-        Ok(Some(OutboxListener::connect(pool).await?))
+        let notify = wake.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                match OutboxListener::connect(&pool).await {
+                    Ok(mut listener) => loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            received = listener.recv() => match received {
+                                Ok(()) => notify.notify_one(),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
+                                    break;
+                                }
+                            },
+                        }
+                    },
+                    Err(e) => tracing::warn!(error = %e, "cannot LISTEN; polling meanwhile"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(LISTEN_RETRY) => {}
+                }
+            }
+        });
+        wake
     }
 
     /// The poll interval, or less if a scheduled row falls due sooner.
@@ -289,12 +305,5 @@ impl Relay {
                 self.config.poll
             }
         }
-    }
-}
-
-async fn wait_notification(listener: &mut Option<OutboxListener>) -> crate::store::Result<()> {
-    match listener {
-        Some(l) => l.recv().await,
-        None => std::future::pending().await,
     }
 }
