@@ -68,7 +68,7 @@ impl App {
     /// (before anything is written to either) and applies migrations.
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let pg = settings.database.connect_options()?;
-        let route = settings.database.route();
+        let route = settings.database.route;
         let pool = store::connect_by(pg, settings.database.max_connections, route)
             .await
             .context("cannot connect to Postgres (check DB_* or DATABASE_URL)")?;
@@ -510,7 +510,13 @@ async fn connect_replica(
         settings.database.max_connections,
         settings.health_timeout,
     );
-    match store::replica::check_same_database(primary, &replica).await {
+    let reads = store::replica::Reads::with_replica(
+        primary.clone(),
+        replica,
+        settings.database.read_max_lag,
+        settings.health_timeout,
+    );
+    match reads.check_replica_database().await {
         Ok(None) => {}
         Ok(Some(mismatch)) => anyhow::bail!(mismatch),
         Err(e) => tracing::warn!(
@@ -518,12 +524,7 @@ async fn connect_replica(
             "cannot reach the read replica (DATABASE_READ_URL) yet; reading from the primary until it answers"
         ),
     }
-    Ok(Some(store::replica::Reads::with_replica(
-        primary.clone(),
-        replica,
-        settings.database.read_max_lag,
-        settings.health_timeout,
-    )))
+    Ok(Some(reads))
 }
 
 /// Binds the Redis namespace to this database if it is unbound; fails, naming both databases,

@@ -486,7 +486,7 @@ fn report_archives(
 async fn connect_owner() -> anyhow::Result<sqlx::PgPool> {
     let settings = Settings::from_env()?;
     let database = &settings.database;
-    let mut options = if database.transaction_pooler {
+    let mut options = if database.route == arnela::store::Route::TransactionPooler {
         // the migrator holds a session lock, which a transaction pooler cannot keep
         database.listen_options()?.context(
             "DB_POOLER=transaction: set DATABASE_LISTEN_URL (straight to Postgres) for this \
@@ -509,5 +509,5 @@ async fn connect_owner() -> anyhow::Result<sqlx::PgPool> {
 async fn connect_db() -> anyhow::Result<sqlx::PgPool> {
     let settings = Settings::from_env()?;
     let database = &settings.database;
-    Ok(arnela::store::connect_by(database.connect_options()?, 2, database.route()).await?)
+    Ok(arnela::store::connect_by(database.connect_options()?, 2, database.route).await?)
 }

@@ -68,8 +68,9 @@ pub struct DatabaseSettings {
     /// `DATABASE_URL`, when set, replaces the parts above.
     pub url: Option<SecretString>,
     pub max_connections: u32,
-    /// Whether `DATABASE_URL` goes through a transaction pooler (`DB_POOLER=transaction`).
-    pub transaction_pooler: bool,
+    /// How `DATABASE_URL` reaches Postgres (`DB_POOLER=transaction`: through a transaction
+    /// pooler).
+    pub route: crate::store::Route,
     /// A direct connection for the relays' `LISTEN` (`DATABASE_LISTEN_URL`).
     pub listen_url: Option<SecretString>,
     /// A streaming standby for the audit reads (`DATABASE_READ_URL`), and how far behind it may
@@ -84,15 +85,8 @@ pub struct DatabaseSettings {
 
 impl DatabaseSettings {
     pub fn connect_options(&self) -> Result<PgConnectOptions, ConfigError> {
-        let options = match &self.url {
-            Some(url) => {
-                let u = url.expose_secret();
-                if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                    return Err(err("DATABASE_URL", "must be a postgres:// URL"));
-                }
-                PgConnectOptions::from_str(u)
-                    .map_err(|_| err("DATABASE_URL", "is not a valid postgres:// URL"))?
-            }
+        let options = match url_options("DATABASE_URL", self.url.as_ref())? {
+            Some(options) => options,
             None => {
                 let o = PgConnectOptions::new()
                     .host(&self.host)
@@ -112,15 +106,6 @@ impl DatabaseSettings {
             }
         };
         Ok(options.application_name("arnela"))
-    }
-
-    /// How `DATABASE_URL` reaches Postgres (`DB_POOLER`).
-    pub fn route(&self) -> crate::store::Route {
-        if self.transaction_pooler {
-            crate::store::Route::TransactionPooler
-        } else {
-            crate::store::Route::Direct
-        }
     }
 
     /// The standby's connection (`DATABASE_READ_URL`), when one is set.
@@ -367,7 +352,11 @@ impl Settings {
             ssl_root_cert: v.db_sslrootcert,
             url: v.database_url.map(SecretString::from),
             max_connections: v.db_max_connections,
-            transaction_pooler: v.db_pooler == "transaction",
+            route: if v.db_pooler == "transaction" {
+                crate::store::Route::TransactionPooler
+            } else {
+                crate::store::Route::Direct
+            },
             listen_url: v.database_listen_url.map(SecretString::from),
             read_url: v.database_read_url.map(SecretString::from),
             read_max_lag: Duration::from_millis(v.database_read_max_lag_ms),

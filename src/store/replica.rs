@@ -139,6 +139,15 @@ impl Reads {
         self.replica.is_some()
     }
 
+    /// Whether the standby holds another database than the primary's (the mismatch, naming
+    /// both); `None` too when no standby is configured. Checked once (start-up asks first).
+    pub async fn check_replica_database(&self) -> Result<Option<String>> {
+        match &self.replica {
+            Some(replica) => replica.check_database().await,
+            None => Ok(None),
+        }
+    }
+
     /// The standby's state and lag now (for `/health`), when one is configured.
     pub async fn replica_state(&self) -> Option<(State, Option<Duration>)> {
         let replica = self.replica.as_ref()?;
@@ -204,29 +213,14 @@ impl Replica {
     /// first time the standby answers, it is checked to hold the primary's database (start-up
     /// checks it too, but a standby down then is only checked here).
     async fn measure(&self) -> (State, Option<Duration>, String) {
-        match self.identity.load(Ordering::Relaxed) {
-            x if x == Identity::Same as u8 => {}
-            x if x == Identity::Other as u8 => {
-                return (State::OtherDatabase, None, "another database".into());
+        match tokio::time::timeout(self.timeout, self.check_database()).await {
+            Err(_) => {
+                let why = "its database was not checked in time".into();
+                return (State::Unreachable, None, why);
             }
-            _ => {
-                let check = check_same_database(&self.primary, &self.pool);
-                match tokio::time::timeout(self.timeout, check).await {
-                    Err(_) => {
-                        let why = "its database was not checked in time".into();
-                        return (State::Unreachable, None, why);
-                    }
-                    Ok(Err(e)) => return (State::Unreachable, None, e.to_string()),
-                    Ok(Ok(Some(mismatch))) => {
-                        self.identity
-                            .store(Identity::Other as u8, Ordering::Relaxed);
-                        return (State::OtherDatabase, None, mismatch);
-                    }
-                    Ok(Ok(None)) => {
-                        self.identity.store(Identity::Same as u8, Ordering::Relaxed);
-                    }
-                }
-            }
+            Ok(Err(e)) => return (State::Unreachable, None, e.to_string()),
+            Ok(Ok(Some(mismatch))) => return (State::OtherDatabase, None, mismatch),
+            Ok(Ok(None)) => {}
         }
         match tokio::time::timeout(self.timeout, replay_lag(&self.pool)).await {
             Err(_) => (
@@ -243,6 +237,24 @@ impl Replica {
             ),
             Ok(Ok(Some(lag))) => (State::Serving, Some(lag), String::new()),
         }
+    }
+
+    /// Whether the standby holds another database than the primary's (the mismatch), checked
+    /// once: the answer is kept.
+    async fn check_database(&self) -> Result<Option<String>> {
+        match self.identity.load(Ordering::Relaxed) {
+            x if x == Identity::Same as u8 => return Ok(None),
+            x if x == Identity::Other as u8 => return Ok(Some("another database".into())),
+            _ => {}
+        }
+        let mismatch = check_same_database(&self.primary, &self.pool).await?;
+        let known = if mismatch.is_some() {
+            Identity::Other
+        } else {
+            Identity::Same
+        };
+        self.identity.store(known as u8, Ordering::Relaxed);
+        Ok(mismatch)
     }
 
     /// Logs a change of where reads go.
