@@ -1,9 +1,9 @@
 //! Builds the application without starting it: settings → pools → roles. Owns the shutdown
 //! token. Tests build it against their own database and key prefix and bind port 0.
 
+use crate::queue::RedisConn;
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use redis::aio::ConnectionManager;
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -51,7 +51,7 @@ pub struct App {
     pub reads: store::replica::Reads,
     /// Where the relays `LISTEN` for new outbox rows.
     pub listen: crate::relay::Listen,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
     pub shutdown: CancellationToken,
     pub waker: store::outbox::OutboxWaker,
@@ -78,7 +78,7 @@ impl App {
         let redis = queue::connect(settings.redis.target()?)
             .await
             .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
-        let keys = Keys::new(settings.redis.key_prefix.clone());
+        let keys = settings.redis.keys();
         check_binding(&pool, &redis, &keys).await?;
         check_role_and_schema(
             &pool,
@@ -118,8 +118,8 @@ impl App {
     }
 
     /// An application over existing connections (tests bring their own database).
-    pub fn from_parts(settings: Settings, pool: PgPool, redis: ConnectionManager) -> App {
-        let keys = Keys::new(settings.redis.key_prefix.clone());
+    pub fn from_parts(settings: Settings, pool: PgPool, redis: RedisConn) -> App {
+        let keys = settings.redis.keys();
         let waker = store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
         let cache = Cache::new(redis.clone(), &settings.redis.key_prefix);
         let metrics = Metrics::for_cluster(
@@ -529,11 +529,7 @@ async fn connect_replica(
 
 /// Binds the Redis namespace to this database if it is unbound; fails, naming both databases,
 /// if it serves another one (see [`crate::binding`]).
-async fn check_binding(
-    pool: &PgPool,
-    redis: &ConnectionManager,
-    keys: &Keys,
-) -> anyhow::Result<()> {
+async fn check_binding(pool: &PgPool, redis: &RedisConn, keys: &Keys) -> anyhow::Result<()> {
     let binding = Binding::new(pool.clone(), keys.clone());
     binding
         .check(&mut redis.clone())

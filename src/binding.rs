@@ -21,7 +21,7 @@
 //!
 //! This process's identity is read once, on first use, and kept for the process's life.
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use sqlx::PgPool;
 use std::fmt;
 use std::sync::Mutex;
@@ -127,7 +127,7 @@ impl Binding {
     }
 
     /// Binds the namespace if it is unbound; fails if it is bound to another database.
-    pub async fn check(&self, conn: &mut ConnectionManager) -> Result<()> {
+    pub async fn check(&self, conn: &mut RedisConn) -> Result<()> {
         let (_, ours) = self.identity().await?;
         let bound = queue::bind(conn, &self.keys, ours).await?;
         self.compare(&bound).await
@@ -135,7 +135,7 @@ impl Binding {
 
     /// [`Binding::check`] at most every [`VERIFY_EVERY`] while it succeeds (every call while it
     /// fails).
-    pub async fn verify(&self, conn: &mut ConnectionManager) -> Result<()> {
+    pub async fn verify(&self, conn: &mut RedisConn) -> Result<()> {
         let fresh = self
             .verified
             .lock()
@@ -149,10 +149,7 @@ impl Binding {
 
     /// Sets the seeded marker (see [`queue::mark_seeded_bound`]) if the namespace is ours:
     /// whether it was missing (everything must be published again) and its value.
-    pub async fn mark_seeded(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<(bool, Option<String>)> {
+    pub async fn mark_seeded(&self, conn: &mut RedisConn) -> Result<(bool, Option<String>)> {
         let (_, ours) = self.identity().await?;
         let mark = queue::mark_seeded_bound(conn, &self.keys, ours).await?;
         self.compare(&mark.bound_to).await?;

@@ -20,8 +20,8 @@
 //! fallback for missed notifications or a pooler that drops them.
 
 use crate::domain::TaskId;
+use crate::queue::RedisConn;
 use chrono::Utc;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -83,7 +83,7 @@ pub struct Batch {
 
 pub struct Relay {
     pool: PgPool,
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
     config: RelayConfig,
     metrics: Metrics,
@@ -104,7 +104,7 @@ pub enum Listen {
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, redis: ConnectionManager, keys: Keys, config: RelayConfig) -> Relay {
+    pub fn new(pool: PgPool, redis: RedisConn, keys: Keys, config: RelayConfig) -> Relay {
         Relay {
             binding: Binding::new(pool.clone(), keys.clone()),
             pool,

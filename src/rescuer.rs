@@ -39,8 +39,8 @@
 //!    rows left for attempts that ended long ago.
 
 use crate::domain::TaskId;
+use crate::queue::RedisConn;
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -120,7 +120,7 @@ pub struct Rescued {
 
 pub struct Rescuer {
     pool: PgPool,
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Keys,
     config: RescuerConfig,
     /// Where the next check of published deliveries starts (`None`: from the oldest).
@@ -132,12 +132,7 @@ pub struct Rescuer {
 }
 
 impl Rescuer {
-    pub fn new(
-        pool: PgPool,
-        redis: ConnectionManager,
-        keys: Keys,
-        config: RescuerConfig,
-    ) -> Rescuer {
+    pub fn new(pool: PgPool, redis: RedisConn, keys: Keys, config: RescuerConfig) -> Rescuer {
         Rescuer {
             binding: Binding::new(pool.clone(), keys.clone()),
             metrics: Metrics::new(),
@@ -186,7 +181,11 @@ impl Rescuer {
             }
         }
         out.leases_expired = self.expire_leases(&mut conn).await?;
-        let (stale, orphans, unknown) = self.sweep_processing(&mut conn).await?;
+        let (mut stale, mut orphans, mut unknown) = (0, 0, 0);
+        for keys in self.keys.all_shards() {
+            let (s, o, u) = self.sweep_processing(&mut conn, &keys).await?;
+            (stale, orphans, unknown) = (stale + s, orphans + o, unknown + u);
+        }
         out.stale_entries = stale;
         out.orphans = orphans;
         out.returned_unknown = unknown;
@@ -194,7 +193,7 @@ impl Rescuer {
         Ok(out)
     }
 
-    async fn expire_leases(&self, conn: &mut ConnectionManager) -> Result<usize, RescuerError> {
+    async fn expire_leases(&self, conn: &mut RedisConn) -> Result<usize, RescuerError> {
         // an attempt of a process whose heartbeat is current is left to that process, which
         // renews it or records its outcome once it reaches the database again
         let live_owners: Vec<Uuid> = queue::live_processes(conn, &self.keys)
@@ -234,7 +233,7 @@ impl Rescuer {
 
     /// Re-publishes published deliveries that Redis no longer holds in transit; checks the next
     /// window of published rows.
-    async fn reconcile(&self, conn: &mut ConnectionManager) -> Result<u64, RescuerError> {
+    async fn reconcile(&self, conn: &mut RedisConn) -> Result<u64, RescuerError> {
         let after = *self.cursor.lock().expect("rescuer cursor");
         let rows = outbox::published_before(
             &self.pool,
@@ -282,14 +281,15 @@ impl Rescuer {
 
     async fn sweep_processing(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
+        keys: &Keys,
     ) -> Result<(usize, usize, usize), RescuerError> {
-        let (entries, len) = queue::processing(conn, &self.keys, self.config.scan).await?;
+        let (entries, len) = queue::processing(conn, keys, self.config.scan).await?;
         let now_ms = Utc::now().timestamp_millis();
         let grace_ms = self.config.grace.as_millis() as i64;
         let mut old = Vec::new();
         for raw in &entries {
-            let seen = queue::first_seen(conn, &self.keys, raw, now_ms).await?;
+            let seen = queue::first_seen(conn, keys, raw, now_ms).await?;
             if now_ms - seen >= grace_ms {
                 old.push(raw.clone());
             }
@@ -298,12 +298,12 @@ impl Rescuer {
         // otherwise an unread entry would lose its first-seen time)
         if len <= entries.len() as i64 {
             let present: HashSet<&String> = entries.iter().collect();
-            let gone: Vec<String> = queue::seen_entries(conn, &self.keys)
+            let gone: Vec<String> = queue::seen_entries(conn, keys)
                 .await?
                 .into_iter()
                 .filter(|e| !present.contains(e))
                 .collect();
-            queue::forget_seen(conn, &self.keys, &gone).await?;
+            queue::forget_seen(conn, keys, &gone).await?;
         }
         if old.is_empty() {
             return Ok((0, 0, 0));
@@ -349,11 +349,11 @@ impl Rescuer {
                     tracing::warn!(task.id = %task_id, attempt, "delivery taken but never claimed; re-publishing");
                 }
             }
-            queue::ack(conn, &self.keys, &raw).await?;
+            queue::ack(conn, keys, &raw).await?;
             removed.push(raw);
         }
-        queue::forget_seen(conn, &self.keys, &removed).await?;
-        let unknown = self.return_unknown(conn, unknown).await?;
+        queue::forget_seen(conn, keys, &removed).await?;
+        let unknown = self.return_unknown(conn, keys, unknown).await?;
         Ok((stale, orphans, unknown))
     }
 
@@ -361,16 +361,17 @@ impl Rescuer {
     /// deployment whose database holds it (a worker took them and stopped before doing so).
     async fn return_unknown(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
+        keys: &Keys,
         unknown: Vec<(String, TaskId)>,
     ) -> Result<usize, RescuerError> {
         if unknown.is_empty() {
             return Ok(0);
         }
         let raws: Vec<&str> = unknown.iter().map(|(r, _)| r.as_str()).collect();
-        let moved = queue::requeue_last(conn, &self.keys, &raws).await?;
+        let moved = queue::requeue_last(conn, keys, &raws).await?;
         let gone: Vec<String> = unknown.iter().map(|(r, _)| r.clone()).collect();
-        queue::forget_seen(conn, &self.keys, &gone).await?;
+        queue::forget_seen(conn, keys, &gone).await?;
         self.metrics
             .observe_skipped(SkipReason::TaskNotFound, moved);
         for (_, task_id) in &unknown {

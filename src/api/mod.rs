@@ -18,10 +18,10 @@ pub mod stats;
 pub mod tasks;
 pub mod ui;
 
+use crate::queue::RedisConn;
 use poem::middleware::Tracing;
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ pub struct ApiContext {
     pub pool: PgPool,
     /// Where the audit reads go: the primary, or a standby ([`crate::store::replica`]).
     pub reads: crate::store::replica::Reads,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
     pub health_timeout: Duration,
     /// Connections, requests in flight, body size and body read time (see [`limits`]).

@@ -17,7 +17,7 @@
 pub mod invalidation;
 pub mod keys;
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -215,8 +215,10 @@ const LOCK_TTL_MS: u64 = 5000;
 /// The cache service.
 #[derive(Clone)]
 pub struct Cache {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
+    /// The cluster slot of every cache key (their common hash tag).
+    slot: u16,
     /// `{prefix}:cache-gen:`: generation counters, outside the namespace patterns match.
     gen_prefix: String,
     /// `{prefix}:cache:invalidations`: where invalidations are published.
@@ -227,10 +229,11 @@ pub struct Cache {
 
 impl Cache {
     /// A cache whose keys all start with `{prefix}:cache:` (see [`crate::queue::Keys`]).
-    pub fn new(conn: ConnectionManager, prefix: &str) -> Cache {
+    pub fn new(conn: RedisConn, prefix: &str) -> Cache {
         let keys = crate::queue::Keys::new(prefix);
         Cache {
             conn,
+            slot: keys.slot(),
             prefix: keys.cache_prefix(),
             gen_prefix: keys.cache_generation_prefix(),
             channel: keys.cache_invalidations(),
@@ -364,14 +367,14 @@ impl Cache {
         let mut cursor: u64 = 0;
         let mut deleted = 0u64;
         loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
                 .arg("MATCH")
                 .arg(&all)
                 .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut c)
-                .await?;
+                .arg(1000);
+            // on a cluster every cache key has the prefix's hash tag: its master holds them all
+            let (next, batch): (u64, Vec<String>) = c.query_on_slot(scan, self.slot).await?;
             let doomed: Vec<&String> = batch
                 .iter()
                 .filter(|k| {

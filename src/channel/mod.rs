@@ -63,7 +63,7 @@ pub struct Channel {
 /// service runs them), or in this process only.
 pub enum RateScope {
     Cluster {
-        conn: Box<redis::aio::ConnectionManager>,
+        conn: Box<crate::queue::RedisConn>,
         key_prefix: String,
     },
     Process,

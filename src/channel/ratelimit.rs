@@ -14,7 +14,7 @@
 //! handler's time limit starts (see [`crate::worker::handler::Handler::slot`]), so a low
 //! provider rate with many workers makes attempts wait, not time out.
 
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -41,7 +41,7 @@ enum Backend {
 }
 
 struct Shared {
-    conn: ConnectionManager,
+    conn: RedisConn,
     key: String,
     script: redis::Script,
 }
@@ -84,7 +84,7 @@ impl RateLimiter {
     /// the rate.
     pub fn shared(
         per_second: f64,
-        conn: ConnectionManager,
+        conn: RedisConn,
         key_prefix: &str,
         provider: &str,
     ) -> RateLimiter {

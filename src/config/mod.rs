@@ -156,6 +156,11 @@ pub struct RedisSettings {
     /// The CA (PEM file) that signed Redis's certificate, when not one the system trusts
     /// (`REDIS_CA_CERT`).
     pub ca_cert: Option<String>,
+    /// The address is one node of a Redis Cluster (`REDIS_CLUSTER`); `key_prefix` then carries a
+    /// hash tag.
+    pub cluster: bool,
+    /// Delivery lists per namespace (`QUEUE_SHARDS`), see [`crate::queue::keys`].
+    pub queue_shards: usize,
 }
 
 impl RedisSettings {
@@ -172,7 +177,13 @@ impl RedisSettings {
         Ok(crate::queue::RedisTarget {
             info: self.connection_info()?,
             root_cert,
+            cluster: self.cluster,
         })
+    }
+
+    /// The key names: the prefix with its queue shards.
+    pub fn keys(&self) -> crate::queue::Keys {
+        crate::queue::Keys::new(self.key_prefix.clone()).with_shards(self.queue_shards)
     }
 
     pub fn connection_info(&self) -> Result<redis::ConnectionInfo, ConfigError> {
@@ -380,10 +391,23 @@ impl Settings {
             password: SecretString::from(v.redis_password.unwrap_or_default()),
             db: v.redis_db,
             url: v.redis_url.map(SecretString::from),
-            key_prefix: v.arnela_key_prefix,
+            // on a cluster, keys used together must share a slot: one hash tag for them all
+            key_prefix: if v.redis_cluster {
+                crate::queue::keys::tagged(&v.arnela_key_prefix)
+            } else {
+                v.arnela_key_prefix
+            },
             tls: v.redis_tls,
             ca_cert: v.redis_ca_cert,
+            cluster: v.redis_cluster,
+            queue_shards: v.queue_shards,
         };
+        if redis.cluster && redis.db != 0 {
+            return Err(err(
+                "REDIS_DB",
+                "a Redis Cluster has only database 0: leave REDIS_DB unset with REDIS_CLUSTER=true",
+            ));
+        }
         let tls_url = redis
             .url
             .as_ref()

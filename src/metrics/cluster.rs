@@ -1,8 +1,8 @@
 //! The cluster's figures, read from Redis and Postgres at scrape time: each a [`Collector`] of
 //! its own source, so one store that does not answer leaves only its families out.
 
+use crate::queue::RedisConn;
 use futures::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use super::{Collector, Family, HistogramValue, Result};
@@ -11,7 +11,7 @@ use crate::store::{outbox, projection};
 
 /// Queue depths and live workers, from Redis (source `redis`).
 pub struct QueueCollector {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
 }
 
@@ -123,7 +123,7 @@ impl Collector for ReplicaCollector {
 /// database), reads 0, as does an empty queue. It reads both stores, so it has a source of its
 /// own: sharing `redis` would count a failure twice and let a Postgres failure mark Redis down.
 pub struct QueueAgeCollector {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: Keys,
     pub pool: PgPool,
 }
@@ -136,13 +136,17 @@ impl Collector for QueueAgeCollector {
     fn collect(&self) -> BoxFuture<'_, Result<Vec<Family>>> {
         Box::pin(async move {
             let mut conn = self.redis.clone();
-            let oldest = queue::oldest_waiting(&mut conn, &self.keys).await?;
-            let age = match oldest.as_deref().and_then(Delivery::decode) {
-                Some(d) => outbox::published_age(&self.pool, d.task_id, d.attempt)
-                    .await?
-                    .unwrap_or(0.0),
-                None => 0.0,
-            };
+            // the oldest of each shard's oldest
+            let mut age: f64 = 0.0;
+            for keys in self.keys.all_shards() {
+                let oldest = queue::oldest_waiting(&mut conn, &keys).await?;
+                if let Some(d) = oldest.as_deref().and_then(Delivery::decode) {
+                    let shard_age = outbox::published_age(&self.pool, d.task_id, d.attempt)
+                        .await?
+                        .unwrap_or(0.0);
+                    age = age.max(shard_age);
+                }
+            }
             Ok(vec![Family::gauge(
                 "arnela_queue_oldest_age_seconds",
                 "How long the oldest delivery waiting on the Redis queue has been there (since \

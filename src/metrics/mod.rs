@@ -25,6 +25,7 @@
 //! no route matched share `unmatched`), status codes, task types, outcomes, cache key
 //! families, list names and collector sources. Never ids or raw URIs.
 
+use crate::queue::RedisConn;
 use futures::future::BoxFuture;
 use prometheus_client::collector::Collector as Encoded;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
@@ -34,7 +35,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Metric, Registry};
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashSet};
 
@@ -623,12 +623,7 @@ impl Metrics {
     /// A registry with the cluster collectors: queue depths and live workers from Redis, the
     /// outbox backlog from Postgres, the queue's oldest delivery age from both, the projected
     /// figures.
-    pub fn for_cluster(
-        pool: PgPool,
-        redis: ConnectionManager,
-        keys: Keys,
-        timeout: Duration,
-    ) -> Metrics {
+    pub fn for_cluster(pool: PgPool, redis: RedisConn, keys: Keys, timeout: Duration) -> Metrics {
         let metrics = Metrics::with_collect_timeout(timeout);
         metrics.add_collector(Arc::new(QueueCollector {
             redis: redis.clone(),

@@ -17,10 +17,16 @@
 //! together with the seeded marker ([`mark_seeded_bound`]) or at start ([`bind`]); the
 //! comparison and its error live in [`crate::binding`].
 //!
+//! With queue shards ([`Keys::shard_of`]) each delivery travels on its task's shard: the
+//! functions here that take entries group them by shard (one round trip per shard), those that
+//! read one list read the shard of the keys they are given.
+//!
 //! Every Redis error is returned to the caller.
 
+pub mod conn;
 pub mod keys;
 
+pub use conn::RedisConn;
 pub use keys::Keys;
 
 use crate::domain::TaskId;
@@ -45,7 +51,7 @@ pub enum QueueError {
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
 /// One `PING`: whether Redis answers (for `/health`).
-pub async fn ping(conn: &mut ConnectionManager) -> Result<()> {
+pub async fn ping(conn: &mut RedisConn) -> Result<()> {
     redis::cmd("PING").query_async::<String>(conn).await?;
     Ok(())
 }
@@ -57,6 +63,8 @@ pub struct RedisTarget {
     pub info: redis::ConnectionInfo,
     /// PEM of the CA that signed the server's certificate.
     pub root_cert: Option<Vec<u8>>,
+    /// The address is one node of a Redis Cluster (`REDIS_CLUSTER`); the others are discovered.
+    pub cluster: bool,
 }
 
 impl From<redis::ConnectionInfo> for RedisTarget {
@@ -64,6 +72,7 @@ impl From<redis::ConnectionInfo> for RedisTarget {
         RedisTarget {
             info,
             root_cert: None,
+            cluster: false,
         }
     }
 }
@@ -73,8 +82,11 @@ impl From<redis::ConnectionInfo> for RedisTarget {
 pub async fn connect_with_timeout(
     target: impl Into<RedisTarget>,
     timeout: Duration,
-) -> Result<ConnectionManager> {
+) -> Result<RedisConn> {
     let target = target.into();
+    if target.cluster {
+        return connect_cluster(target, timeout).await;
+    }
     let client = match target.root_cert {
         Some(root_cert) => redis::Client::build_with_tls(
             target.info,
@@ -95,11 +107,33 @@ pub async fn connect_with_timeout(
         .set_exponent_base(2.0)
         .set_max_delay(Duration::from_secs(2))
         .set_number_of_retries(2);
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+    Ok(RedisConn::Single(
+        ConnectionManager::new_with_config(client, config).await?,
+    ))
+}
+
+/// A cluster connection from one seed node. A request that meets a moved slot or a failed node
+/// is retried three times (10 ms to 1 s apart) after the slot map is refreshed, so a failover
+/// shows as a short delay or as an error that the loops above retry with their own backoff.
+async fn connect_cluster(target: RedisTarget, timeout: Duration) -> Result<RedisConn> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(vec![target.info])
+        .connection_timeout(Duration::from_secs(3))
+        .response_timeout(timeout)
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(1000);
+    if let Some(root_cert) = target.root_cert {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        });
+    }
+    let client = builder.build()?;
+    Ok(RedisConn::Cluster(client.get_async_connection().await?))
 }
 
 /// Opens a managed connection with a 5 s command timeout.
-pub async fn connect(target: impl Into<RedisTarget>) -> Result<ConnectionManager> {
+pub async fn connect(target: impl Into<RedisTarget>) -> Result<RedisConn> {
     connect_with_timeout(target, Duration::from_secs(5)).await
 }
 
@@ -135,39 +169,77 @@ pub struct FailedCopy {
 }
 
 /// Pushes deliveries in one round trip, first one first out.
-pub async fn publish(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    deliveries: &[Delivery],
-) -> Result<()> {
+pub async fn publish(conn: &mut RedisConn, keys: &Keys, deliveries: &[Delivery]) -> Result<()> {
     if deliveries.is_empty() {
         return Ok(());
     }
-    let encoded: Vec<String> = deliveries.iter().map(Delivery::encode).collect();
-    // One LPUSH with many values pushes them left one after the other, so the first ends
-    // nearest the right end, where workers take from.
-    redis::pipe()
-        .atomic()
-        .cmd("LPUSH")
-        .arg(keys.tasks())
-        .arg(&encoded)
-        .ignore()
-        .cmd("SADD")
-        .arg(keys.transit())
-        .arg(&encoded)
-        .ignore()
-        .query_async::<()>(conn)
-        .await?;
+    let mut shards: Vec<Vec<String>> = vec![Vec::new(); keys.shards()];
+    for d in deliveries {
+        shards[keys.shard_of(d.task_id)].push(d.encode());
+    }
+    // one MULTI per shard, the shards at once (on a cluster, on their own masters)
+    let pushes = shards
+        .iter()
+        .enumerate()
+        .filter(|(_, encoded)| !encoded.is_empty())
+        .map(|(k, encoded)| {
+            let (keys, mut conn) = (keys.shard(k), conn.clone());
+            async move {
+                // One LPUSH with many values pushes them left one after the other, so the first
+                // ends nearest the right end, where workers take from.
+                redis::pipe()
+                    .atomic()
+                    .cmd("LPUSH")
+                    .arg(keys.tasks())
+                    .arg(encoded)
+                    .ignore()
+                    .cmd("SADD")
+                    .arg(keys.transit())
+                    .arg(encoded)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        });
+    futures::future::try_join_all(pushes).await?;
     Ok(())
+}
+
+/// The shards an entry may be on: its task's, or every shard for an entry that cannot be
+/// decoded (it was not published by a relay).
+fn shards_of(keys: &Keys, raw: &str) -> Vec<Keys> {
+    match Delivery::decode(raw) {
+        Some(d) => vec![keys.for_task(d.task_id)],
+        None if keys.shards() == 1 => vec![keys.clone()],
+        None => keys.all_shards().collect(),
+    }
+}
+
+/// The shard of an entry's task (an undecodable entry: the shard of `keys`).
+fn shard_index_of(keys: &Keys, raw: &str) -> usize {
+    Delivery::decode(raw).map_or(keys.shard_index(), |d| keys.shard_of(d.task_id))
+}
+
+/// Entries grouped by the shard of their task (see [`shard_index_of`]).
+fn by_shard<'a>(keys: &Keys, raws: &[&'a str]) -> Vec<(Keys, Vec<&'a str>)> {
+    if keys.shards() == 1 {
+        return vec![(keys.clone(), raws.to_vec())];
+    }
+    let mut groups: Vec<Vec<&str>> = vec![Vec::new(); keys.shards()];
+    for raw in raws {
+        groups[shard_index_of(keys, raw)].push(raw);
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .filter(|(_, g)| !g.is_empty())
+        .map(|(k, g)| (keys.shard(k), g))
+        .collect()
 }
 
 /// Waits up to `block` for the oldest delivery and moves it atomically onto the processing
 /// list. Returns the raw entry (needed to acknowledge it) or `None` on time-out.
-pub async fn take(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    block: Duration,
-) -> Result<Option<String>> {
+pub async fn take(conn: &mut RedisConn, keys: &Keys, block: Duration) -> Result<Option<String>> {
     Ok(redis::cmd("BLMOVE")
         .arg(keys.tasks())
         .arg(keys.processing())
@@ -180,11 +252,7 @@ pub async fn take(
 
 /// Moves up to `max` deliveries that are already waiting onto the processing list, without
 /// blocking, in one command (a script: each move is the same atomic `LMOVE` as [`take`]).
-pub async fn take_waiting(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    max: usize,
-) -> Result<Vec<String>> {
+pub async fn take_waiting(conn: &mut RedisConn, keys: &Keys, max: usize) -> Result<Vec<String>> {
     static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
         redis::Script::new(
             r"
@@ -211,61 +279,77 @@ return taken",
 /// Removes one copy of each entry from the processing list, in one round trip. Takes push on
 /// the left, so the oldest entries, which finish first, are near the right end: `LREM` with a
 /// negative count searches from there instead of walking the whole list.
-pub async fn ack_many(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) -> Result<()> {
+pub async fn ack_many(conn: &mut RedisConn, keys: &Keys, raws: &[&str]) -> Result<()> {
     if raws.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    for raw in raws {
-        pipe.lrem(keys.processing(), -1, *raw).ignore();
+    for (keys, raws) in by_shard(keys, raws) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for raw in &raws {
+            pipe.lrem(keys.processing(), -1, *raw).ignore();
+        }
+        pipe.cmd("SREM").arg(keys.transit()).arg(&raws).ignore();
+        pipe.query_async::<()>(conn).await?;
     }
-    pipe.cmd("SREM").arg(keys.transit()).arg(raws).ignore();
-    pipe.query_async::<()>(conn).await?;
     Ok(())
 }
 
 /// Which of these entries Redis still holds in transit (one round trip).
-pub async fn in_transit(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    raws: &[String],
-) -> Result<Vec<bool>> {
+pub async fn in_transit(conn: &mut RedisConn, keys: &Keys, raws: &[String]) -> Result<Vec<bool>> {
     if raws.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(redis::cmd("SMISMEMBER")
-        .arg(keys.transit())
-        .arg(raws)
-        .query_async(conn)
-        .await?)
+    if keys.shards() == 1 {
+        return Ok(redis::cmd("SMISMEMBER")
+            .arg(keys.transit())
+            .arg(raws)
+            .query_async(conn)
+            .await?);
+    }
+    let mut present = vec![false; raws.len()];
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); keys.shards()];
+    for (i, raw) in raws.iter().enumerate() {
+        groups[shard_index_of(keys, raw)].push(i);
+    }
+    for (k, group) in groups.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+        let found: Vec<bool> = redis::cmd("SMISMEMBER")
+            .arg(keys.shard(k).transit())
+            .arg(group.iter().map(|&i| &raws[i]).collect::<Vec<_>>())
+            .query_async(conn)
+            .await?;
+        for (&i, f) in group.iter().zip(found) {
+            present[i] = f;
+        }
+    }
+    Ok(present)
 }
 
 /// Removes one copy of `raw` from the processing list (the delivery is done with).
-pub async fn ack(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<bool> {
-    let (removed,): (i64,) = redis::pipe()
-        .atomic()
-        .lrem(keys.processing(), -1, raw)
-        .srem(keys.transit(), raw)
-        .ignore()
-        .query_async(conn)
-        .await?;
-    Ok(removed > 0)
+pub async fn ack(conn: &mut RedisConn, keys: &Keys, raw: &str) -> Result<bool> {
+    let mut removed_any = false;
+    for keys in shards_of(keys, raw) {
+        let (removed,): (i64,) = redis::pipe()
+            .atomic()
+            .lrem(keys.processing(), -1, raw)
+            .srem(keys.transit(), raw)
+            .ignore()
+            .query_async(conn)
+            .await?;
+        removed_any |= removed > 0;
+    }
+    Ok(removed_any)
 }
 
 /// Puts a copy of a dead-lettered task on the failed list and trims it, atomically.
-pub async fn push_failed(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    copy: &FailedCopy,
-) -> Result<()> {
+pub async fn push_failed(conn: &mut RedisConn, keys: &Keys, copy: &FailedCopy) -> Result<()> {
     let entry = serde_json::to_string(copy).expect("failed copies serialize");
     push_failed_entry(conn, keys, entry).await
 }
 
 /// Puts the copies of dead-lettered tasks on the failed list (after their transition committed).
 pub async fn push_dead_letters(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     dead: &[DeadLetter],
 ) -> Result<()> {
@@ -283,7 +367,7 @@ pub async fn push_dead_letters(
 }
 
 /// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`].
-async fn push_failed_entry(conn: &mut ConnectionManager, keys: &Keys, entry: String) -> Result<()> {
+async fn push_failed_entry(conn: &mut RedisConn, keys: &Keys, entry: String) -> Result<()> {
     redis::pipe()
         .atomic()
         .lpush(keys.failed(), entry)
@@ -298,7 +382,7 @@ async fn push_failed_entry(conn: &mut ConnectionManager, keys: &Keys, entry: Str
 /// The `limit` oldest entries of the processing list (takes push on the left, so the oldest are
 /// on the right), and the list's length.
 pub async fn processing(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     limit: isize,
 ) -> Result<(Vec<String>, i64)> {
@@ -349,7 +433,7 @@ return {set and 1 or 0, redis.call('GET', KEYS[1]) or '', ARGV[2]}
 /// and whoever re-seeds also re-establishes the binding. A namespace bound to another database
 /// is never marked seeded by this one (its own deployment must find the marker missing).
 pub async fn mark_seeded_bound(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     binding: &str,
 ) -> Result<SeedMark> {
@@ -369,7 +453,7 @@ pub async fn mark_seeded_bound(
 
 /// Binds the namespace to `binding` if it is unbound (`SET NX`, the seeded marker untouched);
 /// returns what it is bound to.
-pub async fn bind(conn: &mut ConnectionManager, keys: &Keys, binding: &str) -> Result<String> {
+pub async fn bind(conn: &mut RedisConn, keys: &Keys, binding: &str) -> Result<String> {
     let (bound,): (String,) = redis::pipe()
         .cmd("SET")
         .arg(keys.database())
@@ -403,20 +487,24 @@ return moved
 /// Moves deliveries from the processing list back to the far end of the queue (taken after
 /// every delivery already waiting), atomically: a delivery this process cannot serve is left for
 /// the deployment that can. An entry no longer on the processing list is not pushed again.
-pub async fn requeue_last(conn: &mut ConnectionManager, keys: &Keys, raws: &[&str]) -> Result<u64> {
+pub async fn requeue_last(conn: &mut RedisConn, keys: &Keys, raws: &[&str]) -> Result<u64> {
     if raws.is_empty() {
         return Ok(0);
     }
-    let mut script = REQUEUE_LAST.key(keys.processing());
-    script.key(keys.tasks());
-    for raw in raws {
-        script.arg(*raw);
+    let mut moved = 0;
+    for (keys, raws) in by_shard(keys, raws) {
+        let mut script = REQUEUE_LAST.key(keys.processing());
+        script.key(keys.tasks());
+        for raw in raws {
+            script.arg(raw);
+        }
+        moved += script.invoke_async::<u64>(conn).await?;
     }
-    Ok(script.invoke_async(conn).await?)
+    Ok(moved)
 }
 
 /// The value of the seeded marker (`None` if missing): it changes whenever Redis is re-seeded.
-pub async fn seeded_epoch(conn: &mut ConnectionManager, keys: &Keys) -> Result<Option<String>> {
+pub async fn seeded_epoch(conn: &mut RedisConn, keys: &Keys) -> Result<Option<String>> {
     Ok(redis::cmd("GET")
         .arg(keys.seeded())
         .query_async(conn)
@@ -425,12 +513,7 @@ pub async fn seeded_epoch(conn: &mut ConnectionManager, keys: &Keys) -> Result<O
 
 /// Records when an entry of the processing list was first seen by a rescuer; returns that time
 /// (milliseconds since the epoch).
-pub async fn first_seen(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    raw: &str,
-    now_ms: i64,
-) -> Result<i64> {
+pub async fn first_seen(conn: &mut RedisConn, keys: &Keys, raw: &str, now_ms: i64) -> Result<i64> {
     let (seen,): (Option<i64>,) = redis::pipe()
         .cmd("HSETNX")
         .arg(keys.processing_seen())
@@ -446,7 +529,7 @@ pub async fn first_seen(
 }
 
 /// Forgets first-seen times of entries no longer on the processing list.
-pub async fn forget_seen(conn: &mut ConnectionManager, keys: &Keys, raws: &[String]) -> Result<()> {
+pub async fn forget_seen(conn: &mut RedisConn, keys: &Keys, raws: &[String]) -> Result<()> {
     if raws.is_empty() {
         return Ok(());
     }
@@ -459,27 +542,37 @@ pub async fn forget_seen(conn: &mut ConnectionManager, keys: &Keys, raws: &[Stri
 }
 
 /// Every field of the first-seen hash.
-pub async fn seen_entries(conn: &mut ConnectionManager, keys: &Keys) -> Result<Vec<String>> {
+pub async fn seen_entries(conn: &mut RedisConn, keys: &Keys) -> Result<Vec<String>> {
     Ok(redis::cmd("HKEYS")
         .arg(keys.processing_seen())
         .query_async(conn)
         .await?)
 }
 
-/// Lengths of the three lists: waiting, processing, failed.
-pub async fn depths(conn: &mut ConnectionManager, keys: &Keys) -> Result<(i64, i64, i64)> {
-    Ok(redis::pipe()
+/// Lengths of the three lists: waiting, processing (each summed over the shards), failed.
+pub async fn depths(conn: &mut RedisConn, keys: &Keys) -> Result<(i64, i64, i64)> {
+    let (mut waiting, mut processing, failed): (i64, i64, i64) = redis::pipe()
         .llen(keys.tasks())
         .llen(keys.processing())
         .llen(keys.failed())
         .query_async(conn)
-        .await?)
+        .await?;
+    for shard in keys.all_shards().skip(1) {
+        let (w, p): (i64, i64) = redis::pipe()
+            .llen(shard.tasks())
+            .llen(shard.processing())
+            .query_async(conn)
+            .await?;
+        waiting += w;
+        processing += p;
+    }
+    Ok((waiting, processing, failed))
 }
 
 /// The oldest delivery waiting on the queue, raw (`LINDEX tasks -1`: the relays push on the
 /// left and workers take from the right), or `None` when the queue is empty. Decode it with
 /// [`Delivery::decode`].
-pub async fn oldest_waiting(conn: &mut ConnectionManager, keys: &Keys) -> Result<Option<String>> {
+pub async fn oldest_waiting(conn: &mut RedisConn, keys: &Keys) -> Result<Option<String>> {
     Ok(redis::cmd("LINDEX")
         .arg(keys.tasks())
         .arg(-1)
@@ -489,7 +582,7 @@ pub async fn oldest_waiting(conn: &mut ConnectionManager, keys: &Keys) -> Result
 
 /// Puts an entry that could not be decoded on the failed list, with the reason.
 pub async fn push_failed_raw(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     raw: &str,
     reason: &str,
@@ -501,7 +594,8 @@ pub async fn push_failed_raw(
 
 /// Moves a delivery that was taken but not started back to the right end of the queue, so it
 /// is the next one taken.
-pub async fn return_unstarted(conn: &mut ConnectionManager, keys: &Keys, raw: &str) -> Result<()> {
+pub async fn return_unstarted(conn: &mut RedisConn, keys: &Keys, raw: &str) -> Result<()> {
+    let keys = keys.shard(shard_index_of(keys, raw));
     redis::pipe()
         .atomic()
         .lrem(keys.processing(), -1, raw)
@@ -515,7 +609,7 @@ pub async fn return_unstarted(conn: &mut ConnectionManager, keys: &Keys, raw: &s
 
 /// Announces that `process` runs `workers` workers, for `ttl`.
 pub async fn worker_heartbeat(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     process: Uuid,
     workers: usize,
@@ -534,11 +628,7 @@ pub async fn worker_heartbeat(
 }
 
 /// Withdraws a process's heartbeat (clean stop).
-pub async fn worker_heartbeat_stop(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    process: Uuid,
-) -> Result<()> {
+pub async fn worker_heartbeat_stop(conn: &mut RedisConn, keys: &Keys, process: Uuid) -> Result<()> {
     redis::pipe()
         .atomic()
         .zrem(keys.workers(), process.to_string())
@@ -551,15 +641,12 @@ pub async fn worker_heartbeat_stop(
 }
 
 /// Workers of every process whose heartbeat has not expired (expired ones are pruned).
-pub async fn live_workers(conn: &mut ConnectionManager, keys: &Keys) -> Result<i64> {
+pub async fn live_workers(conn: &mut RedisConn, keys: &Keys) -> Result<i64> {
     Ok(live_processes(conn, keys).await?.iter().map(|p| p.1).sum())
 }
 
 /// Each live worker process (its id) with its number of workers; expired heartbeats are pruned.
-pub async fn live_processes(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-) -> Result<Vec<(String, i64)>> {
+pub async fn live_processes(conn: &mut RedisConn, keys: &Keys) -> Result<Vec<(String, i64)>> {
     let now = Utc::now().timestamp_millis();
     let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
         .arg(keys.workers())

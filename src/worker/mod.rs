@@ -38,12 +38,12 @@ mod skip;
 pub use pool::{WorkerPool, HEARTBEAT_EVERY, HEARTBEAT_TTL};
 
 use crate::domain::TaskId;
+use crate::queue::RedisConn;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -144,9 +144,9 @@ pub struct Worker {
     pub id: Uuid,
     pool: PgPool,
     /// Dedicated to the blocking take (`BLMOVE` blocks the connection it runs on).
-    blocking: ConnectionManager,
+    blocking: RedisConn,
     /// For everything else (acknowledgements, failed copies).
-    commands: ConnectionManager,
+    commands: RedisConn,
     keys: Keys,
     registry: Arc<Registry>,
     config: WorkerConfig,
@@ -156,7 +156,13 @@ pub struct Worker {
     binding: Binding,
     /// Consecutive batches of nothing but deliveries of unknown tasks.
     skip_streak: AtomicU32,
+    /// The queue shard the next take starts at (shards are served in turn).
+    next_shard: AtomicUsize,
 }
+
+/// The longest blocking take on one shard when there are several: a delivery that arrives on
+/// another shard waits at most this long for an idle worker.
+const SHARD_BLOCK: Duration = Duration::from_millis(50);
 
 /// A claimed attempt, ready to run.
 #[derive(Clone)]
@@ -199,7 +205,7 @@ pub struct Finished {
 impl Worker {
     pub fn new(
         pool: PgPool,
-        blocking: ConnectionManager,
+        blocking: RedisConn,
         keys: Keys,
         registry: Arc<Registry>,
         config: WorkerConfig,
@@ -220,8 +226,8 @@ impl Worker {
     /// acknowledgements run while a take is blocking).
     pub fn with_connections(
         pool: PgPool,
-        blocking: ConnectionManager,
-        commands: ConnectionManager,
+        blocking: RedisConn,
+        commands: RedisConn,
         keys: Keys,
         registry: Arc<Registry>,
         config: WorkerConfig,
@@ -231,6 +237,7 @@ impl Worker {
             id: Uuid::new_v4(),
             binding: Binding::new(pool.clone(), keys.clone()),
             skip_streak: AtomicU32::new(0),
+            next_shard: AtomicUsize::new(0),
             pool,
             blocking,
             commands,
@@ -296,12 +303,31 @@ impl Worker {
     pub async fn take(&self, max: usize) -> Result<Vec<String>> {
         self.binding.verify(&mut self.commands.clone()).await?;
         let mut conn = self.blocking.clone();
-        let Some(first) = queue::take(&mut conn, &self.keys, self.config.block).await? else {
+        let shards = self.keys.shards();
+        let start = self.next_shard.fetch_add(1, Ordering::Relaxed) % shards;
+        let mut block = self.config.block;
+        if shards > 1 {
+            // what already waits on any shard, starting after the shard served last
+            let mut raws = Vec::new();
+            for i in 0..shards {
+                let keys = self.keys.shard(start + i);
+                raws.extend(queue::take_waiting(&mut conn, &keys, max - raws.len()).await?);
+                if raws.len() >= max {
+                    break;
+                }
+            }
+            if !raws.is_empty() {
+                return Ok(raws);
+            }
+            block = block.min(SHARD_BLOCK);
+        }
+        let keys = self.keys.shard(start);
+        let Some(first) = queue::take(&mut conn, &keys, block).await? else {
             return Ok(Vec::new());
         };
         let mut raws = vec![first];
         if max > 1 {
-            raws.extend(queue::take_waiting(&mut conn, &self.keys, max - 1).await?);
+            raws.extend(queue::take_waiting(&mut conn, &keys, max - 1).await?);
         }
         Ok(raws)
     }
@@ -718,7 +744,7 @@ impl Worker {
         Ok(Some(result))
     }
 
-    async fn undecodable(&self, conn: &mut ConnectionManager, raw: &str) -> Result<Processed> {
+    async fn undecodable(&self, conn: &mut RedisConn, raw: &str) -> Result<Processed> {
         self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             entry.len = raw.len(),

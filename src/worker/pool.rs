@@ -15,7 +15,7 @@
 //! A claimed attempt that has not started when shutdown begins is released at once.
 
 use crate::domain::TaskId;
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -52,7 +52,7 @@ pub struct WorkerPool {
     slots: usize,
     pub stats: Arc<WorkerStats>,
     pub process_id: Uuid,
-    heartbeats: ConnectionManager,
+    heartbeats: RedisConn,
     keys: Keys,
 }
 
@@ -501,7 +501,7 @@ async fn record_with_retries(worker: &Worker, finished: Vec<Finished>) {
 }
 
 async fn heartbeat_loop(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     keys: Keys,
     process: Uuid,
     workers: usize,

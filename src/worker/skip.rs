@@ -4,7 +4,7 @@
 //! process of an older build). And deliveries of paused task types, given back to the outbox.
 
 use crate::domain::TaskId;
-use redis::aio::ConnectionManager;
+use crate::queue::RedisConn;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ impl Worker {
     /// fails here, the entries stay on the processing list and the rescuer puts them back.
     pub(super) async fn leave_unknown(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         unknown: Vec<(String, TaskId)>,
     ) -> Vec<Processed> {
         if unknown.is_empty() {
@@ -49,7 +49,7 @@ impl Worker {
     /// rescuer handles like any orphan (a later claim finds it paused or already running).
     pub(super) async fn give_back_paused(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         given_back: Vec<(String, TaskId)>,
     ) -> Vec<Processed> {
         if given_back.is_empty() {

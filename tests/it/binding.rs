@@ -27,7 +27,7 @@ async fn identity(pool: &PgPool) -> (String, String) {
     .unwrap()
 }
 
-async fn get(redis: &redis::aio::ConnectionManager, key: String) -> Option<String> {
+async fn get(redis: &arnela::queue::RedisConn, key: String) -> Option<String> {
     let mut c = redis.clone();
     redis::cmd("GET")
         .arg(key)
@@ -36,7 +36,7 @@ async fn get(redis: &redis::aio::ConnectionManager, key: String) -> Option<Strin
         .unwrap()
 }
 
-async fn del(redis: &redis::aio::ConnectionManager, keys: &[String]) {
+async fn del(redis: &arnela::queue::RedisConn, keys: &[String]) {
     let mut c = redis.clone();
     redis::cmd("DEL")
         .arg(keys)

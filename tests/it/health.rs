@@ -233,14 +233,19 @@ async fn health_counters_are_cluster_totals_across_worker_processes_and_restarts
     .await;
 }
 
-async fn connect_when_up(port: u16) -> redis::aio::ConnectionManager {
+async fn connect_when_up(port: u16) -> arnela::queue::RedisConn {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     eventually(
         Duration::from_secs(10),
         "own redis to accept connections",
         || {
             let client = client.clone();
-            async move { redis::aio::ConnectionManager::new(client).await.ok() }
+            async move {
+                redis::aio::ConnectionManager::new(client)
+                    .await
+                    .ok()
+                    .map(Into::into)
+            }
         },
     )
     .await

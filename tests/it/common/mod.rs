@@ -7,9 +7,9 @@
 use arnela::api::auth::{Auth, Role};
 use arnela::api::{self, ApiContext};
 use arnela::queue::Keys;
+use arnela::queue::RedisConn;
 use poem::test::TestClient;
 use poem::Endpoint;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::future::Future;
 use std::time::Duration;
@@ -18,16 +18,39 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-pub async fn redis() -> ConnectionManager {
-    let client = redis::Client::open(redis_url()).expect("redis url");
-    ConnectionManager::new(client)
+/// A node of the Redis Cluster the tests run against instead of the single server
+/// (`TEST_REDIS_CLUSTER=redis://127.0.0.1:7000`; `.ci/run` runs the engine and cache suites so).
+pub fn redis_cluster() -> Option<String> {
+    std::env::var("TEST_REDIS_CLUSTER").ok()
+}
+
+/// Where the tests' Redis is: the cluster when [`redis_cluster`] names one, else the server.
+pub fn redis_target() -> arnela::queue::RedisTarget {
+    let (url, cluster) = match redis_cluster() {
+        Some(node) => (node, true),
+        None => (redis_url(), false),
+    };
+    let mut target = arnela::queue::RedisTarget::from(
+        redis::IntoConnectionInfo::into_connection_info(url).expect("redis url"),
+    );
+    target.cluster = cluster;
+    target
+}
+
+pub async fn redis() -> RedisConn {
+    arnela::queue::connect(redis_target())
         .await
         .expect("redis is running")
 }
 
-/// A key prefix no other test uses.
+/// A key prefix no other test uses (with a hash tag on a cluster, as `REDIS_CLUSTER` gives).
 pub fn unique_prefix() -> String {
-    format!("test-{}", uuid::Uuid::new_v4().simple())
+    let prefix = format!("test-{}", uuid::Uuid::new_v4().simple());
+    if redis_cluster().is_some() {
+        arnela::queue::keys::tagged(&prefix)
+    } else {
+        prefix
+    }
 }
 
 /// Deletes the test's own keys (never anything else on the shared server).
@@ -71,7 +94,7 @@ pub async fn context(pool: PgPool) -> ApiContext {
 
 /// The API context over a given Redis connection and key prefix; its metrics read the queue
 /// and the outbox at scrape time, as the application's do.
-pub fn context_with(pool: PgPool, redis: ConnectionManager, keys: Keys) -> ApiContext {
+pub fn context_with(pool: PgPool, redis: RedisConn, keys: Keys) -> ApiContext {
     let timeout = Duration::from_millis(1000);
     let metrics =
         arnela::metrics::Metrics::for_cluster(pool.clone(), redis.clone(), keys.clone(), timeout);
@@ -244,13 +267,13 @@ pub mod engine {
     //! The delivery engine assembled from its one-step parts, with a scripted handler.
 
     use arnela::domain::{RetryPolicy, TaskType};
+    use arnela::queue::RedisConn;
     use arnela::queue::{self, Keys};
     use arnela::relay::{Relay, RelayConfig};
     use arnela::rescuer::{Rescuer, RescuerConfig};
     use arnela::worker::handler::{Handler, HandlerResult, Registry, TaskContext};
     use arnela::worker::{Processed, Worker, WorkerConfig, WorkerStats};
     use futures::future::BoxFuture;
-    use redis::aio::ConnectionManager;
     use sqlx::PgPool;
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
@@ -303,7 +326,7 @@ pub mod engine {
     pub struct Engine {
         pub pool: PgPool,
         pub keys: Keys,
-        pub redis: ConnectionManager,
+        pub redis: RedisConn,
         pub relay: Relay,
         pub rescuer: Rescuer,
         pub worker: Worker,
@@ -345,12 +368,9 @@ pub mod engine {
         let redis = super::redis().await;
         let stats = Arc::new(WorkerStats::default());
         let metrics = arnela::metrics::Metrics::new();
-        let blocking = queue::connect_with_timeout(
-            redis::IntoConnectionInfo::into_connection_info(super::redis_url()).unwrap(),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let blocking = queue::connect_with_timeout(super::redis_target(), Duration::from_secs(5))
+            .await
+            .unwrap();
         let worker = Worker::new(
             pool.clone(),
             blocking,
