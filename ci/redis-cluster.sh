@@ -5,7 +5,8 @@
 #   ci/redis-cluster.sh start DIR PORT   # starts the nodes, creates the cluster, waits until it serves
 #   ci/redis-cluster.sh stop DIR         # stops every node started under DIR
 #
-# cluster-node-timeout is 1 s so that a killed master's replica is promoted within seconds.
+# cluster-node-timeout is 1 s so that a killed master's replica is promoted within seconds; the
+# script returns once every replica has synced with its master (one that has not cannot take over).
 set -euo pipefail
 
 cmd=${1:?start DIR PORT | stop DIR}
@@ -21,7 +22,7 @@ start)
         mkdir -p "$dir/$p"
         redis-server --port "$p" --bind 127.0.0.1 --daemonize yes \
             --cluster-enabled yes --cluster-config-file "$dir/$p/nodes.conf" \
-            --cluster-node-timeout 1000 --save "" --appendonly no \
+            --cluster-node-timeout 1000 --save "" --appendonly no --repl-diskless-sync-delay 0 \
             --dir "$dir/$p" --logfile "$dir/$p/redis.log" --pidfile "$dir/$p/redis.pid"
         nodes+=("127.0.0.1:$p")
     done
@@ -38,6 +39,16 @@ start)
         redis-cli -p "$p" cluster info | grep -q 'cluster_state:ok' \
             || { echo "node $p: cluster not ok" >&2; exit 1; }
     done
+    # a replica that has not finished its first sync cannot take over: wait for all three
+    for _ in $(seq 1 100); do
+        synced=0
+        for p in $(seq "$port" $((port + 5))); do
+            redis-cli -p "$p" info replication | grep -q 'master_link_status:up' && synced=$((synced + 1))
+        done
+        [[ $synced -eq 3 ]] && break
+        sleep 0.1
+    done
+    [[ $synced -eq 3 ]] || { echo "only $synced of 3 replicas synced" >&2; exit 1; }
     ;;
 stop)
     for pidfile in "$dir"/*/redis.pid; do

@@ -9,6 +9,7 @@ mod auth;
 mod binding;
 mod cache;
 mod channels;
+mod cluster;
 mod console;
 mod crash;
 mod engine;
