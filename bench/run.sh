@@ -8,7 +8,9 @@
 #      batch enqueue, end to end, enqueue → start latency at half the end-to-end rate, a
 #      sustained stream at 80% of it for 60 s, and end to end again after 1,000,000 more tasks
 #      went through the same tables; then cached reads and history reads on a large log;
-#   3. the peer: BullMQ from the npm registry on the same Redis, same job count and concurrency.
+#   3. the peer: BullMQ from the npm registry on the same Redis, same job count and concurrency;
+#   4. end to end on a local Redis Cluster (ci/redis-cluster.sh: three masters with one replica
+#      each) with QUEUE_SHARDS=1 and 3.
 #
 # It prints a Markdown table with the ratios, then the targets with the measured value
 # and whether each is met, and writes target/bench/report.md and the JSON of each run under
@@ -133,6 +135,26 @@ start_service history
     --service-pid "$SERVICE_PID" --json "$OUT/history.json" >"$OUT/history.md"
 stop_service
 
+# --- 2d. end to end on a local Redis Cluster, one queue shard and three ---------------------------
+# Three masters with one replica each (ci/redis-cluster.sh) on this same machine; the service
+# with REDIS_CLUSTER=true and QUEUE_SHARDS=1, then 3.
+CLUSTER_PORT="${BENCH_CLUSTER_PORT:-17100}"
+CLUSTER_DIR=""
+if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+    CLUSTER_DIR=$(mktemp -d)
+    trap 'bash ci/redis-cluster.sh stop "$CLUSTER_DIR" 2>/dev/null || true; cleanup' EXIT
+    bash ci/redis-cluster.sh start "$CLUSTER_DIR" "$CLUSTER_PORT" >&2
+    for shards in 1 3; do
+        start_service "cluster$shards" REDIS_URL="redis://127.0.0.1:$CLUSTER_PORT" REDIS_CLUSTER=true QUEUE_SHARDS="$shards"
+        "$BENCH" --url "http://127.0.0.1:$PORT" --database-url "$DBURL" --end-to-end-only \
+            --tasks "$TASKS" --json "$OUT/cluster-$shards.json" >"$OUT/cluster-$shards.md"
+        stop_service
+    done
+    bash ci/redis-cluster.sh stop "$CLUSTER_DIR"
+else
+    log "redis-server/redis-cli not found; the cluster runs are skipped"
+fi
+
 # --- 3. the peer -----------------------------------------------------------------------------
 PEER='{}'
 if command -v node >/dev/null && command -v npm >/dev/null; then
@@ -203,6 +225,13 @@ for r in reads:
     ratio = f"{r['p50_ms'] / uncached['p50_ms']:.2f} (p50)" if uncached and r is not uncached and uncached["p50_ms"] else "–"
     print(f"| GET /tasks/{{id}} {r['name']}, {r['readers']} readers | {r['per_second']:.0f} req/s, "
           f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms{hit} | uncached: p50 {uncached['p50_ms'] if uncached else 0:.2f} ms | {ratio} |")
+for shards in (1, 3):
+    path = f"{out}/cluster-{shards}.json"
+    if os.path.exists(path):
+        c = json.load(open(path))
+        rate = c["end_to_end_tasks_per_second"]
+        print(f"| end to end, {c['end_to_end_tasks']} no-op tasks, Redis Cluster (3 masters, 3 replicas, same machine), "
+              f"QUEUE_SHARDS={shards} | {rate:.0f} tasks/s | one Redis server: {e2e:.0f} tasks/s | {rate / e2e if e2e else 0:.2f} |")
 rss = d.get("service_peak_rss_mb")
 if rss is not None:
     print(f"| service peak RSS | {rss:.1f} MB | | |")

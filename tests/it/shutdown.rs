@@ -35,7 +35,7 @@ async fn start_pool(
     shutdown: CancellationToken,
     drain: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let info = redis::IntoConnectionInfo::into_connection_info(common::redis_url()).unwrap();
+    let info = common::redis_target();
     let pool = WorkerPool::build(
         5,
         e.pool.clone(),

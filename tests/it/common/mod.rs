@@ -14,8 +14,12 @@ use sqlx::PgPool;
 use std::future::Future;
 use std::time::Duration;
 
+/// The tests' Redis: the node of [`redis_cluster`] when set, else `TEST_REDIS_URL` or the
+/// machine's server.
 pub fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    redis_cluster().unwrap_or_else(|| {
+        std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    })
 }
 
 /// A node of the Redis Cluster the tests run against instead of the single server
@@ -565,6 +569,9 @@ pub mod process {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if super::redis_cluster().as_deref() == Some(redis_url) {
+            cmd.env("REDIS_CLUSTER", "true");
+        }
         cmd
     }
 
