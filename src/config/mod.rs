@@ -178,6 +178,7 @@ impl RedisSettings {
             info: self.connection_info()?,
             root_cert,
             cluster: self.cluster,
+            seeds: self.cluster_seeds()?,
         })
     }
 
@@ -186,11 +187,41 @@ impl RedisSettings {
         crate::queue::Keys::new(self.key_prefix.clone()).with_shards(self.queue_shards)
     }
 
+    /// The URLs `REDIS_URL` holds: with `REDIS_CLUSTER=true`, several nodes separated by commas;
+    /// otherwise the one URL as written.
+    fn urls<'a>(&self, url: &'a str) -> impl Iterator<Item = &'a str> {
+        let several = self.cluster && url.contains(',');
+        let parts: Vec<&str> = if several {
+            url.split(',').map(str::trim).collect()
+        } else {
+            vec![url]
+        };
+        parts.into_iter()
+    }
+
+    /// The cluster nodes `REDIS_URL` names after the first (tried when the first does not
+    /// answer).
+    pub fn cluster_seeds(&self) -> Result<Vec<redis::ConnectionInfo>, ConfigError> {
+        use redis::IntoConnectionInfo;
+        let Some(url) = &self.url else {
+            return Ok(Vec::new());
+        };
+        self.urls(url.expose_secret())
+            .skip(1)
+            .map(|u| {
+                u.into_connection_info()
+                    .map_err(|_| err("REDIS_URL", "is not a valid list of redis:// URLs"))
+            })
+            .collect()
+    }
+
     pub fn connection_info(&self) -> Result<redis::ConnectionInfo, ConfigError> {
         use redis::IntoConnectionInfo;
         match &self.url {
-            Some(url) => url
-                .expose_secret()
+            Some(url) => self
+                .urls(url.expose_secret())
+                .next()
+                .unwrap_or_default()
                 .into_connection_info()
                 .map_err(|_| err("REDIS_URL", "is not a valid redis:// URL")),
             None => {
@@ -425,6 +456,7 @@ impl Settings {
             ));
         }
         redis.connection_info()?;
+        redis.cluster_seeds()?;
 
         let jwt_secret = SecretString::from(v.jwt_secret.unwrap_or_default());
         let jwt_previous: Vec<SecretString> = v
@@ -709,6 +741,37 @@ mod tests {
         ] {
             assert!(!shown.contains(needle), "{needle} is shown in {shown}");
         }
+    }
+
+    #[test]
+    fn a_cluster_tags_the_prefix_and_takes_several_nodes() {
+        let s = Settings::from_vars(&vars(&[
+            ("REDIS_CLUSTER", "true"),
+            ("REDIS_URL", "redis://10.0.0.1:7000, redis://10.0.0.2:7000"),
+            ("QUEUE_SHARDS", "3"),
+        ]))
+        .unwrap();
+        assert_eq!(s.redis.key_prefix, "{arnela}");
+        assert_eq!(s.redis.keys().tasks(), "{arnela}:tasks");
+        assert_eq!(s.redis.keys().shards(), 3);
+        let target = s.redis.target().unwrap();
+        assert!(target.cluster);
+        assert_eq!(target.info.addr().to_string(), "10.0.0.1:7000");
+        let seeds: Vec<String> = target.seeds.iter().map(|i| i.addr().to_string()).collect();
+        assert_eq!(seeds, ["10.0.0.2:7000"]);
+        // one server: the prefix is kept, a list of URLs is not a URL
+        let one = Settings::from_vars(&vars(&[])).unwrap();
+        assert_eq!(one.redis.keys().tasks(), "arnela:tasks");
+        let e =
+            Settings::from_vars(&vars(&[("REDIS_URL", "redis://a:1,redis://b:2")])).unwrap_err();
+        assert_eq!(e.var, "REDIS_URL", "{e}");
+        for (var, value) in [("REDIS_DB", "1"), ("REDIS_URL", "redis://a:1,http://b")] {
+            let e =
+                Settings::from_vars(&vars(&[("REDIS_CLUSTER", "true"), (var, value)])).unwrap_err();
+            assert_eq!(e.var, var, "{e}");
+        }
+        let e = Settings::from_vars(&vars(&[("QUEUE_SHARDS", "0")])).unwrap_err();
+        assert_eq!(e.var, "QUEUE_SHARDS", "{e}");
     }
 
     #[test]

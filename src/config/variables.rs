@@ -100,10 +100,10 @@ pub struct ServiceVars {
     /// prefix of every Redis key; with `REDIS_CLUSTER=true` a prefix without a hash tag gets one (`arnela` becomes `{arnela}`, giving `{arnela}:tasks`)
     #[arg(long, env, default_value = "arnela", value_parser = key_prefix)]
     pub arnela_key_prefix: String,
-    /// Redis is a cluster: `REDIS_URL` (or `REDIS_HOST`/`REDIS_PORT`) names one of its nodes, the others are discovered ([Scaling](#scaling))
+    /// Redis is a cluster: `REDIS_URL` (or `REDIS_HOST`/`REDIS_PORT`) names one of its nodes, or several separated by commas, tried in turn at start; the others are discovered ([Redis Cluster](#redis-cluster))
     #[arg(long, env, default_value_t = false, action = ArgAction::Set, value_parser = boolish())]
     pub redis_cluster: bool,
-    /// delivery lists per namespace: each task's deliveries go to the list of a hash of its id and workers take from every list in turn; on a cluster each list has its own hash tag, so more shards use more masters. Every process of a deployment must use the same value ([Scaling](#scaling))
+    /// delivery lists per namespace: each task's deliveries go to the list of a hash of its id and workers take from every list in turn; on a cluster each list has its own hash tag, so more shards use more masters. Every process of a deployment must use the same value ([Redis Cluster](#redis-cluster))
     #[arg(long, env, default_value_t = 1, value_parser = at_least_one)]
     pub queue_shards: usize,
 

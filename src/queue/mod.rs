@@ -65,6 +65,8 @@ pub struct RedisTarget {
     pub root_cert: Option<Vec<u8>>,
     /// The address is one node of a Redis Cluster (`REDIS_CLUSTER`); the others are discovered.
     pub cluster: bool,
+    /// More nodes of the cluster to start from, when the first does not answer.
+    pub seeds: Vec<redis::ConnectionInfo>,
 }
 
 impl From<redis::ConnectionInfo> for RedisTarget {
@@ -73,6 +75,7 @@ impl From<redis::ConnectionInfo> for RedisTarget {
             info,
             root_cert: None,
             cluster: false,
+            seeds: Vec::new(),
         }
     }
 }
@@ -112,11 +115,12 @@ pub async fn connect_with_timeout(
     ))
 }
 
-/// A cluster connection from one seed node. A request that meets a moved slot or a failed node
+/// A cluster connection from the seed nodes (the first that answers gives the slot map). A request that meets a moved slot or a failed node
 /// is retried three times (10 ms to 1 s apart) after the slot map is refreshed, so a failover
 /// shows as a short delay or as an error that the loops above retry with their own backoff.
 async fn connect_cluster(target: RedisTarget, timeout: Duration) -> Result<RedisConn> {
-    let mut builder = redis::cluster::ClusterClientBuilder::new(vec![target.info])
+    let nodes = std::iter::once(target.info).chain(target.seeds);
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
         .connection_timeout(Duration::from_secs(3))
         .response_timeout(timeout)
         .retries(3)

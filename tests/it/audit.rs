@@ -598,11 +598,7 @@ async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool)
     );
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(60), "the service to answer", || {
-        let req = http.get(format!("{base}/health/live"));
-        async move { req.send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await;
+    common::until_live(&base).await;
     let resp = http
         .post(format!("{base}/tasks"))
         .bearer_auth(common::token(arnela::api::auth::Role::Producer))

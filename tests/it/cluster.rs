@@ -8,13 +8,13 @@ use crate::common;
 use arnela::api::auth::Role;
 use arnela::queue::keys::{key_slot, tagged};
 use arnela::queue::Keys;
-use common::process::{arnela_command, command, spawn, Proc};
+use common::process::{arnela_command, assert_audit_verifies, command, spawn, Proc};
 use common::{database_url, eventually};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -175,12 +175,7 @@ async fn start(pool: &PgPool, cluster: &Cluster, prefix: &str) -> (Proc, Proc, S
         "worker",
     );
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "the service to answer", || {
-        let req = http.get(format!("{base}/health/live"));
-        async move { req.send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await;
+    common::until_live(&base).await;
     (serve, worker, base)
 }
 
@@ -254,19 +249,9 @@ async fn all_succeed_once(pool: &PgPool, ids: &[Uuid], limit: Duration) {
 }
 
 fn audit_verifies(pool: &PgPool, cluster: &Cluster, prefix: &str) {
-    let audit = command("audit", &database_url(pool), &cluster.url(), prefix)
-        .env("REDIS_CLUSTER", "true")
-        .arg("verify")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        audit.status.success(),
-        "arnela audit verify: {}\n{}",
-        String::from_utf8_lossy(&audit.stdout),
-        String::from_utf8_lossy(&audit.stderr)
-    );
+    let mut cmd = command("audit", &database_url(pool), &cluster.url(), prefix);
+    cmd.env("REDIS_CLUSTER", "true");
+    assert_audit_verifies(cmd);
 }
 
 #[sqlx::test]

@@ -123,12 +123,7 @@ async fn serve(pooled: &str, prefix: &str, extra: &[(&str, &str)]) -> (Proc, Str
         "serve",
     );
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "the service to answer", || {
-        let req = http.get(format!("{base}/health/live"));
-        async move { req.send().await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await;
+    common::until_live(&base).await;
     (process, base)
 }
 

@@ -502,19 +502,7 @@ async fn acknowledged_tasks_all_succeed_once_through_kills_restarts_and_a_flush(
         .unwrap();
 
     // The hash chains verify (the real command, as an operator runs it).
-    let audit = command("audit", &pg.url(), &cluster.redis, "arnela")
-        .arg("verify")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        audit.status.success(),
-        "arnela audit verify: {}\n{}{}",
-        audit.status,
-        String::from_utf8_lossy(&audit.stdout),
-        String::from_utf8_lossy(&audit.stderr)
-    );
+    common::process::assert_audit_verifies(command("audit", &pg.url(), &cluster.redis, "arnela"));
 
     // `GET /events` from 0 returns every event of the table exactly once, in position order.
     let in_table: Vec<i64> = sqlx::query_scalar("SELECT position FROM task_events")

@@ -221,6 +221,17 @@ pub fn sms(message: &str) -> serde_json::Value {
 }
 
 /// Sends a request and returns the status and the JSON body (`Null` for an empty one).
+/// Waits up to 60 s until the service at `base` (`http://127.0.0.1:PORT`) answers
+/// `/health/live`.
+pub async fn until_live(base: &str) {
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(60), "the service to answer", || {
+        let req = http.get(format!("{base}/health/live"));
+        async move { req.send().await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await;
+}
+
 pub async fn call<E: Endpoint>(
     client: &TestClient<E>,
     method: poem::http::Method,
@@ -573,6 +584,24 @@ pub mod process {
             cmd.env("REDIS_CLUSTER", "true");
         }
         cmd
+    }
+
+    /// Runs `cmd` (an `arnela audit` command line, see [`command`]) with `verify` and fails the
+    /// test, with what it printed, unless every chain verifies.
+    pub fn assert_audit_verifies(mut cmd: Command) {
+        let out = cmd
+            .arg("verify")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("arnela audit verify runs");
+        assert!(
+            out.status.success(),
+            "arnela audit verify: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Spawns `cmd` as a [`Proc`] named `name`.
