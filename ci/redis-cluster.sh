@@ -15,7 +15,8 @@ dir=${2:?DIR}
 case "$cmd" in
 start)
     port=${3:?PORT}
-    mkdir -p "$dir"
+    # absolute: redis-server changes into --dir before it opens the other files
+    dir=$(mkdir -p "$dir" && cd "$dir" && pwd)
     nodes=()
     for i in 0 1 2 3 4 5; do
         p=$((port + i))

@@ -80,6 +80,7 @@ impl App {
             .context("cannot connect to Redis (check REDIS_* or REDIS_URL)")?;
         let keys = settings.redis.keys();
         check_binding(&pool, &redis, &keys).await?;
+        check_shards(&redis, &keys).await?;
         check_role_and_schema(
             &pool,
             settings.app_env == crate::config::AppEnv::Production,
@@ -542,6 +543,27 @@ async fn check_binding(pool: &PgPool, redis: &RedisConn, keys: &Keys) -> anyhow:
         key = %keys.database(),
         "the Redis namespace serves this database"
     );
+    Ok(())
+}
+
+/// Refuses to start with another `QUEUE_SHARDS` than the namespace's other processes: deliveries
+/// would wait on lists this process never reads, and its rescuer would publish again deliveries
+/// it looks for on the wrong shard.
+async fn check_shards(redis: &RedisConn, keys: &Keys) -> anyhow::Result<()> {
+    let bound = queue::bind_shards(&mut redis.clone(), keys)
+        .await
+        .context("cannot read the namespace's queue shards")?;
+    if bound != keys.shards() {
+        anyhow::bail!(
+            "refusing to start: the Redis namespace {:?} runs {bound} queue shard(s) ({}), but \
+             QUEUE_SHARDS is {}; every process of a deployment must use the same value (to change \
+             it, let the queue drain, stop every process, delete {} and start them again)",
+            keys.prefix(),
+            keys.shard_count(),
+            keys.shards(),
+            keys.shard_count()
+        );
+    }
     Ok(())
 }
 

@@ -395,7 +395,7 @@ impl HealthApi {
     async fn ping_redis(&self, timeout: Duration) -> Ping {
         let started = Instant::now();
         let mut conn = self.ctx.redis.clone();
-        let ping = crate::queue::ping(&mut conn);
+        let ping = crate::queue::ping(&mut conn, &self.ctx.keys);
         let ok = within(timeout, "redis ping", ping).await.is_some();
         Ping {
             ok,

@@ -439,6 +439,12 @@ impl Settings {
                 "a Redis Cluster has only database 0: leave REDIS_DB unset with REDIS_CLUSTER=true",
             ));
         }
+        if redis.cluster && redis.connection_info()?.redis_settings().db() != 0 {
+            return Err(err(
+                "REDIS_URL",
+                "names a database other than 0, which a Redis Cluster does not have",
+            ));
+        }
         let tls_url = redis
             .url
             .as_ref()
@@ -765,7 +771,11 @@ mod tests {
         let e =
             Settings::from_vars(&vars(&[("REDIS_URL", "redis://a:1,redis://b:2")])).unwrap_err();
         assert_eq!(e.var, "REDIS_URL", "{e}");
-        for (var, value) in [("REDIS_DB", "1"), ("REDIS_URL", "redis://a:1,http://b")] {
+        for (var, value) in [
+            ("REDIS_DB", "1"),
+            ("REDIS_URL", "redis://a:1,http://b"),
+            ("REDIS_URL", "redis://a:1/2"),
+        ] {
             let e =
                 Settings::from_vars(&vars(&[("REDIS_CLUSTER", "true"), (var, value)])).unwrap_err();
             assert_eq!(e.var, var, "{e}");

@@ -140,6 +140,12 @@ impl Keys {
         format!("{}:tasks:database", self.prefix)
     }
 
+    /// How many queue shards the namespace's processes use (string), set with `SET NX` by the
+    /// first process to start; a process with another `QUEUE_SHARDS` refuses to start.
+    pub fn shard_count(&self) -> String {
+        format!("{}:tasks:shards", self.prefix)
+    }
+
     /// When the rescuer first saw each processing entry (hash: entry → epoch ms).
     pub fn processing_seen(&self) -> String {
         format!("{}:tasks:processing:seen", self.queue)
@@ -214,7 +220,7 @@ fn crc16(bytes: &[u8]) -> u16 {
 
 /// The prefix wrapped in a hash tag (`arnela` → `{arnela}`), unless it has one already.
 pub fn tagged(prefix: &str) -> String {
-    if hash_tag(prefix) != prefix || prefix.starts_with('{') && prefix.ends_with('}') {
+    if hash_tag(prefix) != prefix {
         prefix.to_owned()
     } else {
         format!("{{{prefix}}}")
@@ -227,7 +233,7 @@ fn shard_prefix(prefix: &str, k: usize, shards: usize) -> String {
         return prefix.to_owned();
     }
     let tag = hash_tag(prefix);
-    let has_tag = tag != prefix || prefix.starts_with('{');
+    let has_tag = tag != prefix;
     let rename = |inner: &str| {
         if has_tag {
             prefix.replacen(&format!("{{{tag}}}"), &format!("{{{inner}}}"), 1)
@@ -274,6 +280,8 @@ mod tests {
         assert_eq!(tagged("arnela"), "{arnela}");
         assert_eq!(tagged("{arnela}"), "{arnela}");
         assert_eq!(tagged("app:{x}"), "app:{x}");
+        // an empty tag is no tag: Redis hashes the whole key
+        assert_ne!(hash_tag(&tagged("{}")), "{}");
     }
 
     #[test]

@@ -50,10 +50,39 @@ pub enum QueueError {
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
-/// One `PING`: whether Redis answers (for `/health`).
-pub async fn ping(conn: &mut RedisConn) -> Result<()> {
-    redis::cmd("PING").query_async::<String>(conn).await?;
+/// Whether Redis answers (for `/health`): one `PING`; on a cluster, one to each master that holds
+/// the namespace's keys (the prefix's slot and every queue shard's), so a master holding none of
+/// them, or one being replaced, does not make the service unready.
+pub async fn ping(conn: &mut RedisConn, keys: &Keys) -> Result<()> {
+    if !conn.is_cluster() {
+        redis::cmd("PING").query_async::<String>(conn).await?;
+        return Ok(());
+    }
+    let mut slots: Vec<u16> = keys.all_shards().map(|k| k.queue_slot()).collect();
+    slots.push(keys.slot());
+    slots.sort_unstable();
+    slots.dedup();
+    for slot in slots {
+        conn.query_on_slot::<String>(redis::cmd("PING"), slot)
+            .await?;
+    }
     Ok(())
+}
+
+/// Binds the namespace to `shards` queue shards if it is unbound (`SET NX`); returns the count it
+/// is bound to. Every process of a deployment must use the same count (see [`keys`]).
+pub async fn bind_shards(conn: &mut RedisConn, keys: &Keys) -> Result<usize> {
+    let (bound,): (usize,) = redis::pipe()
+        .cmd("SET")
+        .arg(keys.shard_count())
+        .arg(keys.shards())
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(keys.shard_count())
+        .query_async(conn)
+        .await?;
+    Ok(bound)
 }
 
 /// Where Redis is: the connection (`redis://`, or TLS with `rediss://` / `REDIS_TLS`) and the

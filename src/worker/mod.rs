@@ -311,7 +311,16 @@ impl Worker {
             let mut raws = Vec::new();
             for i in 0..shards {
                 let keys = self.keys.shard(start + i);
-                raws.extend(queue::take_waiting(&mut conn, &keys, max - raws.len()).await?);
+                match queue::take_waiting(&mut conn, &keys, max - raws.len()).await {
+                    Ok(taken) => raws.extend(taken),
+                    // what earlier shards gave is on their processing lists: work it, and
+                    // leave this shard (its master may be failing over) for the next take
+                    Err(e) if !raws.is_empty() => {
+                        tracing::warn!(error = %e, shard = keys.shard_index(), "cannot take from a queue shard");
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 if raws.len() >= max {
                     break;
                 }

@@ -344,3 +344,61 @@ async fn a_namespace_bound_elsewhere_later_stops_every_step(pool: PgPool) {
     assert_eq!(e.status(id).await, "queued");
     common::delete_prefix(e.keys.prefix()).await;
 }
+
+#[sqlx::test]
+async fn a_process_with_other_queue_shards_refuses_to_start(pool: PgPool) {
+    let prefix = unique_prefix();
+    let url = database_url(&pool);
+    let port = free_port().to_string();
+    let _first = arnela("serve", &url, &redis_url(), &prefix, &[("APP_PORT", &port)]);
+    let redis = common::redis().await;
+    let keys = Keys::new(prefix.clone());
+    let bound = eventually(
+        Duration::from_secs(60),
+        "serve to record its shards",
+        || {
+            let (redis, key) = (redis.clone(), keys.shard_count());
+            async move { get(&redis, key).await }
+        },
+    )
+    .await;
+    assert_eq!(bound, "1");
+    let port = free_port().to_string();
+    let cmd = arnela_command(
+        "worker",
+        &url,
+        &redis_url(),
+        &prefix,
+        &[("APP_PORT", &port), ("QUEUE_SHARDS", "3")],
+    );
+    let (status, stderr) = run_to_exit(cmd, Duration::from_secs(60));
+    assert!(!status.success(), "a worker with 3 shards started beside 1");
+    assert!(
+        stderr.contains("runs 1 queue shard(s)") && stderr.contains("QUEUE_SHARDS is 3"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&keys.shard_count()), "{stderr}");
+    // the same count starts: its heartbeat joins serve's
+    let port = free_port().to_string();
+    let _same = arnela(
+        "worker",
+        &url,
+        &redis_url(),
+        &prefix,
+        &[("APP_PORT", &port), ("QUEUE_SHARDS", "1")],
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the second process's workers",
+        || {
+            let (mut redis, keys) = (redis.clone(), keys.clone());
+            async move {
+                let live = arnela::queue::live_processes(&mut redis, &keys)
+                    .await
+                    .ok()?;
+                (live.len() == 2).then_some(())
+            }
+        },
+    )
+    .await;
+}

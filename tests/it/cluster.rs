@@ -146,11 +146,12 @@ fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ci/redis-cluster.sh")
 }
 
-/// A port P such that P..P+6 and their cluster bus ports (P+10000..) are free.
+/// A port P such that P..P+6 and their cluster bus ports (P+10000..) are free, below the
+/// kernel's ephemeral range (32768 and up), where outgoing connections could take them.
 fn free_ports() -> u16 {
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     loop {
-        let base = 20_000 + (Uuid::new_v4().as_u128() % 30_000) as u16;
+        let base = 10_000 + (Uuid::new_v4().as_u128() % 12_700) as u16;
         if (base..base + 6).all(|p| free(p) && free(p + 10_000)) {
             return base;
         }
