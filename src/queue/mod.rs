@@ -253,14 +253,15 @@ fn shard_index_of(keys: &Keys, raw: &str) -> usize {
     Delivery::decode(raw).map_or(keys.shard_index(), |d| keys.shard_of(d.task_id))
 }
 
-/// Entries grouped by the shard of their task (see [`shard_index_of`]).
-fn by_shard<'a>(keys: &Keys, raws: &[&'a str]) -> Vec<(Keys, Vec<&'a str>)> {
+/// The positions of the entries grouped by the shard of their task (see [`shard_index_of`]);
+/// with one shard, one group and nothing decoded.
+fn by_shard<S: AsRef<str>>(keys: &Keys, raws: &[S]) -> Vec<(Keys, Vec<usize>)> {
     if keys.shards() == 1 {
-        return vec![(keys.clone(), raws.to_vec())];
+        return vec![(keys.clone(), (0..raws.len()).collect())];
     }
-    let mut groups: Vec<Vec<&str>> = vec![Vec::new(); keys.shards()];
-    for raw in raws {
-        groups[shard_index_of(keys, raw)].push(raw);
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); keys.shards()];
+    for (i, raw) in raws.iter().enumerate() {
+        groups[shard_index_of(keys, raw.as_ref())].push(i);
     }
     groups
         .into_iter()
@@ -316,13 +317,17 @@ pub async fn ack_many(conn: &mut RedisConn, keys: &Keys, raws: &[&str]) -> Resul
     if raws.is_empty() {
         return Ok(());
     }
-    for (keys, raws) in by_shard(keys, raws) {
+    for (keys, group) in by_shard(keys, raws) {
+        let shard_raws: Vec<&str> = group.iter().map(|&i| raws[i]).collect();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        for raw in &raws {
+        for raw in &shard_raws {
             pipe.lrem(keys.processing(), -1, *raw).ignore();
         }
-        pipe.cmd("SREM").arg(keys.transit()).arg(&raws).ignore();
+        pipe.cmd("SREM")
+            .arg(keys.transit())
+            .arg(&shard_raws)
+            .ignore();
         pipe.query_async::<()>(conn).await?;
     }
     Ok(())
@@ -333,21 +338,10 @@ pub async fn in_transit(conn: &mut RedisConn, keys: &Keys, raws: &[String]) -> R
     if raws.is_empty() {
         return Ok(Vec::new());
     }
-    if keys.shards() == 1 {
-        return Ok(redis::cmd("SMISMEMBER")
-            .arg(keys.transit())
-            .arg(raws)
-            .query_async(conn)
-            .await?);
-    }
     let mut present = vec![false; raws.len()];
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); keys.shards()];
-    for (i, raw) in raws.iter().enumerate() {
-        groups[shard_index_of(keys, raw)].push(i);
-    }
-    for (k, group) in groups.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+    for (keys, group) in by_shard(keys, raws) {
         let found: Vec<bool> = redis::cmd("SMISMEMBER")
-            .arg(keys.shard(k).transit())
+            .arg(keys.transit())
             .arg(group.iter().map(|&i| &raws[i]).collect::<Vec<_>>())
             .query_async(conn)
             .await?;
@@ -525,11 +519,11 @@ pub async fn requeue_last(conn: &mut RedisConn, keys: &Keys, raws: &[&str]) -> R
         return Ok(0);
     }
     let mut moved = 0;
-    for (keys, raws) in by_shard(keys, raws) {
+    for (keys, group) in by_shard(keys, raws) {
         let mut script = REQUEUE_LAST.key(keys.processing());
         script.key(keys.tasks());
-        for raw in raws {
-            script.arg(raw);
+        for i in group {
+            script.arg(raws[i]);
         }
         moved += script.invoke_async::<u64>(conn).await?;
     }

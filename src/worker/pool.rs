@@ -375,18 +375,13 @@ async fn fetch(
             // if the claim did commit after all, the returned deliveries are duplicates, which
             // the next claim refuses
             // (undecodable entries were moved to the failed list already)
-            let decodable: Vec<String> = raws
+            let (decodable, wanted): (Vec<String>, Vec<(TaskId, i32)>) = raws
                 .into_iter()
-                .filter(|r| queue::Delivery::decode(r).is_some())
-                .collect();
+                .filter_map(|r| queue::Delivery::decode(&r).map(|d| (r, (d.task_id, d.attempt))))
+                .unzip();
             if let Err(r) = return_all(worker, &decodable).await {
                 tracing::warn!(error = %r, "cannot return deliveries whose claim failed; the rescuer will");
             }
-            let wanted: Vec<(TaskId, i32)> = decodable
-                .iter()
-                .filter_map(|r| queue::Delivery::decode(r))
-                .map(|d| (d.task_id, d.attempt))
-                .collect();
             tokio::spawn(settle(worker.clone(), leases.clone(), wanted));
             Err(e)
         }

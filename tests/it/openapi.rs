@@ -174,20 +174,7 @@ async fn each_operation_answers_exactly_the_statuses_it_documents(pool: PgPool) 
     // a task stored before AUDIT_DATA_KEY was set: its fields cannot be erased
     let plain = {
         let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
-        let new = arnela::domain::NewTask {
-            task_type: arnela::domain::TaskType::SendSms,
-            payload: arnela::domain::validate_payload(
-                arnela::domain::TaskType::SendSms,
-                json!({"phone": "+34600111222", "message": "plain"}),
-            )
-            .unwrap(),
-            max_attempts: 3,
-            run_at: chrono::Utc::now(),
-            idempotency_key: None,
-            invalidates: Vec::new(),
-            owner: String::new(),
-            trace: None,
-        };
+        let new = common::new_sms("plain");
         let made = arnela::store::tasks::enqueue(&mut tx, vec![new], chrono::Utc::now(), None)
             .await
             .unwrap();

@@ -170,20 +170,10 @@ async fn a_late_commit_is_projected_later_never_skipped(pool: PgPool) {
     let p = Projector::new(pool.clone(), Projection::Totals);
     // a transaction that appends an event and stays open
     let mut open = arnela::store::Tx::begin(&pool).await.unwrap();
-    let news = vec![arnela::domain::NewTask {
-        task_type: TaskType::SendEmail,
-        payload: arnela::domain::validate_payload(
-            TaskType::SendEmail,
-            json!({"to": "a@b.es", "subject": "s", "body": "b"}),
-        )
-        .unwrap(),
-        max_attempts: 3,
-        run_at: chrono::Utc::now(),
-        idempotency_key: None,
-        invalidates: Vec::new(),
-        owner: String::new(),
-        trace: None,
-    }];
+    let news = vec![common::new_task(
+        TaskType::SendEmail,
+        json!({"to": "a@b.es", "subject": "s", "body": "b"}),
+    )];
     arnela::store::tasks::enqueue(&mut open, news, chrono::Utc::now(), None)
         .await
         .unwrap();

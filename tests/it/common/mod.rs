@@ -197,13 +197,20 @@ pub async fn counts(pool: &PgPool) -> (i64, i64, i64) {
 
 /// A valid SMS task to enqueue through the store.
 pub fn new_sms(message: &str) -> arnela::domain::NewTask {
+    new_task(
+        arnela::domain::TaskType::SendSms,
+        serde_json::json!({"phone": "+34123456789", "message": message}),
+    )
+}
+
+/// A task of `task_type` with a valid `payload`, as the store takes it (three attempts, due now).
+pub fn new_task(
+    task_type: arnela::domain::TaskType,
+    payload: serde_json::Value,
+) -> arnela::domain::NewTask {
     arnela::domain::NewTask {
-        task_type: arnela::domain::TaskType::SendSms,
-        payload: arnela::domain::validate_payload(
-            arnela::domain::TaskType::SendSms,
-            serde_json::json!({"phone": "+34123456789", "message": message}),
-        )
-        .unwrap(),
+        task_type,
+        payload: arnela::domain::validate_payload(task_type, payload).unwrap(),
         max_attempts: 3,
         run_at: chrono::Utc::now(),
         idempotency_key: None,
