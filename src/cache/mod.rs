@@ -6,13 +6,18 @@
 //! are single-flight: concurrent misses on one key in a process call the loader once, and a short
 //! Redis lock (`SET NX PX`) keeps other processes from loading the same key at the same time.
 //!
-//! **No stale value survives an invalidation.** Deleting a key ([`Cache::delete`],
-//! [`Cache::invalidate`]) also bumps a generation counter of the key (a pattern delete bumps one
-//! epoch for the whole cache). `get_or_set` reads the generation together with the value before
-//! it loads, and writes the loaded value only if neither the key's generation nor the epoch moved
-//! meanwhile (one Lua script). A loader that read the old data before a write committed can
-//! therefore not put it back after the invalidation that followed the write: its value is
-//! returned to its caller but not cached.
+//! **No stale value survives an invalidation.** A load on a miss first makes sure the key has a
+//! generation: a random token, created if missing (`SET NX`, with the generation TTL). Deleting a
+//! key ([`Cache::delete`], [`Cache::invalidate`]) deletes its generation with it (a pattern delete
+//! bumps one epoch for the whole cache). `get_or_set` writes the loaded value only if the key
+//! still has the generation the load began with and the epoch did not move meanwhile (one Lua
+//! script). A loader that read the old data before a write committed can therefore not put it
+//! back after the invalidation that followed the write: its value is returned to its caller but
+//! not cached.
+//!
+//! Only loads create generations. An invalidation of a key nobody read (the common case: the
+//! projector invalidates every task's own key at each of its events) leaves nothing behind in
+//! Redis and costs two `UNLINK` arguments, sent with the batch's other keys in one round trip.
 
 pub mod invalidation;
 pub mod keys;
@@ -121,21 +126,21 @@ pub fn coalesce<S: AsRef<str>>(globs: &[S]) -> Vec<String> {
     wide
 }
 
-/// How long a key's generation counter outlives its last bump: far longer than any load.
+/// How long a key's generation (and the cache epoch) lives: far longer than any load. A load
+/// that outlasts its generation only leaves its value uncached.
 const GENERATION_TTL_MS: u64 = 60 * 60 * 1000;
 
-/// Deletes value keys and bumps their generation counters. KEYS: pairs (value, generation);
-/// ARGV[1]: the counters' time to live in ms. Returns how many values existed.
-static DELETE_KEYS: LazyLock<redis::Script> = LazyLock::new(|| {
+/// The key's generation, created as ARGV[1] (with ARGV[2] ms to live) when it has none.
+/// KEYS: generation.
+static GENERATION: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
-local deleted = 0
-for i = 1, #KEYS, 2 do
-  redis.call('INCR', KEYS[i + 1])
-  redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
-  deleted = deleted + redis.call('UNLINK', KEYS[i])
+local generation = redis.call('GET', KEYS[1])
+if generation then
+  return generation
 end
-return deleted
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
 "#,
     )
 });
@@ -219,7 +224,7 @@ pub struct Cache {
     prefix: String,
     /// The cluster slot of every cache key (their common hash tag).
     slot: u16,
-    /// `{prefix}:cache-gen:`: generation counters, outside the namespace patterns match.
+    /// `{prefix}:cache-gen:`: the keys' generations, outside the namespace patterns match.
     gen_prefix: String,
     /// `{prefix}:cache:invalidations`: where invalidations are published.
     channel: String,
@@ -294,18 +299,24 @@ impl Cache {
         Ok(self.delete_keys(&[key]).await? > 0)
     }
 
-    /// Deletes the keys and bumps their generations in one script; returns how many existed.
+    /// Deletes the keys and their generations (a load under way then caches nothing), 500 keys
+    /// to a round trip; returns how many values existed. Every cache key shares the prefix's hash
+    /// tag, so one `UNLINK` may name many of them on a cluster too.
     pub async fn delete_keys<S: AsRef<str>>(&self, keys: &[S]) -> Result<u64> {
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
-            let mut inv = DELETE_KEYS.prepare_invoke();
+            let mut values = redis::cmd("UNLINK");
+            let mut generations = redis::cmd("UNLINK");
             for key in chunk {
-                inv.key(self.full(key.as_ref()))
-                    .key(self.generation(key.as_ref()));
+                values.arg(self.full(key.as_ref()));
+                generations.arg(self.generation(key.as_ref()));
             }
-            inv.arg(GENERATION_TTL_MS);
             let mut c = self.conn.clone();
-            let n: u64 = inv.invoke_async(&mut c).await?;
+            let (n, _): (u64, u64) = redis::pipe()
+                .add_command(values)
+                .add_command(generations)
+                .query_async(&mut c)
+                .await?;
             deleted += n;
         }
         Ok(deleted)
@@ -432,6 +443,20 @@ impl Cache {
             }
         };
         self.stats.count(key, 1, 1);
+        let guard = match guard.generation {
+            Some(_) => guard,
+            None => match self.create_generation(key).await {
+                Ok(generation) => Generation {
+                    generation: Some(generation),
+                    ..guard
+                },
+                Err(e) => {
+                    tracing::warn!(cache.family = keys::family(key), error = %e, "cache unavailable; loading directly");
+                    self.stats.count(key, 2, 1);
+                    return self.load(key, loader).await;
+                }
+            },
+        };
 
         // one load per key and process at a time
         let flight = {
@@ -478,6 +503,17 @@ impl Cache {
                 .query_async(&mut c)
                 .await?;
         Ok((raw, Generation { generation, epoch }))
+    }
+
+    /// The key's generation, a new random one if it has none.
+    async fn create_generation(&self, key: &str) -> Result<String> {
+        let mut c = self.conn.clone();
+        Ok(GENERATION
+            .key(self.generation(key))
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(GENERATION_TTL_MS)
+            .invoke_async(&mut c)
+            .await?)
     }
 
     /// Sets the value unless the key was invalidated since `seen` was read; true if set.

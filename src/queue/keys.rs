@@ -167,7 +167,7 @@ impl Keys {
         format!("{}:cache:", self.prefix)
     }
 
-    /// What the generation counter of a cache key starts with (the guarded writes).
+    /// What the generation of a cache key starts with (the guarded writes).
     pub fn cache_generation_prefix(&self) -> String {
         format!("{}:cache-gen:", self.prefix)
     }

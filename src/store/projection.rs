@@ -124,6 +124,10 @@ pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Even
 }
 
 /// The tasks the batch after `after` touched (see [`TaskTouched`]).
+///
+/// Only a success reads the task's `enqueued` event. `OFFSET 0` keeps the lateral subquery a
+/// subquery, so `b.succeeded` gates the lookup; flattened, the planner applied it as a join
+/// filter after looking up every touched task in every partition of the log.
 pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<TaskTouched>> {
     Ok(sqlx::query_as(&format!(
         "WITH {BATCH}, touched AS ( \
@@ -139,7 +143,7 @@ pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Ta
          LEFT JOIN LATERAL ( \
            SELECT f.data->'payload' AS payload, f.data->'invalidates' AS invalidates \
            FROM task_events f \
-           WHERE b.succeeded AND f.task_id = b.task_id AND f.sequence = 1) f ON true"
+           WHERE b.succeeded AND f.task_id = b.task_id AND f.sequence = 1 OFFSET 0) f ON true"
     ))
     .bind(after)
     .bind(limit)

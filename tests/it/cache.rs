@@ -224,3 +224,63 @@ async fn failed_and_finished_loads_leave_no_flight_behind() {
     assert_eq!(results.iter().filter(|r| r.is_err()).count(), 50);
     assert_eq!(cache.loads_in_flight(), 0);
 }
+
+/// Whether the key's generation exists in Redis.
+async fn has_generation(prefix: &str, key: &str) -> bool {
+    let generation = format!(
+        "{}{key}",
+        arnela::queue::Keys::new(prefix).cache_generation_prefix()
+    );
+    let n: i64 = redis::cmd("EXISTS")
+        .arg(generation)
+        .query_async(&mut redis().await)
+        .await
+        .unwrap();
+    n == 1
+}
+
+#[tokio::test]
+async fn a_load_overtaken_by_an_invalidation_is_not_cached() {
+    let prefix = unique_prefix();
+    let cache = Cache::new(redis().await, &prefix);
+    let key = keys::client("9");
+    // the loader reads the old row, then the write commits and its invalidation runs
+    let old: Result<String, ()> = cache
+        .get_or_set(&key, Ttl::Short, || async {
+            assert!(
+                has_generation(&prefix, &key).await,
+                "a load has a generation"
+            );
+            cache.delete(&key).await.unwrap();
+            Ok("old".to_owned())
+        })
+        .await;
+    assert_eq!(old.as_deref(), Ok("old"), "the caller gets what it loaded");
+    assert!(!cache.exists(&key).await.unwrap(), "but it is not cached");
+    // the next load starts after the invalidation: its value is cached
+    let new: Result<String, ()> = cache
+        .get_or_set(&key, Ttl::Short, || async { Ok("new".to_owned()) })
+        .await;
+    assert_eq!(new.as_deref(), Ok("new"));
+    assert_eq!(
+        cache.get::<String>(&key).await.unwrap().as_deref(),
+        Some("new")
+    );
+    // an invalidation takes the value and its generation
+    assert!(cache.delete(&key).await.unwrap());
+    assert!(!has_generation(&prefix, &key).await);
+}
+
+#[tokio::test]
+async fn invalidating_keys_nobody_read_leaves_nothing_in_redis() {
+    let prefix = unique_prefix();
+    let cache = Cache::new(redis().await, &prefix);
+    let task_keys: Vec<String> = (0..1200)
+        .map(|_| keys::task(uuid::Uuid::new_v4()))
+        .collect();
+    assert_eq!(cache.delete_keys(&task_keys).await.unwrap(), 0);
+    for key in [&task_keys[0], &task_keys[599], &task_keys[1199]] {
+        assert!(!cache.exists(key).await.unwrap());
+        assert!(!has_generation(&prefix, key).await, "{key}");
+    }
+}
