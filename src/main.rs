@@ -10,12 +10,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// mimalloc instead of the system allocator: the request and event paths allocate many small
-/// short-lived values (JSON documents, rows, keys), and glibc's malloc and free were about a
-/// quarter of the service's CPU under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
