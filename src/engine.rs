@@ -41,18 +41,6 @@ impl StepError {
         let StepError::Store(StoreError::Database(e)) = self else {
             return false;
         };
-        match e {
-            sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::WorkerCrashed => true,
-            // connection exceptions (08) and a server shutting down or restarting (57)
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
-            _ => false,
-        }
+        crate::store::is_unavailable(e)
     }
 }

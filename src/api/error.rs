@@ -321,7 +321,7 @@ impl From<StoreError> for ApiError {
                     ),
                 )))
             }
-            StoreError::Database(db) if is_unavailable(&db) => {
+            StoreError::Database(db) if crate::store::is_unavailable(&db) => {
                 tracing::warn!(error = %db, "database unavailable");
                 ApiError::Unavailable(
                     Json(ErrorBody::new(
@@ -334,13 +334,6 @@ impl From<StoreError> for ApiError {
             other => ApiError::internal(&other),
         }
     }
-}
-
-fn is_unavailable(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
-    )
 }
 
 /// The machine-readable code of an error poem raised by itself.

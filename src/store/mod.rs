@@ -267,12 +267,34 @@ pub async fn connect_by(
         // `extra_float_digits`) unless told to ignore them, and would then drop them
         Route::TransactionPooler => options.extra_float_digits(None),
     };
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
+    let pool = pool_options(max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// A connection used this recently is handed out without a test round trip.
+const TESTED_IF_IDLE_FOR: Duration = Duration::from_millis(500);
+
+/// The pool's settings: a connection idle for longer than [`TESTED_IF_IDLE_FOR`] is tested with
+/// a round trip before it is handed out (a dead one is replaced); a more recent one is not,
+/// because the pool already tested it when it was released. sqlx's default tests every
+/// acquisition: two round trips beside the statement of a single `POST /tasks`, about a fifth of
+/// the API's CPU. A connection that dies within that window (Postgres restarted in less than
+/// half a second) fails its next statement once and is then closed.
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > TESTED_IF_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// The [`SESSION_SETTINGS`] a session of `pool` does not have (behind a transaction pooler they
@@ -298,10 +320,28 @@ pub fn connect_lazy(
     max_connections: u32,
     acquire_timeout: Duration,
 ) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
+    pool_options(max_connections)
         .acquire_timeout(acquire_timeout)
         .connect_lazy_with(options.options(SESSION_SETTINGS))
+}
+
+/// The database could not be reached (connection refused or lost, pool timed out) or is shutting
+/// down or restarting: worth trying again later, unlike an error the database answered with.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // connection exceptions (08) and a server shutting down or restarting (57), as a
+        // pooled connection reports at its next statement after Postgres went away
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57")),
+        _ => false,
+    }
 }
 
 /// One round trip: whether Postgres answers (for `/health`).

@@ -67,6 +67,38 @@ async fn health_is_503_while_postgres_is_stopped_and_recovers() {
     assert_eq!(get(&c, "/tasks").await.0, 200);
 }
 
+/// The service's own pool hands out a connection used less than 500 ms ago without testing it:
+/// a request that gets one from a Postgres that just died is still a 503, never a 500, and the
+/// pool heals once Postgres is back.
+#[tokio::test]
+async fn a_pooled_connection_that_postgres_dropped_gives_503_not_500() {
+    let pg = PgServer::start(free_port());
+    let options: sqlx::postgres::PgConnectOptions = pg.url().parse().unwrap();
+    let pool = arnela::store::connect(options, 2).await.unwrap();
+    arnela::store::migrate(&pool).await.unwrap();
+    let c = client_for(context(pool).await);
+    assert_eq!(get(&c, "/tasks").await.0, 200);
+
+    pg.stop();
+    let (status, err) = get(&c, "/tasks").await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (503, Some("database_unavailable")),
+        "{err}"
+    );
+
+    pg.resume();
+    eventually(Duration::from_secs(20), "the API to answer again", || {
+        let c = &c;
+        async move {
+            let (status, body) = get(c, "/tasks").await;
+            assert_ne!(status, 500, "{body}");
+            (status == 200).then_some(())
+        }
+    })
+    .await;
+}
+
 #[sqlx::test]
 async fn health_reports_depths_backlog_projectors_and_dependency_latency(pool: PgPool) {
     let ctx = context(pool.clone()).await;
