@@ -321,7 +321,12 @@ impl From<StoreError> for ApiError {
                     ),
                 )))
             }
-            StoreError::Database(db) if crate::store::is_unavailable(&db) => {
+            // a cancelled statement (57014: `statement_timeout`, `pg_cancel_backend`) is an
+            // answer, not an outage
+            StoreError::Database(db)
+                if crate::store::is_unavailable(&db)
+                    && db.as_database_error().and_then(|d| d.code()).as_deref() != Some("57014") =>
+            {
                 tracing::warn!(error = %db, "database unavailable");
                 ApiError::Unavailable(
                     Json(ErrorBody::new(

@@ -294,7 +294,7 @@ impl Cache {
         Ok(())
     }
 
-    /// Deletes the key and bumps its generation (see the module docs); true if it existed.
+    /// Deletes the key and its generation (see the module docs); true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool> {
         Ok(self.delete_keys(&[key]).await? > 0)
     }
@@ -302,6 +302,11 @@ impl Cache {
     /// Deletes the keys and their generations (a load under way then caches nothing), 500 keys
     /// to a round trip; returns how many values existed. Every cache key shares the prefix's hash
     /// tag, so one `UNLINK` may name many of them on a cluster too.
+    ///
+    /// The generations go first: the pipeline is not atomic, and a load that finished between
+    /// the two commands could otherwise write its old value after the values' `UNLINK` and
+    /// before the generations'. In this order such a write either fails its generation check
+    /// or is deleted by the values' `UNLINK`.
     pub async fn delete_keys<S: AsRef<str>>(&self, keys: &[S]) -> Result<u64> {
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
@@ -312,9 +317,9 @@ impl Cache {
                 generations.arg(self.generation(key.as_ref()));
             }
             let mut c = self.conn.clone();
-            let (n, _): (u64, u64) = redis::pipe()
-                .add_command(values)
+            let (_, n): (u64, u64) = redis::pipe()
                 .add_command(generations)
+                .add_command(values)
                 .query_async(&mut c)
                 .await?;
             deleted += n;
@@ -510,7 +515,9 @@ impl Cache {
         let mut c = self.conn.clone();
         Ok(GENERATION
             .key(self.generation(key))
-            .arg(uuid::Uuid::new_v4().simple().to_string())
+            // a number, so that a process of an earlier version, whose invalidation `INCR`s the
+            // generation, can still invalidate the key during a rolling upgrade
+            .arg(rand::random_range(1..i64::MAX).to_string())
             .arg(GENERATION_TTL_MS)
             .invoke_async(&mut c)
             .await?)

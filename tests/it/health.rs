@@ -68,16 +68,37 @@ async fn health_is_503_while_postgres_is_stopped_and_recovers() {
 }
 
 /// The service's own pool hands out a connection used less than 500 ms ago without testing it:
-/// a request that gets one from a Postgres that just died is still a 503, never a 500, and the
-/// pool heals once Postgres is back.
+/// a request that gets one whose session Postgres ended (terminated, or the server gone) is a
+/// 503, never a 500, and the pool heals.
 #[tokio::test]
 async fn a_pooled_connection_that_postgres_dropped_gives_503_not_500() {
     let pg = PgServer::start(free_port());
     let options: sqlx::postgres::PgConnectOptions = pg.url().parse().unwrap();
-    let pool = arnela::store::connect(options, 2).await.unwrap();
+    let pool = arnela::store::connect(options.application_name("arnela-pool"), 1)
+        .await
+        .unwrap();
     arnela::store::migrate(&pool).await.unwrap();
     let c = client_for(context(pool).await);
     assert_eq!(get(&c, "/tasks").await.0, 200);
+
+    // the session ends with FATAL 57P01, which the next statement on it reads
+    let admin = sqlx::postgres::PgPool::connect(&pg.url()).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'arnela-pool') t",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1);
+    let (status, err) = get(&c, "/tasks").await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (503, Some("database_unavailable")),
+        "{err}"
+    );
+    assert_eq!(get(&c, "/tasks").await.0, 200, "a new session replaced it");
+    admin.close().await;
 
     pg.stop();
     let (status, err) = get(&c, "/tasks").await;
