@@ -72,17 +72,27 @@ pub async fn ping(conn: &mut RedisConn, keys: &Keys) -> Result<()> {
 /// Binds the namespace to `shards` queue shards if it is unbound (`SET NX`); returns the count it
 /// is bound to. Every process of a deployment must use the same count (see [`keys`]).
 pub async fn bind_shards(conn: &mut RedisConn, keys: &Keys) -> Result<usize> {
-    let (bound,): (usize,) = redis::pipe()
+    set_if_absent(conn, &keys.shard_count(), keys.shards()).await
+}
+
+/// Sets `key` to `value` unless it is set (`SET NX`), and returns what it holds then, in one
+/// round trip.
+async fn set_if_absent<V, T>(conn: &mut RedisConn, key: &str, value: V) -> Result<T>
+where
+    V: redis::ToRedisArgs,
+    T: redis::FromRedisValue,
+{
+    let (held,): (T,) = redis::pipe()
         .cmd("SET")
-        .arg(keys.shard_count())
-        .arg(keys.shards())
+        .arg(key)
+        .arg(value)
         .arg("NX")
         .ignore()
         .cmd("GET")
-        .arg(keys.shard_count())
+        .arg(key)
         .query_async(conn)
         .await?;
-    Ok(bound)
+    Ok(held)
 }
 
 /// Where Redis is: the connection (`redis://`, or TLS with `rediss://` / `REDIS_TLS`) and the
@@ -481,17 +491,7 @@ pub async fn mark_seeded_bound(
 /// Binds the namespace to `binding` if it is unbound (`SET NX`, the seeded marker untouched);
 /// returns what it is bound to.
 pub async fn bind(conn: &mut RedisConn, keys: &Keys, binding: &str) -> Result<String> {
-    let (bound,): (String,) = redis::pipe()
-        .cmd("SET")
-        .arg(keys.database())
-        .arg(binding)
-        .arg("NX")
-        .ignore()
-        .cmd("GET")
-        .arg(keys.database())
-        .query_async(conn)
-        .await?;
-    Ok(bound)
+    set_if_absent(conn, &keys.database(), binding).await
 }
 
 /// Moves each entry still on the processing list back to the far end of the queue. KEYS:
