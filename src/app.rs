@@ -173,6 +173,13 @@ impl App {
                 })
                 .collect(),
             waker: self.waker.clone(),
+            publisher: crate::relay::Publisher::new(
+                self.pool.clone(),
+                self.redis.clone(),
+                self.keys.clone(),
+                self.waker.clone(),
+                self.metrics.clone(),
+            ),
             cache: self.cache.clone(),
             auth,
             metrics: self.metrics.clone(),

@@ -1,5 +1,7 @@
 //! The outbox relay: moves due outbox rows to the Redis queue and records that each task was
-//! dispatched. [`Relay::run_once`] does one batch; [`Relay::run`] loops around it.
+//! dispatched. [`Relay::run_once`] does one batch; [`Relay::run`] loops around it. New tasks due
+//! now are published by their own enqueue instead ([`Publisher`]); the relays publish the rest
+//! (scheduled tasks, retries, requeues, re-publishing, and what an enqueue could not publish).
 //!
 //! One batch is one transaction: lock up to `batch` due rows (`FOR UPDATE SKIP LOCKED`, so any
 //! number of relays share the work), lock their tasks, append a `dispatched` event to each task
@@ -31,9 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::binding::Binding;
 use crate::domain::TaskStatus;
-use crate::metrics::Metrics;
+use crate::metrics::{LeftToRelays, Metrics};
 use crate::queue::{self, Delivery, Keys};
 use crate::store::outbox::OutboxListener;
+use crate::store::tasks::Dispatched;
 use crate::store::transition::{self, Lock, Payload, Target};
 use crate::store::{outbox, Tx};
 
@@ -305,5 +308,205 @@ impl Relay {
                 self.config.poll
             }
         }
+    }
+}
+
+/// How long an enqueue leaves its deliveries to the relays after the namespace could not be
+/// verified, before trying Redis again (an unreachable Redis must not cost every request a
+/// failed round trip).
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(1);
+
+/// How long a successful check of the namespace holds (as [`crate::binding::VERIFY_EVERY`]).
+const VERIFIED_FOR: Duration = crate::binding::VERIFY_EVERY;
+
+/// How long enqueues leave their deliveries to the relays after finding the namespace not yet
+/// seeded (a relay or rescuer seeds it within one of its passes).
+const NOT_SEEDED_RECHECK: Duration = Duration::from_millis(100);
+
+/// The longest an enqueue waits for its push after the commit; past it the rows go back to the
+/// relays (a push that lands later only duplicates a delivery, which the claim refuses).
+const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The API's publication of what it has just enqueued: the relay's step for new tasks that are
+/// due now, without the relay's transaction.
+///
+/// [`crate::store::tasks::enqueue_dispatched`] records each such task's `dispatched` event and
+/// writes its outbox row published, in the enqueue's own transaction; after the commit,
+/// [`Publisher::publish`] pushes the deliveries (the relay's `LPUSH` and `SADD` to the transit
+/// set). The order is the reverse of the relay's (push, then commit): the enqueue's commit is
+/// what makes the task exist, and nothing reaches Redis for a task Postgres does not hold
+/// committed.
+///
+/// - Before the transaction, [`Publisher::ready`] checks that the namespace serves this
+///   database ([`Binding::verify`]); if it cannot (Redis unreachable, or bound elsewhere), the
+///   enqueue writes its rows unpublished and the relays take them, as they take scheduled tasks
+///   and retries.
+/// - A push that fails marks its rows unpublished again, so the relays publish them.
+/// - A push that never happens (the process died between the commit and the push, or the rows
+///   could not be marked unpublished either) leaves a published row whose delivery is in
+///   neither list nor transit set: the rescuer's transit check publishes it again after
+///   `REPUBLISH_AFTER_SECS`.
+/// - Redis emptied around the push: the relays and rescuers re-seed from Postgres (their
+///   seeded marker), which re-publishes rows committed before it; a push landing after a
+///   re-seed is a duplicate at worst.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    pool: PgPool,
+    redis: RedisConn,
+    keys: Keys,
+    binding: Binding,
+    waker: outbox::OutboxWaker,
+    metrics: Metrics,
+    state: std::sync::Mutex<PublisherState>,
+}
+
+#[derive(Default)]
+struct PublisherState {
+    /// Until when the last successful check holds.
+    verified_until: Option<std::time::Instant>,
+    /// Until when enqueues leave their deliveries to the relays without asking Redis, and why.
+    unavailable_until: Option<(std::time::Instant, LeftToRelays)>,
+}
+
+impl Publisher {
+    pub fn new(
+        pool: PgPool,
+        redis: RedisConn,
+        keys: Keys,
+        waker: outbox::OutboxWaker,
+        metrics: Metrics,
+    ) -> Publisher {
+        Publisher {
+            inner: Arc::new(PublisherInner {
+                binding: Binding::new(pool.clone(), keys.clone()),
+                pool,
+                redis,
+                keys,
+                waker,
+                metrics,
+                state: std::sync::Mutex::default(),
+            }),
+        }
+    }
+
+    /// Whether an enqueue may publish its deliveries itself: within the last second the
+    /// namespace was seen to serve this database ([`Binding::check`]) and to be seeded (the
+    /// marker relays and rescuers set, [`queue::mark_seeded_bound`]). Without the marker the
+    /// first relay or rescuer to set it re-publishes everything in transit, so a delivery
+    /// pushed before would be pushed twice; the enqueue leaves it to the relays instead. When
+    /// not ready, the reason is counted for `n` deliveries (and an unusable namespace logged, at
+    /// most once per [`UNAVAILABLE_FOR`]).
+    pub async fn ready(&self, n: usize) -> bool {
+        let me = &self.inner;
+        let now = std::time::Instant::now();
+        let (fresh, held_off) = {
+            let state = me.state.lock().expect("publisher state");
+            (
+                state.verified_until.is_some_and(|until| now < until),
+                state.unavailable_until.filter(|(until, _)| now < *until),
+            )
+        };
+        if fresh {
+            return true;
+        }
+        if let Some((_, reason)) = held_off {
+            me.metrics.observe_enqueue_left_to_relays(reason, n);
+            return false;
+        }
+        let mut conn = me.redis.clone();
+        let checked = tokio::time::timeout(PUSH_TIMEOUT, async {
+            me.binding.check(&mut conn).await?;
+            Ok::<_, crate::binding::BindingError>(queue::seeded_epoch(&mut conn, &me.keys).await?)
+        })
+        .await;
+        let (reason, wait) = match checked {
+            Ok(Ok(Some(_))) => {
+                me.state.lock().expect("publisher state").verified_until = Some(now + VERIFIED_FOR);
+                return true;
+            }
+            Ok(Ok(None)) => (LeftToRelays::NotSeeded, NOT_SEEDED_RECHECK),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    error = %e,
+                    "enqueues leave their deliveries to the relays for {UNAVAILABLE_FOR:?}"
+                );
+                (LeftToRelays::NamespaceUnavailable, UNAVAILABLE_FOR)
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "no answer from Redis within {PUSH_TIMEOUT:?}; enqueues leave their \
+                     deliveries to the relays for {UNAVAILABLE_FOR:?}"
+                );
+                (LeftToRelays::NamespaceUnavailable, UNAVAILABLE_FOR)
+            }
+        };
+        me.state.lock().expect("publisher state").unavailable_until = Some((now + wait, reason));
+        me.metrics.observe_enqueue_left_to_relays(reason, n);
+        false
+    }
+
+    /// Pushes the deliveries of attempt 1 of `dispatched` (committed by
+    /// [`crate::store::tasks::enqueue_dispatched`]). If the push fails, their rows are marked
+    /// unpublished and the relays woken; if that fails too, the rescuer's transit check finds
+    /// them (see the type's docs). Either way the enqueue has succeeded: the error is logged,
+    /// not returned.
+    pub async fn publish(&self, dispatched: &[Dispatched]) {
+        if dispatched.is_empty() {
+            return;
+        }
+        let me = &self.inner;
+        let deliveries: Vec<Delivery> = dispatched
+            .iter()
+            .map(|d| Delivery {
+                task_id: d.task_id,
+                attempt: 1,
+                task_type: d.task_type.to_string(),
+            })
+            .collect();
+        let mut conn = me.redis.clone();
+        let pushed = tokio::time::timeout(
+            PUSH_TIMEOUT,
+            queue::publish(&mut conn, &me.keys, &deliveries),
+        )
+        .await;
+        let error = match pushed {
+            Ok(Ok(())) => {
+                me.metrics.observe_enqueue_published(deliveries.len());
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer from Redis within {PUSH_TIMEOUT:?}"),
+        };
+        me.metrics
+            .observe_enqueue_left_to_relays(LeftToRelays::PushFailed, deliveries.len());
+        let pairs: Vec<(TaskId, i32)> = dispatched.iter().map(|d| (d.task_id, 1)).collect();
+        match self.unpublish(&pairs).await {
+            Ok(n) => {
+                tracing::warn!(
+                    error = %error,
+                    deliveries = n,
+                    "cannot push new deliveries; the relays will publish them"
+                );
+                me.waker.wake();
+            }
+            Err(e) => tracing::error!(
+                error = %error,
+                unpublish_error = %e,
+                deliveries = pairs.len(),
+                "cannot push new deliveries nor give them back to the relays; the rescuer's \
+                 transit check will publish them again"
+            ),
+        }
+    }
+
+    async fn unpublish(&self, pairs: &[(TaskId, i32)]) -> crate::store::Result<u64> {
+        let mut tx = Tx::begin(&self.inner.pool).await?;
+        let n = outbox::unpublish(&mut tx, pairs).await?;
+        tx.commit().await?;
+        Ok(n)
     }
 }

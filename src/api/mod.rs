@@ -44,6 +44,8 @@ pub struct ApiContext {
     pub channels: std::collections::BTreeMap<String, String>,
     /// Wakes the relays after an enqueue commits.
     pub waker: crate::store::outbox::OutboxWaker,
+    /// Publishes the deliveries of new tasks due now, after their enqueue commits.
+    pub publisher: crate::relay::Publisher,
     /// Hot reads (a task's state, the statistics), invalidated by the projector.
     pub cache: crate::cache::Cache,
     /// Verifies the bearer tokens.

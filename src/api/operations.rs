@@ -156,8 +156,8 @@ impl OperationsApi {
 
     /// Pause a task type
     ///
-    /// The type's tasks stay queued (or retrying) until it is resumed: relays stop publishing
-    /// them, and a delivery already in Redis is given back to the outbox instead of being
+    /// The type's tasks stay queued (or retrying) until it is resumed: neither enqueues nor
+    /// relays publish them, and a delivery already in Redis is given back to the outbox instead of being
     /// claimed. Running attempts finish. The state is kept in Postgres: it holds across restarts
     /// and for every process. Pausing a paused type changes nothing.
     ///

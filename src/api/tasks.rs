@@ -159,11 +159,7 @@ impl TasksApi {
             traceparent.0.as_deref(),
             tracestate.0.as_deref(),
         );
-        let mut tx = writer(&self.ctx.pool, std::slice::from_ref(&new)).await?;
-        let result =
-            tasks::enqueue(&mut tx, vec![new], Utc::now(), self.ctx.data_key.as_deref()).await?;
-        tx.commit().await?;
-        self.ctx.waker.wake();
+        let result = write(&self.ctx, vec![new]).await?;
         match result.into_iter().next() {
             Some(Enqueued::Created(row)) => {
                 let view = TaskView::from(row);
@@ -215,11 +211,7 @@ impl TasksApi {
             new.trace = trace.clone();
             news.push(new);
         }
-        let mut tx = writer(&self.ctx.pool, &news).await?;
-        let results =
-            tasks::enqueue(&mut tx, news, Utc::now(), self.ctx.data_key.as_deref()).await?;
-        tx.commit().await?;
-        self.ctx.waker.wake();
+        let results = write(&self.ctx, news).await?;
         let created = results
             .iter()
             .filter(|r| matches!(r, Enqueued::Created(_)))
@@ -531,6 +523,34 @@ impl TasksApi {
             tracing::warn!(task.id = %id, error = %e, "cannot drop the cached task; the projector will");
         }
     }
+}
+
+/// Writes the tasks of one request and publishes the deliveries of those due now (see
+/// [`crate::relay::Publisher`]); the relays are woken for the rest.
+async fn write(ctx: &ApiContext, news: Vec<NewTask>) -> Result<Vec<Enqueued>, ApiError> {
+    let now = Utc::now();
+    let due = news.iter().filter(|n| n.run_at <= now).count();
+    let direct = due > 0 && ctx.publisher.ready(due).await;
+    let mut tx = writer(&ctx.pool, &news).await?;
+    let (results, dispatched) = if direct {
+        tasks::enqueue_dispatched(&mut tx, news, now, ctx.data_key.as_deref()).await?
+    } else {
+        let results = tasks::enqueue(&mut tx, news, now, ctx.data_key.as_deref()).await?;
+        (results, Vec::new())
+    };
+    tx.commit().await?;
+    ctx.publisher.publish(&dispatched).await;
+    let created: Vec<&crate::domain::Task> = results
+        .iter()
+        .filter_map(|r| match r {
+            Enqueued::Created(t) => Some(t),
+            Enqueued::Existing(_) => None,
+        })
+        .collect();
+    if created.len() > dispatched.len() {
+        ctx.waker.wake();
+    }
+    Ok(results)
 }
 
 /// The connection an enqueue writes on. Without idempotency keys the enqueue is one statement,

@@ -380,12 +380,43 @@ fn attempt_histogram() -> Histogram {
     Histogram::new(ATTEMPT_BUCKETS.iter().copied())
 }
 
+/// Why an enqueue left the deliveries of its new tasks to the relays
+/// (`arnela_enqueue_deliveries_left_to_relays_total`, see [`crate::relay::Publisher`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftToRelays {
+    /// Redis unreachable, or the namespace serves another database.
+    NamespaceUnavailable,
+    /// The namespace has no seeded marker yet: the first relay or rescuer to set it re-publishes
+    /// everything in transit, so a delivery pushed before would be pushed twice.
+    NotSeeded,
+    /// The push after the commit failed; the rows were given back to the relays.
+    PushFailed,
+}
+
+impl LeftToRelays {
+    pub const ALL: [LeftToRelays; 3] = [
+        LeftToRelays::NamespaceUnavailable,
+        LeftToRelays::NotSeeded,
+        LeftToRelays::PushFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeftToRelays::NamespaceUnavailable => "namespace_unavailable",
+            LeftToRelays::NotSeeded => "not_seeded",
+            LeftToRelays::PushFailed => "push_failed",
+        }
+    }
+}
+
 /// This process's own families, all registered in [`Inner::registry`].
 struct Own {
     http_requests: Series<HttpLabels, Counter>,
     http_latency: HistogramSeries<HttpLabels>,
     relay_batches: Histogram,
     relay_published: Counter,
+    enqueue_published: Counter,
+    enqueue_left: Series<ReasonLabel, Counter>,
     attempts: Series<AttemptLabels, Counter>,
     attempt_durations: HistogramSeries<AttemptLabels>,
     skipped: Series<ReasonLabel, Counter>,
@@ -400,6 +431,8 @@ const OWN_NAMES: &[&str] = &[
     "arnela_http_request_duration_seconds",
     "arnela_relay_batch_rows",
     "arnela_relay_deliveries_published_total",
+    "arnela_enqueue_deliveries_published_total",
+    "arnela_enqueue_deliveries_left_to_relays_total",
     "arnela_worker_attempts_total",
     "arnela_worker_attempt_duration_seconds",
     "arnela_deliveries_skipped_total",
@@ -468,6 +501,22 @@ impl Own {
                 "Deliveries this process's relay pushed to the Redis queue.",
                 Counter::default(),
             ),
+            enqueue_published: counter(
+                r,
+                "arnela_enqueue_deliveries_published_total",
+                "Deliveries this process's API pushed to the Redis queue as soon as their \
+                 enqueue committed.",
+                Counter::default(),
+            ),
+            enqueue_left: counter(
+                r,
+                "arnela_enqueue_deliveries_left_to_relays_total",
+                "Tasks due now in enqueue requests that this process's API left to the relays, by \
+                 reason: namespace_unavailable (Redis unreachable or serving another database), \
+                 not_seeded (no relay or rescuer has seeded the namespace yet), push_failed (the \
+                 push after the commit failed; the rows went back to the relays).",
+                Series::default(),
+            ),
             attempts: counter(
                 r,
                 "arnela_worker_attempts_total",
@@ -505,6 +554,11 @@ impl Own {
         // Every reason shows from the first scrape, at 0 until it happens.
         for reason in SkipReason::ALL {
             let _series = own.skipped.get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            });
+        }
+        for reason in LeftToRelays::ALL {
+            let _series = own.enqueue_left.get_or_create(&ReasonLabel {
                 reason: reason.as_str(),
             });
         }
@@ -689,6 +743,22 @@ impl Metrics {
         let own = &self.inner.own;
         own.relay_batches.observe(rows as f64);
         own.relay_published.inc_by(published as u64);
+    }
+
+    /// Counts deliveries the API pushed right after their enqueue committed.
+    pub fn observe_enqueue_published(&self, n: usize) {
+        self.inner.own.enqueue_published.inc_by(n as u64);
+    }
+
+    /// Counts deliveries of new tasks the API left to the relays, for `reason`.
+    pub fn observe_enqueue_left_to_relays(&self, reason: LeftToRelays, n: usize) {
+        self.inner
+            .own
+            .enqueue_left
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc_by(n as u64);
     }
 
     /// Records one finished attempt. `outcome` is one of a fixed set (`succeeded`, `retrying`,

@@ -105,17 +105,7 @@ impl EventRows {
         for (i, event) in events.iter().enumerate() {
             let sequence = first_sequence + i as i32;
             let slot = first_slot + i as i64;
-            let mut data = event.data();
-            jsonb_stable(&mut data);
-            let document = canonical_bytes(
-                HASH_VERSION,
-                task_id.into_uuid(),
-                sequence,
-                event.type_name(),
-                event.version(),
-                &data,
-                at,
-            );
+            let (document, data) = document(task_id, sequence, event, at);
             let placed = Placement {
                 position: base + slot,
                 recorded_at,
@@ -140,17 +130,8 @@ impl EventRows {
     ) {
         let at = db_time(at);
         let slot = tx.reserve(1);
-        let mut data = event.data();
-        jsonb_stable(&mut data);
-        self.documents.push(canonical_bytes(
-            HASH_VERSION,
-            task_id.into_uuid(),
-            1,
-            event.type_name(),
-            event.version(),
-            &data,
-            at,
-        ));
+        let (document, data) = document(task_id, 1, event, at);
+        self.documents.push(document);
         self.push_row((task_id, task_type), 1, event, data, at, slot);
         self.prev_hashes.push(None);
     }
@@ -173,6 +154,28 @@ impl EventRows {
         self.occurred_at.push(at);
         self.slots.push(slot);
     }
+}
+
+/// The canonical document of event `sequence` of a task (hash version 2) and its data as jsonb
+/// gives it back.
+pub(crate) fn document(
+    task_id: TaskId,
+    sequence: i32,
+    event: &TaskEvent,
+    at: DateTime<Utc>,
+) -> (Vec<u8>, Value) {
+    let mut data = event.data();
+    jsonb_stable(&mut data);
+    let document = canonical_bytes(
+        HASH_VERSION,
+        task_id.into_uuid(),
+        sequence,
+        event.type_name(),
+        event.version(),
+        &data,
+        at,
+    );
+    (document, data)
 }
 
 /// Records `events` for a task read at `before`: appends them (checked against the version read)

@@ -116,7 +116,8 @@ impl Enqueued {
     }
 }
 
-/// Writes the tasks, their `enqueued` events and their outbox rows in `tx`.
+/// Writes the tasks, their `enqueued` events and their outbox rows in `tx`; the relays publish
+/// them.
 ///
 /// Results come back in request order. A key repeated within `requests` must carry the same
 /// request each time (the later ones get the first's task); a key already held by a different
@@ -133,7 +134,45 @@ pub async fn enqueue(
     now: DateTime<Utc>,
     master: Option<&MasterKey>,
 ) -> Result<Vec<Enqueued>> {
+    Ok(write(tx, requests, now, master, false).await?.0)
+}
+
+/// A task [`enqueue_dispatched`] recorded as dispatched: its caller publishes the delivery of
+/// attempt 1 once the transaction has committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatched {
+    pub task_id: TaskId,
+    pub task_type: TaskType,
+}
+
+/// [`enqueue`], and in the same statement the `dispatched` event of attempt 1 of every new task
+/// that is due now (by the database's clock) and whose type is not paused, with its outbox row
+/// written as published. The caller pushes those deliveries to Redis after the commit (the
+/// relay's step, without the relay's transaction); every other new task is left to the relays.
+///
+/// A delivery whose push never happens (the process died after the commit, or Redis failed and
+/// so did marking the rows unpublished again) is published but absent from Redis: the rescuer's
+/// transit check publishes it again after `REPUBLISH_AFTER_SECS` (see [`crate::rescuer`]).
+pub async fn enqueue_dispatched(
+    tx: &mut Tx,
+    requests: Vec<NewTask>,
+    now: DateTime<Utc>,
+    master: Option<&MasterKey>,
+) -> Result<(Vec<Enqueued>, Vec<Dispatched>)> {
+    write(tx, requests, now, master, true).await
+}
+
+async fn write(
+    tx: &mut Tx,
+    requests: Vec<NewTask>,
+    now: DateTime<Utc>,
+    master: Option<&MasterKey>,
+    dispatch: bool,
+) -> Result<(Vec<Enqueued>, Vec<Dispatched>)> {
     let now = db_time(now);
+    // the `dispatched` event of each new task, numbered 2: its document, slot and data (the
+    // statement hashes it after the `enqueued` event, which it chains to)
+    let mut second = SecondEvents::default();
     let mut rows = EventRows::default();
     let mut ids = Vec::with_capacity(requests.len());
     let mut types = Vec::with_capacity(requests.len());
@@ -180,6 +219,9 @@ pub async fn enqueue(
             wrapped_keys.1.push(master.wrap(&key, id));
         }
         rows.push_first(tx, (id, req.task_type), &event, now);
+        if dispatch {
+            second.push(tx, id, &TaskEvent::Dispatched { attempt: 1 }, now);
+        }
         types.push(req.task_type.as_str());
         payloads.push(payload);
         plain_payloads.push(req.payload.as_json().clone());
@@ -199,45 +241,70 @@ pub async fn enqueue(
     // position, assigned here, and `now()`: both are computed once per row in `input` and shared
     // by the task row and its event. Spelled out rather than calling the function, which
     // Postgres would run as a function call of its own for every row.
-    let inserted = sqlx::query_scalar!(
+    // With `dispatch`, a new task due now and of a type that is not paused also gets its
+    // `dispatched` event (sequence 2, chained to the first, hashed the same way), its row is at
+    // version 2 and its outbox row is written published; the pause is read in the statement's
+    // snapshot, so a pause that commits later finds the delivery in Redis, where the workers
+    // give it back, as they do with a relay's.
+    let inserted = sqlx::query!(
         r#"WITH stamp AS (
            SELECT int8send((extract(epoch FROM now()) * 1000000)::bigint) AS recorded
-         ), input AS MATERIALIZED (
+         ), placed AS (
            SELECT i.*, p.position,
                   sha256('\x0000000000000000000000000000000000000000000000000000000000000000'::bytea
-                         || i.document || int8send(p.position) || stamp.recorded) AS hash
+                         || i.document || int8send(p.position) || stamp.recorded) AS hash,
+                  i.document2 IS NOT NULL AND i.run_at <= now()
+                    AND NOT EXISTS (SELECT 1 FROM task_type_pauses tp
+                                    WHERE tp.task_type = i.task_type) AS dispatch,
+                  stamp.recorded
            FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::int4[], $5::timestamptz[],
                        $6::text[], $7::bytea[], $8::int8[], $9::int2[], $10::jsonb[],
-                       $12::text[], $13::text[], $14::text[])
+                       $12::text[], $13::text[], $14::text[], $18::bytea[], $19::int8[],
+                       $20::int2[], $21::jsonb[])
              AS i(id, task_type, payload, max_attempts, run_at, idempotency_key, document, slot,
-                  event_version, data, owner, traceparent, tracestate)
+                  event_version, data, owner, traceparent, tracestate, document2, slot2,
+                  event_version2, data2)
            CROSS JOIN LATERAL (SELECT event_position(i.slot) AS position) p
            CROSS JOIN stamp
+         ), input AS MATERIALIZED (
+           SELECT placed.*, d.position2,
+                  sha256(placed.hash || placed.document2 || int8send(d.position2)
+                         || placed.recorded) AS hash2
+           FROM placed
+           CROSS JOIN LATERAL (SELECT CASE WHEN placed.dispatch
+                                           THEN event_position(placed.slot2) END AS position2) d
          ), task AS (
            INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at,
                               idempotency_key, version, last_hash, enqueued_position,
                               created_at, updated_at, owner, traceparent, tracestate)
-           SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key, 1,
-                  hash, position, $11, $11, owner, traceparent, tracestate
+           SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key,
+                  CASE WHEN dispatch THEN 2 ELSE 1 END, coalesce(hash2, hash), position,
+                  $11, $11, owner, traceparent, tracestate
            FROM input ORDER BY slot
            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-           RETURNING id, enqueued_position, run_at, last_hash
+           RETURNING id
          ), event AS (
            INSERT INTO task_events (position, task_id, sequence, event_type, event_version, data,
                                     occurred_at, prev_hash, hash, task_type, recorded_at,
                                     hash_version)
-           SELECT task.enqueued_position, task.id, 1, 'enqueued', i.event_version, i.data, $11,
-                  NULL, task.last_hash, i.task_type, now(), $15
+           SELECT i.position, task.id, 1, 'enqueued', i.event_version, i.data, $11,
+                  NULL, i.hash, i.task_type, now(), $15::int2
            FROM task JOIN input i USING (id)
+           UNION ALL
+           SELECT i.position2, task.id, 2, 'dispatched', i.event_version2, i.data2, $11,
+                  i.hash, i.hash2, i.task_type, now(), $15::int2
+           FROM task JOIN input i USING (id) WHERE i.dispatch
          ), outbox_row AS (
-           INSERT INTO outbox (task_id, attempt, available_at)
-           SELECT task.id, 1, task.run_at FROM task JOIN input i USING (id) ORDER BY i.slot
+           INSERT INTO outbox (task_id, attempt, available_at, published_at)
+           SELECT task.id, 1, i.run_at, CASE WHEN i.dispatch THEN now() END
+           FROM task JOIN input i USING (id) ORDER BY i.slot
          ), data_key AS (
            INSERT INTO task_data_keys (task_id, wrapped_key)
            SELECT k.id, k.wrapped FROM UNNEST($16::uuid[], $17::bytea[]) AS k(id, wrapped)
            JOIN task USING (id)
          )
-         SELECT task.id AS "id!: TaskId" FROM task"#,
+         SELECT task.id AS "id!: TaskId", i.dispatch AS "dispatch!"
+         FROM task JOIN input i USING (id)"#,
         &ids_unique(&ids, &first_of_key) as &[TaskId],
         &types as &[&str],
         &payloads,
@@ -254,14 +321,24 @@ pub async fn enqueue(
         &tracestates as &[Option<&str>],
         HASH_VERSION,
         &wrapped_keys.0 as &[TaskId],
-        &wrapped_keys.1
+        &wrapped_keys.1,
+        &second.documents,
+        &second.slots,
+        &second.versions,
+        &second.data
     )
     .fetch_all(tx.conn())
     .await?;
 
     // The rows just written are rebuilt from what was sent rather than read back: only the
     // position, which the database assigns, comes back.
-    let mut positions: HashSet<TaskId> = inserted.into_iter().collect();
+    let dispatched_ids: HashSet<TaskId> = inserted
+        .iter()
+        .filter(|r| r.dispatch)
+        .map(|r| r.id)
+        .collect();
+    let mut positions: HashSet<TaskId> = inserted.into_iter().map(|r| r.id).collect();
+    let mut dispatched = Vec::with_capacity(dispatched_ids.len());
     let mut created: HashMap<TaskId, Task> = HashMap::with_capacity(positions.len());
     let unique = requests
         .iter()
@@ -271,6 +348,13 @@ pub async fn enqueue(
     for (k, ((req, _), id)) in unique.enumerate() {
         if !positions.remove(id) {
             continue;
+        }
+        let sent = dispatched_ids.contains(id);
+        if sent {
+            dispatched.push(Dispatched {
+                task_id: *id,
+                task_type: req.task_type,
+            });
         }
         created.insert(
             *id,
@@ -284,7 +368,7 @@ pub async fn enqueue(
                 run_at: run_ats[k],
                 idempotency_key: req.idempotency_key.clone(),
                 last_error: None,
-                version: 1,
+                version: if sent { 2 } else { 1 },
                 lease_owner: None,
                 lease_expires_at: None,
                 created_at: now,
@@ -364,7 +448,27 @@ pub async fn enqueue(
         holders.insert((req.owner.clone(), key), holder.clone());
         out.push(Enqueued::Existing(holder));
     }
-    Ok(out)
+    Ok((out, dispatched))
+}
+
+/// The second event of new tasks ([`enqueue_dispatched`]), as the enqueue statement inserts it:
+/// its hash covers the first event's hash, so the statement computes it.
+#[derive(Debug, Default)]
+struct SecondEvents {
+    documents: Vec<Vec<u8>>,
+    slots: Vec<i64>,
+    versions: Vec<i16>,
+    data: Vec<Value>,
+}
+
+impl SecondEvents {
+    fn push(&mut self, tx: &mut Tx, id: TaskId, event: &TaskEvent, at: DateTime<Utc>) {
+        let (document, data) = super::events::document(id, 2, event, at);
+        self.documents.push(document);
+        self.slots.push(tx.reserve(1));
+        self.versions.push(event.version());
+        self.data.push(data);
+    }
 }
 
 /// The ids of the rows to insert: the requests that are not repeats within the call.

@@ -11,7 +11,9 @@
 //!    asks the caller's `decide` for the events;
 //! 3. appends the events and updates the projection ([`events::record_batch`]);
 //! 4. derives the outbox changes from the events:
-//!    - `dispatched` changes no row here: the relay marks the rows it holds and published;
+//!    - `dispatched` changes no row here: the relay marks the rows it holds and published (an
+//!      enqueue that dispatches writes its rows published, see
+//!      [`super::tasks::enqueue_dispatched`]);
 //!    - `attempt_started` removes the task's outbox rows (the delivery was used);
 //!    - `retry_scheduled`, `attempt_released` and `requeued` add a delivery of the next attempt,
 //!      due at the backoff or now, and wake the relays (`NOTIFY` at commit);

@@ -8,29 +8,216 @@ use sqlx::PgPool;
 
 #[sqlx::test]
 async fn enqueue_writes_event_projection_and_outbox_together(pool: PgPool) {
-    let c = client(pool.clone()).await;
+    let ctx = common::context(pool.clone()).await;
+    common::seed(&ctx).await;
+    let keys = ctx.keys.clone();
+    let mut redis = ctx.redis.clone();
+    let c = common::client_for(ctx);
     let (status, task) = post(&c, "/tasks", &sms("hola")).await;
     assert_eq!(status, 201, "{task}");
     assert_eq!(task["status"], "queued");
     assert_eq!(task["attempts"], 0);
     assert_eq!(task["max_attempts"], 3);
-    assert_eq!(counts(&pool).await, (1, 1, 1));
+    // a task due now is dispatched by its own enqueue: two events, one row, one outbox row
+    assert_eq!(counts(&pool).await, (1, 2, 1));
 
     let id: uuid::Uuid = task["id"].as_str().unwrap().parse().unwrap();
-    let (event_type, sequence): (String, i32) =
-        sqlx::query_as("SELECT event_type, sequence FROM task_events WHERE task_id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!((event_type.as_str(), sequence), ("enqueued", 1));
+    let events: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT event_type, sequence FROM task_events WHERE task_id = $1 ORDER BY sequence",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        [("enqueued".to_owned(), 1), ("dispatched".to_owned(), 2)]
+    );
     let (attempt, published): (i32, Option<chrono::DateTime<chrono::Utc>>) =
         sqlx::query_as("SELECT attempt, published_at FROM outbox WHERE task_id = $1")
             .bind(id)
             .fetch_one(&pool)
             .await
             .unwrap();
-    assert_eq!((attempt, published), (1, None));
+    assert_eq!(attempt, 1);
+    assert!(published.is_some(), "the row is written published");
+    // ... and the delivery is in Redis when the answer arrives, in the list and the transit set
+    let queued: Vec<String> = redis::cmd("LRANGE")
+        .arg(keys.tasks())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let delivery = arnela::queue::Delivery {
+        task_id: id.into(),
+        attempt: 1,
+        task_type: "send_sms".into(),
+    }
+    .encode();
+    assert_eq!(queued, std::slice::from_ref(&delivery));
+    let in_transit: bool = redis::cmd("SISMEMBER")
+        .arg(keys.transit())
+        .arg(&delivery)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(in_transit);
+    // the second event is chained and hashed like any other
+    let report = arnela::store::audit::verify_task(&pool, id.into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.events, 2);
+    let version: i32 = sqlx::query_scalar("SELECT version FROM tasks WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 2);
+}
+
+/// What the enqueue does not publish itself, the relays do: a task scheduled later, a task of a
+/// paused type. Their rows are written unpublished, with the `enqueued` event alone.
+#[sqlx::test]
+async fn scheduled_and_paused_tasks_are_left_to_the_relays(pool: PgPool) {
+    let ctx = common::context(pool.clone()).await;
+    common::seed(&ctx).await;
+    let keys = ctx.keys.clone();
+    let mut redis = ctx.redis.clone();
+    let c = common::client_for(ctx);
+    let mut later = sms("later");
+    later["run_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let mut email = json!({"type": "send_email", "payload": {"to": "a@example.com", "subject": "s", "body": "b"}});
+    assert_eq!(
+        post(&c, "/task-types/send_email/pause", &json!({})).await.0,
+        200
+    );
+    email["idempotency_key"] = json!("paused");
+    let (status, result) = post(
+        &c,
+        "/tasks/batch",
+        &json!({"tasks": [later, email, sms("now")]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{result}");
+    let rows: Vec<(uuid::Uuid, bool, i64)> = sqlx::query_as(
+        "SELECT o.task_id, o.published_at IS NOT NULL, \
+                (SELECT count(*) FROM task_events e WHERE e.task_id = o.task_id) \
+         FROM outbox o ORDER BY o.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let ids: Vec<uuid::Uuid> = result["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        rows,
+        [(ids[0], false, 1), (ids[1], false, 1), (ids[2], true, 2)]
+    );
+    let depth: i64 = redis::cmd("LLEN")
+        .arg(keys.tasks())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(depth, 1);
+}
+
+/// A namespace this process may not use (here bound to another database) is left alone: the
+/// enqueue succeeds, its rows stay unpublished for the relays (which refuse the namespace too,
+/// loudly), and the metric counts them.
+#[sqlx::test]
+async fn an_enqueue_on_a_namespace_of_another_database_leaves_its_deliveries_to_the_relays(
+    pool: PgPool,
+) {
+    let ctx = common::context(pool.clone()).await;
+    let keys = ctx.keys.clone();
+    let metrics = ctx.metrics.clone();
+    let mut redis = ctx.redis.clone();
+    let _: () = redis::cmd("SET")
+        .arg(keys.database())
+        .arg(r#"{"system_identifier":"1","database":"elsewhere"}"#)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let c = common::client_for(ctx);
+    let (status, task) = post(&c, "/tasks", &sms("hola")).await;
+    assert_eq!(status, 201, "{task}");
+    assert_eq!(counts(&pool).await, (1, 1, 1));
+    let published: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(published, 0);
+    let depth: i64 = redis::cmd("LLEN")
+        .arg(keys.tasks())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(depth, 0);
+    let text = metrics.scrape(arnela::metrics::Format::Prometheus).await;
+    assert!(
+        text.contains(
+            "arnela_enqueue_deliveries_left_to_relays_total{reason=\"namespace_unavailable\"} 1"
+        ),
+        "{text}"
+    );
+}
+
+/// A push that fails after the commit (Redis stopped between the check and the push) gives the
+/// rows back to the relays: the task exists, its delivery is unpublished, none is lost.
+#[sqlx::test]
+async fn a_failed_push_gives_the_deliveries_back_to_the_relays(pool: PgPool) {
+    use common::process::{free_port, redis_server};
+    let port = free_port();
+    let mut own = redis_server(port);
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let redis: arnela::queue::RedisConn = common::eventually(
+        std::time::Duration::from_secs(10),
+        "own redis to accept connections",
+        || {
+            let client = client.clone();
+            async move {
+                redis::aio::ConnectionManager::new(client)
+                    .await
+                    .ok()
+                    .map(Into::into)
+            }
+        },
+    )
+    .await;
+    let ctx = common::context_with(
+        pool.clone(),
+        redis,
+        arnela::queue::Keys::new(common::unique_prefix()),
+    );
+    common::seed(&ctx).await;
+    let metrics = ctx.metrics.clone();
+    let c = common::client_for(ctx);
+    // the first enqueue verifies the namespace (trusted for a second) and publishes
+    let (status, one) = post(&c, "/tasks", &sms("one")).await;
+    assert_eq!(status, 201, "{one}");
+    own.kill9();
+    let (status, two) = post(&c, "/tasks", &sms("two")).await;
+    assert_eq!(status, 201, "{two}");
+    let rows: Vec<(uuid::Uuid, bool)> =
+        sqlx::query_as("SELECT task_id, published_at IS NOT NULL FROM outbox ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let id = |t: &Value| -> uuid::Uuid { t["id"].as_str().unwrap().parse().unwrap() };
+    assert_eq!(rows, [(id(&one), true), (id(&two), false)]);
+    let text = metrics.scrape(arnela::metrics::Format::Prometheus).await;
+    assert!(
+        text.contains("arnela_enqueue_deliveries_left_to_relays_total{reason=\"push_failed\"} 1"),
+        "{text}"
+    );
 }
 
 /// A failure injected in the middle of the enqueue (a trigger that refuses the outbox row, or
@@ -421,14 +608,20 @@ async fn a_batch_of_a_thousand_is_written_in_order(pool: PgPool) {
     assert_eq!((status, result["created"].as_u64()), (200, Some(0)));
 }
 
+/// A task the enqueue leaves to the relays (here one scheduled a second ahead) wakes them once
+/// it has committed; one it published itself does not.
 #[sqlx::test]
 async fn an_enqueue_wakes_the_relays_after_it_commits(pool: PgPool) {
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
     listener.listen(arnela::relay::CHANNEL).await.unwrap();
-    let c = client(pool.clone()).await;
-    assert_eq!(post(&c, "/tasks", &sms("hola")).await.0, 201);
+    let ctx = common::context(pool.clone()).await;
+    common::seed(&ctx).await;
+    let c = common::client_for(ctx);
+    let mut soon = sms("hola");
+    soon["run_at"] = json!((chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339());
+    assert_eq!(post(&c, "/tasks", &soon).await.0, 201);
     let note = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv())
         .await
         .expect("a notification within 10 s")
@@ -436,6 +629,10 @@ async fn an_enqueue_wakes_the_relays_after_it_commits(pool: PgPool) {
     assert_eq!(note.channel(), arnela::relay::CHANNEL);
     // by the time the relays hear it, the task is committed
     assert_eq!(counts(&pool).await, (1, 1, 1));
+
+    assert_eq!(post(&c, "/tasks", &sms("now")).await.0, 201);
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
+    assert!(quiet.is_err(), "a published task wakes no relay");
 }
 
 mod limits {

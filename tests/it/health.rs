@@ -309,11 +309,20 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
     let port = free_port();
     let mut own = redis_server(port);
     let redis = connect_when_up(port).await;
+    let keys = Keys::new(common::unique_prefix());
+    let waker = arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
     let ctx = ApiContext {
+        publisher: arnela::relay::Publisher::new(
+            pool.clone(),
+            redis.clone(),
+            keys.clone(),
+            waker.clone(),
+            Default::default(),
+        ),
         pool: pool.clone(),
         reads: arnela::store::replica::Reads::primary(pool.clone()),
         redis: redis.clone(),
-        keys: Keys::new(common::unique_prefix()),
+        keys,
         health_timeout: Duration::from_millis(500),
         limits: arnela::api::limits::HttpLimits::new(
             1024,
@@ -323,7 +332,7 @@ async fn health_is_503_while_redis_is_down_and_recovers(pool: PgPool) {
         ),
         schedule_horizon: chrono::Duration::days(366),
         channels: Default::default(),
-        waker: arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2)),
+        waker,
         cache: arnela::cache::Cache::new(redis.clone(), "health-test"),
         auth: common::auth(),
         metrics: Default::default(),

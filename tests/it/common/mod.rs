@@ -104,8 +104,17 @@ pub fn context_with(pool: PgPool, redis: RedisConn, keys: Keys) -> ApiContext {
         arnela::metrics::Metrics::for_cluster(pool.clone(), redis.clone(), keys.clone(), timeout);
     let cache = arnela::cache::Cache::new(redis.clone(), keys.prefix());
     metrics.register_cache(cache.stats.clone());
+    let waker = arnela::store::outbox::OutboxWaker::spawn(pool.clone(), Duration::from_millis(2));
+    let publisher = arnela::relay::Publisher::new(
+        pool.clone(),
+        redis.clone(),
+        keys.clone(),
+        waker.clone(),
+        metrics.clone(),
+    );
     ApiContext {
         metrics,
+        publisher,
         pool: pool.clone(),
         reads: arnela::store::replica::Reads::primary(pool.clone()),
         cache,
@@ -120,11 +129,18 @@ pub fn context_with(pool: PgPool, redis: RedisConn, keys: Keys) -> ApiContext {
         ),
         schedule_horizon: chrono::Duration::days(366),
         channels: Default::default(),
-        waker: arnela::store::outbox::OutboxWaker::spawn(pool, Duration::from_millis(2)),
+        waker,
         auth: auth(),
         // every API test runs with personal fields sealed, as a production deployment does
         data_key: Some(std::sync::Arc::new(data_key())),
     }
+}
+
+/// Seeds the context's namespace as a relay's first batch would (binding and seeded marker):
+/// from then on its enqueues publish the tasks due now themselves.
+pub async fn seed(ctx: &ApiContext) {
+    let binding = arnela::binding::Binding::new(ctx.pool.clone(), ctx.keys.clone());
+    binding.mark_seeded(&mut ctx.redis.clone()).await.unwrap();
 }
 
 /// The master key the tests seal personal fields with (`AUDIT_DATA_KEY`).
