@@ -338,10 +338,11 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// committed.
 ///
 /// - Before the transaction, [`Publisher::ready`] checks that the namespace serves this
-///   database ([`Binding::verify`]); if it cannot (Redis unreachable, or bound elsewhere), the
-///   enqueue writes its rows unpublished and the relays take them, as they take scheduled tasks
-///   and retries.
-/// - A push that fails marks its rows unpublished again, so the relays publish them.
+///   database and is seeded (at most once a second); if it cannot (Redis unreachable, bound
+///   elsewhere, not seeded yet), the enqueue writes its rows unpublished and the relays take
+///   them, as they take scheduled tasks and retries.
+/// - A push that fails marks its rows unpublished again, so the relays publish them, and the
+///   enqueues of the next [`UNAVAILABLE_FOR`] leave theirs to the relays without trying.
 /// - A push that never happens (the process died between the commit and the push, or the rows
 ///   could not be marked unpublished either) leaves a published row whose delivery is in
 ///   neither list nor transit set: the rescuer's transit check publishes it again after
@@ -483,6 +484,14 @@ impl Publisher {
         };
         me.metrics
             .observe_enqueue_left_to_relays(LeftToRelays::PushFailed, deliveries.len());
+        {
+            let mut state = me.state.lock().expect("publisher state");
+            state.verified_until = None;
+            state.unavailable_until = Some((
+                std::time::Instant::now() + UNAVAILABLE_FOR,
+                LeftToRelays::NamespaceUnavailable,
+            ));
+        }
         let pairs: Vec<(TaskId, i32)> = dispatched.iter().map(|d| (d.task_id, 1)).collect();
         match self.unpublish(&pairs).await {
             Ok(n) => {
