@@ -311,10 +311,14 @@ impl Relay {
     }
 }
 
-/// How long an enqueue leaves its deliveries to the relays after the namespace could not be
-/// verified, before trying Redis again (an unreachable Redis must not cost every request a
-/// failed round trip).
-const UNAVAILABLE_FOR: Duration = Duration::from_secs(1);
+/// How long enqueues leave their deliveries to the relays after the namespace could not be
+/// verified or a push failed, before trying Redis again (an unreachable Redis must not cost
+/// every request a failed round trip).
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(5);
+
+/// The longest a check of the namespace may take; past it the enqueues leave their deliveries
+/// to the relays (for [`UNAVAILABLE_FOR`]).
+const CHECK_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// How long a successful check of the namespace holds (as [`crate::binding::VERIFY_EVERY`]).
 const VERIFIED_FOR: Duration = crate::binding::VERIFY_EVERY;
@@ -325,7 +329,7 @@ const NOT_SEEDED_RECHECK: Duration = Duration::from_millis(100);
 
 /// The longest an enqueue waits for its push after the commit; past it the rows go back to the
 /// relays (a push that lands later only duplicates a delivery, which the claim refuses).
-const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The API's publication of what it has just enqueued: the relay's step for new tasks that are
 /// due now, without the relay's transaction.
@@ -363,6 +367,9 @@ struct PublisherInner {
     waker: outbox::OutboxWaker,
     metrics: Metrics,
     state: std::sync::Mutex<PublisherState>,
+    /// Held by the one request that checks the namespace; the others wait for its verdict
+    /// instead of asking Redis too.
+    checking: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -390,6 +397,7 @@ impl Publisher {
                 waker,
                 metrics,
                 state: std::sync::Mutex::default(),
+                checking: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -403,23 +411,17 @@ impl Publisher {
     /// most once per [`UNAVAILABLE_FOR`]).
     pub async fn ready(&self, n: usize) -> bool {
         let me = &self.inner;
+        if let Some(verdict) = self.known(n) {
+            return verdict;
+        }
+        // one check at a time; whoever waited for it reads its verdict
+        let _checking = me.checking.lock().await;
+        if let Some(verdict) = self.known(n) {
+            return verdict;
+        }
         let now = std::time::Instant::now();
-        let (fresh, held_off) = {
-            let state = me.state.lock().expect("publisher state");
-            (
-                state.verified_until.is_some_and(|until| now < until),
-                state.unavailable_until.filter(|(until, _)| now < *until),
-            )
-        };
-        if fresh {
-            return true;
-        }
-        if let Some((_, reason)) = held_off {
-            me.metrics.observe_enqueue_left_to_relays(reason, n);
-            return false;
-        }
         let mut conn = me.redis.clone();
-        let checked = tokio::time::timeout(PUSH_TIMEOUT, async {
+        let checked = tokio::time::timeout(CHECK_TIMEOUT, async {
             me.binding.check(&mut conn).await?;
             Ok::<_, crate::binding::BindingError>(queue::seeded_epoch(&mut conn, &me.keys).await?)
         })
@@ -439,7 +441,7 @@ impl Publisher {
             }
             Err(_) => {
                 tracing::warn!(
-                    "no answer from Redis within {PUSH_TIMEOUT:?}; enqueues leave their \
+                    "no answer from Redis within {CHECK_TIMEOUT:?}; enqueues leave their \
                      deliveries to the relays for {UNAVAILABLE_FOR:?}"
                 );
                 (LeftToRelays::NamespaceUnavailable, UNAVAILABLE_FOR)
@@ -450,15 +452,39 @@ impl Publisher {
         false
     }
 
+    /// The verdict of the last check while it holds (counting a "no" for `n` deliveries).
+    fn known(&self, n: usize) -> Option<bool> {
+        let me = &self.inner;
+        let now = std::time::Instant::now();
+        let state = me.state.lock().expect("publisher state");
+        if state.verified_until.is_some_and(|until| now < until) {
+            return Some(true);
+        }
+        let (_, reason) = state.unavailable_until.filter(|(until, _)| now < *until)?;
+        me.metrics.observe_enqueue_left_to_relays(reason, n);
+        Some(false)
+    }
+
     /// Pushes the deliveries of attempt 1 of `dispatched` (committed by
     /// [`crate::store::tasks::enqueue_dispatched`]). If the push fails, their rows are marked
     /// unpublished and the relays woken; if that fails too, the rescuer's transit check finds
     /// them (see the type's docs). Either way the enqueue has succeeded: the error is logged,
     /// not returned.
-    pub async fn publish(&self, dispatched: &[Dispatched]) {
+    ///
+    /// The push and its fallback run in a task of their own, which the caller awaits: a request
+    /// dropped after its commit (the client went away) still publishes its deliveries.
+    pub async fn publish(&self, dispatched: Vec<Dispatched>) {
         if dispatched.is_empty() {
             return;
         }
+        let publisher = self.clone();
+        let pushed = tokio::spawn(async move { publisher.push(&dispatched).await });
+        if let Err(e) = pushed.await {
+            tracing::error!(error = %e, "the push of new deliveries did not finish");
+        }
+    }
+
+    async fn push(&self, dispatched: &[Dispatched]) {
         let me = &self.inner;
         let deliveries: Vec<Delivery> = dispatched
             .iter()

@@ -539,7 +539,8 @@ async fn write(ctx: &ApiContext, news: Vec<NewTask>) -> Result<Vec<Enqueued>, Ap
         (results, Vec::new())
     };
     tx.commit().await?;
-    ctx.publisher.publish(&dispatched).await;
+    let published = dispatched.len();
+    ctx.publisher.publish(dispatched).await;
     let created: Vec<&crate::domain::Task> = results
         .iter()
         .filter_map(|r| match r {
@@ -547,7 +548,7 @@ async fn write(ctx: &ApiContext, news: Vec<NewTask>) -> Result<Vec<Enqueued>, Ap
             Enqueued::Existing(_) => None,
         })
         .collect();
-    if created.len() > dispatched.len() {
+    if created.len() > published {
         ctx.waker.wake();
     }
     Ok(results)
