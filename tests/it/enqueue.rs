@@ -6,13 +6,33 @@ use common::{client, counts, post, sms};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-#[sqlx::test]
-async fn enqueue_writes_event_projection_and_outbox_together(pool: PgPool) {
+/// A client over a seeded namespace (its enqueues publish), with that namespace's keys and a
+/// connection to its Redis.
+async fn seeded_client(
+    pool: &PgPool,
+) -> (
+    poem::test::TestClient<impl poem::Endpoint>,
+    arnela::queue::Keys,
+    arnela::queue::RedisConn,
+) {
     let ctx = common::context(pool.clone()).await;
     common::seed(&ctx).await;
-    let keys = ctx.keys.clone();
-    let mut redis = ctx.redis.clone();
-    let c = common::client_for(ctx);
+    let (keys, redis) = (ctx.keys.clone(), ctx.redis.clone());
+    (common::client_for(ctx), keys, redis)
+}
+
+/// How many deliveries wait on the namespace's queue.
+async fn queue_depth(redis: &arnela::queue::RedisConn, keys: &arnela::queue::Keys) -> i64 {
+    redis::cmd("LLEN")
+        .arg(keys.tasks())
+        .query_async(&mut redis.clone())
+        .await
+        .unwrap()
+}
+
+#[sqlx::test]
+async fn enqueue_writes_event_projection_and_outbox_together(pool: PgPool) {
+    let (c, keys, mut redis) = seeded_client(&pool).await;
     let (status, task) = post(&c, "/tasks", &sms("hola")).await;
     assert_eq!(status, 201, "{task}");
     assert_eq!(task["status"], "queued");
@@ -82,11 +102,7 @@ async fn enqueue_writes_event_projection_and_outbox_together(pool: PgPool) {
 /// one delivery, one `dispatched` event.
 #[sqlx::test]
 async fn a_replayed_key_publishes_nothing_more(pool: PgPool) {
-    let ctx = common::context(pool.clone()).await;
-    common::seed(&ctx).await;
-    let keys = ctx.keys.clone();
-    let mut redis = ctx.redis.clone();
-    let c = common::client_for(ctx);
+    let (c, keys, redis) = seeded_client(&pool).await;
     let mut keyed = sms("once");
     keyed["idempotency_key"] = json!("k");
     assert_eq!(post(&c, "/tasks", &keyed).await.0, 201);
@@ -98,23 +114,14 @@ async fn a_replayed_key_publishes_nothing_more(pool: PgPool) {
         "{result}"
     );
     assert_eq!(counts(&pool).await, (1, 2, 1));
-    let depth: i64 = redis::cmd("LLEN")
-        .arg(keys.tasks())
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(depth, 1);
+    assert_eq!(queue_depth(&redis, &keys).await, 1);
 }
 
 /// What the enqueue does not publish itself, the relays do: a task scheduled later, a task of a
 /// paused type. Their rows are written unpublished, with the `enqueued` event alone.
 #[sqlx::test]
 async fn scheduled_and_paused_tasks_are_left_to_the_relays(pool: PgPool) {
-    let ctx = common::context(pool.clone()).await;
-    common::seed(&ctx).await;
-    let keys = ctx.keys.clone();
-    let mut redis = ctx.redis.clone();
-    let c = common::client_for(ctx);
+    let (c, keys, redis) = seeded_client(&pool).await;
     let mut later = sms("later");
     later["run_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
     let mut email = json!({"type": "send_email", "payload": {"to": "a@example.com", "subject": "s", "body": "b"}});
@@ -148,12 +155,7 @@ async fn scheduled_and_paused_tasks_are_left_to_the_relays(pool: PgPool) {
         rows,
         [(ids[0], false, 1), (ids[1], false, 1), (ids[2], true, 2)]
     );
-    let depth: i64 = redis::cmd("LLEN")
-        .arg(keys.tasks())
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(depth, 1);
+    assert_eq!(queue_depth(&redis, &keys).await, 1);
 }
 
 /// A namespace this process may not use (here bound to another database) is left alone: the
@@ -183,12 +185,7 @@ async fn an_enqueue_on_a_namespace_of_another_database_leaves_its_deliveries_to_
             .await
             .unwrap();
     assert_eq!(published, 0);
-    let depth: i64 = redis::cmd("LLEN")
-        .arg(keys.tasks())
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(depth, 0);
+    assert_eq!(queue_depth(&redis, &keys).await, 0);
     let text = metrics.scrape(arnela::metrics::Format::Prometheus).await;
     assert!(
         text.contains(
@@ -202,24 +199,10 @@ async fn an_enqueue_on_a_namespace_of_another_database_leaves_its_deliveries_to_
 /// rows back to the relays: the task exists, its delivery is unpublished, none is lost.
 #[sqlx::test]
 async fn a_failed_push_gives_the_deliveries_back_to_the_relays(pool: PgPool) {
-    use common::process::{free_port, redis_server};
+    use common::process::{connect_when_up, free_port, redis_server};
     let port = free_port();
     let mut own = redis_server(port);
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    let redis: arnela::queue::RedisConn = common::eventually(
-        std::time::Duration::from_secs(10),
-        "own redis to accept connections",
-        || {
-            let client = client.clone();
-            async move {
-                redis::aio::ConnectionManager::new(client)
-                    .await
-                    .ok()
-                    .map(Into::into)
-            }
-        },
-    )
-    .await;
+    let redis = connect_when_up(port).await;
     let ctx = common::context_with(
         pool.clone(),
         redis,

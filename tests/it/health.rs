@@ -5,7 +5,7 @@ use crate::common;
 
 use arnela::api::ApiContext;
 use arnela::queue::Keys;
-use common::process::{arnela, free_port, redis_server, PgServer};
+use common::process::{arnela, connect_when_up, free_port, redis_server, PgServer};
 use common::{client_for, context, database_url, eventually, get};
 use sqlx::PgPool;
 use std::time::Duration;
@@ -284,24 +284,6 @@ async fn health_counters_are_cluster_totals_across_worker_processes_and_restarts
         },
     )
     .await;
-}
-
-async fn connect_when_up(port: u16) -> arnela::queue::RedisConn {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "own redis to accept connections",
-        || {
-            let client = client.clone();
-            async move {
-                redis::aio::ConnectionManager::new(client)
-                    .await
-                    .ok()
-                    .map(Into::into)
-            }
-        },
-    )
-    .await
 }
 
 #[sqlx::test]

@@ -865,6 +865,25 @@ pub mod process {
             .port()
     }
 
+    /// A connection to the Redis server on `port` once it accepts one (within 10 s).
+    pub async fn connect_when_up(port: u16) -> arnela::queue::RedisConn {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        super::eventually(
+            std::time::Duration::from_secs(10),
+            "own redis to accept connections",
+            || {
+                let client = client.clone();
+                async move {
+                    redis::aio::ConnectionManager::new(client)
+                        .await
+                        .ok()
+                        .map(Into::into)
+                }
+            },
+        )
+        .await
+    }
+
     /// A Redis server of the test's own (it may be flushed or stopped).
     pub fn redis_server(port: u16) -> Proc {
         let child = Command::new("redis-server")
