@@ -65,7 +65,17 @@ impl Liveness {
 /// The attempts a worker holds, each with the token that stops it when its lease is lost.
 #[derive(Default)]
 pub struct Leases {
-    held: Mutex<HashMap<AttemptKey, CancellationToken>>,
+    held: Mutex<HashMap<AttemptKey, Held>>,
+}
+
+/// One held attempt.
+struct Held {
+    /// Stops the handler.
+    token: CancellationToken,
+    /// The handler has ended and its outcome is on its way to the completer: a renewal that no
+    /// longer finds the lease has most likely raced the recording of that outcome, and there is
+    /// no handler left to stop.
+    finished: bool,
 }
 
 impl Leases {
@@ -76,8 +86,21 @@ impl Leases {
     /// Registers a claimed attempt; the token fires if its lease is lost.
     pub fn hold(&self, key: AttemptKey) -> CancellationToken {
         let token = CancellationToken::new();
-        self.map().insert(key, token.clone());
+        self.map().insert(
+            key,
+            Held {
+                token: token.clone(),
+                finished: false,
+            },
+        );
         token
+    }
+
+    /// Marks `key`'s handler as ended (its lease stays renewed until the outcome is recorded).
+    pub fn finished(&self, key: &AttemptKey) {
+        if let Some(held) = self.map().get_mut(key) {
+            held.finished = true;
+        }
     }
 
     /// Whether this worker holds `key` (claimed it and has not recorded its outcome).
@@ -93,7 +116,7 @@ impl Leases {
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, CancellationToken>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<AttemptKey, Held>> {
         self.held.lock().expect("lease map")
     }
 
@@ -114,9 +137,17 @@ impl Leases {
             .collect();
         let map = self.map();
         for key in held_now.iter().filter(|k| !held.contains(k)) {
-            if let Some(token) = map.get(key) {
-                tracing::warn!(task.id = %key.0, attempt = key.1, "lease lost; stopping the handler");
-                token.cancel();
+            match map.get(key) {
+                // recorded meanwhile (the completer has not released it yet), or taken over
+                // after the handler ended (the completer's fenced write finds out)
+                Some(h) if h.finished => {
+                    tracing::debug!(task.id = %key.0, attempt = key.1, "lease gone after the handler ended");
+                }
+                Some(h) => {
+                    tracing::warn!(task.id = %key.0, attempt = key.1, "lease lost; stopping the handler");
+                    h.token.cancel();
+                }
+                None => {}
             }
         }
         Ok(())
@@ -149,8 +180,8 @@ impl Leases {
                         .is_none_or(|d| d >= super::HEARTBEAT_TTL * 2 / 3);
                     if last_ok.elapsed() >= lease * 2 / 3 && heartbeat_lost {
                         tracing::error!("neither leases nor the heartbeat could be renewed; stopping every attempt");
-                        for token in self.map().values() {
-                            token.cancel();
+                        for held in self.map().values() {
+                            held.token.cancel();
                         }
                     }
                 }

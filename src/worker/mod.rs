@@ -290,6 +290,7 @@ impl Worker {
             renewer_stop.clone(),
         ));
         let finished = self.execute(claimed, &lease_lost, hard_stop).await;
+        leases.finished(&key);
         let recorded = self.complete(vec![finished]).await;
         renewer_stop.cancel();
         if let Err(e) = renewer.await {

@@ -256,8 +256,10 @@ impl WorkerPool {
             pace.claimed(claimed.len());
             for c in claimed {
                 let record = permits.pop().expect("one permit per claimed attempt");
-                let lease_lost = leases.hold((c.ctx.task_id, c.ctx.attempt));
-                let (worker, slots, pace) = (worker.clone(), slots.clone(), pace.clone());
+                let key = (c.ctx.task_id, c.ctx.attempt);
+                let lease_lost = leases.hold(key);
+                let (worker, slots, pace, leases) =
+                    (worker.clone(), slots.clone(), pace.clone(), leases.clone());
                 let (hard_stop, shutdown, done_tx) =
                     (hard_stop.clone(), shutdown.clone(), done_tx.clone());
                 running.spawn(async move {
@@ -273,6 +275,7 @@ impl WorkerPool {
                     .await;
                     // the lease stays renewed until the completer has recorded the outcome;
                     // the completer outlives every sender
+                    leases.finished(&key);
                     done_tx.send((finished, record)).ok();
                 });
             }

@@ -968,3 +968,31 @@ async fn a_claim_whose_commit_the_worker_did_not_hear_is_released_and_runs_once(
         ]
     );
 }
+
+/// A renewal that no longer finds a lease stops a running handler, but not one that has ended
+/// and whose outcome is on its way to the completer (the renewal raced its recording): that one
+/// has nothing to stop.
+#[sqlx::test]
+async fn a_renewal_stops_running_handlers_only(pool: PgPool) {
+    use arnela::worker::lease::Leases;
+    let leases = Leases::new();
+    // neither attempt is held in the database (no such tasks): both leases count as lost
+    let running = leases.hold((TaskId::new(), 1));
+    let ended_key = (TaskId::new(), 1);
+    let ended = leases.hold(ended_key);
+    leases.finished(&ended_key);
+    leases
+        .renew_once(
+            &pool,
+            uuid::Uuid::new_v4(),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert!(running.is_cancelled());
+    assert!(!ended.is_cancelled());
+    assert!(
+        leases.holds(&ended_key),
+        "held until the completer releases it"
+    );
+}
