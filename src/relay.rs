@@ -538,10 +538,8 @@ impl Publisher {
         }
     }
 
+    /// One statement, atomic by itself.
     async fn unpublish(&self, pairs: &[(TaskId, i32)]) -> crate::store::Result<u64> {
-        let mut tx = Tx::begin(&self.inner.pool).await?;
-        let n = outbox::unpublish(&mut tx, pairs).await?;
-        tx.commit().await?;
-        Ok(n)
+        outbox::unpublish(&mut Tx::autocommit(&self.inner.pool).await?, pairs).await
     }
 }

@@ -541,14 +541,11 @@ async fn write(ctx: &ApiContext, news: Vec<NewTask>) -> Result<Vec<Enqueued>, Ap
     tx.commit().await?;
     let published = dispatched.len();
     ctx.publisher.publish(dispatched).await;
-    let created: Vec<&crate::domain::Task> = results
+    let created = results
         .iter()
-        .filter_map(|r| match r {
-            Enqueued::Created(t) => Some(t),
-            Enqueued::Existing(_) => None,
-        })
-        .collect();
-    if created.len() > published {
+        .filter(|r| matches!(r, Enqueued::Created(_)))
+        .count();
+    if created > published {
         ctx.waker.wake();
     }
     Ok(results)

@@ -69,7 +69,7 @@ pub(crate) struct EventRows {
     /// The hashes, when the placement is known here ([`EventRows::push_stream`]).
     pub hashes: Vec<Vec<u8>>,
     /// The canonical documents, when the statement that assigns the positions hashes them
-    /// ([`EventRows::push_first`]).
+    /// ([`EventRows::push_unhashed`]).
     pub documents: Vec<Vec<u8>>,
     /// Offset of each event within the transaction (the low bits of its position).
     pub slots: Vec<i64>,
@@ -119,20 +119,23 @@ impl EventRows {
         prev.unwrap_or_default()
     }
 
-    /// Adds the first event of a new task, leaving its hash to the statement that inserts it
-    /// (`event_hash_v2` over the document, the position assigned there and `now()`).
-    pub fn push_first(
+    /// Adds event `sequence` of a new task, leaving its hash to the statement that inserts it
+    /// (`event_hash_v2` over the previous hash, the document, the position assigned there and
+    /// `now()`): the enqueue's `enqueued` event (sequence 1) and, when it dispatches, its
+    /// `dispatched` event (sequence 2).
+    pub fn push_unhashed(
         &mut self,
         tx: &mut Tx,
         (task_id, task_type): (TaskId, TaskType),
+        sequence: i32,
         event: &TaskEvent,
         at: DateTime<Utc>,
     ) {
         let at = db_time(at);
         let slot = tx.reserve(1);
-        let (document, data) = document(task_id, 1, event, at);
+        let (document, data) = document(task_id, sequence, event, at);
         self.documents.push(document);
-        self.push_row((task_id, task_type), 1, event, data, at, slot);
+        self.push_row((task_id, task_type), sequence, event, data, at, slot);
         self.prev_hashes.push(None);
     }
 

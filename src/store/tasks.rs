@@ -172,7 +172,7 @@ async fn write(
     let now = db_time(now);
     // the `dispatched` event of each new task, numbered 2: its document, slot and data (the
     // statement hashes it after the `enqueued` event, which it chains to)
-    let mut second = SecondEvents::default();
+    let mut second = EventRows::default();
     let mut rows = EventRows::default();
     let mut ids = Vec::with_capacity(requests.len());
     let mut types = Vec::with_capacity(requests.len());
@@ -218,9 +218,10 @@ async fn write(
             wrapped_keys.0.push(id);
             wrapped_keys.1.push(master.wrap(&key, id));
         }
-        rows.push_first(tx, (id, req.task_type), &event, now);
+        rows.push_unhashed(tx, (id, req.task_type), 1, &event, now);
         if dispatch {
-            second.push(tx, id, &TaskEvent::Dispatched { attempt: 1 }, now);
+            let dispatched = TaskEvent::Dispatched { attempt: 1 };
+            second.push_unhashed(tx, (id, req.task_type), 2, &dispatched, now);
         }
         types.push(req.task_type.as_str());
         payloads.push(payload);
@@ -449,26 +450,6 @@ async fn write(
         out.push(Enqueued::Existing(holder));
     }
     Ok((out, dispatched))
-}
-
-/// The second event of new tasks ([`enqueue_dispatched`]), as the enqueue statement inserts it:
-/// its hash covers the first event's hash, so the statement computes it.
-#[derive(Debug, Default)]
-struct SecondEvents {
-    documents: Vec<Vec<u8>>,
-    slots: Vec<i64>,
-    versions: Vec<i16>,
-    data: Vec<Value>,
-}
-
-impl SecondEvents {
-    fn push(&mut self, tx: &mut Tx, id: TaskId, event: &TaskEvent, at: DateTime<Utc>) {
-        let (document, data) = super::events::document(id, 2, event, at);
-        self.documents.push(document);
-        self.slots.push(tx.reserve(1));
-        self.versions.push(event.version());
-        self.data.push(data);
-    }
 }
 
 /// The ids of the rows to insert: the requests that are not repeats within the call.
