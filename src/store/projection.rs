@@ -56,8 +56,10 @@ impl FromRow<'_, PgRow> for EventCount {
 }
 
 /// The next batch of the log as the cache-invalidation projector needs it: one row per task
-/// with an event in the batch, and for a task that succeeded in it, its type, enqueued payload
-/// and `invalidates` (the only event that invalidates more than the task's own key).
+/// with an event in the batch, and for a task that succeeded in it, its type and `invalidates`
+/// (the only event that invalidates more than the task's own key), and the enqueued payload of
+/// a `sync_calendar` task (the only type whose success invalidates keys named in its payload,
+/// see [`crate::cache::invalidation`]; the others' payloads are neither sent nor decoded).
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct TaskTouched {
     pub task_id: TaskId,
@@ -141,7 +143,9 @@ pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Ta
                 f.payload, f.invalidates \
          FROM touched b \
          LEFT JOIN LATERAL ( \
-           SELECT f.data->'payload' AS payload, f.data->'invalidates' AS invalidates \
+           SELECT CASE WHEN coalesce(b.task_type, f.data->>'task_type') = 'sync_calendar' \
+                       THEN f.data->'payload' END AS payload, \
+                  f.data->'invalidates' AS invalidates \
            FROM task_events f \
            WHERE b.succeeded AND f.task_id = b.task_id AND f.sequence = 1 OFFSET 0) f ON true"
     ))
