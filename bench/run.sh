@@ -5,10 +5,12 @@
 #      same concurrencies as the HTTP enqueue levels, and the 1,000-task batch statement
 #      (bench/enqueue-batch.pgbench) from 2 clients as the batch enqueue sends it;
 #   2. Arnela (release build) with the default settings, measured by `arnela-bench`: single and
-#      batch enqueue, end to end, enqueue → start latency at half the end-to-end rate, a
-#      sustained stream at 80% of it for 60 s, and end to end again after 1,000,000 more tasks
-#      went through the same tables; then cached reads and history reads on a large log;
-#   3. the peer: BullMQ from the npm registry on the same Redis, same job count and concurrency;
+#      batch enqueue, end to end (the median of three runs), enqueue → start latency at half the
+#      end-to-end rate, a sustained stream at 80% of it for 60 s, and end to end again (three
+#      runs) after 1,000,000 more tasks went through the same tables; then cached reads and
+#      history reads on a large log;
+#   3. the peer: BullMQ from the npm registry on the same Redis, same concurrency, the median of
+#      three runs;
 #   4. end to end on a local Redis Cluster (ci/redis-cluster.sh: three masters with one replica
 #      each) with QUEUE_SHARDS=1 and 3.
 #
@@ -167,7 +169,13 @@ fi
 PEER='{}'
 if command -v node >/dev/null && command -v npm >/dev/null; then
     if npm install --prefix bench/bullmq --no-audit --no-fund --silent >&2; then
-        PEER=$(cd bench/bullmq && N="$PEER_JOBS" CONCURRENCY="$PEER_CONCURRENCY" node bench.js) || PEER='{}'
+        # three runs, as Arnela's end to end: the report takes the median of each rate
+        PEER='['
+        for run in 1 2 3; do
+            one=$(cd bench/bullmq && N="$PEER_JOBS" CONCURRENCY="$PEER_CONCURRENCY" node bench.js) || one='{}'
+            PEER="$PEER$one"; [[ $run -lt 3 ]] && PEER="$PEER,"
+        done
+        PEER="$PEER]"
     else
         log "npm install bullmq failed; the peer is skipped"
     fi
@@ -189,7 +197,15 @@ pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
 d = json.load(open(f"{out}/default.json"))
 h = json.load(open(f"{out}/history.json"))
 reads = json.load(open(f"{out}/reads.json"))["reads"]
-peer = json.load(open(f"{out}/bullmq.json"))
+peers = json.load(open(f"{out}/bullmq.json"))
+peers = [p for p in (peers if isinstance(peers, list) else [peers]) if p]
+def median(values):
+    values = sorted(v for v in values if v)
+    return values[len(values) // 2] if values else None
+peer = dict(peers[0]) if peers else {}
+for rate in ("add_per_second", "processed_per_second"):
+    peer[rate] = median(p.get(rate) for p in peers)
+peer_runs = ", ".join(f"{p['processed_per_second']:.0f}" for p in peers if p.get("processed_per_second"))
 mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 print(f"Machine: {os.cpu_count()} cores, {mem:.0f} GiB, {platform.platform()}; "
       f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}")
@@ -213,11 +229,13 @@ print(f"| POST /tasks/batch ×1000, against the statement alone | {d['batch_1000
       f"| pgbench batch statement, 2 clients: {pgb_batch:.0f} tasks/s | {ratio_stmt} |")
 e2e = d['end_to_end_tasks_per_second']
 ratio = f"{e2e / peer_run:.2f}" if peer_run else "–"
-print(f"| end to end, {d['end_to_end_tasks']} no-op tasks, default settings | {e2e:.0f} tasks/s "
-      f"| BullMQ, concurrency {peer.get('concurrency', '–')}: {peer_run or 0:.0f} jobs/s | {ratio} |")
+e2e_runs = ", ".join(f"{r:.0f}" for r in d.get('end_to_end_runs', []))
+print(f"| end to end, {d['end_to_end_tasks']} no-op tasks, default settings (median of runs: {e2e_runs}) | {e2e:.0f} tasks/s "
+      f"| BullMQ, concurrency {peer.get('concurrency', '–')} (median of runs: {peer_runs}): {peer_run or 0:.0f} jobs/s | {ratio} |")
 after = d.get('end_to_end_after_churn_tasks_per_second') or 0
 if d.get('churn_tasks'):
-    print(f"| end to end after {d['churn_tasks']:,} more tasks through the same tables | {after:.0f} tasks/s "
+    after_runs = ", ".join(f"{r:.0f}" for r in d.get('end_to_end_after_churn_runs', []))
+    print(f"| end to end after {d['churn_tasks']:,} more tasks through the same tables (median of runs: {after_runs}) | {after:.0f} tasks/s "
           f"| fresh tables: {e2e:.0f} tasks/s | {after / e2e if e2e else 0:.2f} |")
 print(f"| enqueue → start, {d['start_latency_offered_rate']:.0f}/s offered | "
       f"p50 {d['start_latency_p50_ms']:.1f} ms, p99 {d['start_latency_p99_ms']:.1f} ms | | |")
