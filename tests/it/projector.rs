@@ -289,6 +289,36 @@ async fn present(cache: &Cache, keys: &[&str]) -> Vec<String> {
     out
 }
 
+/// Only a calendar sync's success needs its payload (its rule keys are named in it): the batch
+/// read carries the enqueued payload of succeeded `sync_calendar` tasks and of no other type.
+#[sqlx::test]
+async fn only_calendar_successes_carry_their_payload_to_the_invalidator(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let sms = common::enqueue_tasks(&pool, TaskType::SendSms, 2, 1).await;
+    let calendar = common::enqueue_tasks(&pool, TaskType::SyncCalendar, 1, 1).await;
+    run_all(&e, 3).await;
+
+    let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
+    let touched = projection::touched_after(&mut tx, 0, 1000).await.unwrap();
+    tx.rollback().await.unwrap();
+    let succeeded: Vec<_> = touched.iter().filter(|t| t.succeeded).collect();
+    assert_eq!(succeeded.len(), 3, "{touched:?}");
+    for t in &succeeded {
+        if sms.contains(&t.task_id) {
+            assert_eq!(t.task_type, Some(TaskType::SendSms));
+            assert_eq!(t.payload, None, "an SMS's payload is not read");
+        } else {
+            assert_eq!(t.task_id, calendar[0]);
+            assert_eq!(t.task_type, Some(TaskType::SyncCalendar));
+            let payload = t
+                .payload
+                .as_ref()
+                .expect("a calendar sync's payload is read");
+            assert_eq!(payload["event_id"], "e0");
+        }
+    }
+}
+
 #[sqlx::test]
 async fn a_successful_calendar_sync_invalidates_its_rule_keys_and_declared_ones(pool: PgPool) {
     let ctx = common::context(pool.clone()).await;
