@@ -21,7 +21,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::invalidation::{EventFacts, Targets};
+use crate::cache::invalidation::{EventFacts, Targets, PAYLOAD_RULES_TYPE};
 use crate::cache::{keys, Cache, CacheError, Invalidation};
 use crate::domain::EventType;
 use crate::store::projection::{self, EventCount, TaskTouched, TypeTotals};
@@ -148,7 +148,8 @@ impl Projector {
                 batch
             }
             Projection::CacheInvalidation(cache) => {
-                let touched = projection::touched_after(tx, from, self.batch).await?;
+                let touched =
+                    projection::touched_after(tx, from, self.batch, PAYLOAD_RULES_TYPE).await?;
                 let Some((last, events)) =
                     batch_of(touched.first().map(|t| (t.last_position, t.batch_events)))
                 else {

@@ -855,7 +855,6 @@ pub fn peak_rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The report as a table.
 /// Rates as "a, b, c".
 fn rates(runs: &[f64]) -> String {
     runs.iter()
@@ -864,6 +863,7 @@ fn rates(runs: &[f64]) -> String {
         .join(", ")
 }
 
+/// The report as a table.
 pub fn table(r: &Report) -> String {
     let mut out = String::new();
     out.push_str("| measurement | result |\n|---|---|\n");

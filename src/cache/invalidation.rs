@@ -38,6 +38,10 @@ pub struct Targets {
     pub patterns: BTreeSet<String>,
 }
 
+/// The one task type whose success invalidates keys named in its payload (its appointment's
+/// views, see [`appointment_keys`]): the invalidator reads no other type's payload.
+pub const PAYLOAD_RULES_TYPE: TaskType = TaskType::SyncCalendar;
+
 impl Targets {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.patterns.is_empty()
@@ -58,7 +62,7 @@ impl Targets {
         if !e.succeeded {
             return;
         }
-        if e.task_type == Some(TaskType::SyncCalendar) {
+        if e.task_type == Some(PAYLOAD_RULES_TYPE) {
             if let Some(payload) = e.payload {
                 self.keys.extend(appointment_keys(payload));
             }

@@ -58,8 +58,9 @@ impl FromRow<'_, PgRow> for EventCount {
 /// The next batch of the log as the cache-invalidation projector needs it: one row per task
 /// with an event in the batch, and for a task that succeeded in it, its type and `invalidates`
 /// (the only event that invalidates more than the task's own key), and the enqueued payload of
-/// a `sync_calendar` task (the only type whose success invalidates keys named in its payload,
-/// see [`crate::cache::invalidation`]; the others' payloads are neither sent nor decoded).
+/// a task of the type asked for (the one whose success invalidates keys named in its payload,
+/// see [`crate::cache::invalidation::PAYLOAD_RULES_TYPE`]; the others' payloads are neither sent
+/// nor decoded).
 #[derive(Debug, Clone, PartialEq, FromRow)]
 pub struct TaskTouched {
     pub task_id: TaskId,
@@ -125,12 +126,18 @@ pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Even
     .await?)
 }
 
-/// The tasks the batch after `after` touched (see [`TaskTouched`]).
+/// The tasks the batch after `after` touched (see [`TaskTouched`]), with the payloads of the
+/// succeeded tasks of type `payload_of`.
 ///
 /// Only a success reads the task's `enqueued` event. `OFFSET 0` keeps the lateral subquery a
 /// subquery, so `b.succeeded` gates the lookup; flattened, the planner applied it as a join
 /// filter after looking up every touched task in every partition of the log.
-pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<TaskTouched>> {
+pub async fn touched_after(
+    tx: &mut Tx,
+    after: i64,
+    limit: i64,
+    payload_of: TaskType,
+) -> Result<Vec<TaskTouched>> {
     Ok(sqlx::query_as(&format!(
         "WITH {BATCH}, touched AS ( \
            SELECT b.task_id, min(b.task_type) AS task_type, \
@@ -143,7 +150,7 @@ pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Ta
                 f.payload, f.invalidates \
          FROM touched b \
          LEFT JOIN LATERAL ( \
-           SELECT CASE WHEN coalesce(b.task_type, f.data->>'task_type') = 'sync_calendar' \
+           SELECT CASE WHEN coalesce(b.task_type, f.data->>'task_type') = $3 \
                        THEN f.data->'payload' END AS payload, \
                   f.data->'invalidates' AS invalidates \
            FROM task_events f \
@@ -151,6 +158,7 @@ pub async fn touched_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Ta
     ))
     .bind(after)
     .bind(limit)
+    .bind(payload_of.as_str())
     .fetch_all(tx.conn())
     .await?)
 }
