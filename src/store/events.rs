@@ -382,3 +382,42 @@ pub async fn global_log(pool: &sqlx::PgPool, after: i64, limit: i64) -> Result<V
     .fetch_all(pool)
     .await?)
 }
+
+/// Which of `attempts` (task, attempt number, the event type its outcome is recorded as) already
+/// have that outcome in the log, recorded by `worker` itself: an event of that type for that
+/// attempt after `worker`'s `attempt_started` of it, with no other start in between. The rescuer's
+/// `attempt_failed` (kind `lease_expired`) never counts: it is the one outcome another process
+/// records for an attempt.
+///
+/// A worker asks this of outcomes it no longer holds the lease of when it records them again
+/// after an error: if its earlier commit went through but the answer was lost (the connection
+/// broke after `COMMIT` reached the server), the attempt is recorded, not taken over.
+pub async fn outcomes_recorded_by(
+    pool: &sqlx::PgPool,
+    worker: Uuid,
+    attempts: &[(TaskId, i32, &str)],
+) -> Result<Vec<TaskId>> {
+    let (ids, rest): (Vec<TaskId>, Vec<(i32, &str)>) =
+        attempts.iter().map(|&(id, n, t)| (id, (n, t))).unzip();
+    let (numbers, types): (Vec<i32>, Vec<&str>) = rest.into_iter().unzip();
+    Ok(sqlx::query_scalar!(
+        r#"SELECT DISTINCT w.task_id AS "task_id!: TaskId"
+           FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS w(task_id, attempt, event_type)
+           JOIN task_events s ON s.task_id = w.task_id AND s.event_type = 'attempt_started'
+                AND (s.data->>'attempt')::int4 = w.attempt AND s.data->>'worker_id' = $4
+           JOIN task_events o ON o.task_id = w.task_id AND o.sequence > s.sequence
+                AND o.event_type = w.event_type AND (o.data->>'attempt')::int4 = w.attempt
+                AND NOT (o.event_type = 'attempt_failed'
+                         AND o.data->>'kind' IS NOT DISTINCT FROM 'lease_expired')
+           WHERE NOT EXISTS (
+             SELECT 1 FROM task_events n
+             WHERE n.task_id = w.task_id AND n.event_type = 'attempt_started'
+               AND n.sequence > s.sequence AND n.sequence < o.sequence)"#,
+        &ids as &[TaskId],
+        &numbers,
+        &types as &[&str],
+        worker.to_string()
+    )
+    .fetch_all(pool)
+    .await?)
+}

@@ -57,7 +57,7 @@ use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, Ta
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Lock, Payload, Target};
-use crate::store::{outbox, pauses, Tx};
+use crate::store::{events, outbox, pauses, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
 /// Errors that stop one step of a worker (the loop logs them and carries on).
@@ -625,27 +625,42 @@ impl Worker {
             .collect();
         let ids: Vec<TaskId> = by_id.keys().copied().collect();
         let mut outcomes: HashMap<TaskId, Processed> = HashMap::with_capacity(ids.len());
+        // the rows of attempts this worker no longer holds, as they are now
+        let mut unheld: HashMap<TaskId, (TaskStatus, i32)> = HashMap::new();
         let mut tx = Tx::begin(&self.pool).await?;
         let applied = transition::apply(
             &mut tx,
             Target::Ids(&ids, Lock::Wait, Payload::Skip),
             |task, now| {
-                Ok(self
-                    .outcome(task, by_id[&task.id], now)?
-                    .map(|(events, p)| {
-                        outcomes.insert(task.id, p);
-                        events
-                    }))
+                let f = by_id[&task.id];
+                if !task.is_held_by(self.id, f.claimed.ctx.attempt) {
+                    unheld.insert(task.id, (task.status, task.attempts));
+                }
+                Ok(self.outcome(task, f, now)?.map(|(events, p)| {
+                    outcomes.insert(task.id, p);
+                    events
+                }))
             },
         )
         .await?;
         tx.commit().await?;
+        let mut earlier = self.recorded_earlier(&finished, &unheld).await?;
         // a missing or unreadable row, or a lease taken over, records nothing (fenced)
         let processed: Vec<Processed> = finished
             .iter()
             .map(|f| {
                 let id = f.claimed.ctx.task_id;
-                outcomes.remove(&id).unwrap_or(Processed::Fenced(id))
+                if let Some(p) = outcomes.remove(&id).or_else(|| earlier.remove(&id)) {
+                    if !matches!(p, Processed::Fenced(_)) {
+                        return p;
+                    }
+                }
+                if unheld.contains_key(&id) {
+                    let trace_id = f.claimed.ctx.trace.as_ref().map_or("", |t| t.trace_id());
+                    let attempt = f.claimed.ctx.attempt;
+                    tracing::warn!(task.id = %id, attempt, trace_id, "lease was taken over; outcome not recorded");
+                }
+                Processed::Fenced(id)
             })
             .collect();
         for (f, p) in finished.iter().zip(&processed) {
@@ -674,6 +689,57 @@ impl Worker {
         Ok(processed)
     }
 
+    /// Of the finished runs whose attempts this worker no longer holds (`unheld`: their rows as
+    /// they are now), those whose outcome an earlier try of this worker did record, as if
+    /// recorded now. A commit whose answer was lost to a broken connection is recorded all the
+    /// same, and the try after it finds the attempt ended: that is not a takeover. Only outcomes
+    /// the holder alone records are looked for; a run stopped for a lost lease is not.
+    async fn recorded_earlier(
+        &self,
+        finished: &[Finished],
+        unheld: &HashMap<TaskId, (TaskStatus, i32)>,
+    ) -> Result<HashMap<TaskId, Processed>> {
+        let wanted: Vec<(TaskId, i32, &str)> = finished
+            .iter()
+            .filter(|f| unheld.contains_key(&f.claimed.ctx.task_id))
+            .filter_map(|f| {
+                let recorded_as = match &f.ending {
+                    Ending::Done(Ok(_)) => "attempt_succeeded",
+                    Ending::Interrupted => "attempt_released",
+                    Ending::Done(Err(_)) | Ending::TimedOut(_) => "attempt_failed",
+                    Ending::LeaseLost => return None,
+                };
+                Some((f.claimed.ctx.task_id, f.claimed.ctx.attempt, recorded_as))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let recorded = events::outcomes_recorded_by(&self.pool, self.id, &wanted).await?;
+        let by_id: HashMap<TaskId, &Finished> = finished
+            .iter()
+            .map(|f| (f.claimed.ctx.task_id, f))
+            .collect();
+        Ok(recorded
+            .into_iter()
+            .map(|id| {
+                let (f, (status, attempts)) = (by_id[&id], unheld[&id]);
+                let processed = match (&f.ending, status) {
+                    (_, TaskStatus::Cancelled) => Processed::CancelledWhileRunning(id),
+                    (Ending::Done(Ok(_)), _) => Processed::Succeeded(id),
+                    (Ending::Interrupted, _) => Processed::Released(id),
+                    (_, TaskStatus::Dead) if attempts == f.claimed.ctx.attempt => {
+                        Processed::DeadLettered(id)
+                    }
+                    _ => Processed::Retrying(id),
+                };
+                let attempt = f.claimed.ctx.attempt;
+                tracing::info!(task.id = %id, attempt, "outcome already recorded by an earlier try whose commit was not acknowledged");
+                (id, processed)
+            })
+            .collect())
+    }
+
     /// The events that record a finished run, or `None` if this worker no longer holds the
     /// attempt (fencing).
     fn outcome(
@@ -685,8 +751,6 @@ impl Worker {
         let id = task.id;
         let attempt = f.claimed.ctx.attempt;
         if !task.is_held_by(self.id, attempt) {
-            let trace_id = f.claimed.ctx.trace.as_ref().map_or("", |t| t.trace_id());
-            tracing::warn!(task.id = %id, attempt, trace_id, "lease was taken over; outcome not recorded");
             // the run is not recorded, but a handler stopped for it is (never a silent stop)
             return Ok(matches!(f.ending, Ending::LeaseLost).then(|| {
                 let stopped = TaskEvent::AttemptStopped {

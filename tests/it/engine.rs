@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 async fn enqueue(pool: &PgPool, n: usize, max_attempts: i32) -> Vec<TaskId> {
@@ -363,6 +364,99 @@ async fn a_worker_whose_lease_was_taken_over_cannot_record_its_outcome(pool: PgP
     );
     assert_eq!(events[3].1["kind"], "lease_expired");
     assert_eq!(e.status(id).await, "retrying");
+}
+
+/// The worker's answer to `COMMIT` can be lost after the server has committed (the connection
+/// breaks in between, as in a Postgres restart); the worker then records the same outcomes again.
+/// That second try finds its own outcomes in the log: it reports them as recorded, not as a
+/// takeover, and writes nothing more.
+#[sqlx::test]
+async fn outcomes_recorded_again_after_a_lost_commit_answer_are_not_a_takeover(pool: PgPool) {
+    let script = Script::answering(vec![Err(HandlerError::retryable("provider said 503"))]);
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let ids = enqueue(&pool, 2, 3).await;
+    e.relay_once().await;
+    let (claimed, others) = e
+        .worker
+        .claim(e.worker.take(2).await.unwrap())
+        .await
+        .unwrap();
+    assert!(others.is_empty());
+    assert_eq!(claimed.len(), 2);
+    let never = CancellationToken::new();
+    let mut finished = Vec::new();
+    for c in claimed {
+        finished.push(e.worker.execute(c, &never, &never).await);
+    }
+    let first = e.worker.complete(finished.clone()).await.unwrap();
+    let mut expected = first.clone();
+    expected.sort_by_key(|p| format!("{p:?}"));
+    assert_eq!(expected.len(), 2);
+    assert!(expected.iter().any(|p| matches!(p, Processed::Retrying(_))));
+    assert!(expected
+        .iter()
+        .any(|p| matches!(p, Processed::Succeeded(_))));
+    let before = (e.events(ids[0]).await, e.events(ids[1]).await);
+
+    let again = e.worker.complete(finished).await.unwrap();
+    assert_eq!(
+        again, first,
+        "each outcome is found as recorded, none as fenced"
+    );
+    let after = (e.events(ids[0]).await, e.events(ids[1]).await);
+    assert_eq!(after, before, "nothing more is written");
+    assert_eq!(e.stats.fenced.load(Ordering::Relaxed), 0);
+}
+
+/// A failed run whose attempt a rescuer took over is fenced, however often it is recorded: the
+/// rescuer's `attempt_failed` (kind `lease_expired`) is not the worker's own.
+#[sqlx::test]
+async fn a_failed_run_taken_over_is_fenced_on_every_try(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Arc::new(Script {
+        outcomes: std::sync::Mutex::new(vec![Err(HandlerError::retryable("503"))].into()),
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    let (claimed, _) = e
+        .worker
+        .claim(e.worker.take(1).await.unwrap())
+        .await
+        .unwrap();
+    let never = CancellationToken::new();
+    let run = e
+        .worker
+        .execute(claimed.into_iter().next().unwrap(), &never, &never);
+    let takeover = async {
+        e.until_running(id).await;
+        common::expire_lease(&pool, id).await;
+        assert_eq!(e.rescuer.run_once().await.unwrap().leases_expired, 1);
+        gate.add_permits(1);
+    };
+    let (finished, ()) = tokio::join!(run, takeover);
+    assert!(matches!(
+        finished.ending,
+        arnela::worker::Ending::Done(Err(_))
+    ));
+    for _ in 0..2 {
+        let processed = e.worker.complete(vec![finished.clone()]).await.unwrap();
+        assert_eq!(processed, [Processed::Fenced(id)]);
+    }
+    let events = e.events(id).await;
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        types.len(),
+        5,
+        "nothing after the rescuer's retry: {types:?}"
+    );
+    assert_eq!(types[3], "attempt_failed");
+    assert_eq!(
+        events[3].1["kind"], "lease_expired",
+        "the one failure recorded is the rescuer's"
+    );
 }
 
 #[sqlx::test]
