@@ -397,9 +397,9 @@ pub async fn outcomes_recorded_by(
     worker: Uuid,
     attempts: &[(TaskId, i32, &str)],
 ) -> Result<Vec<TaskId>> {
-    let (ids, rest): (Vec<TaskId>, Vec<(i32, &str)>) =
-        attempts.iter().map(|&(id, n, t)| (id, (n, t))).unzip();
-    let (numbers, types): (Vec<i32>, Vec<&str>) = rest.into_iter().unzip();
+    let ids: Vec<TaskId> = attempts.iter().map(|a| a.0).collect();
+    let numbers: Vec<i32> = attempts.iter().map(|a| a.1).collect();
+    let types: Vec<&str> = attempts.iter().map(|a| a.2).collect();
     Ok(sqlx::query_scalar!(
         r#"SELECT DISTINCT w.task_id AS "task_id!: TaskId"
            FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS w(task_id, attempt, event_type)

@@ -644,23 +644,24 @@ impl Worker {
         )
         .await?;
         tx.commit().await?;
-        let mut earlier = self.recorded_earlier(&finished, &unheld).await?;
+        let mut earlier = self.recorded_earlier(&by_id, &unheld).await?;
         // a missing or unreadable row, or a lease taken over, records nothing (fenced)
         let processed: Vec<Processed> = finished
             .iter()
             .map(|f| {
                 let id = f.claimed.ctx.task_id;
-                if let Some(p) = outcomes.remove(&id).or_else(|| earlier.remove(&id)) {
-                    if !matches!(p, Processed::Fenced(_)) {
-                        return p;
+                match outcomes.remove(&id).or_else(|| earlier.remove(&id)) {
+                    Some(p) if !matches!(p, Processed::Fenced(_)) => p,
+                    _ => {
+                        if unheld.contains_key(&id) {
+                            let trace_id =
+                                f.claimed.ctx.trace.as_ref().map_or("", |t| t.trace_id());
+                            let attempt = f.claimed.ctx.attempt;
+                            tracing::warn!(task.id = %id, attempt, trace_id, "lease was taken over; outcome not recorded");
+                        }
+                        Processed::Fenced(id)
                     }
                 }
-                if unheld.contains_key(&id) {
-                    let trace_id = f.claimed.ctx.trace.as_ref().map_or("", |t| t.trace_id());
-                    let attempt = f.claimed.ctx.attempt;
-                    tracing::warn!(task.id = %id, attempt, trace_id, "lease was taken over; outcome not recorded");
-                }
-                Processed::Fenced(id)
             })
             .collect();
         for (f, p) in finished.iter().zip(&processed) {
@@ -696,30 +697,26 @@ impl Worker {
     /// the holder alone records are looked for; a run stopped for a lost lease is not.
     async fn recorded_earlier(
         &self,
-        finished: &[Finished],
+        by_id: &HashMap<TaskId, &Finished>,
         unheld: &HashMap<TaskId, (TaskStatus, i32)>,
     ) -> Result<HashMap<TaskId, Processed>> {
-        let wanted: Vec<(TaskId, i32, &str)> = finished
-            .iter()
-            .filter(|f| unheld.contains_key(&f.claimed.ctx.task_id))
-            .filter_map(|f| {
+        let wanted: Vec<(TaskId, i32, &str)> = unheld
+            .keys()
+            .filter_map(|id| {
+                let f = by_id[id];
                 let recorded_as = match &f.ending {
                     Ending::Done(Ok(_)) => "attempt_succeeded",
                     Ending::Interrupted => "attempt_released",
                     Ending::Done(Err(_)) | Ending::TimedOut(_) => "attempt_failed",
                     Ending::LeaseLost => return None,
                 };
-                Some((f.claimed.ctx.task_id, f.claimed.ctx.attempt, recorded_as))
+                Some((*id, f.claimed.ctx.attempt, recorded_as))
             })
             .collect();
         if wanted.is_empty() {
             return Ok(HashMap::new());
         }
         let recorded = events::outcomes_recorded_by(&self.pool, self.id, &wanted).await?;
-        let by_id: HashMap<TaskId, &Finished> = finished
-            .iter()
-            .map(|f| (f.claimed.ctx.task_id, f))
-            .collect();
         Ok(recorded
             .into_iter()
             .map(|id| {
