@@ -383,32 +383,37 @@ pub async fn global_log(pool: &sqlx::PgPool, after: i64, limit: i64) -> Result<V
     .await?)
 }
 
-/// Which of `attempts` (task, attempt number, the event type its outcome is recorded as) already
+/// Which of `attempts` (task, attempt number, an event type its outcome is recorded as) already
 /// have that outcome in the log, recorded by `worker` itself: an event of that type for that
-/// attempt after `worker`'s `attempt_started` of it, with no other start in between. The rescuer's
-/// `attempt_failed` (kind `lease_expired`) never counts: it is the one outcome another process
-/// records for an attempt.
+/// attempt after `worker`'s `attempt_started` of it, with no other start in between. Returns the
+/// task and the type found. An `attempt_failed` of kind `lease_expired` counts only with the
+/// error `own_lease_lost_error`, the one the worker writes itself when a handler it still held
+/// was stopped for want of renewals: with any other error it is the rescuer's, the one outcome
+/// another process records for an attempt.
 ///
 /// A worker asks this of outcomes it no longer holds the lease of when it records them again
 /// after an error: if its earlier commit went through but the answer was lost (the connection
-/// broke after `COMMIT` reached the server), the attempt is recorded, not taken over.
+/// broke after `COMMIT` reached the server), the attempt is recorded, not taken over. A task may
+/// be asked about under several types (a stopped run is recorded as one of two).
 pub async fn outcomes_recorded_by(
     pool: &sqlx::PgPool,
     worker: Uuid,
     attempts: &[(TaskId, i32, &str)],
-) -> Result<Vec<TaskId>> {
+    own_lease_lost_error: &str,
+) -> Result<Vec<(TaskId, String)>> {
     let ids: Vec<TaskId> = attempts.iter().map(|a| a.0).collect();
     let numbers: Vec<i32> = attempts.iter().map(|a| a.1).collect();
     let types: Vec<&str> = attempts.iter().map(|a| a.2).collect();
-    Ok(sqlx::query_scalar!(
-        r#"SELECT DISTINCT w.task_id AS "task_id!: TaskId"
+    Ok(sqlx::query!(
+        r#"SELECT DISTINCT w.task_id AS "task_id!: TaskId", w.event_type AS "event_type!"
            FROM UNNEST($1::uuid[], $2::int4[], $3::text[]) AS w(task_id, attempt, event_type)
            JOIN task_events s ON s.task_id = w.task_id AND s.event_type = 'attempt_started'
                 AND (s.data->>'attempt')::int4 = w.attempt AND s.data->>'worker_id' = $4
            JOIN task_events o ON o.task_id = w.task_id AND o.sequence > s.sequence
                 AND o.event_type = w.event_type AND (o.data->>'attempt')::int4 = w.attempt
                 AND NOT (o.event_type = 'attempt_failed'
-                         AND o.data->>'kind' IS NOT DISTINCT FROM 'lease_expired')
+                         AND o.data->>'kind' IS NOT DISTINCT FROM 'lease_expired'
+                         AND o.data->>'error' IS DISTINCT FROM $5)
            WHERE NOT EXISTS (
              SELECT 1 FROM task_events n
              WHERE n.task_id = w.task_id AND n.event_type = 'attempt_started'
@@ -416,8 +421,12 @@ pub async fn outcomes_recorded_by(
         &ids as &[TaskId],
         &numbers,
         &types as &[&str],
-        worker.to_string()
+        worker.to_string(),
+        own_lease_lost_error
     )
     .fetch_all(pool)
-    .await?)
+    .await?
+    .into_iter()
+    .map(|r| (r.task_id, r.event_type))
+    .collect())
 }

@@ -627,12 +627,26 @@ impl Worker {
         let mut outcomes: HashMap<TaskId, Processed> = HashMap::with_capacity(ids.len());
         // the rows of attempts this worker no longer holds, as they are now
         let mut unheld: HashMap<TaskId, (TaskStatus, i32)> = HashMap::new();
+        // runs stopped for a lost lease whose stop an earlier try already recorded: not again
+        let stops = self.stops_recorded_earlier(&finished).await?;
+        let mut stopped_earlier: HashMap<TaskId, Processed> = HashMap::new();
         let mut tx = Tx::begin(&self.pool).await?;
         let applied = transition::apply(
             &mut tx,
             Target::Ids(&ids, Lock::Wait, Payload::Skip),
             |task, now| {
                 let f = by_id[&task.id];
+                if let Some(found) = stops.get(&task.id) {
+                    let processed = if found == "attempt_stopped" {
+                        Processed::Fenced(task.id)
+                    } else {
+                        recorded_as(f, task.status, task.attempts)
+                    };
+                    let attempt = f.claimed.ctx.attempt;
+                    tracing::info!(task.id = %task.id, attempt, recorded_as = %found, "stop already recorded by an earlier try whose commit was not acknowledged");
+                    stopped_earlier.insert(task.id, processed);
+                    return Ok(None);
+                }
                 if !task.is_held_by(self.id, f.claimed.ctx.attempt) {
                     unheld.insert(task.id, (task.status, task.attempts));
                 }
@@ -650,7 +664,11 @@ impl Worker {
             .iter()
             .map(|f| {
                 let id = f.claimed.ctx.task_id;
-                match outcomes.remove(&id).or_else(|| earlier.remove(&id)) {
+                let found = outcomes
+                    .remove(&id)
+                    .or_else(|| earlier.remove(&id))
+                    .or_else(|| stopped_earlier.remove(&id));
+                match found {
                     Some(p) if !matches!(p, Processed::Fenced(_)) => p,
                     _ => {
                         if unheld.contains_key(&id) {
@@ -694,7 +712,8 @@ impl Worker {
     /// they are now), those whose outcome an earlier try of this worker did record, as if
     /// recorded now. A commit whose answer was lost to a broken connection is recorded all the
     /// same, and the try after it finds the attempt ended: that is not a takeover. Only outcomes
-    /// the holder alone records are looked for; a run stopped for a lost lease is not.
+    /// the holder alone records are looked for; runs stopped for a lost lease are looked for
+    /// before the transaction ([`Worker::stops_recorded_earlier`]).
     async fn recorded_earlier(
         &self,
         by_id: &HashMap<TaskId, &Finished>,
@@ -704,37 +723,59 @@ impl Worker {
             .keys()
             .filter_map(|id| {
                 let f = by_id[id];
-                let recorded_as = match &f.ending {
+                let event_type = match &f.ending {
                     Ending::Done(Ok(_)) => "attempt_succeeded",
                     Ending::Interrupted => "attempt_released",
                     Ending::Done(Err(_)) | Ending::TimedOut(_) => "attempt_failed",
+                    // looked for before the transaction (see `stops_recorded_earlier`)
                     Ending::LeaseLost => return None,
                 };
-                Some((*id, f.claimed.ctx.attempt, recorded_as))
+                Some((*id, f.claimed.ctx.attempt, event_type))
             })
             .collect();
         if wanted.is_empty() {
             return Ok(HashMap::new());
         }
-        let recorded = events::outcomes_recorded_by(&self.pool, self.id, &wanted).await?;
+        let recorded =
+            events::outcomes_recorded_by(&self.pool, self.id, &wanted, LEASE_NOT_RENEWED).await?;
         Ok(recorded
             .into_iter()
-            .map(|id| {
+            .map(|(id, _)| {
                 let (f, (status, attempts)) = (by_id[&id], unheld[&id]);
-                let processed = match (&f.ending, status) {
-                    (_, TaskStatus::Cancelled) => Processed::CancelledWhileRunning(id),
-                    (Ending::Done(Ok(_)), _) => Processed::Succeeded(id),
-                    (Ending::Interrupted, _) => Processed::Released(id),
-                    (_, TaskStatus::Dead) if attempts == f.claimed.ctx.attempt => {
-                        Processed::DeadLettered(id)
-                    }
-                    _ => Processed::Retrying(id),
-                };
                 let attempt = f.claimed.ctx.attempt;
                 tracing::info!(task.id = %id, attempt, "outcome already recorded by an earlier try whose commit was not acknowledged");
-                (id, processed)
+                (id, recorded_as(f, status, attempts))
             })
             .collect())
+    }
+
+    /// Of the finished runs stopped for a lost lease, those whose stop an earlier try of this
+    /// worker already recorded (its commit went through, the answer was lost), with the type it
+    /// was recorded as: `attempt_stopped` (the attempt had been taken over) or the worker's own
+    /// `attempt_failed` (it still held the attempt). Recording either again would put a second
+    /// end of the same run in the log, so this is asked before the transaction; it runs only
+    /// when some run was stopped that way.
+    async fn stops_recorded_earlier(
+        &self,
+        finished: &[Finished],
+    ) -> Result<HashMap<TaskId, String>> {
+        let wanted: Vec<(TaskId, i32, &str)> = finished
+            .iter()
+            .filter(|f| matches!(f.ending, Ending::LeaseLost))
+            .flat_map(|f| {
+                let (id, attempt) = (f.claimed.ctx.task_id, f.claimed.ctx.attempt);
+                [
+                    (id, attempt, "attempt_stopped"),
+                    (id, attempt, "attempt_failed"),
+                ]
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let recorded =
+            events::outcomes_recorded_by(&self.pool, self.id, &wanted, LEASE_NOT_RENEWED).await?;
+        Ok(recorded.into_iter().collect())
     }
 
     /// The events that record a finished run, or `None` if this worker no longer holds the
@@ -789,7 +830,7 @@ impl Worker {
             Ending::LeaseLost => self.failure(
                 task,
                 FailureKind::LeaseExpired,
-                "the handler was stopped: its lease could not be renewed".into(),
+                LEASE_NOT_RENEWED.into(),
                 None,
                 duration_ms,
                 now,
@@ -849,6 +890,24 @@ impl Worker {
             Processed::DeadLettered(task.id)
         };
         Ok((events, processed))
+    }
+}
+
+/// The error of the `attempt_failed` a worker records when it stops a handler whose attempt it
+/// still holds because the lease could not be renewed (the rescuer's takeover says otherwise):
+/// it tells the worker's own lease-expired failure from the rescuer's in the log.
+const LEASE_NOT_RENEWED: &str = "the handler was stopped: its lease could not be renewed";
+
+/// What an outcome of `f` that an earlier try recorded amounts to, by its task's row as it is
+/// now (`status`, `attempts`).
+fn recorded_as(f: &Finished, status: TaskStatus, attempts: i32) -> Processed {
+    let id = f.claimed.ctx.task_id;
+    match (&f.ending, status) {
+        (_, TaskStatus::Cancelled) => Processed::CancelledWhileRunning(id),
+        (Ending::Done(Ok(_)), _) => Processed::Succeeded(id),
+        (Ending::Interrupted, _) => Processed::Released(id),
+        (_, TaskStatus::Dead) if attempts == f.claimed.ctx.attempt => Processed::DeadLettered(id),
+        _ => Processed::Retrying(id),
     }
 }
 

@@ -457,6 +457,62 @@ async fn a_failed_run_taken_over_is_fenced_on_every_try(pool: PgPool) {
     );
 }
 
+/// A run stopped because its lease was lost is recorded once, however often the worker tries:
+/// after a takeover as `attempt_stopped`, while the worker still held the attempt as its own
+/// `attempt_failed` (kind `lease_expired`). A try after a commit whose answer was lost finds that
+/// record and writes no second end of the same run.
+#[sqlx::test]
+async fn a_run_stopped_for_a_lost_lease_is_recorded_once_on_every_try(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let ids = enqueue(&pool, 2, 3).await;
+    e.relay_once().await;
+    let claimed = take_and_claim(&e, 2).await;
+    let stopped = |c: arnela::worker::Claimed| arnela::worker::Finished {
+        claimed: c,
+        ending: arnela::worker::Ending::LeaseLost,
+        duration_ms: 7,
+    };
+    let (mut taken_over, mut still_held) = (None, None);
+    for c in claimed {
+        if c.ctx.task_id == ids[0] {
+            taken_over = Some(stopped(c));
+        } else {
+            still_held = Some(stopped(c));
+        }
+    }
+    let (taken_over, still_held) = (taken_over.unwrap(), still_held.unwrap());
+    common::expire_lease(&pool, ids[0]).await;
+    assert_eq!(e.rescuer.run_once().await.unwrap().leases_expired, 1);
+
+    let both = vec![taken_over, still_held];
+    let first = e.worker.complete(both.clone()).await.unwrap();
+    assert_eq!(
+        first,
+        [Processed::Fenced(ids[0]), Processed::Retrying(ids[1])]
+    );
+    let before = (e.events(ids[0]).await, e.events(ids[1]).await);
+    let ends = |events: &[(String, serde_json::Value)]| -> Vec<String> {
+        events
+            .iter()
+            .filter(|(t, _)| t == "attempt_stopped" || t == "attempt_failed")
+            .map(|(t, d)| format!("{t}/{}", d["kind"].as_str().unwrap_or("-")))
+            .collect()
+    };
+    assert_eq!(
+        ends(&before.0),
+        ["attempt_failed/lease_expired", "attempt_stopped/-"],
+        "the rescuer's failure, then the worker's stop"
+    );
+    assert_eq!(ends(&before.1), ["attempt_failed/lease_expired"]);
+
+    for _ in 0..2 {
+        let again = e.worker.complete(both.clone()).await.unwrap();
+        assert_eq!(again, first, "found as recorded, reported as before");
+        let after = (e.events(ids[0]).await, e.events(ids[1]).await);
+        assert_eq!(after, before, "nothing more is written");
+    }
+}
+
 #[sqlx::test]
 async fn a_handler_over_its_time_limit_fails_retryably(pool: PgPool) {
     let script = Arc::new(Script {
