@@ -199,6 +199,7 @@ impl WorkerPool {
         ));
         let completer = tokio::spawn(complete_loop(worker.clone(), done_rx, leases.clone()));
 
+        let mut fetcher = Fetcher::new(&worker, &leases);
         let mut running = tokio::task::JoinSet::new();
         let mut failures = 0u32;
         // `pending` bounds the attempts claimed and not yet recorded, so the fetcher can claim
@@ -237,7 +238,7 @@ impl WorkerPool {
                 mean_us = pace.mean_us.load(Ordering::Relaxed),
                 "claiming"
             );
-            let claimed = match fetch(&worker, &leases, permits.len(), &shutdown).await {
+            let claimed = match fetcher.step(permits.len(), &shutdown).await {
                 Ok(c) => {
                     failures = 0;
                     c
@@ -355,71 +356,117 @@ async fn run_attempt(
     finished
 }
 
-/// Takes up to `max` deliveries and claims them. A delivery taken after shutdown began, or
-/// whose claim failed (the database is unreachable), goes back to the queue unstarted, so it
-/// does not wait on the processing list for the rescuer's orphan grace.
-async fn fetch(
-    worker: &Arc<Worker>,
-    leases: &Arc<Leases>,
-    max: usize,
-    shutdown: &CancellationToken,
-) -> Result<Vec<Claimed>> {
-    let raws = worker.take(max).await?;
-    if raws.is_empty() {
-        return Ok(Vec::new());
-    }
-    if shutdown.is_cancelled() {
-        return_all(worker, &raws).await?;
-        return Ok(Vec::new());
-    }
-    match worker.claim(raws.clone()).await {
-        Ok((claimed, _)) => Ok(claimed),
-        Err(e) => {
-            // if the claim did commit after all, the returned deliveries are duplicates, which
-            // the next claim refuses
-            // (undecodable entries were moved to the failed list already)
-            let (decodable, wanted): (Vec<String>, Vec<(TaskId, i32)>) = raws
-                .into_iter()
-                .filter_map(|r| queue::Delivery::decode(&r).map(|d| (r, (d.task_id, d.attempt))))
-                .unzip();
-            if let Err(r) = return_all(worker, &decodable).await {
-                tracing::warn!(error = %r, "cannot return deliveries whose claim failed; the rescuer will");
-            }
-            tokio::spawn(settle(worker.clone(), leases.clone(), wanted));
-            Err(e)
-        }
-    }
-}
-
-/// How long a worker keeps trying to settle a claim whose commit it did not hear about.
+/// How long a worker keeps trying to settle a claim whose commit it did not hear about while
+/// the database cannot be reached (other errors: three tries); past that the rescuer takes the
+/// attempts over.
 const SETTLE_FOR: Duration = Duration::from_secs(600);
 
-/// Settles a failed claim once Postgres answers (see [`Worker::settle_unconfirmed`]), trying
-/// for [`SETTLE_FOR`]; past that the rescuer takes the attempts over.
-async fn settle(worker: Arc<Worker>, leases: Arc<Leases>, wanted: Vec<(TaskId, i32)>) {
-    let started = std::time::Instant::now();
-    let mut failures = 0u32;
-    loop {
-        match worker
-            .settle_unconfirmed(&wanted, |k| leases.holds(k))
+/// The pool's fetcher: takes deliveries and claims them, one claim at a time.
+///
+/// A claim whose commit failed here may have committed all the same (Postgres stopped between
+/// its `COMMIT` and the answer). Its deliveries go back to the queue at once, for any process to
+/// claim, and the claim is *settled* before this fetcher claims anything again (see
+/// [`Worker::settle_unconfirmed`]): if it did commit, its attempts are released. Settling first
+/// matters: if the claim did not commit, this fetcher may claim the returned deliveries itself,
+/// and a settlement running after that claim would find the attempts held by this worker and
+/// release the ones whose handlers are about to run (run twice: here and after the release).
+pub struct Fetcher<'a> {
+    worker: &'a Worker,
+    leases: &'a Leases,
+    unsettled: Option<Unsettled>,
+}
+
+/// A claim whose commit this worker did not hear about.
+struct Unsettled {
+    attempts: Vec<(TaskId, i32)>,
+    since: Instant,
+    other_failures: u32,
+}
+
+impl<'a> Fetcher<'a> {
+    pub fn new(worker: &'a Worker, leases: &'a Leases) -> Fetcher<'a> {
+        Fetcher {
+            worker,
+            leases,
+            unsettled: None,
+        }
+    }
+
+    /// One step: settles a claim whose commit failed, if any, then takes up to `max` deliveries
+    /// and claims them. A delivery taken after shutdown began, or whose claim failed (the
+    /// database is unreachable), goes back to the queue unstarted, so it does not wait on the
+    /// processing list for the rescuer's orphan grace. Returns the claimed attempts; the caller
+    /// holds their leases.
+    pub async fn step(&mut self, max: usize, shutdown: &CancellationToken) -> Result<Vec<Claimed>> {
+        self.settle().await?;
+        let raws = self.worker.take(max).await?;
+        if raws.is_empty() {
+            return Ok(Vec::new());
+        }
+        if shutdown.is_cancelled() {
+            return_all(self.worker, &raws).await?;
+            return Ok(Vec::new());
+        }
+        match self.worker.claim(raws.clone()).await {
+            Ok((claimed, _)) => Ok(claimed),
+            Err(e) => {
+                // if the claim did commit after all, the returned deliveries are duplicates,
+                // which the next claim refuses
+                // (undecodable entries were moved to the failed list already)
+                let (decodable, attempts): (Vec<String>, Vec<(TaskId, i32)>) = raws
+                    .into_iter()
+                    .filter_map(|r| {
+                        queue::Delivery::decode(&r).map(|d| (r, (d.task_id, d.attempt)))
+                    })
+                    .unzip();
+                if let Err(r) = return_all(self.worker, &decodable).await {
+                    tracing::warn!(error = %r, "cannot return deliveries whose claim failed; the rescuer will");
+                }
+                self.unsettled = Some(Unsettled {
+                    attempts,
+                    since: Instant::now(),
+                    other_failures: 0,
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Settles the claim whose commit failed, if any. An error leaves it unsettled (the step
+    /// fails and is tried again after the loop's pause) until [`SETTLE_FOR`] has passed while
+    /// the database was unreachable, or after three other errors; then it is given up.
+    async fn settle(&mut self) -> Result<()> {
+        let Some(mut pending) = self.unsettled.take() else {
+            return Ok(());
+        };
+        let leases = self.leases;
+        match self
+            .worker
+            .settle_unconfirmed(&pending.attempts, |k| leases.holds(k))
             .await
         {
-            Ok(0) => return,
+            Ok(0) => Ok(()),
             Ok(n) => {
                 tracing::warn!(
                     attempts = n,
                     "a claim committed although its commit failed here; its attempts were released"
                 );
-                return;
-            }
-            Err(e) if started.elapsed() < SETTLE_FOR => {
-                failures += 1;
-                tracing::debug!(error = %e, "cannot settle a failed claim yet");
-                tokio::time::sleep(crate::backoff::Backoff::LOOP.delay(failures)).await;
+                Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot settle a failed claim; the rescuer will take its attempts over");
-                return;
+                let keep = if e.is_unavailable() {
+                    pending.since.elapsed() < SETTLE_FOR
+                } else {
+                    pending.other_failures += 1;
+                    pending.other_failures < 3
+                };
+                if keep {
+                    tracing::debug!(error = %e, "cannot settle a failed claim yet");
+                    self.unsettled = Some(pending);
+                } else {
+                    tracing::error!(error = %e, "cannot settle a failed claim; the rescuer will take its attempts over");
+                }
+                Err(e)
             }
         }
     }

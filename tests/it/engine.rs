@@ -1057,6 +1057,59 @@ async fn renewing_leases_while_a_transition_locks_the_same_tasks_does_not_deadlo
     assert_eq!(held, vec![(low, 1), (high, 1)], "both leases renewed");
 }
 
+/// A claim that failed is settled before the fetcher claims again. Here it failed without
+/// committing (a statement of the claim failed), its delivery went back to the queue, and the
+/// next step claims that delivery itself: the attempt it starts stays held. Were the failed
+/// claim settled only after that (as a settlement running beside the fetcher could be), it would
+/// find the new attempt held by this worker and release it while its handler is about to run,
+/// and the task would run twice.
+#[sqlx::test]
+async fn a_failed_claim_is_settled_before_the_fetcher_claims_again(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    let leases = arnela::worker::lease::Leases::new();
+    let mut fetcher = arnela::worker::pool::Fetcher::new(&e.worker, &leases);
+    let never = CancellationToken::new();
+
+    sqlx::query("ALTER TABLE task_type_pauses RENAME TO task_type_pauses_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        fetcher.step(1, &never).await.is_err(),
+        "the claim fails before it commits"
+    );
+    assert_eq!(e.status(id).await, "queued");
+    assert_eq!(
+        e.len(e.keys.tasks()).await,
+        1,
+        "the delivery is back on the queue"
+    );
+    sqlx::query("ALTER TABLE task_type_pauses_away RENAME TO task_type_pauses")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let claimed = fetcher.step(1, &never).await.unwrap();
+    assert_eq!(claimed.len(), 1, "the returned delivery is claimed again");
+    assert_eq!(e.status(id).await, "running");
+    assert_eq!(
+        fetcher.step(1, &never).await.unwrap().len(),
+        0,
+        "nothing more to claim, and nothing left to settle"
+    );
+    assert_eq!(
+        e.status(id).await,
+        "running",
+        "the attempt claimed again is not released"
+    );
+    assert_eq!(
+        e.history(id).await,
+        ["enqueued", "dispatched", "attempt_started"]
+    );
+}
+
 /// A claim that committed although the worker saw its `COMMIT` fail (Postgres stopped between
 /// the two): the worker returned the delivery and forgot the attempt, which its live process
 /// would otherwise leave running until the lease and the rescuer's grace for live owners pass.
