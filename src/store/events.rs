@@ -385,7 +385,9 @@ pub async fn global_log(pool: &sqlx::PgPool, after: i64, limit: i64) -> Result<V
 
 /// Which of `attempts` (task, attempt number, an event type its outcome is recorded as) already
 /// have that outcome in the log, recorded by `worker` itself: an event of that type for that
-/// attempt after `worker`'s `attempt_started` of it, with no other start in between. Returns the
+/// attempt after `worker`'s `attempt_started` of it, with no other start of that attempt in
+/// between (a start of a later attempt may be: a stop is written when the worker reaches the
+/// database again, after the rescuer's takeover and maybe the next attempt's start). Returns the
 /// task and the type found. An `attempt_failed` of kind `lease_expired` counts only with the
 /// error `own_lease_lost_error`, the one the worker writes itself when a handler it still held
 /// was stopped for want of renewals: with any other error it is the rescuer's, the one outcome
@@ -417,6 +419,7 @@ pub async fn outcomes_recorded_by(
            WHERE NOT EXISTS (
              SELECT 1 FROM task_events n
              WHERE n.task_id = w.task_id AND n.event_type = 'attempt_started'
+               AND (n.data->>'attempt')::int4 = w.attempt
                AND n.sequence > s.sequence AND n.sequence < o.sequence)"#,
         &ids as &[TaskId],
         &numbers,

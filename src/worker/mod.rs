@@ -503,8 +503,11 @@ impl Worker {
     /// released (`attempt_released`: queued again under the same attempt number), so it runs
     /// again at once instead of after its lease and the rescuer's grace for live owners. The
     /// deliveries were returned to the queue; whichever copy comes first is claimed, the other
-    /// refused as a duplicate. An attempt `held` says this worker runs (claimed again since)
-    /// is left alone. Returns how many were released (none when the claim did not commit).
+    /// refused as a duplicate. An attempt `held` says this worker runs (a duplicate delivery of
+    /// an attempt it is running) is left alone. The pool settles a failed claim before it claims
+    /// again (see [`pool::Fetcher`]): an attempt claimed since would be held by this worker too,
+    /// and released here while its handler is about to run. Returns how many were released
+    /// (none when the claim did not commit).
     pub async fn settle_unconfirmed(
         &self,
         wanted: &[(TaskId, i32)],
@@ -690,10 +693,23 @@ impl Worker {
             }
         }
 
+        // The outcomes are committed: a Redis error from here on must not fail the call, whose
+        // retry would find them recorded and count them again (the rescuer cleans the processing
+        // entries later; a dead letter's copy is named in the log)
         let mut conn = self.commands.clone();
-        queue::push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await?;
+        if let Err(e) = queue::push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await
+        {
+            let tasks: Vec<String> = applied
+                .dead_letters
+                .iter()
+                .map(|d| d.task_id.to_string())
+                .collect();
+            tracing::error!(error = %e, ?tasks, "cannot copy dead letters to the failed list");
+        }
         let raws: Vec<&str> = finished.iter().map(|f| f.claimed.raw.as_str()).collect();
-        queue::ack_many(&mut conn, &self.keys, &raws).await?;
+        if let Err(e) = queue::ack_many(&mut conn, &self.keys, &raws).await {
+            tracing::error!(error = %e, "cannot acknowledge finished deliveries");
+        }
         for p in &processed {
             let counter = match p {
                 Processed::Succeeded(_) => &self.stats.succeeded,
@@ -773,9 +789,17 @@ impl Worker {
         if wanted.is_empty() {
             return Ok(HashMap::new());
         }
-        let recorded =
-            events::outcomes_recorded_by(&self.pool, self.id, &wanted, LEASE_NOT_RENEWED).await?;
-        Ok(recorded.into_iter().collect())
+        let mut found: HashMap<TaskId, String> = HashMap::new();
+        for (id, event_type) in
+            events::outcomes_recorded_by(&self.pool, self.id, &wanted, LEASE_NOT_RENEWED).await?
+        {
+            // the worker's own failure is the run's end if both are there (a stop after it is
+            // the kind of second end this looks for)
+            if event_type == "attempt_failed" || !found.contains_key(&id) {
+                found.insert(id, event_type);
+            }
+        }
+        Ok(found)
     }
 
     /// The events that record a finished run, or `None` if this worker no longer holds the

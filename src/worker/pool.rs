@@ -356,9 +356,8 @@ async fn run_attempt(
     finished
 }
 
-/// How long a worker keeps trying to settle a claim whose commit it did not hear about while
-/// the database cannot be reached (other errors: three tries); past that the rescuer takes the
-/// attempts over.
+/// How long after a failed claim a worker keeps trying to settle it while the database cannot
+/// be reached (other errors: three tries); past that the rescuer takes the attempts over.
 const SETTLE_FOR: Duration = Duration::from_secs(600);
 
 /// The pool's fetcher: takes deliveries and claims them, one claim at a time.
@@ -433,8 +432,8 @@ impl<'a> Fetcher<'a> {
     }
 
     /// Settles the claim whose commit failed, if any. An error leaves it unsettled (the step
-    /// fails and is tried again after the loop's pause) until [`SETTLE_FOR`] has passed while
-    /// the database was unreachable, or after three other errors; then it is given up.
+    /// fails and is tried again after the loop's pause) until [`SETTLE_FOR`] has passed since
+    /// the failed claim, or after three other errors; then it is given up.
     async fn settle(&mut self) -> Result<()> {
         let Some(mut pending) = self.unsettled.take() else {
             return Ok(());

@@ -458,9 +458,10 @@ async fn a_failed_run_taken_over_is_fenced_on_every_try(pool: PgPool) {
 }
 
 /// A run stopped because its lease was lost is recorded once, however often the worker tries:
-/// after a takeover as `attempt_stopped`, while the worker still held the attempt as its own
-/// `attempt_failed` (kind `lease_expired`). A try after a commit whose answer was lost finds that
-/// record and writes no second end of the same run.
+/// after a takeover as `attempt_stopped` (here written after the next attempt's start), while
+/// the worker still held the attempt as its own `attempt_failed` (kind `lease_expired`). A try
+/// after a commit whose answer was lost finds that record and writes no second end of the same
+/// run.
 #[sqlx::test]
 async fn a_run_stopped_for_a_lost_lease_is_recorded_once_on_every_try(pool: PgPool) {
     let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
@@ -483,6 +484,14 @@ async fn a_run_stopped_for_a_lost_lease_is_recorded_once_on_every_try(pool: PgPo
     let (taken_over, still_held) = (taken_over.unwrap(), still_held.unwrap());
     common::expire_lease(&pool, ids[0]).await;
     assert_eq!(e.rescuer.run_once().await.unwrap().leases_expired, 1);
+    // the retry starts before the stopped run is recorded (its worker was cut off meanwhile)
+    e.relay_once().await;
+    let next = take_and_claim(&e, 1).await;
+    assert_eq!(
+        (next[0].ctx.task_id, next[0].ctx.attempt),
+        (ids[0], 2),
+        "attempt 2 started"
+    );
 
     let both = vec![taken_over, still_held];
     let first = e.worker.complete(both.clone()).await.unwrap();
