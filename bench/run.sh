@@ -51,6 +51,10 @@ log() { printf 'bench: %s\n' "$*" >&2; }
 cleanup() {
     if [[ -n "$SERVICE_PID" ]]; then kill "$SERVICE_PID" 2>/dev/null || true; wait "$SERVICE_PID" 2>/dev/null || true; fi
     dropdb -h 127.0.0.1 -U postgres --if-exists --force "$DB" 2>/dev/null || true
+    # the keys the services of this run left in Redis (every prefix starts with bench$$-; the
+    # cached reads alone leave thousands)
+    redis-cli -h 127.0.0.1 -p 6379 --scan --pattern "*bench$$-*" 2>/dev/null \
+        | xargs -r redis-cli -h 127.0.0.1 -p 6379 del >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
