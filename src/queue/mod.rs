@@ -672,27 +672,30 @@ pub async fn live_workers(conn: &mut RedisConn, keys: &Keys) -> Result<i64> {
     Ok(live_processes(conn, keys).await?.iter().map(|p| p.1).sum())
 }
 
+/// Removes the heartbeats that expired by ARGV[1] (ms) and returns the workers per live process.
+/// KEYS: workers (sorted set), worker counts (hash). One script, so a heartbeat renewed while
+/// the expired ones are pruned is never removed with them.
+static LIVE_PROCESSES: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 1, #expired do
+  redis.call('ZREM', KEYS[1], expired[i])
+  redis.call('HDEL', KEYS[2], expired[i])
+end
+return redis.call('HGETALL', KEYS[2])
+"#,
+    )
+});
+
 /// Each live worker process (its id) with its number of workers; expired heartbeats are pruned.
 pub async fn live_processes(conn: &mut RedisConn, keys: &Keys) -> Result<Vec<(String, i64)>> {
     let now = Utc::now().timestamp_millis();
-    let expired: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(keys.workers())
-        .arg("-inf")
+    let mut counts: Vec<(String, i64)> = LIVE_PROCESSES
+        .key(keys.workers())
+        .key(keys.worker_counts())
         .arg(now)
-        .query_async(conn)
-        .await?;
-    if !expired.is_empty() {
-        redis::pipe()
-            .zrem(keys.workers(), &expired)
-            .ignore()
-            .hdel(keys.worker_counts(), &expired)
-            .ignore()
-            .query_async::<()>(conn)
-            .await?;
-    }
-    let mut counts: Vec<(String, i64)> = redis::cmd("HGETALL")
-        .arg(keys.worker_counts())
-        .query_async(conn)
+        .invoke_async(conn)
         .await?;
     counts.sort();
     Ok(counts)

@@ -389,6 +389,50 @@ async fn active_workers_come_from_live_heartbeats(pool: PgPool) {
     );
 }
 
+/// Reading the live processes prunes the expired heartbeats from both the set and the counts,
+/// and keeps the current ones (one script: a heartbeat renewed meanwhile is never pruned).
+#[tokio::test]
+async fn expired_heartbeats_are_pruned_and_live_ones_kept() {
+    let mut redis = common::redis().await;
+    let keys = Keys::new(common::unique_prefix());
+    let (gone, live) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    arnela::queue::worker_heartbeat(&mut redis, &keys, gone, 3, Duration::ZERO)
+        .await
+        .unwrap();
+    arnela::queue::worker_heartbeat(&mut redis, &keys, live, 4, Duration::from_secs(60))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    let processes = arnela::queue::live_processes(&mut redis, &keys)
+        .await
+        .unwrap();
+    assert_eq!(processes, [(live.to_string(), 4)]);
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(keys.workers())
+        .arg(gone.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let count: Option<i64> = redis::cmd("HGET")
+        .arg(keys.worker_counts())
+        .arg(gone.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        (score, count),
+        (None, None),
+        "the expired one is gone from both"
+    );
+    assert_eq!(
+        arnela::queue::live_workers(&mut redis, &keys)
+            .await
+            .unwrap(),
+        4
+    );
+}
+
 #[sqlx::test]
 async fn health_names_the_channel_of_each_task_type(pool: PgPool) {
     // no provider credentials: every type is on the log channel, and /health says so
