@@ -53,7 +53,9 @@ use uuid::Uuid;
 use crate::binding::Binding;
 use crate::domain::sealing::{open_payload, payload_is_sealed, DataKey, MasterKey, Opening};
 use crate::domain::task::InvalidTransition;
-use crate::domain::{FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus};
+use crate::domain::{
+    EventType, FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus,
+};
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Lock, Payload, Target};
@@ -640,7 +642,7 @@ impl Worker {
             |task, now| {
                 let f = by_id[&task.id];
                 if let Some(found) = stops.get(&task.id) {
-                    let processed = if found == "attempt_stopped" {
+                    let processed = if found == EventType::AttemptStopped.as_str() {
                         Processed::Fenced(task.id)
                     } else {
                         recorded_as(f, task.status, task.attempts)
@@ -740,13 +742,13 @@ impl Worker {
             .filter_map(|id| {
                 let f = by_id[id];
                 let event_type = match &f.ending {
-                    Ending::Done(Ok(_)) => "attempt_succeeded",
-                    Ending::Interrupted => "attempt_released",
-                    Ending::Done(Err(_)) | Ending::TimedOut(_) => "attempt_failed",
+                    Ending::Done(Ok(_)) => EventType::AttemptSucceeded,
+                    Ending::Interrupted => EventType::AttemptReleased,
+                    Ending::Done(Err(_)) | Ending::TimedOut(_) => EventType::AttemptFailed,
                     // looked for before the transaction (see `stops_recorded_earlier`)
                     Ending::LeaseLost => return None,
                 };
-                Some((*id, f.claimed.ctx.attempt, event_type))
+                Some((*id, f.claimed.ctx.attempt, event_type.as_str()))
             })
             .collect();
         if wanted.is_empty() {
@@ -781,8 +783,8 @@ impl Worker {
             .flat_map(|f| {
                 let (id, attempt) = (f.claimed.ctx.task_id, f.claimed.ctx.attempt);
                 [
-                    (id, attempt, "attempt_stopped"),
-                    (id, attempt, "attempt_failed"),
+                    (id, attempt, EventType::AttemptStopped.as_str()),
+                    (id, attempt, EventType::AttemptFailed.as_str()),
                 ]
             })
             .collect();
@@ -795,7 +797,7 @@ impl Worker {
         {
             // the worker's own failure is the run's end if both are there (a stop after it is
             // the kind of second end this looks for)
-            if event_type == "attempt_failed" || !found.contains_key(&id) {
+            if event_type == EventType::AttemptFailed.as_str() || !found.contains_key(&id) {
                 found.insert(id, event_type);
             }
         }

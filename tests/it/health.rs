@@ -408,15 +408,9 @@ async fn expired_heartbeats_are_pruned_and_live_ones_kept() {
         .await
         .unwrap();
     assert_eq!(processes, [(live.to_string(), 4)]);
-    let score: Option<f64> = redis::cmd("ZSCORE")
-        .arg(keys.workers())
-        .arg(gone.to_string())
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let count: Option<i64> = redis::cmd("HGET")
-        .arg(keys.worker_counts())
-        .arg(gone.to_string())
+    let (score, count): (Option<f64>, Option<i64>) = redis::pipe()
+        .zscore(keys.workers(), gone.to_string())
+        .hget(keys.worker_counts(), gone.to_string())
         .query_async(&mut redis)
         .await
         .unwrap();
