@@ -191,16 +191,20 @@ pub async fn record(
     at: DateTime<Utc>,
 ) -> Result<Task> {
     let item = (before.clone(), last_hash.to_vec(), events.to_vec());
-    let mut after = record_batch(tx, std::slice::from_ref(&item), at).await?;
+    let mut after = record_batch(tx, std::slice::from_ref(&item), at, &[]).await?;
     Ok(after.remove(0))
 }
 
-/// [`record`] for many tasks in three statements. Fails with [`StoreError::VersionConflict`] if
+/// [`record`] for many tasks in one statement, which also removes the outbox rows of the tasks
+/// in `used` (their deliveries were used up: [`super::transition`] derives them from the events),
+/// skipping rows another transaction holds (see [`super::transition`]). Fails with
+/// [`StoreError::VersionConflict`] if
 /// any task changed since it was read (the caller's transaction must then be rolled back).
 pub async fn record_batch(
     tx: &mut Tx,
     items: &[(Task, Vec<u8>, Vec<TaskEvent>)],
     at: DateTime<Utc>,
+    used: &[TaskId],
 ) -> Result<Vec<Task>> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -258,6 +262,9 @@ pub async fn record_batch(
     let lease_expiries: Vec<Option<DateTime<Utc>>> =
         afters.iter().map(|t| t.lease_expires_at).collect();
     let versions: Vec<i32> = afters.iter().map(|t| t.version).collect();
+    // One statement: the projection rows, the leases, the events and the used outbox rows (a
+    // transition costs the lock, this statement and the commit).
+    let (base, recorded_at) = rows.base.expect("events hashed here are placed");
     let updated = sqlx::query_scalar!(
         r#"WITH updated AS (
              UPDATE tasks t SET status = v.status, attempts = v.attempts,
@@ -277,6 +284,19 @@ pub async fn record_batch(
              ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
            ), freed AS (
              DELETE FROM task_leases WHERE task_id = ANY($15)
+           ), appended AS (
+             INSERT INTO task_events
+               (position, task_id, sequence, event_type, event_version, data, occurred_at,
+                prev_hash, hash, task_type, recorded_at, hash_version)
+             SELECT $26 + e.slot, e.task_id, e.sequence, e.event_type, e.event_version,
+                    e.data, e.occurred_at, e.prev_hash, e.hash, e.task_type, $27, $28
+             FROM UNNEST($16::uuid[], $17::int4[], $18::text[], $19::int2[], $20::jsonb[],
+                         $21::timestamptz[], $22::bytea[], $23::bytea[], $24::int8[], $25::text[])
+               AS e(task_id, sequence, event_type, event_version, data, occurred_at, prev_hash,
+                    hash, slot, task_type)
+           ), used AS (
+             DELETE FROM outbox WHERE id IN
+               (SELECT id FROM outbox WHERE task_id = ANY($29) FOR UPDATE SKIP LOCKED)
            )
            SELECT count(*) AS "updated!" FROM updated"#,
         &ids as &[TaskId],
@@ -293,10 +313,25 @@ pub async fn record_batch(
         at,
         &held.0 as &[TaskId],
         &held.1,
-        &freed as &[TaskId]
+        &freed as &[TaskId],
+        &rows.task_ids as &[TaskId],
+        &rows.sequences,
+        &rows.types as &[&str],
+        &rows.versions,
+        &rows.data,
+        &rows.occurred_at,
+        &rows.prev_hashes as &[Option<Vec<u8>>],
+        &rows.hashes,
+        &rows.slots,
+        &rows.task_types as &[&str],
+        base,
+        recorded_at,
+        HASH_VERSION,
+        used as &[TaskId]
     )
     .fetch_one(tx.conn())
-    .await?;
+    .await
+    .map_err(|e| appended_conflict(e, &rows))?;
     if updated != items.len() as i64 {
         let (first, _, _) = &items[0];
         return Err(StoreError::VersionConflict {
@@ -304,8 +339,25 @@ pub async fn record_batch(
             expected: first.version,
         });
     }
-    insert(tx, &rows).await?;
     Ok(afters)
+}
+
+/// An event numbered like one already appended means the task changed since it was read: a
+/// [`StoreError::VersionConflict`]. Other errors pass through.
+fn appended_conflict(e: sqlx::Error, rows: &EventRows) -> StoreError {
+    match e {
+        sqlx::Error::Database(db)
+            if db
+                .constraint()
+                .is_some_and(|c| c.ends_with("_task_id_sequence_key")) =>
+        {
+            StoreError::VersionConflict {
+                task_id: rows.task_ids.first().copied().unwrap_or_default(),
+                expected: rows.sequences.first().copied().unwrap_or(1) - 1,
+            }
+        }
+        e => e.into(),
+    }
 }
 
 /// Inserts prepared event rows in one statement.
@@ -337,20 +389,7 @@ pub(crate) async fn insert(tx: &mut Tx, rows: &EventRows) -> Result<()> {
     )
     .execute(tx.conn())
     .await;
-    match result {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(db))
-            if db
-                .constraint()
-                .is_some_and(|c| c.ends_with("_task_id_sequence_key")) =>
-        {
-            Err(StoreError::VersionConflict {
-                task_id: rows.task_ids.first().copied().unwrap_or_default(),
-                expected: rows.sequences.first().copied().unwrap_or(1) - 1,
-            })
-        }
-        Err(e) => Err(e.into()),
-    }
+    result.map(|_| ()).map_err(|e| appended_conflict(e, rows))
 }
 
 /// A task's full history, in order.

@@ -67,12 +67,11 @@ pub async fn delete(tx: &mut Tx, ids: &[i64]) -> Result<()> {
     Ok(())
 }
 
-/// The outbox changes a transition implies (derived from its events by
-/// [`super::transition::apply`]).
+/// The deliveries a transition adds (derived from its events by [`super::transition::apply`];
+/// the rows of deliveries it used up are removed with its events, see
+/// [`super::events::record_batch`]).
 #[derive(Debug, Default)]
 pub(crate) struct Effects {
-    /// Tasks whose pending deliveries are no longer wanted (claimed, cancelled, dead, requeued).
-    pub used: Vec<TaskId>,
     /// New deliveries `(task, attempt, due)`.
     pub added: Vec<(TaskId, i32, DateTime<Utc>)>,
 }
@@ -83,19 +82,9 @@ impl Effects {
     }
 }
 
-/// Applies `effects` in `tx`: removes used rows, adds new rows and, when
-/// any was added, wakes the relays at commit. Rows another transaction holds (a relay's batch)
-/// are skipped rather than waited for (see [`super::transition`]).
+/// Adds the new deliveries of `effects` in `tx` and, when any was added, wakes the relays at
+/// commit.
 pub(crate) async fn apply_effects(tx: &mut Tx, effects: Effects) -> Result<()> {
-    if !effects.used.is_empty() {
-        sqlx::query!(
-            "DELETE FROM outbox WHERE id IN \
-             (SELECT id FROM outbox WHERE task_id = ANY($1) FOR UPDATE SKIP LOCKED)",
-            &effects.used as &[TaskId]
-        )
-        .execute(tx.conn())
-        .await?;
-    }
     if !effects.added.is_empty() {
         let tasks: Vec<TaskId> = effects.added.iter().map(|r| r.0).collect();
         let attempts: Vec<i32> = effects.added.iter().map(|r| r.1).collect();

@@ -9,15 +9,16 @@
 //!    and reads the database's clock (every decision uses Postgres's time);
 //! 2. decodes each row (an unreadable one is skipped and logged, never failing the batch) and
 //!    asks the caller's `decide` for the events;
-//! 3. appends the events and updates the projection ([`events::record_batch`]);
-//! 4. derives the outbox changes from the events:
+//! 3. derives the outbox changes from the events:
 //!    - `dispatched` changes no row here: the relay marks the rows it holds and published (an
 //!      enqueue that dispatches writes its rows published, see
 //!      [`super::tasks::enqueue_dispatched`]);
-//!    - `attempt_started` removes the task's outbox rows (the delivery was used);
+//!    - `attempt_started` removes the task's outbox rows (the delivery was used), and so do
+//!      `cancelled`, `dead_lettered` and `requeued` (every pending delivery);
 //!    - `retry_scheduled`, `attempt_released` and `requeued` add a delivery of the next attempt,
 //!      due at the backoff or now, and wake the relays (`NOTIFY` at commit);
-//!    - `cancelled` and `dead_lettered` remove every pending delivery;
+//! 4. appends the events, updates the projection and removes the used outbox rows in one
+//!    statement ([`events::record_batch`]), then adds the new deliveries;
 //! 5. returns the dead letters, whose copies the caller puts on the failed list after commit.
 //!
 //! **Locking.** With [`Lock::Wait`] a row another transaction holds is waited for (a worker
@@ -161,26 +162,26 @@ where
             _ => applied.unchanged.push(id),
         }
     }
-    let afters = events::record_batch(tx, &items, now).await?;
+    // the deliveries used up: their rows are removed in the statement that records the events
+    let used: Vec<TaskId> = items
+        .iter()
+        .filter(|(_, _, evs)| evs.iter().any(uses_delivery))
+        .map(|(task, _, _)| task.id)
+        .collect();
+    let afters = events::record_batch(tx, &items, now, &used).await?;
 
     let mut effects = outbox::Effects::default();
     for ((before, _, evs), after) in items.into_iter().zip(afters) {
         for e in &evs {
             match e {
-                TaskEvent::AttemptStarted { .. } => effects.used.push(after.id),
                 TaskEvent::RetryScheduled {
                     next_attempt,
                     available_at,
                     ..
                 } => effects.add(after.id, *next_attempt, *available_at),
                 TaskEvent::AttemptReleased { attempt, .. } => effects.add(after.id, *attempt, now),
-                TaskEvent::Requeued { .. } => {
-                    effects.used.push(after.id);
-                    effects.add(after.id, after.next_attempt(), now);
-                }
-                TaskEvent::Cancelled { .. } => effects.used.push(after.id),
+                TaskEvent::Requeued { .. } => effects.add(after.id, after.next_attempt(), now),
                 TaskEvent::DeadLettered { reason } => {
-                    effects.used.push(after.id);
                     applied.dead_letters.push(DeadLetter {
                         task_id: after.id,
                         task_type: after.task_type,
@@ -190,6 +191,8 @@ where
                     });
                 }
                 TaskEvent::Enqueued { .. }
+                | TaskEvent::AttemptStarted { .. }
+                | TaskEvent::Cancelled { .. }
                 | TaskEvent::Dispatched { .. }
                 | TaskEvent::AttemptStopped { .. }
                 | TaskEvent::Erased { .. }
@@ -205,6 +208,18 @@ where
     }
     outbox::apply_effects(tx, effects).await?;
     Ok(applied)
+}
+
+/// Whether `event` uses up the task's pending deliveries: the attempt was claimed, or the task
+/// was requeued (its next delivery is added), cancelled or dead-lettered.
+fn uses_delivery(event: &TaskEvent) -> bool {
+    matches!(
+        event,
+        TaskEvent::AttemptStarted { .. }
+            | TaskEvent::Requeued { .. }
+            | TaskEvent::Cancelled { .. }
+            | TaskEvent::DeadLettered { .. }
+    )
 }
 
 /// Locks the target rows in id order; returns them and the ids asked for.
