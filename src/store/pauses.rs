@@ -1,13 +1,13 @@
 //! Paused task types. A paused type is not dispatched by the relays ([`super::outbox::claim_due`]
-//! skips its rows) and not claimed by the workers (a delivery already in Redis goes back to the
+//! skips its rows) and not claimed by the workers (a claim reads the pauses with its lock,
+//! [`super::transition::apply_seeing_pauses`], and a delivery already in Redis goes back to the
 //! outbox unpublished, [`super::outbox::unpublish`]). The state lives in `task_type_pauses`, so
 //! it holds across restarts and for every process at once.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use std::collections::HashSet;
 
-use super::{Result, Tx};
+use super::Result;
 use crate::domain::TaskType;
 
 /// A paused type: since when and by whom.
@@ -61,13 +61,4 @@ pub async fn resume(pool: &PgPool, task_type: TaskType) -> Result<bool> {
     .fetch_one(pool)
     .await?;
     Ok(removed > 0)
-}
-
-/// The types paused as `tx` sees them (the claim reads them in its own transaction).
-pub async fn paused_in(tx: &mut Tx) -> Result<HashSet<TaskType>> {
-    let names = sqlx::query_scalar!("SELECT task_type FROM task_type_pauses")
-        .fetch_all(tx.conn())
-        .await?;
-    // a name this build does not know pauses nothing it could run
-    Ok(names.iter().filter_map(|n| n.parse().ok()).collect())
 }

@@ -34,7 +34,8 @@ use uuid::Uuid;
 
 use super::tasks::{TaskRow, TASK_COLUMNS, TASK_COLUMNS_NO_PAYLOAD};
 use super::{events, outbox, Result, Tx};
-use crate::domain::{Task, TaskEvent, TaskId};
+use crate::domain::{Task, TaskEvent, TaskId, TaskType};
+use std::collections::HashSet;
 
 /// How rows that another transaction holds are treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +109,16 @@ impl Applied {
 }
 
 /// The database's clock and the transaction's position of slot 0, read with the lock so that
-/// hashing the events costs no round trip of its own (see [`Tx::placement_base`]).
-fn clock(row: &PgRow) -> sqlx::Result<(DateTime<Utc>, i64)> {
-    Ok((row.try_get("db_now")?, row.try_get("position_base")?))
+/// hashing the events costs no round trip of its own (see [`Tx::placement_base`]), and the task
+/// types paused as the lock's statement saw them.
+fn clock(row: &PgRow) -> sqlx::Result<(DateTime<Utc>, i64, HashSet<TaskType>)> {
+    let paused: Vec<String> = row.try_get("paused_types")?;
+    Ok((
+        row.try_get("db_now")?,
+        row.try_get("position_base")?,
+        // a name this build does not know pauses nothing it could run
+        paused.iter().filter_map(|n| n.parse().ok()).collect(),
+    ))
 }
 
 /// Locks the target tasks, asks `decide` for each one's events (`None` or an empty list: no
@@ -120,8 +128,22 @@ pub async fn apply<F>(tx: &mut Tx, target: Target<'_>, mut decide: F) -> Result<
 where
     F: FnMut(&Task, DateTime<Utc>) -> Result<Option<Vec<TaskEvent>>>,
 {
+    apply_seeing_pauses(tx, target, |task, now, _| decide(task, now)).await
+}
+
+/// [`apply`], where `decide` also gets the task types paused, read in the statement that locks
+/// the rows (a claim starts no attempt of a type paused before it; reading the pauses there
+/// costs no statement of its own).
+pub async fn apply_seeing_pauses<F>(
+    tx: &mut Tx,
+    target: Target<'_>,
+    mut decide: F,
+) -> Result<Applied>
+where
+    F: FnMut(&Task, DateTime<Utc>, &HashSet<TaskType>) -> Result<Option<Vec<TaskEvent>>>,
+{
     let (rows, requested) = lock(tx, target).await?;
-    let Some((now, base)) = rows.first().map(clock).transpose()? else {
+    let Some((now, base, paused)) = rows.first().map(clock).transpose()? else {
         return Ok(Applied {
             now: super::tasks::db_now(tx).await?,
             missing: requested,
@@ -157,7 +179,7 @@ where
             }
         };
         let id = task.id;
-        match decide(&task, now)? {
+        match decide(&task, now, &paused)? {
             Some(events) if !events.is_empty() => items.push((task, last_hash, events)),
             _ => applied.unchanged.push(id),
         }
@@ -222,6 +244,11 @@ fn uses_delivery(event: &TaskEvent) -> bool {
     )
 }
 
+/// The paused task types, in a locking statement's select list (computed once per statement;
+/// the table holds a row per paused type).
+const PAUSED_TYPES: &str =
+    "(SELECT coalesce(array_agg(p.task_type), '{}') FROM task_type_pauses p)";
+
 /// Locks the target rows in id order; returns them and the ids asked for.
 ///
 /// Not checked queries: the rows come back undecoded, so that [`apply`] decodes them one by one
@@ -243,7 +270,8 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<PgRow>, Vec<TaskId
                 Payload::Skip => TASK_COLUMNS_NO_PAYLOAD,
             };
             let rows = sqlx::query(&format!(
-                "SELECT {columns}, now() AS db_now, event_position(0) AS position_base FROM tasks \
+                "SELECT {columns}, now() AS db_now, event_position(0) AS position_base, \
+                        {PAUSED_TYPES} AS paused_types FROM tasks \
                  WHERE id = ANY($1) ORDER BY id FOR UPDATE{skip}"
             ))
             .bind(&ids)
@@ -258,7 +286,7 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<PgRow>, Vec<TaskId
         } => {
             let rows = sqlx::query(&format!(
                 "SELECT {TASK_COLUMNS_NO_PAYLOAD}, now() AS db_now, \
-                        event_position(0) AS position_base \
+                        event_position(0) AS position_base, {PAUSED_TYPES} AS paused_types \
                  FROM task_leases l JOIN tasks ON tasks.id = l.task_id \
                  WHERE l.expires_at < now() \
                    AND lease_owner IS NOT NULL AND lease_expires_at < now() \

@@ -59,7 +59,7 @@ use crate::domain::{
 use crate::metrics::Metrics;
 use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Lock, Payload, Target};
-use crate::store::{events, outbox, pauses, Tx};
+use crate::store::{events, outbox, Tx};
 use handler::{HandlerError, Registry, TaskContext};
 
 /// Errors that stop one step of a worker (the loop logs them and carries on).
@@ -369,13 +369,12 @@ impl Worker {
         let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
 
         let mut tx = Tx::begin(&self.pool).await?;
-        // read in the claim's own transaction: a type paused before this claim is never started
-        let paused = pauses::paused_in(&mut tx).await?;
         let mut held = Vec::new();
-        let applied = transition::apply(
+        // the pauses are read with the lock: a type paused before this claim is never started
+        let applied = transition::apply_seeing_pauses(
             &mut tx,
             Target::Ids(&ids, Lock::Wait, Payload::Load),
-            |task, now| {
+            |task, now, paused| {
                 let attempt = wanted[&task.id];
                 let event = self.decide_claim(task, attempt, now, now + lease);
                 if event.is_some() && paused.contains(&task.task_type) {
