@@ -129,9 +129,12 @@ pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Even
 /// The tasks the batch after `after` touched (see [`TaskTouched`]), with the payloads of the
 /// succeeded tasks of type `payload_of`.
 ///
-/// Only a success reads the task's `enqueued` event. `OFFSET 0` keeps the lateral subquery a
-/// subquery, so `b.succeeded` gates the lookup; flattened, the planner applied it as a join
-/// filter after looking up every touched task in every partition of the log.
+/// Only a success reads what the task declared, from its row (one primary-key lookup; the row
+/// holds the payload and `invalidates` as enqueued) or, when retention removed the row, from its
+/// `enqueued` event (a lookup in every partition of the log). The `LIMIT 1` over the two reads
+/// stops at the row when there is one, so the log is read only for removed rows. `b.succeeded`
+/// inside the subquery gates both reads: the planner keeps it there, as the subquery has a
+/// limit, instead of filtering after the lookups.
 pub async fn touched_after(
     tx: &mut Tx,
     after: i64,
@@ -150,11 +153,16 @@ pub async fn touched_after(
                 f.payload, f.invalidates \
          FROM touched b \
          LEFT JOIN LATERAL ( \
+           SELECT CASE WHEN t.task_type = $3 THEN t.payload END AS payload, t.invalidates \
+           FROM tasks t \
+           WHERE b.succeeded AND t.id = b.task_id \
+           UNION ALL \
            SELECT CASE WHEN coalesce(b.task_type, f.data->>'task_type') = $3 \
-                       THEN f.data->'payload' END AS payload, \
-                  f.data->'invalidates' AS invalidates \
+                       THEN f.data->'payload' END, \
+                  nullif(f.data->'invalidates', '[]'::jsonb) \
            FROM task_events f \
-           WHERE b.succeeded AND f.task_id = b.task_id AND f.sequence = 1 OFFSET 0) f ON true"
+           WHERE b.succeeded AND f.task_id = b.task_id AND f.sequence = 1 \
+           LIMIT 1) f ON true"
     ))
     .bind(after)
     .bind(limit)

@@ -277,10 +277,12 @@ async fn write(
          ), task AS (
            INSERT INTO tasks (id, task_type, payload, status, attempts, max_attempts, run_at,
                               idempotency_key, version, last_hash, enqueued_position,
-                              created_at, updated_at, owner, traceparent, tracestate)
+                              created_at, updated_at, owner, traceparent, tracestate,
+                              invalidates)
            SELECT id, task_type, payload, 'queued', 0, max_attempts, run_at, idempotency_key,
                   CASE WHEN dispatch THEN 2 ELSE 1 END, coalesce(hash2, hash), position,
-                  $11, $11, owner, traceparent, tracestate
+                  $11, $11, owner, traceparent, tracestate,
+                  nullif(data->'invalidates', '[]'::jsonb)
            FROM input ORDER BY slot
            ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
            RETURNING id

@@ -342,6 +342,93 @@ async fn only_calendar_successes_carry_their_payload_to_the_invalidator(pool: Pg
     }
 }
 
+/// A succeeded task's declared keys and calendar payload are read from its row, and from its
+/// `enqueued` event when retention removed the row; a task that declared none stores none.
+#[sqlx::test]
+async fn declared_invalidations_are_read_from_the_row_or_else_the_enqueued_event(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let declaring = |task_type, payload, keys: &[&str]| {
+        let mut t = common::new_task(task_type, payload);
+        t.invalidates = keys.iter().map(|k| (*k).to_owned()).collect();
+        t
+    };
+    let mut ids = Vec::new();
+    for news in [
+        // enqueued first: the one retention removes below
+        vec![declaring(
+            TaskType::SendSms,
+            json!({"phone": "+34123456789", "message": "m"}),
+            &["client:gone"],
+        )],
+        vec![
+            declaring(
+                TaskType::SyncCalendar,
+                json!({"event_id": "apt-9", "action": "delete"}),
+                &["client:kept", "employees:*"],
+            ),
+            declaring(
+                TaskType::SendSms,
+                json!({"phone": "+34123456789", "message": "m"}),
+                &[],
+            ),
+        ],
+    ] {
+        let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
+        let made = arnela::store::tasks::enqueue(&mut tx, news, chrono::Utc::now(), None)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        ids.extend(made.iter().map(|m| m.task().id));
+    }
+    let stored: Vec<Option<serde_json::Value>> =
+        sqlx::query_scalar("SELECT invalidates FROM tasks WHERE id = ANY($1) ORDER BY id")
+            .bind(ids.iter().map(|id| *id.as_uuid()).collect::<Vec<Uuid>>())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            Some(json!(["client:gone"])),
+            Some(json!(["client:kept", "employees:*"])),
+            None
+        ]
+    );
+    run_all(&e, 3).await;
+    let retired = arnela::store::retention::retire_finished(
+        &pool,
+        chrono::Utc::now() + chrono::Duration::days(1),
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(retired, 1);
+    wait_for_horizon(&pool, last_position(&pool).await).await;
+
+    let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
+    let touched = projection::touched_after(&mut tx, 0, 1000, invalidation::PAYLOAD_RULES_TYPE)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let of = |id| {
+        let t = touched
+            .iter()
+            .find(|t| t.task_id == id && t.succeeded)
+            .unwrap_or_else(|| panic!("{id} succeeded in the batch: {touched:?}"));
+        (t.task_type, t.payload.clone(), t.invalidates.clone())
+    };
+    assert_eq!(
+        of(ids[0]),
+        (Some(TaskType::SendSms), None, Some(json!(["client:gone"]))),
+        "the removed row's declaration comes from its event"
+    );
+    let (task_type, payload, declared) = of(ids[1]);
+    assert_eq!(task_type, Some(TaskType::SyncCalendar));
+    assert_eq!(payload.unwrap()["event_id"], "apt-9");
+    assert_eq!(declared, Some(json!(["client:kept", "employees:*"])));
+    assert_eq!(of(ids[2]), (Some(TaskType::SendSms), None, None));
+}
+
 #[sqlx::test]
 async fn a_successful_calendar_sync_invalidates_its_rule_keys_and_declared_ones(pool: PgPool) {
     let ctx = common::context(pool.clone()).await;
