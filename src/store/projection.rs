@@ -131,8 +131,9 @@ pub async fn count_after(tx: &mut Tx, after: i64, limit: i64) -> Result<Vec<Even
 ///
 /// Only a success reads what the task declared, from its row (one primary-key lookup; the row
 /// holds the payload and `invalidates` as enqueued) or, when retention removed the row, from its
-/// `enqueued` event (a lookup in every partition of the log). The `LIMIT 1` over the two reads
-/// stops at the row when there is one, so the log is read only for removed rows. `b.succeeded`
+/// `enqueued` event (a lookup in every partition of the log). Both say the same where both
+/// exist; the `LIMIT 1` over the two reads stops at the row when there is one, so the log is
+/// read only for removed rows. `b.succeeded`
 /// inside the subquery gates both reads: the planner keeps it there, as the subquery has a
 /// limit, instead of filtering after the lookups.
 pub async fn touched_after(
