@@ -309,6 +309,18 @@ async fn present(cache: &Cache, keys: &[&str]) -> Vec<String> {
     out
 }
 
+/// The invalidation projector's batch read of the whole log, once every event written so far is
+/// below the horizon.
+async fn touched_so_far(pool: &PgPool) -> Vec<projection::TaskTouched> {
+    wait_for_horizon(pool, last_position(pool).await).await;
+    let mut tx = arnela::store::Tx::begin(pool).await.unwrap();
+    let touched = projection::touched_after(&mut tx, 0, 1000, invalidation::PAYLOAD_RULES_TYPE)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    touched
+}
+
 /// Only a calendar sync's success needs its payload (its rule keys are named in it): the batch
 /// read carries the enqueued payload of succeeded `sync_calendar` tasks and of no other type.
 #[sqlx::test]
@@ -317,13 +329,7 @@ async fn only_calendar_successes_carry_their_payload_to_the_invalidator(pool: Pg
     let sms = common::enqueue_tasks(&pool, TaskType::SendSms, 2, 1).await;
     let calendar = common::enqueue_tasks(&pool, TaskType::SyncCalendar, 1, 1).await;
     run_all(&e, 3).await;
-    wait_for_horizon(&pool, last_position(&pool).await).await;
-
-    let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
-    let touched = projection::touched_after(&mut tx, 0, 1000, invalidation::PAYLOAD_RULES_TYPE)
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
+    let touched = touched_so_far(&pool).await;
     let succeeded: Vec<_> = touched.iter().filter(|t| t.succeeded).collect();
     assert_eq!(succeeded.len(), 3, "{touched:?}");
     for t in &succeeded {
@@ -403,13 +409,7 @@ async fn declared_invalidations_are_read_from_the_row_or_else_the_enqueued_event
     .await
     .unwrap();
     assert_eq!(retired, 1);
-    wait_for_horizon(&pool, last_position(&pool).await).await;
-
-    let mut tx = arnela::store::Tx::begin(&pool).await.unwrap();
-    let touched = projection::touched_after(&mut tx, 0, 1000, invalidation::PAYLOAD_RULES_TYPE)
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
+    let touched = touched_so_far(&pool).await;
     let of = |id| {
         let t = touched
             .iter()
