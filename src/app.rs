@@ -343,6 +343,7 @@ impl App {
                 interval: e.rescuer_interval,
                 grace: e.orphan_grace,
                 republish_after: e.republish_after,
+                live_owner_grace: e.live_owner_grace,
                 retry: worker.retry,
                 jitter: worker.jitter,
                 ..RescuerConfig::default()

@@ -17,8 +17,12 @@
 //!    retried or dead-lettered by the usual rules. An attempt of a live process is left alone:
 //!    its leases lapse only when that process cannot reach Postgres, and it records the
 //!    outcome itself when it can again, so an attempt whose outcome is known never runs twice.
-//!    Past [`LIVE_OWNER_GRACE`] after the lease ran out the attempt is taken over even so (a
-//!    live owner still holding it would have renewed it by then).
+//!    Once the lease ran out more than the live-owner grace ago (`LIVE_OWNER_GRACE_SECS`, 120)
+//!    *and* this rescuer has been in reach of Postgres for that long, the attempt is taken over
+//!    even so: a live owner still holding it would have renewed it by then. The grace counts
+//!    from the rescuer's reconnection, so after an outage of any length the owners get the
+//!    whole grace to record what they kept (leases that ran out during the outage are all
+//!    older than the grace when it ends).
 //!    Bound: the lease (or the heartbeat's time to live, if longer) plus one rescuer interval
 //!    after the worker stopped.
 //! 3. **The processing list.** An entry seen for longer than `grace` is removed when its attempt
@@ -56,8 +60,8 @@ use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Target};
 use crate::store::{outbox, tasks, Tx};
 
-/// How long after its lease ran out an attempt of a live worker process is left to that process
-/// (it covers a database outage of a couple of minutes; past it the attempt is taken over).
+/// How long after its lease ran out, and after the rescuer is in reach of Postgres again, an
+/// attempt of a live worker process is left to that process (`LIVE_OWNER_GRACE_SECS`).
 pub const LIVE_OWNER_GRACE: Duration = Duration::from_secs(120);
 
 /// How often the lease index is checked against the leases in `tasks` (step 5).
@@ -73,6 +77,9 @@ pub struct RescuerConfig {
     /// How long a processing entry may stay before it is examined.
     pub grace: Duration,
     pub republish_after: Duration,
+    /// How long a live worker process has to record an attempt whose lease ran out, counted
+    /// from the lease's end and from when this rescuer reached Postgres again.
+    pub live_owner_grace: Duration,
     /// Expired leases handled per pass.
     pub batch: i64,
     /// Processing entries examined per pass.
@@ -90,6 +97,7 @@ impl Default for RescuerConfig {
             interval: Duration::from_secs(1),
             grace: Duration::from_secs(30),
             republish_after: Duration::from_secs(10),
+            live_owner_grace: LIVE_OWNER_GRACE,
             batch: 100,
             scan: 1000,
             reconcile_batch: 2000,
@@ -127,6 +135,9 @@ pub struct Rescuer {
     cursor: Mutex<Option<(DateTime<Utc>, i64)>>,
     /// When the lease index was last checked (`None`: never, so the first pass does).
     lease_index_checked: Mutex<Option<std::time::Instant>>,
+    /// Since when Postgres has been in reach of this rescuer (`None`: not since its last pass
+    /// that found it out of reach; set by the next pass that checks expired leases).
+    in_reach_since: Mutex<Option<std::time::Instant>>,
     binding: Binding,
     metrics: Metrics,
 }
@@ -142,6 +153,7 @@ impl Rescuer {
             config,
             cursor: Mutex::new(None),
             lease_index_checked: Mutex::new(None),
+            in_reach_since: Mutex::new(None),
         }
     }
 
@@ -151,8 +163,17 @@ impl Rescuer {
         self
     }
 
-    /// One pass of every check.
+    /// One pass of every check. A pass that finds Postgres out of reach restarts the live
+    /// owners' grace (see the module docs).
     pub async fn run_once(&self) -> Result<Rescued, RescuerError> {
+        let pass = self.pass().await;
+        if pass.as_ref().is_err_and(RescuerError::is_unavailable) {
+            *self.in_reach_since.lock().expect("rescuer reach clock") = None;
+        }
+        pass
+    }
+
+    async fn pass(&self) -> Result<Rescued, RescuerError> {
         let mut out = Rescued::default();
         let mut conn = self.redis.clone();
         if self.binding.mark_seeded(&mut conn).await?.0 {
@@ -202,10 +223,18 @@ impl Rescuer {
             .filter_map(|(id, _)| id.parse().ok())
             .collect();
         let mut tx = Tx::begin(&self.pool).await?;
+        // their owners get the whole grace once Postgres is in reach again
+        let in_reach_for = self
+            .in_reach_since
+            .lock()
+            .expect("rescuer reach clock")
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
+        let grace = self.config.live_owner_grace;
         let target = Target::ExpiredLeases {
             limit: self.config.batch,
             live_owners: &live_owners,
-            live_grace: LIVE_OWNER_GRACE,
+            live_grace: (in_reach_for >= grace).then_some(grace),
         };
         let applied = transition::apply(&mut tx, target, |task, now| {
             let worker = task.lease_owner.map(|w| w.to_string()).unwrap_or_default();

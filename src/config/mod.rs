@@ -278,6 +278,9 @@ pub struct EngineSettings {
     pub rescuer_interval: Duration,
     pub orphan_grace: Duration,
     pub republish_after: Duration,
+    /// How long a live worker process has to record an attempt whose lease ran out, counted
+    /// from when the rescuer reaches Postgres again (`LIVE_OWNER_GRACE_SECS`, 120).
+    pub live_owner_grace: Duration,
     /// Simulated provider latency of the log channel (`LOG_CHANNEL_DELAY_MS`, 0).
     pub log_channel_delay: Duration,
     /// How often an idle projector looks for new events (`PROJECTOR_INTERVAL_MS`, 100): the
@@ -647,6 +650,7 @@ fn engine_settings(v: &ServiceVars) -> Result<EngineSettings, ConfigError> {
         rescuer_interval: millis(v.rescuer_interval_ms).max(millis(50)),
         orphan_grace: Duration::from_secs(v.orphan_grace_secs),
         republish_after: Duration::from_secs(v.republish_after_secs),
+        live_owner_grace: Duration::from_secs(v.live_owner_grace_secs),
         log_channel_delay: millis(v.log_channel_delay_ms),
         projector_interval: millis(v.projector_interval_ms).max(millis(10)),
         scheduler_poll: millis(v.scheduler_poll_ms).max(millis(10)),

@@ -188,6 +188,9 @@ pub struct ServiceVars {
     /// age after which a published delivery missing from Redis (`…:tasks:transit`) is published again
     #[arg(long, env, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub republish_after_secs: u64,
+    /// how long a worker process with a current heartbeat has, once the rescuer reaches Postgres again, to record an attempt whose lease ran out (say during an outage) before another process's rescuer takes the attempt over
+    #[arg(long, env, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub live_owner_grace_secs: u64,
     /// simulated provider latency of the `log` channel
     #[arg(long, env, default_value_t = 0)]
     pub log_channel_delay_ms: u64,

@@ -61,13 +61,15 @@ pub enum Target<'a> {
     /// Up to `limit` running attempts whose lease ran out, oldest first, skipping locked rows
     /// and attempts of `live_owners` (worker processes whose heartbeat is current: they record
     /// the outcome themselves once they reach the database again) whose lease ran out less than
-    /// `live_grace` ago. Past that grace even a live owner's attempt is taken over: an owner
-    /// that still held it would have renewed it since it reached the database again, so the
-    /// attempt is one it lost track of (say a claim whose commit it never heard about).
+    /// `live_grace` ago, or whatever their age with `None` (the caller has not been in reach of
+    /// the database for that grace yet). Past that grace even a live owner's attempt is taken
+    /// over: an owner that still held it would have renewed it since it reached the database
+    /// again, so the attempt is one it lost track of (say a claim whose commit it never heard
+    /// about).
     ExpiredLeases {
         limit: i64,
         live_owners: &'a [Uuid],
-        live_grace: std::time::Duration,
+        live_grace: Option<std::time::Duration>,
     },
 }
 
@@ -290,7 +292,7 @@ async fn lock(tx: &mut Tx, target: Target<'_>) -> Result<(Vec<PgRow>, Vec<TaskId
                  FROM task_leases l JOIN tasks ON tasks.id = l.task_id \
                  WHERE l.expires_at < now() \
                    AND lease_owner IS NOT NULL AND lease_expires_at < now() \
-                   AND (lease_owner <> ALL($2) OR lease_expires_at < now() - $3) \
+                   AND (lease_owner <> ALL($2) OR lease_expires_at < now() - $3::interval) \
                  ORDER BY l.expires_at LIMIT $1 FOR UPDATE OF tasks SKIP LOCKED"
             ))
             .bind(limit)

@@ -334,6 +334,58 @@ async fn a_lease_missing_from_the_lease_index_is_still_taken_over(pool: PgPool) 
     assert_eq!(leases, 0, "a lease taken over leaves the index");
 }
 
+/// An attempt whose owner's heartbeat is current is left to that owner past its lease: a rescuer
+/// takes it over only once the lease ran out more than the live-owner grace ago *and* the
+/// rescuer has been in reach of Postgres for that grace (counted from its first pass here, from
+/// its reconnection after an outage), however long ago the lease ran out.
+#[sqlx::test]
+async fn a_live_owners_attempt_waits_for_the_grace_counted_from_the_rescuers_reach(pool: PgPool) {
+    let (e, id, gate) = held_at_the_gate(&pool).await;
+
+    let worker = async { e.step().await };
+    let takeover = async {
+        e.until_running(id).await;
+        // the lease ran out an hour ago, and its owner's process heartbeat is current
+        let owner: Uuid = sqlx::query_scalar(
+            "WITH t AS (UPDATE tasks SET lease_expires_at = now() - interval '1 hour' \
+                        WHERE id = $1 RETURNING id, lease_expires_at, lease_owner), \
+                  l AS (UPDATE task_leases l SET expires_at = t.lease_expires_at \
+                        FROM t WHERE l.task_id = t.id) \
+             SELECT lease_owner FROM t",
+        )
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let mut redis = e.redis.clone();
+        queue::worker_heartbeat(&mut redis, &e.keys, owner, 1, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let grace = Duration::from_millis(500);
+        let rescuer = arnela::rescuer::Rescuer::new(
+            pool.clone(),
+            e.redis.clone(),
+            e.keys.clone(),
+            arnela::rescuer::RescuerConfig {
+                live_owner_grace: grace,
+                ..arnela::rescuer::RescuerConfig::default()
+            },
+        );
+        let first = rescuer.run_once().await.unwrap();
+        assert_eq!(first.leases_expired, 0, "left to its live owner");
+        tokio::time::sleep(grace).await;
+        let later = rescuer.run_once().await.unwrap();
+        assert_eq!(
+            later.leases_expired, 1,
+            "taken over after the grace in reach"
+        );
+        gate.add_permits(1);
+    };
+    let (processed, ()) = tokio::join!(worker, takeover);
+    assert_eq!(processed, Processed::Fenced(id));
+    assert_eq!(e.status(id).await, "retrying");
+}
+
 #[sqlx::test]
 async fn a_worker_whose_lease_was_taken_over_cannot_record_its_outcome(pool: PgPool) {
     let (e, id, gate) = held_at_the_gate(&pool).await;

@@ -2,7 +2,8 @@
 //! `arnela relay` and two `arnela worker`s (the second one's rescuer could take the first one's
 //! attempts over) on a Postgres cluster and a Redis server of the test's own, sending SMS to a
 //! fake Twilio that answers after a few seconds. Postgres is stopped (immediate mode) while
-//! attempts are in flight and started again after more than the default 30 s lease. Afterwards
+//! attempts are in flight and started again after more than a lease (the default 30 s, or 5 s
+//! with the rescuers' grace for live owners shortened to 10 s and an outage past both). Afterwards
 //! every task has succeeded exactly once, Twilio got exactly one message per task, and no
 //! attempt was recorded as `lease_expired`: the outcomes were kept and recorded when Postgres
 //! came back, and no attempt whose outcome was known ran again.
@@ -40,6 +41,10 @@ struct Scenario {
     tasks: usize,
     outage: Duration,
     finish_in_outage: bool,
+    /// The lease of every process (`WORKER_LEASE_SECS`) and, if not the default, the rescuers'
+    /// grace for live owners (`LIVE_OWNER_GRACE_SECS`).
+    lease: Duration,
+    live_owner_grace: Option<Duration>,
 }
 
 const TWILIO_MESSAGES: &str = "/2010-04-01/Accounts/AC0123/Messages.json";
@@ -51,15 +56,18 @@ struct Cluster {
     redis: String,
     prefix: String,
     twilio: String,
+    /// Settings of every process beside the defaults.
+    settings: Vec<(&'static str, String)>,
 }
 
 impl Cluster {
-    /// Starts `arnela <role>` with the default engine settings (lease, rescuer, orphan grace),
-    /// SMS going to the fake Twilio.
+    /// Starts `arnela <role>` with the default engine settings (rescuer, orphan grace) and the
+    /// scenario's, SMS going to the fake Twilio.
     fn start(&self, role: &str, name: &str, workers: usize) -> Proc {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = command(role, &self.db, &self.redis, &self.prefix);
-        cmd.env("RUST_LOG", "info")
+        cmd.envs(self.settings.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info")
             .env("WORKERS", workers.to_string())
             .env("TWILIO_BASE_URL", &self.twilio)
             .env("TWILIO_ACCOUNT_SID", "AC0123")
@@ -192,6 +200,25 @@ async fn outcomes_finished_while_postgres_is_down_past_the_lease_are_recorded_on
         tasks: 60,
         outage: Duration::from_secs(40),
         finish_in_outage: true,
+        lease: DEFAULT_LEASE,
+        live_owner_grace: None,
+    })
+    .await;
+}
+
+/// As above, with Postgres down for longer than the lease and the rescuers' grace for live
+/// owners together (5 s and 10 s here, 30 s and 120 s by default): when it is back, every
+/// lease that ran out during the outage is older than the grace, and the owners still get the
+/// whole grace, counted from the rescuers' reconnection, to record what they kept; no rescuer
+/// takes their attempts over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_kept_through_an_outage_longer_than_the_live_owner_grace_are_recorded_once() {
+    run(Scenario {
+        tasks: 60,
+        outage: Duration::from_secs(25),
+        finish_in_outage: true,
+        lease: Duration::from_secs(5),
+        live_owner_grace: Some(Duration::from_secs(10)),
     })
     .await;
 }
@@ -207,6 +234,8 @@ async fn a_short_outage_with_a_backlog_in_redis_loses_and_repeats_nothing() {
         tasks: 100,
         outage: Duration::from_secs(10),
         finish_in_outage: false,
+        lease: DEFAULT_LEASE,
+        live_owner_grace: None,
     })
     .await;
 }
@@ -216,7 +245,17 @@ async fn run(scenario: Scenario) {
         tasks,
         outage,
         finish_in_outage,
+        lease,
+        live_owner_grace,
     } = scenario;
+    let mut settings = vec![("WORKER_LEASE_SECS", lease.as_secs().to_string())];
+    if let Some(grace) = live_owner_grace {
+        assert!(
+            outage > lease + grace,
+            "the outage outlasts the lease and the grace"
+        );
+        settings.push(("LIVE_OWNER_GRACE_SECS", grace.as_secs().to_string()));
+    }
     let test_started = Instant::now();
     let pg = Arc::new(PgServer::start(free_port()));
     let redis_port = free_port();
@@ -255,6 +294,7 @@ async fn run(scenario: Scenario) {
         redis: redis_url,
         prefix: common::unique_prefix(),
         twilio: twilio.uri(),
+        settings,
     };
     let _relay = cluster.start("relay", "relay", 1);
     let mut first = cluster.start("worker", "worker-1", WORKERS);
@@ -309,9 +349,9 @@ async fn run(scenario: Scenario) {
     let resumed = Instant::now();
     let resumed_at = Utc::now();
     let down_for = resumed - stopped;
-    if outage > DEFAULT_LEASE {
+    if outage > lease {
         assert!(
-            down_for > DEFAULT_LEASE,
+            down_for > lease,
             "the outage ({down_for:?}) outlasted a lease renewed just before it"
         );
     }
@@ -437,7 +477,7 @@ async fn run(scenario: Scenario) {
     };
     eprintln!(
         "outage: {tasks} SMS tasks, Postgres stopped (immediate) with {} attempts claimed \
-         ({} per worker process; {kept} of their successes recorded after Postgres came back) for {:.1} s (default lease {DEFAULT_LEASE:?}); Twilio had {} \
+         ({} per worker process; {kept} of their successes recorded after Postgres came back) for {:.1} s (lease {lease:?}); Twilio had {} \
          requests at the stop and {} when Postgres came back; all succeeded {:.1} s after; \
          duplicates: 0 (one attempt_started, one attempt_succeeded and one Twilio message per \
          task), lease_expired: 0; logs: {} 'keeping outcomes' warnings, {} 'lease renewal \
