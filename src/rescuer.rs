@@ -12,6 +12,11 @@
 //!    deliveries Redis should hold) is marked unpublished and the relays push it again. Relays
 //!    make the same check before each batch, so whichever runs first after a loss re-publishes.
 //!    Bound: one relay batch or one rescuer interval, whichever comes first.
+//!    The failed list has a marker of its own, `{prefix}:tasks:failed:seeded`: a pass that
+//!    finds it missing takes it (for [`queue::FAILED_RESTORE_LEASE`], so a rescuer that dies
+//!    meanwhile leaves the restore to the next) and puts back the copies of the newest
+//!    [`queue::FAILED_LIST_CAP`] tasks that are dead-lettered in Postgres, behind the copies
+//!    pushed since the loss. Bound: one rescuer interval.
 //! 2. **Expired leases.** A running attempt whose lease ran out and whose worker process has no
 //!    current heartbeat in Redis (it died or hung) is recorded as failed (`lease_expired`) and
 //!    retried or dead-lettered by the usual rules. An attempt of a live process is left alone:
@@ -124,6 +129,8 @@ pub struct Rescued {
     pub returned_unknown: usize,
     /// Leases found in `tasks` that `task_leases` did not list, now listed.
     pub leases_indexed: u64,
+    /// Copies of dead-lettered tasks put back on the failed list after Redis lost it.
+    pub failed_restored: usize,
 }
 
 pub struct Rescuer {
@@ -184,6 +191,13 @@ impl Rescuer {
                     "Redis had lost its queue; re-publishing from Postgres"
                 );
             }
+        }
+        out.failed_restored = self.restore_failed_list(&mut conn).await?;
+        if out.failed_restored > 0 {
+            tracing::warn!(
+                copies = out.failed_restored,
+                "Redis had lost the failed list; copies of the dead-lettered tasks put back from Postgres"
+            );
         }
         let due = self
             .lease_index_checked
@@ -258,6 +272,26 @@ impl Rescuer {
         }
         queue::push_dead_letters(conn, &self.keys, &applied.dead_letters).await?;
         Ok(applied.changed.len())
+    }
+
+    /// Restores the failed list if its marker is missing and this pass takes the restore (see
+    /// the module docs); a restore that fails is given up for the next pass to try.
+    async fn restore_failed_list(&self, conn: &mut RedisConn) -> Result<usize, RescuerError> {
+        if !queue::take_failed_restore(conn, &self.keys).await? {
+            return Ok(0);
+        }
+        let restored = match tasks::dead_lettered(&self.pool, queue::FAILED_LIST_CAP as i64).await {
+            Ok(dead) => queue::restore_failed(conn, &self.keys, &dead)
+                .await
+                .map_err(RescuerError::from),
+            Err(e) => Err(e.into()),
+        };
+        if restored.is_err() {
+            if let Err(e) = queue::give_up_failed_restore(conn, &self.keys).await {
+                tracing::error!(error = %e, "cannot give the failed list's restore up; the next rescuer takes it once its lease ends");
+            }
+        }
+        restored
     }
 
     /// Re-publishes published deliveries that Redis no longer holds in transit; checks the next

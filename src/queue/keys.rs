@@ -120,6 +120,12 @@ impl Keys {
         format!("{}:tasks:failed", self.prefix)
     }
 
+    /// Marker set once the failed list holds the copies of the tasks Postgres says are
+    /// dead-lettered; its absence means Redis lost its data (or never had the list).
+    pub fn failed_seeded(&self) -> String {
+        format!("{}:tasks:failed:seeded", self.prefix)
+    }
+
     /// Marker set once Redis holds every delivery Postgres says it should; its absence means
     /// Redis lost its data.
     pub fn seeded(&self) -> String {
@@ -265,6 +271,7 @@ mod tests {
         assert_eq!(k.tasks(), "arnela:tasks");
         assert_eq!(k.processing(), "arnela:tasks:processing");
         assert_eq!(k.failed(), "arnela:tasks:failed");
+        assert_eq!(k.failed_seeded(), "arnela:tasks:failed:seeded");
         assert_eq!(k.database(), "arnela:tasks:database");
         assert_eq!(Keys::new("t1").tasks(), "t1:tasks");
     }

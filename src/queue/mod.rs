@@ -33,6 +33,7 @@ use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -384,6 +385,18 @@ pub async fn push_failed(conn: &mut RedisConn, keys: &Keys, copy: &FailedCopy) -
     push_failed_entry(conn, keys, entry).await
 }
 
+impl From<&DeadLetter> for FailedCopy {
+    fn from(d: &DeadLetter) -> FailedCopy {
+        FailedCopy {
+            task_id: d.task_id,
+            task_type: d.task_type.to_string(),
+            attempts: d.attempts,
+            reason: d.reason.clone(),
+            failed_at: d.at,
+        }
+    }
+}
+
 /// Puts the copies of dead-lettered tasks on the failed list (after their transition committed).
 pub async fn push_dead_letters(
     conn: &mut RedisConn,
@@ -391,15 +404,74 @@ pub async fn push_dead_letters(
     dead: &[DeadLetter],
 ) -> Result<()> {
     for d in dead {
-        let copy = FailedCopy {
-            task_id: d.task_id,
-            task_type: d.task_type.to_string(),
-            attempts: d.attempts,
-            reason: d.reason.clone(),
-            failed_at: d.at,
-        };
-        push_failed(conn, keys, &copy).await?;
+        push_failed(conn, keys, &FailedCopy::from(d)).await?;
     }
+    Ok(())
+}
+
+/// How long one rescuer has to restore the failed list before another may try (see
+/// [`take_failed_restore`]).
+pub const FAILED_RESTORE_LEASE: Duration = Duration::from_secs(60);
+
+/// Whether the caller is to restore the failed list: the marker [`Keys::failed_seeded`] is
+/// missing (Redis lost its data, or the list was never restored) and the caller took it, for
+/// [`FAILED_RESTORE_LEASE`]. It then reads the dead letters from Postgres and calls
+/// [`restore_failed`], which sets the marker for good, or [`give_up_failed_restore`].
+pub async fn take_failed_restore(conn: &mut RedisConn, keys: &Keys) -> Result<bool> {
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(keys.failed_seeded())
+        .arg("restoring")
+        .arg("NX")
+        .arg("EX")
+        .arg(FAILED_RESTORE_LEASE.as_secs())
+        .query_async(conn)
+        .await?;
+    Ok(taken.is_some())
+}
+
+/// Appends to the failed list the copies of `dead` (newest first) that it does not hold,
+/// behind the copies pushed since it was lost, keeps it to [`FAILED_LIST_CAP`] and marks it
+/// restored, atomically. Returns how many copies were put back.
+pub async fn restore_failed(
+    conn: &mut RedisConn,
+    keys: &Keys,
+    dead: &[DeadLetter],
+) -> Result<usize> {
+    let held: Vec<String> = redis::cmd("LRANGE")
+        .arg(keys.failed())
+        .arg(0)
+        .arg(-1)
+        .query_async(conn)
+        .await?;
+    let present: HashSet<TaskId> = held
+        .iter()
+        .filter_map(|entry| serde_json::from_str::<FailedCopy>(entry).ok())
+        .map(|copy| copy.task_id)
+        .collect();
+    let missing: Vec<String> = dead
+        .iter()
+        .filter(|d| !present.contains(&d.task_id))
+        .map(|d| serde_json::to_string(&FailedCopy::from(d)).expect("failed copies serialize"))
+        .collect();
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    if !missing.is_empty() {
+        pipe.rpush(keys.failed(), &missing)
+            .ignore()
+            .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
+            .ignore();
+    }
+    pipe.set(keys.failed_seeded(), "restored").ignore();
+    pipe.query_async::<()>(conn).await?;
+    Ok(missing.len())
+}
+
+/// Gives a restore taken with [`take_failed_restore`] up, so that the next pass tries again.
+pub async fn give_up_failed_restore(conn: &mut RedisConn, keys: &Keys) -> Result<()> {
+    redis::cmd("DEL")
+        .arg(keys.failed_seeded())
+        .query_async::<()>(conn)
+        .await?;
     Ok(())
 }
 

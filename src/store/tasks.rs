@@ -16,6 +16,7 @@ use super::events::EventRows;
 use super::{Result, StoreError, Tx};
 use crate::domain::event::{db_time, HASH_VERSION};
 use crate::domain::sealing::{seal_payload, DataKey, MasterKey};
+use crate::domain::task::DeadLetter;
 use crate::domain::{NewTask, Task, TaskEvent, TaskId, TaskStatus, TaskType, TraceContext};
 
 /// A row of the `tasks` projection, as read; the store's callers get a [`Task`] (and, to append,
@@ -643,4 +644,40 @@ pub async fn renew_leases(
     .into_iter()
     .map(|r| (r.id, r.attempts))
     .collect())
+}
+
+/// The newest `limit` dead-lettered tasks, newest first, as their copies on the failed list
+/// read (the reason and time of their `dead_lettered` event): what the failed list is restored
+/// from after Redis lost it. No index serves the status, so this reads all of `tasks`; it runs
+/// once per loss of Redis's data. A task of a type this version does not know is left out.
+pub async fn dead_lettered(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>> {
+    let mut tx = Tx::begin_scan(pool).await?;
+    let rows = sqlx::query!(
+        r#"SELECT t.id AS "id!: TaskId", t.task_type AS "task_type!", t.attempts AS "attempts!",
+                  d.reason AS "reason!", d.at AS "at!"
+           FROM (SELECT id, task_type, attempts FROM tasks WHERE status = 'dead'
+                 ORDER BY updated_at DESC LIMIT $1) t
+           CROSS JOIN LATERAL (
+             SELECT coalesce(e.data->>'reason', '') AS reason, e.occurred_at AS at
+             FROM task_events e
+             WHERE e.task_id = t.id AND e.event_type = 'dead_lettered'
+             ORDER BY e.sequence DESC LIMIT 1) d
+           ORDER BY d.at DESC"#,
+        limit
+    )
+    .fetch_all(tx.conn())
+    .await?;
+    tx.commit().await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(DeadLetter {
+                task_id: r.id,
+                task_type: r.task_type.parse().ok()?,
+                attempts: r.attempts,
+                reason: r.reason,
+                at: r.at,
+            })
+        })
+        .collect())
 }

@@ -604,6 +604,78 @@ async fn a_task_type_without_a_handler_is_dead_lettered_at_once(pool: PgPool) {
     assert_eq!(e.len(e.keys.failed()).await, 1);
 }
 
+/// Redis loses the failed list (with every other key): the next rescuer pass puts back the
+/// copies of the tasks Postgres holds as dead-lettered, behind a copy pushed since, and a later
+/// pass adds none twice.
+#[sqlx::test]
+async fn the_failed_list_is_restored_from_postgres_after_redis_lost_it(pool: PgPool) {
+    let e = engine_with(
+        pool.clone(),
+        arnela::worker::handler::Registry::new(),
+        config(0.0),
+    )
+    .await;
+    let ids = enqueue(&pool, 3, 3).await;
+    e.relay_once().await;
+    for id in &ids {
+        assert_eq!(e.step().await, Processed::DeadLettered(*id));
+    }
+    let before = e.range(e.keys.failed()).await;
+    assert_eq!(before.len(), 3);
+    assert_eq!(
+        e.rescuer.run_once().await.unwrap().failed_restored,
+        0,
+        "a first pass finds the list whole"
+    );
+    // Redis loses everything under our prefix; one more task is dead-lettered meanwhile
+    let mut conn = e.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(e.keys.failed())
+        .arg(e.keys.failed_seeded())
+        .arg(e.keys.seeded())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let late = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(late));
+
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 3);
+    let after: Vec<serde_json::Value> = e
+        .range(e.keys.failed())
+        .await
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    let listed: Vec<String> = after
+        .iter()
+        .map(|c| c["task_id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut restored = listed[1..].to_vec();
+    restored.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(
+        listed[0],
+        late.to_string(),
+        "the copy pushed since stays first"
+    );
+    assert_eq!(restored, expected, "every dead letter once");
+    let originals: Vec<serde_json::Value> = before
+        .iter()
+        .map(|c| serde_json::from_str(c).unwrap())
+        .collect();
+    for copy in &after[1..] {
+        let original = originals
+            .iter()
+            .find(|o| o["task_id"] == copy["task_id"])
+            .unwrap();
+        assert_eq!(copy, original, "restored as it was pushed");
+    }
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
+    assert_eq!(e.len(e.keys.failed()).await, 4, "nothing twice");
+}
+
 #[sqlx::test]
 async fn an_undecodable_delivery_goes_to_the_failed_list(pool: PgPool) {
     let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
