@@ -589,14 +589,19 @@ async fn a_handler_over_its_time_limit_fails_retryably(pool: PgPool) {
     assert_eq!(events[3].1["kind"], "timeout");
 }
 
-#[sqlx::test]
-async fn a_task_type_without_a_handler_is_dead_lettered_at_once(pool: PgPool) {
-    let e = engine_with(
+/// An engine whose registry has no handler: every task it takes is dead-lettered at once.
+async fn without_handlers(pool: &PgPool) -> common::engine::Engine {
+    engine_with(
         pool.clone(),
         arnela::worker::handler::Registry::new(),
         config(0.0),
     )
-    .await;
+    .await
+}
+
+#[sqlx::test]
+async fn a_task_type_without_a_handler_is_dead_lettered_at_once(pool: PgPool) {
+    let e = without_handlers(&pool).await;
     let id = enqueue(&pool, 1, 3).await[0];
     e.relay_once().await;
     assert_eq!(e.step().await, Processed::DeadLettered(id));
@@ -609,12 +614,7 @@ async fn a_task_type_without_a_handler_is_dead_lettered_at_once(pool: PgPool) {
 /// pass adds none twice.
 #[sqlx::test]
 async fn the_failed_list_is_restored_from_postgres_after_redis_lost_it(pool: PgPool) {
-    let e = engine_with(
-        pool.clone(),
-        arnela::worker::handler::Registry::new(),
-        config(0.0),
-    )
-    .await;
+    let e = without_handlers(&pool).await;
     let ids = enqueue(&pool, 3, 3).await;
     e.relay_once().await;
     for id in &ids {
