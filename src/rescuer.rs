@@ -16,7 +16,9 @@
 //!    finds it missing takes it (for [`queue::FAILED_RESTORE_LEASE`], so a rescuer that dies
 //!    meanwhile leaves the restore to the next) and puts back the copies of the newest
 //!    [`queue::FAILED_LIST_CAP`] tasks that are dead-lettered in Postgres, behind the copies
-//!    pushed since the loss. Bound: one rescuer interval.
+//!    pushed since the loss. Bound: one rescuer interval. A copy whose push failed while Redis
+//!    kept its data waits in its process ([`queue::FailedCopies`]) and is pushed at that
+//!    process's next rescuer pass or worker take.
 //! 2. **Expired leases.** A running attempt whose lease ran out and whose worker process has no
 //!    current heartbeat in Redis (it died or hung) is recorded as failed (`lease_expired`) and
 //!    retried or dead-lettered by the usual rules. An attempt of a live process is left alone:
@@ -61,7 +63,7 @@ use crate::binding::Binding;
 use crate::domain::retry::Jitter;
 use crate::domain::{FailureKind, RetryPolicy, Task, TaskStatus};
 use crate::metrics::{Metrics, SkipReason};
-use crate::queue::{self, Delivery, Keys};
+use crate::queue::{self, Delivery, FailedCopies, Keys};
 use crate::store::transition::{self, Target};
 use crate::store::{outbox, tasks, Tx};
 
@@ -131,6 +133,8 @@ pub struct Rescued {
     pub leases_indexed: u64,
     /// Copies of dead-lettered tasks put back on the failed list after Redis lost it.
     pub failed_restored: usize,
+    /// Copies of tasks this rescuer dead-lettered whose push had failed, pushed now.
+    pub failed_copies_pushed: usize,
 }
 
 pub struct Rescuer {
@@ -145,6 +149,8 @@ pub struct Rescuer {
     /// Since when Postgres has been in reach of this rescuer (`None`: not since its last pass
     /// that found it out of reach; set by the next pass that checks expired leases).
     in_reach_since: Mutex<Option<std::time::Instant>>,
+    /// Copies of the tasks this rescuer dead-lettered that wait for Redis.
+    failed_copies: FailedCopies,
     binding: Binding,
     metrics: Metrics,
 }
@@ -161,6 +167,7 @@ impl Rescuer {
             cursor: Mutex::new(None),
             lease_index_checked: Mutex::new(None),
             in_reach_since: Mutex::new(None),
+            failed_copies: FailedCopies::default(),
         }
     }
 
@@ -191,6 +198,14 @@ impl Rescuer {
                     "Redis had lost its queue; re-publishing from Postgres"
                 );
             }
+        }
+        match self.failed_copies.retry(&mut conn, &self.keys).await {
+            Ok(n) => out.failed_copies_pushed = n,
+            Err(e) => tracing::warn!(
+                error = %e,
+                waiting = self.failed_copies.parked(),
+                "dead-letter copies still wait for Redis"
+            ),
         }
         out.failed_restored = self.restore_failed_list(&mut conn).await?;
         if out.failed_restored > 0 {
@@ -270,7 +285,19 @@ impl Rescuer {
         for c in &applied.changed {
             tracing::warn!(task.id = %c.after.id, attempt = c.before.attempts, "lease expired; attempt recorded as failed");
         }
-        queue::push_dead_letters(conn, &self.keys, &applied.dead_letters).await?;
+        // committed: a Redis error leaves the copies waiting for the next pass, and the pass
+        // goes on (the failed list is a copy; the other checks do not depend on it)
+        if let Err(e) = self
+            .failed_copies
+            .push(conn, &self.keys, &applied.dead_letters)
+            .await
+        {
+            tracing::error!(
+                error = %e,
+                waiting = self.failed_copies.parked(),
+                "cannot copy dead letters to the failed list; trying again at the next pass"
+            );
+        }
         Ok(applied.changed.len())
     }
 

@@ -33,7 +33,7 @@ use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -379,12 +379,6 @@ pub async fn ack(conn: &mut RedisConn, keys: &Keys, raw: &str) -> Result<bool> {
     Ok(removed_any)
 }
 
-/// Puts a copy of a dead-lettered task on the failed list and trims it, atomically.
-pub async fn push_failed(conn: &mut RedisConn, keys: &Keys, copy: &FailedCopy) -> Result<()> {
-    let entry = serde_json::to_string(copy).expect("failed copies serialize");
-    push_failed_entry(conn, keys, entry).await
-}
-
 impl From<&DeadLetter> for FailedCopy {
     fn from(d: &DeadLetter) -> FailedCopy {
         FailedCopy {
@@ -397,16 +391,87 @@ impl From<&DeadLetter> for FailedCopy {
     }
 }
 
-/// Puts the copies of dead-lettered tasks on the failed list (after their transition committed).
-pub async fn push_dead_letters(
-    conn: &mut RedisConn,
-    keys: &Keys,
-    dead: &[DeadLetter],
-) -> Result<()> {
-    for d in dead {
-        push_failed(conn, keys, &FailedCopy::from(d)).await?;
+/// The copies of dead-lettered tasks a process puts on the failed list, after their transitions
+/// committed.
+///
+/// Copies whose push failed (Redis answered with an error, or not at all, while keeping its
+/// data) are parked here, and pushed, oldest first and before any newer copy, by the next
+/// [`FailedCopies::push`] or [`FailedCopies::retry`]; the worker's fetcher and the rescuer retry
+/// at every step. Parked copies are bounded by [`FAILED_LIST_CAP`]: past it the oldest are
+/// dropped with an error naming their tasks (Postgres keeps every dead task). A copy parked in a
+/// process that then dies is lost from the list until it is next restored (see
+/// [`take_failed_restore`]).
+#[derive(Debug, Default)]
+pub struct FailedCopies {
+    parked: std::sync::Mutex<VecDeque<FailedCopy>>,
+}
+
+impl FailedCopies {
+    /// Pushes the parked copies, then those of `dead`, in one `MULTI` (LPUSH + LTRIM). On an
+    /// error every one of them is parked and the error returned.
+    pub async fn push(&self, conn: &mut RedisConn, keys: &Keys, dead: &[DeadLetter]) -> Result<()> {
+        let mut copies: Vec<FailedCopy> = self.lock().drain(..).collect();
+        copies.extend(dead.iter().map(FailedCopy::from));
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<String> = copies
+            .iter()
+            .map(|c| serde_json::to_string(c).expect("failed copies serialize"))
+            .collect();
+        match push_failed_entries(conn, keys, &entries).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.park(copies);
+                Err(e)
+            }
+        }
     }
-    Ok(())
+
+    /// Pushes the parked copies, if any; returns how many were pushed.
+    pub async fn retry(&self, conn: &mut RedisConn, keys: &Keys) -> Result<usize> {
+        let parked = self.parked();
+        if parked == 0 {
+            return Ok(0);
+        }
+        self.push(conn, keys, &[]).await?;
+        Ok(parked)
+    }
+
+    /// How many copies wait for their push.
+    pub fn parked(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Tasks whose copies wait for their push.
+    pub fn parked_tasks(&self) -> Vec<TaskId> {
+        self.lock().iter().map(|c| c.task_id).collect()
+    }
+
+    /// Parks `copies` (oldest first) ahead of any parked since, keeping the newest
+    /// [`FAILED_LIST_CAP`].
+    fn park(&self, copies: Vec<FailedCopy>) {
+        let mut parked = self.lock();
+        for copy in copies.into_iter().rev() {
+            parked.push_front(copy);
+        }
+        let over = parked.len().saturating_sub(FAILED_LIST_CAP as usize);
+        if over > 0 {
+            let dropped: Vec<String> = parked
+                .drain(..over)
+                .map(|c| c.task_id.to_string())
+                .collect();
+            tracing::error!(
+                tasks = ?dropped,
+                "too many dead-letter copies wait for Redis; the oldest are dropped from the failed list"
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FailedCopy>> {
+        // the queue is consistent after every operation on it, so a panic elsewhere leaves it whole
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// How long one rescuer has to restore the failed list before another may try (see
@@ -475,11 +540,12 @@ pub async fn give_up_failed_restore(conn: &mut RedisConn, keys: &Keys) -> Result
     Ok(())
 }
 
-/// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`].
-async fn push_failed_entry(conn: &mut RedisConn, keys: &Keys, entry: String) -> Result<()> {
+/// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`]. `entries` go
+/// oldest first: the last ends up at the head.
+async fn push_failed_entries(conn: &mut RedisConn, keys: &Keys, entries: &[String]) -> Result<()> {
     redis::pipe()
         .atomic()
-        .lpush(keys.failed(), entry)
+        .lpush(keys.failed(), entries)
         .ignore()
         .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
         .ignore()
@@ -688,7 +754,7 @@ pub async fn push_failed_raw(
 ) -> Result<()> {
     let entry =
         serde_json::json!({"raw": raw, "reason": reason, "failed_at": Utc::now()}).to_string();
-    push_failed_entry(conn, keys, entry).await
+    push_failed_entries(conn, keys, &[entry]).await
 }
 
 /// Moves a delivery that was taken but not started back to the right end of the queue, so it

@@ -52,12 +52,12 @@ use uuid::Uuid;
 
 use crate::binding::Binding;
 use crate::domain::sealing::{open_payload, payload_is_sealed, DataKey, MasterKey, Opening};
-use crate::domain::task::InvalidTransition;
+use crate::domain::task::{DeadLetter, InvalidTransition};
 use crate::domain::{
     EventType, FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus,
 };
 use crate::metrics::Metrics;
-use crate::queue::{self, Delivery, Keys};
+use crate::queue::{self, Delivery, FailedCopies, Keys};
 use crate::store::transition::{self, Lock, Payload, Target};
 use crate::store::{events, outbox, Tx};
 use handler::{HandlerError, Registry, TaskContext};
@@ -160,6 +160,8 @@ pub struct Worker {
     skip_streak: AtomicU32,
     /// The queue shard the next take starts at (shards are served in turn).
     next_shard: AtomicUsize,
+    /// Copies of the tasks this worker dead-lettered that wait for Redis.
+    failed_copies: FailedCopies,
 }
 
 /// The longest blocking take on one shard when there are several: a delivery that arrives on
@@ -240,6 +242,7 @@ impl Worker {
             binding: Binding::new(pool.clone(), keys.clone()),
             skip_streak: AtomicU32::new(0),
             next_shard: AtomicUsize::new(0),
+            failed_copies: FailedCopies::default(),
             pool,
             blocking,
             commands,
@@ -301,10 +304,47 @@ impl Worker {
         let mut processed = recorded?;
         Ok(processed.remove(0))
     }
+    /// Puts the copies of tasks this worker dead-lettered on the failed list. Their transitions
+    /// are committed, so a Redis error does not fail the caller: the copies wait in
+    /// [`FailedCopies`] for the next take.
+    async fn copy_dead_letters(&self, conn: &mut RedisConn, dead: &[DeadLetter]) {
+        if let Err(e) = self.failed_copies.push(conn, &self.keys, dead).await {
+            tracing::error!(
+                error = %e,
+                waiting = self.failed_copies.parked(),
+                "cannot copy dead letters to the failed list; trying again at the next take"
+            );
+        }
+    }
+
+    /// Pushes the dead-letter copies that wait for Redis, if any.
+    async fn retry_failed_copies(&self) {
+        match self
+            .failed_copies
+            .retry(&mut self.commands.clone(), &self.keys)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(copies = n, "dead-letter copies put on the failed list"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                waiting = self.failed_copies.parked(),
+                "dead-letter copies still wait for Redis"
+            ),
+        }
+    }
+
+    /// Dead-letter copies of this worker that wait for Redis, by task (logged at shutdown).
+    fn unpushed_dead_letters(&self) -> Vec<TaskId> {
+        self.failed_copies.parked_tasks()
+    }
+
     /// Takes up to `max` deliveries onto the processing list: waits up to the block time for the
-    /// first, then takes only what is already waiting.
+    /// first, then takes only what is already waiting. Copies of dead letters that wait for
+    /// Redis are pushed first.
     pub async fn take(&self, max: usize) -> Result<Vec<String>> {
         self.binding.verify(&mut self.commands.clone()).await?;
+        self.retry_failed_copies().await;
         let mut conn = self.blocking.clone();
         let shards = self.keys.shards();
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed) % shards;
@@ -456,10 +496,8 @@ impl Worker {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             done.push(Processed::DeadLettered(after.id));
         }
-        if let Err(e) = queue::push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await
-        {
-            tracing::error!(error = %e, "cannot copy dead letters to the failed list");
-        }
+        self.copy_dead_letters(&mut conn, &applied.dead_letters)
+            .await;
         if !refused.is_empty() {
             let raws: Vec<&str> = refused.iter().map(|(r, _)| r.as_str()).collect();
             if let Err(e) = queue::ack_many(&mut conn, &self.keys, &raws).await {
@@ -696,17 +734,10 @@ impl Worker {
 
         // The outcomes are committed: a Redis error from here on must not fail the call, whose
         // retry would find them recorded and count them again (the rescuer cleans the processing
-        // entries later; a dead letter's copy is named in the log)
+        // entries later; a dead letter's copy waits in `failed_copies`)
         let mut conn = self.commands.clone();
-        if let Err(e) = queue::push_dead_letters(&mut conn, &self.keys, &applied.dead_letters).await
-        {
-            let tasks: Vec<String> = applied
-                .dead_letters
-                .iter()
-                .map(|d| d.task_id.to_string())
-                .collect();
-            tracing::error!(error = %e, ?tasks, "cannot copy dead letters to the failed list");
-        }
+        self.copy_dead_letters(&mut conn, &applied.dead_letters)
+            .await;
         let raws: Vec<&str> = finished.iter().map(|f| f.claimed.raw.as_str()).collect();
         if let Err(e) = queue::ack_many(&mut conn, &self.keys, &raws).await {
             tracing::error!(error = %e, "cannot acknowledge finished deliveries");

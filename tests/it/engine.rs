@@ -676,6 +676,146 @@ async fn the_failed_list_is_restored_from_postgres_after_redis_lost_it(pool: PgP
     assert_eq!(e.len(e.keys.failed()).await, 4, "nothing twice");
 }
 
+/// Makes every push to the failed list fail with an error while Redis keeps its data: the key
+/// holds a string, so `LPUSH` answers `WRONGTYPE`.
+async fn refuse_failed_pushes(e: &common::engine::Engine) {
+    let mut conn = e.redis.clone();
+    let _: () = redis::cmd("SET")
+        .arg(e.keys.failed())
+        .arg("not a list")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn accept_failed_pushes(e: &common::engine::Engine) {
+    let mut conn = e.redis.clone();
+    let held: String = redis::cmd("GET")
+        .arg(e.keys.failed())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, "not a list", "nothing was pushed meanwhile");
+    let _: () = redis::cmd("DEL")
+        .arg(e.keys.failed())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn failed_tasks(entries: &[String]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|c| {
+            let copy: serde_json::Value = serde_json::from_str(c).unwrap();
+            copy["task_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// Redis refuses a dead letter's copy after its transition committed, keeping its data (the
+/// marker stays, so no restore would bring the copy back): the copy waits in the worker and is
+/// pushed at its next take, before any newer copy.
+#[sqlx::test]
+async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_next_take(pool: PgPool) {
+    let e = without_handlers(&pool).await;
+    let first = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
+
+    refuse_failed_pushes(&e).await;
+    assert_eq!(e.step().await, Processed::DeadLettered(first));
+    assert_eq!(e.history(first).await.last().unwrap(), "dead_lettered");
+    accept_failed_pushes(&e).await;
+
+    assert_eq!(e.step().await, Processed::Idle);
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(listed, vec![first.to_string()], "pushed at the take");
+
+    let second = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(second));
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(
+        listed,
+        vec![second.to_string(), first.to_string()],
+        "newest first, nothing twice"
+    );
+}
+
+/// The rescuer dead-letters an attempt whose lease ran out, and Redis refuses the copy: the
+/// pass goes on, and the copy is pushed at the rescuer's next pass.
+#[sqlx::test]
+async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_rescuers_next_pass(pool: PgPool) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Arc::new(Script {
+        gate: Some(gate.clone()),
+        ..Script::default()
+    });
+    let e = engine(pool.clone(), script, config(0.0)).await;
+    let id = enqueue(&pool, 1, 1).await[0];
+    e.relay_once().await;
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
+
+    let worker = async { e.step().await };
+    let takeover = async {
+        e.until_running(id).await;
+        common::expire_lease(&pool, id).await;
+        refuse_failed_pushes(&e).await;
+        let rescued = e.rescuer.run_once().await.unwrap();
+        assert_eq!(rescued.leases_expired, 1, "the pass goes on");
+        accept_failed_pushes(&e).await;
+        let rescued = e.rescuer.run_once().await.unwrap();
+        assert_eq!(rescued.failed_copies_pushed, 1);
+        gate.add_permits(1);
+    };
+    let (processed, ()) = tokio::join!(worker, takeover);
+    assert_eq!(processed, Processed::Fenced(id));
+    assert_eq!(e.status(id).await, "dead");
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(listed, vec![id.to_string()]);
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 0);
+}
+
+/// Copies refused in several pushes wait in order and go in one push, oldest first, ahead of
+/// the copies of the push that finds Redis taking them again.
+#[sqlx::test]
+async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
+    use arnela::domain::task::DeadLetter;
+    use arnela::domain::TaskType;
+    use arnela::queue::FailedCopies;
+    let e = without_handlers(&pool).await;
+    let copies = FailedCopies::default();
+    let dead: Vec<DeadLetter> = (0..5)
+        .map(|n| DeadLetter {
+            task_id: arnela::domain::TaskId::new(),
+            task_type: TaskType::SendSms,
+            attempts: 3,
+            reason: format!("failure {n}"),
+            at: chrono::Utc::now(),
+        })
+        .collect();
+    let mut conn = e.redis.clone();
+    refuse_failed_pushes(&e).await;
+    copies
+        .push(&mut conn, &e.keys, &dead[0..2])
+        .await
+        .unwrap_err();
+    copies
+        .push(&mut conn, &e.keys, &dead[2..3])
+        .await
+        .unwrap_err();
+    assert!(copies.retry(&mut conn, &e.keys).await.is_err());
+    assert_eq!(copies.parked(), 3);
+    accept_failed_pushes(&e).await;
+
+    copies.push(&mut conn, &e.keys, &dead[3..5]).await.unwrap();
+    assert_eq!(copies.parked(), 0);
+    let expected: Vec<String> = dead.iter().rev().map(|d| d.task_id.to_string()).collect();
+    assert_eq!(failed_tasks(&e.range(e.keys.failed()).await), expected);
+    assert_eq!(copies.retry(&mut conn, &e.keys).await.unwrap(), 0);
+}
+
 #[sqlx::test]
 async fn an_undecodable_delivery_goes_to_the_failed_list(pool: PgPool) {
     let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
