@@ -292,8 +292,14 @@ impl Rescuer {
             .push(conn, &self.keys, &applied.dead_letters)
             .await
         {
+            let tasks: Vec<String> = applied
+                .dead_letters
+                .iter()
+                .map(|d| d.task_id.to_string())
+                .collect();
             tracing::error!(
                 error = %e,
+                ?tasks,
                 waiting = self.failed_copies.parked(),
                 "cannot copy dead letters to the failed list; trying again at the next pass"
             );

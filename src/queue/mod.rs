@@ -407,20 +407,26 @@ pub struct FailedCopies {
 }
 
 impl FailedCopies {
-    /// Pushes the parked copies, then those of `dead`, in one `MULTI` (LPUSH + LTRIM). On an
-    /// error every one of them is parked and the error returned.
-    pub async fn push(&self, conn: &mut RedisConn, keys: &Keys, dead: &[DeadLetter]) -> Result<()> {
+    /// Pushes the parked copies, then those of `dead`, in one `MULTI` (LPUSH + LTRIM), and
+    /// returns how many it pushed. On an error every one of them is parked and the error
+    /// returned.
+    pub async fn push(
+        &self,
+        conn: &mut RedisConn,
+        keys: &Keys,
+        dead: &[DeadLetter],
+    ) -> Result<usize> {
         let mut copies: Vec<FailedCopy> = self.lock().drain(..).collect();
         copies.extend(dead.iter().map(FailedCopy::from));
         if copies.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let entries: Vec<String> = copies
             .iter()
             .map(|c| serde_json::to_string(c).expect("failed copies serialize"))
             .collect();
         match push_failed_entries(conn, keys, &entries).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(copies.len()),
             Err(e) => {
                 self.park(copies);
                 Err(e)
@@ -430,12 +436,7 @@ impl FailedCopies {
 
     /// Pushes the parked copies, if any; returns how many were pushed.
     pub async fn retry(&self, conn: &mut RedisConn, keys: &Keys) -> Result<usize> {
-        let parked = self.parked();
-        if parked == 0 {
-            return Ok(0);
-        }
-        self.push(conn, keys, &[]).await?;
-        Ok(parked)
+        self.push(conn, keys, &[]).await
     }
 
     /// How many copies wait for their push.

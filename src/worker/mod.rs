@@ -304,13 +304,16 @@ impl Worker {
         let mut processed = recorded?;
         Ok(processed.remove(0))
     }
+
     /// Puts the copies of tasks this worker dead-lettered on the failed list. Their transitions
     /// are committed, so a Redis error does not fail the caller: the copies wait in
     /// [`FailedCopies`] for the next take.
     async fn copy_dead_letters(&self, conn: &mut RedisConn, dead: &[DeadLetter]) {
         if let Err(e) = self.failed_copies.push(conn, &self.keys, dead).await {
+            let tasks: Vec<String> = dead.iter().map(|d| d.task_id.to_string()).collect();
             tracing::error!(
                 error = %e,
+                ?tasks,
                 waiting = self.failed_copies.parked(),
                 "cannot copy dead letters to the failed list; trying again at the next take"
             );

@@ -809,7 +809,10 @@ async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
     assert_eq!(copies.parked(), 3);
     accept_failed_pushes(&e).await;
 
-    copies.push(&mut conn, &e.keys, &dead[3..5]).await.unwrap();
+    assert_eq!(
+        copies.push(&mut conn, &e.keys, &dead[3..5]).await.unwrap(),
+        5
+    );
     assert_eq!(copies.parked(), 0);
     let expected: Vec<String> = dead.iter().rev().map(|d| d.task_id.to_string()).collect();
     assert_eq!(failed_tasks(&e.range(e.keys.failed()).await), expected);
