@@ -401,12 +401,39 @@ impl From<&DeadLetter> for FailedCopy {
 /// dropped with an error naming their tasks (Postgres keeps every dead task). A copy parked in a
 /// process that then dies is lost from the list until it is next restored (see
 /// [`take_failed_restore`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FailedCopies {
-    parked: std::sync::Mutex<VecDeque<FailedCopy>>,
+    parked: std::sync::Mutex<Parked>,
+    /// How long retries pause after one failed ([`FAILED_RETRY_PAUSE`] by default).
+    pause: Duration,
 }
 
+impl Default for FailedCopies {
+    fn default() -> Self {
+        FailedCopies::with_pause(FAILED_RETRY_PAUSE)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Parked {
+    copies: VecDeque<FailedCopy>,
+    /// After a retry failed, the next is not tried before this.
+    next_retry: Option<std::time::Instant>,
+}
+
+/// How long [`FailedCopies::retry`] waits after a retry that failed: a Redis that refuses the
+/// copies is asked once a second, not at every take.
+pub const FAILED_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 impl FailedCopies {
+    /// Copies whose retries pause for `pause` after one failed.
+    pub fn with_pause(pause: Duration) -> FailedCopies {
+        FailedCopies {
+            parked: std::sync::Mutex::default(),
+            pause,
+        }
+    }
+
     /// Pushes the parked copies, then those of `dead`, in one `MULTI` (LPUSH + LTRIM), and
     /// returns how many it pushed. On an error every one of them is parked and the error
     /// returned.
@@ -416,7 +443,7 @@ impl FailedCopies {
         keys: &Keys,
         dead: &[DeadLetter],
     ) -> Result<usize> {
-        let mut copies: Vec<FailedCopy> = self.lock().drain(..).collect();
+        let mut copies: Vec<FailedCopy> = self.lock().copies.drain(..).collect();
         copies.extend(dead.iter().map(FailedCopy::from));
         if copies.is_empty() {
             return Ok(0);
@@ -434,25 +461,39 @@ impl FailedCopies {
         }
     }
 
-    /// Pushes the parked copies, if any; returns how many were pushed.
+    /// Pushes the parked copies, if any, unless a retry failed less than the pause ago; returns
+    /// how many were pushed.
     pub async fn retry(&self, conn: &mut RedisConn, keys: &Keys) -> Result<usize> {
-        self.push(conn, keys, &[]).await
+        {
+            let parked = self.lock();
+            let paused = parked
+                .next_retry
+                .is_some_and(|at| std::time::Instant::now() < at);
+            if parked.copies.is_empty() || paused {
+                return Ok(0);
+            }
+        }
+        let pushed = self.push(conn, keys, &[]).await;
+        self.lock().next_retry = pushed
+            .is_err()
+            .then(|| std::time::Instant::now() + self.pause);
+        pushed
     }
 
     /// How many copies wait for their push.
     pub fn parked(&self) -> usize {
-        self.lock().len()
+        self.lock().copies.len()
     }
 
     /// Tasks whose copies wait for their push.
     pub fn parked_tasks(&self) -> Vec<TaskId> {
-        self.lock().iter().map(|c| c.task_id).collect()
+        self.lock().copies.iter().map(|c| c.task_id).collect()
     }
 
     /// Parks `copies` (oldest first) ahead of any parked since, keeping the newest
     /// [`FAILED_LIST_CAP`].
     fn park(&self, copies: Vec<FailedCopy>) {
-        let mut parked = self.lock();
+        let parked = &mut self.lock().copies;
         for copy in copies.into_iter().rev() {
             parked.push_front(copy);
         }
@@ -469,7 +510,7 @@ impl FailedCopies {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<FailedCopy>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
         // the queue is consistent after every operation on it, so a panic elsewhere leaves it whole
         self.parked.lock().unwrap_or_else(|p| p.into_inner())
     }

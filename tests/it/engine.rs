@@ -778,14 +778,15 @@ async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_rescuers_next_pass(po
 }
 
 /// Copies refused in several pushes wait in order and go in one push, oldest first, ahead of
-/// the copies of the push that finds Redis taking them again.
+/// the copies of the push that finds Redis taking them again; after a failed retry, retries
+/// pause (a new dead letter's push does not).
 #[sqlx::test]
 async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
     use arnela::domain::task::DeadLetter;
     use arnela::domain::TaskType;
     use arnela::queue::FailedCopies;
     let e = without_handlers(&pool).await;
-    let copies = FailedCopies::default();
+    let copies = FailedCopies::with_pause(Duration::from_secs(3600));
     let dead: Vec<DeadLetter> = (0..5)
         .map(|n| DeadLetter {
             task_id: arnela::domain::TaskId::new(),
@@ -808,6 +809,12 @@ async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
     assert!(copies.retry(&mut conn, &e.keys).await.is_err());
     assert_eq!(copies.parked(), 3);
     accept_failed_pushes(&e).await;
+    assert_eq!(
+        copies.retry(&mut conn, &e.keys).await.unwrap(),
+        0,
+        "retries pause after one failed"
+    );
+    assert_eq!(copies.parked(), 3);
 
     assert_eq!(
         copies.push(&mut conn, &e.keys, &dead[3..5]).await.unwrap(),
