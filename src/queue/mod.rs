@@ -436,8 +436,20 @@ impl FailedCopies {
 
     /// Pushes the parked copies, then those of `dead`, in one `MULTI` (LPUSH + LTRIM), and
     /// returns how many it pushed. On an error every one of them is parked and the error
-    /// returned.
+    /// returned. With no `dead`, this is a [`FailedCopies::retry`].
     pub async fn push(
+        &self,
+        conn: &mut RedisConn,
+        keys: &Keys,
+        dead: &[DeadLetter],
+    ) -> Result<usize> {
+        if dead.is_empty() {
+            return self.retry(conn, keys).await;
+        }
+        self.push_all(conn, keys, dead).await
+    }
+
+    async fn push_all(
         &self,
         conn: &mut RedisConn,
         keys: &Keys,
@@ -473,7 +485,7 @@ impl FailedCopies {
                 return Ok(0);
             }
         }
-        let pushed = self.push(conn, keys, &[]).await;
+        let pushed = self.push_all(conn, keys, &[]).await;
         self.lock().next_retry = pushed
             .is_err()
             .then(|| std::time::Instant::now() + self.pause);

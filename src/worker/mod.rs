@@ -309,6 +309,10 @@ impl Worker {
     /// are committed, so a Redis error does not fail the caller: the copies wait in
     /// [`FailedCopies`] for the next take.
     async fn copy_dead_letters(&self, conn: &mut RedisConn, dead: &[DeadLetter]) {
+        if dead.is_empty() {
+            // copies that wait are the take's to retry
+            return;
+        }
         if let Err(e) = self.failed_copies.push(conn, &self.keys, dead).await {
             let tasks: Vec<String> = dead.iter().map(|d| d.task_id.to_string()).collect();
             tracing::error!(

@@ -814,6 +814,11 @@ async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
         0,
         "retries pause after one failed"
     );
+    assert_eq!(
+        copies.push(&mut conn, &e.keys, &[]).await.unwrap(),
+        0,
+        "a push of no new copy is a retry"
+    );
     assert_eq!(copies.parked(), 3);
 
     assert_eq!(
