@@ -294,13 +294,21 @@ async fn a_duplicate_delivery_runs_once_and_is_counted(pool: PgPool) {
 async fn held_at_the_gate(
     pool: &PgPool,
 ) -> (common::engine::Engine, TaskId, Arc<tokio::sync::Semaphore>) {
+    held_at_the_gate_with(pool, 3).await
+}
+
+/// [`held_at_the_gate`], the task allowed `max_attempts`.
+async fn held_at_the_gate_with(
+    pool: &PgPool,
+    max_attempts: i32,
+) -> (common::engine::Engine, TaskId, Arc<tokio::sync::Semaphore>) {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let script = Arc::new(Script {
         gate: Some(gate.clone()),
         ..Script::default()
     });
     let e = engine(pool.clone(), script, config(0.0)).await;
-    let id = enqueue(pool, 1, 3).await[0];
+    let id = enqueue(pool, 1, max_attempts).await[0];
     e.relay_once().await;
     (e, id, gate)
 }
@@ -747,14 +755,7 @@ async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_next_take(pool: PgPoo
 /// pass goes on, and the copy is pushed at the rescuer's next pass.
 #[sqlx::test]
 async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_rescuers_next_pass(pool: PgPool) {
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let script = Arc::new(Script {
-        gate: Some(gate.clone()),
-        ..Script::default()
-    });
-    let e = engine(pool.clone(), script, config(0.0)).await;
-    let id = enqueue(&pool, 1, 1).await[0];
-    e.relay_once().await;
+    let (e, id, gate) = held_at_the_gate_with(&pool, 1).await;
     assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
 
     let worker = async { e.step().await };
