@@ -326,6 +326,10 @@ impl Worker {
 
     /// Pushes the dead-letter copies that wait for Redis, if any.
     async fn retry_failed_copies(&self) {
+        if self.failed_copies.parked() == 0 {
+            // the common case, on every take: no connection handle to clone
+            return;
+        }
         match self
             .failed_copies
             .retry(&mut self.commands.clone(), &self.keys)
