@@ -51,6 +51,7 @@ pub mod channel;
 pub mod checkpointer;
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
 pub mod domain;
 pub mod engine;
 pub mod healthcheck;

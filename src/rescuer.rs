@@ -16,9 +16,10 @@
 //!    finds it missing takes it (for [`queue::FAILED_RESTORE_LEASE`], so a rescuer that dies
 //!    meanwhile leaves the restore to the next) and puts back the copies of the newest
 //!    [`queue::FAILED_LIST_CAP`] tasks that are dead-lettered in Postgres, behind the copies
-//!    pushed since the loss. Bound: one rescuer interval. A copy whose push failed while Redis
-//!    kept its data waits in its process ([`queue::FailedCopies`]) and is pushed at that
-//!    process's next rescuer pass or worker take.
+//!    pushed since the loss, except those still in the failed list's outbox, which are pushed
+//!    from there. Bound: one rescuer interval. Every pass first pushes the copies left in
+//!    that outbox ([`crate::dead_letters`]): a copy Redis refused, or whose process died before
+//!    pushing it, is on the list one rescuer interval after Redis takes pushes again.
 //! 2. **Expired leases.** A running attempt whose lease ran out and whose worker process has no
 //!    current heartbeat in Redis (it died or hung) is recorded as failed (`lease_expired`) and
 //!    retried or dead-lettered by the usual rules. An attempt of a live process is left alone:
@@ -63,7 +64,7 @@ use crate::binding::Binding;
 use crate::domain::retry::Jitter;
 use crate::domain::{FailureKind, RetryPolicy, Task, TaskStatus};
 use crate::metrics::{Metrics, SkipReason};
-use crate::queue::{self, Delivery, FailedCopies, Keys};
+use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Target};
 use crate::store::{outbox, tasks, Tx};
 
@@ -133,7 +134,8 @@ pub struct Rescued {
     pub leases_indexed: u64,
     /// Copies of dead-lettered tasks put back on the failed list after Redis lost it.
     pub failed_restored: usize,
-    /// Copies of tasks this rescuer dead-lettered whose push had failed, pushed now.
+    /// Copies of dead-lettered tasks left in the failed list's outbox (their push failed, or
+    /// their process died before it), pushed now.
     pub failed_copies_pushed: usize,
 }
 
@@ -149,8 +151,6 @@ pub struct Rescuer {
     /// Since when Postgres has been in reach of this rescuer (`None`: not since its last pass
     /// that found it out of reach; set by the next pass that checks expired leases).
     in_reach_since: Mutex<Option<std::time::Instant>>,
-    /// Copies of the tasks this rescuer dead-lettered that wait for Redis.
-    failed_copies: FailedCopies,
     binding: Binding,
     metrics: Metrics,
 }
@@ -167,7 +167,6 @@ impl Rescuer {
             cursor: Mutex::new(None),
             lease_index_checked: Mutex::new(None),
             in_reach_since: Mutex::new(None),
-            failed_copies: FailedCopies::default(),
         }
     }
 
@@ -199,13 +198,11 @@ impl Rescuer {
                 );
             }
         }
-        match self.failed_copies.retry(&mut conn, &self.keys).await {
+        // the failed list is a copy: a Redis that refuses it does not stop the other checks
+        match crate::dead_letters::push_pending(&self.pool, &mut conn, &self.keys).await {
             Ok(n) => out.failed_copies_pushed = n,
-            Err(e) => tracing::warn!(
-                error = %e,
-                waiting = self.failed_copies.parked(),
-                "dead-letter copies still wait for Redis"
-            ),
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "dead-letter copies still wait for Redis"),
         }
         out.failed_restored = self.restore_failed_list(&mut conn).await?;
         if out.failed_restored > 0 {
@@ -285,24 +282,21 @@ impl Rescuer {
         for c in &applied.changed {
             tracing::warn!(task.id = %c.after.id, attempt = c.before.attempts, "lease expired; attempt recorded as failed");
         }
-        // committed: a Redis error leaves the copies waiting for the next pass, and the pass
-        // goes on (the failed list is a copy; the other checks do not depend on it)
-        if let Err(e) = self
-            .failed_copies
-            .push(conn, &self.keys, &applied.dead_letters)
-            .await
-        {
-            let tasks: Vec<String> = applied
-                .dead_letters
-                .iter()
-                .map(|d| d.task_id.to_string())
-                .collect();
-            tracing::error!(
-                error = %e,
-                ?tasks,
-                waiting = self.failed_copies.parked(),
-                "cannot copy dead letters to the failed list; trying again at the next pass"
-            );
+        // committed with their copies: a Redis error leaves them for the next pass, and this
+        // pass goes on (the failed list is a copy; the other checks do not depend on it)
+        if !applied.dead_letters.is_empty() {
+            if let Err(e) = crate::dead_letters::push_pending(&self.pool, conn, &self.keys).await {
+                let tasks: Vec<String> = applied
+                    .dead_letters
+                    .iter()
+                    .map(|d| d.task_id.to_string())
+                    .collect();
+                tracing::warn!(
+                    error = %e,
+                    ?tasks,
+                    "cannot copy dead letters to the failed list yet; trying again at the next pass"
+                );
+            }
         }
         Ok(applied.changed.len())
     }

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use super::{Collector, Family, HistogramValue, Result};
 use crate::queue::{self, Delivery, Keys};
-use crate::store::{outbox, projection};
+use crate::store::{failed_copies, outbox, projection};
 
 /// Queue depths and live workers, from Redis (source `redis`).
 pub struct QueueCollector {
@@ -43,7 +43,7 @@ impl Collector for QueueCollector {
     }
 }
 
-/// The outbox backlog, from Postgres (source `postgres`).
+/// The outbox backlog and the failed list's outbox, from Postgres (source `postgres`).
 pub struct OutboxCollector {
     pub pool: PgPool,
 }
@@ -56,6 +56,7 @@ impl Collector for OutboxCollector {
     fn collect(&self) -> BoxFuture<'_, Result<Vec<Family>>> {
         Box::pin(async move {
             let (rows, age) = outbox::backlog(&self.pool).await?;
+            let copies = failed_copies::pending(&self.pool).await?;
             Ok(vec![
                 Family::gauge(
                     "arnela_outbox_backlog",
@@ -67,6 +68,12 @@ impl Collector for OutboxCollector {
                     "How long the oldest due, unpublished outbox row has waited (0 when none).",
                 )
                 .with(&[], age.max(0.0)),
+                Family::gauge(
+                    "arnela_failed_copies_waiting",
+                    "Copies of dead-lettered tasks not yet on the failed list (Redis refused them, \
+                     or their process died before pushing them; the rescuers push them).",
+                )
+                .with(&[], copies as f64),
             ])
         })
     }

@@ -11,7 +11,8 @@
 //!   acknowledged (added in the same `MULTI` as the push, removed in the same `MULTI` as the
 //!   `LREM`), so the rescuer can tell a delivery that waits from one Redis lost;
 //! - dead-lettered tasks get a copy on `{prefix}:tasks:failed` (newest first, capped at
-//!   [`FAILED_LIST_CAP`] entries by `LTRIM` in the same `MULTI`).
+//!   [`FAILED_LIST_CAP`] entries by `LTRIM` in the same `MULTI`), pushed from their outbox in
+//!   Postgres ([`crate::dead_letters`]).
 //!
 //! The namespace is bound to one database: `{prefix}:tasks:database` names it, and is set
 //! together with the seeded marker ([`mark_seeded_bound`]) or at start ([`bind`]); the
@@ -33,7 +34,7 @@ use crate::domain::TaskId;
 use chrono::{DateTime, Utc};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -391,141 +392,32 @@ impl From<&DeadLetter> for FailedCopy {
     }
 }
 
-/// The copies of dead-lettered tasks a process puts on the failed list, after their transitions
-/// committed.
-///
-/// Copies whose push failed (Redis answered with an error, or not at all, while keeping its
-/// data) are parked here, and pushed, oldest first and before any newer copy, by the next
-/// [`FailedCopies::push`] or [`FailedCopies::retry`]; the worker's fetcher and the rescuer retry
-/// at every step. Parked copies are bounded by [`FAILED_LIST_CAP`]: past it the oldest are
-/// dropped with an error naming their tasks (Postgres keeps every dead task). A copy parked in a
-/// process that then dies is lost from the list until it is next restored (see
-/// [`take_failed_restore`]).
-#[derive(Debug)]
-pub struct FailedCopies {
-    parked: std::sync::Mutex<Parked>,
-    /// How long retries pause after one failed ([`FAILED_RETRY_PAUSE`] by default).
-    pause: Duration,
+/// Pushes the copies of `dead` (oldest first: the last ends up at the head) onto the failed
+/// list in one `MULTI` (LPUSH + LTRIM). Callers push the copies they took from the failed
+/// list's outbox ([`crate::dead_letters::push_pending`]).
+pub async fn push_failed(conn: &mut RedisConn, keys: &Keys, dead: &[DeadLetter]) -> Result<()> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let entries: Vec<String> = dead
+        .iter()
+        .map(|d| serde_json::to_string(&FailedCopy::from(d)).expect("failed copies serialize"))
+        .collect();
+    push_failed_entries(conn, keys, &entries).await
 }
 
-impl Default for FailedCopies {
-    fn default() -> Self {
-        FailedCopies::with_pause(FAILED_RETRY_PAUSE)
-    }
-}
-
-#[derive(Debug, Default)]
-struct Parked {
-    copies: VecDeque<FailedCopy>,
-    /// After a retry failed, the next is not tried before this.
-    next_retry: Option<std::time::Instant>,
-}
-
-/// How long [`FailedCopies::retry`] waits after a retry that failed: a Redis that refuses the
-/// copies is asked once a second, not at every take.
-pub const FAILED_RETRY_PAUSE: Duration = Duration::from_secs(1);
-
-impl FailedCopies {
-    /// Copies whose retries pause for `pause` after one failed.
-    pub fn with_pause(pause: Duration) -> FailedCopies {
-        FailedCopies {
-            parked: std::sync::Mutex::default(),
-            pause,
-        }
-    }
-
-    /// Pushes the parked copies, then those of `dead`, in one `MULTI` (LPUSH + LTRIM), and
-    /// returns how many it pushed. On an error every one of them is parked and the error
-    /// returned. With no `dead`, this is a [`FailedCopies::retry`].
-    pub async fn push(
-        &self,
-        conn: &mut RedisConn,
-        keys: &Keys,
-        dead: &[DeadLetter],
-    ) -> Result<usize> {
-        if dead.is_empty() {
-            return self.retry(conn, keys).await;
-        }
-        self.push_all(conn, keys, dead).await
-    }
-
-    async fn push_all(
-        &self,
-        conn: &mut RedisConn,
-        keys: &Keys,
-        dead: &[DeadLetter],
-    ) -> Result<usize> {
-        let mut copies: Vec<FailedCopy> = self.lock().copies.drain(..).collect();
-        copies.extend(dead.iter().map(FailedCopy::from));
-        if copies.is_empty() {
-            return Ok(0);
-        }
-        let entries: Vec<String> = copies
-            .iter()
-            .map(|c| serde_json::to_string(c).expect("failed copies serialize"))
-            .collect();
-        match push_failed_entries(conn, keys, &entries).await {
-            Ok(()) => Ok(copies.len()),
-            Err(e) => {
-                self.park(copies);
-                Err(e)
-            }
-        }
-    }
-
-    /// Pushes the parked copies, if any, unless a retry failed less than the pause ago; returns
-    /// how many were pushed.
-    pub async fn retry(&self, conn: &mut RedisConn, keys: &Keys) -> Result<usize> {
-        {
-            let parked = self.lock();
-            let paused = parked
-                .next_retry
-                .is_some_and(|at| std::time::Instant::now() < at);
-            if parked.copies.is_empty() || paused {
-                return Ok(0);
-            }
-        }
-        let pushed = self.push_all(conn, keys, &[]).await;
-        self.lock().next_retry = pushed
-            .is_err()
-            .then(|| std::time::Instant::now() + self.pause);
-        pushed
-    }
-
-    /// How many copies wait for their push.
-    pub fn parked(&self) -> usize {
-        self.lock().copies.len()
-    }
-
-    /// Tasks whose copies wait for their push.
-    pub fn parked_tasks(&self) -> Vec<TaskId> {
-        self.lock().copies.iter().map(|c| c.task_id).collect()
-    }
-
-    /// Parks `copies` (oldest first) ahead of any parked since, keeping the newest
-    /// [`FAILED_LIST_CAP`].
-    fn park(&self, copies: Vec<FailedCopy>) {
-        let parked = &mut self.lock().copies;
-        for copy in copies.into_iter().rev() {
-            parked.push_front(copy);
-        }
-        let over = parked.len().saturating_sub(FAILED_LIST_CAP as usize);
-        if over > 0 {
-            let dropped: Vec<String> = parked
-                .drain(..over)
-                .map(|c| c.task_id.to_string())
-                .collect();
-            tracing::error!(
-                tasks = ?dropped,
-                "too many dead-letter copies wait for Redis; the oldest are dropped from the failed list"
-            );
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Parked> {
-        // the queue is consistent after every operation on it, so a panic elsewhere leaves it whole
-        self.parked.lock().unwrap_or_else(|p| p.into_inner())
-    }
+/// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`]. `entries` go
+/// oldest first: the last ends up at the head.
+async fn push_failed_entries(conn: &mut RedisConn, keys: &Keys, entries: &[String]) -> Result<()> {
+    redis::pipe()
+        .atomic()
+        .lpush(keys.failed(), entries)
+        .ignore()
+        .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
 }
 
 /// How long one rescuer has to restore the failed list before another may try (see
@@ -589,20 +481,6 @@ pub async fn restore_failed(
 pub async fn give_up_failed_restore(conn: &mut RedisConn, keys: &Keys) -> Result<()> {
     redis::cmd("DEL")
         .arg(keys.failed_seeded())
-        .query_async::<()>(conn)
-        .await?;
-    Ok(())
-}
-
-/// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`]. `entries` go
-/// oldest first: the last ends up at the head.
-async fn push_failed_entries(conn: &mut RedisConn, keys: &Keys, entries: &[String]) -> Result<()> {
-    redis::pipe()
-        .atomic()
-        .lpush(keys.failed(), entries)
-        .ignore()
-        .ltrim(keys.failed(), 0, FAILED_LIST_CAP - 1)
-        .ignore()
         .query_async::<()>(conn)
         .await?;
     Ok(())

@@ -25,6 +25,7 @@ pub mod audit;
 pub mod checkpoints;
 pub mod data_keys;
 pub mod events;
+pub mod failed_copies;
 pub mod operator;
 pub mod outbox;
 pub mod pauses;

@@ -649,13 +649,16 @@ pub async fn renew_leases(
 /// The newest `limit` dead-lettered tasks, newest first, as their copies on the failed list
 /// read (the reason and time of their `dead_lettered` event): what the failed list is restored
 /// from after Redis lost it. No index serves the status, so this reads all of `tasks`; it runs
-/// once per loss of Redis's data. A task of a type this version does not know is left out.
+/// once per loss of Redis's data. A task of a type this version does not know is left out, and
+/// so is a task whose copy still waits in the failed list's outbox (its push brings it; one
+/// statement, so a copy is either here or there).
 pub async fn dead_lettered(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>> {
     let mut tx = Tx::begin_scan(pool).await?;
     let rows = sqlx::query!(
         r#"SELECT t.id AS "id!: TaskId", t.task_type AS "task_type!", t.attempts AS "attempts!",
                   d.reason AS "reason!", d.at AS "at!"
            FROM (SELECT id, task_type, attempts FROM tasks WHERE status = 'dead'
+                   AND NOT EXISTS (SELECT 1 FROM failed_copies f WHERE f.task_id = tasks.id)
                  ORDER BY updated_at DESC LIMIT $1) t
            CROSS JOIN LATERAL (
              SELECT coalesce(e.data->>'reason', '') AS reason, e.occurred_at AS at

@@ -19,7 +19,9 @@
 //!      due at the backoff or now, and wake the relays (`NOTIFY` at commit);
 //! 4. appends the events, updates the projection and removes the used outbox rows in one
 //!    statement ([`events::record_batch`]), then adds the new deliveries;
-//! 5. returns the dead letters, whose copies the caller puts on the failed list after commit.
+//! 5. writes the copies of the dead letters for the failed list (`failed_copies`, the failed
+//!    list's outbox) and returns them; the caller pushes them after commit with
+//!    [`crate::dead_letters::push_pending`], and a rescuer pass pushes any it could not.
 //!
 //! **Locking.** With [`Lock::Wait`] a row another transaction holds is waited for (a worker
 //! claiming a delivery must see the relay's dispatch). With [`Lock::SkipLocked`] it is left for
@@ -33,7 +35,7 @@ use sqlx::{FromRow, Row};
 use uuid::Uuid;
 
 use super::tasks::{TaskRow, TASK_COLUMNS, TASK_COLUMNS_NO_PAYLOAD};
-use super::{events, outbox, Result, Tx};
+use super::{events, failed_copies, outbox, Result, Tx};
 use crate::domain::{Task, TaskEvent, TaskId, TaskType};
 use std::collections::HashSet;
 
@@ -96,7 +98,7 @@ pub struct Applied {
     pub unreadable: Vec<TaskId>,
     /// Requested tasks that do not exist (with [`Lock::SkipLocked`], also those held elsewhere).
     pub missing: Vec<TaskId>,
-    /// Copies for the failed list, to push after commit.
+    /// Copies for the failed list, written to `failed_copies` for a push after commit.
     pub dead_letters: Vec<DeadLetter>,
 }
 
@@ -231,6 +233,7 @@ where
         });
     }
     outbox::apply_effects(tx, effects).await?;
+    failed_copies::record(tx, &applied.dead_letters).await?;
     Ok(applied)
 }
 

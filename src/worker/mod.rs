@@ -57,7 +57,7 @@ use crate::domain::{
     EventType, FailureKind, RetryDecision, RetryPolicy, Task, TaskEvent, TaskStatus,
 };
 use crate::metrics::Metrics;
-use crate::queue::{self, Delivery, FailedCopies, Keys};
+use crate::queue::{self, Delivery, Keys};
 use crate::store::transition::{self, Lock, Payload, Target};
 use crate::store::{events, outbox, Tx};
 use handler::{HandlerError, Registry, TaskContext};
@@ -160,8 +160,6 @@ pub struct Worker {
     skip_streak: AtomicU32,
     /// The queue shard the next take starts at (shards are served in turn).
     next_shard: AtomicUsize,
-    /// Copies of the tasks this worker dead-lettered that wait for Redis.
-    failed_copies: FailedCopies,
 }
 
 /// The longest blocking take on one shard when there are several: a delivery that arrives on
@@ -242,7 +240,6 @@ impl Worker {
             binding: Binding::new(pool.clone(), keys.clone()),
             skip_streak: AtomicU32::new(0),
             next_shard: AtomicUsize::new(0),
-            failed_copies: FailedCopies::default(),
             pool,
             blocking,
             commands,
@@ -306,56 +303,26 @@ impl Worker {
     }
 
     /// Puts the copies of tasks this worker dead-lettered on the failed list. Their transitions
-    /// are committed, so a Redis error does not fail the caller: the copies wait in
-    /// [`FailedCopies`] for the next take.
+    /// are committed, with the copies in the failed list's outbox, so an error does not fail the
+    /// caller: the next rescuer pass pushes what is left ([`crate::dead_letters`]).
     async fn copy_dead_letters(&self, conn: &mut RedisConn, dead: &[DeadLetter]) {
         if dead.is_empty() {
-            // copies that wait are the take's to retry
             return;
         }
-        if let Err(e) = self.failed_copies.push(conn, &self.keys, dead).await {
+        if let Err(e) = crate::dead_letters::push_pending(&self.pool, conn, &self.keys).await {
             let tasks: Vec<String> = dead.iter().map(|d| d.task_id.to_string()).collect();
-            tracing::error!(
+            tracing::warn!(
                 error = %e,
                 ?tasks,
-                waiting = self.failed_copies.parked(),
-                "cannot copy dead letters to the failed list; trying again at the next take"
+                "cannot copy dead letters to the failed list yet; they wait in Postgres for the next rescuer pass"
             );
         }
     }
 
-    /// Pushes the dead-letter copies that wait for Redis, if any.
-    async fn retry_failed_copies(&self) {
-        if self.failed_copies.parked() == 0 {
-            // the common case, on every take: no connection handle to clone
-            return;
-        }
-        match self
-            .failed_copies
-            .retry(&mut self.commands.clone(), &self.keys)
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(copies = n, "dead-letter copies put on the failed list"),
-            Err(e) => tracing::warn!(
-                error = %e,
-                waiting = self.failed_copies.parked(),
-                "dead-letter copies still wait for Redis"
-            ),
-        }
-    }
-
-    /// Dead-letter copies of this worker that wait for Redis, by task (logged at shutdown).
-    fn unpushed_dead_letters(&self) -> Vec<TaskId> {
-        self.failed_copies.parked_tasks()
-    }
-
     /// Takes up to `max` deliveries onto the processing list: waits up to the block time for the
-    /// first, then takes only what is already waiting. Copies of dead letters that wait for
-    /// Redis are pushed first.
+    /// first, then takes only what is already waiting.
     pub async fn take(&self, max: usize) -> Result<Vec<String>> {
         self.binding.verify(&mut self.commands.clone()).await?;
-        self.retry_failed_copies().await;
         let mut conn = self.blocking.clone();
         let shards = self.keys.shards();
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed) % shards;
@@ -745,7 +712,7 @@ impl Worker {
 
         // The outcomes are committed: a Redis error from here on must not fail the call, whose
         // retry would find them recorded and count them again (the rescuer cleans the processing
-        // entries later; a dead letter's copy waits in `failed_copies`)
+        // entries later; a dead letter's copy waits in Postgres's `failed_copies`)
         let mut conn = self.commands.clone();
         self.copy_dead_letters(&mut conn, &applied.dead_letters)
             .await;

@@ -304,14 +304,6 @@ impl WorkerPool {
         if let Err(e) = completer.await {
             tracing::error!(error = %e, "the completer panicked");
         }
-        worker.retry_failed_copies().await;
-        let unpushed = worker.unpushed_dead_letters();
-        if !unpushed.is_empty() {
-            tracing::error!(
-                tasks = ?unpushed,
-                "stopping with dead-letter copies Redis did not take; the failed list lacks them until it is next restored"
-            );
-        }
         renewer_stop.cancel();
         if let Err(e) = renewer.await {
             tracing::error!(error = %e, "the lease renewer panicked");

@@ -264,3 +264,121 @@ async fn two_relays_and_three_worker_processes_share_five_thousand_tasks(pool: P
         .await
         .unwrap();
 }
+
+/// A worker process dead-letters tasks while Redis refuses the failed list's pushes (the key
+/// holds a string: `WRONGTYPE`, Redis keeping its data and the list's restore marker), and is
+/// killed with SIGKILL. Its copies stay in Postgres, and another process's rescuer puts each on
+/// the list once Redis takes pushes again.
+#[sqlx::test]
+async fn dead_letter_copies_survive_their_worker_being_killed_while_redis_refuses_them(
+    pool: PgPool,
+) {
+    use wiremock::{matchers::any, Mock, MockServer, ResponseTemplate};
+    let twilio = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(400).set_body_json(
+            serde_json::json!({"code": 21211, "message": "The 'To' number is not valid."}),
+        ))
+        .mount(&twilio)
+        .await;
+    let db = database_url(&pool);
+    let prefix = unique_prefix();
+    let keys = arnela::queue::Keys::new(prefix.clone());
+    let twilio_url = twilio.uri();
+    let env = [
+        ("TWILIO_BASE_URL", twilio_url.as_str()),
+        ("TWILIO_ACCOUNT_SID", "AC00000000000000000000000000000000"),
+        ("TWILIO_AUTH_TOKEN", "test-token"),
+        ("TWILIO_SMS_FROM", "+34910000000"),
+        ("TWILIO_RATE_LIMIT_PER_SEC", "0"),
+    ];
+    let mut conn = common::redis().await;
+    let _relay = arnela("relay", &db, &redis_url(), &prefix, &[]);
+    let mut doomed = arnela("worker", &db, &redis_url(), &prefix, &env);
+    eventually(
+        Duration::from_secs(60),
+        "the failed list to be restored",
+        || {
+            let mut conn = conn.clone();
+            let marker = keys.failed_seeded();
+            async move {
+                let m: Option<String> = redis::cmd("GET")
+                    .arg(marker)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                (m.as_deref() == Some("restored")).then_some(())
+            }
+        },
+    )
+    .await;
+    let _: () = redis::cmd("SET")
+        .arg(keys.failed())
+        .arg("refusing")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let total = 20;
+    let ids = common::enqueue_tasks(&pool, TaskType::SendSms, total, 1).await;
+    eventually(Duration::from_secs(60), "every task to be dead", || async {
+        (count_status(&pool, "dead").await == total as i64).then_some(())
+    })
+    .await;
+    doomed.kill9();
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM failed_copies")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(waiting, total as i64, "the copies outlive their process");
+
+    let _: () = redis::cmd("DEL")
+        .arg(keys.failed())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _other = arnela("worker", &db, &redis_url(), &prefix, &env);
+    let listed: Vec<String> = eventually(
+        Duration::from_secs(60),
+        "another process to push the copies",
+        || {
+            let mut conn = conn.clone();
+            let key = keys.failed();
+            async move {
+                let listed: Vec<String> = redis::cmd("LRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                (listed.len() >= total).then_some(listed)
+            }
+        },
+    )
+    .await;
+    let mut listed: Vec<String> = listed
+        .iter()
+        .map(|c| {
+            serde_json::from_str::<serde_json::Value>(c).unwrap()["task_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    listed.sort();
+    let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "each copy once");
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM failed_copies")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 0);
+    let _: () = redis::cmd("DEL")
+        .arg(keys.failed())
+        .arg(keys.failed_seeded())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}

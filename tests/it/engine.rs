@@ -721,11 +721,15 @@ fn failed_tasks(entries: &[String]) -> Vec<String> {
         .collect()
 }
 
+async fn pending_copies(pool: &PgPool) -> i64 {
+    arnela::store::failed_copies::pending(pool).await.unwrap()
+}
+
 /// Redis refuses a dead letter's copy after its transition committed, keeping its data (the
-/// marker stays, so no restore would bring the copy back): the copy waits in the worker and is
-/// pushed at its next take, before any newer copy.
+/// marker stays, so no restore would bring the copy back): the copy waits in Postgres, in the
+/// failed list's outbox, and the next rescuer pass pushes it, before any newer copy.
 #[sqlx::test]
-async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_next_take(pool: PgPool) {
+async fn a_dead_letter_copy_redis_refused_waits_in_postgres_for_the_rescuer(pool: PgPool) {
     let e = without_handlers(&pool).await;
     let first = enqueue(&pool, 1, 3).await[0];
     e.relay_once().await;
@@ -734,25 +738,67 @@ async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_next_take(pool: PgPoo
     refuse_failed_pushes(&e).await;
     assert_eq!(e.step().await, Processed::DeadLettered(first));
     assert_eq!(e.history(first).await.last().unwrap(), "dead_lettered");
+    assert_eq!(pending_copies(&pool).await, 1, "kept with the dead letter");
+    let rescued = e.rescuer.run_once().await.unwrap();
+    assert_eq!(rescued.failed_copies_pushed, 0, "still refused");
+    assert_eq!(pending_copies(&pool).await, 1, "a refused push keeps it");
     accept_failed_pushes(&e).await;
 
-    assert_eq!(e.step().await, Processed::Idle);
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 1);
+    assert_eq!(pending_copies(&pool).await, 0);
     let listed = failed_tasks(&e.range(e.keys.failed()).await);
-    assert_eq!(listed, vec![first.to_string()], "pushed at the take");
+    assert_eq!(listed, vec![first.to_string()], "pushed by the rescuer");
 
     let second = enqueue(&pool, 1, 3).await[0];
     e.relay_once().await;
     assert_eq!(e.step().await, Processed::DeadLettered(second));
+    assert_eq!(pending_copies(&pool).await, 0, "pushed by its worker");
     let listed = failed_tasks(&e.range(e.keys.failed()).await);
     assert_eq!(
         listed,
         vec![second.to_string(), first.to_string()],
         "newest first, nothing twice"
     );
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 0);
+}
+
+/// A task whose copy waits in the failed list's outbox is left out of a restore of the list:
+/// the copy's own push brings it, so it is listed once.
+#[sqlx::test]
+async fn a_restore_leaves_a_waiting_copy_to_its_push(pool: PgPool) {
+    let e = without_handlers(&pool).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
+    refuse_failed_pushes(&e).await;
+    assert_eq!(e.step().await, Processed::DeadLettered(id));
+
+    let dead = arnela::store::tasks::dead_lettered(&pool, 100)
+        .await
+        .unwrap();
+    assert!(dead.is_empty(), "left to the push: {dead:?}");
+    accept_failed_pushes(&e).await;
+    let mut conn = e.redis.clone();
+    let _: () = redis::cmd("DEL")
+        .arg(e.keys.failed_seeded())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let rescued = e.rescuer.run_once().await.unwrap();
+    assert_eq!(rescued.failed_copies_pushed, 1);
+    assert_eq!(rescued.failed_restored, 0, "the push brought it");
+    let dead = arnela::store::tasks::dead_lettered(&pool, 100)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1, "listed for restores once pushed");
+    assert_eq!(
+        failed_tasks(&e.range(e.keys.failed()).await),
+        vec![id.to_string()]
+    );
 }
 
 /// The rescuer dead-letters an attempt whose lease ran out, and Redis refuses the copy: the
-/// pass goes on, and the copy is pushed at the rescuer's next pass.
+/// pass goes on, and the copy, kept in Postgres, is pushed at the rescuer's next pass.
 #[sqlx::test]
 async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_rescuers_next_pass(pool: PgPool) {
     let (e, id, gate) = held_at_the_gate_with(&pool, 1).await;
@@ -765,6 +811,7 @@ async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_rescuers_next_pass(po
         refuse_failed_pushes(&e).await;
         let rescued = e.rescuer.run_once().await.unwrap();
         assert_eq!(rescued.leases_expired, 1, "the pass goes on");
+        assert_eq!(pending_copies(&pool).await, 1);
         accept_failed_pushes(&e).await;
         let rescued = e.rescuer.run_once().await.unwrap();
         assert_eq!(rescued.failed_copies_pushed, 1);
@@ -778,17 +825,16 @@ async fn a_dead_letter_copy_redis_refused_is_pushed_at_the_rescuers_next_pass(po
     assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 0);
 }
 
-/// Copies refused in several pushes wait in order and go in one push, oldest first, ahead of
-/// the copies of the push that finds Redis taking them again; after a failed retry, retries
-/// pause (a new dead letter's push does not).
+/// Copies refused in several pushes wait in order and go out oldest first, ahead of the copies
+/// written after Redis takes pushes again, in batches, each once.
 #[sqlx::test]
 async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
+    use arnela::dead_letters::push_pending;
     use arnela::domain::task::DeadLetter;
     use arnela::domain::TaskType;
-    use arnela::queue::FailedCopies;
+    use arnela::store::{failed_copies, Tx};
     let e = without_handlers(&pool).await;
-    let copies = FailedCopies::with_pause(Duration::from_secs(3600));
-    let dead: Vec<DeadLetter> = (0..5)
+    let dead: Vec<DeadLetter> = (0..1_205)
         .map(|n| DeadLetter {
             task_id: arnela::domain::TaskId::new(),
             task_type: TaskType::SendSms,
@@ -797,39 +843,37 @@ async fn refused_dead_letter_copies_keep_their_order(pool: PgPool) {
             at: chrono::Utc::now(),
         })
         .collect();
+    let record = |copies: &[DeadLetter]| {
+        let (pool, copies) = (pool.clone(), copies.to_vec());
+        async move {
+            let mut tx = Tx::begin(&pool).await.unwrap();
+            failed_copies::record(&mut tx, &copies).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
     let mut conn = e.redis.clone();
     refuse_failed_pushes(&e).await;
-    copies
-        .push(&mut conn, &e.keys, &dead[0..2])
-        .await
-        .unwrap_err();
-    copies
-        .push(&mut conn, &e.keys, &dead[2..3])
-        .await
-        .unwrap_err();
-    assert!(copies.retry(&mut conn, &e.keys).await.is_err());
-    assert_eq!(copies.parked(), 3);
+    record(&dead[0..2]).await;
+    assert!(push_pending(&pool, &mut conn, &e.keys).await.is_err());
+    record(&dead[2..3]).await;
+    assert!(push_pending(&pool, &mut conn, &e.keys).await.is_err());
+    assert_eq!(pending_copies(&pool).await, 3);
     accept_failed_pushes(&e).await;
-    assert_eq!(
-        copies.retry(&mut conn, &e.keys).await.unwrap(),
-        0,
-        "retries pause after one failed"
-    );
-    assert_eq!(
-        copies.push(&mut conn, &e.keys, &[]).await.unwrap(),
-        0,
-        "a push of no new copy is a retry"
-    );
-    assert_eq!(copies.parked(), 3);
 
+    record(&dead[3..]).await;
     assert_eq!(
-        copies.push(&mut conn, &e.keys, &dead[3..5]).await.unwrap(),
-        5
+        push_pending(&pool, &mut conn, &e.keys).await.unwrap(),
+        1_205,
+        "in two batches"
     );
-    assert_eq!(copies.parked(), 0);
+    assert_eq!(pending_copies(&pool).await, 0);
     let expected: Vec<String> = dead.iter().rev().map(|d| d.task_id.to_string()).collect();
     assert_eq!(failed_tasks(&e.range(e.keys.failed()).await), expected);
-    assert_eq!(copies.retry(&mut conn, &e.keys).await.unwrap(), 0);
+    let copy: serde_json::Value = serde_json::from_str(&e.range(e.keys.failed()).await[0]).unwrap();
+    assert_eq!(copy["reason"], "failure 1204");
+    assert_eq!(copy["type"], "send_sms");
+    assert_eq!(copy["attempts"], 3);
+    assert_eq!(push_pending(&pool, &mut conn, &e.keys).await.unwrap(), 0);
 }
 
 #[sqlx::test]

@@ -138,6 +138,7 @@ async fn every_family_is_present_with_its_type(pool: PgPool) {
         ("arnela_queue_oldest_age_seconds", Gauge),
         ("arnela_outbox_backlog", Gauge),
         ("arnela_outbox_oldest_due_age_seconds", Gauge),
+        ("arnela_failed_copies_waiting", Gauge),
         ("arnela_scrape_source_up", Gauge),
         ("arnela_scrape_errors_total", Counter),
     ] {
@@ -222,6 +223,7 @@ async fn attempts_relay_batches_and_queue_depths_follow_the_engine(pool: PgPool)
     let exp = scrape(&c).await;
     assert_eq!(value(&exp, "arnela_outbox_backlog", &[]), Some(3.0));
     assert!(value(&exp, "arnela_outbox_oldest_due_age_seconds", &[]).unwrap() >= 0.0);
+    assert_eq!(value(&exp, "arnela_failed_copies_waiting", &[]), Some(0.0));
     assert_eq!(value(&exp, "arnela_relay_batch_rows", &[]), Some(0.0));
     assert_eq!(
         value(&exp, "arnela_queue_depth", &[("list", "tasks")]),
