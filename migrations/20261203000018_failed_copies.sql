@@ -19,11 +19,13 @@ ALTER TABLE failed_copies SET (
     autovacuum_vacuum_cost_delay = 0
 );
 
+-- The runtime role writes copies and deletes them once pushed; UPDATE only for the row locks
+-- (`FOR UPDATE SKIP LOCKED`) that keep two pushes from taking the same copy.
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'arnela_runtime') THEN
-        REVOKE UPDATE, TRUNCATE ON failed_copies FROM arnela_runtime;
-        GRANT SELECT, INSERT, DELETE ON failed_copies TO arnela_runtime;
+        REVOKE TRUNCATE ON failed_copies FROM arnela_runtime;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON failed_copies TO arnela_runtime;
     END IF;
 END
 $$;

@@ -202,7 +202,9 @@ impl Rescuer {
         match crate::dead_letters::push_pending(&self.pool, &mut conn, &self.keys).await {
             Ok(n) => out.failed_copies_pushed = n,
             Err(e) if e.is_unavailable() => return Err(e),
-            Err(e) => tracing::warn!(error = %e, "dead-letter copies still wait for Redis"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot push the dead-letter copies that wait in Postgres")
+            }
         }
         out.failed_restored = self.restore_failed_list(&mut conn).await?;
         if out.failed_restored > 0 {

@@ -644,6 +644,31 @@ async fn production_refuses_a_superuser_and_runs_as_a_runtime_role(pool: PgPool)
         }
     })
     .await;
+    // the failed list's outbox under the role: a copy written, then taken (row locks) and pushed
+    {
+        use arnela::domain::task::DeadLetter;
+        use arnela::store::failed_copies;
+        let as_role = PgPool::connect(&url).await.unwrap();
+        let dead = DeadLetter {
+            task_id: TaskId::new(),
+            task_type: arnela::domain::TaskType::SendSms,
+            attempts: 1,
+            reason: "as the runtime role".into(),
+            at: chrono::Utc::now(),
+        };
+        let mut tx = Tx::begin(&as_role).await.unwrap();
+        failed_copies::record(&mut tx, &[dead]).await.unwrap();
+        tx.commit().await.unwrap();
+        let keys = arnela::queue::Keys::new(prefix.clone());
+        let pushed =
+            arnela::dead_letters::push_pending(&as_role, &mut common::redis().await, &keys).await;
+        assert!(
+            pushed.is_ok_and(|n| n <= 1),
+            "taken and pushed under the role"
+        );
+        assert_eq!(failed_copies::pending(&as_role).await.unwrap(), 0);
+        as_role.close().await;
+    }
     drop(serve);
     common::delete_prefix(&prefix).await;
     // the role's sessions end with the process; then it can be dropped

@@ -14,6 +14,7 @@ const LAYERS: &[&[&str]] = &[
     &["store", "queue"],
     &["config", "binding", "cache"],
     &["metrics", "engine"],
+    &["dead_letters"],
     &[
         "worker",
         "relay",
