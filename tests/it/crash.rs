@@ -326,10 +326,7 @@ async fn dead_letter_copies_survive_their_worker_being_killed_while_redis_refuse
     })
     .await;
     doomed.kill9();
-    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM failed_copies")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let waiting = arnela::store::failed_copies::pending(&pool).await.unwrap();
     assert_eq!(waiting, total as i64, "the copies outlive their process");
 
     let _: () = redis::cmd("DEL")
@@ -370,11 +367,10 @@ async fn dead_letter_copies_survive_their_worker_being_killed_while_redis_refuse
     let mut expected: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
     expected.sort();
     assert_eq!(listed, expected, "each copy once");
-    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM failed_copies")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(waiting, 0);
+    assert_eq!(
+        arnela::store::failed_copies::pending(&pool).await.unwrap(),
+        0
+    );
     let _: () = redis::cmd("DEL")
         .arg(keys.failed())
         .arg(keys.failed_seeded())

@@ -725,18 +725,26 @@ async fn pending_copies(pool: &PgPool) -> i64 {
     arnela::store::failed_copies::pending(pool).await.unwrap()
 }
 
+/// An engine without handlers whose failed list was restored, and a task it dead-lettered while
+/// Redis refused the copy's push.
+async fn dead_lettered_while_redis_refuses_its_copy(
+    pool: &PgPool,
+) -> (common::engine::Engine, arnela::domain::TaskId) {
+    let e = without_handlers(pool).await;
+    let id = enqueue(pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
+    refuse_failed_pushes(&e).await;
+    assert_eq!(e.step().await, Processed::DeadLettered(id));
+    (e, id)
+}
+
 /// Redis refuses a dead letter's copy after its transition committed, keeping its data (the
 /// marker stays, so no restore would bring the copy back): the copy waits in Postgres, in the
 /// failed list's outbox, and the next rescuer pass pushes it, before any newer copy.
 #[sqlx::test]
 async fn a_dead_letter_copy_redis_refused_waits_in_postgres_for_the_rescuer(pool: PgPool) {
-    let e = without_handlers(&pool).await;
-    let first = enqueue(&pool, 1, 3).await[0];
-    e.relay_once().await;
-    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
-
-    refuse_failed_pushes(&e).await;
-    assert_eq!(e.step().await, Processed::DeadLettered(first));
+    let (e, first) = dead_lettered_while_redis_refuses_its_copy(&pool).await;
     assert_eq!(e.history(first).await.last().unwrap(), "dead_lettered");
     assert_eq!(pending_copies(&pool).await, 1, "kept with the dead letter");
     let rescued = e.rescuer.run_once().await.unwrap();
@@ -766,12 +774,7 @@ async fn a_dead_letter_copy_redis_refused_waits_in_postgres_for_the_rescuer(pool
 /// the copy's own push brings it, so it is listed once.
 #[sqlx::test]
 async fn a_restore_leaves_a_waiting_copy_to_its_push(pool: PgPool) {
-    let e = without_handlers(&pool).await;
-    let id = enqueue(&pool, 1, 3).await[0];
-    e.relay_once().await;
-    assert_eq!(e.rescuer.run_once().await.unwrap().failed_restored, 0);
-    refuse_failed_pushes(&e).await;
-    assert_eq!(e.step().await, Processed::DeadLettered(id));
+    let (e, id) = dead_lettered_while_redis_refuses_its_copy(&pool).await;
 
     let dead = arnela::store::tasks::dead_lettered(&pool, 100)
         .await
