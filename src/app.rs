@@ -59,6 +59,8 @@ pub struct App {
     pub cache: Cache,
     /// The metrics registry shared by every role of this process.
     pub metrics: Metrics,
+    /// What this process's pushes of dead-letter copies met (its workers and its rescuer).
+    pub failed_pushes: crate::dead_letters::Refusals,
     /// The HTTP API's connection, in-flight and body limits.
     pub http_limits: api::limits::HttpLimits,
 }
@@ -143,6 +145,7 @@ impl App {
             waker,
             cache,
             metrics,
+            failed_pushes: Default::default(),
             settings,
             reads: store::replica::Reads::primary(pool.clone()),
             listen: crate::relay::Listen::Pool,
@@ -350,6 +353,7 @@ impl App {
             },
         )
         .with_metrics(self.metrics.clone())
+        .with_failed_pushes(self.failed_pushes.clone())
     }
 
     /// Runs the given roles until the shutdown token is cancelled, then stops them in order:
@@ -393,7 +397,9 @@ impl App {
             )
             .await
             .context("cannot start the workers")?;
-            let pool = pool.with_metrics(self.metrics.clone());
+            let pool = pool
+                .with_metrics(self.metrics.clone())
+                .with_failed_pushes(self.failed_pushes.clone());
             tracing::info!(workers = e.workers, "workers started");
             let shutdown = self.shutdown.clone();
             let drain = e.drain;

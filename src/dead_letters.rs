@@ -11,6 +11,15 @@
 //!
 //! A copy is pushed twice only if the push went through and its transaction's commit then
 //! failed; the list is a convenience for operators, and Postgres stays the record.
+//!
+//! A process's pushes share one [`Refusals`]: after Redis refused a push, its workers stop
+//! pushing after their commits for [`PAUSE`] (or until a rescuer pass of the process pushes
+//! again) and leave the copies to the rescuer, and the refusals are logged at most once per
+//! [`PAUSE`]. Without it every completion batch with a dead letter ran a push transaction and
+//! logged a warning while Redis refused the list.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
@@ -52,4 +61,132 @@ pub async fn push_pending(
         }
     }
     Ok(pushed)
+}
+
+/// How long after a refusal a worker leaves the copies to the rescuer, and how often a refusal
+/// that goes on is logged.
+pub const PAUSE: Duration = Duration::from_secs(10);
+
+/// What a process's pushes of dead-letter copies met: shared by its workers and its rescuer
+/// (clones share it).
+#[derive(Clone, Debug, Default)]
+pub struct Refusals {
+    state: Arc<Mutex<RefusalState>>,
+}
+
+#[derive(Debug, Default)]
+struct RefusalState {
+    /// Since the last refusal that was logged (`None`: since the last push that went through).
+    refused_at: Option<Instant>,
+    /// When the last refusal was logged.
+    logged_at: Option<Instant>,
+    /// Copies of dead letters the workers left to the rescuer since that log line.
+    left: usize,
+}
+
+/// What to log about a refusal.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The first since a push went through, or the first for [`PAUSE`]: log it, with the copies
+    /// the workers left to the rescuer since the last line.
+    Log { left: usize },
+    /// Logged less than [`PAUSE`] ago.
+    Quiet,
+}
+
+impl Refusals {
+    fn state(&self) -> std::sync::MutexGuard<'_, RefusalState> {
+        // the state is a few plain fields, valid whatever a panicking holder left
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a worker pushes the `copies` it just dead-lettered now: not within [`PAUSE`] of
+    /// a refusal (they wait for the rescuer's next pass, and are counted).
+    pub fn worker_may_push(&self, now: Instant, copies: usize) -> bool {
+        let mut s = self.state();
+        match s.refused_at {
+            Some(at) if now.saturating_duration_since(at) < PAUSE => {
+                s.left += copies;
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Notes a refused push at `now`.
+    pub fn refused(&self, now: Instant) -> Refused {
+        let mut s = self.state();
+        s.refused_at = Some(now);
+        match s.logged_at {
+            Some(at) if now.saturating_duration_since(at) < PAUSE => Refused::Quiet,
+            _ => {
+                s.logged_at = Some(now);
+                Refused::Log {
+                    left: std::mem::take(&mut s.left),
+                }
+            }
+        }
+    }
+
+    /// Notes a push that went through; true if it ends refusals (worth a line in the log).
+    pub fn pushed(&self) -> bool {
+        let mut s = self.state();
+        s.left = 0;
+        s.logged_at = None;
+        s.refused_at.take().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_pauses_the_workers_pushes_and_is_logged_once_per_pause() {
+        let r = Refusals::default();
+        let t0 = Instant::now();
+        assert!(r.worker_may_push(t0, 1));
+        assert_eq!(r.refused(t0), Refused::Log { left: 0 });
+
+        assert!(!r.worker_may_push(t0 + Duration::from_secs(1), 2));
+        assert!(!r.worker_may_push(t0 + PAUSE - Duration::from_millis(1), 3));
+        // the rescuer's passes still push, and their refusals within the pause are quiet
+        assert_eq!(r.refused(t0 + Duration::from_secs(5)), Refused::Quiet);
+        // the pause counts from the last refusal
+        assert!(!r.worker_may_push(t0 + PAUSE, 1));
+        assert!(r.worker_may_push(t0 + Duration::from_secs(5) + PAUSE, 1));
+        // logged again a pause after the last line, with what the workers left meanwhile
+        assert_eq!(r.refused(t0 + PAUSE), Refused::Log { left: 6 });
+        assert_eq!(
+            r.refused(t0 + PAUSE + Duration::from_secs(1)),
+            Refused::Quiet
+        );
+    }
+
+    #[test]
+    fn a_push_that_goes_through_ends_the_pause() {
+        let r = Refusals::default();
+        let t0 = Instant::now();
+        assert!(!r.pushed(), "nothing was refused");
+        r.refused(t0);
+        assert!(!r.worker_may_push(t0, 4));
+        assert!(r.pushed(), "ends refusals");
+        assert!(!r.pushed());
+        assert!(r.worker_may_push(t0 + Duration::from_secs(1), 1));
+        // a new refusal is logged at once, with nothing left over from before
+        assert_eq!(
+            r.refused(t0 + Duration::from_secs(1)),
+            Refused::Log { left: 0 }
+        );
+    }
+
+    #[test]
+    fn clones_share_what_they_met() {
+        let worker = Refusals::default();
+        let rescuer = worker.clone();
+        let t0 = Instant::now();
+        worker.refused(t0);
+        assert!(rescuer.pushed());
+        assert!(worker.worker_may_push(t0, 1));
+    }
 }

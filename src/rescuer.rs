@@ -50,6 +50,7 @@
 //!    [`LEASE_INDEX_EVERY`] after add any lease missing from it (one scan of `tasks`), and drop
 //!    rows left for attempts that ended long ago.
 
+use crate::dead_letters::Refusals;
 use crate::domain::TaskId;
 use crate::queue::RedisConn;
 use chrono::{DateTime, Utc};
@@ -153,6 +154,8 @@ pub struct Rescuer {
     in_reach_since: Mutex<Option<std::time::Instant>>,
     binding: Binding,
     metrics: Metrics,
+    /// What pushes of dead-letter copies met in this process.
+    failed_pushes: Refusals,
 }
 
 impl Rescuer {
@@ -167,12 +170,20 @@ impl Rescuer {
             cursor: Mutex::new(None),
             lease_index_checked: Mutex::new(None),
             in_reach_since: Mutex::new(None),
+            failed_pushes: Default::default(),
         }
     }
 
     /// Counts skipped deliveries in `metrics` (by default in a registry of the rescuer's own).
     pub fn with_metrics(mut self, metrics: Metrics) -> Rescuer {
         self.metrics = metrics;
+        self
+    }
+
+    /// Shares what the pushes of dead-letter copies meet with the process's workers (see
+    /// [`Refusals`]).
+    pub fn with_failed_pushes(mut self, refusals: Refusals) -> Rescuer {
+        self.failed_pushes = refusals;
         self
     }
 
@@ -199,12 +210,11 @@ impl Rescuer {
             }
         }
         // the failed list is a copy: a Redis that refuses it does not stop the other checks
-        match crate::dead_letters::push_pending(&self.pool, &mut conn, &self.keys).await {
+        match self.push_copies(&mut conn).await {
             Ok(n) => out.failed_copies_pushed = n,
             Err(e) if e.is_unavailable() => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot push the dead-letter copies that wait in Postgres")
-            }
+            // logged by `push_copies`
+            Err(_) => {}
         }
         out.failed_restored = self.restore_failed_list(&mut conn).await?;
         if out.failed_restored > 0 {
@@ -287,20 +297,41 @@ impl Rescuer {
         // committed with their copies: a Redis error leaves them for the next pass, and this
         // pass goes on (the failed list is a copy; the other checks do not depend on it)
         if !applied.dead_letters.is_empty() {
-            if let Err(e) = crate::dead_letters::push_pending(&self.pool, conn, &self.keys).await {
-                let tasks: Vec<String> = applied
-                    .dead_letters
-                    .iter()
-                    .map(|d| d.task_id.to_string())
-                    .collect();
-                tracing::warn!(
-                    error = %e,
-                    ?tasks,
-                    "cannot copy dead letters to the failed list yet; trying again at the next pass"
-                );
-            }
+            // logged by `push_copies`; the copies wait for the next pass
+            let _ = self.push_copies(conn).await;
         }
         Ok(applied.changed.len())
+    }
+
+    /// Pushes the dead-letter copies that wait in Postgres ([`crate::dead_letters`]), noting
+    /// a refusal in the process's [`Refusals`] and logging it at most once per
+    /// [`PAUSE`](crate::dead_letters::PAUSE); the copies stay for the next pass.
+    async fn push_copies(&self, conn: &mut RedisConn) -> Result<usize, RescuerError> {
+        use crate::dead_letters::{push_pending, Refused, PAUSE};
+        match push_pending(&self.pool, conn, &self.keys).await {
+            Ok(n) => {
+                if self.failed_pushes.pushed() {
+                    tracing::info!(
+                        copies = n,
+                        "the failed list takes dead-letter copies again; pushed those that waited"
+                    );
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                if let Refused::Log { left } = self.failed_pushes.refused(std::time::Instant::now())
+                {
+                    tracing::warn!(
+                        error = %e,
+                        left_by_workers = left,
+                        pause_secs = PAUSE.as_secs(),
+                        "cannot push the dead-letter copies that wait in Postgres; trying again every pass \
+                         (logged again after the pause if it goes on)"
+                    );
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Restores the failed list if its marker is missing and this pass takes the restore (see

@@ -160,6 +160,8 @@ pub struct Worker {
     skip_streak: AtomicU32,
     /// The queue shard the next take starts at (shards are served in turn).
     next_shard: AtomicUsize,
+    /// What pushes of dead-letter copies met in this process.
+    failed_pushes: crate::dead_letters::Refusals,
 }
 
 /// The longest blocking take on one shard when there are several: a delivery that arrives on
@@ -240,6 +242,7 @@ impl Worker {
             binding: Binding::new(pool.clone(), keys.clone()),
             skip_streak: AtomicU32::new(0),
             next_shard: AtomicUsize::new(0),
+            failed_pushes: Default::default(),
             pool,
             blocking,
             commands,
@@ -254,6 +257,13 @@ impl Worker {
     /// Records finished attempts in `metrics` (by default in a registry of the worker's own).
     pub fn with_metrics(mut self, metrics: Metrics) -> Worker {
         self.metrics = metrics;
+        self
+    }
+
+    /// Shares what the pushes of dead-letter copies meet with the process's rescuer (by default
+    /// the worker notes them alone).
+    pub fn with_failed_pushes(mut self, refusals: crate::dead_letters::Refusals) -> Worker {
+        self.failed_pushes = refusals;
         self
     }
 
@@ -304,18 +314,37 @@ impl Worker {
 
     /// Puts the copies of tasks this worker dead-lettered on the failed list. Their transitions
     /// are committed, with the copies in the failed list's outbox, so an error does not fail the
-    /// caller: the next rescuer pass pushes what is left ([`crate::dead_letters`]).
+    /// caller: the next rescuer pass pushes what is left ([`crate::dead_letters`]). Within
+    /// [`PAUSE`](crate::dead_letters::PAUSE) of a refusal the copies are left to the rescuer.
     async fn copy_dead_letters(&self, conn: &mut RedisConn, dead: &[DeadLetter]) {
-        if dead.is_empty() {
+        use crate::dead_letters::{push_pending, Refused, PAUSE};
+        if dead.is_empty()
+            || !self
+                .failed_pushes
+                .worker_may_push(std::time::Instant::now(), dead.len())
+        {
             return;
         }
-        if let Err(e) = crate::dead_letters::push_pending(&self.pool, conn, &self.keys).await {
-            let tasks: Vec<String> = dead.iter().map(|d| d.task_id.to_string()).collect();
-            tracing::warn!(
-                error = %e,
-                ?tasks,
-                "cannot copy dead letters to the failed list yet; they wait in Postgres for the next rescuer pass"
-            );
+        match push_pending(&self.pool, conn, &self.keys).await {
+            Ok(_) => {
+                if self.failed_pushes.pushed() {
+                    tracing::info!("the failed list takes dead-letter copies again");
+                }
+            }
+            Err(e) => {
+                if let Refused::Log { left } = self.failed_pushes.refused(std::time::Instant::now())
+                {
+                    let tasks: Vec<String> = dead.iter().map(|d| d.task_id.to_string()).collect();
+                    tracing::warn!(
+                        error = %e,
+                        ?tasks,
+                        left_to_the_rescuer = left,
+                        pause_secs = PAUSE.as_secs(),
+                        "cannot copy dead letters to the failed list yet; they wait in Postgres for the \
+                         rescuer, and this process's workers leave theirs to it for the pause"
+                    );
+                }
+            }
         }
     }
 

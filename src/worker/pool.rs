@@ -167,6 +167,13 @@ impl WorkerPool {
         self
     }
 
+    /// Shares what the pushes of dead-letter copies meet with the process's rescuer (see
+    /// [`Refusals`](crate::dead_letters::Refusals)).
+    pub fn with_failed_pushes(mut self, refusals: crate::dead_letters::Refusals) -> WorkerPool {
+        self.worker = self.worker.with_failed_pushes(refusals);
+        self
+    }
+
     /// Runs until `shutdown`; then lets running attempts finish for up to `drain`, releases those
     /// that did not (and those claimed but not started), records every outcome and returns.
     pub async fn run(self, shutdown: CancellationToken, drain: Duration) {

@@ -770,6 +770,35 @@ async fn a_dead_letter_copy_redis_refused_waits_in_postgres_for_the_rescuer(pool
     assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 0);
 }
 
+/// After Redis refused a copy, the process's workers leave their copies to the rescuer for a
+/// pause (no push per completion while Redis refuses) even if Redis takes pushes again meanwhile;
+/// the rescuer's next pass pushes them all, oldest first, and ends the pause.
+#[sqlx::test]
+async fn after_a_refusal_workers_leave_their_copies_to_the_rescuer(pool: PgPool) {
+    let (e, first) = dead_lettered_while_redis_refuses_its_copy(&pool).await;
+    accept_failed_pushes(&e).await;
+
+    let second = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(second));
+    assert_eq!(pending_copies(&pool).await, 2, "left to the rescuer");
+    assert!(e.range(e.keys.failed()).await.is_empty());
+
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 2);
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(listed, vec![second.to_string(), first.to_string()]);
+
+    let third = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    assert_eq!(e.step().await, Processed::DeadLettered(third));
+    assert_eq!(pending_copies(&pool).await, 0, "pushed by its worker again");
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(
+        listed,
+        vec![third.to_string(), second.to_string(), first.to_string()]
+    );
+}
+
 /// A task whose copy waits in the failed list's outbox is left out of a restore of the list:
 /// the copy's own push brings it, so it is listed once.
 #[sqlx::test]

@@ -406,6 +406,8 @@ pub mod engine {
         let redis = super::redis().await;
         let stats = Arc::new(WorkerStats::default());
         let metrics = arnela::metrics::Metrics::new();
+        // one process: its worker and its rescuer share what the failed list's pushes meet
+        let failed_pushes = arnela::dead_letters::Refusals::default();
         let blocking = queue::connect_with_timeout(super::redis_target(), Duration::from_secs(5))
             .await
             .unwrap();
@@ -417,7 +419,8 @@ pub mod engine {
             config.clone(),
             stats.clone(),
         )
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_failed_pushes(failed_pushes.clone());
         Engine {
             relay: Relay::new(
                 pool.clone(),
@@ -439,7 +442,8 @@ pub mod engine {
                     jitter: config.jitter.clone(),
                     ..RescuerConfig::default()
                 },
-            ),
+            )
+            .with_failed_pushes(failed_pushes),
             pool,
             keys,
             redis,
