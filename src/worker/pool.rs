@@ -290,6 +290,7 @@ impl WorkerPool {
             // reap finished runs so the set does not grow
             while running.try_join_next().is_some() {}
         }
+        fetcher.finish().await;
 
         tracing::info!(running = running.len(), ?drain, "draining workers");
         let deadline = tokio::time::sleep(drain);
@@ -435,6 +436,25 @@ impl<'a> Fetcher<'a> {
                 });
                 Err(e)
             }
+        }
+    }
+
+    /// At shutdown: settles the claim whose commit failed, if any, with one more try, so that
+    /// its attempts (if it committed after all) are released now rather than left running in
+    /// Postgres until their lease and the rescuer's grace for live owners pass. If this try
+    /// fails too, they are left to the rescuer, and the log says so.
+    pub async fn finish(mut self) {
+        let Some(pending) = self.unsettled.as_ref() else {
+            return;
+        };
+        let attempts = pending.attempts.len();
+        if let Err(e) = self.settle().await {
+            tracing::warn!(
+                error = %e,
+                attempts,
+                "cannot settle a failed claim at shutdown; if it committed, its attempts run \
+                 again once their lease runs out (the rescuer)"
+            );
         }
     }
 

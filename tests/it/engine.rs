@@ -1475,6 +1475,48 @@ async fn a_failed_claim_is_settled_before_the_fetcher_claims_again(pool: PgPool)
     );
 }
 
+/// A claim that failed just before shutdown is settled when the fetcher finishes: had it
+/// committed after all (here the worker claims the returned delivery itself, outside the
+/// fetcher, which leaves Postgres as such a claim would), its attempt is released at once instead
+/// of staying `running` until its lease and the rescuer's grace for live owners pass.
+#[sqlx::test]
+async fn a_failed_claim_is_settled_when_the_fetcher_finishes_at_shutdown(pool: PgPool) {
+    let e = engine(pool.clone(), Script::answering(vec![]), config(0.0)).await;
+    let id = enqueue(&pool, 1, 3).await[0];
+    e.relay_once().await;
+    let leases = arnela::worker::lease::Leases::new();
+    let mut fetcher = arnela::worker::pool::Fetcher::new(&e.worker, &leases);
+    let never = CancellationToken::new();
+    sqlx::query("ALTER TABLE task_type_pauses RENAME TO task_type_pauses_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(fetcher.step(1, &never).await.is_err(), "the claim fails");
+    sqlx::query("ALTER TABLE task_type_pauses_away RENAME TO task_type_pauses")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let raws = e.worker.take(1).await.unwrap();
+    let (claimed, _) = e.worker.claim(raws).await.unwrap();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "held by this worker, as if the claim had committed"
+    );
+
+    fetcher.finish().await;
+    assert_eq!(e.status(id).await, "queued", "released at shutdown");
+    assert_eq!(
+        e.history(id).await,
+        [
+            "enqueued",
+            "dispatched",
+            "attempt_started",
+            "attempt_released"
+        ]
+    );
+}
+
 /// A claim that committed although the worker saw its `COMMIT` fail (Postgres stopped between
 /// the two): the worker returned the delivery and forgot the attempt, which its live process
 /// would otherwise leave running until the lease and the rescuer's grace for live owners pass.
