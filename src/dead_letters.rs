@@ -76,7 +76,7 @@ pub struct Refusals {
 
 #[derive(Debug, Default)]
 struct RefusalState {
-    /// Since the last refusal that was logged (`None`: since the last push that went through).
+    /// When the last push was refused (`None`: none since the last push that went through).
     refused_at: Option<Instant>,
     /// When the last refusal was logged.
     logged_at: Option<Instant>,
@@ -86,7 +86,7 @@ struct RefusalState {
 
 /// What to log about a refusal.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Refused {
+enum Refused {
     /// The first since a push went through, or the first for [`PAUSE`]: log it, with the copies
     /// the workers left to the rescuer since the last line.
     Log { left: usize },
@@ -95,6 +95,40 @@ pub enum Refused {
 }
 
 impl Refusals {
+    /// [`push_pending`], noting what it met: a refusal is logged at most once per [`PAUSE`]
+    /// (the copies stay in Postgres for the rescuer's next pass), and the first push that goes
+    /// through after refusals once.
+    pub async fn push(
+        &self,
+        pool: &PgPool,
+        conn: &mut RedisConn,
+        keys: &Keys,
+    ) -> Result<usize, StepError> {
+        match push_pending(pool, conn, keys).await {
+            Ok(n) => {
+                if self.pushed() {
+                    tracing::info!(
+                        copies = n,
+                        "the failed list takes dead-letter copies again; pushed those that waited"
+                    );
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                if let Refused::Log { left } = self.refused(Instant::now()) {
+                    tracing::warn!(
+                        error = %e,
+                        left_by_workers = left,
+                        pause_secs = PAUSE.as_secs(),
+                        "cannot push the dead-letter copies that wait in Postgres; the rescuer tries \
+                         again every pass, and this process's workers leave theirs to it for the pause"
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, RefusalState> {
         // the state is a few plain fields, valid whatever a panicking holder left
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -114,7 +148,7 @@ impl Refusals {
     }
 
     /// Notes a refused push at `now`.
-    pub fn refused(&self, now: Instant) -> Refused {
+    fn refused(&self, now: Instant) -> Refused {
         let mut s = self.state();
         s.refused_at = Some(now);
         match s.logged_at {
@@ -129,7 +163,7 @@ impl Refusals {
     }
 
     /// Notes a push that went through; true if it ends refusals (worth a line in the log).
-    pub fn pushed(&self) -> bool {
+    fn pushed(&self) -> bool {
         let mut s = self.state();
         s.left = 0;
         s.logged_at = None;

@@ -210,10 +210,14 @@ impl Rescuer {
             }
         }
         // the failed list is a copy: a Redis that refuses it does not stop the other checks
-        match self.push_copies(&mut conn).await {
+        match self
+            .failed_pushes
+            .push(&self.pool, &mut conn, &self.keys)
+            .await
+        {
             Ok(n) => out.failed_copies_pushed = n,
             Err(e) if e.is_unavailable() => return Err(e),
-            // logged by `push_copies`
+            // logged by `push`
             Err(_) => {}
         }
         out.failed_restored = self.restore_failed_list(&mut conn).await?;
@@ -297,41 +301,10 @@ impl Rescuer {
         // committed with their copies: a Redis error leaves them for the next pass, and this
         // pass goes on (the failed list is a copy; the other checks do not depend on it)
         if !applied.dead_letters.is_empty() {
-            // logged by `push_copies`; the copies wait for the next pass
-            let _ = self.push_copies(conn).await;
+            // logged by `push`; the copies wait for the next pass
+            let _ = self.failed_pushes.push(&self.pool, conn, &self.keys).await;
         }
         Ok(applied.changed.len())
-    }
-
-    /// Pushes the dead-letter copies that wait in Postgres ([`crate::dead_letters`]), noting
-    /// a refusal in the process's [`Refusals`] and logging it at most once per
-    /// [`PAUSE`](crate::dead_letters::PAUSE); the copies stay for the next pass.
-    async fn push_copies(&self, conn: &mut RedisConn) -> Result<usize, RescuerError> {
-        use crate::dead_letters::{push_pending, Refused, PAUSE};
-        match push_pending(&self.pool, conn, &self.keys).await {
-            Ok(n) => {
-                if self.failed_pushes.pushed() {
-                    tracing::info!(
-                        copies = n,
-                        "the failed list takes dead-letter copies again; pushed those that waited"
-                    );
-                }
-                Ok(n)
-            }
-            Err(e) => {
-                if let Refused::Log { left } = self.failed_pushes.refused(std::time::Instant::now())
-                {
-                    tracing::warn!(
-                        error = %e,
-                        left_by_workers = left,
-                        pause_secs = PAUSE.as_secs(),
-                        "cannot push the dead-letter copies that wait in Postgres; trying again every pass \
-                         (logged again after the pause if it goes on)"
-                    );
-                }
-                Err(e)
-            }
-        }
     }
 
     /// Restores the failed list if its marker is missing and this pass takes the restore (see

@@ -317,34 +317,10 @@ impl Worker {
     /// caller: the next rescuer pass pushes what is left ([`crate::dead_letters`]). Within
     /// [`PAUSE`](crate::dead_letters::PAUSE) of a refusal the copies are left to the rescuer.
     async fn copy_dead_letters(&self, conn: &mut RedisConn, dead: &[DeadLetter]) {
-        use crate::dead_letters::{push_pending, Refused, PAUSE};
-        if dead.is_empty()
-            || !self
-                .failed_pushes
-                .worker_may_push(std::time::Instant::now(), dead.len())
-        {
-            return;
-        }
-        match push_pending(&self.pool, conn, &self.keys).await {
-            Ok(_) => {
-                if self.failed_pushes.pushed() {
-                    tracing::info!("the failed list takes dead-letter copies again");
-                }
-            }
-            Err(e) => {
-                if let Refused::Log { left } = self.failed_pushes.refused(std::time::Instant::now())
-                {
-                    let tasks: Vec<String> = dead.iter().map(|d| d.task_id.to_string()).collect();
-                    tracing::warn!(
-                        error = %e,
-                        ?tasks,
-                        left_to_the_rescuer = left,
-                        pause_secs = PAUSE.as_secs(),
-                        "cannot copy dead letters to the failed list yet; they wait in Postgres for the \
-                         rescuer, and this process's workers leave theirs to it for the pause"
-                    );
-                }
-            }
+        let now = std::time::Instant::now();
+        if !dead.is_empty() && self.failed_pushes.worker_may_push(now, dead.len()) {
+            // logged by `push`; the copies wait in Postgres
+            let _ = self.failed_pushes.push(&self.pool, conn, &self.keys).await;
         }
     }
 
