@@ -1422,6 +1422,21 @@ async fn renewing_leases_while_a_transition_locks_the_same_tasks_does_not_deadlo
     assert_eq!(held, vec![(low, 1), (high, 1)], "both leases renewed");
 }
 
+/// Runs `step` while every claim fails before it commits (a table its statement reads is renamed
+/// away meanwhile).
+async fn while_claims_fail<T>(pool: &PgPool, step: impl std::future::Future<Output = T>) -> T {
+    sqlx::query("ALTER TABLE task_type_pauses RENAME TO task_type_pauses_away")
+        .execute(pool)
+        .await
+        .unwrap();
+    let out = step.await;
+    sqlx::query("ALTER TABLE task_type_pauses_away RENAME TO task_type_pauses")
+        .execute(pool)
+        .await
+        .unwrap();
+    out
+}
+
 /// A claim that failed is settled before the fetcher claims again. Here it failed without
 /// committing (a statement of the claim failed), its delivery went back to the queue, and the
 /// next step claims that delivery itself: the attempt it starts stays held. Were the failed
@@ -1437,12 +1452,10 @@ async fn a_failed_claim_is_settled_before_the_fetcher_claims_again(pool: PgPool)
     let mut fetcher = arnela::worker::pool::Fetcher::new(&e.worker, &leases);
     let never = CancellationToken::new();
 
-    sqlx::query("ALTER TABLE task_type_pauses RENAME TO task_type_pauses_away")
-        .execute(&pool)
-        .await
-        .unwrap();
     assert!(
-        fetcher.step(1, &never).await.is_err(),
+        while_claims_fail(&pool, fetcher.step(1, &never))
+            .await
+            .is_err(),
         "the claim fails before it commits"
     );
     assert_eq!(e.status(id).await, "queued");
@@ -1451,10 +1464,6 @@ async fn a_failed_claim_is_settled_before_the_fetcher_claims_again(pool: PgPool)
         1,
         "the delivery is back on the queue"
     );
-    sqlx::query("ALTER TABLE task_type_pauses_away RENAME TO task_type_pauses")
-        .execute(&pool)
-        .await
-        .unwrap();
 
     let claimed = fetcher.step(1, &never).await.unwrap();
     assert_eq!(claimed.len(), 1, "the returned delivery is claimed again");
@@ -1487,15 +1496,12 @@ async fn a_failed_claim_is_settled_when_the_fetcher_finishes_at_shutdown(pool: P
     let leases = arnela::worker::lease::Leases::new();
     let mut fetcher = arnela::worker::pool::Fetcher::new(&e.worker, &leases);
     let never = CancellationToken::new();
-    sqlx::query("ALTER TABLE task_type_pauses RENAME TO task_type_pauses_away")
-        .execute(&pool)
-        .await
-        .unwrap();
-    assert!(fetcher.step(1, &never).await.is_err(), "the claim fails");
-    sqlx::query("ALTER TABLE task_type_pauses_away RENAME TO task_type_pauses")
-        .execute(&pool)
-        .await
-        .unwrap();
+    assert!(
+        while_claims_fail(&pool, fetcher.step(1, &never))
+            .await
+            .is_err(),
+        "the claim fails"
+    );
     let raws = e.worker.take(1).await.unwrap();
     let (claimed, _) = e.worker.claim(raws).await.unwrap();
     assert_eq!(
