@@ -2,8 +2,10 @@
 # Arnela's benchmark, all figures from one run on one machine:
 #
 #   1. the physical limit: pgbench running the enqueue statement (bench/enqueue.pgbench) at the
-#      same concurrencies as the HTTP enqueue levels, and the 1,000-task batch statement
-#      (bench/enqueue-batch.pgbench) from 2 clients as the batch enqueue sends it;
+#      same concurrencies as the HTTP enqueue levels, the 1,000-task batch statement
+#      (bench/enqueue-batch.pgbench) from 2 clients as the batch enqueue sends it, and the
+#      statements that take 1,000 tasks end to end (bench/lifecycle.pgbench: the batch enqueue,
+#      then the workers' claims and completions) from 2 clients;
 #   2. Arnela (release build) with the default settings, measured by `arnela-bench`: single and
 #      batch enqueue, end to end (the median of three runs), enqueue → start latency at half the
 #      end-to-end rate, a sustained stream at 80% of it for 60 s, and end to end again (three
@@ -77,6 +79,12 @@ tps=$(pgbench -h 127.0.0.1 -U postgres -n -c 2 -j 2 -T "$PGBENCH_SECONDS" -f ben
     | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
 PGB_BATCH=$(python3 -c "print(round(float('${tps:-0}') * 1000))")
 log "pgbench batch statement (1,000 tasks), 2 clients: $PGB_BATCH tasks/s"
+# the database's share of end to end: 1,000 tasks enqueued, claimed and completed in the
+# engine's statements (bench/lifecycle.pgbench), from 2 clients, prepared as the service's are
+tps=$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 2 -j 2 -T "$PGBENCH_SECONDS" -f bench/lifecycle.pgbench "$DB" 2>"$OUT/pgbench.err" \
+    | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
+PGB_LIFECYCLE=$(python3 -c "print(round(float('${tps:-0}') * 1000))")
+log "pgbench lifecycle statements (1,000 tasks end to end), 2 clients: $PGB_LIFECYCLE tasks/s"
 # a fresh database for the service (the log refuses TRUNCATE, to everyone)
 dropdb -h 127.0.0.1 -U postgres --force "$DB"
 createdb -h 127.0.0.1 -U postgres "$DB"
@@ -193,10 +201,11 @@ echo "$PEER" >"$OUT/bullmq.json"
 # task_leases) and tasks are updated at every transition and keep their dead rows until vacuumed.
 PG_VACUUM=$(psql -h 127.0.0.1 -U postgres -At -d "$DB" \
     -c "SELECT 'autovacuum ' || current_setting('autovacuum') || ', autovacuum_naptime ' || current_setting('autovacuum_naptime') || ', PostgreSQL ' || current_setting('server_version')")
-python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$(git rev-parse --short HEAD)" "$PGB_BATCH" "$PG_VACUUM" <<'PY' | tee "$OUT/report.md"
+python3 - "$OUT" "${PGB[1]}" "${PGB[8]}" "${PGB[32]}" "${PGB[64]}" "$(git rev-parse --short HEAD)" "$PGB_BATCH" "$PG_VACUUM" "$PGB_LIFECYCLE" <<'PY' | tee "$OUT/report.md"
 import json, os, sys, datetime, platform
-out, p1, p8, p32, p64, commit, pgb_batch, pg_vacuum = sys.argv[1:9]
+out, p1, p8, p32, p64, commit, pgb_batch, pg_vacuum, pgb_lifecycle = sys.argv[1:10]
 pgb_batch = float(pgb_batch)
+pgb_lifecycle = float(pgb_lifecycle)
 pg = {1: float(p1), 8: float(p8), 32: float(p32), 64: float(p64)}
 d = json.load(open(f"{out}/default.json"))
 h = json.load(open(f"{out}/history.json"))
@@ -236,6 +245,9 @@ ratio = f"{e2e / peer_run:.2f}" if peer_run else "–"
 e2e_runs = ", ".join(f"{r:.0f}" for r in d.get('end_to_end_runs', []))
 print(f"| end to end, {d['end_to_end_tasks']} no-op tasks, default settings (median of runs: {e2e_runs}) | {e2e:.0f} tasks/s "
       f"| BullMQ, concurrency {peer.get('concurrency', '–')} (median of runs: {peer_runs}): {peer_run or 0:.0f} jobs/s | {ratio} |")
+ratio_life = f"{e2e / pgb_lifecycle:.2f}" if pgb_lifecycle else "–"
+print(f"| end to end, against the database's share alone | {e2e:.0f} tasks/s "
+      f"| pgbench lifecycle statements (1,000 tasks enqueued, claimed and completed), 2 clients: {pgb_lifecycle:.0f} tasks/s | {ratio_life} |")
 after = d.get('end_to_end_after_churn_tasks_per_second') or 0
 if d.get('churn_tasks'):
     after_runs = ", ".join(f"{r:.0f}" for r in d.get('end_to_end_after_churn_runs', []))
@@ -274,7 +286,7 @@ if rss is not None:
 # The engine issue's targets, each with the measured value and whether it is met.
 single32 = next((l['per_second'] for l in d['single_enqueue'] if l['concurrency'] == 32), 0)
 targets = [
-    ("end to end, 10,000 no-op tasks, defaults ≥ 10,000 tasks/s", f"{e2e:.0f} tasks/s", e2e >= 10000),
+    ("end to end, 10,000 no-op tasks, defaults ≥ 10,000 tasks/s", f"{e2e:.0f} tasks/s (the lifecycle's statements alone in pgbench: {pgb_lifecycle:.0f})", e2e >= 10000),
     ("end to end ≥ 0.75 × BullMQ's processing rate", f"{e2e / peer_run:.2f} ×" if peer_run else "no peer", bool(peer_run) and e2e >= 0.75 * peer_run),
     ("after 1,000,000 tasks ≥ 0.9 × the fresh rate", f"{after / e2e:.2f} ×" if e2e and after else "not run", bool(e2e and after) and after >= 0.9 * e2e),
     ("enqueue → start p99 ≤ 25 ms at half the end-to-end rate", f"{d['start_latency_p99_ms']:.1f} ms", d['start_latency_p99_ms'] <= 25),
