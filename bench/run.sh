@@ -67,23 +67,27 @@ DBURL="postgres://postgres@127.0.0.1:5432/$DB"
 DATABASE_URL="$DBURL" "$BIN" migrate >&2
 
 # --- 1. the physical limit ------------------------------------------------------------------
+# pgbench's transactions per second for a script on the run's database (its arguments: the
+# clients, the script, any option); a failure stops the run with what pgbench said
+pgbench_tps() {
+    local tps
+    tps=$(pgbench -h 127.0.0.1 -U postgres -n -j 2 -T "$PGBENCH_SECONDS" "$@" "$DB" 2>"$OUT/pgbench.err" \
+        | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
+    echo "${tps:-0}"
+}
 declare -A PGB
 for c in 1 8 32 64; do
-    tps=$(pgbench -h 127.0.0.1 -U postgres -n -c "$c" -j 2 -T "$PGBENCH_SECONDS" -f bench/enqueue.pgbench "$DB" 2>"$OUT/pgbench.err" \
-        | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
-    PGB[$c]="${tps:-0}"
+    PGB[$c]=$(pgbench_tps -c "$c" -f bench/enqueue.pgbench)
     log "pgbench enqueue statement, $c clients: ${PGB[$c]} tx/s"
 done
 # the batch statement (1,000 tasks) from 2 clients, as the batch enqueue below sends it
-tps=$(pgbench -h 127.0.0.1 -U postgres -n -c 2 -j 2 -T "$PGBENCH_SECONDS" -f bench/enqueue-batch.pgbench "$DB" 2>"$OUT/pgbench.err" \
-    | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
-PGB_BATCH=$(python3 -c "print(round(float('${tps:-0}') * 1000))")
+tps=$(pgbench_tps -c 2 -f bench/enqueue-batch.pgbench)
+PGB_BATCH=$(python3 -c "print(round(float('$tps') * 1000))")
 log "pgbench batch statement (1,000 tasks), 2 clients: $PGB_BATCH tasks/s"
 # the database's share of end to end: 1,000 tasks enqueued, claimed and completed in the
 # engine's statements (bench/lifecycle.pgbench), from 2 clients, prepared as the service's are
-tps=$(pgbench -h 127.0.0.1 -U postgres -n -M prepared -c 2 -j 2 -T "$PGBENCH_SECONDS" -f bench/lifecycle.pgbench "$DB" 2>"$OUT/pgbench.err" \
-    | awk '/^tps = / {print $3; exit}') || { log "pgbench failed:"; cat "$OUT/pgbench.err" >&2; exit 1; }
-PGB_LIFECYCLE=$(python3 -c "print(round(float('${tps:-0}') * 1000))")
+tps=$(pgbench_tps -c 2 -M prepared -f bench/lifecycle.pgbench)
+PGB_LIFECYCLE=$(python3 -c "print(round(float('$tps') * 1000))")
 log "pgbench lifecycle statements (1,000 tasks end to end), 2 clients: $PGB_LIFECYCLE tasks/s"
 # a fresh database for the service (the log refuses TRUNCATE, to everyone)
 dropdb -h 127.0.0.1 -U postgres --force "$DB"
