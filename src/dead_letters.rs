@@ -9,8 +9,9 @@
 //! or whose process died before pushing it, reaches the list within a rescuer interval of
 //! Redis taking pushes again (README "Recovery bounds").
 //!
-//! A copy is pushed twice only if the push went through and its transaction's commit then
-//! failed; the list is a convenience for operators, and Postgres stays the record.
+//! If the push went through and its transaction's commit then failed, the copy stays in
+//! Postgres and is pushed again; the list does not take it twice ([`queue::push_failed`] skips
+//! the copies it holds a note of in `{prefix}:tasks:failed:pushed`).
 //!
 //! A process's pushes share one [`Refusals`]: after Redis refused a push, its workers stop
 //! pushing after their commits for [`PAUSE`] (or until a rescuer pass of the process pushes

@@ -126,6 +126,16 @@ impl Keys {
         format!("{}:tasks:failed:seeded", self.prefix)
     }
 
+    /// The copies already pushed onto the failed list (a sorted set of [`FailedCopy::member`]s
+    /// by their dead-lettering time, the newest [`FAILED_LIST_CAP`] kept), so that a copy
+    /// pushed again is not listed twice.
+    ///
+    /// [`FailedCopy::member`]: super::FailedCopy::member
+    /// [`FAILED_LIST_CAP`]: super::FAILED_LIST_CAP
+    pub fn failed_pushed(&self) -> String {
+        format!("{}:tasks:failed:pushed", self.prefix)
+    }
+
     /// Marker set once Redis holds every delivery Postgres says it should; its absence means
     /// Redis lost its data.
     pub fn seeded(&self) -> String {
@@ -272,6 +282,7 @@ mod tests {
         assert_eq!(k.processing(), "arnela:tasks:processing");
         assert_eq!(k.failed(), "arnela:tasks:failed");
         assert_eq!(k.failed_seeded(), "arnela:tasks:failed:seeded");
+        assert_eq!(k.failed_pushed(), "arnela:tasks:failed:pushed");
         assert_eq!(k.database(), "arnela:tasks:database");
         assert_eq!(Keys::new("t1").tasks(), "t1:tasks");
     }

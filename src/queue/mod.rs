@@ -392,18 +392,66 @@ impl From<&DeadLetter> for FailedCopy {
     }
 }
 
-/// Pushes the copies of `dead` (oldest first: the last ends up at the head) onto the failed
-/// list in one `MULTI` (LPUSH + LTRIM). Callers push the copies they took from the failed
-/// list's outbox ([`crate::dead_letters::push_pending`]).
-pub async fn push_failed(conn: &mut RedisConn, keys: &Keys, dead: &[DeadLetter]) -> Result<()> {
-    if dead.is_empty() {
-        return Ok(());
+impl FailedCopy {
+    /// What tells this copy from every other in [`Keys::failed_pushed`]: the task and when it
+    /// was dead-lettered (a task dead-lettered again after an operator's retry has a new copy).
+    pub fn member(&self) -> String {
+        format!("{}:{}", self.task_id, self.failed_at.timestamp_micros())
     }
-    let entries: Vec<String> = dead
-        .iter()
-        .map(|d| serde_json::to_string(&FailedCopy::from(d)).expect("failed copies serialize"))
-        .collect();
-    push_failed_entries(conn, keys, &entries).await
+}
+
+/// Pushes the copies of `dead` (oldest first: the last ends up at the head) onto the failed
+/// list, except those pushed before, and keeps the list to [`FAILED_LIST_CAP`] entries.
+/// Returns how many it pushed. One script, which writes nothing when it fails: a key of
+/// another type is refused before the first write, and under `maxmemory` Redis refuses a
+/// script's first write, not the ones after it.
+///
+/// Callers push the copies they took from the failed list's outbox
+/// ([`crate::dead_letters::push_pending`]), whose transaction then deletes them; when that
+/// commit fails after the push, the next push of the same copies finds them in
+/// [`Keys::failed_pushed`] and leaves them out. That set keeps the newest [`FAILED_LIST_CAP`]
+/// copies pushed (by their dead-lettering time), as the list does.
+pub async fn push_failed(conn: &mut RedisConn, keys: &Keys, dead: &[DeadLetter]) -> Result<usize> {
+    static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+        redis::Script::new(
+            r"
+-- a script's writes are not undone when a later command fails: refuse before the first write
+-- if a key has another type, and write each copy before its note
+for i, want in ipairs({'list', 'zset'}) do
+  local t = redis.call('TYPE', KEYS[i]).ok
+  if t ~= want and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. t .. ', not a ' .. want)
+  end
+end
+local cap = tonumber(ARGV[1])
+local pushed = 0
+for i = 2, #ARGV, 3 do
+  if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then
+    redis.call('LPUSH', KEYS[1], ARGV[i + 2])
+    redis.call('ZADD', KEYS[2], ARGV[i + 1], ARGV[i])
+    pushed = pushed + 1
+  end
+end
+if pushed > 0 then
+  redis.call('LTRIM', KEYS[1], 0, cap - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -cap - 1)
+end
+return pushed",
+        )
+    });
+    if dead.is_empty() {
+        return Ok(0);
+    }
+    let mut invocation = SCRIPT.key(keys.failed());
+    invocation.key(keys.failed_pushed()).arg(FAILED_LIST_CAP);
+    for d in dead {
+        let copy = FailedCopy::from(d);
+        invocation
+            .arg(copy.member())
+            .arg(copy.failed_at.timestamp_micros())
+            .arg(serde_json::to_string(&copy).expect("failed copies serialize"));
+    }
+    Ok(invocation.invoke_async(conn).await?)
 }
 
 /// LPUSH + LTRIM in one MULTI: the list never grows past [`FAILED_LIST_CAP`]. `entries` go

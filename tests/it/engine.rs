@@ -770,6 +770,72 @@ async fn a_dead_letter_copy_redis_refused_waits_in_postgres_for_the_rescuer(pool
     assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 0);
 }
 
+/// The push of a dead letter's copy goes through and the commit that removes the copy from
+/// Postgres then fails (a deferred trigger makes it fail at `COMMIT`, after the push): the copy
+/// stays in the failed list's outbox and the next rescuer pass pushes it again, yet the failed
+/// list holds it once. A later copy of the same task (dead-lettered again) is listed beside it.
+#[sqlx::test]
+async fn a_dead_letter_copy_pushed_again_after_a_failed_commit_is_listed_once(pool: PgPool) {
+    let (e, id) = dead_lettered_while_redis_refuses_its_copy(&pool).await;
+    accept_failed_pushes(&e).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN RAISE EXCEPTION 'commit refused by the test'; END$$; \
+         CREATE CONSTRAINT TRIGGER refuse_commit AFTER DELETE ON failed_copies \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut conn = e.redis.clone();
+    assert!(
+        arnela::dead_letters::push_pending(&pool, &mut conn, &e.keys)
+            .await
+            .is_err(),
+        "the push fails at the commit"
+    );
+    assert_eq!(pending_copies(&pool).await, 1, "the copy stays in Postgres");
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(
+        listed,
+        vec![id.to_string()],
+        "pushed before the commit failed"
+    );
+
+    sqlx::raw_sql("DROP TRIGGER refuse_commit ON failed_copies")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(e.rescuer.run_once().await.unwrap().failed_copies_pushed, 1);
+    assert_eq!(pending_copies(&pool).await, 0);
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(listed, vec![id.to_string()], "pushed again, listed once");
+
+    // the same task dead-lettered again (after an operator's retry) is a copy of its own
+    let again = arnela::domain::task::DeadLetter {
+        task_id: id,
+        task_type: TaskType::SendSms,
+        attempts: 6,
+        reason: "dead-lettered again".into(),
+        at: chrono::Utc::now(),
+    };
+    assert_eq!(
+        queue::push_failed(&mut conn, &e.keys, &[again.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        queue::push_failed(&mut conn, &e.keys, &[again])
+            .await
+            .unwrap(),
+        0,
+        "and is listed once too"
+    );
+    let listed = failed_tasks(&e.range(e.keys.failed()).await);
+    assert_eq!(listed, vec![id.to_string(), id.to_string()]);
+}
+
 /// After Redis refused a copy, the process's workers leave their copies to the rescuer for a
 /// pause (no push per completion while Redis refuses) even if Redis takes pushes again meanwhile;
 /// the rescuer's next pass pushes them all, oldest first, and ends the pause.
