@@ -820,7 +820,7 @@ async fn a_dead_letter_copy_pushed_again_after_a_failed_commit_is_listed_once(po
         at: chrono::Utc::now(),
     };
     assert_eq!(
-        queue::push_failed(&mut conn, &e.keys, &[again.clone()])
+        queue::push_failed(&mut conn, &e.keys, std::slice::from_ref(&again))
             .await
             .unwrap(),
         1
